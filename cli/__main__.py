@@ -1,0 +1,5 @@
+import sys
+
+from edgemri.main import main
+
+sys.exit(main())

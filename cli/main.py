@@ -1,0 +1,189 @@
+"""The ``edgemri`` command line: thin subcommands over the library's functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from edgemri import __version__
+
+log = logging.getLogger("edgemri")
+
+
+class UsageError(Exception):
+    """A command was called in a way that cannot work; the message says how to fix it."""
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+# ---------------------------------------------------------------- data
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from edgemri.core.synth import generate, write_sample_grid
+
+    summary = generate(Path(args.out), preset=args.preset, seed=args.seed, overwrite=args.overwrite,
+                       progress=_progress(args))
+    grid = Path(args.out) / "samples.png"
+    write_sample_grid(Path(args.out), grid)
+    print(f"wrote {summary.get('total', '')} images ({args.preset}, seed {args.seed}) to {args.out}; "
+          f"sample grid: {grid}")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from edgemri.core.data import describe_folder
+
+    info = describe_folder(args.root, args.cache_dir, progress=_progress(args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['root']}: {info['total']} usable images, fingerprint {info['fingerprint']}")
+    for split, counts in info["images"].items():
+        print(f"  {split:9s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+    print(f"  width {info['width_range'][0]}-{info['width_range'][1]} px, "
+          f"height {info['height_range'][0]}-{info['height_range'][1]} px")
+    if info["sites"]:
+        print(f"  sites: {', '.join(info['sites'])}")
+    print(f"  decoded cache was current: {info['cache_was_current']}")
+    print(f"  skipped: {len(info['skipped'])}")
+    for item in info["skipped"]:
+        print(f"    {item['path']}: {item['reason']}")
+    return 0
+
+
+# ---------------------------------------------------------------- models
+
+
+def cmd_models_summary(args: argparse.Namespace) -> int:
+    from edgemri.models import MODEL_NAMES, build_model, summarize
+
+    # vgg16-imagenet needs only its shapes here, not the ImageNet download.
+    options = {"vgg16-imagenet": {"pretrained": False}}
+    rows = [summarize(name, build_model(name, **options.get(name, {}))).as_dict() for name in MODEL_NAMES]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':16s} {'total':>12s} {'trainable':>10s} {'MFLOPs':>9s} {'state dict':>12s} {'est. size':>10s}")
+    for r in rows:
+        print(f"{r['name']:16s} {r['total_params']:12,d} {r['trainable_params']:10,d} {r['mflops']:9.1f} "
+              f"{r['state_dict_bytes']:12,d} {r['estimated_size_mb']:8.2f}MB")
+    print("MFLOPs: 2 x multiply-accumulates for one 128 px image; est. size: torchsummary's estimate "
+          "(paper: teacher 128.14 MB, student 2.25 MB)")
+    return 0
+
+
+# ---------------------------------------------------------------- distill
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from edgemri.core.config import load_config
+    from edgemri.core.data import load_dataset
+    from edgemri.server.distill import run_distillation
+    from edgemri.server.report import build_report, write_report
+
+    config = load_config(args.config)
+    if args.data_root:
+        config = config.replace(data=dataclasses.replace(config.data, root=args.data_root))
+    if not config.data.root:
+        raise UsageError("no data: pass --data-root DIR (a Kaggle-layout folder), "
+                         "or make one with `edgemri data synth --out DIR`")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    out = Path(args.out)
+    if out.exists() and any(out.glob("seed-*")) and not args.resume:
+        raise UsageError(f"{out} already holds a distillation run; add --resume to continue it "
+                         f"or choose another --out")
+    progress = _progress(args)
+    dataset = load_dataset(config.data.root, cache_dir=config.data.cache_dir, progress=progress)
+    log.info("data: %s", dataset.summary())
+    results, seconds = run_distillation(config, dataset, out, seeds=args.seeds, resume=args.resume,
+                                        progress=progress)
+    report = build_report(config, dataset, results, seconds, out)
+    paths = write_report(report, out)
+    from edgemri.core.checkpoint import load_checkpoint, save_checkpoint
+
+    # The federation's starting model: the first seed's KD student.
+    student = out / "student.pt"
+    save_checkpoint(student, load_checkpoint(results[0].stages["kd"].checkpoint))
+    models = report["models"]
+    for stage in ("teacher", "baseline", "kd"):
+        acc = models[stage]["test_accuracy"]
+        print(f"{stage:9s} test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} %")
+    print(f"report: {paths['md']}\ndistilled student: {student}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgemri", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgemri {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(group: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
+            help_text: str) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(func=func)
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        return sub
+
+    data = commands.add_parser("data", help="make, inspect and partition data").add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND")
+    synth = add(data, "synth", cmd_data_synth, "generate the offline synthetic brain-MRI set (Kaggle layout)")
+    synth.add_argument("--out", required=True, help="folder to create")
+    synth.add_argument("--preset", default="quickstart", choices=["quickstart", "kaggle"])
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+    info = add(data, "info", cmd_data_info, "what the loader sees in a Kaggle-layout folder")
+    info.add_argument("root", help="data folder (Training/ and Testing/ inside)")
+    info.add_argument("--cache-dir", default=None, help="decoded-image cache (default: ROOT/.edgemri-cache)")
+    info.add_argument("--json", action="store_true")
+
+    models = commands.add_parser("models", help="the registered models").add_subparsers(
+        dest="models_command", required=True, metavar="SUBCOMMAND")
+    summary = add(models, "summary", cmd_models_summary,
+                  "parameters, MFLOPs, state-dict bytes and the paper's estimated size per model")
+    summary.add_argument("--json", action="store_true")
+
+    distill = add(commands, "distill", cmd_distill,
+                  "train the teacher, the baseline student and the KD student; write the report")
+    distill.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
+    distill.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
+    distill.add_argument("--out", default="runs/distill", help="run folder (default: runs/distill)")
+    distill.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1")
+    distill.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edgemri.core.checkpoint import CheckpointError
+    from edgemri.core.config import ConfigError
+    from edgemri.core.data import DataError
+    from edgemri.core.train import ResumeMismatchError
+    from edgemri.models import WeightsUnavailableError
+
+    logging.basicConfig(level=logging.INFO, format="edgemri: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, DataError, CheckpointError, WeightsUnavailableError,
+            ResumeMismatchError, FileExistsError) as err:
+        print(f"edgemri: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgemri: interrupted; completed epochs are saved, continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Atomic file writes: every artefact is written to a temp file, then renamed.
+
+A crash or Ctrl-C leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _atomic(path: Path, write: Callable[[BinaryIO], None], mode: int = 0o666) -> Path:
+    """Write through a temp file in the same folder, fsync, then rename over ``path``.
+
+    ``mode`` is applied (less the umask) because mkstemp creates files readable by the
+    owner only; private keys pass 0o600 and keep it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes(path: Path, data: bytes, mode: int = 0o666) -> Path:
+    return _atomic(path, lambda fh: fh.write(data), mode)
+
+
+def write_text(path: Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def save_torch(path: Path, obj: Any) -> Path:
+    """torch.save through an in-memory buffer, then an atomic rename."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(path, buffer.getvalue())
+
+
+def save_figure(path: Path, figure: Any, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically as PNG."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return write_bytes(path, buffer.getvalue())

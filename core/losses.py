@@ -1,0 +1,51 @@
+"""Losses for the one training loop: each takes (logits, batch) and returns a scalar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch.nn.functional as F
+from edgemri.core.train import Batch
+from torch import Tensor
+
+LossFn = Callable[[Tensor, Batch], Tensor]
+KLReduction = Literal["batchmean", "mean"]
+
+
+def cross_entropy(logits: Tensor, batch: Batch) -> Tensor:
+    return F.cross_entropy(logits, batch.labels)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    reduction: KLReduction = "batchmean",
+) -> Tensor:
+    """Hinton's KD, the paper's Eq. 1: alpha T^2 KL(p_t^T || p_s^T) + (1 - alpha) CE(s, y).
+
+    'batchmean' averages the KL per sample (the definition); 'mean' divides by
+    batch x classes as the paper's code did (a quarter of it for 4 classes).
+    """
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.softmax(teacher_logits / t, dim=1),
+        reduction=reduction,
+    )
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * t * t * soft + (1.0 - alpha) * hard
+
+
+def make_kd_loss(temperature: float, alpha: float, reduction: KLReduction = "batchmean") -> LossFn:
+    """KD loss reading the cached teacher logits from ``batch.extras[0]``."""
+
+    def loss(logits: Tensor, batch: Batch) -> Tensor:
+        return kd_loss(logits, batch.extras[0], batch.labels,
+                       temperature=temperature, alpha=alpha, reduction=reduction)
+
+    return loss

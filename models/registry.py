@@ -1,0 +1,107 @@
+"""One registry from model names to builders, used by every command.
+
+Like torchvision's weights enums, a name says both the architecture and where its
+starting weights come from; ``build_model(name, **options)`` is the only way in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from edgemri.models.student import Student
+from edgemri.models.teacher import Teacher
+from torch import nn
+from torchvision.models import VGG16_Weights
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither in the torch cache nor downloadable."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a registered name builds and how it is trained."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    role: str  # "student" or "teacher"
+    pretrained: bool
+    description: str
+
+
+def _build_student(*, num_classes: int = 4, image_size: int = 128) -> Student:
+    return Student(num_classes=num_classes, image_size=image_size)
+
+
+def _build_vgg16_slim(
+    *, num_classes: int = 4, width: float = 0.125, batch_norm: bool = True
+) -> Teacher:
+    if not 0 < width <= 1:
+        raise ValueError(f"vgg16-slim width must be in (0, 1], got {width}")
+    return Teacher(width=width, batch_norm=batch_norm, num_classes=num_classes)
+
+
+def imagenet_weights_path() -> Path:
+    """Where torchvision's weights API looks for VGG16's ImageNet weights."""
+    filename = os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _build_vgg16_imagenet(*, num_classes: int = 4, pretrained: bool = True) -> Teacher:
+    """The paper's teacher: ImageNet VGG16 features, frozen, and a new Linear head.
+
+    ``pretrained=False`` builds the architecture only, for checkpoints that carry
+    their own weights (a trained teacher needs no ImageNet download to be loaded).
+    """
+    teacher = Teacher(width=1.0, batch_norm=False, num_classes=num_classes)
+    teacher.freeze_features()
+    if not pretrained:
+        return teacher
+    path = imagenet_weights_path()
+    try:
+        # torchvision reads its cache first and downloads only when the file is missing.
+        state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise WeightsUnavailableError(
+            f"VGG16 ImageNet weights are not in the torch cache and could not be downloaded "
+            f"({err.__class__.__name__}: {err}).\n"
+            f"  expected file: {path}\n"
+            f"  cache folder:  {path.parent} (set TORCH_HOME to use another)\n"
+            f"  copy {path.name} there on a machine without internet, or use the offline "
+            f"teacher 'vgg16-slim' (teacher.name: vgg16-slim in the config)."
+        ) from None
+    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    # The truncated body has no module 30 (the dropped max-pool has no weights anyway).
+    teacher.features.load_state_dict(features, strict=True)
+    return teacher
+
+
+_REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("student", _build_student, "student", False,
+                  "the paper's 12,628-parameter student CNN"),
+        ModelSpec("vgg16-slim", _build_vgg16_slim, "teacher", False,
+                  "VGG16 layout at reduced width with batch norm, trained from scratch (offline default)"),
+        ModelSpec("vgg16-imagenet", _build_vgg16_imagenet, "teacher", True,
+                  "the paper's teacher: frozen ImageNet VGG16 features and a Linear(25088, 4) head"),
+    )
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``; a clear error names the allowed names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}") from None
+
+
+def build_model(name: str, **options: object) -> nn.Module:
+    """Build a registered model by name with keyword-only options."""
+    return model_spec(name).builder(**options)

@@ -1,0 +1,248 @@
+"""Server-side distillation: teacher, baseline student (CE), KD student (the paper's Eq. 1).
+
+The teacher runs once per image for distillation: its logits for every training image
+are computed in one pass and cached. With the frozen ImageNet VGG16, its conv features
+are computed once per image too, so training its Linear head costs one conv pass per
+image in total. Checkpoints are selected on the validation split carved from Training;
+Testing is touched only for the final metrics (``paper_compat`` selects on Testing, as
+the paper's code did, and marks every number as such).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from edgemri.core.config import Config, TrainSpec
+from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, normalize, stratified_split
+from edgemri.core.evaluate import classification_metrics, predict_logits
+from edgemri.core.losses import cross_entropy, make_kd_loss
+from edgemri.core.train import FitResult, TrainData, as_float, fit
+from edgemri.models import Teacher, build_model
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+STAGES = ("teacher", "baseline", "kd")
+
+
+@dataclass
+class StageResult:
+    """One trained model of one seed: its checkpoint, curves and test metrics."""
+
+    name: str
+    checkpoint: Path
+    history: list[dict[str, Any]]
+    best_epoch: int
+    test: dict[str, Any]
+    train_seconds: float
+    images_seen: int
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    stages: dict[str, StageResult]
+    teacher_forward_images: int  # full teacher passes made for distillation
+    teacher_conv_passes: int  # frozen-body passes (vgg16-imagenet), 0 when trained end to end
+    train_images: int  # the Training split less validation: what the students learn from
+
+
+class ForwardCounter:
+    """Counts images passed through a module's forward (the teacher-once guarantee)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.images = 0
+        self._handle = module.register_forward_hook(self._count)
+
+    def _count(self, _module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
+        self.images += len(inputs[0])
+
+    def close(self) -> int:
+        self._handle.remove()
+        return self.images
+
+
+@torch.no_grad()
+def conv_features(teacher: Teacher, images: Tensor, batch_size: int = 32, progress: bool = False) -> Tensor:
+    """Frozen conv body output for every image, once, stored as float16."""
+    from tqdm import tqdm
+
+    teacher.eval()
+    chunks = [
+        teacher.features(normalize(images[i : i + batch_size])).half()
+        for i in tqdm(range(0, len(images), batch_size), desc="teacher conv features", disable=not progress)
+    ]
+    return torch.cat(chunks)
+
+
+class Distiller:
+    """Runs the three stages for one seed inside ``seed_dir``; resumable per epoch."""
+
+    def __init__(self, config: Config, dataset: Dataset, seed: int, seed_dir: Path,
+                 *, resume: bool, progress: bool) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.seed = seed
+        self.dir = seed_dir
+        self.resume = resume
+        self.progress = progress
+        self.paper_compat = config.distill.paper_compat
+        self.train_idx, self.val_idx = stratified_split(dataset.train.labels, config.data.val_fraction, seed)
+        self.train_split: ArraySplit = dataset.train.subset(self.train_idx)
+        self.val_split: ArraySplit = dataset.train.subset(self.val_idx)
+        # paper_compat reproduces the paper code's selection on the Testing split.
+        self.select_split = dataset.test if self.paper_compat else self.val_split
+        self.selected_on = "Testing (paper-compat)" if self.paper_compat else "validation"
+
+    # -- shared helpers ---------------------------------------------------------
+
+    def _checkpoint(self, name: str, model_name: str, model: nn.Module, options: dict[str, Any],
+                    fit_result: FitResult | None, test: dict[str, Any]) -> Path:
+        path = self.dir / f"{name}.pt"
+        save_checkpoint(path, Checkpoint(
+            model=model_name, state_dict=model.state_dict(), model_options=options, role=name,
+            config=self.config.to_dict(), seed=self.seed, data_fingerprint=self.dataset.fingerprint,
+            metrics={"test": _scalar_metrics(test), "selected_on": self.selected_on,
+                     "best_epoch": fit_result.best_epoch if fit_result else None,
+                     "paper_compat": self.paper_compat},
+        ))
+        return path
+
+    def _fit(self, name: str, model: nn.Module, train: TrainData, select: TrainData,
+             loss: Callable, spec: TrainSpec) -> FitResult:
+        return fit(
+            model, train, loss=loss, spec=spec, seed=self.seed, val=select, select="val",
+            selected_on=self.selected_on, state_path=self.dir / f"{name}.state.pt",
+            resume=self.resume, progress=self.progress, desc=name,
+        )
+
+    def _done(self, name: str) -> Checkpoint | None:
+        """A stage finished by an earlier, interrupted run (only with --resume)."""
+        path = self.dir / f"{name}.pt"
+        if not (self.resume and path.is_file()):
+            return None
+        try:
+            return load_checkpoint(path)
+        except CheckpointError:
+            return None  # a stage checkpoint that did not finish writing: redo the stage
+
+    # -- stages -----------------------------------------------------------------
+
+    def teacher(self) -> tuple[StageResult, Tensor, int, int]:
+        """Train (or load) the teacher; return it with its cached train-set logits."""
+        cfg = self.config.distill.teacher
+        torch.manual_seed(self.seed)
+        done = None
+        if cfg.checkpoint:
+            loaded = load_checkpoint(cfg.checkpoint)
+            if loaded.model not in ("vgg16-slim", "vgg16-imagenet"):
+                raise CheckpointError(f"{cfg.checkpoint} holds a {loaded.model!r}, not a teacher model")
+            model_name, options, model = loaded.model, loaded.model_options, loaded.build()
+        else:
+            model_name = cfg.name
+            options = cfg.model_options()
+            model = build_model(model_name, **options)
+            done = self._done("teacher")
+            if done is not None:
+                model.load_state_dict(done.state_dict)
+        train = not cfg.checkpoint and done is None
+        if model_name == "vgg16-imagenet":
+            logits_train, test_logits, conv_passes, fit_result = self._frozen_teacher(model, train)
+            forward_images = len(logits_train)  # head passes over cached features
+            options = {"pretrained": False}  # the checkpoint itself carries the weights
+        else:
+            fit_result = (self._fit("teacher", model, TrainData.from_split(self.train_split),
+                                    TrainData.from_split(self.select_split), cross_entropy, cfg.train)
+                          if train else None)
+            counter = ForwardCounter(model)
+            logits_train = predict_logits(model, self.train_split.images, normalize)
+            forward_images, conv_passes = counter.close(), 0
+            test_logits = predict_logits(model, self.dataset.test.images, normalize)
+        test = classification_metrics(test_logits, self.dataset.test.labels, CLASS_NAMES)
+        path = self._checkpoint("teacher", model_name, model, options, fit_result, test)
+        return _stage("teacher", path, fit_result, test, done), logits_train, forward_images, conv_passes
+
+    def _frozen_teacher(self, model: Teacher, train_head: bool) -> tuple[Tensor, Tensor, int, FitResult | None]:
+        """The paper's teacher: conv features once per image, then the Linear head on them."""
+        counter = ForwardCounter(model.features)
+        all_images = torch.cat([self.dataset.train.images, self.dataset.test.images])
+        all_features = conv_features(model, all_images, progress=self.progress)
+        conv_passes = counter.close()
+        features_train, features_test = all_features[: len(self.dataset.train)], all_features[len(self.dataset.train):]
+        head = nn.Sequential(model.avgpool, nn.Flatten(), model.classifier)
+        train = TrainData(features_train[self.train_idx], self.train_split.labels, transform=as_float)
+        select = (TrainData(features_test, self.dataset.test.labels, transform=as_float) if self.paper_compat
+                  else TrainData(features_train[self.val_idx], self.val_split.labels, transform=as_float))
+        fit_result = (self._fit("teacher", head, train, select, cross_entropy, self.config.distill.teacher.train)
+                      if train_head else None)
+        return predict_logits(head, train.inputs, as_float), predict_logits(head, features_test, as_float), \
+            conv_passes, fit_result
+
+    def student(self, name: str, teacher_logits: Tensor | None) -> StageResult:
+        """Baseline (CE) or KD student, from the same seeded initialization."""
+        distill = self.config.distill
+        torch.manual_seed(self.seed)
+        model = build_model("student")
+        done = self._done(name)
+        fit_result = None
+        if done is not None:
+            model.load_state_dict(done.state_dict)
+        elif name == "baseline":
+            fit_result = self._fit(name, model, TrainData.from_split(self.train_split),
+                                   TrainData.from_split(self.select_split), cross_entropy, distill.baseline)
+        else:
+            kd = distill.kd
+            loss = make_kd_loss(kd.temperature, kd.alpha, "mean" if self.paper_compat else "batchmean")
+            fit_result = self._fit(name, model, TrainData.from_split(self.train_split, extras=(teacher_logits,)),
+                                   TrainData.from_split(self.select_split), loss, kd.train)
+        test = classification_metrics(predict_logits(model, self.dataset.test.images, normalize),
+                                      self.dataset.test.labels, CLASS_NAMES)
+        path = self._checkpoint(name, "student", model, {}, fit_result, test)
+        return _stage(name, path, fit_result, test, done)
+
+    def run(self) -> SeedResult:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        teacher, teacher_logits, forward_images, conv_passes = self.teacher()
+        baseline = self.student("baseline", None)
+        kd = self.student("kd", teacher_logits)
+        return SeedResult(self.seed, {"teacher": teacher, "baseline": baseline, "kd": kd},
+                          teacher_forward_images=forward_images, teacher_conv_passes=conv_passes,
+                          train_images=len(self.train_split))
+
+
+def _stage(name: str, path: Path, fit_result: FitResult | None, test: dict[str, Any],
+           done: Checkpoint | None) -> StageResult:
+    if fit_result is not None:
+        return StageResult(name, path, fit_result.history_dicts(), fit_result.best_epoch, test,
+                           fit_result.train_seconds, fit_result.images_seen)
+    # Loaded rather than trained in this process: keep the curves the earlier run saved.
+    state_path = path.with_suffix(".state.pt")
+    history, best_epoch = [], 0
+    if state_path.is_file():
+        saved = torch.load(state_path, weights_only=False)
+        history, best_epoch = saved["history"], saved["best_epoch"]
+    return StageResult(name, path, history, best_epoch, test, 0.0, 0)
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != "confusion"}
+
+
+def run_distillation(config: Config, dataset: Dataset, out: Path, *, seeds: int = 1,
+                     resume: bool = False, progress: bool = False) -> tuple[list[SeedResult], float]:
+    """Train every stage for ``seeds`` consecutive seeds starting at ``config.seed``."""
+    started = time.perf_counter()
+    results = []
+    for k in range(seeds):
+        seed = config.seed + k
+        log.info("distillation seed %d (%d/%d)", seed, k + 1, seeds)
+        results.append(Distiller(config, dataset, seed, out / f"seed-{seed}",
+                                 resume=resume, progress=progress).run())
+    return results, time.perf_counter() - started
