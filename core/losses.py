@@ -35,8 +35,11 @@ def kd_loss(
     soft = F.kl_div(
         F.log_softmax(student_logits / t, dim=1),
         F.softmax(teacher_logits / t, dim=1),
-        reduction=reduction,
+        reduction="batchmean",
     )
+    if reduction == "mean":
+        # What KLDivLoss(reduction='mean') computes, without its deprecation warning.
+        soft = soft / student_logits.shape[1]
     hard = F.cross_entropy(student_logits, labels)
     return alpha * t * t * soft + (1.0 - alpha) * hard
 

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny Kaggle-layout folder whose classes a small CNN can learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgemri.core.data import CLASS_NAMES
+from PIL import Image
+
+# Where each class puts its bright blob; "notumor" has none.
+_BLOB_CENTRES = {"glioma": (0.3, 0.3), "meningioma": (0.3, 0.7), "notumor": None, "pituitary": (0.72, 0.5)}
+
+
+def make_kaggle_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """Grayscale JPEGs saved as RGB, varying sizes, in the Kaggle layout."""
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for name in CLASS_NAMES:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = int(rng.integers(120, 200)), int(rng.integers(120, 200))
+                image = rng.normal(50, 18, (h, w))
+                centre = _BLOB_CENTRES[name]
+                if centre is not None:
+                    yy, xx = np.mgrid[0:h, 0:w]
+                    cy, cx = centre[0] * h, centre[1] * w
+                    image += 140 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.09 * h) ** 2))
+                pixels = np.clip(image, 0, 255).astype(np.uint8)
+                prefix = "Tr" if split == "Training" else "Te"
+                Image.fromarray(pixels, mode="L").convert("RGB").save(folder / f"{prefix}-{name[:2]}_{i:04d}.jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 training and 10 test images per class."""
+    return make_kaggle_folder(tmp_path_factory.mktemp("tiny") / "data", {"Training": 40, "Testing": 10})

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from edgemri.core.checkpoint import load_checkpoint
+from edgemri.core.config import parse_config
+from edgemri.core.data import load_dataset, stratified_split
+from edgemri.server import distill as distill_module
+from edgemri.server.distill import run_distillation
+
+FAST = {
+    "seed": 0,
+    "data": {"val_fraction": 0.2},
+    "distill": {
+        "teacher": {"name": "vgg16-slim", "width": 0.0625, "train": {"epochs": 2, "batch_size": 32}},
+        "baseline": {"epochs": 2, "batch_size": 16, "weight_decay": 0.01},
+        "kd": {"temperature": 2.0, "alpha": 0.5, "train": {"epochs": 2, "batch_size": 16}},
+    },
+}
+
+
+def _config(**distill_changes: object):
+    data = json.loads(json.dumps(FAST))
+    data["distill"].update(distill_changes)
+    return parse_config(data)
+
+
+def test_teacher_runs_once_per_training_image_and_selection_never_sees_testing(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = load_dataset(tiny_data)
+    seen_selection_sets = []
+    real_fit = distill_module.fit
+
+    def recording_fit(model, train, **kwargs):
+        seen_selection_sets.append(kwargs["val"])
+        return real_fit(model, train, **kwargs)
+
+    monkeypatch.setattr(distill_module, "fit", recording_fit)
+    results, _ = run_distillation(_config(), dataset, tmp_path / "run")
+    result = results[0]
+    train_images = len(dataset.train) - round(0.2 * len(dataset.train))
+    assert result.train_images == train_images
+    assert result.teacher_forward_images == train_images
+    assert len(seen_selection_sets) == 3
+    _, val_idx = stratified_split(dataset.train.labels, 0.2, seed=0)
+    for selection in seen_selection_sets:
+        assert torch.equal(selection.inputs, dataset.train.images[val_idx])
+        assert torch.equal(selection.labels, dataset.train.labels[val_idx])
+
+
+def test_paper_compat_selects_on_testing_and_says_so(tiny_data: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = load_dataset(tiny_data)
+    selections = []
+    real_fit = distill_module.fit
+    monkeypatch.setattr(distill_module, "fit",
+                        lambda model, train, **kw: selections.append(kw) or real_fit(model, train, **kw))
+    results, _ = run_distillation(_config(paper_compat=True), dataset, tmp_path / "run")
+    assert all(torch.equal(kw["val"].labels, dataset.test.labels) for kw in selections)
+    assert all(kw["selected_on"] == "Testing (paper-compat)" for kw in selections)
+    metrics = load_checkpoint(results[0].stages["kd"].checkpoint).metrics
+    assert metrics["paper_compat"] is True and metrics["selected_on"] == "Testing (paper-compat)"
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgemri", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_distill_cli_end_to_end_writes_report_and_checkpoints(tiny_data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(FAST))
+    out = tmp_path / "run"
+    result = _cli("distill", "--config", str(config), "--data-root", str(tiny_data), "--out", str(out),
+                  "--seeds", "2", "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["seeds"] == [0, 1]
+    assert report["teacher_forward_images"] == report["data"]["train_images_per_seed"]
+    kd = report["models"]["kd"]
+    assert kd["trainable_params"] == 12_628 and kd["estimated_size_mb"] == 2.25
+    assert len(kd["test_accuracy"]["values"]) == 2
+    assert 0.0 <= kd["test_accuracy"]["mean"] <= 1.0
+    assert report["config"]["distill"]["kd"]["temperature"] == 2.0
+    assert report["versions"]["torch"].startswith("2.14.1")
+    markdown = (out / "report.md").read_text()
+    assert "| KD student | 92.15 |" in markdown and "gap that KD closes" in markdown
+    for png in ("curves.png", "confusion.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    student = load_checkpoint(out / "student.pt")
+    assert student.model == "student" and student.role == "kd" and student.seed == 0
+    assert student.data_fingerprint == report["data"]["fingerprint"]
+    assert student.config["distill"]["kd"]["alpha"] == 0.5
+    assert student.metrics["test"]["accuracy"] == report["models"]["kd"]["per_seed"][0]["test"]["accuracy"]
+    student.build()(torch.zeros(1, 3, 128, 128))
+
+    again = _cli("distill", "--config", str(config), "--data-root", str(tiny_data), "--out", str(out))
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_resume_finishes_an_interrupted_distillation(tiny_data: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(tiny_data)
+    out = tmp_path / "run"
+    reference, _ = run_distillation(_config(), dataset, tmp_path / "reference")
+    # An interrupted run: teacher and baseline done, KD stopped after its first epoch.
+    run_distillation(_config(), dataset, out)
+    seed_dir = out / "seed-0"
+    (seed_dir / "kd.pt").unlink()
+    state = torch.load(seed_dir / "kd.state.pt", weights_only=False)
+    state["epoch"], state["history"] = 1, state["history"][:1]
+    first_epoch = torch.load(tmp_path / "reference" / "seed-0" / "kd.state.pt", weights_only=False)
+    torch.save({**state, "model": first_epoch["model"], "optimizer": first_epoch["optimizer"]},
+               seed_dir / "kd.state.pt")
+    resumed, _ = run_distillation(_config(), dataset, out, resume=True)
+    assert [h["epoch"] for h in resumed[0].stages["kd"].history] == [1, 2]
+    assert resumed[0].stages["teacher"].train_seconds == 0.0  # loaded, not retrained
+    assert resumed[0].stages["kd"].test["accuracy"] == reference[0].stages["kd"].test["accuracy"]
+
+
+def test_missing_or_corrupt_teacher_checkpoint_is_a_clear_error(tiny_data: Path, tmp_path: Path) -> None:
+    for name, content in (("missing.pt", None), ("corrupt.pt", b"not a checkpoint at all")):
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        data = json.loads(json.dumps(FAST))
+        data["distill"]["teacher"]["checkpoint"] = str(path)
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump(data))
+        result = _cli("distill", "--config", str(config), "--data-root", str(tiny_data),
+                      "--out", str(tmp_path / f"out-{name}"))
+        assert result.returncode == 2
+        assert str(path) in result.stderr and "Traceback" not in result.stderr
+        assert ("not found" in result.stderr) if content is None else ("not a readable" in result.stderr)
+
+
+def test_config_with_unknown_key_fails_before_training(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("distill:\n  kd:\n    temprature: 2\n")
+    result = _cli("distill", "--config", str(config), "--data-root", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "unknown config key 'distill.kd.temprature'" in result.stderr
+    assert "temperature, alpha, train" in result.stderr
