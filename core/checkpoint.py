@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from edgemri import __version__
 from edgemri.core.data import CLASS_NAMES, PREPROCESSING
 from edgemri.core.io import save_torch
 from edgemri.models import Student, build_model
-from torch import Tensor, nn
 
 FORMAT = "edgemri.checkpoint/1"
 

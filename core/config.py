@@ -92,15 +92,101 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class TierConfig:
+    """One kind of client: how much data it holds and how it trains each round."""
+
+    per_site: int = 1  # clients of this kind carved from each scanner site
+    min_examples: int = 8  # phones: a handful of scans; hospitals: what is left of the site
+    max_examples: int = 40
+    local_epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    availability: float = 1.0  # probability of being online in a round
+    test_fraction: float = 0.3  # of the client's own scans, for its local test split
+    val_fraction: float = 0.0
+
+    def validate(self, where: str) -> None:
+        _require(self.per_site >= 0, f"{where}.per_site", self.per_site, "an integer >= 0")
+        _require(1 <= self.min_examples <= self.max_examples, f"{where}.min_examples", self.min_examples,
+                 f"an integer in [1, max_examples={self.max_examples}]")
+        _require(self.local_epochs >= 1, f"{where}.local_epochs", self.local_epochs, "an integer >= 1")
+        _require(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.lr > 0, f"{where}.lr", self.lr, "a number > 0")
+        _require(0 < self.availability <= 1, f"{where}.availability", self.availability, "a number in (0, 1]")
+        _require(0 < self.test_fraction < 1, f"{where}.test_fraction", self.test_fraction, "a number in (0, 1)")
+        _require(0 <= self.val_fraction < 1 - self.test_fraction, f"{where}.val_fraction", self.val_fraction,
+                 "a number in [0, 1 - test_fraction)")
+
+    def train_spec(self) -> TrainSpec:
+        return TrainSpec(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr)
+
+
+def _hospital_tier() -> TierConfig:
+    return TierConfig(per_site=1, min_examples=100, max_examples=100_000, local_epochs=2, batch_size=16,
+                      availability=1.0, test_fraction=0.2, val_fraction=0.1)
+
+
+def _phone_tier() -> TierConfig:
+    return TierConfig(per_site=2, min_examples=8, max_examples=40, local_epochs=1, batch_size=8,
+                      availability=0.7, test_fraction=0.4)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    label_skew_alpha: float | None = None  # Dirichlet concentration of phone class mixes; None: site's mix
+    quantity_skew: bool = True  # phone sizes drawn in [min, max]; False: all at the midpoint
+    pseudo_sites: int = 4  # data without metadata.csv (the real Kaggle set): random site buckets
+
+    def validate(self, where: str) -> None:
+        if self.label_skew_alpha is not None:
+            _require(self.label_skew_alpha > 0, f"{where}.label_skew_alpha", self.label_skew_alpha,
+                     "a number > 0 or null")
+        _require(self.pseudo_sites >= 1, f"{where}.pseudo_sites", self.pseudo_sites, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    method: Literal["fedavg", "fedavg-ft", "fedper", "ditto"] = "ditto"
+    rounds: int = 5
+    proximal_mu: float = 0.0  # > 0: FedProx term on the global part
+    ditto_lambda: float = 0.1  # pull of a Ditto personal model toward the global one
+    finetune_epochs: int = 2  # fedavg-ft: local epochs on top of the final global model
+    min_clients: int = 2  # a round needs at least this many replies to aggregate
+    round_timeout_s: float = 600.0  # a client that has not answered by then is skipped
+    start_checkpoint: str | None = None  # None: the distilled student of the run
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    hospital: TierConfig = field(default_factory=_hospital_tier)
+    phone: TierConfig = field(default_factory=_phone_tier)
+
+    def validate(self, where: str) -> None:
+        _require(self.rounds >= 1, f"{where}.rounds", self.rounds, "an integer >= 1")
+        _require(self.proximal_mu >= 0, f"{where}.proximal_mu", self.proximal_mu, "a number >= 0")
+        _require(self.ditto_lambda >= 0, f"{where}.ditto_lambda", self.ditto_lambda, "a number >= 0")
+        _require(self.finetune_epochs >= 1, f"{where}.finetune_epochs", self.finetune_epochs, "an integer >= 1")
+        _require(self.min_clients >= 1, f"{where}.min_clients", self.min_clients, "an integer >= 1")
+        _require(self.round_timeout_s > 0, f"{where}.round_timeout_s", self.round_timeout_s, "a number > 0")
+        self.partition.validate(f"{where}.partition")
+        self.hospital.validate(f"{where}.hospital")
+        self.phone.validate(f"{where}.phone")
+        _require(self.hospital.per_site + self.phone.per_site >= 1, f"{where}.hospital.per_site",
+                 self.hospital.per_site, "at least one client per site over both tiers")
+
+    def tier(self, kind: str) -> TierConfig:
+        return {"hospital": self.hospital, "phone": self.phone}[kind]
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     def validate(self) -> Config:
         _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         self.data.validate("data")
         self.distill.validate("distill")
+        self.federation.validate("federation")
         return self
 
     def to_dict(self) -> dict[str, Any]:

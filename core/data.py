@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from edgemri.core.io import save_torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+
+from edgemri.core.io import save_torch
 
 log = logging.getLogger(__name__)
 

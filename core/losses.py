@@ -6,8 +6,9 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch.nn.functional as F
-from edgemri.core.train import Batch
 from torch import Tensor
+
+from edgemri.core.train import Batch
 
 LossFn = Callable[[Tensor, Batch], Tensor]
 KLReduction = Literal["batchmean", "mean"]

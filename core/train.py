@@ -17,11 +17,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from edgemri.core.config import TrainSpec
 from edgemri.core.data import ArraySplit, normalize
 from edgemri.core.evaluate import predict_logits
 from edgemri.core.io import save_torch
-from torch import Tensor, nn
 
 Transform = Callable[[Tensor], Tensor]
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.core.config import Config, TrainSpec
 from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, normalize, stratified_split
@@ -25,7 +27,6 @@ from edgemri.core.evaluate import classification_metrics, predict_logits
 from edgemri.core.losses import cross_entropy, make_kd_loss
 from edgemri.core.train import FitResult, TrainData, as_float, fit
 from edgemri.models import Teacher, build_model
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgemri.core.data import CLASS_NAMES
 from PIL import Image
+
+from edgemri.core.data import CLASS_NAMES
 
 # Where each class puts its bright blob; "notumor" has none.
 _BLOB_CENTRES = {"glioma": (0.3, 0.3), "meningioma": (0.3, 0.7), "notumor": None, "pituitary": (0.72, 0.5)}

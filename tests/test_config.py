@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from edgemri.core.config import ConfigError, load_config, parse_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -30,10 +31,14 @@ def test_paper_config_is_the_papers_setting() -> None:
          "'distill.teacher.name' has value 'resnet18'; allowed: 'vgg16-slim', 'vgg16-imagenet'"),
         ({"distill": {"kd": {"alpha": 1.5}}}, "'distill.kd.alpha' has value 1.5; allowed: a number in [0, 1]"),
         ({"distill": {"baseline": {"epochs": 0}}}, "'distill.baseline.epochs' has value 0"),
-        ({"distill": {"baseline": {"epochs": "ten"}}}, "'distill.baseline.epochs' has value 'ten'; allowed: an integer"),
+        ({"distill": {"baseline": {"epochs": "ten"}}},
+         "'distill.baseline.epochs' has value 'ten'; allowed: an integer"),
         ({"data": {"val_fraction": 0.9}}, "'data.val_fraction' has value 0.9"),
         ({"distill": {"paper_compat": "yes"}}, "allowed: true or false"),
         ({"federated": {}}, "unknown config key 'federated'"),
+        ({"federation": {"method": "fedsgd"}},
+         "'federation.method' has value 'fedsgd'; allowed: 'fedavg', 'fedavg-ft', 'fedper', 'ditto'"),
+        ({"federation": {"phone": {"availability": 0}}}, "'federation.phone.availability' has value 0.0"),
     ],
 )
 def test_bad_configs_name_the_key_and_the_allowed_values(data: dict, message: str) -> None:

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_kaggle_folder
+from PIL import Image
+from torchvision import transforms
+
 from edgemri.core import data as data_module
 from edgemri.core.data import (
     CLASS_NAMES,
@@ -21,8 +24,6 @@ from edgemri.core.data import (
     scan_folder,
     stratified_split,
 )
-from PIL import Image
-from torchvision import transforms
 
 
 def test_preprocessing_equals_the_papers_torchvision_pipeline(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from edgemri.core.checkpoint import load_checkpoint
 from edgemri.core.config import parse_config
 from edgemri.core.data import load_dataset, stratified_split

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models import vgg16
+
 from edgemri.models import MODEL_NAMES, Student, WeightsUnavailableError, build_model, summarize
 from edgemri.models.registry import imagenet_weights_path
-from torchvision.models import vgg16
 
 PAPER_KEYS = [
     "conv_block_1.0.weight", "conv_block_1.0.bias", "conv_block_1.2.weight", "conv_block_1.2.bias",

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from edgemri.core.config import TrainSpec
 from edgemri.core.losses import cross_entropy, kd_loss
 from edgemri.core.train import ResumeMismatchError, TrainData, fit, shuffled_batches

@@ -1,0 +1,33 @@
+"""The Flower ServerApp: reads the run config, runs the round loop, writes the reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from edgemri.core.checkpoint import load_checkpoint
+from edgemri.core.config import load_config
+from edgemri.core.data import load_dataset
+from edgemri.core.io import write_json
+from edgemri.server.fed_report import build_federation_report, write_federation_report
+from edgemri.server.federation import FederationServer
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = context.run_config
+    config = load_config(str(run_config["config"]))
+    run_dir = Path(str(run_config["run-dir"]))
+    start = load_checkpoint(str(run_config["start-checkpoint"]))
+    data_root = str(run_config.get("data-root", ""))
+    central_test = load_dataset(data_root, cache_dir=config.data.cache_dir).test if data_root else None
+    server = FederationServer(grid, config, run_dir, start.state_dict, central_test,
+                              expected_clients=int(run_config["num-clients"]),
+                              resume=bool(run_config.get("resume", False)))
+    result = server.run()
+    write_json(run_dir / "server" / "result.json", result)
+    write_federation_report(build_federation_report(result, config.to_dict()), run_dir)
