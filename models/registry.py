@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from edgemri.models.student import Student
-from edgemri.models.teacher import Teacher
 from torch import nn
 from torchvision.models import VGG16_Weights
+
+from edgemri.models.student import Student
+from edgemri.models.teacher import Teacher
 
 
 class WeightsUnavailableError(RuntimeError):
