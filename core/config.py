@@ -201,12 +201,12 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(f"config key '{key}' has value {value!r}; allowed: {allowed}")
 
 
-def _convert(value: Any, hint: Any, key: str) -> Any:
+def _convert(value: Any, hint: Any, key: str, default: Any = None) -> Any:
     """Check and convert one YAML value to the field's type hint."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, key)
+        return from_dict(hint, value, key, base=default)
     if origin is Literal:
         if value not in args:
             raise ConfigError(
@@ -237,8 +237,13 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} for '{key}'")
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+def from_dict(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name.
+
+    Keys not given keep the value of ``base`` (default: ``cls()``), so a partial
+    section such as ``hospital: {local_epochs: 3}`` keeps the hospital's other defaults.
+    """
+    base = cls() if base is None else base
     where = prefix or "<top level>"
     if data is None:
         data = {}
@@ -251,11 +256,11 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"unknown config key '{key}'; allowed keys in {where}: {', '.join(names)}")
     kwargs = {
-        name: _convert(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
+        name: _convert(data[name], hints[name], f"{prefix}.{name}" if prefix else name, getattr(base, name))
         for name in names
         if name in data
     }
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def parse_config(data: Any) -> Config:

@@ -54,3 +54,10 @@ def test_config_file_errors_name_the_file(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_partial_sections_keep_their_own_defaults() -> None:
+    config = parse_config({"federation": {"hospital": {"local_epochs": 3}}})
+    assert config.federation.hospital.local_epochs == 3
+    assert config.federation.hospital.min_examples == 100  # the hospital default, not the generic tier's
+    assert config.federation.phone.availability == 0.7
