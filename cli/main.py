@@ -122,6 +122,55 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- federation
+
+
+def _load_config_with_root(args: argparse.Namespace):
+    import dataclasses
+
+    from edgemri.core.config import load_config
+
+    config = load_config(args.config)
+    if args.data_root:
+        config = config.replace(data=dataclasses.replace(config.data, root=args.data_root))
+    if not config.data.root:
+        raise UsageError("no data: pass --data-root DIR (a Kaggle-layout folder), "
+                         "or make one with `edgemri data synth --out DIR`")
+    return config
+
+
+def cmd_data_partition(args: argparse.Namespace) -> int:
+    from edgemri.core.data import load_dataset
+    from edgemri.core.partition import partition, write_manifests
+
+    config = _load_config_with_root(args)
+    dataset = load_dataset(config.data.root, cache_dir=config.data.cache_dir, progress=_progress(args))
+    manifests = partition(dataset.train, Path(config.data.root), config)
+    write_manifests(manifests, Path(args.out))
+    for m in manifests:
+        counts = m.class_counts()
+        print(f"{m.client:24s} {m.kind:8s} site={m.site:10s} n={len(m.files):4d} "
+              f"train={sum(counts['train'].values())} val={sum(counts['val'].values())} "
+              f"test={sum(counts['test'].values())}")
+    print(f"wrote {len(manifests)} manifests to {args.out}")
+    return 0
+
+
+def cmd_federate(args: argparse.Namespace) -> int:
+    from edgemri.simulation.federate import federate
+
+    config = _load_config_with_root(args)
+    start = Path(args.start or config.federation.start_checkpoint or "runs/demo/distill/student.pt")
+    run = federate(config, data_root=Path(config.data.root), out=Path(args.out), start_checkpoint=start,
+                   resume=args.resume)
+    summary = run.report["summary"]
+    for group, stats in summary.items():
+        print(f"{group:9s} " + "  ".join(f"{column} {100 * stats[column]['mean']:.1f}"
+                                         for column in ("start", "global", "personalized", "local-only", "pooled")))
+    print(f"report: {run.paths['md']}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -180,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--cache-dir", default=None, help="decoded-image cache (default: ROOT/.edgemri-cache)")
     info.add_argument("--json", action="store_true")
 
+    part = add(data, "partition", cmd_data_partition,
+               "write one manifest per client (hospital / phone) from the data's scanner sites")
+    part.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
+    part.add_argument("--config", required=True, help="YAML config (its federation section)")
+    part.add_argument("--out", required=True, help="folder for client-NNN.json manifests")
+
     models = commands.add_parser("models", help="the registered models").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")
     summary = add(models, "summary", cmd_models_summary,
@@ -193,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--out", default="runs/distill", help="run folder (default: runs/distill)")
     distill.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1")
     distill.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    fed = add(commands, "federate", cmd_federate,
+              "personalize the distilled student with a Flower federation (simulation)")
+    fed.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
+    fed.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
+    fed.add_argument("--start", default=None,
+                     help="start model (default: federation.start_checkpoint or runs/demo/distill/student.pt)")
+    fed.add_argument("--out", default="runs/federation", help="run folder (default: runs/federation)")
+    fed.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+
     demo = add(commands, "demo", cmd_demo, "run the whole pipeline on the offline synthetic data")
     demo.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
     demo.add_argument("--config", default="configs/quickstart.yaml")
@@ -203,15 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     from edgemri.core.checkpoint import CheckpointError
     from edgemri.core.config import ConfigError
     from edgemri.core.data import DataError
+    from edgemri.core.partition import ManifestError
     from edgemri.core.train import ResumeMismatchError
     from edgemri.models import WeightsUnavailableError
+    from edgemri.simulation.flower_run import FlowerRunError
 
     logging.basicConfig(level=logging.INFO, format="edgemri: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (UsageError, ConfigError, DataError, CheckpointError, WeightsUnavailableError,
-            ResumeMismatchError, FileExistsError) as err:
+            ResumeMismatchError, FileExistsError, ManifestError, FlowerRunError) as err:
         print(f"edgemri: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -63,10 +63,14 @@ def _reply(msg: Message, *, arrays: dict[str, Any] | None = None, metrics: dict[
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    """Who this node is: client name, kind and site (names, never paths), and its size."""
+    """Who this node is: client name, kind and site (names, never paths), and its size.
+
+    Answered from the manifest alone: a client whose data is broken still says who it
+    is, and then fails (reported, skipped) in the rounds that need the data.
+    """
     client = _client(context)
     state = _state(client, context)
-    return _reply(msg, metrics={"num-examples": client.data().num_examples(),
+    return _reply(msg, metrics={"num-examples": client.manifest.num_examples("train"),
                                 "rounds-trained": state.rounds_trained},
                   config={"client": client.name, "kind": client.kind, "site": client.manifest.site})
 

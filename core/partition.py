@@ -46,6 +46,9 @@ class Manifest:
     seed: int
     config: dict[str, Any]
 
+    def num_examples(self, split: str) -> int:
+        return sum(1 for f in self.files if f.split == split)
+
     def class_counts(self) -> dict[str, dict[str, int]]:
         counts = {split: dict.fromkeys(CLASS_NAMES, 0) for split in LOCAL_SPLITS}
         for f in self.files:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from flwr.app import Context
@@ -17,8 +18,19 @@ from edgemri.server.federation import FederationServer
 app = ServerApp()
 
 
+def _log_through_flower() -> None:
+    """Send edgemri's log lines where Flower sends its own (streamed to `flwr run`)."""
+    ours, flower = logging.getLogger("edgemri"), logging.getLogger("flwr")
+    ours.setLevel(logging.INFO)
+    for handler in flower.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _log_through_flower()
     run_config = context.run_config
     config = load_config(str(run_config["config"]))
     run_dir = Path(str(run_config["run-dir"]))

@@ -39,3 +39,20 @@ def make_kaggle_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> 
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 training and 10 test images per class."""
     return make_kaggle_folder(tmp_path_factory.mktemp("tiny") / "data", {"Training": 40, "Testing": 10})
+
+
+def add_sites(root: Path, sites: tuple[str, ...]) -> Path:
+    """A metadata.csv that puts every file of a Kaggle-layout folder at a site, round robin."""
+    lines = ["file,split,label,site"]
+    for k, path in enumerate(sorted(root.glob("*/*/*.jpg"))):
+        split, label = path.relative_to(root).parts[:2]
+        lines.append(f"{path.relative_to(root).as_posix()},{split},{label},{sites[k % len(sites)]}")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sited_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 training images per class over two scanner sites."""
+    root = make_kaggle_folder(tmp_path_factory.mktemp("sited") / "data", {"Training": 30, "Testing": 4})
+    return add_sites(root, ("site-a", "site-b"))

@@ -5,27 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_kaggle_folder
 
 from edgemri.core.config import TrainSpec, parse_config
 from edgemri.core.data import load_dataset
 from edgemri.core.partition import ManifestError, load_local_data, partition, read_manifest, write_manifests
 from edgemri.core.personalize import METHODS, LocalTrainer, create_method, local_only, merge_shared
 from edgemri.models import Student
-
-SITES = ("site-a", "site-b")
-
-
-@pytest.fixture(scope="module")
-def sited_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Kaggle-layout folder with a metadata.csv that puts every file at a site."""
-    root = make_kaggle_folder(tmp_path_factory.mktemp("sited") / "data", {"Training": 30, "Testing": 4})
-    lines = ["file,split,label,site"]
-    for k, path in enumerate(sorted(root.glob("*/*/*.jpg"))):
-        rel = path.relative_to(root).as_posix()
-        lines.append(f"{rel},{rel.split('/')[0]},{rel.split('/')[1]},{SITES[k % 2]}")
-    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def _config(**federation: object):

@@ -1,0 +1,103 @@
+"""``edgemri export`` and ``edgemri predict``: thin commands over edgemri.edge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+Command = Callable[[argparse.Namespace], int]
+AddCommand = Callable[[argparse._SubParsersAction, str, Command, str], argparse.ArgumentParser]
+
+_SUFFIXES = {("onnx", False): ".onnx", ("onnx", True): ".int8.onnx", ("torchscript", False): ".torchscript.pt"}
+
+
+def default_output(checkpoint: Path, fmt: str, int8: bool) -> Path:
+    """Next to the checkpoint: student.pt -> student.onnx, student.int8.onnx, student.torchscript.pt."""
+    return checkpoint.parent / f"{checkpoint.stem}{_SUFFIXES[fmt, int8]}"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgemri.core.data import load_dataset
+    from edgemri.edge.export import (
+        ONNX_OPSET,
+        EdgeError,
+        export_onnx,
+        export_onnx_int8,
+        export_torchscript,
+        load_student,
+    )
+
+    if args.int8 and args.format != "onnx":
+        raise EdgeError("--int8 quantizes ONNX models only; use --format onnx")
+    if args.int8 and not args.data_root:
+        raise EdgeError("--int8 needs --data-root DIR: ~200 of its Training images calibrate the int8 ranges "
+                        "and its Testing split measures the accuracy change")
+    source = Path(args.checkpoint)
+    out = Path(args.out) if args.out else default_output(source, args.format, args.int8)
+    if out.resolve() == source.resolve():
+        raise EdgeError(f"--out {out} is the checkpoint itself; choose another file")
+    checkpoint = load_student(source)
+    if args.format == "torchscript":
+        export_torchscript(checkpoint, out, overwrite=args.overwrite)
+        print(f"wrote {out} (TorchScript, {out.stat().st_size:,} bytes)")
+        return 0
+    if not args.int8:
+        export_onnx(checkpoint, out, overwrite=args.overwrite)
+        print(f"wrote {out} (ONNX opset {ONNX_OPSET}, fp32, {out.stat().st_size:,} bytes)")
+        return 0
+    dataset = load_dataset(args.data_root, progress=not args.quiet and sys.stderr.isatty())
+    result = export_onnx_int8(checkpoint, out, dataset.train.images, dataset.test.images, dataset.test.labels,
+                              overwrite=args.overwrite)
+    print(f"wrote {out} (ONNX opset {ONNX_OPSET}, static int8 QDQ, per-channel weights, "
+          f"{out.stat().st_size:,} bytes; calibrated on {result.calibration_images} Training images)")
+    print(f"test accuracy on {result.test_images} Testing images: fp32 {100 * result.fp32_accuracy:.2f} % -> "
+          f"int8 {100 * result.int8_accuracy:.2f} % ({result.change_points:+.2f} points)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from edgemri.edge.predict import load_model, predict_paths
+
+    model = load_model(args.model)
+    results = predict_paths(model, args.paths, top_k=args.top_k, batch_size=args.batch_size)
+    failed = sum(not r.ok for r in results)
+    if args.json:
+        print(json.dumps({"model": str(model.path), "kind": model.kind, "class_names": model.class_names,
+                          "predicted": len(results) - failed, "failed": failed,
+                          "results": [r.as_dict() for r in results]}, indent=2))
+    else:
+        for r in results:
+            if not r.ok:
+                print(f"{r.file}\terror: {r.error}", file=sys.stderr)
+                continue
+            ranked = "\t" + "  ".join(f"{name} {p:.4f}" for name, p in r.top_k) if args.top_k > 1 else ""
+            print(f"{r.file}\t{r.label}\t{r.probability:.4f}{ranked}")
+        if failed:
+            print(f"edgemri: {failed} of {len(results)} could not be predicted", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
+    """Add ``export`` and ``predict`` to the ``edgemri`` command line."""
+    export = add(commands, "export", cmd_export,
+                 "export a student checkpoint for devices: ONNX (fp32 or static int8) or TorchScript")
+    export.add_argument("checkpoint", help="edgemri checkpoint or the paper's student state dict (.pt)")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default: onnx")
+    export.add_argument("--int8", action="store_true",
+                        help="static int8 quantization (ONNX); needs --data-root for calibration and accuracy")
+    export.add_argument("--data-root", default=None,
+                        help="Kaggle-layout folder: Training calibrates --int8, Testing measures its accuracy")
+    export.add_argument("--out", default=None,
+                        help="output file (default: next to CHECKPOINT as .onnx, .int8.onnx or .torchscript.pt)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    predict = add(commands, "predict", cmd_predict,
+                  "classify image files with a checkpoint, an exported .onnx or TorchScript model")
+    predict.add_argument("model", help="checkpoint (.pt), exported .onnx, or exported TorchScript file")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    predict.add_argument("--json", action="store_true", help="one JSON document instead of one line per image")
+    predict.add_argument("--top-k", type=int, default=1, help="also list the K most probable classes")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")

@@ -1,0 +1,76 @@
+"""`edgemri federate`: partition, run the Flower app in simulation, add the pooled baseline.
+
+Everything of a run lives in its folder: the resolved config, the manifests, each
+client's state folder, the server's checkpoints, Flower's home and logs, the reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from edgemri.core.checkpoint import load_checkpoint
+from edgemri.core.config import Config, ConfigError
+from edgemri.core.data import load_dataset
+from edgemri.core.io import write_text
+from edgemri.core.partition import partition, read_manifest, write_manifests
+from edgemri.server.fed_report import build_federation_report, write_federation_report
+from edgemri.simulation.baselines import manifest_paths, pooled_accuracy
+from edgemri.simulation.flower_run import FlowerRunError, run_simulation
+
+log = logging.getLogger(__name__)
+
+# The folder holding pyproject.toml's [tool.flwr.app]: the same app `flwr run .` runs.
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class FederationRun:
+    out: Path
+    report: dict
+    paths: dict[str, Path]
+
+
+def prepare_manifests(config: Config, data_root: Path, out: Path) -> list[Path]:
+    """Write one manifest per client (kept as they are when the run resumes)."""
+    folder = out / "manifests"
+    existing = manifest_paths(folder)
+    if existing:
+        return existing
+    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)
+    return write_manifests(partition(dataset.train, data_root, config), folder)
+
+
+def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Path, resume: bool = False,
+             audit: bool = False, timeout_s: float = 3600.0) -> FederationRun:
+    out = out.resolve()
+    if (out / "server").exists() and not resume:
+        raise FileExistsError(f"{out} already holds a federation run; add --resume to continue it "
+                              f"or choose another --out")
+    start = load_checkpoint(start_checkpoint)  # fail early on a missing or corrupt start model
+    if start.model != "student":
+        raise ConfigError(f"the federation starts from a student; {start_checkpoint} holds {start.model!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    manifests = prepare_manifests(config, data_root.resolve(), out)
+    log.info("%d clients: %s", len(manifests), ", ".join(read_manifest(p).client for p in manifests))
+    run_config = {
+        "config": str(config_path), "run-dir": str(out), "data-root": str(data_root.resolve()),
+        "manifests": str(out / "manifests"), "state-root": str(out / "clients"),
+        "start-checkpoint": str(start_checkpoint.resolve()), "num-clients": len(manifests), "resume": resume,
+        "audit-dir": str(out / "audit") if audit else "",
+    }
+    outcome = run_simulation(APP_DIR, out, run_config, num_supernodes=len(manifests), timeout_s=timeout_s)
+    if not outcome.ok:
+        raise FlowerRunError(f"federation run {outcome.run_id} ended {outcome.status}: "
+                             f"{outcome.details.strip()[-1500:]}\nlogs: {out / 'logs'}")
+    result = json.loads((out / "server" / "result.json").read_text())
+    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)
+    pooled = pooled_accuracy([read_manifest(p) for p in manifests], dataset, start.state_dict, config)
+    report = build_federation_report(result, config.to_dict(), pooled)
+    report["flower"] = {"run_id": outcome.run_id, "seconds": outcome.seconds}
+    return FederationRun(out, report, write_federation_report(report, out))

@@ -1,0 +1,226 @@
+"""Run the Flower app on a private SuperLink and leave nothing behind.
+
+Flower's default ``local`` connection starts a detached SuperLink on a fixed port that
+stays up and is shared with whatever else listens there. Instead each run gets its
+own ``FLWR_HOME`` inside the run folder, its own SuperLink on a free port, runtime
+dependency installation disabled (the pinned torch stays), and a cleanup that stops
+every process it started, Ray's included, even when the run fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from edgemri.core.io import write_text
+
+VENV_BIN = Path(sys.executable).parent  # flwr and flower-* are installed beside this python
+
+
+class FlowerRunError(RuntimeError):
+    """The Flower run did not start or did not complete; the message says where to look."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string escapes like JSON
+
+
+def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for every flwr / flower-* process of a run."""
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(extra or {})}
+
+
+def write_connection(home: Path, name: str, address: str, *, root_certificates: Path | None = None) -> None:
+    """A connection entry in FLWR_HOME/config.toml (TLS when a CA certificate is given)."""
+    security = (f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true")
+    write_text(home / "config.toml",
+               f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n')
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def stop_group(pgid: int, term_wait_s: float = 5.0) -> None:
+    """SIGTERM a process group, then SIGKILL what is left (Ray agents ignore SIGTERM)."""
+    for sig, wait_s in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 2.0)):
+        if not _group_members(pgid):
+            return
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@dataclass
+class ManagedProcess:
+    """A Flower process in its own session; stopping it stops its whole tree."""
+
+    process: subprocess.Popen
+    log: Path
+    groups: set[int] = field(default_factory=set)
+
+    def remember_children(self) -> None:
+        """SuperLink and SuperNode start SuperExec/ClientApp processes in new sessions."""
+        try:
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                self.groups.add(os.getpgid(child.pid))
+        except (psutil.Error, ProcessLookupError):
+            pass
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.remember_children()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        for group in self.groups - {self.process.pid}:
+            stop_group(group)
+
+
+def start_process(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> ManagedProcess:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return ManagedProcess(process, log)
+
+
+def wait_healthy(link: ManagedProcess, port: int, timeout_s: float = 60.0, scheme: str = "http") -> None:
+    deadline = time.monotonic() + timeout_s
+    context = ssl._create_unverified_context() if scheme == "https" else None  # health only, on loopback
+    while True:
+        if link.process.poll() is not None:
+            raise FlowerRunError(f"flower-superlink exited with {link.process.returncode}; see {link.log}")
+        try:
+            urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1, context=context)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise FlowerRunError(f"flower-superlink did not come up in {timeout_s:.0f} s; see {link.log}") from None
+            time.sleep(0.2)
+
+
+@dataclass
+class RunOutcome:
+    run_id: str | None
+    status: str
+    details: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, run_config: dict[str, Any],
+             federation_config: str | None = None, timeout_s: float = 3600.0) -> RunOutcome:
+    """`flwr run --stream`, then the run's real status from `flwr ls` (the CLI exits 0 on failure)."""
+    started = time.monotonic()
+    run_config_file = log.with_name("run_config.toml")
+    write_text(run_config_file, "".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config.items()))
+    args = [str(VENV_BIN / "flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(run_config_file)]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    timed_out = False
+    with log.open("ab") as out:
+        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            timed_out = True
+    text = log.read_text(errors="replace")
+    match = re.search(r"Successfully started run (\d+)", text)
+    if not match:
+        return RunOutcome(None, "not-started", text[-3000:], time.monotonic() - started)
+    run_id = match.group(1)
+    flwr = [str(VENV_BIN / "flwr")]
+    if timed_out:
+        subprocess.run([*flwr, "stop", run_id, connection], env=env, capture_output=True, timeout=60)
+    listing = subprocess.run([*flwr, "ls", connection, "--run-id", run_id, "--format", "json"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    try:
+        run = json.loads(listing.stdout)["runs"][0]
+        status, details = run["status"], run.get("status-details", "")
+    except (json.JSONDecodeError, KeyError, IndexError):
+        status, details = "unknown", listing.stdout[-2000:] + listing.stderr[-2000:]
+    if timed_out:
+        status, details = "timed-out", f"no result after {timeout_s:.0f} s; {details}"
+    return RunOutcome(run_id, status, details, time.monotonic() - started)
+
+
+@contextmanager
+def simulation_superlink(run_dir: Path) -> Iterator[tuple[dict[str, str], str]]:
+    """A private SuperLink in simulation mode; yields (env, connection name)."""
+    home = run_dir / "flwr_home"
+    home.mkdir(parents=True, exist_ok=True)
+    # Ray's unix socket paths must stay under 108 characters: a short temp folder.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="edgemri-ray-", dir="/tmp"))
+    env = flower_env(home, {"RAY_TMPDIR": str(ray_tmp)})
+    port = free_port()
+    write_connection(home, "sim", f"127.0.0.1:{port}")
+    link = start_process([str(VENV_BIN / "flower-superlink"), "--insecure", "--simulation",
+                          "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+                          "--database", str(run_dir / "superlink.db")], env, run_dir / "logs" / "superlink.log",
+                         cwd=run_dir)
+    try:
+        wait_healthy(link, port)
+        yield env, "sim"
+    finally:
+        link.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def run_simulation(app_dir: Path, run_dir: Path, run_config: dict[str, Any], *, num_supernodes: int,
+                   num_cpus: int = 1, timeout_s: float = 3600.0) -> RunOutcome:
+    """The app in Flower's simulation engine, one virtual SuperNode per client."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with simulation_superlink(run_dir) as (env, connection):
+        outcome = flwr_run(app_dir, connection, env, run_dir / "logs" / "flwr-run.log", run_config=run_config,
+                           federation_config=f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}",
+                           timeout_s=timeout_s)
+    return outcome

@@ -1,0 +1,306 @@
+"""On-device export and prediction: parity, int8 accuracy, every image kind, the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_kaggle_folder
+from PIL import Image
+
+from edgemri.core.checkpoint import Checkpoint, save_checkpoint
+from edgemri.core.config import TrainSpec
+from edgemri.core.data import CLASS_NAMES, PREPROCESSING, Dataset, load_dataset, load_image_uint8, normalize
+from edgemri.core.train import TrainData, fit
+from edgemri.edge.export import (
+    INSTALL_HINT,
+    EdgeDependencyError,
+    EdgeError,
+    export_onnx,
+    export_onnx_int8,
+    export_torchscript,
+    load_torchscript,
+    onnx_session,
+    run_onnx,
+)
+from edgemri.edge.predict import load_model, predict_paths
+from edgemri.edge_commands import register
+from edgemri.models import Student
+
+GLIOMA, MENINGIOMA = CLASS_NAMES.index("glioma"), CLASS_NAMES.index("meningioma")
+
+
+@dataclass
+class Trained:
+    root: Path
+    path: Path
+    checkpoint: Checkpoint
+    model: Student
+    data: Dataset
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """A student that really learns the blob classes (a few seconds), with 100 test images per class."""
+    root = tmp_path_factory.mktemp("edge")
+    data = load_dataset(make_kaggle_folder(root / "data", {"Training": 40, "Testing": 100}), workers=1)
+    torch.manual_seed(0)
+    model = Student()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this tiny net trains 4x faster on one thread than on two busy ones
+    try:
+        fit(model, TrainData.from_split(data.train), loss=lambda logits, batch: F.cross_entropy(logits, batch.labels),
+            spec=TrainSpec(epochs=6, batch_size=16, lr=3e-3), seed=0, select="last")
+    finally:
+        torch.set_num_threads(threads)
+    checkpoint = Checkpoint(model="student", state_dict=model.state_dict(), role="kd", seed=7,
+                            data_fingerprint=data.fingerprint)
+    save_checkpoint(root / "student.pt", checkpoint)
+    return Trained(root, root / "student.pt", checkpoint, model.eval(), data)
+
+
+@pytest.fixture(scope="module")
+def exported(trained: Trained) -> dict[str, Path]:
+    return {
+        "onnx": export_onnx(trained.checkpoint, trained.root / "student.onnx"),
+        "torchscript": export_torchscript(trained.checkpoint, trained.root / "student.torchscript.pt"),
+    }
+
+
+def run_command(*argv: str) -> int:
+    """Call a command function as `edgemri` will once cli/main.py registers these commands."""
+    parser = argparse.ArgumentParser(prog="edgemri")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add(group: argparse._SubParsersAction, name: str, func, help_text: str) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text)
+        sub.set_defaults(func=func)
+        sub.add_argument("--quiet", action="store_true")
+        return sub
+
+    register(commands, add)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_exported_logits_equal_pytorch(trained: Trained, exported: dict[str, Path]) -> None:
+    batch = normalize(trained.data.test.images[:48])
+    with torch.no_grad():
+        expected = trained.model(batch)
+    onnx_logits = torch.from_numpy(run_onnx(onnx_session(exported["onnx"]), batch))
+    scripted, _ = load_torchscript(exported["torchscript"])
+    with torch.no_grad():
+        script_logits = scripted(batch)
+    assert expected.abs().max() > 1  # real logits, not a degenerate all-zero model
+    assert (onnx_logits - expected).abs().max() <= 1e-4
+    assert (script_logits - expected).abs().max() <= 1e-4
+    # The batch axis is dynamic: one image gives the same logits as inside the batch.
+    single = torch.from_numpy(run_onnx(onnx_session(exported["onnx"]), batch[:1]))
+    assert (single - expected[:1]).abs().max() <= 1e-4
+
+
+def test_exported_files_carry_metadata(trained: Trained, exported: dict[str, Path]) -> None:
+    model = onnx.load(str(exported["onnx"]))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["class_names"]) == list(CLASS_NAMES)
+    assert json.loads(props["preprocessing"]) == PREPROCESSING
+    assert (props["source_role"], props["source_seed"]) == ("kd", "7")
+    assert props["source_data_fingerprint"] == trained.data.fingerprint
+    assert model.opset_import[0].version >= 17
+    assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == ["logits"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    _, meta = load_torchscript(exported["torchscript"])
+    assert meta["class_names"] == list(CLASS_NAMES) and meta["preprocessing"] == PREPROCESSING
+    assert meta["source_data_fingerprint"] == trained.data.fingerprint
+
+
+def test_int8_accuracy_stays_within_one_point(trained: Trained, exported: dict[str, Path]) -> None:
+    data = trained.data
+    result = export_onnx_int8(trained.checkpoint, trained.root / "student.int8.onnx",
+                              data.train.images, data.test.images, data.test.labels)
+    assert result.fp32_accuracy >= 0.9  # the model is good, so the comparison means something
+    assert result.test_images == 400 and result.calibration_images == len(data.train) == 160
+    assert abs(result.int8_accuracy - result.fp32_accuracy) <= 0.01
+    model = onnx.load(str(result.path))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantized, QDQ format
+    quantization = json.loads({p.key: p.value for p in model.metadata_props}["quantization"])
+    assert quantization["test_accuracy_int8"] == result.int8_accuracy
+    assert result.path.stat().st_size < exported["onnx"].stat().st_size
+
+
+def test_onnx_export_without_onnx_says_how_to_install(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    with pytest.raises(EdgeDependencyError, match=INSTALL_HINT.replace("[", r"\[").replace("]", r"\]")):
+        export_onnx(trained.checkpoint, trained.root / "never.onnx")
+    assert not (trained.root / "never.onnx").exists()
+    # TorchScript needs only torch.
+    assert export_torchscript(trained.checkpoint, trained.root / "no-onnx.pt").stat().st_size > 0
+
+
+def test_export_command_refuses_bad_requests(trained: Trained, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    source = tmp_path / "student.pt"
+    source.write_bytes(trained.path.read_bytes())
+    assert run_command("export", str(source)) == 0
+    assert (tmp_path / "student.onnx").is_file() and "opset 17" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_command("export", str(source))
+    assert run_command("export", str(source), "--overwrite") == 0
+    with pytest.raises(EdgeError, match="--format onnx"):
+        run_command("export", str(source), "--format", "torchscript", "--int8")
+    with pytest.raises(EdgeError, match="--data-root"):
+        run_command("export", str(source), "--int8", "--out", str(tmp_path / "x.onnx"))
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, Checkpoint(model="vgg16-slim", state_dict={}))
+    with pytest.raises(ValueError, match="only the student"):
+        run_command("export", str(teacher))
+
+
+# ---------------------------------------------------------------- the paper's state dict
+
+
+PAPER_KEYS = [f"conv_block_{b}.{i}.{p}" for b in (1, 2) for i in (0, 2) for p in ("weight", "bias")] + [
+    "classifier.1.weight", "classifier.1.bias"]
+
+
+def test_paper_state_dict_exports_and_predicts(trained: Trained, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    weights = trained.model.state_dict()
+    paper = {key: weights[key].clone() for key in PAPER_KEYS}  # the published layout, nothing else
+    assert len(paper) == 10
+    path = tmp_path / "paper_student.pt"
+    torch.save(paper, path)
+    files = [trained.data.root / "Testing" / name / f"Te-{name[:2]}_0000.jpg" for name in CLASS_NAMES]
+
+    assert run_command("export", str(path), "--out", str(tmp_path / "paper.onnx")) == 0
+    assert run_command("export", str(path), "--format", "torchscript") == 0
+    capsys.readouterr()
+    lines = {}
+    for model in (path, tmp_path / "paper.onnx", tmp_path / "paper_student.torchscript.pt"):
+        assert run_command("predict", str(model), *map(str, files)) == 0
+        lines[model.name] = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
+    assert lines["paper_student.pt"] == list(CLASS_NAMES)  # right on one image of each class
+    assert lines["paper.onnx"] == lines["paper_student.torchscript.pt"] == lines["paper_student.pt"]
+
+
+# ---------------------------------------------------------------- predict
+
+
+def _upright(trained: Trained) -> Image.Image:
+    """A test image of the glioma class: its blob sits top-left."""
+    return Image.open(trained.data.root / "Testing" / "glioma" / "Te-gl_0003.jpg").convert("L")
+
+
+def _image_kinds(trained: Trained, folder: Path) -> dict[str, Path]:
+    gray = _upright(trained)
+    rgb = gray.convert("RGB")
+    kinds = {
+        "rgb.jpg": (rgb, {"quality": 95}),
+        "rgb.png": (rgb, {}),
+        "gray.png": (gray, {}),
+        "rgba.png": (rgb.convert("RGBA"), {}),
+        "palette.png": (rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=256), {}),
+        "cmyk.jpg": (rgb.convert("CMYK"), {"quality": 95}),
+        "deep16.png": (Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257), {}),
+        "large.jpg": (rgb.resize((4000, 3000), Image.Resampling.BILINEAR), {"quality": 90}),
+    }
+    paths = {}
+    for name, (image, options) in kinds.items():
+        paths[name] = folder / name
+        image.save(paths[name], **options)
+    assert Image.open(paths["deep16.png"]).mode == "I;16" and Image.open(paths["palette.png"]).mode == "P"
+    assert Image.open(paths["cmyk.jpg"]).mode == "CMYK"
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "onnx", "torchscript"])
+def test_every_image_kind_is_predicted(trained: Trained, exported: dict[str, Path], tmp_path: Path,
+                                       kind: str) -> None:
+    paths = _image_kinds(trained, tmp_path)
+    model = load_model(trained.path if kind == "checkpoint" else exported[kind])
+    assert model.kind == kind and model.class_names == list(CLASS_NAMES)
+    results = predict_paths(model, [tmp_path], top_k=3, batch_size=3)  # several batches, one partial
+    assert sorted(Path(r.file).name for r in results) == sorted(paths)
+    for r in results:
+        assert r.ok and r.label == "glioma", (r.file, r.label, r.error)
+        assert [name for name, _ in r.top_k][0] == r.label and len(r.top_k) == 3
+        probabilities = [p for _, p in r.top_k]
+        assert probabilities == sorted(probabilities, reverse=True) and 0.5 < r.probability <= 1
+
+
+def test_exif_orientation_is_applied_before_predicting(trained: Trained, tmp_path: Path) -> None:
+    upright = _upright(trained).convert("RGB")
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    # Stored turned 90 degrees clockwise: the glioma blob sits where meningioma's does;
+    # orientation 8 tells viewers (and open_image) to turn it back.
+    stored = upright.transpose(Image.Transpose.ROTATE_270)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    stored.save(tmp_path / "tagged.jpg", quality=95, exif=exif)
+    stored.save(tmp_path / "untagged.jpg", quality=95)
+    model = load_model(trained.path)
+    labels = {Path(r.file).name: r.label for r in predict_paths(model, [tmp_path])}
+    assert labels == {"upright.jpg": "glioma", "tagged.jpg": "glioma", "untagged.jpg": "meningioma"}
+    tagged = load_image_uint8(tmp_path / "tagged.jpg").astype(float)
+    assert np.abs(tagged - load_image_uint8(tmp_path / "upright.jpg")).mean() < 2  # same pixels, JPEG noise aside
+
+
+def test_small_images_below_the_training_minimum_are_reported(trained: Trained, tmp_path: Path) -> None:
+    gray = _upright(trained)
+    gray.resize((16, 16), Image.Resampling.BILINEAR).save(tmp_path / "small16.png")
+    gray.resize((12, 12), Image.Resampling.BILINEAR).save(tmp_path / "tiny12.png")
+    results = {Path(r.file).name: r for r in predict_paths(load_model(trained.path), [tmp_path])}
+    assert results["small16.png"].ok and results["small16.png"].label in CLASS_NAMES
+    assert not results["tiny12.png"].ok and "too small: 12x12 px" in results["tiny12.png"].error
+
+
+def test_corrupt_files_are_reported_and_the_rest_predicted(trained: Trained, exported: dict[str, Path],
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "scans"
+    (folder / "nested").mkdir(parents=True)
+    good = sorted((trained.data.root / "Testing" / "pituitary").glob("*.jpg"))[:3]
+    for i, source in enumerate(good):
+        (folder / ("nested" if i else "") / source.name).write_bytes(source.read_bytes())
+    (folder / "truncated.jpg").write_bytes(good[0].read_bytes()[:300])
+    (folder / "notes.txt").write_text("not an image extension: not collected from a folder")
+    (folder / ".hidden.jpg").write_text("hidden: skipped, as in training")
+
+    assert run_command("predict", str(exported["onnx"]), str(folder), str(tmp_path / "missing.png")) == 1
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[1] for line in out.splitlines()] == ["pituitary"] * 3
+    assert "truncated.jpg\terror:" in err and "missing.png\terror: no such file" in err
+    assert "notes.txt" not in out + err and ".hidden" not in out + err
+
+    assert run_command("predict", str(trained.path), str(folder), "--json", "--top-k", "2") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert (report["predicted"], report["failed"]) == (3, 1)
+    failed = [r for r in report["results"] if "error" in r]
+    assert [Path(r["file"]).name for r in failed] == ["truncated.jpg"]
+    assert all(len(r["top_k"]) == 2 for r in report["results"] if "error" not in r)
+    assert run_command("predict", str(exported["onnx"]), *map(str, good)) == 0
+
+
+def test_predict_refuses_models_it_cannot_read_correctly(trained: Trained, exported: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    bare = onnx.load(str(exported["onnx"]))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    with pytest.raises(EdgeError, match="no edgemri metadata"):
+        load_model(tmp_path / "bare.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(EdgeError, match="not a usable ONNX model"):
+        load_model(tmp_path / "junk.onnx")
+    with pytest.raises(EdgeError, match="top-k"):
+        predict_paths(load_model(exported["onnx"]), [tmp_path], top_k=0)

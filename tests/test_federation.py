@@ -1,0 +1,182 @@
+"""The Flower federation in simulation: real flwr processes, real files, tiny data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from edgemri.clients.runtime import Client, ClientState, resolve_setup
+from edgemri.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from edgemri.core.config import TrainSpec, parse_config
+from edgemri.core.data import load_dataset
+from edgemri.core.partition import partition, read_manifest, write_manifests
+from edgemri.core.personalize import create_method
+from edgemri.models import Student
+from edgemri.simulation.federate import federate
+
+pytestmark = pytest.mark.slow
+
+STUDENT_SHAPES = {k: list(v.shape) for k, v in Student().state_dict().items()}
+
+
+def _config(**federation: object):
+    base = {"seed": 0, "federation": {
+        "rounds": 2, "method": "ditto", "min_clients": 1, "round_timeout_s": 120,
+        "hospital": {"min_examples": 20, "local_epochs": 1},
+        "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}}
+    base["federation"].update(federation)
+    return parse_config(base)
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("start") / "student.pt"
+    save_checkpoint(path, Checkpoint(model="student", state_dict=Student().state_dict(), role="kd", seed=0))
+    return path
+
+
+def _no_flower_processes_left() -> list[str]:
+    names = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "flower-superlink" in cmd or "flwr-simulation" in cmd or "flower-superexec" in cmd:
+            names.append(cmd[:120])
+    return names
+
+
+@pytest.fixture(scope="module")
+def broken_phone_run(sited_data: Path, start_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A 2-round Ditto run with the message audit on, where one phone's data is broken."""
+    root = tmp_path_factory.mktemp("fed") / "data"
+    shutil.copytree(sited_data, root)
+    out = tmp_path_factory.mktemp("fedrun") / "run"
+    config = _config()
+    manifests = partition(load_dataset(root).train, root, config)
+    write_manifests(manifests, out / "manifests")
+    broken = next(m for m in manifests if m.kind == "phone")
+    (root / broken.files[0].path).unlink()  # the phone's scans went missing after partitioning
+    run = federate(config, data_root=root, out=out, start_checkpoint=start_checkpoint, audit=True)
+    return run, broken.client
+
+
+def test_run_completes_with_a_failing_client_reported_and_skipped(broken_phone_run) -> None:
+    run, broken = broken_phone_run
+    report = json.loads((run.out / "federation.json").read_text())
+    assert report["method"] == "ditto" and report["rounds"] == [1, 2]
+    rows = {r["client"]: r for r in report["clients"]}
+    assert set(rows) == {"hospital-site-a", "hospital-site-b", "phone-site-a-0", "phone-site-b-0"}
+    assert rows[broken]["failed"]
+    for p in report["participation"]:
+        assert broken in p["failed"] and "missing" in p["failed"][broken]
+        assert set(p["trained"]) == set(rows) - {broken}
+        assert p["aggregated"]
+    healthy = [r for r in report["clients"] if not r["failed"]]
+    for row in healthy:
+        for column in ("start", "global", "personalized", "local-only", "pooled"):
+            assert 0.0 <= row[column] <= 1.0
+    assert "worst" in report["summary"]["all"]["personalized"]
+    assert 0.0 <= report["central"]["final"]["accuracy"] <= 1.0
+    assert (run.out / "federation.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| phone" in (run.out / "federation.md").read_text()
+    assert not _no_flower_processes_left()
+
+
+def test_each_client_keeps_its_state_and_personalized_checkpoint(broken_phone_run) -> None:
+    run, broken = broken_phone_run
+    for folder in (run.out / "clients").iterdir():
+        if folder.name == broken:
+            assert not (folder / "personalized.pt").exists()
+            continue
+        state = torch.load(folder / "client-state.pt", weights_only=True)
+        assert state["rounds_trained"] == 2 and state["last_round"] == 2
+        personalized = load_checkpoint(folder / "personalized.pt")
+        assert personalized.role == "personalized"
+        assert personalized.config["federation"]["method"] == "ditto"
+        assert torch.equal(personalized.state_dict["classifier.1.weight"], state["personal"]["classifier.1.weight"])
+    for k in (1, 2):
+        assert load_checkpoint(run.out / "server" / f"global-round-{k:03d}.pt").model == "student"
+
+
+def _strings(values: dict) -> list[str]:
+    return [v for v in values.values() if isinstance(v, str)]
+
+
+def test_messages_carry_only_student_arrays_and_scalar_metrics(broken_phone_run) -> None:
+    run, _ = broken_phone_run
+    records = [json.loads(p.read_text()) for p in (run.out / "audit").glob("*.json")]
+    kinds = {r["in"]["message_type"] for r in records}
+    assert {"query", "train", "evaluate"} <= kinds
+    replies = [r["out"] for r in records if "error" not in r["out"]]
+    assert len(replies) >= 10
+    for message in [r["in"] for r in records] + replies:
+        for record in message["records"].values():
+            if record["type"] == "arrays":
+                assert record["arrays"] == {k: STUDENT_SHAPES[k] for k in record["arrays"]}
+                for shape in record["arrays"].values():
+                    assert shape[-2:] != [128, 128] and len(shape) != 3
+            else:
+                for value in record["values"].values():
+                    assert isinstance(value, (int, float, bool, str)), value
+                for text in _strings(record["values"]):
+                    assert "/" not in text and ".jpg" not in text and ".pt" not in text, text
+    for reply in replies:
+        if "metrics" in reply["records"]:
+            assert "num-examples" in reply["records"]["metrics"]["values"]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedavg-ft", "fedper"])
+def test_each_method_runs_a_round_in_simulation(method: str, sited_data: Path, start_checkpoint: Path,
+                                                tmp_path: Path) -> None:
+    config = _config(method=method, rounds=1, phone={"per_site": 0})
+    run = federate(config, data_root=sited_data, out=tmp_path / "run", start_checkpoint=start_checkpoint)
+    assert run.report["method"] == method
+    global_state = load_checkpoint(tmp_path / "run" / "server" / "global-round-001.pt").state_dict
+    start = load_checkpoint(start_checkpoint).state_dict
+    personal = load_checkpoint(tmp_path / "run" / "clients" / "hospital-site-a" / "personalized.pt").state_dict
+    head = "classifier.1.weight"
+    if method == "fedper":  # the shared body moved; the global head stays the start's head
+        assert not torch.equal(global_state["conv_block_1.0.weight"], start["conv_block_1.0.weight"])
+        assert torch.equal(global_state[head], start[head])
+        assert not torch.equal(personal[head], global_state[head])
+    elif method == "fedavg":
+        assert all(torch.equal(personal[k], global_state[k]) for k in personal)
+    else:  # fine-tuned on top of the global model
+        assert not torch.equal(personal[head], global_state[head])
+
+
+def test_a_stopped_run_resumes_from_its_last_round(sited_data: Path, start_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    federate(_config(rounds=1), data_root=sited_data, out=out, start_checkpoint=start_checkpoint)
+    first = json.loads((out / "federation.json").read_text())
+    with pytest.raises(FileExistsError, match="--resume"):
+        federate(_config(rounds=2), data_root=sited_data, out=out, start_checkpoint=start_checkpoint)
+    resumed = federate(_config(rounds=2), data_root=sited_data, out=out, start_checkpoint=start_checkpoint,
+                       resume=True)
+    assert resumed.report["rounds"] == [1, 2]
+    assert resumed.report["participation"][0] == first["participation"][0]  # round 1 was not run again
+    state = torch.load(out / "clients" / "hospital-site-a" / "client-state.pt", weights_only=True)
+    assert state["rounds_trained"] == 2
+
+
+def test_client_state_survives_a_restart(sited_data: Path, tmp_path: Path) -> None:
+    config = _config()
+    manifests = write_manifests(partition(load_dataset(sited_data).train, sited_data, config), tmp_path / "m")
+    hospital = next(p for p in manifests if read_manifest(p).kind == "hospital")
+    node_config = {"manifest": str(hospital), "data-dir": str(sited_data), "state-dir": str(tmp_path / "state")}
+    method = create_method(config.federation)
+    start = Student().state_dict()
+    spec = TrainSpec(epochs=1, batch_size=8)
+    before = Client(resolve_setup(node_config, {}))
+    _, state, _ = before.train_round(method, start, ClientState(), spec, server_round=1, run_seed=0)
+    after = Client(resolve_setup(node_config, {}))  # a new process: nothing in memory
+    restored = after.load_state()
+    assert restored.rounds_trained == 1 and restored.last_round == 1
+    assert all(torch.equal(restored.personal[k], state.personal[k]) for k in state.personal)
+    with pytest.raises(Exception, match="lacks state-dir"):
+        resolve_setup({"manifest": str(hospital), "data-dir": str(sited_data)}, {})

@@ -1,0 +1,145 @@
+"""The synthetic generator writes the Kaggle layout, deterministically, with honest metadata."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgemri.core import synth
+from PIL import Image
+
+LIMIT = 8  # images per class and split: 64 in all, a couple of seconds
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+
+
+def _read_metadata(root: Path) -> list[dict[str, str]]:
+    with (root / "metadata.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("synth") / "data"
+    summary = synth.generate(root, "kaggle", seed=3, workers=1, progress=False, limit=LIMIT)
+    return root, summary
+
+
+def test_kaggle_layout_and_file_names(tiny: tuple[Path, dict]) -> None:
+    root, summary = tiny
+    for split, prefix in (("Training", "Tr"), ("Testing", "Te")):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(synth.CLASS_NAMES)
+        for label in synth.CLASS_NAMES:
+            names = sorted(p.name for p in (root / split / label).iterdir())
+            abbr = {"glioma": "gl", "meningioma": "me", "notumor": "no", "pituitary": "pi"}[label]
+            assert names == [f"{prefix}-{abbr}_{i:04d}.jpg" for i in range(LIMIT)]
+    assert summary["total"] == 2 * len(synth.CLASS_NAMES) * LIMIT
+    assert summary["counts"]["Testing"] == dict.fromkeys(synth.CLASS_NAMES, LIMIT)
+    assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")], "temp files left behind"
+
+
+def test_images_are_grey_rgb_jpegs_of_varied_size(tiny: tuple[Path, dict]) -> None:
+    root, _ = tiny
+    sizes = set()
+    for rel in _files(root):
+        with Image.open(root / rel) as im:
+            assert im.format == "JPEG" and im.mode == "RGB"
+            pixels = np.asarray(im)
+            sizes.add(im.size)
+        assert np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])
+        assert pixels.std() > 10, f"{rel} is nearly blank"
+        assert 190 <= min(im.size) and max(im.size) <= 520
+    assert len(sizes) >= 4
+    assert any(w != h for w, h in sizes), "some sites write non-square images"
+
+
+def test_metadata_has_one_valid_row_per_file(tiny: tuple[Path, dict]) -> None:
+    root, _ = tiny
+    rows = _read_metadata(root)
+    assert set(synth.METADATA_COLUMNS) <= set(rows[0])
+    assert sorted(r["file"] for r in rows) == _files(root)
+    info = json.loads((root / "synth.json").read_text())
+    sites = {s["name"] for s in info["sites"]}
+    assert len(sites) == synth.PRESETS["kaggle"].num_sites and info["seed"] == 3
+    for r in rows:
+        split, label, name = r["file"].split("/")
+        assert (r["split"], r["label"]) == (split, label)
+        assert r["site"] in sites and r["view"] in synth.VIEWS and r["sequence"] in synth.SEQUENCES
+        with Image.open(root / r["file"]) as im:
+            assert im.size == (int(r["width"]), int(r["height"]))
+        if label == "notumor":
+            assert float(r["tumour_size"]) == 0 and r["subtle"] == "no"
+        else:
+            assert float(r["tumour_size"]) > 0 and r["subtle"] in ("yes", "no")
+
+
+def test_same_seed_same_bytes_whatever_the_workers(tiny: tuple[Path, dict], tmp_path: Path) -> None:
+    root, _ = tiny
+    again = tmp_path / "again"
+    synth.generate(again, "kaggle", seed=3, workers=2, progress=False, limit=LIMIT)
+    assert _files(again) == _files(root)
+    for rel in [*_files(root), "metadata.csv"]:
+        assert (again / rel).read_bytes() == (root / rel).read_bytes(), rel
+
+
+def test_other_seed_other_images(tiny: tuple[Path, dict], tmp_path: Path) -> None:
+    root, _ = tiny
+    other = tmp_path / "other"
+    synth.generate(other, "kaggle", seed=4, workers=1, progress=False, limit=2)
+    for rel in _files(other):
+        assert (other / rel).read_bytes() != (root / rel).read_bytes(), rel
+
+
+def test_unknown_preset_names_the_allowed_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="kaggle.*quickstart"):
+        synth.generate(tmp_path / "x", "huge")
+    assert not (tmp_path / "x").exists()
+
+
+def test_non_empty_out_dir_needs_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        synth.generate(out, "quickstart", progress=False, limit=1)
+    stale = out / "Training" / "glioma" / "Tr-gl_0099.jpg"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    synth.generate(out, "quickstart", workers=1, progress=False, limit=1, overwrite=True)
+    assert not stale.exists() and (out / "keep.txt").read_text() == "mine"
+    assert len(_files(out)) == 8
+
+
+def test_presets_match_the_brief() -> None:
+    kaggle, quick = synth.PRESETS["kaggle"], synth.PRESETS["quickstart"]
+    assert kaggle.train_counts == {"glioma": 1321, "meningioma": 1339, "notumor": 1595, "pituitary": 1457}
+    assert kaggle.test_counts == {"glioma": 300, "meningioma": 306, "notumor": 405, "pituitary": 300}
+    assert kaggle.num_sites in (5, 6) and quick.num_sites == 4
+    assert sum(quick.train_counts.values()) == 1600 and sum(quick.test_counts.values()) == 400
+
+
+@pytest.mark.parametrize("name", sorted(synth.PRESETS))
+def test_every_site_has_every_class_with_its_own_mix(name: str) -> None:
+    preset = synth.PRESETS[name]
+    jobs = synth._plan(preset, 0, Path("unused"), None)
+    for split in synth.SPLITS:
+        mix = {(j.site.name, j.label) for j in jobs if j.split == split}
+        assert len(mix) == preset.num_sites * len(synth.CLASS_NAMES)
+    shares = synth._class_mix(preset, 0)
+    assert not np.allclose(shares, shares[0]), "sites differ in class mix"
+    assert re.fullmatch(r"site\d", jobs[0].site.name)
+
+
+def test_sample_grid(tiny: tuple[Path, dict], tmp_path: Path) -> None:
+    root, _ = tiny
+    png = tmp_path / "grid.png"
+    synth.write_sample_grid(root, png)
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 400
+    assert png.stat().st_size < 400_000
