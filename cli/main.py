@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--out", default="runs/federation", help="run folder (default: runs/federation)")
     fed.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
 
+    from edgemri.edge_commands import register as register_edge_commands
+
+    register_edge_commands(commands, add)
+
     demo = add(commands, "demo", cmd_demo, "run the whole pipeline on the offline synthetic data")
     demo.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
     demo.add_argument("--config", default="configs/quickstart.yaml")
@@ -269,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgemri.core.data import DataError
     from edgemri.core.partition import ManifestError
     from edgemri.core.train import ResumeMismatchError
+    from edgemri.edge.export import EdgeError
     from edgemri.models import WeightsUnavailableError
     from edgemri.simulation.flower_run import FlowerRunError
 
@@ -277,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, ConfigError, DataError, CheckpointError, WeightsUnavailableError,
-            ResumeMismatchError, FileExistsError, ManifestError, FlowerRunError) as err:
+            ResumeMismatchError, FileExistsError, ManifestError, FlowerRunError, EdgeError) as err:
         print(f"edgemri: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

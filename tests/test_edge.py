@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from edgemri.edge.export import (
     run_onnx,
 )
 from edgemri.edge.predict import load_model, predict_paths
-from edgemri.edge_commands import register
+from edgemri.main import build_parser
 from edgemri.models import Student
 
 GLIOMA, MENINGIOMA = CLASS_NAMES.index("glioma"), CLASS_NAMES.index("meningioma")
@@ -76,18 +75,8 @@ def exported(trained: Trained) -> dict[str, Path]:
 
 
 def run_command(*argv: str) -> int:
-    """Call a command function as `edgemri` will once cli/main.py registers these commands."""
-    parser = argparse.ArgumentParser(prog="edgemri")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    def add(group: argparse._SubParsersAction, name: str, func, help_text: str) -> argparse.ArgumentParser:
-        sub = group.add_parser(name, help=help_text)
-        sub.set_defaults(func=func)
-        sub.add_argument("--quiet", action="store_true")
-        return sub
-
-    register(commands, add)
-    args = parser.parse_args(argv)
+    """Run an `edgemri` subcommand's function through the real parser (exceptions propagate)."""
+    args = build_parser().parse_args(list(argv))
     return args.func(args)
 
 
