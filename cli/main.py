@@ -171,6 +171,28 @@ def cmd_federate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_report(args: argparse.Namespace) -> int:
+    from edgemri.server.privacy_report import privacy_report_for_run
+
+    paths = privacy_report_for_run(Path(args.run_dir))
+    print(f"privacy report: {paths['md']} (+ {paths['json'].name}, {paths['png'].name})")
+    return 0
+
+
+def cmd_privacy_sweep(args: argparse.Namespace) -> int:
+    from edgemri.simulation.sweep import sweep
+
+    config = _load_config_with_root(args)
+    start = Path(args.start or config.federation.start_checkpoint or "runs/demo/distill/student.pt")
+    epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    if not epsilons or any(e <= 0 for e in epsilons):
+        raise UsageError(f"--epsilons must be positive numbers, got {args.epsilons!r}")
+    paths = sweep(config, epsilons=epsilons, data_root=Path(config.data.root), out=Path(args.out),
+                  start_checkpoint=start, resume=args.resume)
+    print(Path(paths["md"]).read_text())
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -257,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--out", default="runs/federation", help="run folder (default: runs/federation)")
     fed.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
 
+    privacy = commands.add_parser("privacy", help="privacy-budget reports and the privacy/accuracy sweep"
+                                  ).add_subparsers(dest="privacy_command", required=True, metavar="SUBCOMMAND")
+    report = add(privacy, "report", cmd_privacy_report, "write privacy.json/.md/.png for a federation run")
+    report.add_argument("run_dir", help="a federation run folder")
+    sweep = add(privacy, "sweep", cmd_privacy_sweep,
+                "run the federation at several target epsilons and without DP; tabulate accuracy")
+    sweep.add_argument("--config", required=True)
+    sweep.add_argument("--data-root", default=None)
+    sweep.add_argument("--start", default=None, help="start model (default: runs/demo/distill/student.pt)")
+    sweep.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons (default 1,3,8)")
+    sweep.add_argument("--out", default="runs/privacy-sweep")
+    sweep.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
+
     from edgemri.edge_commands import register as register_edge_commands
 
     register_edge_commands(commands, add)
@@ -272,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgemri.core.config import ConfigError
     from edgemri.core.data import DataError
     from edgemri.core.partition import ManifestError
+    from edgemri.core.privacy import LedgerError, PrivacyError
     from edgemri.core.train import ResumeMismatchError
     from edgemri.edge.export import EdgeError
     from edgemri.models import WeightsUnavailableError
@@ -282,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, ConfigError, DataError, CheckpointError, WeightsUnavailableError,
-            ResumeMismatchError, FileExistsError, ManifestError, FlowerRunError, EdgeError) as err:
+            ResumeMismatchError, FileExistsError, ManifestError, FlowerRunError, EdgeError,
+            PrivacyError, LedgerError, FileNotFoundError) as err:
         print(f"edgemri: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from edgemri.clients.audit import audit_mod
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
-from edgemri.core.config import FederationConfig, TrainSpec, from_dict
+from edgemri.core.config import FederationConfig, PrivacyConfig, TrainSpec, from_dict
 from edgemri.core.personalize import create_method
 
 app = ClientApp(mods=[audit_mod])
@@ -29,10 +29,11 @@ def _client(context: Context) -> Client:
     return Client(resolve_setup(dict(context.node_config), dict(context.run_config)))
 
 
-def _settings(config: ConfigRecord) -> tuple[FederationConfig, TrainSpec, int]:
+def _settings(config: ConfigRecord) -> tuple[FederationConfig, PrivacyConfig, TrainSpec, int]:
     federation = from_dict(FederationConfig, json.loads(str(config["federation-json"])), "federation")
+    privacy = from_dict(PrivacyConfig, json.loads(str(config["privacy-json"])), "privacy")
     spec = TrainSpec(epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]))
-    return federation, spec, int(config["seed"])
+    return federation, privacy, spec, int(config["seed"])
 
 
 def _state(client: Client, context: Context) -> ClientState:
@@ -79,19 +80,20 @@ def describe(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     client = _client(context)
     config = msg.content["config"]
-    federation, spec, seed = _settings(config)
+    federation, privacy, spec, seed = _settings(config)
     global_state = msg.content["arrays"].to_torch_state_dict()
-    shared, state, metrics = client.train_round(create_method(federation), global_state, _state(client, context),
-                                                spec, int(config["server-round"]), seed)
-    _remember(context, state)
-    return _reply(msg, arrays=shared, metrics={**metrics, "num-examples": client.data().num_examples()})
+    reply = client.train_round(create_method(federation), global_state, _state(client, context), spec,
+                               int(config["server-round"]), seed, privacy, federation.rounds)
+    _remember(context, reply.state)
+    return _reply(msg, arrays=reply.shared, metrics={**reply.metrics, "num-examples": client.data().num_examples()},
+                  config={"status": reply.status, "reason": reply.reason})
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     client = _client(context)
     config = msg.content["config"]
-    federation, spec, seed = _settings(config)
+    federation, privacy, spec, seed = _settings(config)
     method = create_method(federation)
     global_state = msg.content["arrays"].to_torch_state_dict()
     state = _state(client, context)
@@ -101,5 +103,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = client.final_evaluate(method, start, global_state, state, spec, federation.rounds, seed, metadata)
     else:
         metrics, _ = client.evaluate(method, global_state, state, spec, int(config["server-round"]), seed)
-    return _reply(msg, metrics={**metrics, "num-examples": len(client.data().test),
+    privacy_status = client.privacy_status(client.dp_plan(privacy, spec, federation.rounds))
+    return _reply(msg, metrics={**metrics, **privacy_status, "num-examples": len(client.data().test),
                                 "rounds-trained": state.rounds_trained})

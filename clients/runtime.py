@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from edgemri.core.checkpoint import Checkpoint, save_checkpoint
-from edgemri.core.config import TrainSpec
+from edgemri.core.config import PrivacyConfig, TrainSpec
 from edgemri.core.io import save_torch
 from edgemri.core.partition import LocalData, Manifest, ManifestError, load_local_data, read_manifest
-from edgemri.core.personalize import LocalTrainer, Method, State, evaluate_state, local_only
+from edgemri.core.personalize import LocalTrainer, Method, State, evaluate_state, local_only, student_from
+from edgemri.core.privacy import LEDGER_FILE, DPPlan, Ledger, check_dp_model, opacus_wrap, plan_dp
 
 STATE_FILE = "client-state.pt"
 
@@ -49,6 +50,15 @@ def resolve_setup(node_config: dict[str, Any], run_config: dict[str, Any]) -> Cl
     manifest = Path(str(run_config["manifests"])) / f"client-{int(node_config['partition-id']):03d}.json"
     name = read_manifest(manifest).client
     return ClientSetup(manifest, Path(str(run_config["data-root"])), Path(str(run_config["state-root"])) / name)
+
+
+@dataclass
+class RoundReply:
+    shared: State | None  # None: the client did not train this round
+    state: ClientState
+    metrics: dict[str, float]
+    status: str  # trained, budget-exhausted, dp-infeasible, already-trained
+    reason: str
 
 
 @dataclass
@@ -112,12 +122,57 @@ class Client:
         seed = (run_seed * 1_000_003 + server_round * 7919 + zlib.crc32(self.name.encode())) % 2**31
         return LocalTrainer(self.data().train, spec, seed)
 
+    # -- privacy ---------------------------------------------------------------
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.setup.state_dir / LEDGER_FILE
+
+    def dp_plan(self, privacy: PrivacyConfig, spec: TrainSpec, rounds: int) -> DPPlan | None:
+        tier = privacy.tier(self.kind, self.name)
+        if not tier.enabled:
+            return None
+        return plan_dp(tier, n=self.manifest.num_examples("train"), batch_size=spec.batch_size,
+                       local_epochs=spec.epochs, rounds=rounds, accountant=privacy.accountant)
+
+    def privacy_status(self, plan: DPPlan | None) -> dict[str, float]:
+        """The ledger's totals as reply metrics (scalars only)."""
+        if plan is None:
+            return {"dp": 0.0}
+        ledger = Ledger.open(self.ledger_path, self.name)
+        return {"dp": 1.0, "epsilon": ledger.epsilon(plan.delta, plan.accountant), "delta": plan.delta,
+                "budget-epsilon": plan.budget_epsilon, "noise-multiplier": plan.noise_multiplier,
+                "sample-rate": plan.sample_rate, "max-grad-norm": plan.max_grad_norm,
+                "rounds-dp": float(len(ledger.records))}
+
+    # -- a round ---------------------------------------------------------------
+
     def train_round(self, method: Method, global_state: State, state: ClientState, spec: TrainSpec,
-                    server_round: int, run_seed: int) -> tuple[State, ClientState, dict[str, float]]:
-        out = method.train_round(global_state, state.personal, self.trainer(spec, server_round, run_seed))
+                    server_round: int, run_seed: int, privacy: PrivacyConfig, rounds: int) -> RoundReply:
+        """Train one round, or say why not (DP budget exhausted, DP infeasible for this data)."""
+        trainer = self.trainer(spec, server_round, run_seed)
+        plan = self.dp_plan(privacy, spec, rounds)
+        ledger = None
+        if plan is not None:
+            if not plan.feasible:
+                return RoundReply(None, state, self.privacy_status(plan), "dp-infeasible", plan.reason)
+            ledger = Ledger.open(self.ledger_path, self.name)
+            if server_round in ledger.rounds:  # the reply was lost after the ledger was written
+                return RoundReply(None, state, self.privacy_status(plan), "already-trained",
+                                  f"round {server_round} is already in the privacy ledger")
+            reach = ledger.epsilon_after(plan)
+            if reach > plan.budget_epsilon:
+                return RoundReply(None, state, self.privacy_status(plan), "budget-exhausted",
+                                  f"one more round would reach epsilon {reach:.2f} > budget {plan.budget_epsilon}")
+            check_dp_model(student_from(global_state), "student")
+            trainer.wrap = opacus_wrap(plan, trainer.seed)
+        out = method.train_round(global_state, state.personal, trainer)
+        if ledger is not None:
+            # Spent before the update leaves the client, and on disk before anything else can fail.
+            ledger.append(server_round, plan, int(out.metrics["steps"]))
         new_state = ClientState(out.personal, state.rounds_trained + 1, server_round)
         self.save_state(new_state)
-        return out.shared, new_state, out.metrics
+        return RoundReply(out.shared, new_state, {**out.metrics, **self.privacy_status(plan)}, "trained", "")
 
     def evaluate(self, method: Method, global_state: State, state: ClientState, spec: TrainSpec,
                  server_round: int, run_seed: int) -> tuple[dict[str, float], State]:

@@ -176,17 +176,88 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class DPTierConfig:
+    """Sample-level DP-SGD (Opacus) for one kind of client."""
+
+    enabled: bool = False
+    noise_multiplier: float | None = None  # fixed sigma; or derive it from target_epsilon
+    target_epsilon: float | None = 8.0  # over federation.rounds, used when noise_multiplier is null
+    budget_epsilon: float = 10.0  # hard cap: a client never trains past it
+    delta: float | None = None  # null: min(1e-5, 0.1/n), below 1/n (docs/PRIVACY.md)
+    max_grad_norm: float = 1.0  # per-sample clipping norm C
+
+    def validate(self, where: str) -> None:
+        _require(self.budget_epsilon > 0, f"{where}.budget_epsilon", self.budget_epsilon, "a number > 0")
+        if self.noise_multiplier is not None:
+            _require(self.noise_multiplier >= 0, f"{where}.noise_multiplier", self.noise_multiplier,
+                     "a number >= 0 or null")
+        else:
+            _require(self.target_epsilon is not None and 0 < self.target_epsilon <= self.budget_epsilon,
+                     f"{where}.target_epsilon", self.target_epsilon,
+                     f"a number in (0, budget_epsilon={self.budget_epsilon}] when noise_multiplier is null")
+        if self.delta is not None:
+            _require(0 < self.delta < 1, f"{where}.delta", self.delta, "a number in (0, 1) or null")
+        _require(self.max_grad_norm > 0, f"{where}.max_grad_norm", self.max_grad_norm, "a number > 0")
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """Client-level DP with Flower's fixed-clipping strategy wrappers."""
+
+    enabled: bool = False
+    side: Literal["server", "client"] = "server"  # where updates are clipped
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-3
+    max_epsilon: float = 50.0  # the run stops once the federation reaches it
+
+    def validate(self, where: str) -> None:
+        _require(self.noise_multiplier >= 0, f"{where}.noise_multiplier", self.noise_multiplier, "a number >= 0")
+        _require(self.clipping_norm > 0, f"{where}.clipping_norm", self.clipping_norm, "a number > 0")
+        _require(0 < self.delta < 1, f"{where}.delta", self.delta, "a number in (0, 1)")
+        _require(self.max_epsilon > 0, f"{where}.max_epsilon", self.max_epsilon, "a number > 0")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    hospital: DPTierConfig = field(default_factory=DPTierConfig)
+    phone: DPTierConfig = field(default_factory=DPTierConfig)
+    budget_overrides: dict[str, float] = field(default_factory=dict)  # client name -> budget epsilon
+    central: CentralDPConfig = field(default_factory=CentralDPConfig)
+
+    def validate(self, where: str) -> None:
+        self.hospital.validate(f"{where}.hospital")
+        self.phone.validate(f"{where}.phone")
+        self.central.validate(f"{where}.central")
+        for client, budget in self.budget_overrides.items():
+            _require(budget > 0, f"{where}.budget_overrides.{client}", budget, "a number > 0")
+
+    def tier(self, kind: str, client: str) -> DPTierConfig:
+        """The tier's DP settings with this client's budget override applied."""
+        tier = {"hospital": self.hospital, "phone": self.phone}[kind]
+        if client in self.budget_overrides:
+            tier = dataclasses.replace(tier, budget_epsilon=self.budget_overrides[client])
+        return tier
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> Config:
         _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         self.data.validate("data")
         self.distill.validate("distill")
         self.federation.validate("federation")
+        self.privacy.validate("privacy")
+        dp_on = self.privacy.hospital.enabled or self.privacy.phone.enabled
+        _require(not (dp_on and self.federation.proximal_mu > 0), "federation.proximal_mu",
+                 self.federation.proximal_mu, "0 when DP-SGD is on (the proximal term bypasses per-sample clipping)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,6 +284,10 @@ def _convert(value: Any, hint: Any, key: str, default: Any = None) -> Any:
                 f"config key '{key}' has value {value!r}; allowed: {', '.join(map(repr, args))}"
             )
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a mapping")
+        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -19,7 +19,7 @@ from edgemri.core.config import FederationConfig, TrainSpec
 from edgemri.core.data import CLASS_NAMES, ArraySplit, normalize
 from edgemri.core.evaluate import classification_metrics, predict_logits
 from edgemri.core.losses import cross_entropy
-from edgemri.core.train import Batch, TrainData, fit
+from edgemri.core.train import Batch, TrainData, Wrap, fit
 from edgemri.models import Student, build_model
 
 State = dict[str, Tensor]
@@ -68,14 +68,18 @@ class LocalTrainer:
     train: ArraySplit
     spec: TrainSpec
     seed: int
-    wrap: Callable | None = None  # Opacus hook for the one training loop
+    wrap: Wrap | None = None  # DP-SGD (Opacus) for training whose result leaves the client
 
-    def run(self, model: nn.Module, loss: LossFn, epochs: int | None = None) -> dict[str, float]:
+    def run(self, model: nn.Module, loss: LossFn, epochs: int | None = None, *, shared: bool = True
+            ) -> dict[str, float]:
+        """Train in place. ``shared=False`` marks training whose result never leaves the
+        device (Ditto's personal model, fine-tuning, baselines): it needs no DP noise."""
         spec = self.spec if epochs is None else dataclasses.replace(self.spec, epochs=epochs)
         result = fit(model, TrainData.from_split(self.train), loss=loss, spec=spec, seed=self.seed,
-                     select="last", wrap=self.wrap)
+                     select="last", wrap=self.wrap if shared else None)
         last = result.history[-1]
-        return {"train-loss": last.train_loss, "train-accuracy": last.train_accuracy}
+        return {"train-loss": last.train_loss, "train-accuracy": last.train_accuracy,
+                "steps": float(result.optimizer_steps)}
 
 
 class Method:
@@ -114,7 +118,7 @@ class FedAvgFineTune(Method):
 
     def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
         model = student_from(global_state)
-        trainer.run(model, cross_entropy, epochs=self.config.finetune_epochs)
+        trainer.run(model, cross_entropy, epochs=self.config.finetune_epochs, shared=False)
         return model.state_dict()
 
 
@@ -147,7 +151,8 @@ class Ditto(Method):
     def train_round(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> RoundOutput:
         model, metrics = self._train_global(global_state, personal, trainer)
         own = student_from(personal if personal is not None else global_state)
-        personal_metrics = trainer.run(own, with_proximal(cross_entropy, own, global_state, self.config.ditto_lambda))
+        personal_metrics = trainer.run(own, with_proximal(cross_entropy, own, global_state, self.config.ditto_lambda),
+                                       shared=False)
         metrics.update({f"personal-{k}": v for k, v in personal_metrics.items()})
         return RoundOutput(model.state_dict(), own.state_dict(), metrics)
 
@@ -170,7 +175,7 @@ def create_method(config: FederationConfig) -> Method:
 def local_only(start: State, trainer: LocalTrainer, rounds: int) -> State:
     """The no-federation baseline: the same local budget from the same start."""
     model = student_from(start)
-    trainer.run(model, cross_entropy, epochs=rounds * trainer.spec.epochs)
+    trainer.run(model, cross_entropy, epochs=rounds * trainer.spec.epochs, shared=False)
     return model.state_dict()
 
 

@@ -50,7 +50,7 @@ _EDGE = 0.012  # soft-edge width in head units (about 1.5 working pixels)
 
 # Signal of each tissue per sequence (t1c, t1, t2, flair), on a 0-1 scale before windowing.
 _TISSUE: dict[str, tuple[float, float, float, float]] = {
-    "scalp": (0.78, 0.85, 0.55, 0.62),
+    "scalp": (0.70, 0.78, 0.55, 0.62),
     "soft": (0.32, 0.34, 0.30, 0.30),
     "bone": (0.05, 0.05, 0.04, 0.04),
     "marrow": (0.48, 0.52, 0.34, 0.36),
@@ -93,22 +93,22 @@ class SiteProfile:
 SITE_PROFILES: tuple[SiteProfile, ...] = (
     SiteProfile("site1", gamma=1.00, bias=0.15, noise=0.020, blur=1.00, fov=0.88,
                 sizes=((512, 512, 0.85), (480, 480, 0.15)), jpeg_quality=92,
-                views=(0.50, 0.25, 0.25), sequences=(0.80, 0.05, 0.10, 0.05), volume=1.2),
+                views=(0.50, 0.25, 0.25), sequences=(0.90, 0.02, 0.08, 0.00), volume=1.2),
     SiteProfile("site2", gamma=0.80, bias=0.35, noise=0.045, blur=1.60, fov=0.78,
                 sizes=((256, 256, 0.60), (236, 236, 0.25), (225, 225, 0.15)), jpeg_quality=85,
-                views=(0.35, 0.35, 0.30), sequences=(0.70, 0.10, 0.15, 0.05), volume=1.0),
+                views=(0.35, 0.35, 0.30), sequences=(0.85, 0.03, 0.10, 0.02), volume=1.0),
     SiteProfile("site3", gamma=1.25, bias=0.25, noise=0.030, blur=1.30, fov=0.94,
                 sizes=((350, 350, 0.40), (442, 442, 0.35), (400, 440, 0.25)), jpeg_quality=90,
-                views=(0.40, 0.20, 0.40), sequences=(0.75, 0.05, 0.15, 0.05), volume=0.9),
+                views=(0.40, 0.20, 0.40), sequences=(0.86, 0.00, 0.12, 0.02), volume=0.9),
     SiteProfile("site4", gamma=0.90, bias=0.45, noise=0.060, blur=2.00, fov=0.72,
                 sizes=((512, 434, 0.50), (420, 500, 0.30), (300, 360, 0.20)), jpeg_quality=80,
-                views=(0.30, 0.40, 0.30), sequences=(0.70, 0.10, 0.10, 0.10), volume=0.8),
+                views=(0.30, 0.40, 0.30), sequences=(0.84, 0.04, 0.06, 0.06), volume=0.8),
     SiteProfile("site5", gamma=1.40, bias=0.20, noise=0.035, blur=1.50, fov=0.84,
                 sizes=((225, 225, 0.50), (201, 251, 0.30), (240, 210, 0.20)), jpeg_quality=88,
-                views=(0.45, 0.30, 0.25), sequences=(0.80, 0.05, 0.15, 0.00), volume=0.7),
+                views=(0.45, 0.30, 0.25), sequences=(0.88, 0.02, 0.10, 0.00), volume=0.7),
     SiteProfile("site6", gamma=0.70, bias=0.30, noise=0.025, blur=1.15, fov=0.90,
                 sizes=((496, 496, 0.50), (380, 420, 0.25), (512, 512, 0.25)), jpeg_quality=94,
-                views=(0.35, 0.30, 0.35), sequences=(0.70, 0.05, 0.10, 0.15), volume=1.0),
+                views=(0.35, 0.30, 0.35), sequences=(0.85, 0.00, 0.07, 0.08), volume=1.0),
 )
 
 
@@ -326,9 +326,9 @@ def _anatomy(view: str, level: float, rng: np.random.Generator) -> _Anatomy:
 
 # Tumour radius ranges in head units (head half-width ~0.8): (typical, subtle).
 _SIZES = {
-    "glioma": ((0.14, 0.32), (0.06, 0.11)),
-    "meningioma": ((0.12, 0.26), (0.055, 0.09)),
-    "pituitary": ((0.09, 0.17), (0.055, 0.075)),
+    "glioma": ((0.16, 0.34), (0.07, 0.12)),
+    "meningioma": ((0.14, 0.28), (0.06, 0.10)),
+    "pituitary": ((0.11, 0.19), (0.06, 0.08)),
 }
 
 
@@ -351,7 +351,7 @@ def _draw_tumour(rng: np.random.Generator, label: str, subtle_share: float) -> _
     big, small = _SIZES[label]
     subtle = bool(rng.random() < subtle_share)
     if not subtle:
-        return _Tumour(label, float(rng.uniform(*big)), float(rng.uniform(0.8, 1.0)), False)
+        return _Tumour(label, float(rng.uniform(*big)), float(rng.uniform(0.85, 1.0)), False)
     kind = rng.integers(3)  # 0 small, 1 faint, 2 small and faint-ish
     size = float(rng.uniform(*small)) if kind != 1 else float(rng.uniform(*big))
     contrast = float(rng.uniform(0.55, 0.9)) if kind == 0 else float(rng.uniform(0.25, 0.45) + 0.15 * (kind == 2))
@@ -385,7 +385,7 @@ def _place(rng: np.random.Generator, tumour: _Tumour, anat: _Anatomy, view: str)
         phi, tumour.kind = float(rng.uniform(0.55, 0.85) * math.pi), "skull base"  # olfactory groove
     elif view == "coronal" and where < 0.35:
         phi, tumour.kind = float(rng.choice([0.08, 0.92]) * math.pi), "skull base"  # sphenoid wing
-    depth = tumour.size * float(rng.uniform(0.35, 0.7))
+    depth = tumour.size * float(rng.uniform(0.5, 0.9))
     tumour.u = cu + (a - depth) * math.cos(phi)
     tumour.v = cv + (b - depth) * math.sin(phi)
     tumour.normal = phi + math.pi

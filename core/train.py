@@ -57,6 +57,9 @@ class Batch:
 
 
 BatchSampler = Callable[[int, int, torch.Generator], Iterator[Tensor]]
+# A hook that takes over model, optimizer and batch sampling (Opacus's DP-SGD):
+# (model, optimizer, n, batch_size) -> (model, optimizer, batches).
+Wrap = Callable[[nn.Module, torch.optim.Optimizer, int, int], tuple[nn.Module, torch.optim.Optimizer, BatchSampler]]
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -83,6 +86,7 @@ class FitResult:
     selected_on: str
     images_seen: int = 0
     train_seconds: float = 0.0
+    optimizer_steps: int = 0  # noisy steps under DP-SGD: what the privacy ledger counts
 
     def history_dicts(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.history]
@@ -114,7 +118,7 @@ def fit(
     select: Literal["val", "last"] = "val",
     selected_on: str = "validation",
     batches: BatchSampler = shuffled_batches,
-    wrap: Callable[[nn.Module, torch.optim.Optimizer], tuple[nn.Module, torch.optim.Optimizer]] | None = None,
+    wrap: Wrap | None = None,
     state_path: Path | None = None,
     resume: bool = False,
     progress: bool = False,
@@ -136,7 +140,7 @@ def fit(
     )
     trained_model = model
     if wrap is not None:
-        trained_model, optimizer = wrap(model, optimizer)
+        trained_model, optimizer, batches = wrap(model, optimizer, len(train), spec.batch_size)
 
     history: list[EpochRecord] = []
     best_key = (-math.inf, -math.inf)
@@ -144,6 +148,7 @@ def fit(
     best_state = _state_copy(model)
     start_epoch = 1
     images_seen = 0
+    optimizer_steps = 0
     signature = {"spec": asdict(spec), "seed": seed, "n": len(train), "select": select}
     if resume and state_path is not None and state_path.is_file():
         saved = torch.load(state_path, weights_only=False)
@@ -180,9 +185,12 @@ def fit(
             )
             optimizer.zero_grad(set_to_none=True)
             logits = trained_model(batch.inputs)
-            batch_loss = loss(logits, batch)
+            # Poisson sampling (DP-SGD) can draw an empty batch: a zero loss still lets
+            # Opacus take its noisy step, which the accounting counts.
+            batch_loss = loss(logits, batch) if len(index) else logits.sum() * 0.0
             batch_loss.backward()
             optimizer.step()
+            optimizer_steps += 1
             if len(index):
                 total_loss += batch_loss.item() * len(index)
                 correct += int((logits.argmax(1) == batch.labels).sum())
@@ -223,4 +231,5 @@ def fit(
         selected_on=selected_on if select == "val" else "last epoch",
         images_seen=images_seen,
         train_seconds=time.perf_counter() - started,
+        optimizer_steps=optimizer_steps,
     )

@@ -14,6 +14,7 @@ from edgemri.core.data import load_dataset
 from edgemri.core.io import write_json
 from edgemri.server.fed_report import build_federation_report, write_federation_report
 from edgemri.server.federation import FederationServer
+from edgemri.server.privacy_report import build_privacy_report, write_privacy_report
 
 app = ServerApp()
 
@@ -43,3 +44,4 @@ def main(grid: Grid, context: Context) -> None:
     result = server.run()
     write_json(run_dir / "server" / "result.json", result)
     write_federation_report(build_federation_report(result, config.to_dict()), run_dir)
+    write_privacy_report(build_privacy_report(result, config.to_dict()), run_dir)

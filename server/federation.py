@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from edgemri.core.checkpoint import Checkpoint, save_checkpoint
 from edgemri.core.config import Config
@@ -52,6 +52,7 @@ class RoundRecord:
     failed: dict[str, str]  # client -> reason
     aggregated: bool
     seconds: float
+    declined: dict[str, str] = field(default_factory=dict)  # client -> "status: reason" (DP budget, ...)
     train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     central: dict[str, float] = field(default_factory=dict)
@@ -63,6 +64,7 @@ class ServerState:
     global_state: State
     start_state: State
     history: list[dict[str, Any]]
+    retired: dict[str, str] = field(default_factory=dict)
 
 
 class FederationServer:
@@ -76,9 +78,9 @@ class FederationServer:
         self.central_test = central_test
         self.expected_clients = expected_clients
         self.resume = resume
-        # FedAvg's aggregation: arrays and metrics weighted by each reply's num-examples.
-        self.aggregator = FedAvg()
         self.nodes: dict[int, NodeInfo] = {}
+        # Clients that will not train again (DP budget exhausted, DP infeasible): never sampled.
+        self.retired: dict[str, str] = {}
 
     # -- messages ------------------------------------------------------------
 
@@ -86,7 +88,8 @@ class FederationServer:
         tier = self.fed.tier(node.kind)
         federation = {k: v for k, v in asdict(self.fed).items() if k != "start_checkpoint"}
         return ConfigRecord({"server-round": server_round, "seed": self.config.seed,
-                             "federation-json": json.dumps(federation), "local-epochs": tier.local_epochs,
+                             "federation-json": json.dumps(federation),
+                             "privacy-json": json.dumps(asdict(self.config.privacy)), "local-epochs": tier.local_epochs,
                              "batch-size": tier.batch_size, "lr": tier.lr, **extra})
 
     def _send(self, node_ids: list[int], message_type: str, records: dict[int, RecordDict]) -> dict[int, Message]:
@@ -135,16 +138,31 @@ class FederationServer:
 
     def train_round(self, server_round: int, global_state: State) -> tuple[State, RoundRecord]:
         started = time.perf_counter()
-        sampled = [n for n, node in sorted(self.nodes.items()) if self._available(node, server_round)]
+        sampled = [n for n, node in sorted(self.nodes.items())
+                   if node.client not in self.retired and self._available(node, server_round)]
         arrays = ArrayRecord(global_state)
         replies = self._send(sampled, MessageType.TRAIN, {
             n: RecordDict({"arrays": arrays, "config": self._round_config(self.nodes[n], server_round)})
             for n in sampled})
         failed = self._failures(sampled, replies)
-        good = [r for r in replies.values() if not r.has_error()]
+        answered = [r for r in replies.values() if not r.has_error()]
+        good = [r for r in answered if r.content["info"]["status"] == "trained"]
+        declined = {}
+        for reply in answered:
+            status, reason = str(reply.content["info"]["status"]), str(reply.content["info"]["reason"])
+            if status != "trained":
+                name = self.nodes[reply.metadata.src_node_id].client
+                declined[name] = f"{status}: {reason}"
+                if status in ("budget-exhausted", "dp-infeasible"):
+                    self.retired[name] = f"round {server_round}: {status}: {reason}"
+                    log.warning("client %s stops training: %s", name, reason)
         aggregated = len(good) >= self.fed.min_clients
         if aggregated:
-            shared, _ = self.aggregator.aggregate_train(server_round, good)
+            # FedAvg sees only arrays and weights: clients' metric keys differ (DP or not),
+            # and metrics are reported per client, never averaged across tiers.
+            weighted = [RecordDict({"arrays": r.content["arrays"], "metrics": MetricRecord(
+                {"num-examples": r.content["metrics"]["num-examples"]})}) for r in good]
+            shared = aggregate_arrayrecords(weighted, "num-examples")
             global_state = merge_shared(global_state, shared.to_torch_state_dict())
         else:
             log.warning("round %d: %d replies < federation.min_clients=%d; global model unchanged",
@@ -152,8 +170,8 @@ class FederationServer:
         record = RoundRecord(
             round=server_round, sampled=[self.nodes[n].client for n in sampled],
             trained=[self.nodes[r.metadata.src_node_id].client for r in good], failed=failed,
-            aggregated=aggregated, seconds=0.0,
-            train_metrics={self.nodes[r.metadata.src_node_id].client: dict(r.content["metrics"]) for r in good},
+            aggregated=aggregated, seconds=0.0, declined=declined,
+            train_metrics={self.nodes[r.metadata.src_node_id].client: dict(r.content["metrics"]) for r in answered},
         )
         record.seconds = time.perf_counter() - started
         return global_state, record
@@ -202,6 +220,7 @@ class FederationServer:
     def run(self) -> dict[str, Any]:
         self.discover()
         state = self._load() or ServerState(0, self.start_state, self.start_state, [])
+        self.retired = dict(state.retired)
         if state.round:
             log.info("resuming after round %d", state.round)
         global_state = state.global_state
@@ -210,7 +229,8 @@ class FederationServer:
             record.eval_metrics, eval_failed = self.evaluate_round(server_round, global_state)
             record.failed.update({k: v for k, v in eval_failed.items() if k not in record.failed})
             record.central = self.central_metrics(global_state)
-            state = ServerState(server_round, global_state, self.start_state, [*state.history, asdict(record)])
+            state = ServerState(server_round, global_state, self.start_state, [*state.history, asdict(record)],
+                                dict(self.retired))
             self._save(state)
             log.info("round %d/%d: %d/%d trained, central accuracy %s", server_round, self.fed.rounds,
                      len(record.trained), len(record.sampled), record.central.get("accuracy"))
@@ -220,6 +240,7 @@ class FederationServer:
             "history": state.history,
             "final": final,
             "final_failed": final_failed,
+            "retired": self.retired,
             "central_start": self.central_metrics(self.start_state),
             "central_final": self.central_metrics(global_state),
         }

@@ -56,7 +56,8 @@ def broken_phone_run(sited_data: Path, start_checkpoint: Path, tmp_path_factory:
     root = tmp_path_factory.mktemp("fed") / "data"
     shutil.copytree(sited_data, root)
     out = tmp_path_factory.mktemp("fedrun") / "run"
-    config = _config()
+    config = _config().replace(privacy=parse_config(
+        {"privacy": {"phone": {"enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}).privacy)
     manifests = partition(load_dataset(root).train, root, config)
     write_manifests(manifests, out / "manifests")
     broken = next(m for m in manifests if m.kind == "phone")
@@ -173,10 +174,32 @@ def test_client_state_survives_a_restart(sited_data: Path, tmp_path: Path) -> No
     start = Student().state_dict()
     spec = TrainSpec(epochs=1, batch_size=8)
     before = Client(resolve_setup(node_config, {}))
-    _, state, _ = before.train_round(method, start, ClientState(), spec, server_round=1, run_seed=0)
+    reply = before.train_round(method, start, ClientState(), spec, server_round=1, run_seed=0,
+                               privacy=config.privacy, rounds=2)
+    state = reply.state
     after = Client(resolve_setup(node_config, {}))  # a new process: nothing in memory
     restored = after.load_state()
     assert restored.rounds_trained == 1 and restored.last_round == 1
     assert all(torch.equal(restored.personal[k], state.personal[k]) for k in state.personal)
     with pytest.raises(Exception, match="lacks state-dir"):
         resolve_setup({"manifest": str(hospital), "data-dir": str(sited_data)}, {})
+
+
+def test_dp_phone_spends_within_budget_and_the_privacy_report_says_so(broken_phone_run) -> None:
+    run, broken = broken_phone_run
+    report = json.loads((run.out / "privacy.json").read_text())
+    phones = {k: v for k, v in report["sample_level"].items() if v["kind"] == "phone" and k != broken}
+    assert phones
+    for name, entry in phones.items():
+        assert entry["dp"] and entry["rounds_trained"] == [1, 2]
+        epsilons = [r["epsilon"] for r in entry["epsilon_per_round"]]
+        assert 0 < epsilons[0] < epsilons[1] <= entry["budget_epsilon"] == 8.0  # cumulative, never reset
+        ledger_text = (run.out / "clients" / name / "privacy-ledger.jsonl").read_text()
+        ledger = [json.loads(line) for line in ledger_text.splitlines()]
+        assert [r["round"] for r in ledger[1:]] == [1, 2]
+        assert ledger[-1]["epsilon"] == pytest.approx(entry["epsilon"])
+    hospitals = [v for v in report["sample_level"].values() if v["kind"] == "hospital"]
+    assert all(not h["dp"] for h in hospitals)
+    text = (run.out / "privacy.md").read_text()
+    assert "one scan of this client" in text and "Not protected" in text
+    assert (run.out / "privacy.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgemri.core import synth
 from PIL import Image
+
+from edgemri.core import synth
 
 LIMIT = 8  # images per class and split: 64 in all, a couple of seconds
 
@@ -54,7 +55,7 @@ def test_images_are_grey_rgb_jpegs_of_varied_size(tiny: tuple[Path, dict]) -> No
             sizes.add(im.size)
         assert np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])
         assert pixels.std() > 10, f"{rel} is nearly blank"
-        assert 190 <= min(im.size) and max(im.size) <= 520
+        assert min(im.size) >= 190 and max(im.size) <= 520
     assert len(sizes) >= 4
     assert any(w != h for w, h in sizes), "some sites write non-square images"
 

@@ -1,0 +1,78 @@
+"""``edgemri deploy certs|keys|register``: the files and steps of a real deployment (docs/DEPLOY.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+Command = Callable[[argparse.Namespace], int]
+AddCommand = Callable[[argparse._SubParsersAction, str, Command, str], argparse.ArgumentParser]
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from edgemri.simulation.deploy import make_certs, parse_hosts
+
+    hosts = [h.strip() for h in args.hosts.split(",")]
+    paths = make_certs(Path(args.out), hosts, days=args.days)
+    names = ", ".join(str(name.value) for name in parse_hosts(hosts))
+    print(f"CA certificate  {paths['ca_cert']}  (copy to every SuperNode device and to the `flwr` user)")
+    print(f"CA private key  {paths['ca_key']}  (0600; keep it off the SuperLink, it signs certificates)")
+    print(f"SuperLink cert  {paths['server_cert']}  valid {args.days} days for {names}")
+    print(f"SuperLink key   {paths['server_key']}  (0600; the SuperLink machine only)")
+    print(f"start the SuperLink with: --ssl-ca-certfile {paths['ca_cert']} --ssl-certfile {paths['server_cert']} "
+          f"--ssl-keyfile {paths['server_key']} --enable-supernode-auth")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from edgemri.simulation.deploy import make_node_keys
+
+    for name, (private, public) in make_node_keys(Path(args.out), args.nodes).items():
+        print(f"{name}: private {private} (0600; copy to this device only: --auth-supernode-private-key), "
+              f"public {public} (register it: edgemri deploy register)")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from edgemri.simulation.deploy import DeployError, check_node_names, node_key_paths, register_node
+    from edgemri.simulation.flower_run import flower_env
+
+    keys = Path(args.keys)
+    names = args.nodes or sorted(p.stem for p in keys.glob("*.pub"))
+    if not names:
+        raise DeployError(f"no *.pub public keys in {keys}; make them with `edgemri deploy keys --out {keys}`")
+    check_node_names(names)
+    home = Path(args.flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    env = flower_env(home)
+    for name in names:
+        node_id = register_node(node_key_paths(keys, name)[1], args.connection, env, name=name)
+        print(f"{name}: registered as SuperNode {node_id} on {args.connection}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
+    """Add ``deploy certs``, ``deploy keys`` and ``deploy register`` to the ``edgemri`` command line."""
+    deploy = commands.add_parser(
+        "deploy", help="TLS certificates, SuperNode keys and registration for real devices (docs/DEPLOY.md)",
+    ).add_subparsers(dest="deploy_command", required=True, metavar="SUBCOMMAND")
+    certs = add(deploy, "certs", cmd_certs,
+                "make a private CA and the SuperLink's TLS certificate and key (EC P-384)")
+    certs.add_argument("--out", required=True, help="new or empty folder for ca.pem, ca.key, server.pem, server.key")
+    certs.add_argument("--hosts", required=True,
+                       help="comma-separated IP addresses and DNS names SuperNodes use to reach the SuperLink, "
+                            "e.g. 192.0.2.10,superlink.example.org")
+    certs.add_argument("--days", type=int, default=825, help="validity of the SuperLink certificate (default: 825)")
+
+    keys = add(deploy, "keys", cmd_keys, "make one SuperNode authentication key pair per device (EC P-384, OpenSSH)")
+    keys.add_argument("--out", required=True, help="folder for NAME.key (private) and NAME.pub (public)")
+    keys.add_argument("--nodes", required=True, nargs="+", metavar="NAME",
+                      help="device names: letters, digits, '-' and '_'")
+
+    reg = add(deploy, "register", cmd_register,
+              "register SuperNode public keys with the SuperLink (`flwr supernode register`)")
+    reg.add_argument("--keys", required=True, help="folder holding NAME.pub files (from `edgemri deploy keys`)")
+    reg.add_argument("--connection", required=True, help="connection name in FLWR_HOME/config.toml")
+    reg.add_argument("--nodes", nargs="+", metavar="NAME", default=None, help="only these nodes (default: every .pub)")
+    reg.add_argument("--flwr-home", default=None, help="Flower config folder (default: $FLWR_HOME or ~/.flwr)")

@@ -1,0 +1,153 @@
+"""Privacy-budget reports: privacy.json, privacy.md, privacy.png.
+
+Built from what the server received (each client's cumulative epsilon after every
+round it trained, its delta, budget, noise, clipping and sampling), so it works for a
+deployment as well as a simulation. Each statement follows the structure the DP
+community recommends: the unit protected, the neighbouring relation, the accountant,
+epsilon and delta, over which rounds, and what is not protected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from edgemri.core.io import save_figure, write_json, write_text
+
+NOT_PROTECTED = ("the metrics each client reports (accuracies, losses, epsilon itself), its number of "
+                 "examples, which rounds it took part in, and the personal model kept on the device "
+                 "(never sent, so never noised)")
+
+
+def build_privacy_report(result: dict[str, Any], config: dict[str, Any],
+                         sweep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    privacy = config["privacy"]
+    clients = {}
+    for name, node in sorted(result["clients"].items()):
+        tier = privacy[node["kind"]]
+        rounds = [{"round": h["round"], "epsilon": h["train_metrics"][name]["epsilon"]}
+                  for h in result["history"]
+                  if name in h["train_metrics"] and "epsilon" in h["train_metrics"][name]
+                  and name in h["trained"]]
+        final = result["final"].get(name, {})
+        status = result.get("retired", {}).get(name, "")
+        dp = bool(tier["enabled"])
+        entry: dict[str, Any] = {"kind": node["kind"], "site": node["site"], "n": node["num_examples"], "dp": dp,
+                                 "status": status or ("trained" if rounds or not dp else "never trained")}
+        if dp:
+            budget = privacy["budget_overrides"].get(name, tier["budget_epsilon"])
+            epsilon = final.get("epsilon", rounds[-1]["epsilon"] if rounds else 0.0)
+            entry.update({
+                "unit": "one scan of this client (add/remove one record of its training set)",
+                "accountant": privacy["accountant"], "delta": final.get("delta"), "budget_epsilon": budget,
+                "epsilon": epsilon, "remaining_epsilon": budget - epsilon, "epsilon_per_round": rounds,
+                "noise_multiplier": final.get("noise-multiplier"), "max_grad_norm": final.get("max-grad-norm"),
+                "sample_rate": final.get("sample-rate"), "sampling": "Poisson",
+                "rounds_trained": [r["round"] for r in rounds]})
+        clients[name] = entry
+    return {"kind": "edgemri.privacy-report/1", "seed": config["seed"], "accountant": privacy["accountant"],
+            "sample_level": clients,
+            "client_level": {"enabled": privacy["central"]["enabled"]},
+            "not_protected": NOT_PROTECTED, "sweep": sweep or []}
+
+
+def _statement(name: str, c: dict[str, Any]) -> str:
+    if not c["dp"]:
+        return (f"- **{name}** ({c['kind']}, n={c['n']}): no differential privacy. Its model updates are sent as "
+                "trained; only the scans themselves stay on the device.")
+    rounds = c["rounds_trained"]
+    if not rounds:
+        return (f"- **{name}** ({c['kind']}, n={c['n']}): DP-SGD on, but it trained no round ({c['status']}); "
+                f"it released no update, so it spent no privacy in this run.")
+    span = f"rounds {rounds[0]}-{rounds[-1]} ({len(rounds)} rounds)"
+    note = f" Status: {c['status']}." if c["status"] not in ("trained",) else ""
+    return (f"- **{name}** ({c['kind']}, n={c['n']}): ({c['epsilon']:.2f}, {c['delta']:.1e})-DP for the unit "
+            f"*one scan of this client* (neighbouring training sets differ by adding or removing one scan), "
+            f"over {span}, {c['accountant'].upper()} accountant, Poisson sampling rate {c['sample_rate']:.3f}, "
+            f"noise multiplier {c['noise_multiplier']:.2f}, clipping norm {c['max_grad_norm']}. Budget "
+            f"{c['budget_epsilon']}, remaining {c['remaining_epsilon']:.2f}.{note}")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = ["# Privacy report", "",
+             "Sample-level DP-SGD (Opacus) on the clients that have it on, with a cumulative per-client ledger: "
+             "epsilon below is everything the client has spent in this federation, not one round.", ""]
+    lines += [_statement(name, c) for name, c in report["sample_level"].items()]
+    lines += ["", f"**Not protected:** {report['not_protected']}.", ""]
+    central = report["client_level"]
+    lines.append("Client-level (central) DP: " + ("on; see the per-round epsilon in privacy.json." if
+                                                   central["enabled"] else "off in this run."))
+    if report["sweep"]:
+        lines += ["", "## Privacy against accuracy (sweep)", "",
+                  "| target epsilon | tier | mean personalized acc (%) | worst personalized acc (%) |",
+                  "|---|---|---|---|"]
+        for row in report["sweep"]:
+            for tier in ("hospital", "phone", "all"):
+                if tier in row["summary"]:
+                    s = row["summary"][tier]["personalized"]
+                    lines.append(f"| {row['label']} | {tier} | {100 * s['mean']:.1f} | {100 * s['worst']:.1f} |")
+    lines += ["", "![privacy](privacy.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_privacy(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if report["sweep"] else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for name, c in report["sample_level"].items():
+        if c["dp"] and c["epsilon_per_round"]:
+            line, = ax.plot([r["round"] for r in c["epsilon_per_round"]],
+                            [r["epsilon"] for r in c["epsilon_per_round"]], marker="o", label=name)
+            ax.axhline(c["budget_epsilon"], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative epsilon (dotted: budget)")
+    ax.set_title("Privacy spent per client")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    if report["sweep"]:
+        ax = axes[0][1]
+        for tier in ("hospital", "phone"):
+            points = [(row["epsilon"], 100 * row["summary"][tier]["personalized"]["mean"])
+                      for row in report["sweep"] if tier in row["summary"]]
+            finite = sorted(p for p in points if math.isfinite(p[0]))
+            if finite:
+                ax.plot(*zip(*finite, strict=True), marker="o", label=f"{tier} (DP)")
+            for eps, acc in points:
+                if not math.isfinite(eps):
+                    ax.axhline(acc, linestyle="--", linewidth=1, label=f"{tier} without DP")
+        ax.set_xscale("log")
+        ax.set_xlabel("target epsilon")
+        ax.set_ylabel("mean personalized accuracy (%)")
+        ax.set_title("Privacy against accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def write_privacy_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
+    paths = {"json": out / "privacy.json", "md": out / "privacy.md", "png": out / "privacy.png"}
+    write_json(paths["json"], report)
+    write_text(paths["md"], render_markdown(report))
+    plot_privacy(report, paths["png"])
+    return paths
+
+
+def privacy_report_for_run(run_dir: Path) -> dict[str, Path]:
+    """`edgemri privacy report RUN_DIR`: rebuild the reports from the run's saved result."""
+    result_path = run_dir / "server" / "result.json"
+    if not result_path.is_file():
+        raise FileNotFoundError(f"{result_path} not found: is {run_dir} a finished federation run?")
+    result = json.loads(result_path.read_text())
+    config = json.loads((run_dir / "federation.json").read_text())["config"]
+    sweep_path = run_dir / "privacy-sweep.json"
+    sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
+    return write_privacy_report(build_privacy_report(result, config, sweep), run_dir)

@@ -1,0 +1,263 @@
+"""A real deployment on 127.0.0.1: TLS, SuperNode authentication, a node killed and restarted.
+
+One SuperLink (TLS, SuperNode authentication, a database file) and three registered
+SuperNodes (two hospitals, one phone), each with its own manifest, state folder,
+FLWR_HOME and port, plus one SuperNode whose key was never registered. Run 1 (2 rounds)
+loses the phone to SIGKILL while it trains round 2; run 2 resumes the federation for a
+third round after the phone was restarted on the same state folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import socket
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from edgemri.clients.runtime import STATE_FILE, Client, resolve_setup
+from edgemri.core.checkpoint import Checkpoint, save_checkpoint
+from edgemri.core.config import parse_config
+from edgemri.core.data import load_dataset
+from edgemri.core.io import write_text
+from edgemri.core.partition import partition, read_manifest, write_manifests
+from edgemri.models import Student
+from edgemri.simulation.deploy import DeployError, LocalDeployment, make_certs, make_node_keys
+from edgemri.simulation.federate import APP_DIR
+
+pytestmark = pytest.mark.slow
+
+HOSPITALS = ("hospital-site-a", "hospital-site-b")
+PHONE = "phone-site-a-0"
+INTRUDER = "phone-site-b-0"  # has a manifest, but its key is never registered
+LEDGER = "privacy-ledger.jsonl"
+# The DP feature (edgemri.core.privacy) writes the phone's privacy ledger; without it the
+# config has no privacy section and only the ledger test is skipped.
+DP_AVAILABLE = importlib.util.find_spec("edgemri.core.privacy") is not None
+
+
+def _config(rounds: int) -> dict[str, Any]:
+    config: dict[str, Any] = {"seed": 0, "federation": {
+        "rounds": rounds, "method": "ditto", "min_clients": 2, "round_timeout_s": 60,
+        "hospital": {"min_examples": 20, "local_epochs": 1},
+        "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}}
+    if DP_AVAILABLE:  # a fixed sigma and a budget no round reaches: the phone always trains
+        config["privacy"] = {"phone": {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 1000.0}}
+    return config
+
+
+def _audit_records(audit: Path, node_id: int) -> list[dict[str, Any]]:
+    """The node's message records, oldest first (files are named node-ID-TIME_NS-PID.json)."""
+    paths = sorted(audit.glob(f"node-{node_id}-*.json"), key=lambda p: int(p.name.split("-")[2]))
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):  # written atomically, but may vanish under a rename
+            continue
+    return records
+
+
+def _evaluated_round(audit: Path, node_id: int, server_round: int) -> bool:
+    for record in _audit_records(audit, node_id):
+        message = record["in"]
+        if message.get("message_type") == "evaluate":
+            values = message["records"]["config"]["values"]
+            if values["server-round"] == server_round and not values.get("final", False):
+                return True
+    return False
+
+
+def _training_child(deployment: LocalDeployment, name: str) -> bool:
+    """Whether the node runs a ClientApp process right now (one is spawned per message)."""
+    try:
+        children = psutil.Process(deployment.nodes[name].process.process.pid).children(recursive=True)
+        return any("flwr-clientapp" in " ".join(c.cmdline()) for c in children)
+    except psutil.Error:
+        return False
+
+
+def _wait_for(check, what: str, timeout_s: float, run=None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if run is not None and run.done():
+            raise AssertionError(f"the run ended before {what}: {run.result()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Everything the tests look at, gathered from one deployment that is torn down before they run."""
+    root = tmp_path_factory.mktemp("deploy")
+    run_dir = root / "run"
+    parsed = parse_config(_config(2))
+    manifests = write_manifests(partition(load_dataset(sited_data).train, sited_data, parsed), root / "manifests")
+    manifest = {read_manifest(p).client: p for p in manifests}
+    configs = {}
+    for rounds in (2, 3):
+        configs[rounds] = write_text(root / f"config-{rounds}.yaml", yaml.safe_dump(_config(rounds)))
+    torch.manual_seed(0)
+    start = save_checkpoint(root / "student.pt",
+                            Checkpoint(model="student", state_dict=Student().state_dict(), role="kd", seed=0))
+
+    def node_files(name: str) -> dict[str, Path]:
+        return {"manifest": manifest[name], "data_dir": sited_data, "state_dir": root / "devices" / name}
+
+    def run_config(rounds: int, resume: bool) -> dict[str, Any]:
+        # data-root empty: the server holds no data, as in a real deployment (no central test set).
+        return {"config": str(configs[rounds]), "run-dir": str(run_dir), "data-root": "",
+                "manifests": str(root / "manifests"), "state-root": "", "start-checkpoint": str(start),
+                "num-clients": 3, "resume": resume, "audit-dir": str(run_dir / "audit")}
+
+    seen: dict[str, Any] = {"root": root, "run_dir": run_dir, "state_dir": node_files(PHONE)["state_dir"],
+                            "phone_setup": node_files(PHONE)}
+    # Leaving the block stops the deployment first, which also ends a run still streaming.
+    with ThreadPoolExecutor(1) as pool, LocalDeployment(root / "deployment") as deployment:
+        for name in (*HOSPITALS, PHONE):
+            deployment.add_node(name, **node_files(name))
+        intruder = deployment.add_node(INTRUDER, register=False, **node_files(INTRUDER))
+        deployment.wait_status([*HOSPITALS, PHONE], "online")
+        phone_id = deployment.nodes[PHONE].node_id
+        audit = run_dir / "audit"
+
+        run1 = pool.submit(deployment.run, APP_DIR, run_config(2, resume=False), root / "logs" / "run-1.log", 300)
+        # Kill the phone while its round-2 ClientApp trains: round 1 is saved, round 2 is not.
+        _wait_for(lambda: _evaluated_round(audit, phone_id, 1), "the phone's round-1 evaluation", 240, run1)
+        _wait_for(lambda: _training_child(deployment, PHONE), "the phone's round-2 ClientApp", 60, run1)
+        deployment.stop_node(PHONE, signal.SIGKILL)
+        seen["state_at_kill"] = torch.load(seen["state_dir"] / STATE_FILE, weights_only=True)
+        seen["run1"] = run1.result()
+        seen["report1"] = json.loads((run_dir / "federation.json").read_text())
+        seen["intruder_rc"] = intruder.process.process.poll()
+        seen["intruder_log"] = intruder.process.log.read_text(errors="replace")
+        seen["registered"] = deployment.node_status()
+
+        # The SuperLink lets a node back in once its heartbeat has lapsed (offline).
+        deployment.wait_status([PHONE], "offline", timeout_s=90)
+        deployment.start_node(PHONE, **node_files(PHONE))
+        deployment.wait_status([PHONE], "online")
+        seen["state_after_restart"] = Client(resolve_setup(
+            {"manifest": str(manifest[PHONE]), "data-dir": str(sited_data), "state-dir": str(seen["state_dir"])},
+            {})).load_state()
+        seen["run2"] = deployment.run(APP_DIR, run_config(3, resume=True), root / "logs" / "run-2.log", 300)
+        seen["report2"] = json.loads((run_dir / "federation.json").read_text())
+        seen["phone_messages"] = _audit_records(audit, phone_id)
+        seen["ports"] = deployment.ports
+    seen["left_running"] = [" ".join(p.cmdline())[:150] for p in deployment.processes()]
+    return seen
+
+
+def test_the_run_completes_over_tls_and_writes_its_reports(scenario: dict[str, Any]) -> None:
+    assert scenario["run1"].ok, scenario["run1"].details
+    assert scenario["run2"].ok, scenario["run2"].details
+    report = scenario["report2"]
+    assert report["rounds"] == [1, 2, 3]
+    assert {r["client"] for r in report["clients"]} == {*HOSPITALS, PHONE}
+    for name in (*HOSPITALS, PHONE):
+        assert (scenario["root"] / "devices" / name / "personalized.pt").is_file()
+    assert (scenario["run_dir"] / "federation.md").is_file()
+
+
+def test_an_unregistered_supernode_is_refused(scenario: dict[str, Any]) -> None:
+    assert scenario["intruder_rc"] not in (None, 0)
+    assert "Failed to activate SuperNode" in scenario["intruder_log"]
+    assert len(scenario["registered"]) == 3  # the intruder never got a node id
+    assert INTRUDER not in {r["client"] for r in scenario["report2"]["clients"]}
+
+
+def test_a_killed_supernode_is_skipped_and_the_others_finish_the_round(scenario: dict[str, Any]) -> None:
+    round2 = scenario["report1"]["participation"][1]
+    assert round2["round"] == 2
+    assert PHONE in round2["failed"]
+    assert sorted(round2["trained"]) == sorted(HOSPITALS)
+    assert round2["aggregated"]  # two replies >= federation.min_clients
+    assert scenario["report2"]["participation"][1] == round2  # run 2 resumed after round 2
+
+
+def test_a_restarted_supernode_continues_from_its_saved_state(scenario: dict[str, Any]) -> None:
+    at_kill, restored = scenario["state_at_kill"], scenario["state_after_restart"]
+    assert at_kill["rounds_trained"] == 1 and at_kill["last_round"] == 1  # killed before saving round 2
+    assert restored.rounds_trained == 1 and restored.last_round == 1
+    assert all(torch.equal(restored.personal[k], at_kill["personal"][k]) for k in at_kill["personal"])
+    # The restarted process had nothing in memory: what it told run 2 came from its state folder.
+    queries = [m for m in scenario["phone_messages"] if m["in"]["message_type"] == "query"]
+    assert [q["out"]["records"]["metrics"]["values"]["rounds-trained"] for q in queries] == [0, 1]
+    final = torch.load(scenario["state_dir"] / STATE_FILE, weights_only=True)
+    assert final["rounds_trained"] == 2 and final["last_round"] == 3
+    assert PHONE in scenario["report2"]["participation"][2]["trained"]
+
+
+def test_the_privacy_ledger_continues_after_the_restart(scenario: dict[str, Any]) -> None:
+    pytest.importorskip("edgemri.core.privacy")
+    lines = (scenario["state_dir"] / LEDGER).read_text().splitlines()
+    rounds = [json.loads(line) for line in lines if "round" in json.loads(line)]
+    assert [r["round"] for r in rounds] == [1, 3]  # round 2 was never trained, nothing was lost
+    assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"]  # cumulative, not restarted at zero
+
+
+def test_every_process_is_stopped_and_every_port_freed(scenario: dict[str, Any]) -> None:
+    assert scenario["left_running"] == []
+    assert all(_port_free(port) for port in scenario["ports"])
+
+
+# ---------------------------------------------------------------- certificates and keys (fast)
+
+
+def test_certificates_name_every_host_and_keep_keys_private(tmp_path: Path) -> None:
+    paths = make_certs(tmp_path / "certs", ["192.0.2.10", "superlink.example.org"])
+    cert = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes())
+    ca = x509.load_pem_x509_certificate(paths["ca_cert"].read_bytes())
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["192.0.2.10", "127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["superlink.example.org", "localhost"]
+    assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "192.0.2.10"
+    for key in ("ca_key", "server_key"):
+        assert stat.S_IMODE(paths[key].stat().st_mode) == 0o600
+    assert stat.S_IMODE(paths["server_cert"].stat().st_mode) == 0o644
+    with pytest.raises(FileExistsError, match="certs"):
+        make_certs(tmp_path / "certs", ["127.0.0.1"])
+
+
+@pytest.mark.parametrize("hosts", [[], [""], ["bad host!"], ["300.1.1.1"], ["a..b"]])
+def test_bad_hosts_are_refused_by_name(hosts: list[str], tmp_path: Path) -> None:
+    with pytest.raises(DeployError, match="host" if hosts else "no hosts"):
+        make_certs(tmp_path / "certs", hosts)
+    assert not (tmp_path / "certs").exists()
+
+
+def test_node_keys_are_p384_openssh_pairs(tmp_path: Path) -> None:
+    pairs = make_node_keys(tmp_path, ["hospital-a", "phone_1"])
+    private_path, public_path = pairs["phone_1"]
+    private = serialization.load_ssh_private_key(private_path.read_bytes(), None)
+    public = serialization.load_ssh_public_key(public_path.read_bytes())
+    assert private.curve.name == "secp384r1"
+    assert public.public_numbers() == private.public_key().public_numbers()
+    assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError, match="hospital-a"):
+        make_node_keys(tmp_path, ["hospital-a"])
+    for bad in (["bad name"], ["x", "x"], []):
+        with pytest.raises(DeployError):
+            make_node_keys(tmp_path / "other", bad)
