@@ -197,30 +197,54 @@ def cmd_privacy_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The whole pipeline on the offline default; an interrupted demo resumes."""
+    """The whole pipeline on the offline default; an interrupted demo resumes where it stopped."""
     import time
 
     out = Path(args.out)
     quiet = ["--quiet"] if args.quiet else []
-    data = out / "data"
-    stages: list[tuple[str, list[str]]] = []
-    if not (data / "metadata.csv").is_file():
-        stages.append(("synthesize data", ["data", "synth", "--out", str(data), "--preset", "quickstart",
-                                           "--overwrite", *quiet]))
-    distill = out / "distill"
-    resume = ["--resume"] if distill.exists() else []
-    stages.append(("distill", ["distill", "--config", args.config, "--data-root", str(data),
-                               "--out", str(distill), *resume, *quiet]))
-    for title, argv in stages:
+    data, distill, federation, edge = out / "data", out / "distill", out / "federation", out / "edge"
+    student = distill / "student.pt"
+    stages: list[tuple[str, list[str], bool]] = [
+        ("synthesize data", ["data", "synth", "--out", str(data), "--preset", "quickstart", "--overwrite", *quiet],
+         (data / "metadata.csv").is_file()),
+        ("distill", ["distill", "--config", args.config, "--data-root", str(data), "--out", str(distill),
+                     *(["--resume"] if distill.exists() else []), *quiet], student.is_file()),
+        ("federate", ["federate", "--config", args.config, "--data-root", str(data), "--start", str(student),
+                      "--out", str(federation), *(["--resume"] if federation.exists() else []), *quiet],
+         (federation / "privacy.md").is_file()),
+        ("export the distilled student", ["export", str(student), "--out", str(edge / "student.onnx"),
+                                          "--overwrite", *quiet], False),
+        ("export it as int8", ["export", str(student), "--int8", "--data-root", str(data),
+                               "--out", str(edge / "student.int8.onnx"), "--overwrite", *quiet], False),
+    ]
+    for title, argv, done in stages:
+        if done:
+            print(f"== {title}: already done", flush=True)
+            continue
         started = time.perf_counter()
         print(f"\n== {title}: edgemri {' '.join(argv)}", flush=True)
         code = main(argv)
         if code:
             return code
         print(f"== {title} took {time.perf_counter() - started:.0f} s", flush=True)
+    personal = sorted((federation / "clients").glob("*/personalized.pt"))
+    samples = sorted((data / "Testing").glob("*/*.jpg"))[::50][:8]
+    if personal:
+        print(f"\n== export a client's personalized model: {personal[0].parent.name}", flush=True)
+        phone_model = edge / f"{personal[0].parent.name}.onnx"
+        if main(["export", str(personal[0]), "--out", str(phone_model), "--overwrite", *quiet]):
+            return 1
+        print("\n== predict a few Testing images with the distilled student and the personalized model")
+        for model in (edge / "student.onnx", phone_model):
+            print(f"-- {model.name}", flush=True)
+            if main(["predict", str(model), *map(str, samples)]):
+                return 1
     print("\nReports:")
     print(f"  data:         {data} (sample grid {data / 'samples.png'})")
     print(f"  distillation: {distill / 'report.md'} (+ report.json, curves.png, confusion.png)")
+    print(f"  federation:   {federation / 'federation.md'} (+ federation.json, federation.png)")
+    print(f"  privacy:      {federation / 'privacy.md'} (+ privacy.json, privacy.png)")
+    print(f"  exports:      {edge} (student.onnx, student.int8.onnx, a client's personalized model)")
     return 0
 
 

@@ -79,7 +79,7 @@ class LocalTrainer:
                      select="last", wrap=self.wrap if shared else None)
         last = result.history[-1]
         return {"train-loss": last.train_loss, "train-accuracy": last.train_accuracy,
-                "steps": float(result.optimizer_steps)}
+                "steps": float(result.optimizer_steps), "train-seconds": result.train_seconds}
 
 
 class Method:

@@ -1,0 +1,32 @@
+"""Shared by the benchmarks: where results go, what machine made them, a quickstart data set."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from edgemri.core.io import write_json
+from edgemri.server.report import machine, package_versions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_result(name: str, values: dict[str, Any]) -> Path:
+    """One flat JSON per benchmark, with the machine and versions recorded."""
+    flat = {**values, **{f"machine_{k}": v for k, v in machine().items()},
+            **{f"version_{k}": v for k, v in package_versions().items()}}
+    path = write_json(RESULTS / f"{name}.json", flat)
+    print(f"wrote {path}")
+    return path
+
+
+def quickstart_data(data_root: str | None) -> Path:
+    """The given Kaggle-layout folder, or a fresh synthetic quickstart set."""
+    if data_root:
+        return Path(data_root)
+    from edgemri.core.synth import generate
+
+    root = Path(tempfile.mkdtemp(prefix="edgemri-bench-")) / "data"
+    generate(root, preset="quickstart", seed=0, progress=False)
+    return root

@@ -1,0 +1,35 @@
+"""`make bench`: run every benchmark once, each writing benchmarks/results/NAME.json."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ("train_speed", "dp_speed", "latency", "federation", "device_footprint")
+
+
+def main() -> int:
+    from edgemri.core.synth import generate
+
+    data = Path(tempfile.mkdtemp(prefix="edgemri-bench-")) / "data"
+    generate(data, preset="quickstart", seed=0, progress=False)  # one data set for all of them
+    failed = []
+    for name in BENCHMARKS:
+        if not (ROOT / "benchmarks" / f"{name}.py").is_file():
+            continue
+        print(f"== {name}", flush=True)
+        args = [sys.executable, "-m", f"benchmarks.{name}"]
+        if name != "latency" and name != "device_footprint":
+            args += ["--data-root", str(data)]
+        if subprocess.run(args, cwd=ROOT).returncode:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
