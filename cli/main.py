@@ -82,13 +82,10 @@ def cmd_models_summary(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- distill
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
+def _load_config_with_root(args: argparse.Namespace):
     import dataclasses
 
     from edgemri.core.config import load_config
-    from edgemri.core.data import load_dataset
-    from edgemri.server.distill import run_distillation
-    from edgemri.server.report import build_report, write_report
 
     config = load_config(args.config)
     if args.data_root:
@@ -96,6 +93,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if not config.data.root:
         raise UsageError("no data: pass --data-root DIR (a Kaggle-layout folder), "
                          "or make one with `edgemri data synth --out DIR`")
+    return config
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from edgemri.core.data import load_dataset
+    from edgemri.server.distill import run_distillation
+    from edgemri.server.report import build_report, write_report
+
+    config = _load_config_with_root(args)
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out)
@@ -123,20 +129,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- federation
-
-
-def _load_config_with_root(args: argparse.Namespace):
-    import dataclasses
-
-    from edgemri.core.config import load_config
-
-    config = load_config(args.config)
-    if args.data_root:
-        config = config.replace(data=dataclasses.replace(config.data, root=args.data_root))
-    if not config.data.root:
-        raise UsageError("no data: pass --data-root DIR (a Kaggle-layout folder), "
-                         "or make one with `edgemri data synth --out DIR`")
-    return config
 
 
 def cmd_data_partition(args: argparse.Namespace) -> int:
