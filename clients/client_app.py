@@ -11,13 +11,15 @@ import dataclasses
 import json
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 
 from edgemri.clients.audit import audit_mod
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
 from edgemri.core.config import FederationConfig, PrivacyConfig, TrainSpec, from_dict
-from edgemri.core.personalize import create_method
+from edgemri.core.personalize import State, create_method
 
 app = ClientApp(mods=[audit_mod])
 
@@ -50,6 +52,20 @@ def _remember(context: Context, state: ClientState) -> None:
                                                      "last-round": state.last_round})
     if state.personal is not None:
         context.state["personal"] = ArrayRecord(state.personal)
+
+
+def clip_update(shared: State, global_state: State, clipping_norm: float) -> State:
+    """Client-level DP with side: client: the shared arrays with their update clipped to ``clipping_norm``.
+
+    Flower's ``compute_clip_model_update``, the function its ``fixedclipping_mod`` calls. The mod itself
+    does not fit this app: it turns a reply without arrays (a client declining the round for its
+    sample-level budget) into an error, and it wants the reply to carry every array it was sent, while
+    FedPer keeps its head on the device.
+    """
+    keys = list(shared)
+    clipped = [shared[k].numpy() for k in keys]
+    compute_clip_model_update(clipped, [global_state[k].numpy() for k in keys], clipping_norm)
+    return {k: torch.from_numpy(v) for k, v in zip(keys, clipped, strict=True)}
 
 
 def _reply(msg: Message, *, arrays: dict[str, Any] | None = None, metrics: dict[str, float],
@@ -85,7 +101,10 @@ def train(msg: Message, context: Context) -> Message:
     reply = client.train_round(create_method(federation), global_state, _state(client, context), spec,
                                int(config["server-round"]), seed, privacy, federation.rounds)
     _remember(context, reply.state)
-    return _reply(msg, arrays=reply.shared, metrics={**reply.metrics, "num-examples": client.data().num_examples()},
+    shared = reply.shared
+    if shared is not None and KEY_CLIPPING_NORM in config:  # the server asks for client-side clipping
+        shared = clip_update(shared, global_state, float(config[KEY_CLIPPING_NORM]))
+    return _reply(msg, arrays=shared, metrics={**reply.metrics, "num-examples": client.data().num_examples()},
                   config={"status": reply.status, "reason": reply.reason})
 
 

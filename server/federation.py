@@ -2,7 +2,8 @@
 
 Each round: sample the clients that are online (phones only with their tier's
 availability), send the global model, aggregate the replies that arrived in time
-with FedAvg (sample-weighted), checkpoint, then ask every client for its global and
+with FedAvg (sample-weighted; with client-level DP clipped, unweighted and noised, see
+central_dp.py), checkpoint, then ask every client for its global and
 personalized accuracy on its own test split. A failed or silent client is reported
 and skipped; a round with too few replies keeps the previous global model. The
 server's state is saved atomically every round, so a stopped run resumes.
@@ -25,10 +26,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from edgemri.core.checkpoint import Checkpoint, save_checkpoint
-from edgemri.core.config import Config
+from edgemri.core.config import Config, ConfigError
 from edgemri.core.data import ArraySplit
 from edgemri.core.io import save_torch
 from edgemri.core.personalize import State, evaluate_state, merge_shared
+from edgemri.server.central_dp import CentralDP
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class RoundRecord:
     train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     central: dict[str, float] = field(default_factory=dict)
+    central_epsilon: float | None = None  # client-level (central) DP: cumulative epsilon after this round
 
 
 @dataclass
@@ -65,6 +68,7 @@ class ServerState:
     start_state: State
     history: list[dict[str, Any]]
     retired: dict[str, str] = field(default_factory=dict)
+    central_accountant: dict[str, Any] | None = None  # client-level DP: Flower's RdpAccountant state
 
 
 class FederationServer:
@@ -81,6 +85,7 @@ class FederationServer:
         self.nodes: dict[int, NodeInfo] = {}
         # Clients that will not train again (DP budget exhausted, DP infeasible): never sampled.
         self.retired: dict[str, str] = {}
+        self.central_dp: CentralDP | None = None  # client-level DP, set up once the clients are known
 
     # -- messages ------------------------------------------------------------
 
@@ -141,8 +146,10 @@ class FederationServer:
         sampled = [n for n, node in sorted(self.nodes.items())
                    if node.client not in self.retired and self._available(node, server_round)]
         arrays = ArrayRecord(global_state)
+        central_config = self.central_dp.train_config() if self.central_dp else {}
         replies = self._send(sampled, MessageType.TRAIN, {
-            n: RecordDict({"arrays": arrays, "config": self._round_config(self.nodes[n], server_round)})
+            n: RecordDict({"arrays": arrays, "config": self._round_config(self.nodes[n], server_round,
+                                                                          **central_config)})
             for n in sampled})
         failed = self._failures(sampled, replies)
         answered = [r for r in replies.values() if not r.has_error()]
@@ -156,8 +163,15 @@ class FederationServer:
                 if status in ("budget-exhausted", "dp-infeasible"):
                     self.retired[name] = f"round {server_round}: {status}: {reason}"
                     log.warning("client %s stops training: %s", name, reason)
+        if self.central_dp is not None:
+            for reply in list(good):
+                if refusal := self.central_dp.refusal(global_state, reply):
+                    failed[self.nodes[reply.metadata.src_node_id].client] = refusal
+                    good.remove(reply)
         aggregated = len(good) >= self.fed.min_clients
-        if aggregated:
+        if aggregated and self.central_dp is not None:
+            global_state = self.central_dp.aggregate(server_round, global_state, good, len(sampled))
+        elif aggregated:
             # FedAvg sees only arrays and weights: clients' metric keys differ (DP or not),
             # and metrics are reported per client, never averaged across tiers.
             weighted = [RecordDict({"arrays": r.content["arrays"], "metrics": MetricRecord(
@@ -172,6 +186,7 @@ class FederationServer:
             trained=[self.nodes[r.metadata.src_node_id].client for r in good], failed=failed,
             aggregated=aggregated, seconds=0.0, declined=declined,
             train_metrics={self.nodes[r.metadata.src_node_id].client: dict(r.content["metrics"]) for r in answered},
+            central_epsilon=self.central_dp.epsilon if self.central_dp else None,
         )
         record.seconds = time.perf_counter() - started
         return global_state, record
@@ -217,20 +232,41 @@ class FederationServer:
         saved = torch.load(self.state_path, weights_only=False)
         return ServerState(**saved)
 
+    def _start_central_dp(self, state: ServerState) -> None:
+        """Client-level DP's accountant; a resumed run continues its epsilon."""
+        central = self.config.privacy.central
+        if not central.enabled:
+            return
+        # The population is the federation's size, not who answered today: a resumed accountant must match it.
+        self.central_dp = CentralDP(central, self.expected_clients)
+        if state.central_accountant is not None:
+            self.central_dp.load_state_dict(state.central_accountant)
+        elif state.round:
+            raise ConfigError(f"privacy.central is enabled, but rounds 1-{state.round} of this run released "
+                              "global models without it; start a new run")
+
     def run(self) -> dict[str, Any]:
         self.discover()
         state = self._load() or ServerState(0, self.start_state, self.start_state, [])
         self.retired = dict(state.retired)
+        self._start_central_dp(state)
         if state.round:
             log.info("resuming after round %d", state.round)
         global_state = state.global_state
+        stopped_at, stop_reason = None, None
         for server_round in range(state.round + 1, self.fed.rounds + 1):
+            # Checked before the clients train: a round whose release would exceed max_epsilon never starts.
+            stop_reason = self.central_dp.stop_reason(server_round) if self.central_dp else None
+            if stop_reason:
+                stopped_at = server_round - 1
+                log.warning("client-level DP: the run stops after round %d: %s", stopped_at, stop_reason)
+                break
             global_state, record = self.train_round(server_round, global_state)
             record.eval_metrics, eval_failed = self.evaluate_round(server_round, global_state)
             record.failed.update({k: v for k, v in eval_failed.items() if k not in record.failed})
             record.central = self.central_metrics(global_state)
             state = ServerState(server_round, global_state, self.start_state, [*state.history, asdict(record)],
-                                dict(self.retired))
+                                dict(self.retired), self.central_dp.state_dict() if self.central_dp else None)
             self._save(state)
             log.info("round %d/%d: %d/%d trained, central accuracy %s", server_round, self.fed.rounds,
                      len(record.trained), len(record.sampled), record.central.get("accuracy"))
@@ -243,4 +279,6 @@ class FederationServer:
             "retired": self.retired,
             "central_start": self.central_metrics(self.start_state),
             "central_final": self.central_metrics(global_state),
+            "central_dp": (self.central_dp.summary(state.history, stopped_at, stop_reason) if self.central_dp
+                           else {"enabled": False}),
         }

@@ -1,10 +1,11 @@
 """Privacy-budget reports: privacy.json, privacy.md, privacy.png.
 
 Built from what the server received (each client's cumulative epsilon after every
-round it trained, its delta, budget, noise, clipping and sampling), so it works for a
-deployment as well as a simulation. Each statement follows the structure the DP
-community recommends: the unit protected, the neighbouring relation, the accountant,
-epsilon and delta, over which rounds, and what is not protected.
+round it trained, its delta, budget, noise, clipping and sampling) and from the
+server's own client-level (central) DP accounting, so it works for a deployment as
+well as a simulation. Each statement follows the structure the DP community
+recommends: the unit protected, the neighbouring relation, the accountant, epsilon and
+delta, over which rounds, and what is not protected.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def build_privacy_report(result: dict[str, Any], config: dict[str, Any],
         clients[name] = entry
     return {"kind": "edgemri.privacy-report/1", "seed": config["seed"], "accountant": privacy["accountant"],
             "sample_level": clients,
-            "client_level": {"enabled": privacy["central"]["enabled"]},
+            # What the server did, not what the config asked: runs from before client-level DP have no section.
+            "client_level": result.get("central_dp", {"enabled": False}),
             "not_protected": NOT_PROTECTED, "sweep": sweep or []}
 
 
@@ -70,15 +72,51 @@ def _statement(name: str, c: dict[str, Any]) -> str:
             f"{c['budget_epsilon']}, remaining {c['remaining_epsilon']:.2f}.{note}")
 
 
+def _client_level(c: dict[str, Any]) -> list[str]:
+    """The plain statement for client-level (central) DP, one bullet per part of the structure."""
+    if not c["enabled"]:
+        return ["Client-level (central) DP: off in this run. Nothing below bounds what the global models "
+                "reveal about a client as a whole."]
+    noisy = [r for r in c["epsilon_per_round"] if r["clients"]]
+    span = (f"rounds {noisy[0]['round']}-{noisy[-1]['round']} ({len(noisy)} noisy aggregations)" if noisy
+            else "no round (no global model was released)")
+    per_round = ", ".join(f"round {r['round']}: {r['epsilon']:.2f}" for r in c["epsilon_per_round"]) or "none"
+    rates = ", ".join(f"{r['sample_rate']:.2f}" for r in c["epsilon_per_round"]) or "none"
+    where = "on the server" if c["side"] == "server" else "on each client before it replies (the server checks)"
+    seen = ("every client's unclipped update" if c["side"] == "server"
+            else "every client's clipped update, without noise")
+    stop = (f"the run stopped after round {c['stopped_at_round']}: {c['stop_reason']}." if c["stop_reason"]
+            else f"every configured round stayed within max_epsilon={c['max_epsilon']}.")
+    return [
+        f"- **Guarantee:** ({c['epsilon']:.2f}, {c['delta']:.1e})-DP for the unit *one whole client* (all its "
+        "scans and everything its updates carry). Neighbouring federations differ by adding or removing one "
+        f"client's participation. It covers every global model the server released, over {span}.",
+        f"- **Mechanism:** each update (shared arrays minus the global model) clipped to L2 norm "
+        f"{c['clipping_norm']} {where}; {c['aggregation']}; Gaussian noise of standard deviation "
+        f"{c['noise_multiplier']} x {c['clipping_norm']} / m on the mean of the m clients of the round.",
+        f"- **Accountant:** {c['accountant']['name'].upper()} ({c['accountant']['implementation']}), composed over "
+        f"the rounds, without amplification by sampling: the sampling rates (sampled/total: {rates}) are not used, "
+        "because who trains is decided by seeded availability draws, not by secret random sampling. "
+        f"Cumulative epsilon at delta {c['delta']:g}: {per_round}.",
+        f"- **Stop rule:** no round may take epsilon above max_epsilon={c['max_epsilon']}; {stop}",
+        f"- **Not protected:** the server itself sees {seen} (no secure aggregation), so this guarantee is about "
+        "what the global models reveal to other clients and to whoever receives them; which clients took part "
+        "in which round and how many; the metrics clients report; the personal models kept on the devices.",
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# Privacy report", "",
-             "Sample-level DP-SGD (Opacus) on the clients that have it on, with a cumulative per-client ledger: "
+             "Two separate guarantees. **Sample-level** DP-SGD protects *one scan* of a client, in every update "
+             "that client sends, also against the server. **Client-level** (central) DP protects *one whole client*, "
+             "in the global models the server releases.", "",
+             "## Sample-level DP (unit: one scan)", "",
+             "DP-SGD (Opacus) on the clients that have it on, with a cumulative per-client ledger: "
              "epsilon below is everything the client has spent in this federation, not one round.", ""]
     lines += [_statement(name, c) for name, c in report["sample_level"].items()]
-    lines += ["", f"**Not protected:** {report['not_protected']}.", ""]
-    central = report["client_level"]
-    lines.append("Client-level (central) DP: " + ("on; see the per-round epsilon in privacy.json." if
-                                                   central["enabled"] else "off in this run."))
+    lines += ["", f"**Not protected:** {report['not_protected']}.", "",
+              "## Client-level (central) DP (unit: one whole client)", ""]
+    lines += _client_level(report["client_level"])
     if report["sweep"]:
         lines += ["", "## Privacy against accuracy (sweep)", "",
                   "| target epsilon | tier | mean personalized acc (%) | worst personalized acc (%) |",
@@ -106,9 +144,15 @@ def plot_privacy(report: dict[str, Any], path: Path) -> None:
             line, = ax.plot([r["round"] for r in c["epsilon_per_round"]],
                             [r["epsilon"] for r in c["epsilon_per_round"]], marker="o", label=name)
             ax.axhline(c["budget_epsilon"], color=line.get_color(), linestyle=":", linewidth=1)
+    central = report["client_level"]
+    if central["enabled"] and central["epsilon_per_round"]:
+        line, = ax.plot([r["round"] for r in central["epsilon_per_round"]],
+                        [r["epsilon"] for r in central["epsilon_per_round"]], marker="s", color="black",
+                        label="client-level (whole client)")
+        ax.axhline(central["max_epsilon"], color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xlabel("round")
-    ax.set_ylabel("cumulative epsilon (dotted: budget)")
-    ax.set_title("Privacy spent per client")
+    ax.set_ylabel("cumulative epsilon (dotted: budget, max_epsilon)")
+    ax.set_title("Privacy spent (per client; black: client-level)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
