@@ -7,8 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from edgemri.core.io import save_figure, write_json, write_text
-from edgemri.server.report import machine, package_versions
+from edgemri.core.io import save_figure
+from edgemri.server.report import machine, package_versions, write_report_files
 
 COLUMNS = (("start", "start-accuracy"), ("global", "global-accuracy"), ("personalized", "personal-accuracy"),
            ("local-only", "local-only-accuracy"), ("pooled", "pooled-accuracy"))
@@ -131,8 +131,4 @@ def plot_federation(report: dict[str, Any], path: Path) -> None:
 
 
 def write_federation_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    paths = {"json": out / "federation.json", "md": out / "federation.md", "png": out / "federation.png"}
-    write_json(paths["json"], report)
-    write_text(paths["md"], render_markdown(report))
-    plot_federation(report, paths["png"])
-    return paths
+    return write_report_files(out, "federation", report, render_markdown, plot_federation)

@@ -15,7 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edgemri.core.io import save_figure, write_json, write_text
+from edgemri.core.io import save_figure
+from edgemri.server.report import write_report_files
 
 NOT_PROTECTED = ("the metrics each client reports (accuracies, losses, epsilon itself), its number of "
                  "examples, which rounds it took part in, and the personal model kept on the device "
@@ -178,11 +179,7 @@ def plot_privacy(report: dict[str, Any], path: Path) -> None:
 
 
 def write_privacy_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    paths = {"json": out / "privacy.json", "md": out / "privacy.md", "png": out / "privacy.png"}
-    write_json(paths["json"], report)
-    write_text(paths["md"], render_markdown(report))
-    plot_privacy(report, paths["png"])
-    return paths
+    return write_report_files(out, "privacy", report, render_markdown, plot_privacy)
 
 
 def privacy_report_for_run(run_dir: Path) -> dict[str, Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,16 @@ def plot_confusion(report: dict[str, Any], path: Path) -> None:
     fig.suptitle("Testing confusion matrices (first seed)")
     save_figure(path, fig)
     plt.close(fig)
+
+
+def write_report_files(out: Path, stem: str, report: dict[str, Any], render: Callable[[dict[str, Any]], str],
+                       plot: Callable[[dict[str, Any], Path], None]) -> dict[str, Path]:
+    """STEM.json, STEM.md and STEM.png for one report, each written atomically."""
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    write_json(paths["json"], report)
+    write_text(paths["md"], render(report))
+    plot(report, paths["png"])
+    return paths
 
 
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
