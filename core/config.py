@@ -41,11 +41,16 @@ class DataConfig:
     root: str | None = None  # a folder in the Kaggle layout; None: the synthetic set of the run
     synth_preset: Literal["quickstart", "kaggle"] = "quickstart"
     val_fraction: float = 0.15  # carved from Training, stratified; Testing is for final reports
+    # Share of Training held by the federation's clients and never seen by distillation, so
+    # the clients' local tests measure new data (0: clients reuse the distillation data).
+    client_fraction: float = 0.5
     cache_dir: str | None = None  # decoded-image cache; None: <root>/.edgemri-cache
 
     def validate(self, where: str) -> None:
         _require(0 < self.val_fraction < 0.5, f"{where}.val_fraction", self.val_fraction,
                  "a number in (0, 0.5)")
+        _require(0 <= self.client_fraction <= 0.9, f"{where}.client_fraction", self.client_fraction,
+                 "a number in [0, 0.9]")
 
 
 @dataclass(frozen=True)

@@ -380,3 +380,18 @@ def describe_folder(root: str | Path, cache_dir: str | Path | None = None,
         "cache_was_current": was_current,
         "fingerprint": dataset.fingerprint,
     }
+
+
+def server_client_split(split: ArraySplit, client_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (server, clients) of Training: disjoint, stratified by site and class.
+
+    The server distills on its share; the federation's clients hold the rest, so every
+    client's local test is data the distilled student never saw.
+    """
+    everything = torch.arange(len(split))
+    if client_fraction == 0:
+        return everything, everything
+    site_ids = {site: k for k, site in enumerate(sorted(set(split.sites)))} if split.sites else {}
+    strata = split.labels + len(CLASS_NAMES) * torch.tensor([site_ids.get(s, 0) for s in split.sites]
+                                                           if split.sites else [0] * len(split))
+    return stratified_split(strata, client_fraction, seed)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from edgemri.core.config import Config, TierConfig
-from edgemri.core.data import CLASS_NAMES, ArraySplit, DataError, load_image_uint8
+from edgemri.core.data import CLASS_NAMES, ArraySplit, DataError, load_image_uint8, server_client_split
 from edgemri.core.io import write_json
 
 MANIFEST_FORMAT = "edgemri.manifest/1"
@@ -98,8 +98,10 @@ def _local_split(indices: list[int], tier: TierConfig, rng: np.random.Generator)
 
 
 def partition(split: ArraySplit, root: Path, config: Config) -> list[Manifest]:
-    """Manifests for every client, from the Training split's files and sites."""
+    """Manifests for every client, from the clients' share of Training (files and sites)."""
     fed = config.federation
+    _, client_idx = server_client_split(split, config.data.client_fraction, config.seed)
+    split = split.subset(client_idx)
     rng = np.random.default_rng(config.seed)
     labels = split.labels.numpy()
     sites = _sites(split, fed.partition.pseudo_sites, rng)

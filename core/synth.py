@@ -50,23 +50,23 @@ _EDGE = 0.012  # soft-edge width in head units (about 1.5 working pixels)
 
 # Signal of each tissue per sequence (t1c, t1, t2, flair), on a 0-1 scale before windowing.
 _TISSUE: dict[str, tuple[float, float, float, float]] = {
-    "scalp": (0.70, 0.78, 0.55, 0.62),
+    "scalp": (0.62, 0.70, 0.55, 0.62),
     "soft": (0.32, 0.34, 0.30, 0.30),
     "bone": (0.05, 0.05, 0.04, 0.04),
     "marrow": (0.48, 0.52, 0.34, 0.36),
     "csf": (0.10, 0.09, 0.95, 0.07),
-    "gm": (0.44, 0.42, 0.58, 0.53),
-    "wm": (0.62, 0.62, 0.40, 0.40),
+    "gm": (0.50, 0.46, 0.58, 0.53),
+    "wm": (0.60, 0.60, 0.42, 0.42),
     "air": (0.02, 0.02, 0.02, 0.02),
     "eye": (0.12, 0.10, 0.90, 0.10),
-    "vessel": (0.88, 0.30, 0.15, 0.20),
-    "gland": (0.74, 0.48, 0.50, 0.50),
+    "vessel": (0.80, 0.30, 0.15, 0.20),
+    "gland": (0.70, 0.48, 0.50, 0.50),
     "glioma": (0.36, 0.30, 0.80, 0.78),
-    "rim": (0.95, 0.42, 0.72, 0.74),
+    "rim": (1.00, 0.42, 0.72, 0.74),
     "necrosis": (0.14, 0.18, 0.95, 0.45),
     "edema": (0.32, 0.33, 0.86, 0.90),
-    "meningioma": (0.95, 0.50, 0.74, 0.72),
-    "pituitary": (0.86, 0.52, 0.72, 0.68),
+    "meningioma": (1.00, 0.52, 0.76, 0.74),
+    "pituitary": (0.92, 0.52, 0.72, 0.68),
 }
 
 
@@ -91,24 +91,24 @@ class SiteProfile:
 
 
 SITE_PROFILES: tuple[SiteProfile, ...] = (
-    SiteProfile("site1", gamma=1.00, bias=0.15, noise=0.020, blur=1.00, fov=0.88,
+    SiteProfile("site1", gamma=1.00, bias=0.08, noise=0.015, blur=1.00, fov=0.88,
                 sizes=((512, 512, 0.85), (480, 480, 0.15)), jpeg_quality=92,
-                views=(0.50, 0.25, 0.25), sequences=(0.90, 0.02, 0.08, 0.00), volume=1.2),
-    SiteProfile("site2", gamma=0.80, bias=0.35, noise=0.045, blur=1.60, fov=0.78,
+                views=(0.50, 0.25, 0.25), sequences=(0.94, 0.00, 0.06, 0.00), volume=1.2),
+    SiteProfile("site2", gamma=0.85, bias=0.15, noise=0.035, blur=1.50, fov=0.85,
                 sizes=((256, 256, 0.60), (236, 236, 0.25), (225, 225, 0.15)), jpeg_quality=85,
-                views=(0.35, 0.35, 0.30), sequences=(0.85, 0.03, 0.10, 0.02), volume=1.0),
-    SiteProfile("site3", gamma=1.25, bias=0.25, noise=0.030, blur=1.30, fov=0.94,
-                sizes=((350, 350, 0.40), (442, 442, 0.35), (400, 440, 0.25)), jpeg_quality=90,
-                views=(0.40, 0.20, 0.40), sequences=(0.86, 0.00, 0.12, 0.02), volume=0.9),
-    SiteProfile("site4", gamma=0.90, bias=0.45, noise=0.060, blur=2.00, fov=0.72,
-                sizes=((512, 434, 0.50), (420, 500, 0.30), (300, 360, 0.20)), jpeg_quality=80,
-                views=(0.30, 0.40, 0.30), sequences=(0.84, 0.04, 0.06, 0.06), volume=0.8),
-    SiteProfile("site5", gamma=1.40, bias=0.20, noise=0.035, blur=1.50, fov=0.84,
-                sizes=((225, 225, 0.50), (201, 251, 0.30), (240, 210, 0.20)), jpeg_quality=88,
-                views=(0.45, 0.30, 0.25), sequences=(0.88, 0.02, 0.10, 0.00), volume=0.7),
-    SiteProfile("site6", gamma=0.70, bias=0.30, noise=0.025, blur=1.15, fov=0.90,
-                sizes=((496, 496, 0.50), (380, 420, 0.25), (512, 512, 0.25)), jpeg_quality=94,
-                views=(0.35, 0.30, 0.35), sequences=(0.85, 0.00, 0.07, 0.08), volume=1.0),
+                views=(0.35, 0.35, 0.30), sequences=(0.90, 0.02, 0.08, 0.00), volume=1.0),
+    SiteProfile("site3", gamma=1.20, bias=0.12, noise=0.025, blur=1.25, fov=0.90,
+                sizes=((350, 350, 0.40), (442, 442, 0.35), (420, 440, 0.25)), jpeg_quality=90,
+                views=(0.40, 0.20, 0.40), sequences=(0.92, 0.00, 0.08, 0.00), volume=0.9),
+    SiteProfile("site4", gamma=0.90, bias=0.20, noise=0.045, blur=1.80, fov=0.84,
+                sizes=((512, 480, 0.50), (440, 480, 0.30), (320, 350, 0.20)), jpeg_quality=80,
+                views=(0.30, 0.40, 0.30), sequences=(0.90, 0.03, 0.04, 0.03), volume=0.8),
+    SiteProfile("site5", gamma=1.25, bias=0.10, noise=0.030, blur=1.40, fov=0.87,
+                sizes=((225, 225, 0.50), (216, 240, 0.30), (240, 224, 0.20)), jpeg_quality=88,
+                views=(0.45, 0.30, 0.25), sequences=(0.93, 0.00, 0.07, 0.00), volume=0.7),
+    SiteProfile("site6", gamma=0.80, bias=0.14, noise=0.020, blur=1.15, fov=0.89,
+                sizes=((496, 496, 0.50), (400, 420, 0.25), (512, 512, 0.25)), jpeg_quality=94,
+                views=(0.35, 0.30, 0.35), sequences=(0.91, 0.00, 0.05, 0.04), volume=1.0),
 )
 
 
@@ -326,9 +326,9 @@ def _anatomy(view: str, level: float, rng: np.random.Generator) -> _Anatomy:
 
 # Tumour radius ranges in head units (head half-width ~0.8): (typical, subtle).
 _SIZES = {
-    "glioma": ((0.16, 0.34), (0.07, 0.12)),
-    "meningioma": ((0.14, 0.28), (0.06, 0.10)),
-    "pituitary": ((0.11, 0.19), (0.06, 0.08)),
+    "glioma": ((0.18, 0.36), (0.08, 0.13)),
+    "meningioma": ((0.15, 0.30), (0.07, 0.11)),
+    "pituitary": ((0.12, 0.20), (0.065, 0.085)),
 }
 
 
@@ -362,7 +362,7 @@ def _place(rng: np.random.Generator, tumour: _Tumour, anat: _Anatomy, view: str)
     """Set the tumour centre (and a meningioma's attachment) from the slice's anatomy."""
     cu, cv, a, b, _ = anat.brain[0]
     if tumour.label == "glioma":
-        rho, phi = rng.uniform(0.1, 0.72), rng.uniform(0, 2 * math.pi)
+        rho, phi = rng.uniform(0.2, 0.6), rng.uniform(0, 2 * math.pi)  # intra-axial: hemispheric white matter
         tumour.u, tumour.v = cu + rho * a * math.cos(phi), cv + rho * b * math.sin(phi)
         return
     if tumour.label == "pituitary":
@@ -381,11 +381,11 @@ def _place(rng: np.random.Generator, tumour: _Tumour, anat: _Anatomy, view: str)
         return
     phi = float(rng.uniform(0, 2 * math.pi))
     tumour.kind = "convexity"
-    if view == "sagittal" and where < 0.35:
+    if view == "sagittal" and where < 0.3:
         phi, tumour.kind = float(rng.uniform(0.55, 0.85) * math.pi), "skull base"  # olfactory groove
-    elif view == "coronal" and where < 0.35:
+    elif view == "coronal" and where < 0.3:
         phi, tumour.kind = float(rng.choice([0.08, 0.92]) * math.pi), "skull base"  # sphenoid wing
-    depth = tumour.size * float(rng.uniform(0.5, 0.9))
+    depth = tumour.size * float(rng.uniform(0.6, 1.0))
     tumour.u = cu + (a - depth) * math.cos(phi)
     tumour.v = cv + (b - depth) * math.sin(phi)
     tumour.normal = phi + math.pi
@@ -404,10 +404,10 @@ def _mass_effect(frame: _Frame, tumour: _Tumour, head_r2: np.ndarray) -> None:
     v[...] = tumour.v + dv * squeeze
 
 
-def _polar_texture(rng: np.random.Generator, rb: np.ndarray, theta: np.ndarray, around: int) -> np.ndarray:
-    """A random field that varies slowly along the radius and fast around it: radial folds."""
+def _polar_texture(rng: np.random.Generator, radius: np.ndarray, theta: np.ndarray, around: int) -> np.ndarray:
+    """A random field that varies slowly along ``radius`` (0-1) and fast around it: radial folds."""
     field = _smooth(rng, 4, 32, 512, n_cols=around, periodic_cols=True)
-    ir = np.clip(rb * 24, 0, 31).astype(np.intp)
+    ir = np.clip(radius * 24, 0, 31).astype(np.intp)
     it = ((theta + math.pi) * (512 / (2 * math.pi))).astype(np.intp) % 512
     return field[ir, it]
 
@@ -443,7 +443,10 @@ def _render(rng: np.random.Generator, view: str, level: float, seq: int, frame: 
 
     # Brain: union of lobes, a CSF margin, white matter inside a grey ribbon cut by sulci.
     outline = 1 + 0.04 * _smooth(rng, 7)
-    brain_d2 = np.min([frame.d2(e) for e in anat.brain], axis=0) * outline
+    lobes = [frame.d2(e) * outline for e in anat.brain]
+    brain_d2 = np.min(lobes, axis=0)
+    # Depth below the brain surface in head units: the cortex is equally thick on every lobe.
+    depth = np.max([(1 - np.sqrt(d)) * min(e[2], e[3]) for d, e in zip(lobes, anat.brain, strict=True)], axis=0)
     cb_d2 = None
     if anat.cerebellum is not None:
         cb_d2 = frame.d2(anat.cerebellum) * outline
@@ -452,13 +455,13 @@ def _render(rng: np.random.Generator, view: str, level: float, seq: int, frame: 
     _paint(img, _inside(brain_d2 / 1.12, size), tissue["csf"])
     brain = _inside(brain_d2, size)
     cu, cv = anat.brain[0][:2]
-    rb = np.sqrt(brain_d2)
-    folds = _polar_texture(rng, rb, np.arctan2(frame.v - cv, frame.u - cu), 60) + 0.4 * _smooth(rng, 28)
-    deep = 0.6 + 0.08 * _smooth(rng, 6)
-    cortex = np.clip((rb - deep) / 0.08, 0, 1)
-    grey = np.maximum(np.clip((0.6 - np.abs(folds)) / 0.12, 0, 1) * cortex, np.clip((rb - 0.93) / 0.03, 0, 1))
+    folds = _polar_texture(rng, 1 - depth / 0.6, np.arctan2(frame.v - cv, frame.u - cu), 60)
+    folds += 0.4 * _smooth(rng, 28)
+    gyri = 0.17 + 0.03 * _smooth(rng, 6)  # how deep the sulci reach
+    cortex = np.clip((gyri - depth) / 0.04, 0, 1)
+    grey = np.maximum(np.clip((0.6 - np.abs(folds)) / 0.12, 0, 1) * cortex, np.clip((0.035 - depth) / 0.015, 0, 1))
     parenchyma = tissue["wm"] + grey * (tissue["gm"] - tissue["wm"])
-    sulci = np.clip(1 - np.abs(folds) / 0.12, 0, 1) * np.clip((rb - deep - 0.1) / 0.08, 0, 1)
+    sulci = np.clip(1 - np.abs(folds) / 0.12, 0, 1) * np.clip((gyri - 0.04 - depth) / 0.04, 0, 1)
     parenchyma += sulci * (tissue["csf"] - parenchyma)
     if anat.cerebellum is not None and cb_d2 is not None:
         # Cerebellar folia: wavy stripes parallel to the surface around a white core, split by the vermis.
@@ -563,8 +566,8 @@ def _draw_lesion(rng: np.random.Generator, img: np.ndarray, frame: _Frame, t: _T
         a, b = t.size * float(rng.uniform(0.85, 1.15)), t.size * float(rng.uniform(0.8, 1.1))
         d2 = frame.d2((t.u, t.v, a, b, 0), box) * (1 + 0.05 * jitter)
         value = tissue["pituitary"] + 0.06 * _smooth(rng, 12, rows, cols)
-        if t.size > 0.1 and rng.random() < 0.25:
-            value = np.where(d2 < 0.25, tissue["csf"], value)
+        if t.size > 0.15 and rng.random() < 0.1:
+            value = np.where(d2 < 0.16, tissue["csf"], value)
         _paint(img, _inside(d2, t.size, 0.015) * t.contrast, value, box)
 
 
@@ -587,8 +590,8 @@ def _make_image(seed_key: tuple[int, ...], label: str, site: SiteProfile, subtle
     slice_level = float(rng.random())
     if label == "pituitary":
         slice_level = float(rng.uniform(0.05, 0.3) if view == "axial" else rng.uniform(0.0, 0.45))
-    fov = site.fov * float(rng.uniform(0.93, 1.05))
-    rotation = float(rng.normal(0, 5))
+    fov = site.fov * float(rng.uniform(0.96, 1.04))
+    rotation = float(rng.normal(0, 3))
     flip = bool(rng.random() < 0.5)
     frame = _Frame(fov, math.radians(rotation), (float(rng.normal(0, 0.03)), float(rng.normal(0, 0.03))), flip)
     img, brain, grey = _render(rng, view, slice_level, seq, frame, tumour)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.core.config import Config, TrainSpec
-from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, normalize, stratified_split
+from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, normalize, server_client_split, stratified_split
 from edgemri.core.evaluate import classification_metrics, predict_logits
 from edgemri.core.losses import cross_entropy, make_kd_loss
 from edgemri.core.train import FitResult, TrainData, as_float, fit
@@ -95,7 +95,11 @@ class Distiller:
         self.resume = resume
         self.progress = progress
         self.paper_compat = config.distill.paper_compat
-        self.train_idx, self.val_idx = stratified_split(dataset.train.labels, config.data.val_fraction, seed)
+        # The server's share of Training (the clients' share is for the federation), fixed
+        # across seeds; then a validation split of it per seed.
+        server, _ = server_client_split(dataset.train, config.data.client_fraction, config.seed)
+        train_part, val_part = stratified_split(dataset.train.labels[server], config.data.val_fraction, seed)
+        self.train_idx, self.val_idx = server[train_part], server[val_part]
         self.train_split: ArraySplit = dataset.train.subset(self.train_idx)
         self.val_split: ArraySplit = dataset.train.subset(self.val_idx)
         # paper_compat reproduces the paper code's selection on the Testing split.

@@ -116,7 +116,7 @@ def test_a_federation_with_client_level_dp_reports_epsilon_and_stops_at_max_epsi
     torch.manual_seed(0)
     save_checkpoint(start, Checkpoint(model="student", state_dict=Student().state_dict(), role="kd", seed=0))
     # sigma 1, delta 1e-3: epsilon 3.54 after one round, 5.42 after two, 7.00 after three > 6.
-    config = parse_config({"seed": 0, "federation": {
+    config = parse_config({"seed": 0, "data": {"client_fraction": 0.0}, "federation": {
         "rounds": 3, "method": "fedavg", "min_clients": 1, "round_timeout_s": 120,
         "hospital": {"min_examples": 20, "local_epochs": 1}, "phone": {"per_site": 0}},
         "privacy": {"central": {"enabled": True, "side": "client", "noise_multiplier": 1.0, "clipping_norm": 0.5,

@@ -11,7 +11,7 @@ import yaml
 
 from edgemri.core.checkpoint import load_checkpoint
 from edgemri.core.config import parse_config
-from edgemri.core.data import load_dataset, stratified_split
+from edgemri.core.data import load_dataset, server_client_split, stratified_split
 from edgemri.server import distill as distill_module
 from edgemri.server.distill import run_distillation
 
@@ -45,11 +45,14 @@ def test_teacher_runs_once_per_training_image_and_selection_never_sees_testing(
     monkeypatch.setattr(distill_module, "fit", recording_fit)
     results, _ = run_distillation(_config(), dataset, tmp_path / "run")
     result = results[0]
-    train_images = len(dataset.train) - round(0.2 * len(dataset.train))
-    assert result.train_images == train_images
+    server, clients = server_client_split(dataset.train, 0.5, seed=0)  # the clients' half is never seen
+    assert not set(server.tolist()) & set(clients.tolist())
+    train_part, val_part = stratified_split(dataset.train.labels[server], 0.2, seed=0)
+    train_images = len(train_part)
+    assert result.train_images == train_images == len(server) - len(val_part)
     assert result.teacher_forward_images == train_images
     assert len(seen_selection_sets) == 3
-    _, val_idx = stratified_split(dataset.train.labels, 0.2, seed=0)
+    val_idx = server[val_part]
     for selection in seen_selection_sets:
         assert torch.equal(selection.inputs, dataset.train.images[val_idx])
         assert torch.equal(selection.labels, dataset.train.labels[val_idx])

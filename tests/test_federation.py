@@ -25,7 +25,7 @@ STUDENT_SHAPES = {k: list(v.shape) for k, v in Student().state_dict().items()}
 
 
 def _config(**federation: object):
-    base = {"seed": 0, "federation": {
+    base = {"seed": 0, "data": {"client_fraction": 0.0}, "federation": {
         "rounds": 2, "method": "ditto", "min_clients": 1, "round_timeout_s": 120,
         "hospital": {"min_examples": 20, "local_epochs": 1},
         "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}}

@@ -14,7 +14,7 @@ from edgemri.models import Student
 
 
 def _config(**federation: object):
-    base = {"federation": {"hospital": {"min_examples": 20},
+    base = {"data": {"client_fraction": 0.0}, "federation": {"hospital": {"min_examples": 20},
                            "phone": {"per_site": 2, "min_examples": 8, "max_examples": 12}}}
     base["federation"].update(federation)
     return parse_config(base)

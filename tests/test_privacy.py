@@ -81,7 +81,7 @@ def test_delta_not_below_one_over_n_is_an_error() -> None:
 
 
 def test_budget_too_small_for_one_round_fails_before_training(sited_data: Path, tmp_path: Path) -> None:
-    config = parse_config({"federation": {"hospital": {"min_examples": 20},
+    config = parse_config({"data": {"client_fraction": 0.0}, "federation": {"hospital": {"min_examples": 20},
                                           "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12}},
                            "privacy": {"phone": {"enabled": True, "noise_multiplier": 0.3, "budget_epsilon": 0.5}}})
     manifests = write_manifests(partition(load_dataset(sited_data).train, sited_data, config), tmp_path / "m")
@@ -162,7 +162,7 @@ def test_corrupt_ledgers_are_errors_and_a_torn_last_line_is_dropped(tmp_path: Pa
 
 
 def test_a_client_stops_at_its_budget_even_across_a_restart(sited_data: Path, tmp_path: Path) -> None:
-    config = parse_config({"federation": {"hospital": {"min_examples": 20},
+    config = parse_config({"data": {"client_fraction": 0.0}, "federation": {"hospital": {"min_examples": 20},
                                           "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12}},
                            "privacy": {"hospital": {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 10.0}}})
     manifests = write_manifests(partition(load_dataset(sited_data).train, sited_data, config), tmp_path / "m")
