@@ -30,8 +30,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from edgemri.simulation.deploy import make_node_keys
 
     for name, (private, public) in make_node_keys(Path(args.out), args.nodes).items():
-        print(f"{name}: private {private} (0600; copy to this device only: --auth-supernode-private-key), "
-              f"public {public} (register it: edgemri deploy register)")
+        print(f"{name}: private key {private} (0600, stays on the device), public key {public} (register it)")
     return 0
 
 

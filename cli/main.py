@@ -308,8 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="runs/privacy-sweep")
     sweep.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
 
+    from edgemri.deploy_commands import register as register_deploy_commands
     from edgemri.edge_commands import register as register_edge_commands
 
+    register_deploy_commands(commands, add)
     register_edge_commands(commands, add)
 
     demo = add(commands, "demo", cmd_demo, "run the whole pipeline on the offline synthetic data")
@@ -327,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgemri.core.train import ResumeMismatchError
     from edgemri.edge.export import EdgeError
     from edgemri.models import WeightsUnavailableError
+    from edgemri.simulation.deploy import DeployError
     from edgemri.simulation.flower_run import FlowerRunError
 
     logging.basicConfig(level=logging.INFO, format="edgemri: %(message)s")
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (UsageError, ConfigError, DataError, CheckpointError, WeightsUnavailableError,
             ResumeMismatchError, FileExistsError, ManifestError, FlowerRunError, EdgeError,
-            PrivacyError, LedgerError, FileNotFoundError) as err:
+            PrivacyError, LedgerError, FileNotFoundError, DeployError) as err:
         print(f"edgemri: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

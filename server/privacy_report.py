@@ -33,7 +33,11 @@ def build_privacy_report(result: dict[str, Any], config: dict[str, Any],
                   for h in result["history"]
                   if name in h["train_metrics"] and "epsilon" in h["train_metrics"][name]
                   and name in h["trained"]]
-        final = result["final"].get(name, {})
+        # A client that missed the final evaluation (offline, killed) still reported its DP
+        # settings with every round it trained: fall back to its last train reply.
+        last_train = next((h["train_metrics"][name] for h in reversed(result["history"])
+                           if name in h["train_metrics"]), {})
+        final = {**last_train, **result["final"].get(name, {})}
         status = result.get("retired", {}).get(name, "")
         dp = bool(tier["enabled"])
         entry: dict[str, Any] = {"kind": node["kind"], "site": node["site"], "n": node["num_examples"], "dp": dp,

@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -130,7 +131,7 @@ def make_certs(out: Path, hosts: list[str], *, days: int = 825) -> dict[str, Pat
         .sign(ca_key, hashes.SHA384())
     )
     server_key = ec.generate_private_key(ec.SECP384R1())
-    common_name = hosts[0].strip()
+    common_name = hosts[0].strip()[:64]  # X.509 caps CN at 64 characters; clients match the SANs anyway
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgemri"),
@@ -265,6 +266,8 @@ class LocalDeployment:
         self.certs: dict[str, Path] = {}
         self.link: ManagedProcess | None = None
         self.nodes: dict[str, LocalNode] = {}
+        self.node_ids: dict[str, int] = {}  # name -> id the SuperLink gave at registration
+        self.node_ports: list[int] = []  # every SuperNode port used, restarted nodes' old ones too
 
     @property
     def address(self) -> str:
@@ -306,31 +309,31 @@ class LocalDeployment:
         return make_node_keys(self.keys_dir, [name])[name]
 
     def register(self, name: str) -> int:
-        return register_node(self.make_key(name)[1], self.connection, self.env, name=name)
+        self.node_ids[name] = register_node(self.make_key(name)[1], self.connection, self.env, name=name)
+        return self.node_ids[name]
 
     def add_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path,
                  register: bool = True) -> LocalNode:
         """Register (unless ``register`` is False) and start the SuperNode ``name``."""
-        node_id = self.register(name) if register else None
-        return self.start_node(name, manifest=manifest, data_dir=data_dir, state_dir=state_dir, node_id=node_id)
+        if register:
+            self.register(name)
+        return self.start_node(name, manifest=manifest, data_dir=data_dir, state_dir=state_dir)
 
-    def start_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path,
-                   node_id: int | None = None) -> LocalNode:
+    def start_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path) -> LocalNode:
         """Start (or restart, same key and state folder) the SuperNode ``name``."""
         if name in self.nodes and self.nodes[name].process.process.poll() is None:
             raise DeployError(f"SuperNode {name!r} is already running (pid {self.nodes[name].process.process.pid})")
         private, _ = self.make_key(name)
         home = self.root / "nodes" / name  # each SuperNode installs the app in its own FLWR_HOME
         port = free_port()
+        self.node_ports.append(port)
         process = start_process(
             [str(VENV_BIN / "flower-supernode"), "--root-certificates", str(self.certs["ca_cert"]),
              "--superlink", self.address, "--auth-supernode-private-key", str(private),
              "--host", "127.0.0.1", "--port", str(port),
              "--node-config", node_config_arg(manifest, data_dir, state_dir)],
             flower_env(home), self.root / "logs" / f"supernode-{name}.log", cwd=self.root)
-        if name in self.nodes and node_id is None:
-            node_id = self.nodes[name].node_id
-        self.nodes[name] = LocalNode(name, node_id, port, home, process)
+        self.nodes[name] = LocalNode(name, self.node_ids.get(name), port, home, process)
         return self.nodes[name]
 
     def stop_node(self, name: str, sig: int = signal.SIGTERM) -> None:
@@ -349,8 +352,11 @@ class LocalDeployment:
         return {int(n["node-id"]): str(n["status"]) for n in nodes}
 
     def wait_status(self, names: list[str], status: str, timeout_s: float = 90.0) -> None:
-        """Wait until the SuperLink lists every named (registered) node with ``status``."""
-        wanted = {self.nodes[n].node_id for n in names}
+        """Wait until the SuperLink lists every named node with ``status``."""
+        unregistered = [n for n in names if n not in self.node_ids]
+        if unregistered:
+            raise DeployError(f"nodes {unregistered} were never registered; the SuperLink lists no status for them")
+        wanted = {self.node_ids[n] for n in names}
         deadline = time.monotonic() + timeout_s
         while True:
             current = self.node_status()
@@ -370,16 +376,16 @@ class LocalDeployment:
 
     @property
     def ports(self) -> list[int]:
-        """Every port this deployment listens on: the SuperLink's and each SuperNode's."""
-        return [self.port, *(node.port for node in self.nodes.values())]
+        """Every port this deployment listened on: the SuperLink's and each SuperNode's."""
+        return [self.port, *self.node_ports]
 
     def processes(self) -> list[psutil.Process]:
         """Live processes of this deployment: every flwr process inherits an FLWR_HOME under ``root``."""
         found = []
         for process in psutil.process_iter():
             try:
-                home = process.environ().get("FLWR_HOME", "")
-                if home.startswith(str(self.root)) and process.status() != psutil.STATUS_ZOMBIE:
+                home = process.environ().get("FLWR_HOME")
+                if home and Path(home).is_relative_to(self.root) and process.status() != psutil.STATUS_ZOMBIE:
                     found.append(process)
             except psutil.Error:
                 continue
@@ -391,12 +397,14 @@ class LocalDeployment:
         A node that exited by itself (refused, crashed) can leave its SuperExec behind for
         a few seconds; the final sweep stops whatever still runs with this FLWR_HOME.
         """
-        for node in self.nodes.values():
-            node.process.stop()
-        if self.link is not None:
-            self.link.stop()
-        for process in self.processes():
-            try:
-                stop_group(os.getpgid(process.pid))
-            except ProcessLookupError:
-                continue
+        try:
+            with ThreadPoolExecutor() as pool:  # each stop waits for its process tree to exit: stop them together
+                list(pool.map(lambda node: node.process.stop(), self.nodes.values()))
+        finally:
+            if self.link is not None:
+                self.link.stop()
+            for process in self.processes():
+                try:
+                    stop_group(os.getpgid(process.pid))
+                except ProcessLookupError:
+                    continue
