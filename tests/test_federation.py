@@ -41,11 +41,17 @@ def start_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _no_flower_processes_left() -> list[str]:
+def _flower_processes_of(run_dir: Path) -> list[str]:
+    """Flower processes started for this run (others on the machine are not this test's)."""
     names = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "flower-superlink" in cmd or "flwr-simulation" in cmd or "flower-superexec" in cmd:
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            home = (p.info["environ"] or {}).get("FLWR_HOME", "")
+        except psutil.Error:
+            continue
+        flower = "flower-superlink" in cmd or "flwr-simulation" in cmd or "flower-superexec" in cmd
+        if flower and (str(run_dir) in cmd or home.startswith(str(run_dir))):
             names.append(cmd[:120])
     return names
 
@@ -85,7 +91,7 @@ def test_run_completes_with_a_failing_client_reported_and_skipped(broken_phone_r
     assert 0.0 <= report["central"]["final"]["accuracy"] <= 1.0
     assert (run.out / "federation.png").read_bytes()[:4] == b"\x89PNG"
     assert "| phone" in (run.out / "federation.md").read_text()
-    assert not _no_flower_processes_left()
+    assert not _flower_processes_of(run.out)
 
 
 def test_each_client_keeps_its_state_and_personalized_checkpoint(broken_phone_run) -> None:
