@@ -88,27 +88,36 @@ class SiteProfile:
     views: tuple[float, float, float]  # axial, coronal, sagittal weights
     sequences: tuple[float, float, float, float]  # t1c, t1, t2, flair weights
     volume: float  # relative number of scans the site contributes
+    enhancement: float = 1.0  # contrast uptake on T1c (dose and timing), relative to the reference
+    grey_white: float = 1.0  # grey/white-matter contrast relative to the reference protocol
+    fat_sat: bool = False  # fat suppression: dark scalp and marrow
 
 
 SITE_PROFILES: tuple[SiteProfile, ...] = (
     SiteProfile("site1", gamma=1.00, bias=0.08, noise=0.015, blur=1.00, fov=0.88,
                 sizes=((512, 512, 0.85), (480, 480, 0.15)), jpeg_quality=92,
-                views=(0.50, 0.25, 0.25), sequences=(0.94, 0.00, 0.06, 0.00), volume=1.2),
+                views=(0.50, 0.25, 0.25), sequences=(1.00, 0.00, 0.00, 0.00), volume=1.2,
+                enhancement=1.15),
     SiteProfile("site2", gamma=0.85, bias=0.15, noise=0.035, blur=1.50, fov=0.85,
                 sizes=((256, 256, 0.60), (236, 236, 0.25), (225, 225, 0.15)), jpeg_quality=85,
-                views=(0.35, 0.35, 0.30), sequences=(0.90, 0.02, 0.08, 0.00), volume=1.0),
+                views=(0.35, 0.35, 0.30), sequences=(1.00, 0.00, 0.00, 0.00), volume=1.0,
+                fat_sat=True, enhancement=0.9, grey_white=1.3),
     SiteProfile("site3", gamma=1.20, bias=0.12, noise=0.025, blur=1.25, fov=0.90,
                 sizes=((350, 350, 0.40), (442, 442, 0.35), (420, 440, 0.25)), jpeg_quality=90,
-                views=(0.40, 0.20, 0.40), sequences=(0.92, 0.00, 0.08, 0.00), volume=0.9),
+                views=(0.40, 0.20, 0.40), sequences=(1.00, 0.00, 0.00, 0.00), volume=0.9,
+                grey_white=0.6),
     SiteProfile("site4", gamma=0.90, bias=0.20, noise=0.045, blur=1.80, fov=0.84,
                 sizes=((512, 480, 0.50), (440, 480, 0.30), (320, 350, 0.20)), jpeg_quality=80,
-                views=(0.30, 0.40, 0.30), sequences=(0.90, 0.03, 0.04, 0.03), volume=0.8),
+                views=(0.30, 0.40, 0.30), sequences=(1.00, 0.00, 0.00, 0.00), volume=0.8,
+                enhancement=0.8),
     SiteProfile("site5", gamma=1.25, bias=0.10, noise=0.030, blur=1.40, fov=0.87,
                 sizes=((225, 225, 0.50), (216, 240, 0.30), (240, 224, 0.20)), jpeg_quality=88,
-                views=(0.45, 0.30, 0.25), sequences=(0.93, 0.00, 0.07, 0.00), volume=0.7),
+                views=(0.45, 0.30, 0.25), sequences=(0.90, 0.02, 0.08, 0.00), volume=0.7,
+                fat_sat=True, grey_white=0.8),
     SiteProfile("site6", gamma=0.80, bias=0.14, noise=0.020, blur=1.15, fov=0.89,
                 sizes=((496, 496, 0.50), (400, 420, 0.25), (512, 512, 0.25)), jpeg_quality=94,
-                views=(0.35, 0.30, 0.35), sequences=(0.91, 0.00, 0.05, 0.04), volume=1.0),
+                views=(0.35, 0.30, 0.35), sequences=(0.95, 0.00, 0.03, 0.02), volume=1.0,
+                enhancement=0.95, grey_white=1.2),
 )
 
 
@@ -121,7 +130,7 @@ class SynthPreset:
     test_counts: dict[str, int]
     num_sites: int
     class_mix_concentration: float = 40.0  # Dirichlet concentration of each site's class mix; lower: more skew
-    subtle_share: float = 0.15  # share of tumours that are small and/or low-contrast
+    subtle_share: float = 0.16  # share of tumours that are small and/or low-contrast
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -176,7 +185,7 @@ def _basis(n: int, size: int, periodic: bool = False) -> np.ndarray:
     if periodic:
         dist = np.minimum(dist, 1.0 - dist)
     weights = np.exp(-0.5 * (dist * n / 0.75) ** 2)
-    weights[weights < 1e-4] = 0.0  # the far tail only adds denormals, which make BLAS crawl
+    weights[weights < 1e-4] = 0.0  # the far tail adds nothing visible, only slow denormal arithmetic
     weights /= weights.sum(axis=1, keepdims=True)
     return weights.astype(np.float32)
 
@@ -326,9 +335,9 @@ def _anatomy(view: str, level: float, rng: np.random.Generator) -> _Anatomy:
 
 # Tumour radius ranges in head units (head half-width ~0.8): (typical, subtle).
 _SIZES = {
-    "glioma": ((0.18, 0.36), (0.08, 0.13)),
-    "meningioma": ((0.15, 0.30), (0.07, 0.11)),
-    "pituitary": ((0.12, 0.20), (0.065, 0.085)),
+    "glioma": ((0.18, 0.36), (0.09, 0.14)),
+    "meningioma": ((0.15, 0.30), (0.08, 0.12)),
+    "pituitary": ((0.12, 0.20), (0.07, 0.09)),
 }
 
 
@@ -352,10 +361,10 @@ def _draw_tumour(rng: np.random.Generator, label: str, subtle_share: float) -> _
     subtle = bool(rng.random() < subtle_share)
     if not subtle:
         return _Tumour(label, float(rng.uniform(*big)), float(rng.uniform(0.85, 1.0)), False)
-    kind = rng.integers(3)  # 0 small, 1 faint, 2 small and faint-ish
+    kind = rng.integers(3)  # 0 small, 1 faint, 2 small and somewhat faint
     size = float(rng.uniform(*small)) if kind != 1 else float(rng.uniform(*big))
-    contrast = float(rng.uniform(0.55, 0.9)) if kind == 0 else float(rng.uniform(0.25, 0.45) + 0.15 * (kind == 2))
-    return _Tumour(label, size, contrast, True)
+    contrast = {0: rng.uniform(0.8, 1.0), 1: rng.uniform(0.35, 0.55), 2: rng.uniform(0.55, 0.75)}[int(kind)]
+    return _Tumour(label, size, float(contrast), True)
 
 
 def _place(rng: np.random.Generator, tumour: _Tumour, anat: _Anatomy, view: str) -> None:
@@ -372,20 +381,21 @@ def _place(rng: np.random.Generator, tumour: _Tumour, anat: _Anatomy, view: str)
         tumour.v = sv + anat.gland[1] - 0.8 * tumour.size
         return
     where = rng.random()
-    if where < 0.2 and view in ("axial", "coronal") and anat.fissure is not None:
+    if where < 0.12 and view in ("axial", "coronal") and anat.fissure is not None:
         side = 1 if rng.random() < 0.5 else -1
         v0, v1 = anat.fissure
         tumour.u = side * tumour.size * 0.8
         tumour.v = float(rng.uniform(v0 + 0.15, min(v1, v0 + 0.7)))
         tumour.kind, tumour.normal = "falx", (0.0 if side > 0 else math.pi)
         return
-    phi = float(rng.uniform(0, 2 * math.pi))
+    # Convexity: the upper and lateral dura (angles run clockwise from the right, v pointing down).
+    phi = float(rng.uniform(0.9, 2.1) * math.pi)
     tumour.kind = "convexity"
-    if view == "sagittal" and where < 0.3:
+    if view == "sagittal" and where < 0.25:
         phi, tumour.kind = float(rng.uniform(0.55, 0.85) * math.pi), "skull base"  # olfactory groove
-    elif view == "coronal" and where < 0.3:
+    elif view == "coronal" and where < 0.25:
         phi, tumour.kind = float(rng.choice([0.08, 0.92]) * math.pi), "skull base"  # sphenoid wing
-    depth = tumour.size * float(rng.uniform(0.6, 1.0))
+    depth = tumour.size * float(rng.uniform(0.7, 1.1))
     tumour.u = cu + (a - depth) * math.cos(phi)
     tumour.v = cv + (b - depth) * math.sin(phi)
     tumour.normal = phi + math.pi
@@ -412,10 +422,9 @@ def _polar_texture(rng: np.random.Generator, radius: np.ndarray, theta: np.ndarr
     return field[ir, it]
 
 
-def _render(rng: np.random.Generator, view: str, level: float, seq: int, frame: _Frame,
+def _render(rng: np.random.Generator, view: str, level: float, tissue: dict[str, float], frame: _Frame,
             tumour: _Tumour | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The noise-free normal slice on the working grid in tissue signal units, its brain mask and grey-matter map."""
-    tissue = {name: values[seq] for name, values in _TISSUE.items()}
     anat = _anatomy(view, level, rng)
     if tumour is not None:
         _place(rng, tumour, anat, view)
@@ -518,10 +527,9 @@ def _render(rng: np.random.Generator, view: str, level: float, seq: int, frame: 
     return img, brain * intracranial, grey
 
 
-def _draw_lesion(rng: np.random.Generator, img: np.ndarray, frame: _Frame, t: _Tumour, seq: int,
+def _draw_lesion(rng: np.random.Generator, img: np.ndarray, frame: _Frame, t: _Tumour, tissue: dict[str, float],
                  brain: np.ndarray, grey: np.ndarray) -> None:
     """Paint the tumour (and its edema) over the slice, in place."""
-    tissue = {name: values[seq] for name, values in _TISSUE.items()}
     reach = t.size * (2.6 if t.label == "glioma" else 2.0)
     box = frame.box(t.u, t.v, reach)
     rows, cols = img[box].shape
@@ -530,7 +538,7 @@ def _draw_lesion(rng: np.random.Generator, img: np.ndarray, frame: _Frame, t: _T
     jitter = _smooth(rng, 10, rows, cols)
     if t.label == "glioma":
         # Irregular, infiltrative, heterogeneous; necrotic core and enhancing rim when large.
-        crisp = rng.random() < 0.2  # some gliomas look well circumscribed, like a meningioma
+        crisp = rng.random() < 0.1  # some gliomas look well circumscribed, like a meningioma
         rot = float(rng.uniform(0, math.pi))
         ax, ay = t.size * float(rng.uniform(0.8, 1.25)), t.size * float(rng.uniform(0.75, 1.15))
         d2 = frame.d2((t.u, t.v, ax, ay, rot), box) * (1 + (0.12 if crisp else 0.4) * jitter)
@@ -551,7 +559,7 @@ def _draw_lesion(rng: np.random.Generator, img: np.ndarray, frame: _Frame, t: _T
         rot = t.normal
         d2 = frame.d2((t.u, t.v, b, a, rot), box) * (1 + 0.06 * jitter)
         inside = np.clip(brain[box] * 4, 0, 1)  # the intracranial space, not the scalp
-        if rng.random() < 0.3:
+        if rng.random() < 0.15:
             edema = np.clip((1 - d2 / 2.4) / 0.4, 0, 1) * (1 - 0.7 * grey[box]) * 0.6
             _paint(img, edema * brain[box] * t.contrast, tissue["edema"], box)
         _paint(img, np.clip(1 - np.abs(d2 - 1.12) / 0.1, 0, 1) * inside * t.contrast * 0.7, tissue["csf"], box)
@@ -574,6 +582,21 @@ def _draw_lesion(rng: np.random.Generator, img: np.ndarray, frame: _Frame, t: _T
 # ---------------------------------------------------------------- scanner and file
 
 
+def _tissue_signal(seq: int, site: SiteProfile) -> dict[str, float]:
+    """Signal of each tissue for one sequence as the site's protocol renders it."""
+    tissue = {name: values[seq] for name, values in _TISSUE.items()}
+    if SEQUENCES[seq] == "t1c":
+        # Enhancement is the step up from the plain T1 signal; contrast dose and timing scale it.
+        tissue = {name: t1 + site.enhancement * (t1c - t1) for name, (t1c, t1, _, _) in _TISSUE.items()}
+    if site.fat_sat:
+        tissue["scalp"] *= 0.3
+        tissue["marrow"] *= 0.3
+    mid = (tissue["gm"] + tissue["wm"]) / 2
+    tissue["gm"] = mid + site.grey_white * (tissue["gm"] - mid)
+    tissue["wm"] = mid + site.grey_white * (tissue["wm"] - mid)
+    return tissue
+
+
 def _choice(rng: np.random.Generator, weights: Iterable[float]) -> int:
     p = np.asarray(list(weights), dtype=np.float64)
     return int(rng.choice(len(p), p=p / p.sum()))
@@ -587,16 +610,18 @@ def _make_image(seed_key: tuple[int, ...], label: str, site: SiteProfile, subtle
     seq = _choice(rng, site.sequences)
     tumour = _draw_tumour(rng, label, subtle_share)
     # Slice level: the pituitary is only visible at the sella.
-    slice_level = float(rng.random())
+    # Tumour datasets hold slices through the lesion: mostly mid-brain levels, some at the skull base.
+    slice_level = float(rng.uniform(0.2, 0.85) if view == "axial" else rng.random())
     if label == "pituitary":
         slice_level = float(rng.uniform(0.05, 0.3) if view == "axial" else rng.uniform(0.0, 0.45))
     fov = site.fov * float(rng.uniform(0.96, 1.04))
     rotation = float(rng.normal(0, 3))
     flip = bool(rng.random() < 0.5)
     frame = _Frame(fov, math.radians(rotation), (float(rng.normal(0, 0.03)), float(rng.normal(0, 0.03))), flip)
-    img, brain, grey = _render(rng, view, slice_level, seq, frame, tumour)
+    tissue = _tissue_signal(seq, site)
+    img, brain, grey = _render(rng, view, slice_level, tissue, frame, tumour)
     if tumour is not None:
-        _draw_lesion(rng, img, frame, tumour, seq, brain, grey)
+        _draw_lesion(rng, img, frame, tumour, tissue, brain, grey)
     img *= 1 + 0.05 * _smooth(rng, 48)  # tissue microstructure
 
     bias = site.bias * float(rng.uniform(0.7, 1.3))
@@ -812,8 +837,12 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
     }
 
 
-def write_sample_grid(out_dir: Path, png_path: Path, thumb: int = 120) -> None:
-    """Save a PNG grid of Training images: one row per class, one column per site."""
+def write_sample_grid(out_dir: Path, png_path: Path, thumb: int = 140) -> None:
+    """Save a PNG grid of Training images: one row per class, one column per site.
+
+    ``thumb`` is roughly the width in pixels of one cell; the first image of each class
+    and site is shown, labelled with its view and sequence (and "subtle" when it is).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -836,7 +865,8 @@ def write_sample_grid(out_dir: Path, png_path: Path, thumb: int = 120) -> None:
             if row is not None:
                 with Image.open(out_dir / row["file"]) as im:
                     ax.imshow(np.asarray(im.convert("L")), cmap="gray", vmin=0, vmax=255)
-                ax.set_xlabel(f"{row['view']} {row['sequence']}", fontsize=6)
+                subtle = ", subtle" if row["subtle"] == "yes" else ""
+                ax.set_xlabel(f"{row['view']} {row['sequence']}{subtle}", fontsize=6)
             if i == 0:
                 ax.set_title(site, fontsize=8)
             if j == 0:
@@ -844,7 +874,7 @@ def write_sample_grid(out_dir: Path, png_path: Path, thumb: int = 120) -> None:
     fig.subplots_adjust(left=0.06, right=0.99, top=0.94, bottom=0.03, wspace=0.08, hspace=0.28)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    # The figure is grey except for nothing: store it as 8-bit grey to keep the file small.
+    # Everything in the figure is grey: an 8-bit grey PNG is a fraction of the RGBA one.
     buffer.seek(0)
     grey = io.BytesIO()
     Image.open(buffer).convert("L").save(grey, "PNG", optimize=True)
