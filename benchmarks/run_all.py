@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("train_speed", "dp_speed", "latency", "federation", "device_footprint")
+BENCHMARKS = ("train_speed", "dp_speed", "latency", "federation", "device_footprint", "data_calibration")
 
 
 def main() -> int:

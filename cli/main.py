@@ -87,7 +87,7 @@ def _load_config_with_root(args: argparse.Namespace):
 
     from edgemri.core.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     if args.data_root:
         config = config.replace(data=dataclasses.replace(config.data, root=args.data_root))
     if not config.data.root:
@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         return sub
 
+    def add_config(sub: argparse.ArgumentParser, text: str = "YAML config, e.g. configs/quickstart.yaml") -> None:
+        sub.add_argument("--config", required=True, help=text)
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override one config key (value in YAML), e.g. --set federation.method=fedper; "
+                              "repeatable")
+
     data = commands.add_parser("data", help="make, inspect and partition data").add_subparsers(
         dest="data_command", required=True, metavar="SUBCOMMAND")
     synth = add(data, "synth", cmd_data_synth, "generate the offline synthetic brain-MRI set (Kaggle layout)")
@@ -270,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     part = add(data, "partition", cmd_data_partition,
                "write one manifest per client (hospital / phone) from the data's scanner sites")
     part.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
-    part.add_argument("--config", required=True, help="YAML config (its federation section)")
+    add_config(part, "YAML config (its federation section)")
     part.add_argument("--out", required=True, help="folder for client-NNN.json manifests")
 
     models = commands.add_parser("models", help="the registered models").add_subparsers(
@@ -281,14 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = add(commands, "distill", cmd_distill,
                   "train the teacher, the baseline student and the KD student; write the report")
-    distill.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
+    add_config(distill)
     distill.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
     distill.add_argument("--out", default="runs/distill", help="run folder (default: runs/distill)")
     distill.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1")
     distill.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     fed = add(commands, "federate", cmd_federate,
               "personalize the distilled student with a Flower federation (simulation)")
-    fed.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
+    add_config(fed)
     fed.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
     fed.add_argument("--start", default=None,
                      help="start model (default: federation.start_checkpoint or runs/demo/distill/student.pt)")
@@ -301,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a federation run folder")
     sweep = add(privacy, "sweep", cmd_privacy_sweep,
                 "run the federation at several target epsilons and without DP; tabulate accuracy")
-    sweep.add_argument("--config", required=True)
+    add_config(sweep)
     sweep.add_argument("--data-root", default=None)
     sweep.add_argument("--start", default=None, help="start model (default: runs/demo/distill/student.pt)")
     sweep.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons (default 1,3,8)")

@@ -347,8 +347,31 @@ def parse_config(data: Any) -> Config:
     return from_dict(Config, data).validate()
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML config; errors name the file and the key."""
+def apply_overrides(data: dict[str, Any] | None, overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """``data`` with each ``dotted.key=value`` set (value parsed as YAML), e.g. ``federation.method=fedper``."""
+    data = {} if data is None else data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like dotted.key=value, e.g. federation.method=fedper")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from None
+        *sections, leaf = key.strip().split(".")
+        node = data
+        for depth, name in enumerate(sections):
+            if node.get(name) is None:
+                node[name] = {}
+            node = node[name]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{'.'.join(sections[:depth + 1])}' is not a section")
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read and validate a YAML config, then ``overrides``; errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -356,6 +379,9 @@ def load_config(path: str | Path) -> Config:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if overrides and not isinstance(data, dict | None):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides)
     try:
         return parse_config(data)
     except ConfigError as err:

@@ -38,7 +38,7 @@ SPLITS = ("Training", "Testing")
 PREFIXES = {"Training": "Tr", "Testing": "Te"}
 VIEWS = ("axial", "coronal", "sagittal")
 SEQUENCES = ("t1c", "t1", "t2", "flair")
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 METADATA_COLUMNS = (
     "file", "split", "label", "site", "view", "sequence", "slice_level", "width", "height", "jpeg_quality",
     "fov", "rotation_deg", "flipped", "gamma", "bias", "noise", "blur", "tumour_size", "tumour_contrast",

@@ -61,3 +61,25 @@ def test_partial_sections_keep_their_own_defaults() -> None:
     assert config.federation.hospital.local_epochs == 3
     assert config.federation.hospital.min_examples == 100  # the hospital default, not the generic tier's
     assert config.federation.phone.availability == 0.7
+
+
+def test_overrides_set_nested_keys_and_are_validated() -> None:
+    config = load_config(CONFIGS / "quickstart.yaml",
+                         ["federation.method=fedper", "seed=3", "distill.kd.temperature=4", "privacy.hospital.enabled=true"])
+    assert (config.federation.method, config.seed, config.distill.kd.temperature) == ("fedper", 3, 4.0)
+    assert config.privacy.hospital.enabled is True
+    assert config.federation.rounds == load_config(CONFIGS / "quickstart.yaml").federation.rounds
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("federation.method", "must look like dotted.key=value"),
+        ("federation.methd=fedper", "unknown config key 'federation.methd'"),
+        ("federation.method=fedsgd", "federation.method"),
+        ("seed.value=1", "'seed' is not a section"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "quickstart.yaml", [override])
