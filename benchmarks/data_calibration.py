@@ -20,6 +20,7 @@ On one Kaggle-layout folder (a fresh synthetic quickstart set by default), measu
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -74,7 +75,7 @@ def train_and_test(model_name: str, options: dict, train: ArraySplit, test: Arra
     model = build_model(model_name, **options)
     fit_idx, val_idx = stratified_split(train.labels, 0.15, seed)
     result = fit(model, TrainData.from_split(train.subset(fit_idx)), loss=cross_entropy, spec=spec, seed=seed,
-                 val=TrainData.from_split(train.subset(val_idx)), progress=True, desc=model_name)
+                 val=TrainData.from_split(train.subset(val_idx)), progress=sys.stderr.isatty(), desc=model_name)
     model.load_state_dict(result.best_state)
     return accuracy(model, test), model
 
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     root = quickstart_data(args.data_root)
-    dataset = load_dataset(root, progress=True)
+    dataset = load_dataset(root, progress=sys.stderr.isatty())
     train, test = dataset.train, dataset.test
     y_train, y_test = train.labels.numpy(), test.labels.numpy()
     results: dict[str, float | int | str] = {

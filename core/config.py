@@ -44,6 +44,9 @@ class DataConfig:
     # Share of Training held by the federation's clients and never seen by distillation, so
     # the clients' local tests measure new data (0: clients reuse the distillation data).
     client_fraction: float = 0.5
+    # Seed of that server/client split alone: runs with other seeds (training, partition
+    # among clients) keep the same split, so no seed's clients test on distillation data.
+    split_seed: int = 0
     cache_dir: str | None = None  # decoded-image cache; None: <root>/.edgemri-cache
 
     def validate(self, where: str) -> None:
@@ -51,6 +54,7 @@ class DataConfig:
                  "a number in (0, 0.5)")
         _require(0 <= self.client_fraction <= 0.9, f"{where}.client_fraction", self.client_fraction,
                  "a number in [0, 0.9]")
+        _require(self.split_seed >= 0, f"{where}.split_seed", self.split_seed, "an integer >= 0")
 
 
 @dataclass(frozen=True)

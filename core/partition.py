@@ -100,7 +100,7 @@ def _local_split(indices: list[int], tier: TierConfig, rng: np.random.Generator)
 def partition(split: ArraySplit, root: Path, config: Config) -> list[Manifest]:
     """Manifests for every client, from the clients' share of Training (files and sites)."""
     fed = config.federation
-    _, client_idx = server_client_split(split, config.data.client_fraction, config.seed)
+    _, client_idx = server_client_split(split, config.data.client_fraction, config.data.split_seed)
     split = split.subset(client_idx)
     rng = np.random.default_rng(config.seed)
     labels = split.labels.numpy()

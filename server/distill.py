@@ -97,7 +97,7 @@ class Distiller:
         self.paper_compat = config.distill.paper_compat
         # The server's share of Training (the clients' share is for the federation), fixed
         # across seeds; then a validation split of it per seed.
-        server, _ = server_client_split(dataset.train, config.data.client_fraction, config.seed)
+        server, _ = server_client_split(dataset.train, config.data.client_fraction, config.data.split_seed)
         train_part, val_part = stratified_split(dataset.train.labels[server], config.data.val_fraction, seed)
         self.train_idx, self.val_idx = server[train_part], server[val_part]
         self.train_split: ArraySplit = dataset.train.subset(self.train_idx)

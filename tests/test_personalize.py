@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgemri.core.config import TrainSpec, parse_config
-from edgemri.core.data import load_dataset
+from edgemri.core.data import load_dataset, server_client_split
 from edgemri.core.partition import ManifestError, load_local_data, partition, read_manifest, write_manifests
 from edgemri.core.personalize import METHODS, LocalTrainer, create_method, local_only, merge_shared
 from edgemri.models import Student
@@ -41,6 +41,20 @@ def test_partition_is_deterministic_disjoint_and_sited(sited_data: Path, tmp_pat
     paths = write_manifests(first, tmp_path / "manifests")
     assert read_manifest(paths[0]).files == first[0].files
     assert json.loads((tmp_path / "manifests" / "index.json").read_text())["clients"][0]["client"] == first[0].client
+
+
+def test_no_run_seed_gives_clients_the_distillation_share(sited_data: Path) -> None:
+    dataset = load_dataset(sited_data)
+    base = parse_config({"data": {"client_fraction": 0.5}, "federation": {
+        "hospital": {"min_examples": 8}, "phone": {"per_site": 1, "min_examples": 4, "max_examples": 6}}})
+    server, _ = server_client_split(dataset.train, 0.5, base.data.split_seed)
+    distilled = {dataset.train.files[i] for i in server.tolist()}
+    seen = set()
+    for seed in (0, 1, 2):
+        files = {f.path for m in partition(dataset.train, sited_data, base.replace(seed=seed)) for f in m.files}
+        assert files and not files & distilled
+        seen |= files
+    assert len(seen) <= len(dataset.train) - len(distilled)  # every seed draws from the same clients' share
 
 
 def test_label_skew_makes_phone_class_mixes_uneven(sited_data: Path) -> None:
