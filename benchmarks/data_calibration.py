@@ -7,28 +7,30 @@ On one Kaggle-layout folder (a fresh synthetic quickstart set by default), measu
    classifier using only that statistic does on Testing: quantile bins fitted on
    Training, each bin predicting its majority label. Near the majority-class rate means
    the statistic does not give the label away.
-2. headroom: the paper's student (cross-entropy, the quickstart baseline settings)
-   against a larger model (the slim VGG16 at twice the quickstart teacher's width),
-   both selected on a validation split carved from Training.
+2. headroom: the paper's student (cross-entropy, the config's baseline settings)
+   against a larger model (the slim VGG16 at twice the quickstart teacher's width, the
+   config's teacher settings), both selected on the config's validation share of Training.
 3. site shift (leave one site out): for each site, the student trained on the other
    sites' Training images, tested on the held-out site's Testing images, against the
    all-sites student on the same images.
 
-    python -m benchmarks.data_calibration [--data-root DIR] [--epochs 15] [--seed 0]
+    python -m benchmarks.data_calibration [--data-root DIR] [--config configs/quickstart.yaml]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from benchmarks.common import quickstart_data, write_result
-from edgemri.core.config import TrainSpec
+from edgemri.core.config import TrainSpec, load_config
 from edgemri.core.data import ArraySplit, load_dataset, normalize, stratified_split
 from edgemri.core.evaluate import predict_logits
 from edgemri.core.losses import cross_entropy
@@ -36,6 +38,7 @@ from edgemri.core.train import TrainData, fit
 from edgemri.models import build_model
 
 STATISTIC_BINS = 10
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def image_statistics(root, split: ArraySplit) -> dict[str, np.ndarray]:
@@ -69,11 +72,11 @@ def categorical_probe_accuracy(train_values, train_labels, test_values, test_lab
 
 
 def train_and_test(model_name: str, options: dict, train: ArraySplit, test: ArraySplit,
-                   spec: TrainSpec, seed: int) -> tuple[float, torch.nn.Module]:
+                   spec: TrainSpec, val_fraction: float, seed: int) -> tuple[float, torch.nn.Module]:
     """Train on ``train`` (a stratified validation share selects the epoch); accuracy on ``test``."""
     torch.manual_seed(seed)
     model = build_model(model_name, **options)
-    fit_idx, val_idx = stratified_split(train.labels, 0.15, seed)
+    fit_idx, val_idx = stratified_split(train.labels, val_fraction, seed)
     result = fit(model, TrainData.from_split(train.subset(fit_idx)), loss=cross_entropy, spec=spec, seed=seed,
                  val=TrainData.from_split(train.subset(val_idx)), progress=sys.stderr.isatty(), desc=model_name)
     model.load_state_dict(result.best_state)
@@ -87,17 +90,19 @@ def accuracy(model: torch.nn.Module, split: ArraySplit) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None, help="Kaggle-layout folder (default: a fresh quickstart set)")
-    parser.add_argument("--epochs", type=int, default=15, help="student epochs (the quickstart baseline's)")
+    parser.add_argument("--config", default=str(CONFIG), help="training settings (distill.baseline, distill.teacher)")
     parser.add_argument("--large-width", type=float, default=0.25, help="width of the slim VGG16 'larger model'")
     parser.add_argument("--large-epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    config = load_config(args.config)
+    seed, val_fraction = config.seed, config.data.val_fraction
     root = quickstart_data(args.data_root)
     dataset = load_dataset(root, progress=sys.stderr.isatty())
     train, test = dataset.train, dataset.test
     y_train, y_test = train.labels.numpy(), test.labels.numpy()
     results: dict[str, float | int | str] = {
-        "data_root": str(root), "seed": args.seed, "train_images": len(train), "test_images": len(test),
+        "data_root": str(root), "config": args.config, "seed": seed,
+        "train_images": len(train), "test_images": len(test),
         "majority_class_test_acc_pct": 100 * float((y_test == np.bincount(y_train).argmax()).mean()),
     }
 
@@ -110,11 +115,12 @@ def main() -> None:
             np.array(train.sites), y_train, np.array(test.sites), y_test)
 
     started = time.perf_counter()
-    student_spec = TrainSpec(epochs=args.epochs, batch_size=16, lr=1e-3, weight_decay=0.01)
-    student_acc, student = train_and_test("student", {}, train, test, student_spec, args.seed)
+    student_spec = config.distill.baseline
+    student_acc, student = train_and_test("student", {}, train, test, student_spec, val_fraction, seed)
     results["student_test_acc_pct"] = 100 * student_acc
-    large_spec = TrainSpec(epochs=args.large_epochs, batch_size=32, lr=1e-3, weight_decay=1e-4)
-    large_acc, _ = train_and_test("vgg16-slim", {"width": args.large_width}, train, test, large_spec, args.seed)
+    large_spec = dataclasses.replace(config.distill.teacher.train, epochs=args.large_epochs)
+    large_acc, _ = train_and_test("vgg16-slim", {"width": args.large_width}, train, test, large_spec,
+                                  val_fraction, seed)
     results["large_model"] = f"vgg16-slim width {args.large_width}"
     results["large_model_test_acc_pct"] = 100 * large_acc
     results["large_minus_student_pts"] = 100 * (large_acc - student_acc)
@@ -123,7 +129,8 @@ def main() -> None:
     for site in sorted(set(train.sites)):
         others = [i for i, s in enumerate(train.sites) if s != site]
         held_out = test.subset([i for i, s in enumerate(test.sites) if s == site])
-        held_out_acc, _ = train_and_test("student", {}, train.subset(others), held_out, student_spec, args.seed)
+        held_out_acc, _ = train_and_test("student", {}, train.subset(others), held_out, student_spec,
+                                         val_fraction, seed)
         all_sites_acc = accuracy(student, held_out)
         results[f"loso_{site}_test_acc_pct"] = 100 * held_out_acc
         results[f"loso_{site}_all_sites_test_acc_pct"] = 100 * all_sites_acc

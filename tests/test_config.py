@@ -64,8 +64,8 @@ def test_partial_sections_keep_their_own_defaults() -> None:
 
 
 def test_overrides_set_nested_keys_and_are_validated() -> None:
-    config = load_config(CONFIGS / "quickstart.yaml",
-                         ["federation.method=fedper", "seed=3", "distill.kd.temperature=4", "privacy.hospital.enabled=true"])
+    overrides = ["federation.method=fedper", "seed=3", "distill.kd.temperature=4", "privacy.hospital.enabled=true"]
+    config = load_config(CONFIGS / "quickstart.yaml", overrides)
     assert (config.federation.method, config.seed, config.distill.kd.temperature) == ("fedper", 3, 4.0)
     assert config.privacy.hospital.enabled is True
     assert config.federation.rounds == load_config(CONFIGS / "quickstart.yaml").federation.rounds

@@ -49,12 +49,13 @@ def test_no_run_seed_gives_clients_the_distillation_share(sited_data: Path) -> N
         "hospital": {"min_examples": 8}, "phone": {"per_site": 1, "min_examples": 4, "max_examples": 6}}})
     server, _ = server_client_split(dataset.train, 0.5, base.data.split_seed)
     distilled = {dataset.train.files[i] for i in server.tolist()}
-    seen = set()
+    draws = []
     for seed in (0, 1, 2):
-        files = {f.path for m in partition(dataset.train, sited_data, base.replace(seed=seed)) for f in m.files}
+        manifests = partition(dataset.train, sited_data, base.replace(seed=seed))
+        files = {f.path for m in manifests for f in m.files}
         assert files and not files & distilled
-        seen |= files
-    assert len(seen) <= len(dataset.train) - len(distilled)  # every seed draws from the same clients' share
+        draws.append([[(f.path, f.split) for f in m.files] for m in manifests])
+    assert draws[0] != draws[1] != draws[2]  # the seeds really drew different partitions of that share
 
 
 def test_label_skew_makes_phone_class_mixes_uneven(sited_data: Path) -> None:
