@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemri.core.io import write_json
-from edgemri.server.report import machine, package_versions
+from edgemri.reports.common import machine, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -39,8 +39,8 @@ from edgemri.core.data import load_dataset
 from edgemri.core.io import write_text
 from edgemri.core.partition import partition, read_manifest, write_manifests
 from edgemri.core.synth import generate
+from edgemri.deploy.local import LocalDeployment
 from edgemri.models import Student
-from edgemri.simulation.deploy import LocalDeployment
 from edgemri.simulation.federate import APP_DIR
 
 MB = 1024 * 1024

@@ -1,3 +1,5 @@
 """edgemri: distill a tiny brain-MRI classifier, personalize it with Flower, keep data on device."""
 
-__version__ = "0.1.0"
+from edgemri.core.errors import version
+
+__version__ = version()

@@ -12,7 +12,7 @@ AddCommand = Callable[[argparse._SubParsersAction, str, Command, str], argparse.
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from edgemri.simulation.deploy import make_certs, parse_hosts
+    from edgemri.deploy.local import make_certs, parse_hosts
 
     hosts = [h.strip() for h in args.hosts.split(",")]
     paths = make_certs(Path(args.out), hosts, days=args.days)
@@ -27,7 +27,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from edgemri.simulation.deploy import make_node_keys
+    from edgemri.deploy.local import make_node_keys
 
     for name, (private, public) in make_node_keys(Path(args.out), args.nodes).items():
         print(f"{name}: private key {private} (0600, stays on the device), public key {public} (register it)")
@@ -35,7 +35,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from edgemri.simulation.deploy import DeployError, check_node_names, node_key_paths, register_node
+    from edgemri.deploy.local import DeployError, check_node_names, node_key_paths, register_node
     from edgemri.simulation.flower_run import flower_env
 
     keys = Path(args.keys)

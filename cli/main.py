@@ -10,11 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgemri import __version__
+from edgemri.core.errors import EdgemriError
 
 log = logging.getLogger("edgemri")
 
 
-class UsageError(Exception):
+class UsageError(EdgemriError):
     """A command was called in a way that cannot work; the message says how to fix it."""
 
 
@@ -98,8 +99,8 @@ def _load_config_with_root(args: argparse.Namespace):
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from edgemri.core.data import load_dataset
-    from edgemri.server.distill import run_distillation
-    from edgemri.server.report import build_report, write_report
+    from edgemri.core.distill import run_distillation
+    from edgemri.reports.distill import build_report, write_report
 
     config = _load_config_with_root(args)
     if args.seeds < 1:
@@ -164,7 +165,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_report(args: argparse.Namespace) -> int:
-    from edgemri.server.privacy_report import privacy_report_for_run
+    from edgemri.reports.privacy import privacy_report_for_run
 
     paths = privacy_report_for_run(Path(args.run_dir))
     print(f"privacy report: {paths['md']} (+ {paths['json'].name}, {paths['png'].name})")
@@ -333,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgemri.core.partition import ManifestError
     from edgemri.core.privacy import LedgerError, PrivacyError
     from edgemri.core.train import ResumeMismatchError
+    from edgemri.deploy.local import DeployError
     from edgemri.edge.export import EdgeError
     from edgemri.models import WeightsUnavailableError
-    from edgemri.simulation.deploy import DeployError
     from edgemri.simulation.flower_run import FlowerRunError
 
     logging.basicConfig(level=logging.INFO, format="edgemri: %(message)s")

@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgemri import __version__
 from edgemri.core.data import CLASS_NAMES, PREPROCESSING
+from edgemri.core.errors import EdgemriError, version
 from edgemri.core.io import save_torch
 from edgemri.models import Student, build_model
 
 FORMAT = "edgemri.checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EdgemriError):
     """A checkpoint file is missing, unreadable or not a model this project knows."""
 
 
@@ -42,7 +42,7 @@ class Checkpoint:
     data_fingerprint: str | None = None
     role: str = ""  # e.g. "teacher", "baseline", "kd", "personalized"
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-    edgemri_version: str = __version__
+    edgemri_version: str = field(default_factory=version)
 
     def build(self) -> nn.Module:
         """The model with these weights, in eval mode."""

@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 import yaml
 
+from edgemri.core.errors import EdgemriError
 
-class ConfigError(ValueError):
+
+class ConfigError(EdgemriError):
     """A configuration key is unknown or its value is not allowed."""
 
 

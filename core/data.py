@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from edgemri.core.errors import EdgemriError
 from edgemri.core.io import save_torch
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,11 @@ PREPROCESSING = {
 _PREPROCESSING_VERSION = hashlib.sha256(json.dumps(PREPROCESSING, sort_keys=True).encode()).hexdigest()[:12]
 
 
-class DataError(ValueError):
+class DataError(EdgemriError):
     """A data folder cannot be used as given; the message names the path."""
 
 
-class BadImageError(ValueError):
+class BadImageError(EdgemriError):
     """One file cannot be used as an image; the message says why."""
 
 

@@ -19,13 +19,14 @@ import torch
 
 from edgemri.core.config import Config, TierConfig
 from edgemri.core.data import CLASS_NAMES, ArraySplit, DataError, load_image_uint8, server_client_split
+from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json
 
 MANIFEST_FORMAT = "edgemri.manifest/1"
 LOCAL_SPLITS = ("train", "val", "test")
 
 
-class ManifestError(ValueError):
+class ManifestError(EdgemriError):
     """A manifest is missing, malformed, or its files changed since partitioning."""
 
 

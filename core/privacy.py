@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from edgemri.core.config import DPTierConfig
+from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_text
 
 LEDGER_FORMAT = "edgemri.privacy-ledger/1"
@@ -35,11 +36,11 @@ LEDGER_FILE = "privacy-ledger.jsonl"
 MIN_SIGNAL_TO_NOISE = 1.0
 
 
-class PrivacyError(ValueError):
+class PrivacyError(EdgemriError):
     """A privacy setting is invalid or cannot be met; the message names the value."""
 
 
-class LedgerError(ValueError):
+class LedgerError(EdgemriError):
     """A privacy ledger is corrupt; it is never silently treated as empty."""
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from edgemri.core.config import TrainSpec
 from edgemri.core.data import ArraySplit, normalize
+from edgemri.core.errors import EdgemriError
 from edgemri.core.evaluate import predict_logits
 from edgemri.core.io import save_torch
 
@@ -92,7 +93,7 @@ class FitResult:
         return [asdict(r) for r in self.history]
 
 
-class ResumeMismatchError(RuntimeError):
+class ResumeMismatchError(EdgemriError):
     """The saved training state was made with other settings than this run's."""
 
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from edgemri import __version__
 from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from edgemri.core.data import IMAGE_SIZE, PREPROCESSING, normalize
+from edgemri.core.errors import EdgemriError, version
 from edgemri.core.io import write_bytes
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ CALIBRATION_IMAGES = 200
 ORT_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
 
 
-class EdgeError(ValueError):
+class EdgeError(EdgemriError):
     """A model cannot be exported or used for prediction as asked; the message says why."""
 
 
@@ -101,7 +101,7 @@ def edge_metadata(checkpoint: Checkpoint) -> dict[str, Any]:
         "source_seed": checkpoint.seed,
         "source_data_fingerprint": checkpoint.data_fingerprint,
         "source_created": checkpoint.created,
-        "edgemri_version": __version__,
+        "edgemri_version": version(),
     }
 
 
@@ -164,7 +164,7 @@ def _with_metadata(model_bytes: bytes, metadata: dict[str, Any], doc: str) -> by
         model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     )
     model.doc_string = doc
-    model.producer_name, model.producer_version = "edgemri", __version__
+    model.producer_name, model.producer_version = "edgemri", version()
     onnx.checker.check_model(model)
     return model.SerializeToString()
 

@@ -12,9 +12,9 @@ from edgemri.core.checkpoint import load_checkpoint
 from edgemri.core.config import load_config
 from edgemri.core.data import load_dataset
 from edgemri.core.io import write_json
-from edgemri.server.fed_report import build_federation_report, write_federation_report
+from edgemri.reports.federation import build_federation_report, write_federation_report
+from edgemri.reports.privacy import build_privacy_report, write_privacy_report
 from edgemri.server.federation import FederationServer
-from edgemri.server.privacy_report import build_privacy_report, write_privacy_report
 
 app = ServerApp()
 

@@ -20,8 +20,8 @@ from edgemri.core.io import write_json, write_text
 from edgemri.core.partition import partition, read_manifest, write_manifests
 from edgemri.core.privacy import PrivacyError, check_dp_model, plan_dp
 from edgemri.models import build_model
-from edgemri.server.fed_report import build_federation_report, write_federation_report
-from edgemri.server.privacy_report import privacy_report_for_run
+from edgemri.reports.federation import build_federation_report, write_federation_report
+from edgemri.reports.privacy import privacy_report_for_run
 from edgemri.simulation.baselines import manifest_paths, pooled_accuracy
 from edgemri.simulation.flower_run import FlowerRunError, run_simulation
 

@@ -29,12 +29,13 @@ from typing import Any
 
 import psutil
 
+from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_text
 
 VENV_BIN = Path(sys.executable).parent  # flwr and flower-* are installed beside this python
 
 
-class FlowerRunError(RuntimeError):
+class FlowerRunError(EdgemriError):
     """The Flower run did not start or did not complete; the message says where to look."""
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from edgemri.core.config import Config
 from edgemri.core.io import write_json
-from edgemri.server.privacy_report import build_privacy_report, write_privacy_report
+from edgemri.reports.privacy import build_privacy_report, write_privacy_report
 from edgemri.simulation.federate import federate
 
 

@@ -31,8 +31,8 @@ from edgemri.core.config import parse_config
 from edgemri.core.data import load_dataset
 from edgemri.core.io import write_text
 from edgemri.core.partition import partition, read_manifest, write_manifests
+from edgemri.deploy.local import DeployError, LocalDeployment, make_certs, make_node_keys
 from edgemri.models import Student
-from edgemri.simulation.deploy import DeployError, LocalDeployment, make_certs, make_node_keys
 from edgemri.simulation.federate import APP_DIR
 
 pytestmark = pytest.mark.slow

@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
+from edgemri.core import distill as distill_module
 from edgemri.core.checkpoint import load_checkpoint
 from edgemri.core.config import parse_config
 from edgemri.core.data import load_dataset, server_client_split, stratified_split
-from edgemri.server import distill as distill_module
-from edgemri.server.distill import run_distillation
+from edgemri.core.distill import run_distillation
 
 FAST = {
     "seed": 0,

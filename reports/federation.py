@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemri.core.io import save_figure
-from edgemri.server.report import machine, package_versions, write_report_files
+from edgemri.reports.common import machine, package_versions, write_report_files
 
 COLUMNS = (("start", "start-accuracy"), ("global", "global-accuracy"), ("personalized", "personal-accuracy"),
            ("local-only", "local-only-accuracy"), ("pooled", "pooled-accuracy"))

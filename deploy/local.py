@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_bytes
 from edgemri.simulation.flower_run import (
     VENV_BIN,
@@ -53,7 +54,7 @@ _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
-class DeployError(ValueError):
+class DeployError(EdgemriError):
     """A deployment step cannot work as asked; the message names the bad value and the fix."""
 
 

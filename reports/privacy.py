@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemri.core.io import save_figure
-from edgemri.server.report import write_report_files
+from edgemri.reports.common import write_report_files
 
 NOT_PROTECTED = ("the metrics each client reports (accuracies, losses, epsilon itself), its number of "
                  "examples, which rounds it took part in, and the personal model kept on the device "

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
-from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from edgemri.core.config import Config
 from edgemri.core.data import CLASS_NAMES, Dataset
+from edgemri.core.distill import STAGES, SeedResult
 from edgemri.core.io import save_figure, write_json, write_text
 from edgemri.models import build_model, summarize
-from edgemri.server.distill import STAGES, SeedResult
+from edgemri.reports.common import machine, package_versions
 
 # The paper's Table 1 (seed/paper.txt): test accuracy, trainable params, estimated size.
 PAPER_TABLE = {
@@ -22,26 +20,6 @@ PAPER_TABLE = {
     "kd": {"accuracy": 0.9215, "trainable_params": 12_628, "estimated_size_mb": 2.25},
 }
 LABELS = {"teacher": "Teacher", "baseline": "Baseline student (CE)", "kd": "KD student"}
-PACKAGES = ("edgemri", "torch", "torchvision", "flwr", "opacus", "numpy")
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def machine() -> dict[str, Any]:
-    import os
-
-    import torch
-
-    return {"platform": platform.platform(), "processor": platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -199,16 +177,6 @@ def plot_confusion(report: dict[str, Any], path: Path) -> None:
     fig.suptitle("Testing confusion matrices (first seed)")
     save_figure(path, fig)
     plt.close(fig)
-
-
-def write_report_files(out: Path, stem: str, report: dict[str, Any], render: Callable[[dict[str, Any]], str],
-                       plot: Callable[[dict[str, Any], Path], None]) -> dict[str, Path]:
-    """STEM.json, STEM.md and STEM.png for one report, each written atomically."""
-    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    write_json(paths["json"], report)
-    write_text(paths["md"], render(report))
-    plot(report, paths["png"])
-    return paths
 
 
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:

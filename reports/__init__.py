@@ -1,0 +1,1 @@
+"""Reports: distillation, federation and privacy, each as JSON, Markdown and PNG."""
