@@ -39,7 +39,7 @@ from edgemri.core.data import load_dataset
 from edgemri.core.io import write_text
 from edgemri.core.partition import partition, read_manifest, write_manifests
 from edgemri.core.synth import generate
-from edgemri.deploy.local import LocalDeployment
+from edgemri.deploy.launcher import LocalDeployment
 from edgemri.models import Student
 from edgemri.simulation.federate import APP_DIR
 
@@ -133,8 +133,8 @@ def prepare(work: Path, rounds: int) -> tuple[Path, dict[str, Path], Path, Path]
     generate(data, preset="quickstart", seed=0, progress=False, limit=100)
     config = {"seed": 0, "federation": {
         "rounds": rounds, "method": "ditto", "min_clients": 2, "round_timeout_s": 120,
-        "hospital": {"min_examples": 8, "local_epochs": 1},
-        "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}}
+        "tiers": {"hospital": {"min_examples": 8, "local_epochs": 1},
+                  "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}}}
     manifests = write_manifests(partition(load_dataset(data).train, data, parse_config(config)), work / "manifests")
     by_client = {read_manifest(p).client: p for p in manifests}
     config_path = write_text(work / "config.yaml", yaml.safe_dump(config))

@@ -31,18 +31,11 @@ from torch import Tensor
 from edgemri.core.checkpoint import Checkpoint
 from edgemri.core.data import IMAGE_SIZE, normalize
 from edgemri.core.io import write_json
-from edgemri.edge.export import (
-    INPUT_NAME,
-    ORT_DISABLED_OPTIMIZERS,
-    calibration_sample,
-    load_student,
-    load_torchscript,
-    onnx_bytes,
-    onnx_session,
-    quantize,
-    run_onnx,
-    torchscript_bytes,
-)
+from edgemri.edge.contract import INPUT_NAME, load_student
+from edgemri.edge.int8 import calibration_sample, quantize
+from edgemri.edge.onnx import onnx_bytes
+from edgemri.edge.runtime import ORT_DISABLED_OPTIMIZERS, onnx_session, run_onnx
+from edgemri.edge.torchscript import load_torchscript, torchscript_bytes
 from edgemri.models import Student
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latency.json"

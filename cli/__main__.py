@@ -1,3 +1,5 @@
+"""``python -m edgemri``: the same command line as ``edgemri``."""
+
 import sys
 
 from edgemri.main import main

@@ -12,7 +12,7 @@ AddCommand = Callable[[argparse._SubParsersAction, str, Command, str], argparse.
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from edgemri.deploy.local import make_certs, parse_hosts
+    from edgemri.deploy.certs import make_certs, parse_hosts
 
     hosts = [h.strip() for h in args.hosts.split(",")]
     paths = make_certs(Path(args.out), hosts, days=args.days)
@@ -27,7 +27,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from edgemri.deploy.local import make_node_keys
+    from edgemri.deploy.nodes import make_node_keys
 
     for name, (private, public) in make_node_keys(Path(args.out), args.nodes).items():
         print(f"{name}: private key {private} (0600, stays on the device), public key {public} (register it)")
@@ -35,7 +35,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from edgemri.deploy.local import DeployError, check_node_names, node_key_paths, register_node
+    from edgemri.deploy.errors import DeployError
+    from edgemri.deploy.nodes import check_node_names, node_key_paths, register_node
     from edgemri.simulation.flower_run import flower_env
 
     keys = Path(args.keys)
@@ -62,12 +63,13 @@ def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
     certs.add_argument("--hosts", required=True,
                        help="comma-separated IP addresses and DNS names SuperNodes use to reach the SuperLink, "
                             "e.g. 192.0.2.10,superlink.example.org")
-    certs.add_argument("--days", type=int, default=825, help="validity of the SuperLink certificate (default: 825)")
+    certs.add_argument("--days", type=int, default=825,
+                       help="validity of the SuperLink certificate in days (default: 825)")
 
     keys = add(deploy, "keys", cmd_keys, "make one SuperNode authentication key pair per device (EC P-384, OpenSSH)")
     keys.add_argument("--out", required=True, help="folder for NAME.key (private) and NAME.pub (public)")
     keys.add_argument("--nodes", required=True, nargs="+", metavar="NAME",
-                      help="device names: letters, digits, '-' and '_'")
+                      help="device names: 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit")
 
     reg = add(deploy, "register", cmd_register,
               "register SuperNode public keys with the SuperLink (`flwr supernode register`)")

@@ -21,14 +21,11 @@ def default_output(checkpoint: Path, fmt: str, int8: bool) -> Path:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edgemri.core.data import load_dataset
-    from edgemri.edge.export import (
-        ONNX_OPSET,
-        EdgeError,
-        export_onnx,
-        export_onnx_int8,
-        export_torchscript,
-        load_student,
-    )
+    from edgemri.edge.contract import load_student
+    from edgemri.edge.errors import EdgeError, printable
+    from edgemri.edge.int8 import export_onnx_int8
+    from edgemri.edge.onnx import ONNX_OPSET, export_onnx
+    from edgemri.edge.torchscript import export_torchscript
 
     if args.int8 and args.format != "onnx":
         raise EdgeError("--int8 quantizes ONNX models only; use --format onnx")
@@ -38,20 +35,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = Path(args.checkpoint)
     out = Path(args.out) if args.out else default_output(source, args.format, args.int8)
     if out.resolve() == source.resolve():
-        raise EdgeError(f"--out {out} is the checkpoint itself; choose another file")
+        raise EdgeError(f"--out {printable(str(out))} is the checkpoint itself; choose another file")
     checkpoint = load_student(source)
+    shown = printable(str(out))
     if args.format == "torchscript":
         export_torchscript(checkpoint, out, overwrite=args.overwrite)
-        print(f"wrote {out} (TorchScript, {out.stat().st_size:,} bytes)")
+        print(f"wrote {shown} (TorchScript, {out.stat().st_size:,} bytes)")
         return 0
     if not args.int8:
         export_onnx(checkpoint, out, overwrite=args.overwrite)
-        print(f"wrote {out} (ONNX opset {ONNX_OPSET}, fp32, {out.stat().st_size:,} bytes)")
+        print(f"wrote {shown} (ONNX opset {ONNX_OPSET}, fp32, {out.stat().st_size:,} bytes)")
         return 0
     dataset = load_dataset(args.data_root, progress=not args.quiet and sys.stderr.isatty())
     result = export_onnx_int8(checkpoint, out, dataset.train.images, dataset.test.images, dataset.test.labels,
                               overwrite=args.overwrite)
-    print(f"wrote {out} (ONNX opset {ONNX_OPSET}, static int8 QDQ, per-channel weights, "
+    print(f"wrote {shown} (ONNX opset {ONNX_OPSET}, static int8 QDQ, per-channel weights, "
           f"{out.stat().st_size:,} bytes; calibrated on {result.calibration_images} Training images)")
     print(f"test accuracy on {result.test_images} Testing images: fp32 {100 * result.fp32_accuracy:.2f} % -> "
           f"int8 {100 * result.int8_accuracy:.2f} % ({result.change_points:+.2f} points)")
@@ -59,13 +57,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from edgemri.edge.predict import load_model, predict_paths
+    from edgemri.edge.errors import printable
+    from edgemri.edge.predict import predict_paths
+    from edgemri.edge.runtime import load_model, model_kind
+    from edgemri.edge.torchscript import CODE_NOTICE
 
+    if model_kind(args.model) == "torchscript":
+        print(f"edgemri: note: {CODE_NOTICE}", file=sys.stderr)
     model = load_model(args.model)
     results = predict_paths(model, args.paths, top_k=args.top_k, batch_size=args.batch_size)
     failed = sum(not r.ok for r in results)
     if args.json:
-        print(json.dumps({"model": str(model.path), "kind": model.kind, "class_names": model.class_names,
+        print(json.dumps({"model": printable(str(model.path)), "kind": model.kind, "class_names": model.class_names,
                           "predicted": len(results) - failed, "failed": failed,
                           "results": [r.as_dict() for r in results]}, indent=2))
     else:
@@ -96,7 +99,8 @@ def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
 
     predict = add(commands, "predict", cmd_predict,
                   "classify image files with a checkpoint, an exported .onnx or TorchScript model")
-    predict.add_argument("model", help="checkpoint (.pt), exported .onnx, or exported TorchScript file")
+    predict.add_argument("model", help="checkpoint (.pt), exported .onnx, or exported TorchScript file "
+                                       "(TorchScript is code: load only your own)")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     predict.add_argument("--json", action="store_true", help="one JSON document instead of one line per image")
     predict.add_argument("--top-k", type=int, default=1, help="also list the K most probable classes")

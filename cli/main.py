@@ -8,33 +8,39 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgemri import __version__
 from edgemri.core.errors import EdgemriError
 
+if TYPE_CHECKING:
+    from edgemri.core.config import Config
+
 log = logging.getLogger("edgemri")
 
 
-class UsageError(EdgemriError):
-    """A command was called in a way that cannot work; the message says how to fix it."""
-
-
 def _progress(args: argparse.Namespace) -> bool:
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+    from edgemri.simulation.pipeline import show_progress
+
+    return show_progress(getattr(args, "quiet", False))
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from edgemri.simulation.pipeline import load_run_config
+
+    return load_run_config(args.config, args.overrides, args.data_root)
 
 
 # ---------------------------------------------------------------- data
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from edgemri.core.synth import generate, write_sample_grid
+    from edgemri.simulation.pipeline import sample_grid, synthesize
 
-    summary = generate(Path(args.out), preset=args.preset, seed=args.seed, overwrite=args.overwrite,
-                       progress=_progress(args))
-    grid = Path(args.out) / "samples.png"
-    write_sample_grid(Path(args.out), grid)
-    print(f"wrote {summary.get('total', '')} images ({args.preset}, seed {args.seed}) to {args.out}; "
-          f"sample grid: {grid}")
+    out = Path(args.out)
+    summary = synthesize(out, preset=args.preset, seed=args.seed, overwrite=args.overwrite, progress=_progress(args))
+    print(f"wrote {summary.get('total', '')} images ({args.preset}, seed {args.seed}) to {out}; "
+          f"sample grid: {sample_grid(out)}")
     return 0
 
 
@@ -59,6 +65,19 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_partition(args: argparse.Namespace) -> int:
+    from edgemri.simulation.pipeline import partition
+
+    manifests = partition(_config(args), Path(args.out), progress=_progress(args))
+    for m in manifests:
+        counts = m.class_counts()
+        print(f"{m.client:24s} {m.kind:8s} site={m.site:10s} n={len(m.files):4d} "
+              f"train={sum(counts['train'].values())} val={sum(counts['val'].values())} "
+              f"test={sum(counts['test'].values())}")
+    print(f"wrote {len(manifests)} manifests to {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -80,87 +99,25 @@ def cmd_models_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- distill
-
-
-def _load_config_with_root(args: argparse.Namespace):
-    import dataclasses
-
-    from edgemri.core.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    if args.data_root:
-        config = config.replace(data=dataclasses.replace(config.data, root=args.data_root))
-    if not config.data.root:
-        raise UsageError("no data: pass --data-root DIR (a Kaggle-layout folder), "
-                         "or make one with `edgemri data synth --out DIR`")
-    return config
+# ---------------------------------------------------------------- distill and federation
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from edgemri.core.data import load_dataset
-    from edgemri.core.distill import run_distillation
-    from edgemri.reports.distill import build_report, write_report
+    from edgemri.simulation.pipeline import distill
 
-    config = _load_config_with_root(args)
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
-    out = Path(args.out)
-    if out.exists() and any(out.glob("seed-*")) and not args.resume:
-        raise UsageError(f"{out} already holds a distillation run; add --resume to continue it "
-                         f"or choose another --out")
-    progress = _progress(args)
-    dataset = load_dataset(config.data.root, cache_dir=config.data.cache_dir, progress=progress)
-    log.info("data: %s", dataset.summary())
-    results, seconds = run_distillation(config, dataset, out, seeds=args.seeds, resume=args.resume,
-                                        progress=progress)
-    report = build_report(config, dataset, results, seconds, out)
-    paths = write_report(report, out)
-    from edgemri.core.checkpoint import load_checkpoint, save_checkpoint
-
-    # The federation's starting model: the first seed's KD student.
-    student = out / "student.pt"
-    save_checkpoint(student, load_checkpoint(results[0].stages["kd"].checkpoint))
-    models = report["models"]
-    for stage in ("teacher", "baseline", "kd"):
-        acc = models[stage]["test_accuracy"]
-        print(f"{stage:9s} test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} %")
-    print(f"report: {paths['md']}\ndistilled student: {student}")
-    return 0
-
-
-# ---------------------------------------------------------------- federation
-
-
-def cmd_data_partition(args: argparse.Namespace) -> int:
-    from edgemri.core.data import load_dataset
-    from edgemri.core.partition import partition, write_manifests
-
-    config = _load_config_with_root(args)
-    dataset = load_dataset(config.data.root, cache_dir=config.data.cache_dir, progress=_progress(args))
-    manifests = partition(dataset.train, Path(config.data.root), config)
-    write_manifests(manifests, Path(args.out))
-    for m in manifests:
-        counts = m.class_counts()
-        print(f"{m.client:24s} {m.kind:8s} site={m.site:10s} n={len(m.files):4d} "
-              f"train={sum(counts['train'].values())} val={sum(counts['val'].values())} "
-              f"test={sum(counts['test'].values())}")
-    print(f"wrote {len(manifests)} manifests to {args.out}")
+    outcome = distill(_config(args), Path(args.out), seeds=args.seeds, resume=args.resume, progress=_progress(args))
+    print("\n".join(outcome.lines()))
     return 0
 
 
 def cmd_federate(args: argparse.Namespace) -> int:
     from edgemri.simulation.federate import federate
+    from edgemri.simulation.pipeline import federation_lines, start_model
 
-    config = _load_config_with_root(args)
-    start = Path(args.start or config.federation.start_checkpoint or "runs/demo/distill/student.pt")
-    run = federate(config, data_root=Path(config.data.root), out=Path(args.out), start_checkpoint=start,
-                   resume=args.resume)
-    summary = run.report["summary"]
-    for group, stats in summary.items():
-        print(f"{group:9s} " + "  ".join(f"{column} {100 * stats[column]['mean']:.1f}"
-                                         for column in ("start", "global", "personalized", "local-only", "pooled")))
-    print(f"report: {run.paths['md']}")
+    config = _config(args)
+    run = federate(config, data_root=Path(config.data.root), out=Path(args.out),
+                   start_checkpoint=start_model(config, args.start), resume=args.resume)
+    print("\n".join(federation_lines(run)))
     return 0
 
 
@@ -173,17 +130,22 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_sweep(args: argparse.Namespace) -> int:
+    from edgemri.simulation.pipeline import start_model
     from edgemri.simulation.sweep import sweep
 
-    config = _load_config_with_root(args)
-    start = Path(args.start or config.federation.start_checkpoint or "runs/demo/distill/student.pt")
-    epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
-    if not epsilons or any(e <= 0 for e in epsilons):
-        raise UsageError(f"--epsilons must be positive numbers, got {args.epsilons!r}")
-    paths = sweep(config, epsilons=epsilons, data_root=Path(config.data.root), out=Path(args.out),
-                  start_checkpoint=start, resume=args.resume)
-    print(Path(paths["md"]).read_text())
+    config = _config(args)
+    paths = sweep(config, epsilons=args.epsilons, data_root=Path(config.data.root), out=Path(args.out),
+                  start_checkpoint=start_model(config, args.start), resume=args.resume)
+    print(Path(paths["md"]).read_text(encoding="utf-8"))
     return 0
+
+
+def _epsilon_list(text: str) -> list[float]:
+    """``--epsilons 1,3,8`` as numbers (range checks are the sweep's)."""
+    try:
+        return [float(e) for e in text.split(",") if e.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,3,8, got {text!r}") from None
 
 
 # ---------------------------------------------------------------- demo
@@ -191,53 +153,11 @@ def cmd_privacy_sweep(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the offline default; an interrupted demo resumes where it stopped."""
-    import time
+    from edgemri.simulation.pipeline import demo
 
-    out = Path(args.out)
-    quiet = ["--quiet"] if args.quiet else []
-    data, distill, federation, edge = out / "data", out / "distill", out / "federation", out / "edge"
-    student = distill / "student.pt"
-    stages: list[tuple[str, list[str], bool]] = [
-        ("synthesize data", ["data", "synth", "--out", str(data), "--preset", "quickstart", "--overwrite", *quiet],
-         (data / "metadata.csv").is_file()),
-        ("distill", ["distill", "--config", args.config, "--data-root", str(data), "--out", str(distill),
-                     *(["--resume"] if distill.exists() else []), *quiet], student.is_file()),
-        ("federate", ["federate", "--config", args.config, "--data-root", str(data), "--start", str(student),
-                      "--out", str(federation), *(["--resume"] if federation.exists() else []), *quiet],
-         (federation / "privacy.md").is_file()),
-        ("export the distilled student", ["export", str(student), "--out", str(edge / "student.onnx"),
-                                          "--overwrite", *quiet], False),
-        ("export it as int8", ["export", str(student), "--int8", "--data-root", str(data),
-                               "--out", str(edge / "student.int8.onnx"), "--overwrite", *quiet], False),
-    ]
-    for title, argv, done in stages:
-        if done:
-            print(f"== {title}: already done", flush=True)
-            continue
-        started = time.perf_counter()
-        print(f"\n== {title}: edgemri {' '.join(argv)}", flush=True)
-        code = main(argv)
-        if code:
-            return code
-        print(f"== {title} took {time.perf_counter() - started:.0f} s", flush=True)
-    personal = sorted((federation / "clients").glob("*/personalized.pt"))
-    samples = sorted((data / "Testing").glob("*/*.jpg"))[::50][:8]
-    if personal:
-        print(f"\n== export a client's personalized model: {personal[0].parent.name}", flush=True)
-        phone_model = edge / f"{personal[0].parent.name}.onnx"
-        if main(["export", str(personal[0]), "--out", str(phone_model), "--overwrite", *quiet]):
-            return 1
-        print("\n== predict a few Testing images with the distilled student and the personalized model")
-        for model in (edge / "student.onnx", phone_model):
-            print(f"-- {model.name}", flush=True)
-            if main(["predict", str(model), *map(str, samples)]):
-                return 1
+    outcome = demo(Path(args.out), Path(args.config), quiet=args.quiet)
     print("\nReports:")
-    print(f"  data:         {data} (sample grid {data / 'samples.png'})")
-    print(f"  distillation: {distill / 'report.md'} (+ report.json, curves.png, confusion.png)")
-    print(f"  federation:   {federation / 'federation.md'} (+ federation.json, federation.png)")
-    print(f"  privacy:      {federation / 'privacy.md'} (+ privacy.json, privacy.png)")
-    print(f"  exports:      {edge} (student.onnx, student.int8.onnx, a client's personalized model)")
+    print("\n".join(outcome.layout.report_lines()))
     return 0
 
 
@@ -271,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
     info = add(data, "info", cmd_data_info, "what the loader sees in a Kaggle-layout folder")
     info.add_argument("root", help="data folder (Training/ and Testing/ inside)")
-    info.add_argument("--cache-dir", default=None, help="decoded-image cache (default: ROOT/.edgemri-cache)")
+    info.add_argument("--cache-dir", default=None,
+                      help="decoded-image cache (default: $EDGEMRI_CACHE_DIR or ~/.cache/edgemri)")
     info.add_argument("--json", action="store_true")
 
     part = add(data, "partition", cmd_data_partition,
@@ -311,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(sweep)
     sweep.add_argument("--data-root", default=None)
     sweep.add_argument("--start", default=None, help="start model (default: runs/demo/distill/student.pt)")
-    sweep.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons (default 1,3,8)")
+    sweep.add_argument("--epsilons", type=_epsilon_list, default="1,3,8",
+                       help="comma-separated target epsilons (default 1,3,8)")
     sweep.add_argument("--out", default="runs/privacy-sweep")
     sweep.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
 
@@ -323,31 +245,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = add(commands, "demo", cmd_demo, "run the whole pipeline on the offline synthetic data")
     demo.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
-    demo.add_argument("--config", default="configs/quickstart.yaml")
+    demo.add_argument("--config", default="configs/quickstart.yaml",
+                      help="YAML config (default: configs/quickstart.yaml)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from edgemri.core.checkpoint import CheckpointError
-    from edgemri.core.config import ConfigError
-    from edgemri.core.data import DataError
-    from edgemri.core.partition import ManifestError
-    from edgemri.core.privacy import LedgerError, PrivacyError
-    from edgemri.core.train import ResumeMismatchError
-    from edgemri.deploy.local import DeployError
-    from edgemri.edge.export import EdgeError
-    from edgemri.models import WeightsUnavailableError
-    from edgemri.simulation.flower_run import FlowerRunError
+def _fail(message: str) -> int:
+    """One line on stderr, exit 2: a message with more lines keeps its first; the rest goes to the debug log."""
+    first, *rest = message.strip().splitlines() or [""]
+    print(f"edgemri: error: {first}", file=sys.stderr)
+    for line in rest:
+        log.debug("%s", line)
+    return 2
 
+
+def system_error_message(err: OSError) -> str:
+    """The system's reason and the file(s), e.g. ``No space left on device: runs/demo/report.json``."""
+    if not err.strerror:
+        return str(err) or type(err).__name__
+    files = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+    return f"{err.strerror}: {files}" if files else err.strerror
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad input of any kind is an ``EdgemriError`` (exit 2, one line); anything else is a bug with a traceback."""
     logging.basicConfig(level=logging.INFO, format="edgemri: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, DataError, CheckpointError, WeightsUnavailableError,
-            ResumeMismatchError, FileExistsError, ManifestError, FlowerRunError, EdgeError,
-            PrivacyError, LedgerError, FileNotFoundError, DeployError) as err:
-        print(f"edgemri: error: {err}", file=sys.stderr)
-        return 2
+    except EdgemriError as err:
+        return _fail(str(err) or type(err).__name__)
+    except OSError as err:  # disk full, permission denied: the system's doing, not a bug
+        return _fail(system_error_message(err))
     except KeyboardInterrupt:
         print("edgemri: interrupted; completed epochs are saved, continue with --resume", file=sys.stderr)
         return 130

@@ -1,41 +1,80 @@
 """The Flower ClientApp: a thin adapter from messages to ``clients.runtime.Client``.
 
-Only model arrays and scalar metrics leave the client; images, file names and paths
-never do. The server sends the settings for the round in the message's ConfigRecord
-(method, the tier's local epochs, ...), so a device needs no copy of the YAML config.
+Only model arrays and scalar metrics leave the client; images, file names and paths never do,
+and neither does an exception's text: a failure travels as a coded status (``protocol.FailureCode``)
+and its details stay in the device's own log. What the server sends is parsed and validated
+(``protocol.RoundInstructions``) before use, and the device's own privacy floor (node config
+``dp-required``, ``dp-max-epsilon``, ...) overrides any weaker instruction.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
+import logging
+from collections.abc import Callable
 from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from edgemri.clients.audit import audit_mod
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
-from edgemri.core.config import FederationConfig, PrivacyConfig, TrainSpec, from_dict
+from edgemri.core import protocol as p
+from edgemri.core.config import ConfigError
+from edgemri.core.data import DataError
+from edgemri.core.errors import EdgemriError
+from edgemri.core.partition import ManifestError
 from edgemri.core.personalize import State, create_method
+from edgemri.core.privacy import DevicePolicy, LedgerError, PrivacyError
 
-app = ClientApp(mods=[audit_mod])
+log = logging.getLogger("edgemri.client")
 
-# Keys of the round's ConfigRecord that are federation settings (the rest are per round).
-_TRAIN_KEYS = ("local-epochs", "batch-size", "lr")
+
+def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod`` for TRAIN messages whose server asks for client-side clipping."""
+    config = msg.content.config_records.get(p.CONFIG)
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None and p.CLIPPING_NORM_KEY in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[audit_mod, central_clipping_mod])
+
+_CODES: tuple[tuple[type[Exception], p.FailureCode], ...] = (
+    ((ManifestError, DataError, OSError), p.FailureCode.DATA),
+    ((LedgerError, PrivacyError), p.FailureCode.PRIVACY),
+    ((p.ProtocolError, ConfigError), p.FailureCode.CONFIG),
+)
+
+
+def _code(err: Exception) -> p.FailureCode:
+    return next((code for types, code in _CODES if isinstance(err, types)), p.FailureCode.INTERNAL)
+
+
+def coded_failures(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A handler that fails replies with a coded status; the exception's text stays in this device's log."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:  # noqa: BLE001 - any failure becomes a code, never a traceback to the server
+            code = _code(err)
+            if isinstance(err, EdgemriError | OSError):
+                log.error("%s failed: %s", msg.metadata.message_type, str(err).splitlines()[0] if str(err) else err)
+            else:
+                log.exception("%s failed", msg.metadata.message_type)
+            return _reply(msg, metrics={p.NUM_EXAMPLES: 0}, info={"status": p.Status.FAILED.value,
+                                                                  "code": code.value})
+
+    return wrapped
 
 
 def _client(context: Context) -> Client:
-    return Client(resolve_setup(dict(context.node_config), dict(context.run_config)))
-
-
-def _settings(config: ConfigRecord) -> tuple[FederationConfig, PrivacyConfig, TrainSpec, int]:
-    federation = from_dict(FederationConfig, json.loads(str(config["federation-json"])), "federation")
-    privacy = from_dict(PrivacyConfig, json.loads(str(config["privacy-json"])), "privacy")
-    spec = TrainSpec(epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]))
-    return federation, privacy, spec, int(config["seed"])
+    node_config = dict(context.node_config)
+    return Client(resolve_setup(node_config, dict(context.run_config)), DevicePolicy.from_node_config(node_config))
 
 
 def _state(client: Client, context: Context) -> ClientState:
@@ -54,31 +93,25 @@ def _remember(context: Context, state: ClientState) -> None:
         context.state["personal"] = ArrayRecord(state.personal)
 
 
-def clip_update(shared: State, global_state: State, clipping_norm: float) -> State:
-    """Client-level DP with side: client: the shared arrays with their update clipped to ``clipping_norm``.
-
-    Flower's ``compute_clip_model_update``, the function its ``fixedclipping_mod`` calls. The mod itself
-    does not fit this app: it turns a reply without arrays (a client declining the round for its
-    sample-level budget) into an error, and it wants the reply to carry every array it was sent, while
-    FedPer keeps its head on the device.
-    """
-    keys = list(shared)
-    clipped = [shared[k].numpy() for k in keys]
-    compute_clip_model_update(clipped, [global_state[k].numpy() for k in keys], clipping_norm)
-    return {k: torch.from_numpy(v) for k, v in zip(keys, clipped, strict=True)}
-
-
-def _reply(msg: Message, *, arrays: dict[str, Any] | None = None, metrics: dict[str, float],
-           config: dict[str, Any] | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+def _reply(msg: Message, *, arrays: State | None = None, metrics: dict[str, float],
+           info: dict[str, Any] | None = None) -> Message:
+    content = RecordDict({p.METRICS: MetricRecord(metrics)})
     if arrays is not None:
-        content["arrays"] = ArrayRecord(arrays)
-    if config is not None:
-        content["info"] = ConfigRecord(config)
+        content[p.ARRAYS] = ArrayRecord(arrays)
+    if info is not None:
+        content[p.INFO] = ConfigRecord(info)
     return Message(content, reply_to=msg)
 
 
+def _received(msg: Message) -> tuple[p.RoundInstructions, State]:
+    config, arrays = msg.content.config_records.get(p.CONFIG), msg.content.array_records.get(p.ARRAYS)
+    if config is None or arrays is None:
+        raise p.ProtocolError("the server's message lacks its config or arrays")
+    return p.RoundInstructions.from_config(dict(config)), arrays.to_torch_state_dict()
+
+
 @app.query()
+@coded_failures
 def describe(msg: Message, context: Context) -> Message:
     """Who this node is: client name, kind and site (names, never paths), and its size.
 
@@ -86,42 +119,44 @@ def describe(msg: Message, context: Context) -> Message:
     is, and then fails (reported, skipped) in the rounds that need the data.
     """
     client = _client(context)
-    state = _state(client, context)
-    return _reply(msg, metrics={"num-examples": client.manifest.num_examples("train"),
-                                "rounds-trained": state.rounds_trained},
-                  config={"client": client.name, "kind": client.kind, "site": client.manifest.site})
+    info, metrics = p.ClientInfo(client.name, client.kind, client.manifest.site,
+                                 client.manifest.num_examples("train")).to_record()
+    return _reply(msg, metrics={**metrics, p.ROUNDS_TRAINED: _state(client, context).rounds_trained}, info=info)
 
 
 @app.train()
+@coded_failures
 def train(msg: Message, context: Context) -> Message:
     client = _client(context)
-    config = msg.content["config"]
-    federation, privacy, spec, seed = _settings(config)
-    global_state = msg.content["arrays"].to_torch_state_dict()
-    reply = client.train_round(create_method(federation), global_state, _state(client, context), spec,
-                               int(config["server-round"]), seed, privacy, federation.rounds)
+    instructions, global_state = _received(msg)
+    reply = client.train_round(create_method(instructions.federation), global_state, _state(client, context),
+                               instructions)
     _remember(context, reply.state)
-    shared = reply.shared
-    if shared is not None and KEY_CLIPPING_NORM in config:  # the server asks for client-side clipping
-        shared = clip_update(shared, global_state, float(config[KEY_CLIPPING_NORM]))
-    return _reply(msg, arrays=shared, metrics={**reply.metrics, "num-examples": client.data().num_examples()},
-                  config={"status": reply.status, "reason": reply.reason})
+    if reply.status is not p.Status.TRAINED:
+        log.info("round %d: %s (%s)", instructions.server_round, reply.status.value, reply.reason)
+    # Every trained reply carries the global model's keys in its order: personal keys come back as they
+    # were received, so the server's checks and Flower's clipping see one layout.
+    arrays = None if reply.shared is None else {k: reply.shared.get(k, v) for k, v in global_state.items()}
+    if arrays is None and instructions.clipping_norm is not None:
+        arrays = global_state  # Flower's clipping mod wants arrays back; an unchanged model is a zero update
+    return _reply(msg, arrays=arrays, metrics={**reply.metrics, p.NUM_EXAMPLES: client.data().num_examples()},
+                  info={"status": reply.status.value})
 
 
 @app.evaluate()
+@coded_failures
 def evaluate(msg: Message, context: Context) -> Message:
     client = _client(context)
-    config = msg.content["config"]
-    federation, privacy, spec, seed = _settings(config)
-    method = create_method(federation)
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    instructions, global_state = _received(msg)
+    method = create_method(instructions.federation)
     state = _state(client, context)
-    if bool(config.get("final", False)):
-        start = msg.content["start"].to_torch_state_dict()
-        metadata = {"config": {"federation": dataclasses.asdict(federation), "seed": seed}}
-        metrics = client.final_evaluate(method, start, global_state, state, spec, federation.rounds, seed, metadata)
+    if instructions.final:
+        start = msg.content.array_records.get(p.START)
+        if start is None:
+            raise p.ProtocolError("the final evaluation lacks the start model")
+        metrics = client.final_evaluate(method, start.to_torch_state_dict(), global_state, state, instructions)
     else:
-        metrics, _ = client.evaluate(method, global_state, state, spec, int(config["server-round"]), seed)
-    privacy_status = client.privacy_status(client.dp_plan(privacy, spec, federation.rounds))
-    return _reply(msg, metrics={**metrics, **privacy_status, "num-examples": len(client.data().test),
-                                "rounds-trained": state.rounds_trained})
+        metrics, _ = client.evaluate(method, global_state, state, instructions)
+    privacy_status = client.privacy_status(client.dp_plan(instructions))
+    return _reply(msg, metrics={**metrics, **privacy_status, p.NUM_EXAMPLES: len(client.data().test),
+                                p.ROUNDS_TRAINED: state.rounds_trained})

@@ -10,22 +10,40 @@ atomically in the state folder after every round, so a restarted client carries 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from edgemri.core.checkpoint import Checkpoint, save_checkpoint
-from edgemri.core.config import PrivacyConfig, TrainSpec
-from edgemri.core.io import save_torch
-from edgemri.core.partition import LocalData, Manifest, ManifestError, load_local_data, read_manifest
+from edgemri.core.checkpoint import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
+from edgemri.core.config import TrainSpec
+from edgemri.core.partition import (
+    LocalData,
+    Manifest,
+    ManifestError,
+    load_local_data,
+    load_local_data_cache,
+    read_manifest,
+    save_local_data,
+)
 from edgemri.core.personalize import LocalTrainer, Method, State, evaluate_state, local_only, student_from
-from edgemri.core.privacy import LEDGER_FILE, DPPlan, Ledger, check_dp_model, opacus_wrap, plan_dp
+from edgemri.core.privacy import LEDGER_FILE, DevicePolicy, DPPlan, Ledger, check_dp_model, opacus_wrap, plan_dp
+from edgemri.core.protocol import (
+    EPSILON,
+    GLOBAL_ACCURACY,
+    LEDGER_RECORDS,
+    LOCAL_ONLY_ACCURACY,
+    PERSONAL_ACCURACY,
+    START_ACCURACY,
+    RoundInstructions,
+    Status,
+    check_client_name,
+)
+from edgemri.models import Student
 
-STATE_FILE = "client-state.pt"
+STATE_FILE = "client-state.pt"  # the one checkpoint format, kind "client"
 
 
 @dataclass(frozen=True)
@@ -47,8 +65,11 @@ def resolve_setup(node_config: dict[str, Any], run_config: dict[str, Any]) -> Cl
                            Path(str(node_config["state-dir"])))
     if "partition-id" not in node_config:
         raise ManifestError("node config names neither a manifest (deployment) nor a partition-id (simulation)")
-    manifest = Path(str(run_config["manifests"])) / f"client-{int(node_config['partition-id']):03d}.json"
-    name = read_manifest(manifest).client
+    partition_id = node_config["partition-id"]
+    if isinstance(partition_id, bool) or not isinstance(partition_id, int) or not 0 <= partition_id < 100_000:
+        raise ManifestError(f"node config partition-id is {partition_id!r}; expected an integer in [0, 100000)")
+    manifest = Path(str(run_config["manifests"])) / f"client-{partition_id:03d}.json"
+    name = check_client_name(read_manifest(manifest).client)  # a name, so the state folder stays inside state-root
     return ClientSetup(manifest, Path(str(run_config["data-root"])), Path(str(run_config["state-root"])) / name)
 
 
@@ -57,8 +78,8 @@ class RoundReply:
     shared: State | None  # None: the client did not train this round
     state: ClientState
     metrics: dict[str, float]
-    status: str  # trained, budget-exhausted, dp-infeasible, already-trained
-    reason: str
+    status: Status
+    reason: str  # for the device's own log; only the status travels
 
 
 @dataclass
@@ -69,13 +90,11 @@ class ClientState:
     rounds_trained: int = 0
     last_round: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"personal": self.personal, "rounds_trained": self.rounds_trained, "last_round": self.last_round}
-
 
 class Client:
-    def __init__(self, setup: ClientSetup) -> None:
+    def __init__(self, setup: ClientSetup, policy: DevicePolicy | None = None) -> None:
         self.setup = setup
+        self.policy = policy or DevicePolicy()
         self.manifest: Manifest = read_manifest(setup.manifest)
         setup.state_dir.mkdir(parents=True, exist_ok=True)
         self._data: LocalData | None = None
@@ -93,12 +112,11 @@ class Client:
     def data(self) -> LocalData:
         if self._data is None:
             digest = hashlib.sha256(self.setup.manifest.read_bytes()).hexdigest()[:16]
-            cache = self.setup.state_dir / f"local-data-{digest}.pt"
-            if cache.is_file():
-                self._data = torch.load(cache, weights_only=False)
-            else:
+            cache = self.setup.state_dir / f"local-data-{digest}.npz"
+            self._data = load_local_data_cache(cache, self.manifest)
+            if self._data is None:
                 self._data = load_local_data(self.manifest, self.setup.data_root)
-                save_torch(cache, self._data)
+                save_local_data(cache, self._data)
         return self._data
 
     # -- state ---------------------------------------------------------------
@@ -110,11 +128,19 @@ class Client:
     def load_state(self) -> ClientState:
         if not self.state_path.is_file():
             return ClientState()
-        saved = torch.load(self.state_path, weights_only=True)
-        return ClientState(saved["personal"], saved["rounds_trained"], saved["last_round"])
+        saved = load_checkpoint(self.state_path, kind="client")
+        counters = saved.extra.get("counters", {})
+        rounds_trained, last_round = counters.get("rounds_trained", 0), counters.get("last_round", 0)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1_000_000
+                   for v in (rounds_trained, last_round)):
+            raise ManifestError(f"{self.state_path}: round counters are not small non-negative integers")
+        return ClientState(saved.state_dict or None, rounds_trained, last_round)
 
     def save_state(self, state: ClientState) -> None:
-        save_torch(self.state_path, state.to_dict())
+        save_checkpoint(self.state_path, Checkpoint(
+            model="student", kind="client", state_dict=state.personal or {}, role=f"client state of {self.name}",
+            step=state.last_round,
+            extra={"counters": {"rounds_trained": state.rounds_trained, "last_round": state.last_round}}))
 
     # -- work ------------------------------------------------------------------
 
@@ -128,41 +154,47 @@ class Client:
     def ledger_path(self) -> Path:
         return self.setup.state_dir / LEDGER_FILE
 
-    def dp_plan(self, privacy: PrivacyConfig, spec: TrainSpec, rounds: int) -> DPPlan | None:
-        tier = privacy.tier(self.kind, self.name)
+    def dp_plan(self, instructions: RoundInstructions) -> DPPlan | None:
+        tier = instructions.privacy.tier(self.kind, self.name)
         if not tier.enabled:
             return None
+        spec = instructions.spec
         return plan_dp(tier, n=self.manifest.num_examples("train"), batch_size=spec.batch_size,
-                       local_epochs=spec.epochs, rounds=rounds, accountant=privacy.accountant)
+                       local_epochs=spec.epochs, rounds=instructions.federation.rounds,
+                       accountant=instructions.privacy.accountant)
 
     def privacy_status(self, plan: DPPlan | None) -> dict[str, float]:
         """The ledger's totals as reply metrics (scalars only)."""
         if plan is None:
             return {"dp": 0.0}
         ledger = Ledger.open(self.ledger_path, self.name)
-        return {"dp": 1.0, "epsilon": ledger.epsilon(plan.delta, plan.accountant), "delta": plan.delta,
+        return {"dp": 1.0, EPSILON: ledger.epsilon(plan.delta, plan.accountant), "delta": plan.delta,
                 "budget-epsilon": plan.budget_epsilon, "noise-multiplier": plan.noise_multiplier,
                 "sample-rate": plan.sample_rate, "max-grad-norm": plan.max_grad_norm,
-                "rounds-dp": float(len(ledger.records))}
+                LEDGER_RECORDS: float(len(ledger.records))}
 
     # -- a round ---------------------------------------------------------------
 
-    def train_round(self, method: Method, global_state: State, state: ClientState, spec: TrainSpec,
-                    server_round: int, run_seed: int, privacy: PrivacyConfig, rounds: int) -> RoundReply:
-        """Train one round, or say why not (DP budget exhausted, DP infeasible for this data)."""
-        trainer = self.trainer(spec, server_round, run_seed)
-        plan = self.dp_plan(privacy, spec, rounds)
+    def train_round(self, method: Method, global_state: State, state: ClientState,
+                    instructions: RoundInstructions) -> RoundReply:
+        """Train one round, or say why not (the device's privacy floor, DP budget, DP infeasible)."""
+        check_state_dict(Student(), global_state, "the server's global model")
+        server_round = instructions.server_round
+        plan = self.dp_plan(instructions)
+        if refusal := self.policy.check(instructions.privacy.tier(self.kind, self.name), plan):
+            return RoundReply(None, state, {}, Status.POLICY_REFUSED, refusal)
+        trainer = self.trainer(instructions.spec, server_round, instructions.seed)
         ledger = None
         if plan is not None:
             if not plan.feasible:
-                return RoundReply(None, state, self.privacy_status(plan), "dp-infeasible", plan.reason)
+                return RoundReply(None, state, self.privacy_status(plan), Status.DP_INFEASIBLE, plan.reason)
             ledger = Ledger.open(self.ledger_path, self.name)
             if server_round in ledger.rounds:  # the reply was lost after the ledger was written
-                return RoundReply(None, state, self.privacy_status(plan), "already-trained",
+                return RoundReply(None, state, self.privacy_status(plan), Status.ALREADY_TRAINED,
                                   f"round {server_round} is already in the privacy ledger")
             reach = ledger.epsilon_after(plan)
             if reach > plan.budget_epsilon:
-                return RoundReply(None, state, self.privacy_status(plan), "budget-exhausted",
+                return RoundReply(None, state, self.privacy_status(plan), Status.BUDGET_EXHAUSTED,
                                   f"one more round would reach epsilon {reach:.2f} > budget {plan.budget_epsilon}")
             check_dp_model(student_from(global_state), "student")
             trainer.wrap = opacus_wrap(plan, trainer.seed)
@@ -172,28 +204,33 @@ class Client:
             ledger.append(server_round, plan, int(out.metrics["steps"]))
         new_state = ClientState(out.personal, state.rounds_trained + 1, server_round)
         self.save_state(new_state)
-        return RoundReply(out.shared, new_state, {**out.metrics, **self.privacy_status(plan)}, "trained", "")
+        return RoundReply(out.shared, new_state, {**out.metrics, **self.privacy_status(plan)}, Status.TRAINED, "")
 
-    def evaluate(self, method: Method, global_state: State, state: ClientState, spec: TrainSpec,
-                 server_round: int, run_seed: int) -> tuple[dict[str, float], State]:
+    def evaluate(self, method: Method, global_state: State, state: ClientState, instructions: RoundInstructions
+                 ) -> tuple[dict[str, float], State]:
         """Global and personalized accuracy on the client's own test split."""
+        check_state_dict(Student(), global_state, "the server's global model")
         test = self.data().test
-        personal = method.personalize(global_state, state.personal, self.trainer(spec, server_round, run_seed))
-        metrics = {"global-accuracy": evaluate_state(global_state, test)["accuracy"],
-                   "personal-accuracy": evaluate_state(personal, test)["accuracy"]}
+        trainer = self.trainer(instructions.spec, instructions.server_round, instructions.seed)
+        personal = method.personalize(global_state, state.personal, trainer)
+        metrics = {GLOBAL_ACCURACY: evaluate_state(global_state, test)["accuracy"],
+                   PERSONAL_ACCURACY: evaluate_state(personal, test)["accuracy"]}
         return metrics, personal
 
     def final_evaluate(self, method: Method, start: State, global_state: State, state: ClientState,
-                       spec: TrainSpec, rounds: int, run_seed: int, metadata: dict[str, Any]) -> dict[str, float]:
+                       instructions: RoundInstructions) -> dict[str, float]:
         """The report's columns for this client; saves its personalized checkpoint."""
-        metrics, personal = self.evaluate(method, global_state, state, spec, rounds, run_seed)
+        check_state_dict(Student(), start, "the server's start model")
+        metrics, personal = self.evaluate(method, global_state, state, instructions)
         test = self.data().test
-        local = local_only(start, self.trainer(spec, 0, run_seed), rounds)
-        metrics["start-accuracy"] = evaluate_state(start, test)["accuracy"]
-        metrics["local-only-accuracy"] = evaluate_state(local, test)["accuracy"]
+        rounds = instructions.federation.rounds
+        local = local_only(start, self.trainer(instructions.spec, 0, instructions.seed), rounds)
+        metrics[START_ACCURACY] = evaluate_state(start, test)["accuracy"]
+        metrics[LOCAL_ONLY_ACCURACY] = evaluate_state(local, test)["accuracy"]
         save_checkpoint(self.setup.state_dir / "personalized.pt", Checkpoint(
-            model="student", state_dict=personal, role="personalized", config=metadata.get("config", {}),
-            seed=run_seed, metrics={k: float(v) for k, v in metrics.items()},
+            model="student", state_dict=personal, role="personalized",
+            config={"federation": dataclasses.asdict(instructions.federation)}, seed=instructions.seed,
+            metrics={k: float(v) for k, v in metrics.items()},
             data_fingerprint=hashlib.sha256(self.setup.manifest.read_bytes()).hexdigest()[:16],
         ))
         return metrics

@@ -1,14 +1,21 @@
 """YAML configuration, loaded once into frozen dataclasses and validated.
 
 Unknown keys and bad values raise ``ConfigError`` naming the key (dotted path) and
-what is allowed, before any work starts.
+what is allowed, before any work starts. Every number is finite and bounded (the bound
+is in the message); names of teachers, methods, accountants and synthetic presets are
+read from their registries, not listed here. Client tiers are data: a mapping of tier
+name to settings, where a tier not listed keeps its defaults and a listed one changes
+only the keys it gives.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +23,17 @@ from typing import Any, Literal
 import yaml
 
 from edgemri.core.errors import EdgemriError
+
+MAX_SEED = 2**31 - 1  # every seed derived from it stays within torch's and numpy's ranges
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 65_536
+MAX_LR = 10.0
+MAX_ROUNDS = 10_000
+MAX_TIMEOUT_S = 86_400.0  # one day
+MAX_EPSILON = 1_000.0  # far beyond any meaningful privacy guarantee, still a number
+MAX_WEIGHT = 10_000.0  # proximal mu, Ditto lambda, Dirichlet alpha, clipping norms
+MAX_CLIENTS = 100_000
+MAX_EXAMPLES = 10_000_000
 
 
 class ConfigError(EdgemriError):
@@ -32,16 +50,16 @@ class TrainSpec:
     weight_decay: float = 0.0
 
     def validate(self, where: str) -> None:
-        _require(self.epochs >= 1, f"{where}.epochs", self.epochs, "an integer >= 1")
-        _require(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "an integer >= 1")
-        _require(self.lr > 0, f"{where}.lr", self.lr, "a number > 0")
-        _require(self.weight_decay >= 0, f"{where}.weight_decay", self.weight_decay, "a number >= 0")
+        _in_range(f"{where}.epochs", self.epochs, 1, MAX_EPOCHS, integer=True)
+        _in_range(f"{where}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE, integer=True)
+        _in_range(f"{where}.lr", self.lr, 0, MAX_LR, low_open=True)
+        _in_range(f"{where}.weight_decay", self.weight_decay, 0, MAX_LR)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = None  # a folder in the Kaggle layout; None: the synthetic set of the run
-    synth_preset: Literal["quickstart", "kaggle"] = "quickstart"
+    synth_preset: str = "quickstart"  # a name in edgemri.core.synth.PRESETS
     val_fraction: float = 0.15  # carved from Training, stratified; Testing is for final reports
     # Share of Training held by the federation's clients and never seen by distillation, so
     # the clients' local tests measure new data (0: clients reuse the distillation data).
@@ -52,16 +70,17 @@ class DataConfig:
     cache_dir: str | None = None  # decoded-image cache; None: <root>/.edgemri-cache
 
     def validate(self, where: str) -> None:
-        _require(0 < self.val_fraction < 0.5, f"{where}.val_fraction", self.val_fraction,
-                 "a number in (0, 0.5)")
-        _require(0 <= self.client_fraction <= 0.9, f"{where}.client_fraction", self.client_fraction,
-                 "a number in [0, 0.9]")
-        _require(self.split_seed >= 0, f"{where}.split_seed", self.split_seed, "an integer >= 0")
+        from edgemri.core.synth import PRESETS  # the generator's own registry
+
+        _one_of(f"{where}.synth_preset", self.synth_preset, PRESETS)
+        _in_range(f"{where}.val_fraction", self.val_fraction, 0, 0.5, low_open=True, high_open=True)
+        _in_range(f"{where}.client_fraction", self.client_fraction, 0, 0.9)
+        _in_range(f"{where}.split_seed", self.split_seed, 0, MAX_SEED, integer=True)
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    name: Literal["vgg16-slim", "vgg16-imagenet"] = "vgg16-slim"
+    name: str = "vgg16-slim"  # a teacher in edgemri.models' registry
     width: float = 0.125  # vgg16-slim only: channel width relative to VGG16
     checkpoint: str | None = None  # a trained teacher to load instead of training one
     train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=8, batch_size=32, weight_decay=0.01))
@@ -71,7 +90,10 @@ class TeacherConfig:
         return {"width": self.width} if self.name == "vgg16-slim" else {}
 
     def validate(self, where: str) -> None:
-        _require(0 < self.width <= 1, f"{where}.width", self.width, "a number in (0, 1]")
+        from edgemri.models import MODEL_NAMES, model_spec
+
+        _one_of(f"{where}.name", self.name, [n for n in MODEL_NAMES if model_spec(n).role == "teacher"])
+        _in_range(f"{where}.width", self.width, 0, 1, low_open=True)
         self.train.validate(f"{where}.train")
 
 
@@ -82,8 +104,8 @@ class KDConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
 
     def validate(self, where: str) -> None:
-        _require(self.temperature > 0, f"{where}.temperature", self.temperature, "a number > 0")
-        _require(0 <= self.alpha <= 1, f"{where}.alpha", self.alpha, "a number in [0, 1]")
+        _in_range(f"{where}.temperature", self.temperature, 0, 100, low_open=True)
+        _in_range(f"{where}.alpha", self.alpha, 0, 1)
         self.train.validate(f"{where}.train")
 
 
@@ -117,29 +139,28 @@ class TierConfig:
     val_fraction: float = 0.0
 
     def validate(self, where: str) -> None:
-        _require(self.per_site >= 0, f"{where}.per_site", self.per_site, "an integer >= 0")
-        _require(1 <= self.min_examples <= self.max_examples, f"{where}.min_examples", self.min_examples,
-                 f"an integer in [1, max_examples={self.max_examples}]")
-        _require(self.local_epochs >= 1, f"{where}.local_epochs", self.local_epochs, "an integer >= 1")
-        _require(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "an integer >= 1")
-        _require(self.lr > 0, f"{where}.lr", self.lr, "a number > 0")
-        _require(0 < self.availability <= 1, f"{where}.availability", self.availability, "a number in (0, 1]")
-        _require(0 < self.test_fraction < 1, f"{where}.test_fraction", self.test_fraction, "a number in (0, 1)")
-        _require(0 <= self.val_fraction < 1 - self.test_fraction, f"{where}.val_fraction", self.val_fraction,
-                 "a number in [0, 1 - test_fraction)")
+        _in_range(f"{where}.per_site", self.per_site, 0, 1_000, integer=True)
+        _in_range(f"{where}.max_examples", self.max_examples, 1, MAX_EXAMPLES, integer=True)
+        _in_range(f"{where}.min_examples", self.min_examples, 1, self.max_examples, integer=True)
+        _in_range(f"{where}.local_epochs", self.local_epochs, 1, MAX_EPOCHS, integer=True)
+        _in_range(f"{where}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE, integer=True)
+        _in_range(f"{where}.lr", self.lr, 0, MAX_LR, low_open=True)
+        _in_range(f"{where}.availability", self.availability, 0, 1, low_open=True)
+        _in_range(f"{where}.test_fraction", self.test_fraction, 0, 1, low_open=True, high_open=True)
+        _in_range(f"{where}.val_fraction", self.val_fraction, 0, 1 - self.test_fraction, high_open=True)
 
     def train_spec(self) -> TrainSpec:
         return TrainSpec(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr)
 
 
-def _hospital_tier() -> TierConfig:
-    return TierConfig(per_site=1, min_examples=100, max_examples=100_000, local_epochs=2, batch_size=16,
-                      availability=1.0, test_fraction=0.2, val_fraction=0.1)
-
-
-def _phone_tier() -> TierConfig:
-    return TierConfig(per_site=2, min_examples=8, max_examples=40, local_epochs=1, batch_size=8,
-                      availability=0.7, test_fraction=0.4)
+def _default_tiers() -> dict[str, TierConfig]:
+    """A hospital keeps what is left of its site; phones hold a handful of scans and are often offline."""
+    return {
+        "hospital": TierConfig(per_site=1, min_examples=100, max_examples=100_000, local_epochs=2, batch_size=16,
+                               availability=1.0, test_fraction=0.2, val_fraction=0.1),
+        "phone": TierConfig(per_site=2, min_examples=8, max_examples=40, local_epochs=1, batch_size=8,
+                            availability=0.7, test_fraction=0.4),
+    }
 
 
 @dataclass(frozen=True)
@@ -149,15 +170,20 @@ class PartitionConfig:
     pseudo_sites: int = 4  # data without metadata.csv (the real Kaggle set): random site buckets
 
     def validate(self, where: str) -> None:
-        if self.label_skew_alpha is not None:
-            _require(self.label_skew_alpha > 0, f"{where}.label_skew_alpha", self.label_skew_alpha,
-                     "a number > 0 or null")
-        _require(self.pseudo_sites >= 1, f"{where}.pseudo_sites", self.pseudo_sites, "an integer >= 1")
+        _in_range(f"{where}.label_skew_alpha", self.label_skew_alpha, 0, MAX_WEIGHT, low_open=True, nullable=True)
+        _in_range(f"{where}.pseudo_sites", self.pseudo_sites, 1, 1_000, integer=True)
+
+
+def _tier(tiers: dict[str, Any], kind: str, where: str) -> Any:
+    try:
+        return tiers[kind]
+    except KeyError:
+        raise ConfigError(f"unknown client kind {kind!r}; {where} has: {', '.join(tiers)}") from None
 
 
 @dataclass(frozen=True)
 class FederationConfig:
-    method: Literal["fedavg", "fedavg-ft", "fedper", "ditto"] = "ditto"
+    method: str = "ditto"  # a name in edgemri.core.personalize.METHODS
     rounds: int = 5
     proximal_mu: float = 0.0  # > 0: FedProx term on the global part
     ditto_lambda: float = 0.1  # pull of a Ditto personal model toward the global one
@@ -166,24 +192,34 @@ class FederationConfig:
     round_timeout_s: float = 600.0  # a client that has not answered by then is skipped
     start_checkpoint: str | None = None  # None: the distilled student of the run
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    hospital: TierConfig = field(default_factory=_hospital_tier)
-    phone: TierConfig = field(default_factory=_phone_tier)
+    tiers: dict[str, TierConfig] = field(default_factory=_default_tiers)  # client kind -> its settings
 
-    def validate(self, where: str) -> None:
-        _require(self.rounds >= 1, f"{where}.rounds", self.rounds, "an integer >= 1")
-        _require(self.proximal_mu >= 0, f"{where}.proximal_mu", self.proximal_mu, "a number >= 0")
-        _require(self.ditto_lambda >= 0, f"{where}.ditto_lambda", self.ditto_lambda, "a number >= 0")
-        _require(self.finetune_epochs >= 1, f"{where}.finetune_epochs", self.finetune_epochs, "an integer >= 1")
-        _require(self.min_clients >= 1, f"{where}.min_clients", self.min_clients, "an integer >= 1")
-        _require(self.round_timeout_s > 0, f"{where}.round_timeout_s", self.round_timeout_s, "a number > 0")
-        self.partition.validate(f"{where}.partition")
-        self.hospital.validate(f"{where}.hospital")
-        self.phone.validate(f"{where}.phone")
-        _require(self.hospital.per_site + self.phone.per_site >= 1, f"{where}.hospital.per_site",
-                 self.hospital.per_site, "at least one client per site over both tiers")
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(self.tiers)
 
     def tier(self, kind: str) -> TierConfig:
-        return {"hospital": self.hospital, "phone": self.phone}[kind]
+        return _tier(self.tiers, kind, "federation.tiers")
+
+    def validate(self, where: str) -> None:
+        from edgemri.core.partition import CLIENT_KINDS  # the kinds the partition knows how to carve
+        from edgemri.core.personalize import METHODS  # imported here: personalize imports this module
+
+        _one_of(f"{where}.method", self.method, METHODS)
+        _in_range(f"{where}.rounds", self.rounds, 1, MAX_ROUNDS, integer=True)
+        _in_range(f"{where}.proximal_mu", self.proximal_mu, 0, MAX_WEIGHT)
+        _in_range(f"{where}.ditto_lambda", self.ditto_lambda, 0, MAX_WEIGHT)
+        _in_range(f"{where}.finetune_epochs", self.finetune_epochs, 1, MAX_EPOCHS, integer=True)
+        _in_range(f"{where}.min_clients", self.min_clients, 1, MAX_CLIENTS, integer=True)
+        _in_range(f"{where}.round_timeout_s", self.round_timeout_s, 0, MAX_TIMEOUT_S, low_open=True)
+        self.partition.validate(f"{where}.partition")
+        for name, tier in self.tiers.items():
+            if name not in CLIENT_KINDS:
+                raise ConfigError(f"config key '{where}.tiers.{name}' is not a client kind; allowed: "
+                                  f"{', '.join(CLIENT_KINDS)} (the kinds the partition carves from each site)")
+            tier.validate(f"{where}.tiers.{name}")
+        _require(sum(t.per_site for t in self.tiers.values()) >= 1, f"{where}.tiers",
+                 {k: t.per_site for k, t in self.tiers.items()}, "at least one client per site over all tiers")
 
 
 @dataclass(frozen=True)
@@ -198,17 +234,16 @@ class DPTierConfig:
     max_grad_norm: float = 1.0  # per-sample clipping norm C
 
     def validate(self, where: str) -> None:
-        _require(self.budget_epsilon > 0, f"{where}.budget_epsilon", self.budget_epsilon, "a number > 0")
-        if self.noise_multiplier is not None:
-            _require(self.noise_multiplier >= 0, f"{where}.noise_multiplier", self.noise_multiplier,
-                     "a number >= 0 or null")
-        else:
-            _require(self.target_epsilon is not None and 0 < self.target_epsilon <= self.budget_epsilon,
-                     f"{where}.target_epsilon", self.target_epsilon,
+        _in_range(f"{where}.budget_epsilon", self.budget_epsilon, 0, MAX_EPSILON, low_open=True)
+        _in_range(f"{where}.noise_multiplier", self.noise_multiplier, 0, MAX_EPSILON, nullable=True)
+        if self.noise_multiplier is None:
+            _require(self.target_epsilon is not None, f"{where}.target_epsilon", self.target_epsilon,
                      f"a number in (0, budget_epsilon={self.budget_epsilon}] when noise_multiplier is null")
-        if self.delta is not None:
-            _require(0 < self.delta < 1, f"{where}.delta", self.delta, "a number in (0, 1) or null")
-        _require(self.max_grad_norm > 0, f"{where}.max_grad_norm", self.max_grad_norm, "a number > 0")
+            _in_range(f"{where}.target_epsilon", self.target_epsilon, 0, self.budget_epsilon, low_open=True)
+        else:
+            _in_range(f"{where}.target_epsilon", self.target_epsilon, 0, MAX_EPSILON, low_open=True, nullable=True)
+        _in_range(f"{where}.delta", self.delta, 0, 1, low_open=True, high_open=True, nullable=True)
+        _in_range(f"{where}.max_grad_norm", self.max_grad_norm, 0, MAX_WEIGHT, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -223,30 +258,40 @@ class CentralDPConfig:
     max_epsilon: float = 50.0  # the run stops once the federation reaches it
 
     def validate(self, where: str) -> None:
-        _require(self.noise_multiplier >= 0, f"{where}.noise_multiplier", self.noise_multiplier, "a number >= 0")
-        _require(self.clipping_norm > 0, f"{where}.clipping_norm", self.clipping_norm, "a number > 0")
-        _require(0 < self.delta < 1, f"{where}.delta", self.delta, "a number in (0, 1)")
-        _require(self.max_epsilon > 0, f"{where}.max_epsilon", self.max_epsilon, "a number > 0")
+        _in_range(f"{where}.noise_multiplier", self.noise_multiplier, 0, MAX_EPSILON)
+        _in_range(f"{where}.clipping_norm", self.clipping_norm, 0, MAX_WEIGHT, low_open=True)
+        _in_range(f"{where}.delta", self.delta, 0, 1, low_open=True, high_open=True)
+        _in_range(f"{where}.max_epsilon", self.max_epsilon, 0, MAX_EPSILON, low_open=True)
+
+
+def _default_dp_tiers() -> dict[str, DPTierConfig]:
+    return {"hospital": DPTierConfig(), "phone": DPTierConfig()}
 
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
-    hospital: DPTierConfig = field(default_factory=DPTierConfig)
-    phone: DPTierConfig = field(default_factory=DPTierConfig)
+    accountant: str = "rdp"  # a name in edgemri.core.privacy.ACCOUNTANTS
+    tiers: dict[str, DPTierConfig] = field(default_factory=_default_dp_tiers)  # client kind -> DP-SGD settings
     budget_overrides: dict[str, float] = field(default_factory=dict)  # client name -> budget epsilon
     central: CentralDPConfig = field(default_factory=CentralDPConfig)
 
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(self.tiers)
+
     def validate(self, where: str) -> None:
-        self.hospital.validate(f"{where}.hospital")
-        self.phone.validate(f"{where}.phone")
+        from edgemri.core.privacy import ACCOUNTANTS  # imported here: privacy imports this module
+
+        _one_of(f"{where}.accountant", self.accountant, ACCOUNTANTS)
+        for name, tier in self.tiers.items():
+            tier.validate(f"{where}.tiers.{name}")
         self.central.validate(f"{where}.central")
         for client, budget in self.budget_overrides.items():
-            _require(budget > 0, f"{where}.budget_overrides.{client}", budget, "a number > 0")
+            _in_range(f"{where}.budget_overrides.{client}", budget, 0, MAX_EPSILON, low_open=True)
 
     def tier(self, kind: str, client: str) -> DPTierConfig:
         """The tier's DP settings with this client's budget override applied."""
-        tier = {"hospital": self.hospital, "phone": self.phone}[kind]
+        tier = _tier(self.tiers, kind, "privacy.tiers")
         if client in self.budget_overrides:
             tier = dataclasses.replace(tier, budget_epsilon=self.budget_overrides[client])
         return tier
@@ -261,12 +306,16 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> Config:
-        _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _in_range("seed", self.seed, 0, MAX_SEED, integer=True)
         self.data.validate("data")
         self.distill.validate("distill")
         self.federation.validate("federation")
         self.privacy.validate("privacy")
-        dp_on = self.privacy.hospital.enabled or self.privacy.phone.enabled
+        stray = [name for name in self.privacy.tiers if name not in self.federation.tiers]
+        if stray:
+            raise ConfigError(f"config key 'privacy.tiers.{stray[0]}' names no federation tier; allowed: "
+                              f"{', '.join(self.federation.tier_names)} (the names under federation.tiers)")
+        dp_on = any(tier.enabled for tier in self.privacy.tiers.values())
         _require(not (dp_on and self.federation.proximal_mu > 0), "federation.proximal_mu",
                  self.federation.proximal_mu, "0 when DP-SGD is on (the proximal term bypasses per-sample clipping)")
         return self
@@ -283,6 +332,31 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(f"config key '{key}' has value {value!r}; allowed: {allowed}")
 
 
+def _in_range(key: str, value: float | int | None, low: float, high: float, *, integer: bool = False,
+              low_open: bool = False, high_open: bool = False, nullable: bool = False) -> None:
+    """A finite number within [low, high] (or open ends); NaN compares False, so it is tested first."""
+    if value is None and nullable:
+        return
+    allowed = (f"{'an integer' if integer else 'a number'} in {'(' if low_open else '['}{_number(low)}, "
+               f"{_number(high)}{')' if high_open else ']'}{' or null' if nullable else ''}")
+    ok = isinstance(value, int | float) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    _require(ok, key, value, allowed)
+
+
+def _number(x: float) -> str:
+    """A bound as people write it: 10000, 0.5, 0.3 (not 1e+04 or 0.30000000000000004)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:.6g}"
+
+
+def _one_of(key: str, value: str, names: Collection[str]) -> None:
+    _require(value in names, key, value, ", ".join(map(repr, names)))
+
+
+# YAML 1.1 reads 1e-4 and 5e3 as strings (it wants a dot): for float fields they are numbers.
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _convert(value: Any, hint: Any, key: str, default: Any = None) -> Any:
     """Check and convert one YAML value to the field's type hint."""
     origin = typing.get_origin(hint)
@@ -296,14 +370,19 @@ def _convert(value: Any, hint: Any, key: str, default: Any = None) -> Any:
             )
         return value
     if origin is dict:
+        # Named entries (tiers, budget overrides): a listed name changes only the keys it gives,
+        # starting from its default entry (or the type's defaults for a new name); others keep theirs.
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a mapping")
-        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        merged = dict(default or {})
+        for name, item in value.items():
+            merged[str(name)] = _convert(item, args[1], f"{key}.{name}", merged.get(str(name)))
+        return merged
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
+        return _convert(value, inner[0], key, default)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' has value {value!r}; allowed: true or false")
@@ -313,8 +392,10 @@ def _convert(value: Any, hint: Any, key: str, default: Any = None) -> Any:
             raise ConfigError(f"config key '{key}' has value {value!r}; allowed: an integer")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a number")
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -327,7 +408,7 @@ def from_dict(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name.
 
     Keys not given keep the value of ``base`` (default: ``cls()``), so a partial
-    section such as ``hospital: {local_epochs: 3}`` keeps the hospital's other defaults.
+    section such as ``tiers: {hospital: {local_epochs: 3}}`` keeps the hospital's other defaults.
     """
     base = cls() if base is None else base
     where = prefix or "<top level>"
@@ -337,7 +418,7 @@ def from_dict(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
         raise ConfigError(f"config key '{where}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(map(str, data)) - set(names))
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"unknown config key '{key}'; allowed keys in {where}: {', '.join(names)}")
@@ -353,6 +434,38 @@ def parse_config(data: Any) -> Config:
     return from_dict(Config, data).validate()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in first_line
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+            if duplicate:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                                  f"(first given at line {first_line[key]}); give each key once")
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml(text: str) -> Any:
+    """Parsed YAML; errors as one line (PyYAML's span several)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"not valid YAML: {err.problem or err.context}{where}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {' '.join(str(err).split())}") from None
+
+
 def apply_overrides(data: dict[str, Any] | None, overrides: typing.Sequence[str]) -> dict[str, Any]:
     """``data`` with each ``dotted.key=value`` set (value parsed as YAML), e.g. ``federation.method=fedper``."""
     data = {} if data is None else data
@@ -361,9 +474,9 @@ def apply_overrides(data: dict[str, Any] | None, overrides: typing.Sequence[str]
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like dotted.key=value, e.g. federation.method=fedper")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from None
+            value = _yaml(text)
+        except ConfigError as err:
+            raise ConfigError(f"override {item!r}: value is {err}") from None
         *sections, leaf = key.strip().split(".")
         node = data
         for depth, name in enumerate(sections):
@@ -379,16 +492,23 @@ def apply_overrides(data: dict[str, Any] | None, overrides: typing.Sequence[str]
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """Read and validate a YAML config, then ``overrides``; errors name the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if overrides and not isinstance(data, dict | None):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    data = apply_overrides(data, overrides)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          f"save it as UTF-8") from None
     try:
-        return parse_config(data)
+        data = _yaml(text)
+        if data is None:
+            raise ConfigError("the file is empty; give at least one section (seed, data, distill, federation, "
+                              "privacy), e.g. copy configs/quickstart.yaml")
+        if not isinstance(data, dict):
+            raise ConfigError(f"the top level is a {type(data).__name__}; it must be a mapping of sections "
+                              f"({', '.join(f.name for f in dataclasses.fields(Config))})")
+        return parse_config(apply_overrides(data, overrides))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

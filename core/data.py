@@ -1,19 +1,26 @@
 """Images in, uint8 tensors out: the paper's preprocessing and the Kaggle-layout loader.
 
 Every image is decoded once, resized to 128 x 128 (bilinear) and stored as uint8 in an
-on-disk cache keyed by the file list, sizes, mtimes and the preprocessing; no epoch
-decodes a JPEG again. ``normalize`` applies the ImageNet mean/std on the fly, so the
-cache holds exactly what torchvision's ``ToTensor`` would see, times 255.
+on-disk cache keyed by the data folder, its file list, sizes, mtimes and the preprocessing;
+no epoch decodes a JPEG again. ``normalize`` applies the ImageNet mean/std on the fly, so
+the cache holds exactly what torchvision's ``ToTensor`` would see, times 255.
+
+A data folder is untrusted input (a downloaded archive): nothing in it is ever unpickled,
+and the cache lives in the user's own cache folder (``EDGEMRI_CACHE_DIR``, else
+``$XDG_CACHE_HOME/edgemri``, else ``~/.cache/edgemri``), where an archive cannot plant it.
+The cache is plain arrays (.npz, read without pickle) checked against the folder as it is.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from edgemri.core.errors import EdgemriError
-from edgemri.core.io import save_torch
+from edgemri.core.io import ArtefactError, load_npz, save_npz
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,10 @@ SPLITS = ("Training", "Testing")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 MIN_SIDE_PX = 16  # smaller than this is no MRI slice: a thumbnail or an icon
 MAX_PIXELS = 64_000_000  # larger is treated as a decompression bomb, before decoding
+MAX_FILE_BYTES = 256 * 2**20  # an MRI slice is kilobytes; a bigger file is not read into memory
+# Site names end up in client names, file names and reports: a short, path-safe token (or empty).
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")
+CACHE_ENV = "EDGEMRI_CACHE_DIR"
 PREPROCESSING = {
     "resize": [IMAGE_SIZE, IMAGE_SIZE],
     "interpolation": "bilinear",
@@ -44,7 +55,9 @@ PREPROCESSING = {
     "mean": list(MEAN),
     "std": list(STD),
 }
-_PREPROCESSING_VERSION = hashlib.sha256(json.dumps(PREPROCESSING, sort_keys=True).encode()).hexdigest()[:12]
+_PREPROCESSING_JSON = json.dumps(PREPROCESSING, sort_keys=True)
+_PREPROCESSING_VERSION = hashlib.sha256(_PREPROCESSING_JSON.encode()).hexdigest()[:12]
+_CACHE_FORMAT = "edgemri.decoded/1"
 
 
 class DataError(EdgemriError):
@@ -53,6 +66,23 @@ class DataError(EdgemriError):
 
 class BadImageError(EdgemriError):
     """One file cannot be used as an image; the message says why."""
+
+
+class UnreadableFileError(BadImageError):
+    """The file could not be read (permissions, I/O): a property of the moment, not of its content."""
+
+
+def display_path(path: str | Path) -> str:
+    """A path as printable text: bytes that are not UTF-8 (possible on Linux) shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- one image
@@ -78,13 +108,28 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open one image file as upright 8-bit RGB, or raise BadImageError with the reason."""
+def read_image_bytes(path: str | Path) -> bytes:
+    """The raw bytes of one image file.
+
+    I/O failures raise UnreadableFileError (worth retrying later); an empty or oversized
+    file raises BadImageError (a property of the file).
+    """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        size = path.stat().st_size
+        if size == 0:
             raise BadImageError("empty file (0 bytes)")
-        with Image.open(path) as image:
+        if size > MAX_FILE_BYTES:
+            raise BadImageError(f"file of {size:,} bytes exceeds the {MAX_FILE_BYTES:,}-byte limit")
+        return path.read_bytes()
+    except OSError as err:
+        raise UnreadableFileError(f"cannot read the file: {err.strerror or err}") from None
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode one image file's bytes as upright 8-bit RGB, or raise BadImageError with the reason."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise BadImageError(
@@ -102,8 +147,13 @@ def open_image(path: str | Path) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise BadImageError(f"decompression bomb: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:
-        # PIL raises OSError for truncated data and SyntaxError for broken headers.
+        # The bytes are in memory: PIL's OSError here means truncated data, SyntaxError a broken header.
         raise BadImageError(f"corrupt or truncated image: {err}") from None
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open one image file as upright 8-bit RGB, or raise BadImageError with the reason."""
+    return decode_image(read_image_bytes(path))
 
 
 def preprocess(image: Image.Image) -> np.ndarray:
@@ -131,7 +181,7 @@ def normalize(images: Tensor) -> Tensor:
 
 @dataclass
 class SkippedFile:
-    path: str
+    path: str  # printable (see display_path)
     reason: str
 
 
@@ -162,66 +212,120 @@ class ArraySplit:
         return dict(zip(CLASS_NAMES, counts, strict=True))
 
 
+def split_to_arrays(split: ArraySplit, prefix: str = "") -> dict[str, np.ndarray]:
+    """An ArraySplit as plain arrays (uint8, int64, unicode) for an .npz: nothing to unpickle."""
+    return {
+        f"{prefix}images": split.images.numpy(),
+        f"{prefix}labels": split.labels.numpy().astype(np.int64),
+        f"{prefix}files": np.array(split.files, dtype=str),
+        f"{prefix}sites": np.array(split.sites, dtype=str),
+    }
+
+
+def split_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str = "") -> ArraySplit:
+    """The inverse of ``split_to_arrays``, checking every dtype, shape and label.
+
+    Raises ArtefactError with the bad array's name; callers add the file.
+    """
+    try:
+        images, labels = arrays[f"{prefix}images"], arrays[f"{prefix}labels"]
+        files, sites = arrays[f"{prefix}files"], arrays[f"{prefix}sites"]
+    except KeyError as err:
+        raise ArtefactError(f"array {err.args[0]!r} is missing") from None
+    n = len(labels) if labels.ndim == 1 else -1
+    if images.dtype != np.uint8 or images.shape != (n, 3, IMAGE_SIZE, IMAGE_SIZE):
+        raise ArtefactError(f"{prefix}images must be uint8 of shape (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), "
+                            f"got {images.dtype} {images.shape}")
+    if labels.dtype != np.int64 or (n > 0 and not 0 <= labels.min() <= labels.max() < len(CLASS_NAMES)):
+        raise ArtefactError(f"{prefix}labels must be int64 class indices 0..{len(CLASS_NAMES) - 1}")
+    if files.dtype.kind != "U" or files.shape != (n,):
+        raise ArtefactError(f"{prefix}files must be N strings")
+    if sites.dtype.kind != "U" or sites.shape not in ((n,), (0,)):
+        raise ArtefactError(f"{prefix}sites must be N or 0 strings")
+    return ArraySplit(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.copy()),
+                      files.tolist(), sites.tolist())
+
+
 @dataclass
 class FolderScan:
     root: Path
     files: dict[str, list[tuple[Path, int]]]  # split -> (file, label)
-    ignored: list[SkippedFile]  # not an image by extension
+    ignored: list[SkippedFile]  # not an image by extension, or a name that is not UTF-8
 
     def cache_key(self, split: str) -> str:
         digest = hashlib.sha256(_PREPROCESSING_VERSION.encode())
         for path, label in self.files[split]:
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError as err:
+                raise DataError(f"cannot read {display_path(path)}: {err.strerror or err}") from None
             rel = path.relative_to(self.root).as_posix()
             digest.update(f"{rel}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
 
 def scan_folder(root: str | Path) -> FolderScan:
     """List the images of a Kaggle-layout folder, or raise DataError saying what is wrong."""
     root = Path(root)
+    try:
+        return _scan(root)
+    except OSError as err:  # a folder or file without read permission, an I/O error
+        where = display_path(err.filename) if err.filename else display_path(root)
+        raise DataError(f"cannot read {where}: {err.strerror or err}; check its permissions") from None
+
+
+def _scan(root: Path) -> FolderScan:
+    shown = display_path(root)
     if not root.exists():
-        raise DataError(f"data folder does not exist: {root}")
+        raise DataError(f"data folder does not exist: {shown}")
     if not root.is_dir():
-        raise DataError(f"data path is not a folder: {root}")
+        raise DataError(f"data path is not a folder: {shown}")
     files: dict[str, list[tuple[Path, int]]] = {}
     ignored: list[SkippedFile] = []
-    expected = f"expected {root}/<Training|Testing>/<{'|'.join(CLASS_NAMES)}>/*.jpg (the Kaggle layout)"
+    expected = f"expected {shown}/<Training|Testing>/<{'|'.join(CLASS_NAMES)}>/*.jpg (the Kaggle layout)"
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
-            raise DataError(f"missing folder {split_dir}; {expected}")
+            raise DataError(f"missing folder {display_path(split_dir)}; {expected}")
         class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        unknown = [p.name for p in class_dirs if p.name not in CLASS_NAMES]
+        unknown = [p for p in class_dirs if p.name not in CLASS_NAMES]
         if unknown:
-            raise DataError(
-                f"unknown class folder {split_dir / unknown[0]}; allowed class folders: {', '.join(CLASS_NAMES)}"
-            )
+            raise DataError(f"unknown class folder {display_path(unknown[0])}; allowed class folders: "
+                            f"{', '.join(CLASS_NAMES)}")
         entries: list[tuple[Path, int]] = []
         for label, name in enumerate(CLASS_NAMES):
             class_dir = split_dir / name
             if not class_dir.is_dir():
-                raise DataError(f"missing class folder {class_dir}; {expected}")
+                raise DataError(f"missing class folder {display_path(class_dir)}; {expected}")
             found = 0
             for path in sorted(class_dir.iterdir()):
                 if path.name.startswith(".") or not path.is_file():
                     continue
+                if not _is_utf8(path.name):
+                    ignored.append(SkippedFile(display_path(path), "file name is not valid UTF-8; rename the file"))
+                    continue
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    ignored.append(SkippedFile(str(path), f"not an image extension ({path.suffix or 'none'})"))
+                    ignored.append(SkippedFile(display_path(path),
+                                               f"not an image extension ({path.suffix or 'none'})"))
                     continue
                 entries.append((path, label))
                 found += 1
             if found == 0:
-                raise DataError(f"class folder {class_dir} has no images; every class needs at least one")
+                raise DataError(f"class folder {display_path(class_dir)} has no images; every class needs at least "
+                                f"one")
         files[split] = entries
     return FolderScan(root=root, files=files, ignored=ignored)
 
 
-def _decode_one(path: Path) -> tuple[np.ndarray | None, str | None]:
+def _decode_one(path: Path) -> tuple[np.ndarray | None, str | None, bool]:
+    """(pixels, None, False), or (None, reason, retry): retry when the file could not be read just now."""
     try:
-        return load_image_uint8(path), None
+        return load_image_uint8(path), None, False
     except BadImageError as err:
-        return None, str(err)
+        return None, str(err), isinstance(err, UnreadableFileError)
 
 
 def _read_sites(root: Path) -> dict[str, str]:
@@ -229,8 +333,23 @@ def _read_sites(root: Path) -> dict[str, str]:
     meta = root / "metadata.csv"
     if not meta.is_file():
         return {}
-    with meta.open(newline="", encoding="utf-8") as fh:
-        return {row["file"]: row.get("site", "") for row in csv.DictReader(fh)}
+    shown = display_path(meta)
+    sites: dict[str, str] = {}
+    try:
+        with meta.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if "file" not in (reader.fieldnames or []):
+                raise DataError(f"{shown} has no 'file' column; it needs 'file' and 'site' columns")
+            for row in reader:
+                site = row.get("site") or ""
+                if site and not SITE_NAME.fullmatch(site):
+                    raise DataError(f"{shown} line {reader.line_num}: site {site[:80]!r} is not allowed; a site is "
+                                    f"1-48 letters, digits, '.', '_' or '-', starting with a letter or digit")
+                if row.get("file"):
+                    sites[row["file"]] = site
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"cannot read {shown}: {err}; it must be a UTF-8 CSV with 'file' and 'site' columns") from None
+    return sites
 
 
 @dataclass
@@ -245,7 +364,7 @@ class Dataset:
 
     def summary(self) -> dict[str, object]:
         return {
-            "root": str(self.root),
+            "root": display_path(self.root),
             "fingerprint": self.fingerprint,
             "Training": self.train.class_counts(),
             "Testing": self.test.class_counts(),
@@ -253,17 +372,92 @@ class Dataset:
         }
 
 
-def _cache_dir(root: Path, cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir) if cache_dir else root / ".edgemri-cache"
+# ---------------------------------------------------------------- the decoded cache
+
+
+def user_cache_dir() -> Path:
+    """The user's own cache folder: $EDGEMRI_CACHE_DIR, else $XDG_CACHE_HOME/edgemri, else ~/.cache/edgemri."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec says to ignore a relative value
+        return Path(xdg) / "edgemri"
+    try:
+        return Path.home() / ".cache" / "edgemri"
+    except RuntimeError:  # no HOME and no passwd entry
+        raise DataError(f"cannot find a folder for the decoded-image cache; set {CACHE_ENV} or data.cache_dir") \
+            from None
+
+
+def _cache_file(scan: FolderScan, split: str, key: str, cache_dir: str | Path | None) -> Path:
+    # One subfolder per data folder (by its resolved absolute path), so two folders never share files.
+    folder = hashlib.sha256(os.fsencode(scan.root.resolve())).hexdigest()[:16]
+    base = Path(cache_dir) if cache_dir else user_cache_dir()
+    return base / "decoded" / folder / f"{split.lower()}-{key[:20]}.npz"
 
 
 def cache_path(scan: FolderScan, split: str, cache_dir: str | Path | None = None) -> Path:
-    return _cache_dir(scan.root, cache_dir) / f"{split.lower()}-{scan.cache_key(split)[:20]}.pt"
+    """Where the decoded cache of this split of this folder, as it is now, lives."""
+    return _cache_file(scan, split, scan.cache_key(split), cache_dir)
+
+
+def _read_cache(path: Path, scan: FolderScan, split: str, key: str) -> tuple[ArraySplit, list[SkippedFile]] | None:
+    """The cached split, or None when there is none or it is not exactly this split's (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        arrays = load_npz(path)
+        expected = {"format", "key", "preprocessing", "images", "labels", "files", "sites", "skipped_files",
+                    "skipped_reasons"}
+        if set(arrays) != expected:
+            raise ArtefactError(f"arrays {sorted(arrays)}, expected {sorted(expected)}")
+        header = [arrays[name] for name in ("format", "key", "preprocessing")]
+        wanted = [_CACHE_FORMAT, key, _PREPROCESSING_JSON]
+        if [str(a) if a.dtype.kind == "U" and a.shape == () else None for a in header] != wanted:
+            raise ArtefactError("it was written for another folder state, preprocessing or format")
+        cached = split_from_arrays(arrays)
+        skipped, reasons = arrays["skipped_files"], arrays["skipped_reasons"]
+        if {skipped.dtype.kind, reasons.dtype.kind} != {"U"} or skipped.ndim != 1 or skipped.shape != reasons.shape:
+            raise ArtefactError("skipped_files and skipped_reasons must be strings of one length")
+        # Every file of the split exactly once, either decoded (with its folder's label) or skipped.
+        labels = {scan.rel(p): label for p, label in scan.files[split]}
+        decoded_labels = [labels.get(f) for f in cached.files]
+        if sorted(cached.files + skipped.tolist()) != sorted(labels) or cached.labels.tolist() != decoded_labels:
+            raise ArtefactError("its files or labels are not this folder's")
+    except ArtefactError as err:
+        log.warning("ignoring the decoded cache %s (%s); decoding the images again", path, err)
+        return None
+    return cached, [SkippedFile(display_path(scan.root / rel), str(reason))
+                    for rel, reason in zip(skipped.tolist(), reasons.tolist(), strict=True)]
+
+
+def _write_cache(path: Path, split: str, key: str, data: ArraySplit, skipped: list[tuple[str, str]]) -> None:
+    """Save the split (mode 0600: decoded scans are patient data) and drop the folder's older caches.
+
+    A cache that cannot be written is only a warning: the images are decoded again next time.
+    """
+    arrays = {
+        "format": np.array(_CACHE_FORMAT), "key": np.array(key),
+        "preprocessing": np.array(_PREPROCESSING_JSON),
+        **split_to_arrays(data),
+        "skipped_files": np.array([rel for rel, _ in skipped], dtype=str),
+        "skipped_reasons": np.array([reason for _, reason in skipped], dtype=str),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        save_npz(path, arrays, mode=0o600)
+        for stale in path.parent.glob(f"{split.lower()}-*.npz"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+    except OSError as err:
+        log.warning("could not write the decoded cache %s (%s); the images will be decoded again next time",
+                    path, err.strerror or err)
 
 
 def _decode_split(
     scan: FolderScan, split: str, workers: int, progress: bool
-) -> tuple[ArraySplit, list[SkippedFile]]:
+) -> tuple[ArraySplit, list[tuple[str, str]], list[tuple[str, str]]]:
+    """Decode every file: (split, skips of bad content, skips of files that could not be read now)."""
     from tqdm import tqdm
 
     entries = scan.files[split]
@@ -274,35 +468,66 @@ def _decode_split(
             results = list(tqdm(results, total=len(paths), desc=f"decode {split}", disable=not progress))
     else:
         results = [_decode_one(p) for p in tqdm(paths, desc=f"decode {split}", disable=not progress)]
-    sites = _read_sites(scan.root)
-    images, labels, files, site_list, skipped = [], [], [], [], []
-    for (path, label), (array, reason) in zip(entries, results, strict=True):
+    images, labels, files, bad, unreadable = [], [], [], [], []
+    for (path, label), (array, reason, retry) in zip(entries, results, strict=True):
+        rel = scan.rel(path)
         if array is None:
-            skipped.append(SkippedFile(str(path), reason or "unreadable"))
+            (unreadable if retry else bad).append((rel, reason or "unreadable"))
             continue
-        rel = path.relative_to(scan.root).as_posix()
         images.append(array)
         labels.append(label)
         files.append(rel)
-        site_list.append(sites.get(rel, ""))
     stacked = (
         torch.from_numpy(np.stack(images))
         if images
         else torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     )
-    split_data = ArraySplit(
-        images=stacked,
-        labels=torch.tensor(labels, dtype=torch.long),
-        files=files,
-        sites=site_list if any(site_list) else [],
-    )
-    return split_data, skipped
+    return ArraySplit(images=stacked, labels=torch.tensor(labels, dtype=torch.long), files=files), bad, unreadable
 
 
 def cache_status(root: str | Path, cache_dir: str | Path | None = None) -> dict[str, bool]:
     """Whether each split's decoded cache matches the folder as it is now."""
     scan = scan_folder(root)
     return {split: cache_path(scan, split, cache_dir).is_file() for split in SPLITS}
+
+
+def _load_split(scan: FolderScan, split: str, cache_dir: str | Path | None, workers: int,
+                progress: bool) -> tuple[ArraySplit, list[SkippedFile]]:
+    """One split from its verified cache, or decoded and cached; a file that could not be read is not
+    cached as skipped, so it is tried again next time."""
+    key = scan.cache_key(split)
+    path = _cache_file(scan, split, key, cache_dir)
+    cached = _read_cache(path, scan, split, key)
+    if cached is not None:
+        return cached
+    data, bad, unreadable = _decode_split(scan, split, workers, progress)
+    if unreadable:
+        log.warning("%d file(s) of %s could not be read; not caching %s, so they are tried again next time",
+                    len(unreadable), display_path(scan.root / split), split)
+    else:
+        _write_cache(path, split, key, data, bad)
+    return data, [SkippedFile(display_path(scan.root / rel), reason) for rel, reason in bad + unreadable]
+
+
+def _require_usable(scan: FolderScan, split: str, data: ArraySplit, skipped: list[SkippedFile]) -> None:
+    """Training needs a readable image of every class (else the model learns a class from nothing)."""
+    if len(data) == 0:
+        raise DataError(f"no readable images in {display_path(scan.root / split)}; every file was skipped "
+                        f"(see the warnings above)")
+    if split != "Training":
+        return
+    for name, count in data.class_counts().items():
+        if count == 0:
+            folder = display_path(scan.root / split / name)
+            first = next((s for s in skipped if s.path.startswith(folder + os.sep)), None)
+            why = f" (e.g. {first.path}: {first.reason})" if first else ""
+            raise DataError(f"class folder {folder} has no usable image: every file was skipped{why}; every "
+                            f"class needs at least one readable image in Training")
+
+
+def _with_sites(split: ArraySplit, sites: dict[str, str]) -> ArraySplit:
+    site_list = [sites.get(f, "") for f in split.files]
+    return ArraySplit(split.images, split.labels, split.files, site_list if any(site_list) else [])
 
 
 def load_dataset(
@@ -312,28 +537,26 @@ def load_dataset(
     workers: int | None = None,
     progress: bool = False,
 ) -> Dataset:
-    """Scan, decode (once, cached) and return both splits of a Kaggle-layout folder."""
+    """Scan, decode (once, cached) and return both splits of a Kaggle-layout folder.
+
+    Sites are read from metadata.csv on every load (cheap), so editing it needs no re-decode.
+    """
     scan = scan_folder(root)
     workers = workers or min(4, os.cpu_count() or 1)
+    sites = _read_sites(scan.root)
     splits: dict[str, ArraySplit] = {}
-    skipped: list[SkippedFile] = list(scan.ignored)
-    for split in SPLITS:
-        path = cache_path(scan, split, cache_dir)
-        if path.is_file():
-            cached = torch.load(path, weights_only=False)
-            split_data, split_skipped = cached["split"], cached["skipped"]
+    skipped: list[SkippedFile] = []
+    for split in (None, *SPLITS):
+        if split is None:  # what the scan ignored
+            split_skipped = scan.ignored
         else:
-            split_data, split_skipped = _decode_split(scan, split, workers, progress)
-            save_torch(path, {"split": split_data, "skipped": split_skipped, "preprocessing": PREPROCESSING})
-            for stale in path.parent.glob(f"{split.lower()}-*.pt"):
-                if stale != path:
-                    stale.unlink(missing_ok=True)
-        if len(split_data) == 0:
-            raise DataError(f"no readable images in {scan.root / split}")
-        splits[split] = split_data
+            split_data, split_skipped = _load_split(scan, split, cache_dir, workers, progress)
+        for item in split_skipped:
+            log.warning("skipped %s: %s", item.path, item.reason)
         skipped.extend(split_skipped)
-    for item in skipped:
-        log.warning("skipped %s: %s", item.path, item.reason)
+        if split is not None:
+            _require_usable(scan, split, split_data, split_skipped)
+            splits[split] = _with_sites(split_data, sites)
     fingerprint = hashlib.sha256(
         "".join(scan.cache_key(s) for s in SPLITS).encode()
     ).hexdigest()[:16]
@@ -355,23 +578,25 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
     return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
 
 
+def _stored_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from the header; None when the file cannot be opened now."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
 def describe_folder(root: str | Path, cache_dir: str | Path | None = None,
                     progress: bool = False) -> dict[str, object]:
     """What the loader sees in a folder (``edgemri data info``); decodes it once if needed."""
-    scan = scan_folder(root)
     was_current = cache_status(root, cache_dir)
     dataset = load_dataset(root, cache_dir=cache_dir, progress=progress)
-    usable = {item.path for item in dataset.skipped}
-    widths, heights = [], []
-    for entries in scan.files.values():
-        for path, _ in entries:
-            if str(path) in usable:
-                continue
-            with Image.open(path) as image:
-                widths.append(image.size[0])
-                heights.append(image.size[1])
+    sizes = [size for rel in dataset.train.files + dataset.test.files
+             if (size := _stored_size(dataset.root / rel)) is not None]
+    widths, heights = [w for w, _ in sizes] or [0], [h for _, h in sizes] or [0]
     return {
-        "root": str(dataset.root),
+        "root": display_path(dataset.root),
         "images": {"Training": dataset.train.class_counts(), "Testing": dataset.test.class_counts()},
         "total": len(dataset.train) + len(dataset.test),
         "sites": sorted(set(dataset.train.sites) | set(dataset.test.sites)),

@@ -23,14 +23,36 @@ from torch import Tensor, nn
 from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.core.config import Config, TrainSpec
 from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, normalize, server_client_split, stratified_split
+from edgemri.core.errors import EdgemriError
 from edgemri.core.evaluate import classification_metrics, predict_logits
 from edgemri.core.losses import cross_entropy, make_kd_loss
-from edgemri.core.train import FitResult, TrainData, as_float, fit
-from edgemri.models import Teacher, build_model
+from edgemri.core.train import Checkpointing, FitResult, TrainData, as_float, check_same_settings, fit
+from edgemri.models import Teacher, WeightsUnavailableError, build_model, model_spec
 
 log = logging.getLogger(__name__)
 
 STAGES = ("teacher", "baseline", "kd")
+
+
+class TeacherUnavailableError(EdgemriError):
+    """The teacher's pretrained weights are neither cached nor downloadable (models' error, for the CLI)."""
+
+
+def build_teacher(name: str, options: dict[str, Any]) -> nn.Module:
+    """The registered teacher; missing pretrained weights become a one-line EdgemriError."""
+    try:
+        return build_model(name, **options)
+    except WeightsUnavailableError as err:
+        raise TeacherUnavailableError(" ".join(line.strip() for line in str(err).splitlines())) from None
+
+
+def resume_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What a finished stage depends on: the data split and the distillation settings.
+
+    Paths (data.root, cache_dir) may move and the federation's settings do not touch distillation.
+    """
+    data = {k: v for k, v in config.get("data", {}).items() if k not in ("root", "cache_dir")}
+    return {"data": data, "distill": config.get("distill")}
 
 
 @dataclass
@@ -109,34 +131,45 @@ class Distiller:
     # -- shared helpers ---------------------------------------------------------
 
     def _checkpoint(self, name: str, model_name: str, model: nn.Module, options: dict[str, Any],
-                    fit_result: FitResult | None, test: dict[str, Any]) -> Path:
+                    fit_result: FitResult | None, done: Checkpoint | None, test: dict[str, Any]) -> Path:
+        """The stage's model with its curves (kept from ``done`` when it was loaded, not trained)."""
         path = self.dir / f"{name}.pt"
+        history, best_epoch = _curves(fit_result, done)
         save_checkpoint(path, Checkpoint(
             model=model_name, state_dict=model.state_dict(), model_options=options, role=name,
             config=self.config.to_dict(), seed=self.seed, data_fingerprint=self.dataset.fingerprint,
             metrics={"test": _scalar_metrics(test), "selected_on": self.selected_on,
-                     "best_epoch": fit_result.best_epoch if fit_result else None,
-                     "paper_compat": self.paper_compat},
+                     "best_epoch": best_epoch, "paper_compat": self.paper_compat},
+            history=history,
         ))
         return path
 
-    def _fit(self, name: str, model: nn.Module, train: TrainData, select: TrainData,
-             loss: Callable, spec: TrainSpec) -> FitResult:
+    def _fit(self, name: str, model: nn.Module, train: TrainData, select: TrainData, loss: Callable,
+             spec: TrainSpec, saved_as: tuple[str, dict[str, Any], nn.Module | None]) -> FitResult:
+        """``saved_as``: the registered model the resume state holds (name, options, module or None)."""
+        model_name, options, module = saved_as
+        checkpointing = Checkpointing(self.dir / f"{name}.state.pt", model_name, options, module, self.resume)
         return fit(
             model, train, loss=loss, spec=spec, seed=self.seed, val=select, select="val",
-            selected_on=self.selected_on, state_path=self.dir / f"{name}.state.pt",
-            resume=self.resume, progress=self.progress, desc=name,
+            selected_on=self.selected_on, checkpointing=checkpointing, progress=self.progress, desc=name,
         )
 
-    def _done(self, name: str) -> Checkpoint | None:
-        """A stage finished by an earlier, interrupted run (only with --resume)."""
+    def _done(self, name: str, model_name: str) -> Checkpoint | None:
+        """A stage finished by an earlier, interrupted run (only with --resume) with this run's settings."""
         path = self.dir / f"{name}.pt"
         if not (self.resume and path.is_file()):
             return None
         try:
-            return load_checkpoint(path)
+            done = load_checkpoint(path)
         except CheckpointError:
             return None  # a stage checkpoint that did not finish writing: redo the stage
+        check_same_settings(
+            path,
+            {"model": done.model, "seed": done.seed, "data": done.data_fingerprint, **resume_settings(done.config)},
+            {"model": model_name, "seed": self.seed, "data": self.dataset.fingerprint,
+             **resume_settings(self.config.to_dict())},
+        )
+        return done
 
     # -- stages -----------------------------------------------------------------
 
@@ -147,14 +180,14 @@ class Distiller:
         done = None
         if cfg.checkpoint:
             loaded = load_checkpoint(cfg.checkpoint)
-            if loaded.model not in ("vgg16-slim", "vgg16-imagenet"):
+            if model_spec(loaded.model).role != "teacher":
                 raise CheckpointError(f"{cfg.checkpoint} holds a {loaded.model!r}, not a teacher model")
             model_name, options, model = loaded.model, loaded.model_options, loaded.build()
         else:
             model_name = cfg.name
             options = cfg.model_options()
-            model = build_model(model_name, **options)
-            done = self._done("teacher")
+            model = build_teacher(model_name, options)
+            done = self._done("teacher", model_name)
             if done is not None:
                 model.load_state_dict(done.state_dict)
         train = not cfg.checkpoint and done is None
@@ -164,14 +197,15 @@ class Distiller:
             options = {"pretrained": False}  # the checkpoint itself carries the weights
         else:
             fit_result = (self._fit("teacher", model, TrainData.from_split(self.train_split),
-                                    TrainData.from_split(self.select_split), cross_entropy, cfg.train)
+                                    TrainData.from_split(self.select_split), cross_entropy, cfg.train,
+                                    (model_name, options, None))
                           if train else None)
             counter = ForwardCounter(model)
             logits_train = predict_logits(model, self.train_split.images, normalize)
             forward_images, conv_passes = counter.close(), 0
             test_logits = predict_logits(model, self.dataset.test.images, normalize)
         test = classification_metrics(test_logits, self.dataset.test.labels, CLASS_NAMES)
-        path = self._checkpoint("teacher", model_name, model, options, fit_result, test)
+        path = self._checkpoint("teacher", model_name, model, options, fit_result, done, test)
         return _stage("teacher", path, fit_result, test, done), logits_train, forward_images, conv_passes
 
     def _frozen_teacher(self, model: Teacher, train_head: bool) -> tuple[Tensor, Tensor, int, FitResult | None]:
@@ -185,7 +219,9 @@ class Distiller:
         train = TrainData(features_train[self.train_idx], self.train_split.labels, transform=as_float)
         select = (TrainData(features_test, self.dataset.test.labels, transform=as_float) if self.paper_compat
                   else TrainData(features_train[self.val_idx], self.val_split.labels, transform=as_float))
-        fit_result = (self._fit("teacher", head, train, select, cross_entropy, self.config.distill.teacher.train)
+        # The resume state holds the whole teacher (its head's parameters are the trained ones).
+        fit_result = (self._fit("teacher", head, train, select, cross_entropy, self.config.distill.teacher.train,
+                                ("vgg16-imagenet", {"pretrained": False}, model))
                       if train_head else None)
         return predict_logits(head, train.inputs, as_float), predict_logits(head, features_test, as_float), \
             conv_passes, fit_result
@@ -195,21 +231,22 @@ class Distiller:
         distill = self.config.distill
         torch.manual_seed(self.seed)
         model = build_model("student")
-        done = self._done(name)
+        done = self._done(name, "student")
         fit_result = None
         if done is not None:
             model.load_state_dict(done.state_dict)
         elif name == "baseline":
             fit_result = self._fit(name, model, TrainData.from_split(self.train_split),
-                                   TrainData.from_split(self.select_split), cross_entropy, distill.baseline)
+                                   TrainData.from_split(self.select_split), cross_entropy, distill.baseline,
+                                   ("student", {}, None))
         else:
             kd = distill.kd
             loss = make_kd_loss(kd.temperature, kd.alpha, "mean" if self.paper_compat else "batchmean")
             fit_result = self._fit(name, model, TrainData.from_split(self.train_split, extras=(teacher_logits,)),
-                                   TrainData.from_split(self.select_split), loss, kd.train)
+                                   TrainData.from_split(self.select_split), loss, kd.train, ("student", {}, None))
         test = classification_metrics(predict_logits(model, self.dataset.test.images, normalize),
                                       self.dataset.test.labels, CLASS_NAMES)
-        path = self._checkpoint(name, "student", model, {}, fit_result, test)
+        path = self._checkpoint(name, "student", model, {}, fit_result, done, test)
         return _stage(name, path, fit_result, test, done)
 
     def run(self) -> SeedResult:
@@ -222,18 +259,21 @@ class Distiller:
                           train_images=len(self.train_split))
 
 
+def _curves(fit_result: FitResult | None, done: Checkpoint | None) -> tuple[list[dict[str, Any]], int]:
+    """A stage's epoch history and best epoch: trained now, or kept in the checkpoint an earlier run saved."""
+    if fit_result is not None:
+        return fit_result.history_dicts(), fit_result.best_epoch
+    if done is not None:
+        best = done.metrics.get("best_epoch")
+        return done.history, best if isinstance(best, int) else 0
+    return [], 0
+
+
 def _stage(name: str, path: Path, fit_result: FitResult | None, test: dict[str, Any],
            done: Checkpoint | None) -> StageResult:
-    if fit_result is not None:
-        return StageResult(name, path, fit_result.history_dicts(), fit_result.best_epoch, test,
-                           fit_result.train_seconds, fit_result.images_seen)
-    # Loaded rather than trained in this process: keep the curves the earlier run saved.
-    state_path = path.with_suffix(".state.pt")
-    history, best_epoch = [], 0
-    if state_path.is_file():
-        saved = torch.load(state_path, weights_only=False)
-        history, best_epoch = saved["history"], saved["best_epoch"]
-    return StageResult(name, path, history, best_epoch, test, 0.0, 0)
+    history, best_epoch = _curves(fit_result, done)
+    seconds, images = (fit_result.train_seconds, fit_result.images_seen) if fit_result else (0.0, 0)
+    return StageResult(name, path, history, best_epoch, test, seconds, images)
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -9,11 +9,19 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
+
+from edgemri.core.errors import EdgemriError
+
+
+class ArtefactError(EdgemriError):
+    """An artefact file cannot be read back as what it claims to be; the message names the file."""
 
 
 def _umask() -> int:
@@ -68,3 +76,32 @@ def save_figure(path: Path, figure: Any, dpi: int = 110) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return write_bytes(path, buffer.getvalue())
+
+
+def save_npz(path: Path, arrays: Mapping[str, np.ndarray], mode: int = 0o666) -> Path:
+    """Plain numeric and string arrays as one uncompressed .npz, atomically; object arrays are refused."""
+    for name, array in arrays.items():
+        if np.asarray(array).dtype.hasobject:
+            raise TypeError(f"array {name!r} holds Python objects; only plain arrays are saved")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return write_bytes(path, buffer.getvalue(), mode)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz, read with ``allow_pickle=False``: a planted pickle is an error, never code.
+
+    Raises ArtefactError naming the file when it is missing, truncated, not an npz or holds objects.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, EOFError, ValueError, KeyError, NotImplementedError, zipfile.BadZipFile) as err:
+        # ValueError: object arrays (allow_pickle=False), pickles and malformed headers.
+        raise ArtefactError(f"{path} is not a readable .npz of plain arrays ({type(err).__name__}: {err})") from None
+    strays = [name for name, value in arrays.items() if not isinstance(value, np.ndarray)]
+    if strays:  # a zip with members other than .npy arrays (a torch checkpoint, say)
+        raise ArtefactError(f"{path} is not a plain .npz: member {strays[0]!r} is not an array")
+    return arrays

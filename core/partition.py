@@ -10,20 +10,50 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
 
 from edgemri.core.config import Config, TierConfig
-from edgemri.core.data import CLASS_NAMES, ArraySplit, DataError, load_image_uint8, server_client_split
+from edgemri.core.data import (
+    CLASS_NAMES,
+    IMAGE_SIZE,
+    SITE_NAME,
+    ArraySplit,
+    BadImageError,
+    DataError,
+    decode_image,
+    display_path,
+    preprocess,
+    read_image_bytes,
+    server_client_split,
+    split_from_arrays,
+    split_to_arrays,
+)
 from edgemri.core.errors import EdgemriError
-from edgemri.core.io import write_json
+from edgemri.core.io import ArtefactError, load_npz, save_npz, write_json
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "edgemri.manifest/1"
 LOCAL_SPLITS = ("train", "val", "test")
+# The client kinds a manifest may name. One constant until the config holds the tiers as data
+# (FederationConfig.tiers); then the allowed kinds are that mapping's keys.
+CLIENT_KINDS: tuple[str, ...] = ("hospital", "phone")
+# A client name becomes a folder name, a log field and a Flower metric prefix: a short, path-safe token.
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_MANIFEST_BYTES = 16 * 2**20  # the whole Kaggle set in one manifest is about 1.5 MB
+MAX_MANIFEST_FILES = 100_000
+_MANIFEST_KEYS = frozenset({"format", "client", "kind", "site", "seed", "num_examples", "class_counts", "files",
+                            "config"})
+_FILE_KEYS = frozenset({"path", "sha256", "label", "split"})
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_LOCAL_DATA_FORMAT = "edgemri.local-data/1"
 
 
 class ManifestError(EdgemriError):
@@ -63,7 +93,10 @@ class Manifest:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise DataError(f"cannot read {display_path(path)}: {err.strerror or err}") from None
 
 
 def _sites(split: ArraySplit, pseudo_sites: int, rng: np.random.Generator) -> list[str]:
@@ -108,26 +141,27 @@ def partition(split: ArraySplit, root: Path, config: Config) -> list[Manifest]:
     sites = _sites(split, fed.partition.pseudo_sites, rng)
     config_dict = config.to_dict()
     manifests: list[Manifest] = []
+    phone, hospital = fed.tier("phone"), fed.tier("hospital")
     for site in sorted(set(sites)):
         pool = [i for i, s in enumerate(sites) if s == site]
         pool = [pool[i] for i in rng.permutation(len(pool))]
         clients: list[tuple[str, list[int]]] = []
-        for p in range(fed.phone.per_site):
-            tier = fed.phone
+        for p in range(phone.per_site):
+            tier = phone
             n = (int(rng.integers(tier.min_examples, tier.max_examples + 1)) if fed.partition.quantity_skew
                  else (tier.min_examples + tier.max_examples) // 2)
-            if n > len(pool) - fed.hospital.min_examples * fed.hospital.per_site:
+            if n > len(pool) - hospital.min_examples * hospital.per_site:
                 raise DataError(f"site {site!r} has {len(pool)} training scans: too few for "
-                                f"{fed.phone.per_site} phones and {fed.hospital.per_site} hospital(s)")
+                                f"{phone.per_site} phones and {hospital.per_site} hospital(s)")
             chosen = _draw_phone(pool, labels, n, fed.partition.label_skew_alpha, rng)
             pool = [i for i in pool if i not in set(chosen)]
             clients.append((f"phone-{site}-{p}", chosen))
-        for h in range(fed.hospital.per_site):
-            share = pool[h::fed.hospital.per_site][: fed.hospital.max_examples]
-            if len(share) < fed.hospital.min_examples:
+        for h in range(hospital.per_site):
+            share = pool[h::hospital.per_site][: hospital.max_examples]
+            if len(share) < hospital.min_examples:
                 raise DataError(f"site {site!r} leaves {len(share)} scans for hospital {h}; "
-                                f"federation.hospital.min_examples is {fed.hospital.min_examples}")
-            clients.append((f"hospital-{site}" + (f"-{h}" if fed.hospital.per_site > 1 else ""), share))
+                                f"federation.tiers.hospital.min_examples is {hospital.min_examples}")
+            clients.append((f"hospital-{site}" + (f"-{h}" if hospital.per_site > 1 else ""), share))
         for name, indices in clients:
             kind = name.split("-", 1)[0]
             local = _local_split(indices, fed.tier(kind), rng)
@@ -154,19 +188,106 @@ def write_manifests(manifests: list[Manifest], out: Path) -> list[Path]:
     return paths
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    duplicate = next((k for k in keys if keys.count(k) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return dict(pairs)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_safe_relative(path: Any) -> bool:
+    """A normalised relative POSIX path: no '..', not absolute, no NUL, valid UTF-8 (resolving comes later)."""
+    if not isinstance(path, str) or not 0 < len(path) <= 1024 or "\0" in path:
+        return False
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-        if obj.get("format") != MANIFEST_FORMAT:
-            raise ManifestError(f"{path} is not an {MANIFEST_FORMAT} manifest")
-        files = tuple(ManifestFile(**f) for f in obj["files"])
-        return Manifest(client=obj["client"], kind=obj["kind"], site=obj["site"], files=files,
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    pure = PurePosixPath(path)
+    return not pure.is_absolute() and pure.as_posix() == path and ".." not in pure.parts
+
+
+def _parse_manifest(obj: Any, where: str) -> Manifest:
+    """The manifest in ``obj``, every field checked; ManifestError names the file and the field."""
+    def bad(field: str, allowed: str) -> ManifestError:
+        return ManifestError(f"{where}: field {field!r} is invalid; {allowed}")
+
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where}: a manifest is a JSON object, got {type(obj).__name__}")
+    if set(obj) != _MANIFEST_KEYS:
+        extra, missing = sorted(set(obj) - _MANIFEST_KEYS), sorted(_MANIFEST_KEYS - set(obj))
+        raise ManifestError(f"{where}: unknown fields {extra} / missing fields {missing}; a manifest has exactly "
+                            f"{', '.join(sorted(_MANIFEST_KEYS))}")
+    if obj["format"] != MANIFEST_FORMAT:
+        raise bad("format", f"expected {MANIFEST_FORMAT!r} (write it with `edgemri partition`)")
+    if not isinstance(obj["client"], str) or not CLIENT_NAME.fullmatch(obj["client"]):
+        raise bad("client", "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if obj["kind"] not in CLIENT_KINDS:
+        raise bad("kind", f"allowed: {', '.join(CLIENT_KINDS)}")
+    if not isinstance(obj["site"], str) or not (obj["site"] == "" or SITE_NAME.fullmatch(obj["site"])):
+        raise bad("site", "empty or 1-48 letters, digits, '.', '_' or '-'")
+    if not _is_int(obj["seed"], 0, 2**63 - 1):
+        raise bad("seed", "an integer >= 0")
+    if not isinstance(obj["config"], dict):
+        raise bad("config", "a JSON object (the configuration the manifest was made with)")
+    entries = obj["files"]
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_MANIFEST_FILES:
+        raise bad("files", f"a list of 1 to {MAX_MANIFEST_FILES:,} files")
+    files = []
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != _FILE_KEYS:
+            raise bad(f"files[{k}]", f"an object with exactly {', '.join(sorted(_FILE_KEYS))}")
+        if not _is_safe_relative(entry["path"]):
+            raise bad(f"files[{k}].path", "a relative path inside the data root (no '..', no leading '/')")
+        if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
+            raise bad(f"files[{k}].sha256", "64 lowercase hex digits")
+        if not _is_int(entry["label"], 0, len(CLASS_NAMES) - 1):
+            raise bad(f"files[{k}].label", f"a class index 0..{len(CLASS_NAMES) - 1} ({', '.join(CLASS_NAMES)})")
+        if entry["split"] not in LOCAL_SPLITS:
+            raise bad(f"files[{k}].split", f"allowed: {', '.join(LOCAL_SPLITS)}")
+        files.append(ManifestFile(**entry))
+    if len({f.path for f in files}) != len(files):
+        raise bad("files", "each path at most once")
+    manifest = Manifest(client=obj["client"], kind=obj["kind"], site=obj["site"], files=tuple(files),
                         seed=obj["seed"], config=obj["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ManifestError(f"{path} is not a valid manifest: {err}") from None
+    if not manifest.num_examples("train"):
+        raise bad("files", "at least one file in the train split")
+    if obj["num_examples"] != len(files) or isinstance(obj["num_examples"], bool):
+        raise bad("num_examples", f"the number of files ({len(files)})")
+    if obj["class_counts"] != manifest.class_counts():
+        raise bad("class_counts", "the per-split class counts of the files listed")
+    return manifest
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and check one manifest: untrusted input, so every field is validated (ManifestError)."""
+    path = Path(path)
+    where = display_path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {where}")
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{where}: {size:,} bytes is over the {MAX_MANIFEST_BYTES:,}-byte manifest limit")
+        text = path.read_bytes().decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
+    except OSError as err:
+        raise ManifestError(f"cannot read manifest {where}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{where} is not UTF-8 text; a manifest is JSON written by `edgemri partition`") \
+            from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise ManifestError(f"{where} is not valid JSON: {err}") from None
+    return _parse_manifest(obj, where)
 
 
 @dataclass
@@ -181,21 +302,80 @@ class LocalData:
         return len(self.train)
 
 
+def _confined(root: Path, rel: str, client: str) -> Path:
+    """``root / rel``, refused unless it resolves (symlinks too) inside the resolved data root."""
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise ManifestError(f"{client}: file {rel!r} listed in its manifest resolves outside the data root "
+                            f"{display_path(root)}; manifests may only name files inside it")
+    return path
+
+
+def _to_split(items: list[tuple[np.ndarray, int, str]]) -> ArraySplit:
+    if not items:
+        return ArraySplit(torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8),
+                          torch.empty(0, dtype=torch.long), [])
+    return ArraySplit(torch.from_numpy(np.stack([i[0] for i in items])),
+                      torch.tensor([i[1] for i in items]), [i[2] for i in items])
+
+
 def load_local_data(manifest: Manifest, data_root: Path) -> LocalData:
-    """Decode exactly the manifest's files, checking each one's hash."""
+    """Decode exactly the manifest's files, each confined to the data root and checked against its hash.
+
+    Each file is read once: the bytes that are hashed are the bytes that are decoded.
+    """
+    root = Path(data_root).resolve()
     rows: dict[str, list[tuple[np.ndarray, int, str]]] = {s: [] for s in LOCAL_SPLITS}
     for f in manifest.files:
-        path = data_root / f.path
+        path = _confined(root, f.path, manifest.client)
         if not path.is_file():
-            raise ManifestError(f"{manifest.client}: file {path} listed in its manifest is missing")
-        if _sha256(path) != f.sha256:
-            raise ManifestError(f"{manifest.client}: file {path} changed since partitioning (hash mismatch)")
-        rows[f.split].append((load_image_uint8(path), f.label, f.path))
+            raise ManifestError(f"{manifest.client}: file {display_path(path)} listed in its manifest is missing")
+        try:
+            data = read_image_bytes(path)
+            if hashlib.sha256(data).hexdigest() != f.sha256:
+                raise ManifestError(f"{manifest.client}: file {display_path(path)} changed since partitioning "
+                                    f"(hash mismatch)")
+            rows[f.split].append((preprocess(decode_image(data)), f.label, f.path))
+        except BadImageError as err:
+            raise ManifestError(f"{manifest.client}: file {display_path(path)} cannot be used: {err}") from None
+    return LocalData(**{s: _to_split(rows[s]) for s in LOCAL_SPLITS})
 
-    def to_split(items: list[tuple[np.ndarray, int, str]]) -> ArraySplit:
-        if not items:
-            return ArraySplit(torch.empty(0, 3, 128, 128, dtype=torch.uint8), torch.empty(0, dtype=torch.long), [])
-        return ArraySplit(torch.from_numpy(np.stack([i[0] for i in items])),
-                          torch.tensor([i[1] for i in items]), [i[2] for i in items])
 
-    return LocalData(**{s: to_split(rows[s]) for s in LOCAL_SPLITS})
+def save_local_data(path: Path, data: LocalData) -> Path:
+    """A client's decoded scans as a plain .npz (mode 0600: patient data), atomically; never a pickle."""
+    arrays = {"format": np.array(_LOCAL_DATA_FORMAT)}
+    for split in LOCAL_SPLITS:
+        arrays.update(split_to_arrays(getattr(data, split), prefix=f"{split}_"))
+    return save_npz(Path(path), arrays, mode=0o600)
+
+
+def load_local_data_cache(path: Path, manifest: Manifest) -> LocalData | None:
+    """The cache ``save_local_data`` wrote, if it holds exactly the manifest's files, splits and labels.
+
+    None when it is missing, unreadable, malformed or for another manifest (a warning says which):
+    the caller decodes again with ``load_local_data``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        arrays = load_npz(path)
+        fmt = arrays.get("format")
+        if fmt is None or fmt.dtype.kind != "U" or fmt.shape != () or str(fmt) != _LOCAL_DATA_FORMAT:
+            raise ArtefactError(f"not an {_LOCAL_DATA_FORMAT} file")
+        splits = {split: split_from_arrays(arrays, prefix=f"{split}_") for split in LOCAL_SPLITS}
+        if len(arrays) != 1 + 4 * len(LOCAL_SPLITS):
+            raise ArtefactError("unexpected arrays")
+        for split, local in splits.items():
+            expected = [(f.path, f.label) for f in manifest.files if f.split == split]
+            if list(zip(local.files, local.labels.tolist(), strict=True)) != expected:
+                raise ArtefactError(f"its {split} files or labels are not the manifest's")
+    except ArtefactError as err:
+        log.warning("ignoring the local data cache %s (%s); decoding the manifest's files again", path, err)
+        return None
+    return LocalData(**splits)
+
+
+def manifest_paths(folder: Path) -> list[Path]:
+    """The client manifests in a folder, in client order."""
+    return sorted(folder.glob("client-*.json"))

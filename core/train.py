@@ -3,7 +3,8 @@
 What varies between them is passed in, never copied: the loss (cross-entropy, KD,
 proximal terms), how batches are drawn (shuffled minibatches or Poisson sampling for
 DP-SGD), and an optional hook that wraps model and optimizer (Opacus).
-Each completed epoch can be saved atomically so an interrupted run resumes from it.
+Each completed epoch can be saved atomically (a kind "training" checkpoint, the one format)
+so an interrupted run resumes from it. A non-finite loss or weight stops training at once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgemri.core.checkpoint import Checkpoint, CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
 from edgemri.core.config import TrainSpec
 from edgemri.core.data import ArraySplit, normalize
 from edgemri.core.errors import EdgemriError
 from edgemri.core.evaluate import predict_logits
-from edgemri.core.io import save_torch
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -97,6 +98,42 @@ class ResumeMismatchError(EdgemriError):
     """The saved training state was made with other settings than this run's."""
 
 
+class TrainingDivergedError(EdgemriError):
+    """The loss or the weights became NaN or Inf: training stopped before anything non-finite was saved."""
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Save every completed epoch to ``path`` (kind "training"); ``resume`` continues from it.
+
+    ``model`` and ``model_options`` name the registered model the file holds. ``module`` is that
+    model when the trained module is only a part of it (the frozen ImageNet teacher trains its
+    head alone, on cached features); by default the trained module is the registered model.
+    """
+
+    path: Path
+    model: str = "student"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    module: nn.Module | None = None
+    resume: bool = False
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from epoch to epoch: all of it is saved and restored on resume."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    best_key: tuple[float, float] = (-math.inf, -math.inf)
+    best_epoch: int = 0
+    best_state: dict[str, Tensor] = field(default_factory=dict)
+    images_seen: int = 0
+    optimizer_steps: int = 0
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+
 def _evaluate(model: nn.Module, data: TrainData) -> tuple[float, float]:
     logits = predict_logits(model, data.inputs, data.transform)
     loss = F.cross_entropy(logits, data.labels).item()
@@ -106,6 +143,89 @@ def _evaluate(model: nn.Module, data: TrainData) -> tuple[float, float]:
 
 def _state_copy(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _selection_key(record: EpochRecord, select: str) -> tuple[float, float]:
+    """Best validation accuracy, ties to the lower loss; or simply the latest epoch."""
+    return (record.val_accuracy, -record.val_loss) if select == "val" else (record.epoch, 0.0)
+
+
+def _save_state(saving: Checkpointing, saved: nn.Module, optimizer: torch.optim.Optimizer,
+                progress: _Progress, signature: dict[str, Any], select: str) -> None:
+    best = progress.history[progress.best_epoch - 1] if progress.best_epoch else None
+    save_checkpoint(saving.path, Checkpoint(
+        model=saving.model, state_dict=_state_copy(saved), kind="training", model_options=dict(saving.model_options),
+        config=signature, seed=signature["seed"], optimizer=optimizer.state_dict(), step=progress.epoch,
+        best_metric=best.val_accuracy if best is not None and select == "val" else None,
+        history=[asdict(r) for r in progress.history],
+        extra={"best_epoch": progress.best_epoch, "best_state": progress.best_state,
+               "images_seen": progress.images_seen, "optimizer_steps": progress.optimizer_steps},
+    ))
+
+
+def check_same_settings(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Resume only what this run would make: a ResumeMismatchError names the first settings that differ."""
+    differences = _differences(saved, current)
+    if differences:
+        raise ResumeMismatchError(f"{path} was saved with other settings ({'; '.join(differences[:3])}); "
+                                  f"start without --resume (or in a new --out) or use the run's own settings")
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: A saved, B now' for every setting that differs, nested keys dotted."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old!r} saved, {new!r} now")
+    return out
+
+
+def _resume(saving: Checkpointing, saved: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+            signature: dict[str, Any], select: str) -> _Progress:
+    """The progress of an earlier run with the same settings, loaded into ``saved`` and ``optimizer``."""
+    path = saving.path
+    state = load_checkpoint(path, kind="training")
+    current = {"model": saving.model, "model_options": dict(saving.model_options), **signature}
+    check_same_settings(path, {"model": state.model, "model_options": state.model_options, **state.config}, current)
+    extra = state.extra
+    try:
+        history = [EpochRecord(**record) for record in state.history]
+        best_epoch, images_seen, steps = (int(extra[k]) for k in ("best_epoch", "images_seen", "optimizer_steps"))
+        best_state = check_state_dict(model, extra["best_state"], f"{path} (best_state)")
+        if len(history) != state.step or not 0 <= best_epoch <= state.step:
+            raise ValueError(f"step {state.step}, {len(history)} epochs of history, best epoch {best_epoch}")
+    except (TypeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: malformed training state ({err.__class__.__name__}: {err})") from None
+    saved.load_state_dict(state.state_dict)
+    _load_optimizer(optimizer, state.optimizer, path)
+    best_key = _selection_key(history[best_epoch - 1], select) if best_epoch else _Progress.best_key
+    return _Progress(history, best_key, best_epoch, best_state, images_seen, steps)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any] | None, path: Path) -> None:
+    """Load the optimizer's saved state; its tensors must fit the parameters (else a late RuntimeError)."""
+    try:
+        if state is None:
+            raise ValueError("no optimizer state")
+        optimizer.load_state_dict(state)
+    except (TypeError, KeyError, ValueError, IndexError) as err:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this model ({err})") from None
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, Tensor) and value.dim() and value.shape != param.shape:
+                    raise CheckpointError(f"{path}: optimizer state {name!r} has shape {tuple(value.shape)} "
+                                          f"for a parameter of shape {tuple(param.shape)}")
+
+
+def _check_weights(model: nn.Module, desc: str, epoch: int) -> None:
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise TrainingDivergedError(f"{desc}: the weights became non-finite ({name!r}) in epoch {epoch}; "
+                                        f"lower the learning rate and start again (nothing of this epoch was saved)")
 
 
 def fit(
@@ -120,8 +240,7 @@ def fit(
     selected_on: str = "validation",
     batches: BatchSampler = shuffled_batches,
     wrap: Wrap | None = None,
-    state_path: Path | None = None,
-    resume: bool = False,
+    checkpointing: Checkpointing | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> FitResult:
@@ -129,8 +248,9 @@ def fit(
 
     select="val" keeps the epoch with the best accuracy on ``val`` (ties: lower loss);
     select="last" keeps the final epoch (federated local steps). ``selected_on`` names
-    the split ``val`` really is, so reports can say so. With ``state_path``, every
-    completed epoch is saved; ``resume=True`` continues from the last one saved.
+    the split ``val`` really is, so reports can say so. With ``checkpointing``, every
+    completed epoch is saved and an interrupted run can continue from the last one.
+    A NaN or Inf loss or weight raises TrainingDivergedError naming the epoch and batch.
     """
     from tqdm import tqdm
 
@@ -143,42 +263,27 @@ def fit(
     if wrap is not None:
         trained_model, optimizer, batches = wrap(model, optimizer, len(train), spec.batch_size)
 
-    history: list[EpochRecord] = []
-    best_key = (-math.inf, -math.inf)
-    best_epoch = 0
-    best_state = _state_copy(model)
-    start_epoch = 1
-    images_seen = 0
-    optimizer_steps = 0
+    saved = model if checkpointing is None or checkpointing.module is None else checkpointing.module
     signature = {"spec": asdict(spec), "seed": seed, "n": len(train), "select": select}
-    if resume and state_path is not None and state_path.is_file():
-        saved = torch.load(state_path, weights_only=False)
-        if saved["signature"] != signature:
-            raise ResumeMismatchError(
-                f"{state_path} was saved with {saved['signature']}, this run has {signature}; "
-                f"start without --resume or use the run's own settings"
-            )
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        history = [EpochRecord(**r) for r in saved["history"]]
-        best_key, best_epoch, best_state = tuple(saved["best_key"]), saved["best_epoch"], saved["best_state"]
-        images_seen = saved["images_seen"]
-        start_epoch = saved["epoch"] + 1
+    state = _Progress(best_state=_state_copy(model))
+    if checkpointing is not None and checkpointing.resume and checkpointing.path.is_file():
+        state = _resume(checkpointing, saved, model, optimizer, signature, select)
 
     started = time.perf_counter()
-    for epoch in range(start_epoch, spec.epochs + 1):
+    total_batches = math.ceil(len(train) / spec.batch_size)
+    for epoch in range(state.epoch + 1, spec.epochs + 1):
         epoch_start = time.perf_counter()
         trained_model.train()
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         total_loss, correct, seen = 0.0, 0, 0
         steps = tqdm(
             batches(len(train), spec.batch_size, generator),
-            total=math.ceil(len(train) / spec.batch_size),
+            total=total_batches,
             desc=f"{desc} {epoch}/{spec.epochs}",
             disable=not progress,
             leave=False,
         )
-        for index in steps:
+        for number, index in enumerate(steps, start=1):
             batch = Batch(
                 inputs=train.transform(train.inputs[index]),
                 labels=train.labels[index],
@@ -189,15 +294,21 @@ def fit(
             # Poisson sampling (DP-SGD) can draw an empty batch: a zero loss still lets
             # Opacus take its noisy step, which the accounting counts.
             batch_loss = loss(logits, batch) if len(index) else logits.sum() * 0.0
+            value = batch_loss.item()
+            if not math.isfinite(value):  # checked before the step: the weights stay as they were
+                raise TrainingDivergedError(
+                    f"{desc}: the loss became {value} in epoch {epoch}, batch {number} of {total_batches}; "
+                    f"lower the learning rate (or kd.temperature) or check the data for NaN values")
             batch_loss.backward()
             optimizer.step()
-            optimizer_steps += 1
+            state.optimizer_steps += 1
             if len(index):
-                total_loss += batch_loss.item() * len(index)
+                total_loss += value * len(index)
                 correct += int((logits.argmax(1) == batch.labels).sum())
                 seen += len(index)
                 steps.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-        images_seen += seen
+        _check_weights(model, desc, epoch)
+        state.images_seen += seen
         val_loss = val_accuracy = None
         if val is not None:
             val_loss, val_accuracy = _evaluate(model, val)
@@ -209,28 +320,23 @@ def fit(
             val_accuracy=val_accuracy,
             seconds=time.perf_counter() - epoch_start,
         )
-        history.append(record)
-        key = (val_accuracy, -val_loss) if select == "val" else (epoch, 0.0)
-        if key > best_key:
-            best_key, best_epoch, best_state = key, epoch, _state_copy(model)
+        state.history.append(record)
+        key = _selection_key(record, select)
+        if key > state.best_key:
+            state.best_key, state.best_epoch, state.best_state = key, epoch, _state_copy(model)
         if progress:
             shown = f" val_acc={val_accuracy:.3f}" if val_accuracy is not None else ""
             tqdm.write(f"{desc} epoch {epoch}/{spec.epochs} loss={record.train_loss:.3f} "
                        f"acc={record.train_accuracy:.3f}{shown}")
-        if state_path is not None:
-            save_torch(state_path, {
-                "signature": signature, "epoch": epoch, "model": _state_copy(model),
-                "optimizer": optimizer.state_dict(), "history": [asdict(r) for r in history],
-                "best_key": list(best_key), "best_epoch": best_epoch, "best_state": best_state,
-                "images_seen": images_seen,
-            })
-    model.load_state_dict(best_state)
+        if checkpointing is not None:
+            _save_state(checkpointing, saved, optimizer, state, signature, select)
+    model.load_state_dict(state.best_state)
     return FitResult(
-        history=history,
-        best_epoch=best_epoch,
-        best_state=best_state,
+        history=state.history,
+        best_epoch=state.best_epoch,
+        best_state=state.best_state,
         selected_on=selected_on if select == "val" else "last epoch",
-        images_seen=images_seen,
+        images_seen=state.images_seen,
         train_seconds=time.perf_counter() - started,
-        optimizer_steps=optimizer_steps,
+        optimizer_steps=state.optimizer_steps,
     )

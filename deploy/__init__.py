@@ -1,1 +1,1 @@
-"""Real devices: TLS certificates, SuperNode keys and registration, a local SuperLink + SuperNodes launcher."""
+"""Real devices: TLS certificates (certs), SuperNode names, keys and registration (nodes), a local launcher."""

@@ -1,90 +1,25 @@
-"""Predict image files with a checkpoint, an exported ONNX model or a TorchScript model.
+"""Predict image files with a model from ``edge.runtime.load_model``.
 
 Images go through the training preprocessing itself (``load_image_uint8`` + ``normalize``
 from edgemri.core.data), in batches. A file that cannot be used gets its own error and
 the others are still predicted. Images with a side under 16 px are such errors, by the
 same rule as in training: the model never saw one, and a 12 px thumbnail upscaled to
-128 px would get a confident-looking guess, not a diagnosis.
+128 px would get a confident-looking guess, not a diagnosis. File names are reported
+printable (bytes that are not UTF-8 as ``\\xNN``), so no name can stop the run.
 """
 
 from __future__ import annotations
 
-import json
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from edgemri.core.checkpoint import load_checkpoint
-from edgemri.core.data import IMAGE_EXTENSIONS, IMAGE_SIZE, BadImageError, load_image_uint8, normalize
-from edgemri.edge.export import (
-    INPUT_NAME,
-    METADATA_FILE,
-    EdgeError,
-    check_preprocessing,
-    load_torchscript,
-    onnx_session,
-    run_onnx,
-)
-
-ModelKind = Literal["checkpoint", "onnx", "torchscript"]
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to predict: logits for a normalized float32 (N, 3, 128, 128) batch."""
-
-    path: Path
-    kind: ModelKind
-    class_names: list[str]
-    logits: Callable[[Tensor], Tensor]
-
-
-def _onnx_model(path: Path) -> LoadedModel:
-    session = onnx_session(path)
-    meta = session.get_modelmeta().custom_metadata_map
-    if "class_names" not in meta or "preprocessing" not in meta:
-        raise EdgeError(f"{path} has no edgemri metadata (class_names, preprocessing); "
-                        f"export it with `edgemri export CHECKPOINT --format onnx`")
-    check_preprocessing(json.loads(meta["preprocessing"]), str(path))
-    image = session.get_inputs()[0]
-    if image.name != INPUT_NAME or list(image.shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:
-        raise EdgeError(f"{path} takes {image.name} {image.shape}, not {INPUT_NAME} [N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}]")
-    return LoadedModel(path, "onnx", json.loads(meta["class_names"]),
-                       lambda batch: torch.from_numpy(run_onnx(session, batch)))
-
-
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives that edgemri exported carry ``extra/edgemri.json``."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith(f"/extra/{METADATA_FILE}") for name in archive.namelist())
-
-
-def _torchscript_model(path: Path) -> LoadedModel:
-    module, meta = load_torchscript(path)
-    check_preprocessing(meta["preprocessing"], str(path))
-    return LoadedModel(path, "torchscript", meta["class_names"], module)
-
-
-def load_model(path: str | Path) -> LoadedModel:
-    """An ``.onnx`` file, an edgemri TorchScript file, or a checkpoint (incl. a paper-layout state dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgeError(f"model not found: {path}")
-    if path.suffix.lower() == ".onnx":
-        return _onnx_model(path)
-    if _is_torchscript(path):
-        return _torchscript_model(path)
-    checkpoint = load_checkpoint(path)
-    check_preprocessing(checkpoint.preprocessing, str(path))
-    return LoadedModel(path, "checkpoint", list(checkpoint.class_names), checkpoint.build())
+from edgemri.core.data import IMAGE_EXTENSIONS, BadImageError, load_image_uint8, normalize
+from edgemri.edge.errors import EdgeError, printable
+from edgemri.edge.runtime import LoadedModel
 
 
 @dataclass
@@ -108,35 +43,46 @@ class Prediction:
                 "top_k": [{"class": name, "probability": p} for name, p in self.top_k]}
 
 
-def find_images(paths: Iterable[str | Path]) -> Iterator[Path | Prediction]:
-    """Each named file, and the image files under each named folder (recursive, sorted).
+def _images_in(folder: Path) -> list[Path]:
+    """The image files under a folder, recursive and sorted, hidden files and folders skipped as in training."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
-    Hidden files and folders are skipped, as in training; a missing path or a folder
-    without images comes back as a Prediction carrying the error.
+
+def find_images(paths: Iterable[str | Path]) -> Iterator[Path | Prediction]:
+    """Each named file, and the image files under each named folder.
+
+    A missing or unreadable path, or a folder without images, comes back as a Prediction
+    carrying the error.
     """
     for raw in paths:
         path = Path(raw)
-        if path.is_file():
-            yield path
-        elif path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not found:
-                yield Prediction(str(path), error=f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder")
-            yield from found
-        else:
-            yield Prediction(str(path), error="no such file or folder")
+        try:
+            found = [path] if path.is_file() else _images_in(path) if path.is_dir() else None
+        except OSError as err:  # e.g. a name too long for the file system, a folder that cannot be listed
+            yield Prediction(printable(str(path)), error=f"cannot read: {err.strerror or err}")
+            continue
+        if found is None:
+            yield Prediction(printable(str(path)), error="no such file or folder")
+        elif not found:
+            yield Prediction(printable(str(path)),
+                             error=f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder")
+        yield from found or []
 
 
 def _fill(model: LoadedModel, results: list[Prediction], pending: list[tuple[int, np.ndarray]], top_k: int) -> None:
-    """Run one batch and write class, probability and top k into its results."""
+    """Run one batch and write class, probability and top k (or a non-finite-logits error) into its results."""
     with torch.no_grad():
-        logits = model.logits(normalize(torch.from_numpy(np.stack([array for _, array in pending]))))
-    probabilities, indices = torch.softmax(logits.float(), dim=1).topk(min(top_k, logits.shape[1]), dim=1)
-    for (slot, _), probs, idx in zip(pending, probabilities.tolist(), indices.tolist(), strict=True):
+        logits = model.logits(normalize(torch.from_numpy(np.stack([array for _, array in pending])))).float()
+    finite = torch.isfinite(logits).all(dim=1).tolist()
+    probabilities, indices = torch.softmax(logits, dim=1).topk(min(top_k, logits.shape[1]), dim=1)
+    for (slot, _), ok, probs, idx in zip(pending, finite, probabilities.tolist(), indices.tolist(), strict=True):
+        if not ok:
+            results[slot].error = "the model gave non-finite (NaN or infinite) logits for this image"
+            continue
         ranked = [(model.class_names[i], p) for i, p in zip(idx, probs, strict=True)]
         results[slot].label, results[slot].probability = ranked[0]
         results[slot].top_k = ranked
@@ -158,9 +104,9 @@ def predict_paths(model: LoadedModel, paths: Sequence[str | Path], *, top_k: int
         try:
             array = load_image_uint8(item)
         except BadImageError as err:
-            results.append(Prediction(str(item), error=str(err)))
+            results.append(Prediction(printable(str(item)), error=printable(str(err))))
             continue
-        results.append(Prediction(str(item)))
+        results.append(Prediction(printable(str(item))))
         pending.append((len(results) - 1, array))
         if len(pending) == batch_size:
             _fill(model, results, pending, top_k)

@@ -7,11 +7,20 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from edgemri.core.config import Config
 from edgemri.core.io import save_figure
+from edgemri.core.protocol import (
+    GLOBAL_ACCURACY,
+    LOCAL_ONLY_ACCURACY,
+    NUM_EXAMPLES,
+    PERSONAL_ACCURACY,
+    START_ACCURACY,
+    FederationResult,
+)
 from edgemri.reports.common import machine, package_versions, write_report_files
 
-COLUMNS = (("start", "start-accuracy"), ("global", "global-accuracy"), ("personalized", "personal-accuracy"),
-           ("local-only", "local-only-accuracy"), ("pooled", "pooled-accuracy"))
+COLUMNS = (("start", START_ACCURACY), ("global", GLOBAL_ACCURACY), ("personalized", PERSONAL_ACCURACY),
+           ("local-only", LOCAL_ONLY_ACCURACY), ("pooled", "pooled-accuracy"))
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -21,45 +30,47 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "worst": min(values)}
 
 
-def build_federation_report(result: dict[str, Any], config: dict[str, Any],
+def build_federation_report(result: FederationResult, config: Config,
                             pooled: dict[str, float] | None = None) -> dict[str, Any]:
-    clients = result["clients"]
+    clients = result.clients
     rows = []
-    for name in sorted(clients, key=lambda c: (clients[c]["kind"], c)):
-        final = result["final"].get(name)
-        row = {"client": name, "kind": clients[name]["kind"], "site": clients[name]["site"],
-               "num_train": clients[name]["num_examples"], "failed": name in result["final_failed"]}
+    for name in sorted(clients, key=lambda c: (clients[c].kind, c)):
+        final = result.final.get(name)
+        row = {"client": name, "kind": clients[name].kind, "site": clients[name].site,
+               "num_train": clients[name].num_examples, "failed": name in result.final_failed}
         for column, key in COLUMNS:
             value = (pooled or {}).get(name) if column == "pooled" else (final or {}).get(key)
             row[column] = float("nan") if value is None else float(value)
-        row["num_test"] = int((final or {}).get("num-examples", 0))
+        row["num_test"] = int((final or {}).get(NUM_EXAMPLES, 0))
         rows.append(row)
-    groups = {"all": rows, **{kind: [r for r in rows if r["kind"] == kind] for kind in ("hospital", "phone")}}
+    groups = {"all": rows, **{kind: [r for r in rows if r["kind"] == kind] for kind in config.federation.tier_names}}
     summary = {group: {column: _summary([r[column] for r in members]) for column, _ in COLUMNS}
                for group, members in groups.items() if members}
     curves: dict[str, dict[str, list[float]]] = {}
     for group, members in groups.items():
         names = {r["client"] for r in members}
         curves[group] = {
-            metric: [statistics.fmean([m[key] for c, m in h["eval_metrics"].items() if c in names] or [math.nan])
-                     for h in result["history"]]
-            for metric, key in (("global", "global-accuracy"), ("personalized", "personal-accuracy"))
+            metric: [statistics.fmean([m[key] for c, m in h.eval_metrics.items() if c in names and key in m]
+                                      or [math.nan])
+                     for h in result.history]
+            for metric, key in (("global", GLOBAL_ACCURACY), ("personalized", PERSONAL_ACCURACY))
         }
     return {
         "kind": "edgemri.federation-report/1",
-        "method": config["federation"]["method"],
-        "config": config,
-        "seed": config["seed"],
-        "rounds": [h["round"] for h in result["history"]],
+        "method": config.federation.method,
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "rounds": [h.round for h in result.history],
         "clients": rows,
         "summary": summary,
         "curves": curves,
-        "central": {"start": result["central_start"], "final": result["central_final"],
-                    "per_round": [h["central"] for h in result["history"]]},
-        "participation": [{"round": h["round"], "sampled": h["sampled"], "trained": h["trained"],
-                           "failed": h["failed"], "aggregated": h["aggregated"], "seconds": h["seconds"]}
-                          for h in result["history"]],
-        "final_failed": result["final_failed"],
+        "central": {"start": result.central_start, "final": result.central_final,
+                    "per_round": [h.central for h in result.history]},
+        "participation": [{"round": h.round, "sampled": h.sampled, "trained": h.trained, "failed": h.failed,
+                           "declined": h.declined, "aggregated": h.aggregated, "seconds": h.seconds}
+                          for h in result.history],
+        "final_failed": result.final_failed,
+        "excluded": result.excluded,
         "versions": package_versions(),
         "machine": machine(),
     }

@@ -15,7 +15,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from edgemri.core.config import Config, load_config
+from edgemri.core.errors import EdgemriError
 from edgemri.core.io import save_figure
+from edgemri.core.protocol import EPSILON, FederationResult
 from edgemri.reports.common import write_report_files
 
 NOT_PROTECTED = ("the metrics each client reports (accuracies, losses, epsilon itself), its number of "
@@ -23,40 +26,35 @@ NOT_PROTECTED = ("the metrics each client reports (accuracies, losses, epsilon i
                  "(never sent, so never noised)")
 
 
-def build_privacy_report(result: dict[str, Any], config: dict[str, Any],
+def build_privacy_report(result: FederationResult, config: Config,
                          sweep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    privacy = config["privacy"]
+    privacy = config.privacy
     clients = {}
-    for name, node in sorted(result["clients"].items()):
-        tier = privacy[node["kind"]]
-        rounds = [{"round": h["round"], "epsilon": h["train_metrics"][name]["epsilon"]}
-                  for h in result["history"]
-                  if name in h["train_metrics"] and "epsilon" in h["train_metrics"][name]
-                  and name in h["trained"]]
+    for name, node in sorted(result.clients.items()):
+        tier = privacy.tier(node.kind, name)
+        rounds = [{"round": h.round, "epsilon": h.train_metrics[name][EPSILON]}
+                  for h in result.history if name in h.trained and EPSILON in h.train_metrics.get(name, {})]
         # A client that missed the final evaluation (offline, killed) still reported its DP
         # settings with every round it trained: fall back to its last train reply.
-        last_train = next((h["train_metrics"][name] for h in reversed(result["history"])
-                           if name in h["train_metrics"]), {})
-        final = {**last_train, **result["final"].get(name, {})}
-        status = result.get("retired", {}).get(name, "")
-        dp = bool(tier["enabled"])
-        entry: dict[str, Any] = {"kind": node["kind"], "site": node["site"], "n": node["num_examples"], "dp": dp,
-                                 "status": status or ("trained" if rounds or not dp else "never trained")}
-        if dp:
-            budget = privacy["budget_overrides"].get(name, tier["budget_epsilon"])
-            epsilon = final.get("epsilon", rounds[-1]["epsilon"] if rounds else 0.0)
+        last_train = next((h.train_metrics[name] for h in reversed(result.history) if name in h.train_metrics), {})
+        final = {**last_train, **result.final.get(name, {})}
+        status = result.retired.get(name, "")
+        entry: dict[str, Any] = {"kind": node.kind, "site": node.site, "n": node.num_examples, "dp": tier.enabled,
+                                 "status": status or ("trained" if rounds or not tier.enabled else "never trained")}
+        if tier.enabled:
+            epsilon = final.get(EPSILON, rounds[-1]["epsilon"] if rounds else 0.0)
             entry.update({
                 "unit": "one scan of this client (add/remove one record of its training set)",
-                "accountant": privacy["accountant"], "delta": final.get("delta"), "budget_epsilon": budget,
-                "epsilon": epsilon, "remaining_epsilon": budget - epsilon, "epsilon_per_round": rounds,
+                "accountant": privacy.accountant, "delta": final.get("delta"), "budget_epsilon": tier.budget_epsilon,
+                "epsilon": epsilon, "remaining_epsilon": tier.budget_epsilon - epsilon, "epsilon_per_round": rounds,
                 "noise_multiplier": final.get("noise-multiplier"), "max_grad_norm": final.get("max-grad-norm"),
                 "sample_rate": final.get("sample-rate"), "sampling": "Poisson",
                 "rounds_trained": [r["round"] for r in rounds]})
         clients[name] = entry
-    return {"kind": "edgemri.privacy-report/1", "seed": config["seed"], "accountant": privacy["accountant"],
+    return {"kind": "edgemri.privacy-report/1", "seed": config.seed, "accountant": privacy.accountant,
             "sample_level": clients,
-            # What the server did, not what the config asked: runs from before client-level DP have no section.
-            "client_level": result.get("central_dp", {"enabled": False}),
+            # What the server did, not what the config asked.
+            "client_level": result.central_dp,
             "not_protected": NOT_PROTECTED, "sweep": sweep or []}
 
 
@@ -187,12 +185,26 @@ def write_privacy_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
 
 
 def privacy_report_for_run(run_dir: Path) -> dict[str, Path]:
-    """`edgemri privacy report RUN_DIR`: rebuild the reports from the run's saved result."""
+    """`edgemri privacy report RUN_DIR`: rebuild the report from the run's saved result and config."""
     result_path = run_dir / "server" / "result.json"
     if not result_path.is_file():
-        raise FileNotFoundError(f"{result_path} not found: is {run_dir} a finished federation run?")
-    result = json.loads(result_path.read_text())
-    config = json.loads((run_dir / "federation.json").read_text())["config"]
+        raise ReportError(f"{result_path} not found: is {run_dir} a finished federation run?")
+    result = FederationResult.from_dict(read_json(result_path))
+    config = load_config(run_dir / "config.yaml")
     sweep_path = run_dir / "privacy-sweep.json"
-    sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
+    sweep = read_json(sweep_path) if sweep_path.is_file() else None
+    if sweep is not None and not isinstance(sweep, list):
+        raise ReportError(f"{sweep_path} is not a list of sweep rows")
     return write_privacy_report(build_privacy_report(result, config, sweep), run_dir)
+
+
+class ReportError(EdgemriError):
+    """A run folder's saved result cannot be read back."""
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file from a run folder (untrusted: one clear error for unreadable or invalid files)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path} is not readable JSON ({err.__class__.__name__})") from None

@@ -1,22 +1,39 @@
-"""The Flower ServerApp: reads the run config, runs the round loop, writes the reports."""
+"""The Flower ServerApp: settings, discovery, the strategy's rounds, the final evaluation, the reports.
+
+The same app runs under ``edgemri federate`` and a plain ``flwr run .``. What it needs that is
+missing (client manifests) it prepares from the data folder; what it cannot prepare (data, the
+distilled start model) stops the run at once with a one-line message naming the command to run.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from edgemri.core.checkpoint import load_checkpoint
-from edgemri.core.config import load_config
-from edgemri.core.data import load_dataset
+from edgemri.core import protocol as p
+from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from edgemri.core.config import Config, load_config
+from edgemri.core.data import ArraySplit, load_dataset
+from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json
+from edgemri.core.partition import manifest_paths, partition, write_manifests
+from edgemri.core.personalize import State, evaluate_state
 from edgemri.reports.federation import build_federation_report, write_federation_report
 from edgemri.reports.privacy import build_privacy_report, write_privacy_report
-from edgemri.server.federation import FederationServer
+from edgemri.server.strategy import CentralAccountant, FederationStrategy, RoundState, with_central_dp
 
 app = ServerApp()
+log = logging.getLogger("edgemri.server")
+
+STATE_FILE = "state.pt"
+PROGRESS_FILE = "progress.log"
+DISCOVERY_WAIT_S = 120.0
 
 
 def _log_through_flower() -> None:
@@ -29,19 +46,174 @@ def _log_through_flower() -> None:
     ours.propagate = False
 
 
+def prepare(settings: p.RunSettings, config: Config) -> Checkpoint:
+    """The start model, and client manifests (written from the data folder when missing)."""
+    if not settings.start_checkpoint.is_file():
+        raise EdgemriError(f"no start model at {settings.start_checkpoint}: run `make demo` (or `edgemri distill`) "
+                           "first, or pass --run-config \"start-checkpoint='PATH'\"")
+    start = load_checkpoint(settings.start_checkpoint)
+    if start.model != "student":
+        raise CheckpointError(f"the federation starts from a student; {settings.start_checkpoint} holds "
+                              f"{start.model!r}")
+    if not manifest_paths(settings.manifests):
+        if settings.data_root is None or not (settings.data_root / "Training").is_dir():
+            raise EdgemriError(f"no client manifests in {settings.manifests} and no data at {settings.data_root}: "
+                               "run `make demo` (or `edgemri data synth --out DIR` and `edgemri data partition`)")
+        dataset = load_dataset(settings.data_root, cache_dir=config.data.cache_dir)
+        written = write_manifests(partition(dataset.train, settings.data_root, config), settings.manifests)
+        log.info("wrote %d client manifests to %s", len(written), settings.manifests)
+    return start
+
+
+def discover(grid: Grid, expected: int, kinds: tuple[str, ...], wait_s: float = DISCOVERY_WAIT_S
+             ) -> tuple[dict[int, p.ClientInfo], dict[str, str]]:
+    """Wait for the expected nodes, ask each who it is; refuse bad answers and duplicated names."""
+    deadline = time.monotonic() + wait_s
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        node_ids = list(grid.get_node_ids())
+    if len(node_ids) < expected:
+        log.warning("%d of %d expected nodes connected (in simulation: flwr run . --federation-config "
+                    "\"num-supernodes=%d\")", len(node_ids), expected, expected)
+    replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                                     for n in node_ids], timeout=wait_s)
+    answers: dict[int, p.ClientInfo] = {}
+    excluded: dict[str, str] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        try:
+            if reply.has_error():
+                raise p.ProtocolError("the node's app raised")
+            info, metrics = reply.content.config_records.get(p.INFO), reply.content.metric_records.get(p.METRICS)
+            if info is None or metrics is None:
+                raise p.ProtocolError("no info or metrics record")
+            answers[node] = p.ClientInfo.from_record(dict(info), dict(metrics), kinds)
+        except p.ProtocolError as err:
+            excluded[f"node-{node}"] = f"{p.FailureCode.BAD_REPLY.value}: {err}"
+    names = [c.client for c in answers.values()]
+    for node, client in list(answers.items()):
+        if names.count(client.client) > 1:  # neither can be trusted to be the real one
+            excluded[f"node-{node}"] = f"duplicate client name {client.client!r}"
+            del answers[node]
+    for name, why in excluded.items():
+        log.warning("%s excluded: %s", name, why)
+    return answers, excluded
+
+
+def _central_eval(test: ArraySplit) -> Callable[[State], dict[str, float]]:
+    def evaluate(state: State) -> dict[str, float]:
+        return {k: float(v) for k, v in evaluate_state(state, test).items()}
+
+    return evaluate
+
+
+def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResult:
+    start = prepare(settings, config)
+    server_dir = settings.run_dir / "server"
+    central_test = load_dataset(settings.data_root, cache_dir=config.data.cache_dir).test \
+        if settings.data_root else None
+    central_eval = _central_eval(central_test) if central_test is not None else None
+    nodes, excluded = discover(grid, settings.num_clients, config.federation.tier_names)
+    if len(nodes) < config.federation.min_clients:
+        raise EdgemriError(f"only {len(nodes)} clients answered; federation.min_clients is "
+                           f"{config.federation.min_clients}")
+    log.info("clients: %s", ", ".join(sorted(f"{c.client} ({c.num_examples})" for c in nodes.values())))
+
+    saved = _load_state(server_dir / STATE_FILE) if settings.resume else None
+    done = saved.step if saved else 0
+    global_state = saved.state_dict if saved else start.state_dict
+    round_state = RoundState(history=[p.RoundRecord(**h) for h in saved.history], **saved.extra["clients"]) \
+        if saved else RoundState()
+    central = config.privacy.central
+    accountant = CentralAccountant(central, settings.num_clients, saved.extra.get("accountant") if saved else None) \
+        if central.enabled else None
+    if saved and central.enabled and saved.extra.get("accountant") is None and done:
+        raise EdgemriError(f"privacy.central is enabled, but rounds 1-{done} of this run released global models "
+                           "without it; start a new run")
+
+    def on_round(record: p.RoundRecord, state: State) -> None:
+        _save_state(server_dir, config, state, strategy.state, accountant)
+        line = (f"round {record.round}/{config.federation.rounds}: {len(record.trained)}/{len(record.sampled)} "
+                f"trained, {len(record.failed)} failed, {len(record.declined)} declined, central accuracy "
+                f"{record.central.get('accuracy', float('nan')):.3f}, {record.seconds:.0f} s")
+        log.info(line)
+        with (server_dir / PROGRESS_FILE).open("a") as fh:
+            fh.write(line + "\n")
+
+    strategy = FederationStrategy(config, nodes, global_state, state=round_state, round_offset=done,
+                                  central_eval=central_eval, on_round=on_round)
+    runner = with_central_dp(strategy, central, accountant) if accountant else strategy
+    if done:
+        log.info("resuming after round %d", done)
+    server_dir.mkdir(parents=True, exist_ok=True)
+    if done < config.federation.rounds:
+        runner.start(grid=grid, initial_arrays=ArrayRecord(global_state), num_rounds=config.federation.rounds - done,
+                     timeout=config.federation.round_timeout_s, train_config=ConfigRecord(),
+                     evaluate_fn=strategy.after_round)
+    final, final_failed = final_evaluate(grid, strategy, start.state_dict, config)
+    return p.FederationResult(
+        clients={c.client: c for c in nodes.values()}, history=strategy.state.history, final=final,
+        final_failed=final_failed, retired=strategy.state.retired,
+        central_start=central_eval(start.state_dict) if central_eval else {},
+        central_final=central_eval(strategy.global_state) if central_eval else {},
+        central_dp=accountant.summary(strategy.state.history, strategy.stop_reason) if accountant
+        else {"enabled": False},
+        excluded=excluded)
+
+
+def final_evaluate(grid: Grid, strategy: FederationStrategy, start: State, config: Config
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Every client's report columns: start, global, personalized and local-only accuracy."""
+    messages = strategy._messages(sorted(strategy.nodes), config.federation.rounds, MessageType.EVALUATE,
+                                  ConfigRecord({"final": True}), **{p.START: ArrayRecord(start)})
+    return strategy.collect_evaluate(grid.send_and_receive(messages, timeout=config.federation.round_timeout_s))
+
+
+def _save_state(server_dir: Path, config: Config, state: State, rounds: RoundState,
+                accountant: CentralAccountant | None) -> None:
+    """The server's state after a round (the one checkpoint format, kind "server"), and the round's global model."""
+    history = [vars(h) for h in rounds.history]
+    last = rounds.history[-1]
+    save_checkpoint(server_dir / STATE_FILE, Checkpoint(
+        model="student", kind="server", state_dict=state, config=config.to_dict(), seed=config.seed,
+        step=last.round, history=history,
+        extra={"clients": {"retired": rounds.retired, "epsilon": rounds.epsilon,
+                           "ledger_records": rounds.ledger_records},
+               "accountant": accountant.accountant.state_dict() if accountant else None}))
+    save_checkpoint(server_dir / f"global-round-{last.round:03d}.pt", Checkpoint(
+        model="student", state_dict=state, role=f"global (round {last.round})", config=config.to_dict(),
+        seed=config.seed, metrics=last.central))
+
+
+def _load_state(path: Path) -> Checkpoint | None:
+    return load_checkpoint(path, kind="server") if path.is_file() else None
+
+
+def write_reports(result: p.FederationResult, config: Config, run_dir: Path) -> dict[str, Path]:
+    """result.json and the federation and privacy reports, once per run (the pooled baseline if computed)."""
+    write_json(run_dir / "server" / "result.json", result.to_dict())
+    pooled_file = run_dir / "pooled.json"
+    pooled = None
+    if pooled_file.is_file():
+        try:
+            pooled = {str(k): float(v) for k, v in json.loads(pooled_file.read_text(encoding="utf-8")).items()}
+        except (OSError, ValueError, AttributeError, TypeError) as err:
+            raise p.ProtocolError(f"{pooled_file} is not a pooled-baseline file ({err.__class__.__name__})") from None
+    paths = write_federation_report(build_federation_report(result, config, pooled), run_dir)
+    paths.update({f"privacy_{k}": v for k, v in
+                  write_privacy_report(build_privacy_report(result, config), run_dir).items()})
+    return paths
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _log_through_flower()
-    run_config = context.run_config
-    config = load_config(str(run_config["config"]))
-    run_dir = Path(str(run_config["run-dir"]))
-    start = load_checkpoint(str(run_config["start-checkpoint"]))
-    data_root = str(run_config.get("data-root", ""))
-    central_test = load_dataset(data_root, cache_dir=config.data.cache_dir).test if data_root else None
-    server = FederationServer(grid, config, run_dir, start.state_dict, central_test,
-                              expected_clients=int(run_config["num-clients"]),
-                              resume=bool(run_config.get("resume", False)))
-    result = server.run()
-    write_json(run_dir / "server" / "result.json", result)
-    write_federation_report(build_federation_report(result, config.to_dict()), run_dir)
-    write_privacy_report(build_privacy_report(result, config.to_dict()), run_dir)
+    try:
+        settings = p.RunSettings.from_run_config(dict(context.run_config))
+        config = load_config(settings.config)
+        write_reports(run(grid, settings, config), config, settings.run_dir)
+    except EdgemriError as err:
+        # One line, where `flwr run` streams it; the run then ends without a result.
+        log.error("edgemri: error: %s", str(err).splitlines()[0])
+        raise SystemExit(2) from None

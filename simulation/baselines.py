@@ -6,8 +6,6 @@ comparison; it runs here, in the simulation wiring, never inside the Flower apps
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from edgemri.core.config import Config, TrainSpec
@@ -26,12 +24,9 @@ def pooled_accuracy(manifests: list[Manifest], dataset: Dataset, start: dict[str
         return [index[f.path] for f in manifest.files if f.split == split and f.path in index]
 
     pooled_train = dataset.train.subset([i for m in manifests for i in rows("train", m)])
-    hospital = config.federation.hospital
+    hospital = config.federation.tier("hospital")
     trainer = LocalTrainer(pooled_train, TrainSpec(epochs=hospital.local_epochs, batch_size=hospital.batch_size,
                                                    lr=hospital.lr), seed=config.seed)
     state = local_only(start, trainer, config.federation.rounds)
     return {m.client: evaluate_state(state, dataset.train.subset(rows("test", m)))["accuracy"] for m in manifests}
 
-
-def manifest_paths(folder: Path) -> list[Path]:
-    return sorted(folder.glob("client-*.json"))

@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import yaml
 
 from edgemri.core.checkpoint import load_checkpoint
 from edgemri.core.config import Config, ConfigError
 from edgemri.core.data import load_dataset
+from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json, write_text
-from edgemri.core.partition import partition, read_manifest, write_manifests
+from edgemri.core.partition import manifest_paths, partition, read_manifest, write_manifests
 from edgemri.core.privacy import PrivacyError, check_dp_model, plan_dp
 from edgemri.models import build_model
-from edgemri.reports.federation import build_federation_report, write_federation_report
-from edgemri.reports.privacy import privacy_report_for_run
-from edgemri.simulation.baselines import manifest_paths, pooled_accuracy
+from edgemri.simulation.baselines import pooled_accuracy
 from edgemri.simulation.flower_run import FlowerRunError, run_simulation
 
 log = logging.getLogger(__name__)
@@ -70,35 +71,68 @@ def plan_privacy(config: Config, manifests: list[Path]) -> dict[str, dict]:
     return plans
 
 
+class RunFolderError(EdgemriError):
+    """A run folder that already holds another run, or that a run left incomplete."""
+
+
+class ProgressPrinter:
+    """Prints the ServerApp's per-round lines (server/progress.log) to the terminal as they land."""
+
+    def __init__(self, path: Path, stream: TextIO | None = None) -> None:
+        self.path, self.stream, self.offset = path, stream or sys.stdout, 0
+
+    def __call__(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            print(f"  {line}", file=self.stream, flush=True)
+
+
 def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Path, resume: bool = False,
              audit: bool = False, timeout_s: float = 3600.0) -> FederationRun:
+    """The federation in Flower's simulation engine; the ServerApp writes the reports (once)."""
     out = out.resolve()
     if (out / "server").exists() and not resume:
-        raise FileExistsError(f"{out} already holds a federation run; add --resume to continue it "
-                              f"or choose another --out")
+        raise RunFolderError(f"{out} already holds a federation run; add --resume to continue it "
+                             f"or choose another --out")
     start = load_checkpoint(start_checkpoint)  # fail early on a missing or corrupt start model
     if start.model != "student":
         raise ConfigError(f"the federation starts from a student; {start_checkpoint} holds {start.model!r}")
     out.mkdir(parents=True, exist_ok=True)
     config_path = write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     manifests = prepare_manifests(config, data_root.resolve(), out)
-    log.info("%d clients: %s", len(manifests), ", ".join(read_manifest(p).client for p in manifests))
+    log.info("%d clients: %s", len(manifests), ", ".join(read_manifest(m).client for m in manifests))
     write_json(out / "privacy-plan.json", plan_privacy(config, manifests))
+    # The pooled reference needs every client's data in one place: only this runner has it, never the apps.
+    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)
+    write_json(out / "pooled.json", pooled_accuracy([read_manifest(m) for m in manifests], dataset,
+                                                    start.state_dict, config))
     run_config = {
         "config": str(config_path), "run-dir": str(out), "data-root": str(data_root.resolve()),
         "manifests": str(out / "manifests"), "state-root": str(out / "clients"),
         "start-checkpoint": str(start_checkpoint.resolve()), "num-clients": len(manifests), "resume": resume,
         "audit-dir": str(out / "audit") if audit else "",
     }
-    outcome = run_simulation(APP_DIR, out, run_config, num_supernodes=len(manifests), timeout_s=timeout_s)
-    if not outcome.ok:
+    progress = out / "server" / "progress.log"
+    progress.unlink(missing_ok=True)
+    outcome = run_simulation(APP_DIR, out, run_config, num_supernodes=len(manifests), timeout_s=timeout_s,
+                             on_poll=ProgressPrinter(progress))
+    result_file = out / "server" / "result.json"
+    if not outcome.ok or not result_file.is_file():
         raise FlowerRunError(f"federation run {outcome.run_id} ended {outcome.status}: "
-                             f"{outcome.details.strip()[-1500:]}\nlogs: {out / 'logs'}")
-    result = json.loads((out / "server" / "result.json").read_text())
-    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)
-    pooled = pooled_accuracy([read_manifest(p) for p in manifests], dataset, start.state_dict, config)
-    report = build_federation_report(result, config.to_dict(), pooled)
-    report["flower"] = {"run_id": outcome.run_id, "seconds": outcome.seconds}
-    paths = write_federation_report(report, out)
-    paths.update({f"privacy_{k}": v for k, v in privacy_report_for_run(out).items()})
-    return FederationRun(out, report, paths)
+                             f"{_last_error(out / 'logs' / 'flwr-run.log') or outcome.details.strip()[-300:]}; "
+                             f"logs: {out / 'logs'}")
+    report = json.loads((out / "federation.json").read_text())
+    return FederationRun(out, report, {"md": out / "federation.md", "json": out / "federation.json",
+                                       "png": out / "federation.png", "privacy_md": out / "privacy.md"})
+
+
+def _last_error(log_file: Path) -> str:
+    """The ServerApp's one-line error, if it logged one."""
+    lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
+    return next((line.split("edgemri: error: ", 1)[1] for line in reversed(lines) if "edgemri: error: " in line), "")

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +157,8 @@ class RunOutcome:
 
 
 def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, run_config: dict[str, Any],
-             federation_config: str | None = None, timeout_s: float = 3600.0) -> RunOutcome:
+             federation_config: str | None = None, timeout_s: float = 3600.0,
+             on_poll: Callable[[], None] | None = None) -> RunOutcome:
     """`flwr run --stream`, then the run's real status from `flwr ls` (the CLI exits 0 on failure)."""
     started = time.monotonic()
     run_config_file = log.with_name("run_config.toml")
@@ -168,12 +169,16 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     timed_out = False
     with log.open("ab") as out:
         process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            timed_out = True
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None:  # poll, so the caller can show progress while the run goes on
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                timed_out = True
+                break
+            time.sleep(0.5)
+            if on_poll:
+                on_poll()
     text = log.read_text(errors="replace")
     match = re.search(r"Successfully started run (\d+)", text)
     if not match:
@@ -217,11 +222,12 @@ def simulation_superlink(run_dir: Path) -> Iterator[tuple[dict[str, str], str]]:
 
 
 def run_simulation(app_dir: Path, run_dir: Path, run_config: dict[str, Any], *, num_supernodes: int,
-                   num_cpus: int = 1, timeout_s: float = 3600.0) -> RunOutcome:
+                   num_cpus: int = 1, timeout_s: float = 3600.0, on_poll: Callable[[], None] | None = None
+                   ) -> RunOutcome:
     """The app in Flower's simulation engine, one virtual SuperNode per client."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with simulation_superlink(run_dir) as (env, connection):
         outcome = flwr_run(app_dir, connection, env, run_dir / "logs" / "flwr-run.log", run_config=run_config,
                            federation_config=f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}",
-                           timeout_s=timeout_s)
+                           timeout_s=timeout_s, on_poll=on_poll)
     return outcome

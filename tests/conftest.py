@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,13 @@ import pytest
 from PIL import Image
 
 from edgemri.core.data import CLASS_NAMES
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_decoded_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Decoded-image caches of the suite go to a temp folder (also for CLI and Flower subprocesses)."""
+    os.environ["EDGEMRI_CACHE_DIR"] = str(tmp_path_factory.mktemp("edgemri-cache"))
+
 
 # Where each class puts its bright blob; "notumor" has none.
 _BLOB_CENTRES = {"glioma": (0.3, 0.3), "meningioma": (0.3, 0.7), "notumor": None, "pituitary": (0.72, 0.5)}

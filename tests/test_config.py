@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from edgemri.core import personalize, privacy, synth
 from edgemri.core.config import ConfigError, load_config, parse_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -38,7 +39,29 @@ def test_paper_config_is_the_papers_setting() -> None:
         ({"federated": {}}, "unknown config key 'federated'"),
         ({"federation": {"method": "fedsgd"}},
          "'federation.method' has value 'fedsgd'; allowed: 'fedavg', 'fedavg-ft', 'fedper', 'ditto'"),
-        ({"federation": {"phone": {"availability": 0}}}, "'federation.phone.availability' has value 0.0"),
+        ({"federation": {"tiers": {"phone": {"availability": 0}}}},
+         "'federation.tiers.phone.availability' has value 0.0"),
+        # Every number finite and bounded, the bound in the message.
+        ({"distill": {"kd": {"temperature": float("inf")}}},
+         "'distill.kd.temperature' has value inf; allowed: a finite number"),
+        ({"distill": {"kd": {"temperature": float("nan")}}}, "allowed: a finite number"),
+        ({"distill": {"kd": {"temperature": 1000.0}}}, "allowed: a number in (0, 100]"),
+        ({"distill": {"baseline": {"epochs": 10**20}}}, "allowed: an integer in [1, 10000]"),
+        ({"distill": {"baseline": {"batch_size": 10**6}}}, "allowed: an integer in [1, 65536]"),
+        ({"distill": {"baseline": {"lr": 1e3}}},
+         "'distill.baseline.lr' has value 1000.0; allowed: a number in (0, 10]"),
+        ({"federation": {"rounds": 10**6}}, "'federation.rounds' has value 1000000; allowed: an integer in [1, 10000]"),
+        ({"federation": {"round_timeout_s": 1e9}}, "allowed: a number in (0, 86400]"),
+        ({"federation": {"tiers": {"phone": {"max_examples": 10**9}}}}, "allowed: an integer in [1, 10000000]"),
+        ({"privacy": {"tiers": {"phone": {"budget_epsilon": 1e12}}}}, "allowed: a number in (0, 1000]"),
+        ({"privacy": {"central": {"delta": float("nan")}}}, "allowed: a finite number"),
+        ({"seed": 2**40}, "'seed' has value 1099511627776; allowed: an integer in [0, 2147483647]"),
+        # Tiers are data, but only kinds the partition can carve.
+        ({"federation": {"tiers": {"clinic": {"per_site": 1}}}},
+         "'federation.tiers.clinic' is not a client kind; allowed: hospital, phone"),
+        ({"privacy": {"tiers": {"clinic": {"enabled": True}}}}, "'privacy.tiers.clinic' names no federation tier"),
+        ({"federation": {"tiers": {"hospital": {"per_site": 0}, "phone": {"per_site": 0}}}},
+         "at least one client per site over all tiers"),
     ],
 )
 def test_bad_configs_name_the_key_and_the_allowed_values(data: dict, message: str) -> None:
@@ -57,17 +80,36 @@ def test_config_file_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_partial_sections_keep_their_own_defaults() -> None:
-    config = parse_config({"federation": {"hospital": {"local_epochs": 3}}})
-    assert config.federation.hospital.local_epochs == 3
-    assert config.federation.hospital.min_examples == 100  # the hospital default, not the generic tier's
-    assert config.federation.phone.availability == 0.7
+    config = parse_config({"federation": {"tiers": {"hospital": {"local_epochs": 3}}}})
+    assert config.federation.tier("hospital").local_epochs == 3
+    assert config.federation.tier("hospital").min_examples == 100  # the hospital default, not the generic tier's
+    assert config.federation.tier("phone").availability == 0.7  # a tier not listed keeps its defaults
+    assert config.federation.tier_names == ("hospital", "phone") == config.privacy.tier_names
+
+
+def test_unknown_client_kinds_are_config_errors() -> None:
+    config = parse_config({})
+    with pytest.raises(ConfigError, match="unknown client kind 'clinic'; federation.tiers has: hospital, phone"):
+        config.federation.tier("clinic")
+    with pytest.raises(ConfigError, match="unknown client kind 'clinic'; privacy.tiers has: hospital, phone"):
+        config.privacy.tier("clinic", "clinic-1")
+
+
+def test_allowed_names_come_from_the_registries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(personalize.METHODS, "fedfoo", personalize.Method)
+    monkeypatch.setattr(privacy, "ACCOUNTANTS", (*privacy.ACCOUNTANTS, "pld"))
+    monkeypatch.setitem(synth.PRESETS, "tiny", synth.PRESETS["quickstart"])
+    config = parse_config({"federation": {"method": "fedfoo"}, "privacy": {"accountant": "pld"},
+                           "data": {"synth_preset": "tiny"}})
+    assert (config.federation.method, config.privacy.accountant, config.data.synth_preset) == ("fedfoo", "pld", "tiny")
 
 
 def test_overrides_set_nested_keys_and_are_validated() -> None:
-    overrides = ["federation.method=fedper", "seed=3", "distill.kd.temperature=4", "privacy.hospital.enabled=true"]
+    overrides = ["federation.method=fedper", "seed=3", "distill.kd.temperature=4",
+                 "privacy.tiers.hospital.enabled=true"]
     config = load_config(CONFIGS / "quickstart.yaml", overrides)
     assert (config.federation.method, config.seed, config.distill.kd.temperature) == ("fedper", 3, 4.0)
-    assert config.privacy.hospital.enabled is True
+    assert config.privacy.tier("hospital", "hospital-a").enabled is True
     assert config.federation.rounds == load_config(CONFIGS / "quickstart.yaml").federation.rounds
 
 
@@ -83,3 +125,64 @@ def test_overrides_set_nested_keys_and_are_validated() -> None:
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "quickstart.yaml", [override])
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e-4", 1e-4), ("5e3", 5000.0)])
+def test_scientific_notation_is_a_number_for_float_fields(tmp_path: Path, text: str, value: float) -> None:
+    # YAML 1.1 reads 1e-4 (no dot) as a string, in --set values and in files alike.
+    overridden = load_config(CONFIGS / "quickstart.yaml", [f"federation.ditto_lambda={text}"])
+    assert overridden.federation.ditto_lambda == value
+    path = tmp_path / "c.yaml"
+    path.write_text(f"federation:\n  ditto_lambda: {text}\n")
+    assert load_config(path).federation.ditto_lambda == value
+
+
+def test_a_negative_exponent_number_is_read_as_a_number_then_bounded() -> None:
+    with pytest.raises(ConfigError, match=r"'federation.ditto_lambda' has value -0.01; allowed: a number in \[0, "):
+        load_config(CONFIGS / "quickstart.yaml", ["federation.ditto_lambda=-1E-2"])
+
+
+def test_an_infinite_temperature_in_a_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  kd: {temperature: .inf}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: config key 'distill.kd.temperature' has value inf"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty"),
+        (b"# only a comment\n", "is empty"),
+        (b"- seed: 1\n", "the top level is a list; it must be a mapping of sections"),
+        (b"seed: 1\ndistill:\n  kd:\n    alpha: 0.5\n    alpha: 0.9\n",
+         "duplicate key 'alpha' at line 5 (first given at line 4); give each key once"),
+        (b"seed: 1\nseed: 2\n", "duplicate key 'seed' at line 2"),
+        (b"seed: [1\n", "not valid YAML: expected ',' or ']', but got '<stream end>' at line 2, column 1"),
+        (b"seed: 1\n# r\xe9sum\xe9\n", "is not UTF-8 text (byte 0xe9 at offset 11); save it as UTF-8"),
+    ],
+)
+def test_bad_config_files_are_one_line_errors(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_an_unreadable_config_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\n")
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError, match=r"c\.yaml: cannot read the config \(Permission denied\)"):
+        load_config(path)
+
+
+def test_duplicate_keys_in_overrides_values_are_refused() -> None:
+    with pytest.raises(ConfigError, match="override .*duplicate key 'enabled'"):
+        load_config(CONFIGS / "quickstart.yaml", ["privacy.tiers.phone={enabled: true, enabled: false}"])

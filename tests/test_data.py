@@ -26,6 +26,14 @@ from edgemri.core.data import (
 )
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test decodes into its own cache folder, never the user's."""
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("EDGEMRI_CACHE_DIR", str(cache))
+    return cache
+
+
 def test_preprocessing_equals_the_papers_torchvision_pipeline(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     path = tmp_path / "scan.jpg"
@@ -126,14 +134,14 @@ def test_decoded_cache_is_reused_and_rebuilt_when_files_change(tmp_path: Path,
     def no_decoding(*_args: object) -> None:
         raise AssertionError("decoded again although the cache is current")
 
-    monkeypatch.setattr(data_module, "_decode_split", no_decoding)
-    second = load_dataset(root)
+    with monkeypatch.context() as patch:
+        patch.setattr(data_module, "_decode_split", no_decoding)
+        second = load_dataset(root)
     assert torch.equal(first.train.images, second.train.images)
     assert second.fingerprint == first.fingerprint
     changed = root / "Training" / "glioma" / "Tr-gl_0000.jpg"
     Image.new("RGB", (150, 150), (255, 255, 255)).save(changed)
     os.utime(changed, ns=(1, 1))
-    monkeypatch.undo()
     third = load_dataset(root)
     assert third.fingerprint != first.fingerprint
     index = third.train.files.index("Training/glioma/Tr-gl_0000.jpg")

@@ -31,11 +31,16 @@ from edgemri.core.config import parse_config
 from edgemri.core.data import load_dataset
 from edgemri.core.io import write_text
 from edgemri.core.partition import partition, read_manifest, write_manifests
-from edgemri.deploy.local import DeployError, LocalDeployment, make_certs, make_node_keys
+from edgemri.deploy import certs as certs_module
+from edgemri.deploy.certs import MAX_DAYS, make_certs
+from edgemri.deploy.errors import DeployError
+from edgemri.deploy.launcher import LocalDeployment
+from edgemri.deploy.nodes import make_node_keys
+from edgemri.main import main
 from edgemri.models import Student
 from edgemri.simulation.federate import APP_DIR
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the real deployment below; the certificate and key tests at the end are fast
 
 HOSPITALS = ("hospital-site-a", "hospital-site-b")
 PHONE = "phone-site-a-0"
@@ -49,9 +54,9 @@ def _config(rounds: int) -> dict[str, Any]:
     # The phone trains with DP at a fixed sigma and a budget no round reaches: it always trains.
     return {"seed": 0, "federation": {
         "rounds": rounds, "method": "ditto", "min_clients": 2, "round_timeout_s": 60,
-        "hospital": {"min_examples": 8, "local_epochs": 1},
-        "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}},
-        "privacy": {"phone": {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 1000.0}}}
+        "tiers": {"hospital": {"min_examples": 8, "local_epochs": 1},
+                  "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}},
+        "privacy": {"tiers": {"phone": {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 1000.0}}}}
 
 
 def _audit_records(audit: Path, node_id: int) -> list[dict[str, Any]]:
@@ -157,6 +162,7 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return seen
 
 
+@slow
 def test_the_run_completes_over_tls_and_writes_its_reports(scenario: dict[str, Any]) -> None:
     assert scenario["run1"].ok, scenario["run1"].details
     assert scenario["run2"].ok, scenario["run2"].details
@@ -168,6 +174,7 @@ def test_the_run_completes_over_tls_and_writes_its_reports(scenario: dict[str, A
     assert (scenario["run_dir"] / "federation.md").is_file()
 
 
+@slow
 def test_an_unregistered_supernode_is_refused(scenario: dict[str, Any]) -> None:
     assert scenario["intruder_rc"] not in (None, 0)
     assert "Failed to activate SuperNode" in scenario["intruder_log"]
@@ -175,6 +182,7 @@ def test_an_unregistered_supernode_is_refused(scenario: dict[str, Any]) -> None:
     assert INTRUDER not in {r["client"] for r in scenario["report2"]["clients"]}
 
 
+@slow
 def test_a_killed_supernode_is_skipped_and_the_others_finish_the_round(scenario: dict[str, Any]) -> None:
     round2 = scenario["report1"]["participation"][1]
     assert round2["round"] == 2
@@ -184,6 +192,7 @@ def test_a_killed_supernode_is_skipped_and_the_others_finish_the_round(scenario:
     assert scenario["report2"]["participation"][1] == round2  # run 2 resumed after round 2
 
 
+@slow
 def test_a_restarted_supernode_continues_from_its_saved_state(scenario: dict[str, Any]) -> None:
     at_kill, restored = scenario["state_at_kill"], scenario["state_after_restart"]
     assert at_kill["rounds_trained"] == 1 and at_kill["last_round"] == 1  # killed before saving round 2
@@ -197,6 +206,7 @@ def test_a_restarted_supernode_continues_from_its_saved_state(scenario: dict[str
     assert PHONE in scenario["report2"]["participation"][2]["trained"]
 
 
+@slow
 def test_the_privacy_ledger_continues_after_the_restart(scenario: dict[str, Any]) -> None:
     lines = (scenario["state_dir"] / LEDGER).read_text().splitlines()
     rounds = [json.loads(line) for line in lines if "round" in json.loads(line)]
@@ -204,6 +214,7 @@ def test_the_privacy_ledger_continues_after_the_restart(scenario: dict[str, Any]
     assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"]  # cumulative, not restarted at zero
 
 
+@slow
 def test_every_process_is_stopped_and_every_port_freed(scenario: dict[str, Any]) -> None:
     assert scenario["left_running"] == []
     assert all(_port_free(port) for port in scenario["ports"])
@@ -224,7 +235,7 @@ def test_certificates_name_every_host_and_keep_keys_private(tmp_path: Path) -> N
     for key in ("ca_key", "server_key"):
         assert stat.S_IMODE(paths[key].stat().st_mode) == 0o600
     assert stat.S_IMODE(paths["server_cert"].stat().st_mode) == 0o644
-    with pytest.raises(FileExistsError, match="certs"):
+    with pytest.raises(DeployError, match="certs"):
         make_certs(tmp_path / "certs", ["127.0.0.1"])
 
 
@@ -243,8 +254,42 @@ def test_node_keys_are_p384_openssh_pairs(tmp_path: Path) -> None:
     assert private.curve.name == "secp384r1"
     assert public.public_numbers() == private.public_key().public_numbers()
     assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
-    with pytest.raises(FileExistsError, match="hospital-a"):
+    with pytest.raises(DeployError, match="hospital-a"):
         make_node_keys(tmp_path, ["hospital-a"])
-    for bad in (["bad name"], ["x", "x"], []):
-        with pytest.raises(DeployError):
-            make_node_keys(tmp_path / "other", bad)
+
+
+@pytest.mark.parametrize("nodes", [["phone-1\n"], ["bad name"], [".hidden"], ["-x"], ["a/b"], ["x" * 65],
+                                   ["ph\u00f6ne"], ["x", "x"], []])
+def test_unsafe_node_names_are_refused_before_any_key_is_written(nodes: list[str], tmp_path: Path) -> None:
+    with pytest.raises(DeployError, match="node name"):
+        make_node_keys(tmp_path / "keys", nodes)
+    assert not (tmp_path / "keys").exists()
+
+
+def test_deploy_commands_refuse_bad_values_in_one_line_and_leave_nothing(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    for days in ("10000000", "0", str(MAX_DAYS + 1)):
+        assert main(["deploy", "certs", "--out", str(tmp_path / "certs"), "--hosts", "127.0.0.1",
+                     "--days", days]) == 2
+        assert "1 to 3650 days" in capsys.readouterr().err
+    assert main(["deploy", "keys", "--out", str(tmp_path / "keys"), "--nodes", "phone-1\n"]) == 2
+    assert "node name 'phone-1\\n'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["deploy", "certs", "--out", str(tmp_path / "certs"), "--hosts", "127.0.0.1",
+                 "--days", str(MAX_DAYS)]) == 0
+
+
+def test_a_failed_certificate_write_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def disk_full_on_third_file(path: Path, data: bytes, mode: int = 0o666) -> Path:
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        path.write_bytes(data)
+        return path
+
+    monkeypatch.setattr(certs_module, "write_bytes", disk_full_on_third_file)
+    with pytest.raises(DeployError, match="No space left on device"):
+        make_certs(tmp_path / "deploy" / "certs", ["127.0.0.1"])
+    assert len(calls) == 3 and list((tmp_path / "deploy").iterdir()) == []  # no certs/, no temp folder

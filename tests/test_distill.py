@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from edgemri.core import distill as distill_module
 from edgemri.core.checkpoint import load_checkpoint
 from edgemri.core.config import parse_config
 from edgemri.core.data import load_dataset, server_client_split, stratified_split
-from edgemri.core.distill import run_distillation
+from edgemri.core.distill import TeacherUnavailableError, run_distillation
+from edgemri.core.errors import EdgemriError
+from edgemri.core.train import ResumeMismatchError, shuffled_batches
 
 FAST = {
     "seed": 0,
@@ -107,23 +110,59 @@ def test_distill_cli_end_to_end_writes_report_and_checkpoints(tiny_data: Path, t
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
-def test_resume_finishes_an_interrupted_distillation(tiny_data: Path, tmp_path: Path) -> None:
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_finishes_an_interrupted_distillation(tiny_data: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     dataset = load_dataset(tiny_data)
     out = tmp_path / "run"
     reference, _ = run_distillation(_config(), dataset, tmp_path / "reference")
-    # An interrupted run: teacher and baseline done, KD stopped after its first epoch.
-    run_distillation(_config(), dataset, out)
-    seed_dir = out / "seed-0"
-    (seed_dir / "kd.pt").unlink()
-    state = torch.load(seed_dir / "kd.state.pt", weights_only=False)
-    state["epoch"], state["history"] = 1, state["history"][:1]
-    first_epoch = torch.load(tmp_path / "reference" / "seed-0" / "kd.state.pt", weights_only=False)
-    torch.save({**state, "model": first_epoch["model"], "optimizer": first_epoch["optimizer"]},
-               seed_dir / "kd.state.pt")
+    # An interrupted run: teacher and baseline done, KD stopped at the start of its second epoch.
+    real_fit, epochs = distill_module.fit, {"n": 0}
+
+    def interrupted_fit(model, train, **kwargs):
+        def batches(n: int, batch_size: int, generator: torch.Generator):
+            epochs["n"] += 1
+            if epochs["n"] == 2:
+                raise _Interrupt
+            return shuffled_batches(n, batch_size, generator)
+
+        return real_fit(model, train, **kwargs, **({"batches": batches} if kwargs["desc"] == "kd" else {}))
+
+    monkeypatch.setattr(distill_module, "fit", interrupted_fit)
+    with pytest.raises(_Interrupt):
+        run_distillation(_config(), dataset, out)
+    monkeypatch.undo()
+    assert not (out / "seed-0" / "kd.pt").exists()
+    assert load_checkpoint(out / "seed-0" / "kd.state.pt", kind="training").step == 1
     resumed, _ = run_distillation(_config(), dataset, out, resume=True)
     assert [h["epoch"] for h in resumed[0].stages["kd"].history] == [1, 2]
     assert resumed[0].stages["teacher"].train_seconds == 0.0  # loaded, not retrained
+    curves = [{k: v for k, v in h.items() if k != "seconds"} for h in resumed[0].stages["teacher"].history]
+    assert curves == [{k: v for k, v in h.items() if k != "seconds"} for h in reference[0].stages["teacher"].history]
     assert resumed[0].stages["kd"].test["accuracy"] == reference[0].stages["kd"].test["accuracy"]
+
+    # --resume with other settings: one line naming the setting, never a shape-mismatch traceback.
+    changed = _config(kd={"temperature": 3.0, "alpha": 0.5, "train": {"epochs": 2, "batch_size": 16}})
+    with pytest.raises(ResumeMismatchError, match=r"distill\.kd\.temperature: 2\.0 saved, 3\.0 now") as err:
+        run_distillation(changed, dataset, out, resume=True)
+    assert "\n" not in str(err.value) and "--resume" in str(err.value)
+
+
+def test_unavailable_imagenet_weights_are_a_project_error(tiny_data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*_args: object, **_kwargs: object) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    config = _config(teacher={"name": "vgg16-imagenet", "train": {"epochs": 1}})
+    with pytest.raises(EdgemriError, match="VGG16 ImageNet weights .* vgg16-slim") as err:
+        run_distillation(config, load_dataset(tiny_data), tmp_path / "run")
+    assert isinstance(err.value, TeacherUnavailableError) and "\n" not in str(err.value)
 
 
 def test_missing_or_corrupt_teacher_checkpoint_is_a_clear_error(tiny_data: Path, tmp_path: Path) -> None:

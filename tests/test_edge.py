@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,21 +21,16 @@ from PIL import Image
 from edgemri.core.checkpoint import Checkpoint, save_checkpoint
 from edgemri.core.config import TrainSpec
 from edgemri.core.data import CLASS_NAMES, PREPROCESSING, Dataset, load_dataset, load_image_uint8, normalize
+from edgemri.core.errors import EdgemriError
 from edgemri.core.train import TrainData, fit
-from edgemri.edge.export import (
-    INSTALL_HINT,
-    EdgeDependencyError,
-    EdgeError,
-    export_onnx,
-    export_onnx_int8,
-    export_torchscript,
-    load_torchscript,
-    onnx_session,
-    run_onnx,
-)
-from edgemri.edge.predict import load_model, predict_paths
-from edgemri.main import build_parser
-from edgemri.models import Student
+from edgemri.edge.errors import INSTALL_HINT, EdgeDependencyError, EdgeError
+from edgemri.edge.int8 import export_onnx_int8
+from edgemri.edge.onnx import export_onnx
+from edgemri.edge.predict import predict_paths
+from edgemri.edge.runtime import load_model, onnx_session, run_onnx
+from edgemri.edge.torchscript import export_torchscript, load_torchscript
+from edgemri.main import build_parser, main
+from edgemri.models import Student, build_model
 
 GLIOMA, MENINGIOMA = CLASS_NAMES.index("glioma"), CLASS_NAMES.index("meningioma")
 
@@ -144,16 +142,18 @@ def test_export_command_refuses_bad_requests(trained: Trained, tmp_path: Path,
     source.write_bytes(trained.path.read_bytes())
     assert run_command("export", str(source)) == 0
     assert (tmp_path / "student.onnx").is_file() and "opset 17" in capsys.readouterr().out
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(EdgeError, match="--overwrite"):
         run_command("export", str(source))
+    with pytest.raises(EdgeError, match="is a folder"):
+        run_command("export", str(source), "--out", str(tmp_path), "--overwrite")
     assert run_command("export", str(source), "--overwrite") == 0
     with pytest.raises(EdgeError, match="--format onnx"):
         run_command("export", str(source), "--format", "torchscript", "--int8")
     with pytest.raises(EdgeError, match="--data-root"):
         run_command("export", str(source), "--int8", "--out", str(tmp_path / "x.onnx"))
     teacher = tmp_path / "teacher.pt"
-    save_checkpoint(teacher, Checkpoint(model="vgg16-slim", state_dict={}))
-    with pytest.raises(ValueError, match="only the student"):
+    save_checkpoint(teacher, Checkpoint(model="vgg16-slim", state_dict=build_model("vgg16-slim").state_dict()))
+    with pytest.raises(EdgemriError, match="only the student"):
         run_command("export", str(teacher))
 
 
@@ -293,3 +293,121 @@ def test_predict_refuses_models_it_cannot_read_correctly(trained: Trained, expor
         load_model(tmp_path / "junk.onnx")
     with pytest.raises(EdgeError, match="top-k"):
         predict_paths(load_model(exported["onnx"]), [tmp_path], top_k=0)
+
+
+# ---------------------------------------------------------------- broken and untrusted inputs: one line, exit 2
+
+
+def _raw_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], **fields: object) -> Path:
+    """A checkpoint file as an older or foreign writer could leave it: save_checkpoint's checks bypassed."""
+    torch.save({"format": "edgemri.checkpoint/1", "model": "student", "state_dict": state_dict, **fields}, path)
+    return path
+
+
+def _one_line_error(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("edgemri: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _weights(trained: Trained, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {**trained.model.state_dict(), key: value}
+
+
+BROKEN_CHECKPOINTS = {
+    "wrong-shape": (lambda t: {"state_dict": _weights(t, "classifier.1.weight", torch.zeros(4, 10))}, "shape"),
+    "unknown-option": (lambda t: {"state_dict": t.model.state_dict(), "model_options": {"depth": 3}}, "depth"),
+    "class-names": (lambda t: {"state_dict": t.model.state_dict(), "class_names": ["a", "b", "c"]}, "class"),
+    "control-characters": (lambda t: {"state_dict": t.model.state_dict(),
+                                      "class_names": ["glioma\n\x1b[2J", "b", "c", "d"]}, "printable"),
+    "non-finite": (lambda t: {"state_dict": _weights(t, "conv_block_1.0.bias", torch.full((3,), float("nan")))},
+                   "finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_CHECKPOINTS))
+def test_broken_checkpoints_are_refused_by_export_and_predict(trained: Trained, tmp_path: Path, case: str,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    fields, reason = BROKEN_CHECKPOINTS[case]
+    fields = fields(trained)
+    path = _raw_checkpoint(tmp_path / "student.pt", fields.pop("state_dict"), **fields)
+    image = trained.data.root / "Testing" / "glioma" / "Te-gl_0000.jpg"
+    for fmt in ("onnx", "torchscript"):
+        assert main(["export", str(path), "--format", fmt, "--out", str(tmp_path / f"out.{fmt}")]) == 2
+        assert reason in _one_line_error(capsys)
+        assert not (tmp_path / f"out.{fmt}").exists()  # refused before anything is written
+    assert main(["predict", str(path), str(image)]) == 2
+    assert reason in _one_line_error(capsys)
+
+
+def _edited_onnx(source: Path, out: Path, edit: Callable[[onnx.ModelProto], None]) -> Path:
+    model = onnx.load(str(source))
+    edit(model)
+    out.write_bytes(model.SerializeToString())
+    return out
+
+
+def _three_class_names(model: onnx.ModelProto) -> None:
+    next(p for p in model.metadata_props if p.key == "class_names").value = json.dumps(["a", "b", "c"])
+
+
+def _second_output(model: onnx.ModelProto) -> None:
+    model.graph.output.append(onnx.helper.make_tensor_value_info(model.graph.node[0].output[0],
+                                                                 onnx.TensorProto.FLOAT, None))
+
+
+def _nan_weight(model: onnx.ModelProto) -> None:
+    weight = model.graph.initializer[0]
+    array = onnx.numpy_helper.to_array(weight).copy()
+    array.flat[0] = np.nan
+    weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+
+
+def _external_weight(model: onnx.ModelProto) -> None:
+    weight = model.graph.initializer[0]
+    weight.ClearField("raw_data")
+    weight.external_data.add(key="location", value="../../../etc/hostname")  # a file outside the model's folder
+    weight.data_location = onnx.TensorProto.EXTERNAL
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (_three_class_names, "3 class_names need one output logits"),
+    (_second_output, "need one output logits"),
+    (_nan_weight, "non-finite"),
+    (_external_weight, "external files"),
+])
+def test_onnx_files_that_break_the_contract_are_refused_at_load(exported: dict[str, Path], tmp_path: Path,
+                                                                edit: Callable[[onnx.ModelProto], None],
+                                                                reason: str) -> None:
+    with pytest.raises(EdgeError, match=reason):
+        load_model(_edited_onnx(exported["onnx"], tmp_path / "edited.onnx", edit))
+
+
+def test_a_corrupt_torchscript_file_is_a_one_line_error_and_named_code(trained: Trained, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "student.torchscript.pt"
+    with zipfile.ZipFile(path, "w") as archive:  # edgemri's metadata entry, but no TorchScript code
+        archive.writestr("student/extra/edgemri.json", json.dumps({"class_names": list(CLASS_NAMES)}))
+    image = trained.data.root / "Testing" / "glioma" / "Te-gl_0000.jpg"
+    assert main(["predict", str(path), str(image)]) == 2
+    captured = capsys.readouterr().err
+    assert "TorchScript file is code" in captured and "not a loadable TorchScript file" in captured
+
+
+def test_odd_paths_are_reported_per_file_and_never_crash_printing(trained: Trained, exported: dict[str, Path],
+                                                                  tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    good = trained.data.root / "Testing" / "notumor" / "Te-no_0000.jpg"
+    (folder / os.fsdecode(b"scan-\xff.jpg")).write_bytes(good.read_bytes())  # not UTF-8: a Latin-1 name
+    too_long = tmp_path / ("x" * 300 + ".jpg")
+    assert main(["predict", str(exported["onnx"]), str(folder), str(too_long)]) == 1
+    out, err = capsys.readouterr()
+    assert out.split("\t")[:2] == [str(folder / "scan-\\xff.jpg"), "notumor"]
+    assert "File name too long" in err
+    assert main(["predict", str(exported["onnx"]), str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["file"].endswith("scan-\\xff.jpg")
+    assert main(["predict", str(tmp_path), str(folder)]) == 2
+    assert "is a folder" in _one_line_error(capsys)

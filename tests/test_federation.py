@@ -12,10 +12,13 @@ import torch
 
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
 from edgemri.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from edgemri.core.config import TrainSpec, parse_config
+from edgemri.core.config import parse_config
 from edgemri.core.data import load_dataset
+from edgemri.core.errors import EdgemriError
 from edgemri.core.partition import partition, read_manifest, write_manifests
 from edgemri.core.personalize import create_method
+from edgemri.core.privacy import LEDGER_FILE, Ledger
+from edgemri.core.protocol import FailureCode, RoundInstructions
 from edgemri.models import Student
 from edgemri.simulation.federate import federate
 
@@ -27,8 +30,8 @@ STUDENT_SHAPES = {k: list(v.shape) for k, v in Student().state_dict().items()}
 def _config(**federation: object):
     base = {"seed": 0, "data": {"client_fraction": 0.0}, "federation": {
         "rounds": 2, "method": "ditto", "min_clients": 1, "round_timeout_s": 120,
-        "hospital": {"min_examples": 20, "local_epochs": 1},
-        "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}}
+        "tiers": {"hospital": {"min_examples": 20, "local_epochs": 1},
+                  "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}}}
     base["federation"].update(federation)
     return parse_config(base)
 
@@ -63,7 +66,7 @@ def broken_phone_run(sited_data: Path, start_checkpoint: Path, tmp_path_factory:
     shutil.copytree(sited_data, root)
     out = tmp_path_factory.mktemp("fedrun") / "run"
     config = _config().replace(privacy=parse_config(
-        {"privacy": {"phone": {"enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}).privacy)
+        {"privacy": {"tiers": {"phone": {"enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}}).privacy)
     manifests = partition(load_dataset(root).train, root, config)
     write_manifests(manifests, out / "manifests")
     broken = next(m for m in manifests if m.kind == "phone")
@@ -80,7 +83,7 @@ def test_run_completes_with_a_failing_client_reported_and_skipped(broken_phone_r
     assert set(rows) == {"hospital-site-a", "hospital-site-b", "phone-site-a-0", "phone-site-b-0"}
     assert rows[broken]["failed"]
     for p in report["participation"]:
-        assert broken in p["failed"] and "missing" in p["failed"][broken]
+        assert p["failed"][broken] == FailureCode.DATA.value  # a code: the reason's text stays on the device
         assert set(p["trained"]) == set(rows) - {broken}
         assert p["aggregated"]
     healthy = [r for r in report["clients"] if not r["failed"]]
@@ -100,12 +103,12 @@ def test_each_client_keeps_its_state_and_personalized_checkpoint(broken_phone_ru
         if folder.name == broken:
             assert not (folder / "personalized.pt").exists()
             continue
-        state = torch.load(folder / "client-state.pt", weights_only=True)
-        assert state["rounds_trained"] == 2 and state["last_round"] == 2
+        state = load_checkpoint(folder / "client-state.pt", kind="client")
+        assert state.extra["counters"] == {"rounds_trained": 2, "last_round": 2}
         personalized = load_checkpoint(folder / "personalized.pt")
         assert personalized.role == "personalized"
         assert personalized.config["federation"]["method"] == "ditto"
-        assert torch.equal(personalized.state_dict["classifier.1.weight"], state["personal"]["classifier.1.weight"])
+        assert torch.equal(personalized.state_dict["classifier.1.weight"], state.state_dict["classifier.1.weight"])
     for k in (1, 2):
         assert load_checkpoint(run.out / "server" / f"global-round-{k:03d}.pt").model == "student"
 
@@ -161,14 +164,14 @@ def test_a_stopped_run_resumes_from_its_last_round(sited_data: Path, start_check
     out = tmp_path / "run"
     federate(_config(rounds=1), data_root=sited_data, out=out, start_checkpoint=start_checkpoint)
     first = json.loads((out / "federation.json").read_text())
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(EdgemriError, match="--resume"):
         federate(_config(rounds=2), data_root=sited_data, out=out, start_checkpoint=start_checkpoint)
     resumed = federate(_config(rounds=2), data_root=sited_data, out=out, start_checkpoint=start_checkpoint,
                        resume=True)
     assert resumed.report["rounds"] == [1, 2]
     assert resumed.report["participation"][0] == first["participation"][0]  # round 1 was not run again
-    state = torch.load(out / "clients" / "hospital-site-a" / "client-state.pt", weights_only=True)
-    assert state["rounds_trained"] == 2
+    state = load_checkpoint(out / "clients" / "hospital-site-a" / "client-state.pt", kind="client")
+    assert state.extra["counters"]["rounds_trained"] == 2
 
 
 def test_client_state_survives_a_restart(sited_data: Path, tmp_path: Path) -> None:
@@ -178,10 +181,8 @@ def test_client_state_survives_a_restart(sited_data: Path, tmp_path: Path) -> No
     node_config = {"manifest": str(hospital), "data-dir": str(sited_data), "state-dir": str(tmp_path / "state")}
     method = create_method(config.federation)
     start = Student().state_dict()
-    spec = TrainSpec(epochs=1, batch_size=8)
     before = Client(resolve_setup(node_config, {}))
-    reply = before.train_round(method, start, ClientState(), spec, server_round=1, run_seed=0,
-                               privacy=config.privacy, rounds=2)
+    reply = before.train_round(method, start, ClientState(), RoundInstructions.for_tier(config, "hospital", 1))
     state = reply.state
     after = Client(resolve_setup(node_config, {}))  # a new process: nothing in memory
     restored = after.load_state()
@@ -200,12 +201,36 @@ def test_dp_phone_spends_within_budget_and_the_privacy_report_says_so(broken_pho
         assert entry["dp"] and entry["rounds_trained"] == [1, 2]
         epsilons = [r["epsilon"] for r in entry["epsilon_per_round"]]
         assert 0 < epsilons[0] < epsilons[1] <= entry["budget_epsilon"] == 8.0  # cumulative, never reset
-        ledger_text = (run.out / "clients" / name / "privacy-ledger.jsonl").read_text()
-        ledger = [json.loads(line) for line in ledger_text.splitlines()]
-        assert [r["round"] for r in ledger[1:]] == [1, 2]
-        assert ledger[-1]["epsilon"] == pytest.approx(entry["epsilon"])
+        ledger = Ledger.open(run.out / "clients" / name / LEDGER_FILE, name)
+        assert sorted(ledger.rounds) == [1, 2]
+        assert ledger.epsilon(entry["delta"], report["accountant"]) == pytest.approx(entry["epsilon"])
     hospitals = [v for v in report["sample_level"].values() if v["kind"] == "hospital"]
     assert all(not h["dp"] for h in hospitals)
     text = (run.out / "privacy.md").read_text()
     assert "one scan of this client" in text and "Not protected" in text
     assert (run.out / "privacy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_federation_with_client_level_dp_reports_epsilon_and_stops_at_max_epsilon(
+        sited_data: Path, start_checkpoint: Path, tmp_path: Path) -> None:
+    # sigma 1, delta 1e-3: epsilon 3.54 after one round, 5.42 after two, 7.00 after three > 6.
+    config = _config(rounds=3, method="fedavg", phone={"per_site": 0}).replace(privacy=parse_config(
+        {"privacy": {"central": {"enabled": True, "side": "client", "noise_multiplier": 1.0, "clipping_norm": 0.5,
+                                 "delta": 1e-3, "max_epsilon": 6.0}}}).privacy)
+    run = federate(config, data_root=sited_data, out=tmp_path / "run", start_checkpoint=start_checkpoint)
+    result = json.loads((run.out / "server" / "result.json").read_text())
+    central = result["central_dp"]
+    trained = [h for h in result["history"] if h["aggregated"]]
+    assert [h["round"] for h in trained] == [1, 2] and all(len(h["trained"]) == 2 for h in trained)
+    assert all(not h["failed"] for h in trained)  # both clients clipped with Flower's mod; the server agreed
+    epsilons = [r["epsilon"] for r in central["epsilon_per_round"] if r["clients"]]
+    assert epsilons == [h["central_epsilon"] for h in trained]
+    assert 0 < epsilons[0] < epsilons[1] <= 6.0 == central["max_epsilon"]
+    assert central["stopped_at_round"] == 2 and "round 3" in central["stop_reason"]
+    assert central["side"] == "client" and central["accountant"]["sampling"] == "no-amplification"
+    assert central["epsilon_per_round"][0]["noise_std"] == pytest.approx(1.0 * 0.5 / 2)
+    privacy = json.loads((run.out / "privacy.json").read_text())
+    assert privacy["client_level"] == central
+    text = (run.out / "privacy.md").read_text()
+    assert "one whole client" in text and f"({epsilons[1]:.2f}, 1.0e-03)-DP" in text
+    assert "stopped after round 2" in text

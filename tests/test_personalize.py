@@ -14,8 +14,8 @@ from edgemri.models import Student
 
 
 def _config(**federation: object):
-    base = {"data": {"client_fraction": 0.0}, "federation": {"hospital": {"min_examples": 20},
-                           "phone": {"per_site": 2, "min_examples": 8, "max_examples": 12}}}
+    base = {"data": {"client_fraction": 0.0}, "federation": {"tiers": {"hospital": {"min_examples": 20},
+                           "phone": {"per_site": 2, "min_examples": 8, "max_examples": 12}}}}
     base["federation"].update(federation)
     return parse_config(base)
 
@@ -46,7 +46,7 @@ def test_partition_is_deterministic_disjoint_and_sited(sited_data: Path, tmp_pat
 def test_no_run_seed_gives_clients_the_distillation_share(sited_data: Path) -> None:
     dataset = load_dataset(sited_data)
     base = parse_config({"data": {"client_fraction": 0.5}, "federation": {
-        "hospital": {"min_examples": 8}, "phone": {"per_site": 1, "min_examples": 4, "max_examples": 6}}})
+        "tiers": {"hospital": {"min_examples": 8}, "phone": {"per_site": 1, "min_examples": 4, "max_examples": 6}}}})
     server, _ = server_client_split(dataset.train, 0.5, base.data.split_seed)
     distilled = {dataset.train.files[i] for i in server.tolist()}
     draws = []

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import dp_accounting
@@ -16,6 +18,8 @@ from edgemri.core.losses import cross_entropy
 from edgemri.core.partition import partition, write_manifests
 from edgemri.core.personalize import create_method
 from edgemri.core.privacy import (
+    LEDGER_FILE,
+    DevicePolicy,
     Ledger,
     LedgerError,
     PrivacyError,
@@ -24,6 +28,7 @@ from edgemri.core.privacy import (
     opacus_wrap,
     plan_dp,
 )
+from edgemri.core.protocol import RoundInstructions, Status
 from edgemri.core.train import TrainData, fit
 from edgemri.models import Student, build_model
 from edgemri.simulation.federate import plan_privacy
@@ -57,10 +62,11 @@ def test_every_accountant_is_selectable(accountant: str) -> None:
 @pytest.mark.parametrize(
     ("privacy", "message"),
     [
-        ({"phone": {"budget_epsilon": 0}}, "'privacy.phone.budget_epsilon' has value 0.0"),
-        ({"phone": {"delta": 1.0}}, "'privacy.phone.delta' has value 1.0; allowed: a number in (0, 1)"),
-        ({"phone": {"noise_multiplier": -1.0}}, "'privacy.phone.noise_multiplier' has value -1.0"),
-        ({"phone": {"max_grad_norm": 0}}, "'privacy.phone.max_grad_norm' has value 0.0"),
+        ({"tiers": {"phone": {"budget_epsilon": 0}}}, "'privacy.tiers.phone.budget_epsilon' has value 0.0"),
+        ({"tiers": {"phone": {"delta": 1.0}}},
+         "'privacy.tiers.phone.delta' has value 1.0; allowed: a number in (0, 1)"),
+        ({"tiers": {"phone": {"noise_multiplier": -1.0}}}, "'privacy.tiers.phone.noise_multiplier' has value -1.0"),
+        ({"tiers": {"phone": {"max_grad_norm": 0}}}, "'privacy.tiers.phone.max_grad_norm' has value 0.0"),
         ({"accountant": "moments"}, "allowed: 'rdp', 'prv', 'gdp'"),
     ],
 )
@@ -72,7 +78,7 @@ def test_bad_privacy_settings_are_config_errors(privacy: dict, message: str) -> 
 
 def test_dp_with_a_proximal_term_is_refused() -> None:
     with pytest.raises(ConfigError, match="proximal_mu"):
-        parse_config({"federation": {"proximal_mu": 0.1}, "privacy": {"phone": {"enabled": True}}})
+        parse_config({"federation": {"proximal_mu": 0.1}, "privacy": {"tiers": {"phone": {"enabled": True}}}})
 
 
 def test_delta_not_below_one_over_n_is_an_error() -> None:
@@ -81,9 +87,11 @@ def test_delta_not_below_one_over_n_is_an_error() -> None:
 
 
 def test_budget_too_small_for_one_round_fails_before_training(sited_data: Path, tmp_path: Path) -> None:
-    config = parse_config({"data": {"client_fraction": 0.0}, "federation": {"hospital": {"min_examples": 20},
-                                          "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12}},
-                           "privacy": {"phone": {"enabled": True, "noise_multiplier": 0.3, "budget_epsilon": 0.5}}})
+    config = parse_config({"data": {"client_fraction": 0.0}, "federation": {"tiers": {
+                               "hospital": {"min_examples": 20},
+                               "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12}}},
+                           "privacy": {"tiers": {
+                               "phone": {"enabled": True, "noise_multiplier": 0.3, "budget_epsilon": 0.5}}}})
     manifests = write_manifests(partition(load_dataset(sited_data).train, sited_data, config), tmp_path / "m")
     with pytest.raises(PrivacyError, match="too small for even one round"):
         plan_privacy(config, manifests)
@@ -96,16 +104,37 @@ def test_a_model_opacus_cannot_handle_is_a_clear_error() -> None:
 
 
 def test_dp_training_handles_poisson_empty_batches_and_counts_steps() -> None:
-    plan = plan_dp(_tier(target_epsilon=5.0), n=12, batch_size=2, local_epochs=1, rounds=1, accountant="rdp")
+    plan = plan_dp(_tier(target_epsilon=5.0), n=12, batch_size=2, local_epochs=3, rounds=1, accountant="rdp")
     images = torch.randint(0, 255, (12, 3, 128, 128), dtype=torch.uint8)
     model = Student()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = fit(model, TrainData(images, torch.arange(12) % 4), loss=cross_entropy,
                  spec=TrainSpec(epochs=3, batch_size=2), seed=0, select="last", wrap=opacus_wrap(plan, seed=1))
-    assert result.optimizer_steps == 3 * 6  # Poisson batches: the step count is fixed, sizes vary
+    assert result.optimizer_steps == plan.steps_per_round == 3 * 6  # Poisson batches: fixed steps, sizes vary
     assert result.images_seen != 3 * 12  # uneven batches (some empty) under Poisson sampling
     assert list(model.state_dict()) == list(before)  # no Opacus '_module.' prefix leaks out
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_dp_sampling_follows_the_plan_even_when_fewer_scans_decoded() -> None:
+    """The plan counted 12 scans, 9 decoded: Opacus's own rate 1/ceil(9/2) = 1/5 would exceed the ledger's 1/6."""
+    plan = plan_dp(_tier(noise_multiplier=1.0, budget_epsilon=1e6), n=12, batch_size=2, local_epochs=200, rounds=1,
+                   accountant="rdp")
+    model = Student()
+    _, _, batches = opacus_wrap(plan, seed=0)(model, torch.optim.SGD(model.parameters(), lr=0.1), 9, 2)
+    sizes = [len(index) for _ in range(200) for index in batches(9, 2, torch.Generator())]
+    assert len(sizes) == plan.steps_per_round == 200 * 6  # exactly the steps the budget check counted
+    assert sum(sizes) / (len(sizes) * 9) == pytest.approx(plan.sample_rate, abs=0.01)
+    with pytest.raises(PrivacyError, match="more than the plan's 1200 noisy steps"):
+        batches(9, 2, torch.Generator())  # one epoch more than planned
+
+
+def test_the_plan_counts_steps_in_integers() -> None:
+    # 1 / (1 / 49) rounds up to 50 in floating point; Opacus would take 49 steps.
+    plan = plan_dp(_tier(noise_multiplier=1.0), n=49, batch_size=1, local_epochs=2, rounds=1, accountant="rdp")
+    assert (plan.steps_per_epoch, plan.steps_per_round) == (49, 98)
+
+
 
 
 def _plan():
@@ -113,24 +142,29 @@ def _plan():
                    accountant="rdp")
 
 
-def test_ledger_rebuilds_the_accountant_and_never_resets(tmp_path: Path) -> None:
-    path = tmp_path / "privacy-ledger.jsonl"
+def _ledger(path: Path, rounds: int = 3) -> Ledger:
     plan = _plan()
     ledger = Ledger.open(path, "phone-a")
-    for server_round in (1, 2, 3):
+    for server_round in range(1, rounds + 1):
         ledger.append(server_round, plan, plan.steps_per_round)
+    return ledger
+
+
+def test_ledger_rebuilds_the_accountant_and_never_resets(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    plan = _plan()
+    _ledger(path)
     reopened = Ledger.open(path, "phone-a")  # a restarted client
     assert reopened.rounds == [1, 2, 3]
     expected = epsilon_of([(plan.noise_multiplier, plan.sample_rate, 3 * plan.steps_per_round)], plan.delta, "rdp")
     assert reopened.epsilon(plan.delta, "rdp") == pytest.approx(expected)
     assert reopened.epsilon_after(plan) > expected
+    assert reopened.epsilon(plan.delta * 100, "rdp") == pytest.approx(expected)  # a larger delta later: no discount
 
 
 def test_ledger_agrees_with_google_dp_accounting(tmp_path: Path) -> None:
     plan = _plan()
-    ledger = Ledger.open(tmp_path / "l.jsonl", "phone-a")
-    for server_round in range(1, 5):
-        ledger.append(server_round, plan, plan.steps_per_round)
+    _ledger(tmp_path / "l.jsonl", rounds=4)
     ours = Ledger.open(tmp_path / "l.jsonl", "phone-a").records[-1]["epsilon"]
     google = dp_accounting.rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
     event = dp_accounting.PoissonSampledDpEvent(plan.sample_rate, dp_accounting.GaussianDpEvent(plan.noise_multiplier))
@@ -138,48 +172,231 @@ def test_ledger_agrees_with_google_dp_accounting(tmp_path: Path) -> None:
     assert ours == pytest.approx(google.get_epsilon(plan.delta), rel=0.01)
 
 
-def test_corrupt_ledgers_are_errors_and_a_torn_last_line_is_dropped(tmp_path: Path) -> None:
-    path = tmp_path / "privacy-ledger.jsonl"
+def test_the_ledger_is_a_hash_chain_with_a_head_the_server_can_compare(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    ledger = _ledger(path)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["client"] == "phone-a" and len(lines[0]["ledger_id"]) == 64
+    assert [r["seq"] for r in lines] == [0, 1, 2, 3]
+    assert all(r["prev"] == before["hash"] for before, r in zip(lines, lines[1:], strict=False))
+    head = json.loads(ledger.head_path.read_text())
+    assert (head["count"], head["head"]) == (3, lines[-1]["hash"])
+    assert ledger.head() == Ledger.open(path, "phone-a").head() == (3, int(lines[-1]["hash"][:12], 16))
+    assert Ledger.open(tmp_path / "other.jsonl", "phone-a").head()[0] == 0
+
+
+def test_deleting_records_or_restoring_an_older_copy_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
     plan = _plan()
-    ledger = Ledger.open(path, "phone-a")
-    for server_round in (1, 2):
+    ledger = _ledger(path, rounds=1)
+    after_one = path.read_bytes()
+    for server_round in (2, 3):
         ledger.append(server_round, plan, plan.steps_per_round)
-    good = path.read_text()
-    path.write_text(good + good.splitlines()[-1][:25])  # a half-written third record
-    assert Ledger.open(path, "phone-a").rounds == [1, 2]
-    lines = good.splitlines()
-    record = json.loads(lines[1])
-    record["epsilon"] = 0.0  # tampered: epsilon rewritten without its checksum
-    path.write_text("\n".join([lines[0], json.dumps(record), lines[2]]) + "\n")
-    with pytest.raises(LedgerError, match="checksum"):
+    complete = path.read_text()
+    path.write_bytes(after_one)  # a backup restored: the epsilon of one round instead of three
+    with pytest.raises(LedgerError, match=r"has 1 records but its head .* recorded 3: .*rolled back"):
         Ledger.open(path, "phone-a")
-    path.write_text(lines[0] + "\n{not json\n" + lines[2] + "\n")
-    with pytest.raises(LedgerError, match="line 2 is not valid JSON"):
+    path.write_text("".join(complete.splitlines(keepends=True)[:-1]))  # the last record cut off
+    with pytest.raises(LedgerError, match="recorded 3: .*rolled back"):
         Ledger.open(path, "phone-a")
-    path.write_text("")
-    with pytest.raises(LedgerError, match="refusing to reset"):
+    path.unlink()  # the ledger deleted, its head left behind
+    with pytest.raises(LedgerError, match="was deleted; refusing to reset epsilon"):
         Ledger.open(path, "phone-a")
+
+
+def test_a_crash_between_the_ledger_and_its_head_only_over_counts(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    ledger = _ledger(path, rounds=2)
+    head_after_two = ledger.head_path.read_bytes()
+    ledger.append(3, _plan(), _plan().steps_per_round)
+    ledger.head_path.write_bytes(head_after_two)  # the ledger has round 3, the head was not yet rewritten
+    assert Ledger.open(path, "phone-a").rounds == [1, 2, 3]
+    ledger.head_path.unlink()  # no head at all: only a ledger of one round can be that crash
+    with pytest.raises(LedgerError, match="head is missing|is missing while"):
+        Ledger.open(path, "phone-a")
+    first = tmp_path / "first" / LEDGER_FILE
+    _ledger(first, rounds=1).head_path.unlink()
+    assert Ledger.open(first, "phone-a").rounds == [1]
+
+
+def _swap_lines(text: str) -> str:
+    lines = text.splitlines(keepends=True)
+    return "".join([lines[0], lines[2], lines[1], *lines[3:]])
+
+
+def _edit_epsilon(text: str) -> str:
+    lines = text.splitlines(keepends=True)
+    record = json.loads(lines[2])
+    record["epsilon"] = 0.0  # tampered: the chain's hash no longer matches
+    return "".join([lines[0], lines[1], json.dumps(record) + "\n", *lines[3:]])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda text: text + text.splitlines()[-1][:25], "line 5 is torn"),  # a half-written fourth record
+        (lambda text: text[:-1], "line 4 is torn"),  # the last line lost its end
+        (lambda text: text.replace(text.splitlines()[1], "{not json"), "line 2 is not valid JSON"),
+        (_swap_lines, "line 2 has sequence number 2, expected 1"),
+        (lambda text: text + text.splitlines(keepends=True)[-1], "line 5 has sequence number 3, expected 4"),
+        (_edit_epsilon, "line 3 fails its hash"),
+        (lambda text: "", "empty; refusing to reset epsilon"),
+    ],
+    ids=["torn-record", "torn-end", "not-json", "out-of-order", "duplicated", "edited", "empty"],
+)
+def test_torn_unparsable_reordered_or_edited_ledgers_are_refused(
+        tmp_path: Path, damage: Callable[[str], str], message: str) -> None:
+    path = tmp_path / LEDGER_FILE
+    _ledger(path)
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(LedgerError, match=message) as err:
+        Ledger.open(path, "phone-a")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def _record_line(text: str, **changes: object) -> str:
+    lines = text.splitlines(keepends=True)
+    record = {**json.loads(lines[1]), **changes}
+    record = {k: v for k, v in record.items() if v is not None}
+    return "".join([lines[0], json.dumps(record) + "\n", *lines[2:]])
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda path, text: path.write_text(json.dumps([json.loads(x) for x in text.splitlines()]) + "\n"),
+         "line 1 is a JSON list, not a record"),
+        (lambda path, text: path.write_text(_record_line(text, steps=None)), "line 2 has the wrong keys .*steps"),
+        (lambda path, text: path.write_text(_record_line(text, steps=-3)), "line 2: key 'steps' has value '-3'"),
+        (lambda path, text: path.write_text(_record_line(text, noise_multiplier=-1.0)),
+         "key 'noise_multiplier' has value '-1.0'"),
+        (lambda path, text: path.write_text(_record_line(text, epsilon=float("nan"))), "line 2 is not valid JSON"),
+        (lambda path, text: path.write_text(_record_line(text).replace('"epsilon": ', '"epsilon": 1e999, "x": ')),
+         "line 2 has the wrong keys"),
+        (lambda path, text: path.write_text(_record_line(text, accountant="moments")), "key 'accountant'"),
+        (lambda path, text: path.write_bytes(text.encode().replace(b"phone-a", b"phone-\xff", 1)),
+         "line 1 is not UTF-8"),
+        (lambda path, text: (path.unlink(), path.mkdir()), "cannot read the privacy ledger"),
+    ],
+    ids=["list", "missing-key", "negative-steps", "negative-noise", "nan", "extra-key", "accountant", "bad-bytes",
+         "folder"],
+)
+def test_malformed_ledgers_are_clear_errors(tmp_path: Path, write: Callable[[Path, str], object],
+                                            message: str) -> None:
+    path = tmp_path / LEDGER_FILE
+    _ledger(path)
+    write(path, path.read_text())
+    with pytest.raises(LedgerError, match=message):
+        Ledger.open(path, "phone-a")
+
+
+def test_an_infinite_epsilon_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    _ledger(path)
+    text = path.read_text()
+    line = text.splitlines()[1]
+    epsilon = json.dumps(json.loads(line)["epsilon"])
+    path.write_text(text.replace(line, line.replace(f'"epsilon": {epsilon}', '"epsilon": 1e999')))
+    with pytest.raises(LedgerError, match="line 2: key 'epsilon' has value 'inf'; allowed: a finite number"):
+        Ledger.open(path, "phone-a")
+
+
+def test_an_old_format_or_another_clients_ledger_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    _ledger(path)
+    with pytest.raises(LedgerError, match="belongs to client 'phone-a', not 'phone-b'"):
+        Ledger.open(path, "phone-b")  # a neighbour's fresher ledger copied in
+    path.write_text(json.dumps({"client": "phone-a", "crc": 1, "format": "edgemri.privacy-ledger/1"}) + "\n")
+    with pytest.raises(LedgerError, match="privacy-ledger/1 ledger .* not migrated; finish"):
+        Ledger.open(path, "phone-a")
+
+
+def test_a_round_never_ends_above_its_plan_or_budget(tmp_path: Path) -> None:
+    plan = _plan()
+    ledger = Ledger.open(tmp_path / LEDGER_FILE, "phone-a")
+    with pytest.raises(PrivacyError, match="more than the plan's"):
+        ledger.append(1, plan, plan.steps_per_round + 1)
+    assert Ledger.open(tmp_path / LEDGER_FILE, "phone-a").history()[-1][2] == plan.steps_per_round + 1  # counted
+    tight = plan_dp(_tier(noise_multiplier=1.2, budget_epsilon=3.0), n=40, batch_size=8, local_epochs=1, rounds=5,
+                    accountant="rdp")
+    while ledger.epsilon_after(tight) <= tight.budget_epsilon:
+        ledger.append(len(ledger.rounds) + 1, tight, tight.steps_per_round)
+    with pytest.raises(PrivacyError, match="> budget 3.0; recorded"):
+        ledger.append(len(ledger.rounds) + 1, tight, tight.steps_per_round)
 
 
 def test_a_client_stops_at_its_budget_even_across_a_restart(sited_data: Path, tmp_path: Path) -> None:
-    config = parse_config({"data": {"client_fraction": 0.0}, "federation": {"hospital": {"min_examples": 20},
-                                          "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12}},
-                           "privacy": {"hospital": {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 10.0}}})
+    config = parse_config({"data": {"client_fraction": 0.0}, "federation": {
+        "rounds": 7, "tiers": {"hospital": {"min_examples": 20, "local_epochs": 1, "batch_size": 16},
+                               "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12}}},
+        "privacy": {"tiers": {"hospital": {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 10.0}}}})
     manifests = write_manifests(partition(load_dataset(sited_data).train, sited_data, config), tmp_path / "m")
     hospital = next(p for p in manifests if "hospital" in p.read_text()[:300])
     setup = ClientSetup(hospital, sited_data, tmp_path / "state")
-    method, spec = create_method(config.federation), TrainSpec(epochs=1, batch_size=16)
-    start, state = Student().state_dict(), ClientState()
+    method, start, state = create_method(config.federation), Student().state_dict(), ClientState()
     statuses = []
     for server_round in range(1, 8):
         client = Client(setup)  # a fresh process every round, as on a SuperNode
-        reply = client.train_round(method, start, state, spec, server_round, 0, config.privacy, rounds=7)
+        reply = client.train_round(method, start, state, RoundInstructions.for_tier(config, "hospital", server_round))
         state = reply.state
         statuses.append(reply.status)
-    assert "trained" in statuses and statuses[-1] == "budget-exhausted"
-    assert statuses == sorted(statuses, key=lambda s: s != "trained")  # trains, then stops for good
-    ledger = Ledger.open(setup.state_dir / "privacy-ledger.jsonl", "x")
-    assert len(ledger.rounds) == statuses.count("trained")
+    assert Status.TRAINED in statuses and statuses[-1] == Status.BUDGET_EXHAUSTED
+    assert statuses == sorted(statuses, key=lambda s: s != Status.TRAINED)  # trains, then stops for good
+    ledger = Ledger.open(setup.state_dir / LEDGER_FILE, client.name)
+    assert len(ledger.rounds) == statuses.count(Status.TRAINED)
     assert ledger.records[-1]["epsilon"] <= 10.0
-    assert math.isclose(ledger.records[-1]["epsilon"], Client(setup).privacy_status(
-        client.dp_plan(config.privacy, spec, 7))["epsilon"])
+    instructions = RoundInstructions.for_tier(config, "hospital", 7)
+    assert math.isclose(ledger.records[-1]["epsilon"],
+                        Client(setup).privacy_status(client.dp_plan(instructions))["epsilon"])
+    # Restoring an older ledger does not buy the client another round.
+    lines = (setup.state_dir / LEDGER_FILE).read_text().splitlines(keepends=True)
+    (setup.state_dir / LEDGER_FILE).write_text("".join(lines[:2]))
+    with pytest.raises(LedgerError, match="rolled back"):
+        Client(setup).train_round(method, start, state, RoundInstructions.for_tier(config, "hospital", 8))
+
+
+def test_the_device_policy_is_read_from_the_node_config() -> None:
+    policy = DevicePolicy.from_node_config({"manifest": "m.json", "dp-required": True, "dp-max-epsilon": 8,
+                                            "dp-min-noise-multiplier": "0.8", "dp-max-grad-norm": 1.5,
+                                            "dp-max-delta": 1e-5, "dp-accountants": "rdp, prv"})
+    assert policy == DevicePolicy(require_dp=True, max_epsilon=8.0, min_noise_multiplier=0.8, max_grad_norm=1.5,
+                                  max_delta=1e-5, accountants=("rdp", "prv"))
+    assert DevicePolicy.from_node_config({"partition-id": 3}) == DevicePolicy()
+    assert DevicePolicy.from_node_config({"dp-required": "false"}).requires_dp is False
+    assert DevicePolicy.from_node_config({"dp-max-epsilon": 8}).requires_dp  # any floor implies DP
+
+
+@pytest.mark.parametrize(
+    ("node_config", "message"),
+    [
+        ({"dp-max-epsilon": -1}, "'dp-max-epsilon' has value '-1'; allowed: a finite number > 0"),
+        ({"dp-max-epsilon": "eight"}, "'dp-max-epsilon' has value 'eight'"),
+        ({"dp-max-epsilon": float("inf")}, "'dp-max-epsilon' has value 'inf'"),
+        ({"dp-min-noise-multiplier": float("nan")}, "'dp-min-noise-multiplier' has value 'nan'"),
+        ({"dp-max-grad-norm": True}, "'dp-max-grad-norm' has value 'True'"),
+        ({"dp-max-delta": 1}, "'dp-max-delta' has value '1'; allowed: a number in \\(0, 1\\)"),
+        ({"dp-required": "maybe"}, "'dp-required' has value 'maybe'; allowed: true or false"),
+        ({"dp-accountants": "rdp,moments"}, "'dp-accountants' has value 'rdp,moments'; allowed: a comma"),
+        ({"dp-max-epsilom": 8}, "'dp-max-epsilom' is unknown; allowed: dp-required, dp-max-epsilon"),
+    ],
+)
+def test_bad_device_policy_values_name_the_key(node_config: dict, message: str) -> None:
+    with pytest.raises(PrivacyError, match=message):
+        DevicePolicy.from_node_config(node_config)
+
+
+def test_a_server_weaker_than_the_device_floor_is_refused() -> None:
+    floor = DevicePolicy(require_dp=True, max_epsilon=8.0, min_noise_multiplier=0.8, max_delta=1e-5,
+                         accountants=("rdp",))
+    strong = _tier(budget_epsilon=8.0, target_epsilon=6.0)
+    plan = plan_dp(strong, n=200, batch_size=16, local_epochs=1, rounds=5, accountant="rdp")
+    assert floor.check(strong, plan) is None
+    assert DevicePolicy().check(DPTierConfig(enabled=False)) is None  # no floor: the server decides
+    assert "server sent enabled=false" in floor.check(DPTierConfig(enabled=False))
+    assert "budget_epsilon 50.0 is above the device's dp-max-epsilon 8.0" in floor.check(
+        _tier(budget_epsilon=50.0), plan)
+    weak = _tier(noise_multiplier=0.3, budget_epsilon=8.0, delta=1e-3)
+    reason = floor.check(weak, dataclasses.replace(plan, noise_multiplier=0.3, delta=1e-3, accountant="gdp"))
+    assert "noise multiplier 0.3 is below" in reason and "delta 0.001 is above" in reason
+    assert "accountant 'gdp' is not one of the device's dp-accountants rdp" in reason
+    assert "unknown before the plan" in floor.check(strong)  # a derived noise level is checked on the plan

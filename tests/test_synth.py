@@ -98,7 +98,7 @@ def test_other_seed_other_images(tiny: tuple[Path, dict], tmp_path: Path) -> Non
 
 
 def test_unknown_preset_names_the_allowed_ones(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="kaggle.*quickstart"):
+    with pytest.raises(synth.SynthError, match="kaggle.*quickstart"):
         synth.generate(tmp_path / "x", "huge")
     assert not (tmp_path / "x").exists()
 
@@ -107,7 +107,7 @@ def test_non_empty_out_dir_needs_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(synth.SynthError, match="overwrite"):
         synth.generate(out, "quickstart", progress=False, limit=1)
     stale = out / "Training" / "glioma" / "Tr-gl_0099.jpg"
     stale.parent.mkdir(parents=True)
@@ -128,11 +128,11 @@ def test_presets_match_the_brief() -> None:
 @pytest.mark.parametrize("name", sorted(synth.PRESETS))
 def test_every_site_has_every_class_with_its_own_mix(name: str) -> None:
     preset = synth.PRESETS[name]
-    jobs = synth._plan(preset, 0, Path("unused"), None)
+    jobs = synth.planning.plan_jobs(preset, 0, Path("unused"), None)
     for split in synth.SPLITS:
         mix = {(j.site.name, j.label) for j in jobs if j.split == split}
         assert len(mix) == preset.num_sites * len(synth.CLASS_NAMES)
-    shares = synth._class_mix(preset, 0)
+    shares = synth.planning.class_mix(preset, 0)
     assert not np.allclose(shares, shares[0]), "sites differ in class mix"
     assert re.fullmatch(r"site\d", jobs[0].site.name)
 

@@ -1,14 +1,23 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from edgemri.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.core.config import TrainSpec
-from edgemri.core.losses import cross_entropy, kd_loss
-from edgemri.core.train import ResumeMismatchError, TrainData, fit, shuffled_batches
+from edgemri.core.losses import cross_entropy, kd_loss, make_kd_loss
+from edgemri.core.train import (
+    Checkpointing,
+    ResumeMismatchError,
+    TrainData,
+    TrainingDivergedError,
+    fit,
+    shuffled_batches,
+)
 from edgemri.models import Student
 
 
@@ -88,12 +97,14 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path: Path) -> None
     torch.manual_seed(0)
     with pytest.raises(_Interrupt):
         fit(Student(), train, loss=cross_entropy, spec=spec, seed=5, val=val, batches=crashing_batches,
-            state_path=state)
-    assert torch.load(state, weights_only=False)["epoch"] == 2
+            checkpointing=Checkpointing(state))
+    saved = load_checkpoint(state, kind="training")  # the one checkpoint format, kind "training"
+    assert saved.step == 2 and len(saved.history) == 2 and saved.optimizer is not None
 
     torch.manual_seed(99)  # a different init: everything must come from the saved state
     resumed = Student()
-    result = fit(resumed, train, loss=cross_entropy, spec=spec, seed=5, val=val, state_path=state, resume=True)
+    result = fit(resumed, train, loss=cross_entropy, spec=spec, seed=5, val=val,
+                 checkpointing=Checkpointing(state, resume=True))
     assert [r.epoch for r in result.history] == [1, 2, 3]
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
@@ -102,7 +113,85 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path: Path) -> None
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     state = tmp_path / "s.pt"
     data = _separable_data(16, 0)
-    fit(Student(), data, loss=cross_entropy, spec=TrainSpec(epochs=1), seed=0, val=data, state_path=state)
-    with pytest.raises(ResumeMismatchError, match="start without --resume"):
-        fit(Student(), data, loss=cross_entropy, spec=TrainSpec(epochs=2), seed=0, val=data, state_path=state,
-            resume=True)
+    fit(Student(), data, loss=cross_entropy, spec=TrainSpec(epochs=1), seed=0, val=data,
+        checkpointing=Checkpointing(state))
+    with pytest.raises(ResumeMismatchError, match=r"spec\.epochs: 1 saved, 2 now.*start without --resume") as err:
+        fit(Student(), data, loss=cross_entropy, spec=TrainSpec(epochs=2), seed=0, val=data,
+            checkpointing=Checkpointing(state, resume=True))
+    assert "\n" not in str(err.value)
+
+
+class _Payload:
+    """Unpickling this runs code: it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_resume_state_is_never_executed(tmp_path: Path) -> None:
+    marker, state = tmp_path / "executed", tmp_path / "student.state.pt"
+    torch.save({"signature": {}, "epoch": 1, "model": _Payload(marker)}, state)  # the old format's layout
+    data = _separable_data(16, 0)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        fit(Student(), data, loss=cross_entropy, spec=TrainSpec(epochs=1), seed=0, val=data,
+            checkpointing=Checkpointing(state, resume=True))
+    assert not marker.exists()
+
+
+def test_a_model_checkpoint_is_not_a_resume_state(tmp_path: Path) -> None:
+    from edgemri.core.checkpoint import Checkpoint
+
+    state = save_checkpoint(tmp_path / "s.pt", Checkpoint(model="student", state_dict=Student().state_dict()))
+    data = _separable_data(16, 0)
+    with pytest.raises(CheckpointError, match="is a model checkpoint, not a training state"):
+        fit(Student(), data, loss=cross_entropy, spec=TrainSpec(epochs=1), seed=0, val=data,
+            checkpointing=Checkpointing(state, resume=True))
+
+
+def test_a_resume_state_whose_optimizer_does_not_fit_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "s.pt"
+    data = _separable_data(16, 0)
+    fit(Student(), data, loss=cross_entropy, spec=TrainSpec(epochs=1), seed=0, val=data,
+        checkpointing=Checkpointing(state))
+    saved = load_checkpoint(state, kind="training")
+    saved.optimizer["state"][0]["exp_avg"] = torch.zeros(7)  # would fail deep inside Adam's next step
+    save_checkpoint(state, saved)
+    with pytest.raises(CheckpointError, match="optimizer state 'exp_avg' has shape"):
+        fit(Student(), data, loss=cross_entropy, spec=TrainSpec(epochs=1), seed=0, val=data,
+            checkpointing=Checkpointing(state, resume=True))
+
+
+def test_an_infinite_kd_temperature_stops_training_with_a_clear_error(tmp_path: Path) -> None:
+    data = _separable_data(32, 0)
+    data.extras = (torch.randn(32, 4),)  # cached teacher logits
+    state = tmp_path / "kd.state.pt"
+    with pytest.raises(TrainingDivergedError, match=r"the loss became nan in epoch 1, batch 1 of 2"):
+        fit(Student(), data, loss=make_kd_loss(math.inf, 0.5), spec=TrainSpec(epochs=2, batch_size=16), seed=0,
+            val=data, checkpointing=Checkpointing(state))
+    assert not state.exists()  # nothing of a diverged run is saved
+
+
+def test_a_loss_turning_nan_later_keeps_the_last_finite_epoch(tmp_path: Path) -> None:
+    data, calls = _separable_data(32, 0), {"n": 0}
+
+    def nan_in_epoch_two(logits: torch.Tensor, batch) -> torch.Tensor:
+        calls["n"] += 1
+        return cross_entropy(logits, batch) * (math.nan if calls["n"] == 4 else 1.0)
+
+    state = tmp_path / "s.pt"
+    with pytest.raises(TrainingDivergedError, match="epoch 2, batch 2 of 2"):
+        fit(Student(), data, loss=nan_in_epoch_two, spec=TrainSpec(epochs=3, batch_size=16), seed=0, val=data,
+            checkpointing=Checkpointing(state))
+    assert load_checkpoint(state, kind="training").step == 1  # finite, loadable, resumable
+
+
+def test_weights_turning_nan_under_a_finite_loss_stop_training(tmp_path: Path) -> None:
+    data, model, state = _separable_data(16, 0), Student(), tmp_path / "s.pt"
+    model.classifier[1].bias.register_hook(lambda grad: grad * math.nan)  # a finite loss, a NaN gradient
+    with pytest.raises(TrainingDivergedError, match="weights became non-finite .*classifier.1.bias.* in epoch 1"):
+        fit(model, data, loss=cross_entropy, spec=TrainSpec(epochs=1, batch_size=16), seed=0, val=data,
+            checkpointing=Checkpointing(state))
+    assert not state.exists()

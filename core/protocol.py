@@ -1,0 +1,260 @@
+"""The contract between the server and the clients: what each message holds, typed and validated.
+
+Flower-free, so both sides (``server/`` and ``clients/``) import it and neither imports the
+other. Every value read from the other side is untrusted: the parsers here check types and
+ranges and raise ``ProtocolError`` (one line, no paths) instead of letting a bad value through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from edgemri.core.config import Config, FederationConfig, PrivacyConfig, TrainSpec, from_dict
+from edgemri.core.errors import EdgemriError
+
+
+class ProtocolError(EdgemriError):
+    """A message or run setting does not follow the server/client contract."""
+
+
+# Records inside a message's RecordDict.
+ARRAYS, CONFIG, METRICS, INFO, START = "arrays", "config", "metrics", "info", "start"
+
+# The key Flower's client-side DP wrapper writes into the TRAIN config and its ``fixedclipping_mod`` reads.
+# Flower keeps the constant in ``flwr.supercore`` (not public API); tests check the two agree.
+CLIPPING_NORM_KEY = "clipping_norm"
+
+
+class Status(StrEnum):
+    """What a client did with a round: coded, so no free text (paths, exception messages) leaves a device."""
+
+    TRAINED = "trained"
+    BUDGET_EXHAUSTED = "budget-exhausted"  # its sample-level DP budget cannot afford another round
+    DP_INFEASIBLE = "dp-infeasible"  # too little data for DP-SGD at its settings
+    ALREADY_TRAINED = "already-trained"  # the round is in its ledger: a reply was lost
+    POLICY_REFUSED = "policy-refused"  # the server asked for weaker privacy than the device allows
+    FAILED = "failed"  # anything else; the reason is a code, the details stay in the device's log
+
+    @property
+    def retires(self) -> bool:
+        """A client in this state will never train again in this run."""
+        return self in (Status.BUDGET_EXHAUSTED, Status.DP_INFEASIBLE, Status.POLICY_REFUSED)
+
+
+class FailureCode(StrEnum):
+    """Why a client failed a round (sent by the client) or was refused (decided by the server)."""
+
+    DATA = "data-error"  # its images or manifest could not be read
+    PRIVACY = "privacy-error"  # its ledger or DP plan is broken
+    CONFIG = "config-error"  # the server's instructions did not parse
+    INTERNAL = "internal-error"  # a bug: see the device's log
+    NO_REPLY = "no-reply"
+    BAD_REPLY = "bad-reply"  # the server refused the reply (shape, values, metrics)
+    LEDGER_ROLLBACK = "ledger-rollback"  # its cumulative epsilon or ledger length went down
+    NOT_CLIPPED = "not-clipped"  # client-side clipping was asked for and the update is larger
+
+
+# Metric keys (MetricRecord) both sides use.
+NUM_EXAMPLES = "num-examples"
+ROUNDS_TRAINED = "rounds-trained"
+GLOBAL_ACCURACY, PERSONAL_ACCURACY = "global-accuracy", "personal-accuracy"
+START_ACCURACY, LOCAL_ONLY_ACCURACY = "start-accuracy", "local-only-accuracy"
+EPSILON, LEDGER_RECORDS = "epsilon", "rounds-dp"
+
+# Bounds on what a reply may claim; anything outside is a bad reply.
+MAX_EXAMPLES = 10_000_000
+MAX_EPSILON_REPORTED = 1e6
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_client_name(name: object) -> str:
+    if not isinstance(name, str) or not CLIENT_NAME.fullmatch(name):
+        raise ProtocolError(f"client name {str(name)[:80]!r} is not allowed: 1-64 letters, digits, '-', '_', '.'")
+    return name
+
+
+def check_metric(key: str, value: object, low: float = -math.inf, high: float = math.inf) -> float:
+    """A finite number in [low, high] (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ProtocolError(f"metric '{key}' is {value!r}; expected a finite number in [{low}, {high}]")
+    return float(value)
+
+
+# -- the run's settings ([tool.flwr.app.config] -> context.run_config) --------------------------
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The Flower run config, parsed once. Paths are the operator's, never sent to a client."""
+
+    config: Path
+    run_dir: Path
+    data_root: Path | None
+    manifests: Path
+    state_root: Path
+    start_checkpoint: Path
+    num_clients: int
+    resume: bool = False
+    audit_dir: Path | None = None
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
+        known = {"config", "run-dir", "data-root", "manifests", "state-root", "start-checkpoint", "num-clients",
+                 "resume", "audit-dir"}
+        unknown = sorted(set(run_config) - known)
+        if unknown:
+            raise ProtocolError(f"unknown run config key '{unknown[0]}'; allowed: {', '.join(sorted(known))}")
+
+        def path(key: str, required: bool = True) -> Path | None:
+            value = run_config.get(key, "")
+            if not isinstance(value, str) or (required and not value):
+                raise ProtocolError(f"run config '{key}' must be a non-empty path string, got {value!r}")
+            return Path(value) if value else None
+
+        num = run_config.get("num-clients", 0)
+        if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 10_000:
+            raise ProtocolError(f"run config 'num-clients' is {num!r}; expected an integer in [1, 10000]")
+        resume = run_config.get("resume", False)
+        if not isinstance(resume, bool):
+            raise ProtocolError(f"run config 'resume' is {resume!r}; expected true or false")
+        return cls(config=path("config"), run_dir=path("run-dir"), data_root=path("data-root", required=False),
+                   manifests=path("manifests"), state_root=path("state-root"),
+                   start_checkpoint=path("start-checkpoint"), num_clients=num, resume=resume,
+                   audit_dir=path("audit-dir", required=False))
+
+
+# -- what the server sends ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    """The TRAIN/EVALUATE config for one client: the federation and privacy settings, its tier's spec."""
+
+    server_round: int
+    seed: int
+    federation: FederationConfig
+    privacy: PrivacyConfig
+    spec: TrainSpec
+    final: bool = False
+    clipping_norm: float | None = None  # client-level DP with client-side clipping
+
+    @classmethod
+    def for_tier(cls, config: Config, kind: str, server_round: int, *, final: bool = False,
+                 clipping_norm: float | None = None) -> RoundInstructions:
+        return cls(server_round, config.seed, dataclasses.replace(config.federation, start_checkpoint=None),
+                   config.privacy, config.federation.tier(kind).train_spec(), final, clipping_norm)
+
+    def to_config(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "server-round": self.server_round, "seed": self.seed, "final": self.final,
+            "federation-json": json.dumps(dataclasses.asdict(self.federation)),
+            "privacy-json": json.dumps(dataclasses.asdict(self.privacy)),
+            "spec-json": json.dumps(dataclasses.asdict(self.spec))}
+        if self.clipping_norm is not None:
+            record[CLIPPING_NORM_KEY] = self.clipping_norm
+        return record
+
+    @classmethod
+    def from_config(cls, record: dict[str, Any]) -> RoundInstructions:
+        """Parse (and validate, with the config's own rules) what a server sent."""
+        try:
+            federation = from_dict(FederationConfig, json.loads(str(record["federation-json"])), "federation")
+            privacy = from_dict(PrivacyConfig, json.loads(str(record["privacy-json"])), "privacy")
+            spec = from_dict(TrainSpec, json.loads(str(record["spec-json"])), "spec")
+            federation.validate("federation")
+            privacy.validate("privacy")
+            spec.validate("spec")
+            server_round, seed = record["server-round"], record["seed"]
+            clipping = record.get(CLIPPING_NORM_KEY)
+        except (KeyError, json.JSONDecodeError, EdgemriError) as err:
+            raise ProtocolError(f"the server's round config is malformed: {str(err).splitlines()[0][:200]}") from None
+        for key, value in (("server-round", server_round), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+                raise ProtocolError(f"the server's '{key}' is {value!r}; expected an integer in [0, 2^31)")
+        if clipping is not None:
+            clipping = check_metric(CLIPPING_NORM_KEY, clipping, 1e-12, 1e6)
+        return cls(server_round, seed, federation, privacy, spec, bool(record.get("final", False)), clipping)
+
+
+# -- what the clients send ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A node's answer to the discovery query: names and counts, never paths."""
+
+    client: str
+    kind: str
+    site: str
+    num_examples: int
+
+    def to_record(self) -> tuple[dict[str, str], dict[str, int]]:
+        return {"client": self.client, "kind": self.kind, "site": self.site}, {NUM_EXAMPLES: self.num_examples}
+
+    @classmethod
+    def from_record(cls, info: dict[str, Any], metrics: dict[str, Any], kinds: tuple[str, ...]) -> ClientInfo:
+        kind, site = info.get("kind"), info.get("site")
+        if kind not in kinds:
+            raise ProtocolError(f"client kind {str(kind)[:40]!r} is unknown; allowed: {', '.join(kinds)}")
+        if not isinstance(site, str) or not CLIENT_NAME.fullmatch(site):
+            raise ProtocolError(f"site {str(site)[:40]!r} is not a plain name")
+        n = check_metric(NUM_EXAMPLES, metrics.get(NUM_EXAMPLES), 1, MAX_EXAMPLES)
+        if n != int(n):
+            raise ProtocolError(f"metric '{NUM_EXAMPLES}' is {n!r}; expected an integer")
+        return cls(check_client_name(info.get("client")), str(kind), site, int(n))
+
+
+# -- the federation's result, as the reports read it ----------------------------------------------
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    sampled: list[str]
+    trained: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # client -> coded reason
+    declined: dict[str, str] = field(default_factory=dict)  # client -> status
+    aggregated: bool = False
+    seconds: float = 0.0
+    train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    central: dict[str, float] = field(default_factory=dict)
+    central_epsilon: float | None = None  # client-level DP: cumulative epsilon after this round
+
+
+@dataclass
+class FederationResult:
+    """Everything a federation run produced; saved as result.json, read back by the reports."""
+
+    clients: dict[str, ClientInfo]
+    history: list[RoundRecord]
+    final: dict[str, dict[str, float]]
+    final_failed: dict[str, str]
+    retired: dict[str, str]
+    central_start: dict[str, float]
+    central_final: dict[str, float]
+    central_dp: dict[str, Any]
+    excluded: dict[str, str] = field(default_factory=dict)  # nodes refused at discovery -> why
+    best_round: int | None = None  # the round whose global model central validation preferred
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FederationResult:
+        """Read back a result.json (untrusted: a run folder may come from anywhere)."""
+        try:
+            fields = dict(data)
+            fields["clients"] = {k: ClientInfo(**v) for k, v in data["clients"].items()}
+            fields["history"] = [RoundRecord(**h) for h in data["history"]]
+            return cls(**fields)
+        except (TypeError, KeyError, AttributeError, ValueError) as err:
+            raise ProtocolError(f"not an edgemri federation result: {str(err).splitlines()[0][:200]}") from None

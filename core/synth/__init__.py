@@ -1,0 +1,38 @@
+"""Offline synthetic brain-MRI slices in the Kaggle "Brain Tumor MRI Dataset" layout.
+
+The real set cannot be redistributed, so the demo, the tests and the benchmarks run on
+this generator. Each image is one 2-D slice (axial, coronal or sagittal) of a drawn head:
+scalp, skull, CSF, grey and white matter with sulci, ventricles, cerebellum, brainstem
+and the pituitary gland, plus one of three tumour types or none. A scanner *site* then
+applies its own intensity curve, bias field, noise, resolution, field of view, image
+sizes and JPEG quality, and has its own class mix: the sites are the federation's
+hospitals. Everything is vectorised numpy on a 256 x 256 working grid.
+
+One module per job, read in this order:
+
+- ``fields``: smooth random fields, head coordinates, soft masks (the drawing primitives);
+- ``anatomy``: the layout of one slice through the head;
+- ``tumours``: each tumour type's size, place, mass effect and painting;
+- ``scanner``: the sites' protocols, tissue signals and acquisition;
+- ``phantom``: one slice drawn from all of the above;
+- ``presets``: how many images of each class from how many sites;
+- ``planning``: which image at which site under which name;
+- ``writer``: drawing in worker processes, the Kaggle-layout folder, ``metadata.csv``, ``synth.json``;
+- ``grid``: the sample grid PNG.
+
+Every image is seeded from (seed, split, class, index), so a seed gives byte-identical
+files whatever the number of worker processes.
+"""
+
+from edgemri.core.synth.anatomy import VIEWS
+from edgemri.core.synth.grid import write_sample_grid
+from edgemri.core.synth.planning import ABBREVIATIONS, PREFIXES, SPLITS
+from edgemri.core.synth.presets import CLASS_NAMES, PRESETS, SynthError, SynthPreset, get_preset
+from edgemri.core.synth.scanner import SEQUENCES, SITE_PROFILES, SiteProfile
+from edgemri.core.synth.writer import GENERATOR_VERSION, METADATA_COLUMNS, generate
+
+__all__ = [
+    "ABBREVIATIONS", "CLASS_NAMES", "GENERATOR_VERSION", "METADATA_COLUMNS", "PREFIXES", "PRESETS", "SEQUENCES",
+    "SITE_PROFILES", "SPLITS", "VIEWS", "SiteProfile", "SynthError", "SynthPreset", "generate", "get_preset",
+    "write_sample_grid",
+]

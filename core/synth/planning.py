@@ -1,0 +1,69 @@
+"""Planning: which image is drawn at which site under which file name, before anything is drawn.
+
+Each site gets its own class mix (a Dirichlet draw around the preset's class shares) and
+every site gets every class; file names follow the Kaggle set (``Tr-gl_0000.jpg``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgemri.core.synth.presets import CLASS_NAMES, SynthPreset
+from edgemri.core.synth.scanner import SiteProfile
+
+ABBREVIATIONS = {"glioma": "gl", "meningioma": "me", "notumor": "no", "pituitary": "pi"}
+SPLITS = ("Training", "Testing")
+PREFIXES = {"Training": "Tr", "Testing": "Te"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to draw: its seed key, split, class, site and where it goes."""
+
+    seed_key: tuple[int, ...]
+    split: str
+    label: str
+    site: SiteProfile
+    path: Path
+    rel: str
+
+
+def class_mix(preset: SynthPreset, seed: int) -> np.ndarray:
+    """Each site's class mix (sites x classes): a Dirichlet draw around the preset's class shares."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7001]))
+    total = np.array([preset.train_counts[c] + preset.test_counts[c] for c in CLASS_NAMES], np.float64)
+    prior = total / total.sum() if total.sum() else np.full(len(CLASS_NAMES), 1 / len(CLASS_NAMES))
+    return rng.dirichlet(prior * preset.class_mix_concentration, size=preset.num_sites)
+
+
+def _assign_sites(n: int, weights: np.ndarray, rng: np.random.Generator) -> list[int]:
+    """Site index of each of n images: one per site first (every site has every class), then by weight."""
+    sites = len(weights)
+    base = list(range(sites)) if n >= sites else []
+    extra = rng.choice(sites, size=n - len(base), p=weights / weights.sum()).tolist()
+    assigned = base + extra
+    rng.shuffle(assigned)
+    return assigned
+
+
+def plan_jobs(preset: SynthPreset, seed: int, out_dir: Path, limit: int | None) -> list[Job]:
+    """Every image of the preset in a fixed order; ``limit`` caps the images per class and split."""
+    mix = class_mix(preset, seed)
+    volume = np.array([s.volume for s in preset.sites])
+    jobs = []
+    for split_id, split in enumerate(SPLITS):
+        for class_id, label in enumerate(CLASS_NAMES):
+            n = preset.counts(split)[label]
+            n = min(n, limit) if limit is not None else n
+            # P(site | class) is proportional to the site's volume times its share of this class.
+            rng = np.random.default_rng(np.random.SeedSequence([seed, 7002, split_id, class_id]))
+            sites = _assign_sites(n, volume * mix[:, class_id], rng)
+            for index, site_id in enumerate(sites):
+                name = f"{PREFIXES[split]}-{ABBREVIATIONS[label]}_{index:04d}.jpg"
+                rel = f"{split}/{label}/{name}"
+                jobs.append(Job((seed, split_id, class_id, index), split, label, preset.sites[site_id],
+                                out_dir / rel, rel))
+    return jobs

@@ -1,0 +1,66 @@
+"""Presets: how many images of each class per split, from how many sites, and how hard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgemri.core.errors import EdgemriError
+from edgemri.core.synth.scanner import SITE_PROFILES, SiteProfile
+
+CLASS_NAMES: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitary")
+
+
+class SynthError(EdgemriError):
+    """The generator was asked for something it cannot do; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class SynthPreset:
+    """How many images of each class per split, from how many sites, and how hard."""
+
+    name: str
+    train_counts: dict[str, int]
+    test_counts: dict[str, int]
+    num_sites: int
+    class_mix_concentration: float = 40.0  # Dirichlet concentration of each site's class mix; lower: more skew
+    subtle_share: float = 0.16  # share of tumours that are small and/or low-contrast
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_sites <= len(SITE_PROFILES):
+            raise SynthError(f"num_sites must be in 1..{len(SITE_PROFILES)}, got {self.num_sites}")
+        for counts in (self.train_counts, self.test_counts):
+            if set(counts) != set(CLASS_NAMES) or min(counts.values()) < 0:
+                raise SynthError(f"counts must give a non-negative number for each of {CLASS_NAMES}, got {counts}")
+
+    @property
+    def sites(self) -> tuple[SiteProfile, ...]:
+        return SITE_PROFILES[: self.num_sites]
+
+    def counts(self, split: str) -> dict[str, int]:
+        return self.train_counts if split == "Training" else self.test_counts
+
+
+PRESETS: dict[str, SynthPreset] = {
+    "quickstart": SynthPreset(
+        "quickstart",
+        train_counts={"glioma": 370, "meningioma": 375, "notumor": 447, "pituitary": 408},
+        test_counts={"glioma": 92, "meningioma": 93, "notumor": 124, "pituitary": 91},
+        num_sites=4,
+        description="the Kaggle class proportions at 2,000 images from 4 sites: a CPU demo in minutes",
+    ),
+    "kaggle": SynthPreset(
+        "kaggle",
+        train_counts={"glioma": 1321, "meningioma": 1339, "notumor": 1595, "pituitary": 1457},
+        test_counts={"glioma": 300, "meningioma": 306, "notumor": 405, "pituitary": 300},
+        num_sites=6,
+        description="the real set's class counts (7,023 images) from 6 sites",
+    ),
+}
+
+
+def get_preset(name: str) -> SynthPreset:
+    """The named preset, or SynthError listing the allowed names."""
+    if name not in PRESETS:
+        raise SynthError(f"unknown synthetic preset {name!r}; allowed: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]

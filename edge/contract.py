@@ -1,0 +1,182 @@
+"""What every exported file promises, and the checks that keep the promise on both sides.
+
+An exported model takes ``image``, float32 N x 3 x 128 x 128 already normalized, and gives
+``logits``, float32 N x len(class_names), finite; it carries the class names and the
+preprocessing. Export checks a checkpoint against this before writing anything, the
+runtime checks a file against it before predicting anything: a model whose outputs do not
+match its class names would otherwise print the wrong class, or crash mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from edgemri.core.checkpoint import Checkpoint, load_checkpoint
+from edgemri.core.data import IMAGE_SIZE, PREPROCESSING, normalize
+from edgemri.core.errors import version
+from edgemri.core.io import write_bytes
+from edgemri.edge.errors import EdgeError, first_line, printable
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+METADATA_FILE = "edgemri.json"  # TorchScript extra file holding the same metadata as the ONNX file
+INPUT_SHAPE = f"float32 N x 3 x {IMAGE_SIZE} x {IMAGE_SIZE}"
+PARITY_ATOL = 1e-4  # exported fp32 logits must match PyTorch's within this, times the largest logit
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def check_preprocessing(preprocessing: object, source: str) -> None:
+    """Refuse a model trained with another preprocessing than the one edgemri applies."""
+    if json.dumps(preprocessing, sort_keys=True) != json.dumps(PREPROCESSING, sort_keys=True):
+        raise EdgeError(f"{source} expects preprocessing {preprocessing}, but edgemri applies {PREPROCESSING}")
+
+
+def check_class_names(class_names: object, source: str) -> list[str]:
+    """A non-empty list of distinct, non-empty strings: what a prediction prints."""
+    if (not isinstance(class_names, list | tuple) or not class_names
+            or not all(isinstance(name, str) and name.strip() and name.isprintable() for name in class_names)
+            or len(set(class_names)) != len(class_names)):
+        raise EdgeError(f"{source} has class_names {printable(repr(class_names))[:200]}; "
+                        f"expected a list of distinct, non-empty, printable names")
+    return list(class_names)
+
+
+def check_metadata(meta: dict[str, Any], source: str) -> list[str]:
+    """The class names of a file's edgemri metadata, after checking its preprocessing."""
+    if "class_names" not in meta or "preprocessing" not in meta:
+        raise EdgeError(f"{source} has no edgemri metadata (class_names, preprocessing); "
+                        f"export it with `edgemri export CHECKPOINT`")
+    check_preprocessing(meta["preprocessing"], source)
+    return check_class_names(meta["class_names"], source)
+
+
+def edge_metadata(checkpoint: Checkpoint) -> dict[str, Any]:
+    """What an exported file records: how to feed it, how to read it and where it came from."""
+    return {
+        "class_names": list(checkpoint.class_names),
+        "preprocessing": checkpoint.preprocessing,
+        "input": f"{INPUT_NAME}: {INPUT_SHAPE}, already normalized",
+        "output": f"{OUTPUT_NAME}: float32 N x {len(checkpoint.class_names)}, before softmax",
+        "source_model": checkpoint.model,
+        "source_role": checkpoint.role,
+        "source_seed": checkpoint.seed,
+        "source_data_fingerprint": checkpoint.data_fingerprint,
+        "source_created": checkpoint.created,
+        "edgemri_version": version(),
+    }
+
+
+# ---------------------------------------------------------------- the model behind a file
+
+
+def _finite(value: Tensor | np.ndarray) -> bool:
+    if isinstance(value, Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    return not np.issubdtype(value.dtype, np.floating) or bool(np.isfinite(value).all())
+
+
+def check_finite(tensors: Iterable[tuple[str, Tensor | np.ndarray]], source: str) -> None:
+    """Refuse NaN or infinite weights: every prediction from them would be meaningless."""
+    bad = [name for name, value in tensors if not _finite(value)]
+    if bad:
+        raise EdgeError(f"{source} has non-finite (NaN or infinite) weights in {', '.join(bad[:3])}"
+                        f"{' ...' if len(bad) > 3 else ''}; retrain or re-export the model")
+
+
+def example_batch(n: int = 4) -> Tensor:
+    """Seeded random normalized images: the trace input, the parity check's and the probe's batch."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
+    return normalize(images)
+
+
+def check_logits(logits: Tensor, images: int, class_names: list[str], source: str) -> None:
+    """Logits must be N x len(class_names) and finite."""
+    expected = (images, len(class_names))
+    if tuple(logits.shape) != expected:
+        raise EdgeError(f"{source} gives outputs of shape {list(logits.shape)} for {images} images, but its "
+                        f"{len(class_names)} class_names need {list(expected)}")
+    if not bool(torch.isfinite(logits).all()):
+        raise EdgeError(f"{source} gives non-finite (NaN or infinite) logits; retrain or re-export the model")
+
+
+def probe(logits: Callable[[Tensor], Tensor], class_names: list[str], source: str) -> None:
+    """Run the model once on the example batch, before any real image is predicted."""
+    batch = example_batch(2)
+    try:
+        with torch.no_grad():
+            output = logits(batch)
+    # PyTorch, TorchScript and onnxruntime each raise their own exception types here.
+    except Exception as err:
+        raise EdgeError(f"{source} does not run on {INPUT_SHAPE} images: {first_line(err)}") from None
+    check_logits(torch.as_tensor(output), len(batch), class_names, source)
+
+
+def checked_model(checkpoint: Checkpoint, source: str) -> nn.Module:
+    """The checkpoint's model in eval mode, refused unless it gives finite logits, one per class name.
+
+    ``Checkpoint.build`` refuses unknown options and wrong or non-finite weights; the probe
+    adds what only running the model shows (e.g. options that change the input size).
+    """
+    class_names = check_class_names(checkpoint.class_names, source)
+    model = checkpoint.build()
+    probe(model, class_names, source)
+    return model
+
+
+# ---------------------------------------------------------------- export
+
+
+def check_exportable(checkpoint: Checkpoint, source: str) -> None:
+    """Only the student goes to devices, and only with the preprocessing edgemri applies."""
+    if checkpoint.model != "student":
+        raise EdgeError(f"{source} holds a {checkpoint.model!r} model; only the student is exported for devices")
+    check_preprocessing(checkpoint.preprocessing, source)
+
+
+def load_student(path: str | Path) -> Checkpoint:
+    """Read a checkpoint (ours or a paper-layout state dict) that can be exported."""
+    checkpoint = load_checkpoint(path)
+    check_exportable(checkpoint, printable(str(path)))
+    return checkpoint
+
+
+def student_model(checkpoint: Checkpoint) -> nn.Module:
+    """The exportable student, checked against the contract before anything is written."""
+    source = f"the {checkpoint.role or 'given'} checkpoint"
+    check_exportable(checkpoint, source)
+    return checked_model(checkpoint, source)
+
+
+def check_parity(expected: Tensor, actual: np.ndarray | Tensor, what: str) -> None:
+    """Refuse an export whose logits differ from PyTorch's beyond float32 rounding."""
+    # Relative to the largest logit: random check images can give logits in the hundreds.
+    tolerance = PARITY_ATOL * max(1.0, float(expected.abs().max()))
+    diff = float((torch.as_tensor(actual) - expected).abs().max())
+    if not diff <= tolerance:
+        raise EdgeError(f"{what} logits differ from PyTorch's by {diff:.2e} (> {tolerance:.1e}); not written")
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse a folder, or an existing file unless asked to replace it; before any work is done."""
+    if out.is_dir():
+        raise EdgeError(f"output {printable(str(out))} is a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise EdgeError(f"{printable(str(out))} exists; choose another output or overwrite it (--overwrite)")
+
+
+def write_output(out: Path, data: bytes) -> Path:
+    """Write an exported file atomically; a full disk or a read-only folder is a one-line error."""
+    try:
+        return write_bytes(out, data)
+    except OSError as err:
+        raise EdgeError(f"cannot write {printable(str(out))}: {err.strerror or err}") from None

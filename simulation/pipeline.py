@@ -1,0 +1,306 @@
+"""The pipeline's steps as plain functions: the command line and ``edgemri demo`` both call these.
+
+Each step takes a parsed config and folders and returns what it made; none prints except
+``demo``, which prints one line per stage because a newcomer watches it for minutes.
+Errors a user can cause are ``EdgemriError`` subclasses with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgemri.core.checkpoint import load_checkpoint, save_checkpoint
+from edgemri.core.config import Config, load_config
+from edgemri.core.data import load_dataset
+from edgemri.core.errors import EdgemriError
+from edgemri.core.partition import Manifest, write_manifests
+from edgemri.core.partition import partition as split_clients
+
+if TYPE_CHECKING:  # the federation (Flower, Opacus, reports) loads only for the stages that use it
+    from edgemri.simulation.federate import FederationRun
+
+log = logging.getLogger(__name__)
+
+DEMO_OUT = Path("runs/demo")
+DEMO_PRESET = "quickstart"
+# Every 50th Testing image, at most 8: a few of each class, printed in a few lines.
+DEMO_PREDICT_STEP, DEMO_PREDICT_COUNT = 50, 8
+
+
+class UsageError(EdgemriError):
+    """A step cannot run as asked (a bad argument, a run folder in the way); the message says how to fix it."""
+
+
+def show_progress(quiet: bool) -> bool:
+    """Progress bars only for a person at a terminal: logs and pipes stay clean."""
+    return not quiet and sys.stderr.isatty()
+
+
+def load_run_config(config_path: str | Path, overrides: Sequence[str] = (), data_root: str | Path | None = None
+                    ) -> Config:
+    """The config with ``data_root`` (when given) as its data folder; refuses a config with no data folder."""
+    config = load_config(config_path, overrides)
+    if data_root:
+        config = config.replace(data=dataclasses.replace(config.data, root=str(data_root)))
+    if not config.data.root:
+        raise UsageError("no data: pass --data-root DIR (a Kaggle-layout folder), "
+                         "or make one with `edgemri data synth --out DIR`")
+    return config
+
+
+def start_model(config: Config, start: str | Path | None = None) -> Path:
+    """The federation's start model: ``start``, else the config's, else the demo's distilled student."""
+    return Path(start or config.federation.start_checkpoint or DemoLayout(DEMO_OUT).student)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def synthesize(out: Path, *, preset: str = DEMO_PRESET, seed: int = 0, overwrite: bool = False,
+               progress: bool = False) -> dict[str, Any]:
+    """The offline synthetic set in the Kaggle layout plus its sample grid; returns the generator's summary."""
+    from edgemri.core.synth import generate, write_sample_grid
+
+    summary = generate(out, preset=preset, seed=seed, overwrite=overwrite, progress=progress)
+    write_sample_grid(out, sample_grid(out))
+    return summary
+
+
+def sample_grid(data: Path) -> Path:
+    """Where ``synthesize`` puts the picture of a few images per class."""
+    return data / "samples.png"
+
+
+@dataclass(frozen=True)
+class DistillOutcome:
+    out: Path
+    report: dict[str, Any]
+    paths: dict[str, Path]
+    student: Path  # the federation's start model: the first seed's KD student
+
+    def lines(self) -> list[str]:
+        """Test accuracy per stage (mean ± std over seeds) and where the report and the student are."""
+        models = self.report["models"]
+        rows = [f"{stage:9s} test accuracy {100 * models[stage]['test_accuracy']['mean']:.2f} ± "
+                f"{100 * models[stage]['test_accuracy']['std']:.2f} %" for stage in ("teacher", "baseline", "kd")]
+        return [*rows, f"report: {self.paths['md']}", f"distilled student: {self.student}"]
+
+
+def distill(config: Config, out: Path, *, seeds: int = 1, resume: bool = False, progress: bool = False
+            ) -> DistillOutcome:
+    """Teacher, baseline student and KD student for each seed; the report; ``out/student.pt`` to federate."""
+    from edgemri.core.distill import run_distillation
+    from edgemri.reports.distill import build_report, write_report
+
+    if seeds < 1:
+        raise UsageError(f"seeds (--seeds) must be >= 1, got {seeds}")
+    if any(out.glob("seed-*")) and not resume:
+        raise UsageError(f"{out} already holds a distillation run; add --resume to continue it or choose another --out")
+    dataset = load_dataset(config.data.root, cache_dir=config.data.cache_dir, progress=progress)
+    log.info("data: %s", dataset.summary())
+    results, seconds = run_distillation(config, dataset, out, seeds=seeds, resume=resume, progress=progress)
+    report = build_report(config, dataset, results, seconds, out)
+    paths = write_report(report, out)
+    student = save_checkpoint(out / "student.pt", load_checkpoint(results[0].stages["kd"].checkpoint))
+    return DistillOutcome(out, report, paths, student)
+
+
+def partition(config: Config, out: Path, *, progress: bool = False) -> list[Manifest]:
+    """One manifest per client from the training split's scanner sites, written to ``out``."""
+    dataset = load_dataset(config.data.root, cache_dir=config.data.cache_dir, progress=progress)
+    manifests = split_clients(dataset.train, Path(config.data.root), config)
+    write_manifests(manifests, out)
+    return manifests
+
+
+def federation_lines(run: FederationRun) -> list[str]:
+    """Mean accuracy per client group for each model the federation compares, and where the report is."""
+    columns = ("start", "global", "personalized", "local-only", "pooled")
+    rows = [f"{group:9s} " + "  ".join(f"{column} {100 * stats[column]['mean']:.1f}" for column in columns)
+            for group, stats in run.report["summary"].items()]
+    return [*rows, f"report: {run.paths['md']}"]
+
+
+# ---------------------------------------------------------------- edge
+# The demo's export and predict stages call the edge library the way `edgemri export` and
+# `edgemri predict` (cli/edge_commands.py) do; these two functions are the only place here that
+# knows edge/'s API.
+
+
+def export_onnx_model(checkpoint: Path, out: Path, *, int8_data: Path | None = None, progress: bool = False
+                      ) -> list[str]:
+    """Export ``checkpoint`` to ONNX (fp32, or static int8 calibrated on ``int8_data``); lines to print."""
+    from edgemri.edge.contract import load_student
+    from edgemri.edge.int8 import export_onnx_int8
+    from edgemri.edge.onnx import export_onnx
+
+    student = load_student(checkpoint)
+    if int8_data is None:
+        export_onnx(student, out, overwrite=True)
+        return [f"wrote {out} (fp32, {out.stat().st_size:,} bytes)"]
+    dataset = load_dataset(int8_data, progress=progress)
+    result = export_onnx_int8(student, out, dataset.train.images, dataset.test.images, dataset.test.labels,
+                              overwrite=True)
+    return [f"wrote {out} (int8, {out.stat().st_size:,} bytes)",
+            f"test accuracy fp32 {100 * result.fp32_accuracy:.2f} % -> int8 {100 * result.int8_accuracy:.2f} % "
+            f"({result.change_points:+.2f} points)"]
+
+
+def predict_lines(model_path: Path, images: Sequence[Path]) -> list[str]:
+    """``file<TAB>label<TAB>probability`` per image; an image that cannot be predicted is an error."""
+    from edgemri.edge.predict import predict_paths
+    from edgemri.edge.runtime import load_model
+
+    results = predict_paths(load_model(model_path), images)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise UsageError(f"{len(failed)} of {len(results)} images could not be predicted with {model_path}, "
+                         f"e.g. {failed[0].file}: {failed[0].error}")
+    return [f"{r.file}\t{r.label}\t{r.probability:.4f}" for r in results]
+
+
+# ---------------------------------------------------------------- demo
+
+
+@dataclass(frozen=True)
+class DemoLayout:
+    """Where each demo stage writes under ``out`` (README's table; keep it in step)."""
+
+    out: Path
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def distill(self) -> Path:
+        return self.out / "distill"
+
+    @property
+    def student(self) -> Path:
+        return self.distill / "student.pt"
+
+    @property
+    def federation(self) -> Path:
+        return self.out / "federation"
+
+    @property
+    def edge(self) -> Path:
+        return self.out / "edge"
+
+    def personalized_models(self) -> list[Path]:
+        return sorted((self.federation / "clients").glob("*/personalized.pt"))
+
+    def sample_images(self) -> list[Path]:
+        images = sorted((self.data / "Testing").glob("*/*.jpg"))
+        return images[::DEMO_PREDICT_STEP][:DEMO_PREDICT_COUNT]
+
+    def report_lines(self) -> list[str]:
+        """The closing "Reports:" block: where each report of the demo is."""
+        return [
+            f"  data:         {self.data} (sample grid {sample_grid(self.data)})",
+            f"  distillation: {self.distill / 'report.md'} (+ report.json, curves.png, confusion.png)",
+            f"  federation:   {self.federation / 'federation.md'} (+ federation.json, federation.png)",
+            f"  privacy:      {self.federation / 'privacy.md'} (+ privacy.json, privacy.png)",
+            f"  exports:      {self.edge} (student.onnx, student.int8.onnx, a client's personalized model)",
+        ]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One demo stage: its title, the command that does the same alone, whether its output exists, the work."""
+
+    title: str
+    command: str
+    done: bool
+    run: Callable[[], list[str]]  # returns the lines to print
+
+
+@dataclass(frozen=True)
+class DemoOutcome:
+    layout: DemoLayout
+    seconds: dict[str, float]  # the stages that ran (not those already done), by title
+
+
+def demo_stages(out: Path, config_path: Path, *, quiet: bool = False) -> list[Stage]:
+    """The demo's stages in order; a stage is done when its last output exists (an interrupted demo resumes).
+
+    The exports and the predictions are cheap and always rerun, as is a stage whose output is missing.
+    """
+    layout = DemoLayout(out)
+    config = load_run_config(config_path, data_root=layout.data)
+    progress = show_progress(quiet)
+    data, student, federation, edge = layout.data, layout.student, layout.federation, layout.edge
+
+    def resume_flag(folder: Path) -> str:
+        return " --resume" if folder.exists() else ""
+
+    def run_synth() -> list[str]:
+        summary = synthesize(data, overwrite=True, progress=progress)
+        return [f"wrote {summary.get('total', '')} images ({DEMO_PRESET}) to {data}"]
+
+    def run_distill() -> list[str]:
+        return distill(config, layout.distill, resume=layout.distill.exists(), progress=progress).lines()
+
+    def run_federate() -> list[str]:
+        from edgemri.simulation.federate import federate
+
+        run = federate(config, data_root=data, out=federation, start_checkpoint=student, resume=federation.exists())
+        return federation_lines(run)
+
+    def run_personal_export() -> list[str]:
+        personal = layout.personalized_models()
+        if not personal:
+            return ["no client kept a personalized model; nothing to export"]
+        client = personal[0].parent.name
+        return [f"client {client}", *export_onnx_model(personal[0], edge / f"{client}.onnx", progress=progress)]
+
+    def run_predict() -> list[str]:
+        models = [edge / "student.onnx", *(edge / f"{p.parent.name}.onnx" for p in layout.personalized_models()[:1])]
+        images = layout.sample_images()
+        return [line for model in models for line in (f"-- {model.name}", *predict_lines(model, images))]
+
+    distill_cmd = f"edgemri distill --config {config_path} --data-root {data} --out {layout.distill}"
+    federate_cmd = (f"edgemri federate --config {config_path} --data-root {data} --start {student} "
+                    f"--out {federation}")
+    return [
+        Stage("synthesize data", f"edgemri data synth --out {data} --preset {DEMO_PRESET} --overwrite",
+              (data / "metadata.csv").is_file(), run_synth),
+        Stage("distill", distill_cmd + resume_flag(layout.distill), student.is_file(), run_distill),
+        Stage("federate", federate_cmd + resume_flag(federation), (federation / "privacy.md").is_file(),
+              run_federate),
+        Stage("export the distilled student", f"edgemri export {student} --out {edge / 'student.onnx'} --overwrite",
+              False, lambda: export_onnx_model(student, edge / "student.onnx")),
+        Stage("export it as int8",
+              f"edgemri export {student} --int8 --data-root {data} --out {edge / 'student.int8.onnx'} --overwrite",
+              False, lambda: export_onnx_model(student, edge / "student.int8.onnx", int8_data=data,
+                                               progress=progress)),
+        Stage("export a client's personalized model",
+              f"edgemri export {federation}/clients/CLIENT/personalized.pt --out {edge}/CLIENT.onnx --overwrite",
+              False, run_personal_export),
+        Stage("predict a few Testing images with the distilled student and the personalized model",
+              f"edgemri predict {edge}/student.onnx {data}/Testing/...", False, run_predict),
+    ]
+
+
+def demo(out: Path, config_path: Path, *, quiet: bool = False) -> DemoOutcome:
+    """The whole pipeline on the offline synthetic data, one progress line per stage with its time."""
+    seconds: dict[str, float] = {}
+    for stage in demo_stages(out, config_path, quiet=quiet):
+        if stage.done:
+            print(f"== {stage.title}: already done", flush=True)
+            continue
+        print(f"\n== {stage.title}: {stage.command}", flush=True)
+        started = time.perf_counter()
+        for line in stage.run():
+            print(line, flush=True)
+        seconds[stage.title] = time.perf_counter() - started
+        print(f"== {stage.title} took {seconds[stage.title]:.0f} s", flush=True)
+    return DemoOutcome(DemoLayout(out), seconds)

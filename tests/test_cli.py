@@ -1,0 +1,197 @@
+"""The command line without training: every --help, one-line errors (exit 2, no traceback), the demo's plan."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import edgemri.main as cli
+from edgemri.core.checkpoint import Checkpoint, save_checkpoint
+from edgemri.core.errors import EdgemriError
+from edgemri.main import build_parser, main
+from edgemri.models import Student
+from edgemri.simulation.pipeline import DEMO_OUT, DemoLayout, demo, demo_stages, load_run_config, start_model
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every runnable command path, e.g. ("data", "synth"), found by walking the parser."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _commands(sub, (*prefix, name)) or [(*prefix, name)]
+    return found
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("edgemri: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", _commands(build_parser()), ids=" ".join)
+def test_every_command_has_help(command: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: edgemri " + " ".join(command) in capsys.readouterr().out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("edgemri ")
+
+
+def test_missing_config_file_from_a_real_process(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "edgemri", "distill", "--config", str(tmp_path / "nope.yaml"),
+                           "--data-root", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"edgemri: error: config file not found: {tmp_path / 'nope.yaml'}"]
+
+
+def test_config_with_an_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("bogus: 1\n")
+    assert main(["distill", "--config", str(config), "--data-root", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "'bogus'" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("command", [
+    ["export", "{missing}"],
+    ["federate", "--config", str(QUICKSTART), "--data-root", "{tmp}", "--start", "{missing}", "--out", "{tmp}/fed"],
+])
+def test_missing_checkpoint(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.pt"
+    assert main([part.format(missing=missing, tmp=tmp_path) for part in command]) == 2
+    assert str(missing) in _one_error_line(capsys)
+    assert not (tmp_path / "fed").exists()
+
+
+def test_system_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real OSError from deep inside (here: --out under a file) is the system's reason and the path."""
+    (tmp_path / "file").write_text("")
+    assert main(["data", "synth", "--out", str(tmp_path / "file" / "data"), "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert os.strerror(errno.ENOTDIR) in line and str(tmp_path / "file" / "data") in line
+
+
+def test_disk_full_names_the_file(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def disk_full(args: argparse.Namespace) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/x/report.json")
+
+    monkeypatch.setattr(cli, "cmd_models_summary", disk_full)
+    assert main(["models", "summary"]) == 2
+    assert _one_error_line(capsys) == f"edgemri: error: {os.strerror(errno.ENOSPC)}: runs/x/report.json"
+
+
+def test_a_multi_line_message_prints_its_first_line(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    def fails(args: argparse.Namespace) -> int:
+        raise EdgemriError("the run failed\nlogs: /somewhere")
+
+    monkeypatch.setattr(cli, "cmd_models_summary", fails)
+    assert main(["models", "summary"]) == 2
+    assert _one_error_line(capsys) == "edgemri: error: the run failed"
+
+
+def test_existing_synth_folder_without_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "kept.txt").write_text("mine")
+    assert main(["data", "synth", "--out", str(tmp_path), "--quiet"]) == 2
+    assert str(tmp_path) in _one_error_line(capsys)
+    assert (tmp_path / "kept.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("epsilons", "expected"), [("a,b", "argument --epsilons"), ("inf", "--epsilons"),
+                                                     ("0,3", "--epsilons"), ("", "--epsilons")])
+def test_sweep_refuses_bad_epsilons(epsilons: str, expected: str, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["privacy", "sweep", "--config", str(QUICKSTART), "--data-root", str(tmp_path), "--epsilons", epsilons,
+            "--start", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "sweep")]
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # argparse's own refusal: usage, then one error line
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and expected in err.splitlines()[-1]
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(("extra", "expected"), [(["--seeds", "0"], "--seeds"), ([], "--resume")])
+def test_distill_refuses_before_loading_data(extra: list[str], expected: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "distill"
+    (out / "seed-0").mkdir(parents=True)
+    assert main(["distill", "--config", str(QUICKSTART), "--data-root", str(tmp_path / "no-data"),
+                 "--out", str(out), *extra]) == 2
+    assert expected in _one_error_line(capsys)
+
+
+def test_no_data_root_says_how_to_make_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "partition", "--config", str(QUICKSTART), "--out", "unused"]) == 2
+    assert "--data-root" in _one_error_line(capsys)
+
+
+def test_demo_plan_resumes_from_what_exists(tmp_path: Path) -> None:
+    layout = DemoLayout(tmp_path)
+    layout.data.mkdir()
+    (layout.data / "metadata.csv").write_text("file,split,label,site\n")
+    layout.student.parent.mkdir()
+    layout.student.write_bytes(b"")
+    stages = demo_stages(tmp_path, QUICKSTART, quiet=True)
+    assert [(s.title.split()[0], s.done) for s in stages] == [
+        ("synthesize", True), ("distill", True), ("federate", False), ("export", False), ("export", False),
+        ("export", False), ("predict", False)]
+    federate = stages[2]
+    assert "--resume" not in federate.command and f"--start {layout.student}" in federate.command
+
+    (layout.federation / "privacy.md").parent.mkdir()
+    (layout.federation / "privacy.md").write_text("")
+    replanned = demo_stages(tmp_path, QUICKSTART, quiet=True)
+    assert replanned[2].done and replanned[2].command.endswith("--resume")
+    assert not any(s.done for s in replanned[3:])  # exports and predictions always rerun
+
+
+def test_demo_layout_and_default_start_model() -> None:
+    """runs/demo/... is what README documents and what `federate` starts from by default."""
+    layout = DemoLayout(DEMO_OUT)
+    assert layout.student == Path("runs/demo/distill/student.pt")
+    assert start_model(load_run_config(QUICKSTART, data_root="unused")) == layout.student
+    lines = "\n".join(layout.report_lines())
+    for path in ("runs/demo/data", "runs/demo/distill/report.md", "runs/demo/federation/federation.md",
+                 "runs/demo/federation/privacy.md", "runs/demo/edge"):
+        assert path in lines
+
+
+def test_demo_runs_the_edge_stages_once_the_federation_is_done(tiny_data: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Only the cheap stages run (an untrained student stands in for the trained ones): the edge wiring."""
+    pytest.importorskip("onnxruntime")
+    layout = DemoLayout(tmp_path)
+    shutil.copytree(tiny_data, layout.data)
+    (layout.data / "metadata.csv").write_text("file,split,label,site\n")
+    student = Checkpoint(model="student", state_dict=Student().state_dict(), role="kd")
+    save_checkpoint(layout.student, student)
+    save_checkpoint(layout.federation / "clients" / "phone-001" / "personalized.pt", student)
+    (layout.federation / "privacy.md").write_text("")
+
+    outcome = demo(tmp_path, QUICKSTART, quiet=True)
+    assert list(outcome.seconds) == [s.title for s in demo_stages(tmp_path, QUICKSTART)][3:]
+    for name in ("student.onnx", "student.int8.onnx", "phone-001.onnx"):
+        assert (layout.edge / name).is_file()
+    printed = capsys.readouterr().out
+    assert "== distill: already done" in printed and "-- phone-001.onnx" in printed

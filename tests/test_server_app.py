@@ -1,0 +1,68 @@
+"""The ServerApp prepares what it can and refuses, in one line, what it cannot (also under a plain `flwr run`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgemri.core import protocol as p
+from edgemri.core.checkpoint import Checkpoint, save_checkpoint
+from edgemri.core.config import parse_config
+from edgemri.core.errors import EdgemriError
+from edgemri.core.partition import manifest_paths
+from edgemri.models import Student
+from edgemri.server.app import prepare
+from edgemri.simulation.federate import APP_DIR
+from edgemri.simulation.flower_run import flwr_run, simulation_superlink
+
+
+def _settings(tmp_path: Path, data_root: Path | None, start: Path) -> p.RunSettings:
+    return p.RunSettings.from_run_config({
+        "config": "configs/quickstart.yaml", "run-dir": str(tmp_path / "run"),
+        "data-root": str(data_root) if data_root else "", "manifests": str(tmp_path / "run" / "manifests"),
+        "state-root": str(tmp_path / "run" / "clients"), "start-checkpoint": str(start), "num-clients": 2})
+
+
+@pytest.fixture()
+def start(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "student.pt", Checkpoint(model="student", state_dict=Student().state_dict()))
+
+
+def test_missing_manifests_are_written_from_the_data_folder(sited_data: Path, start: Path, tmp_path: Path) -> None:
+    config = parse_config({"data": {"client_fraction": 0.0},
+                           "federation": {"tiers": {"hospital": {"min_examples": 20},
+                                                    "phone": {"per_site": 1, "max_examples": 12}}}})
+    settings = _settings(tmp_path, sited_data, start)
+    assert prepare(settings, config).model == "student"
+    assert len(manifest_paths(settings.manifests)) >= 2
+
+
+def test_what_cannot_be_prepared_is_refused_naming_the_command(start: Path, tmp_path: Path) -> None:
+    with pytest.raises(EdgemriError, match="make demo"):
+        prepare(_settings(tmp_path, tmp_path / "nothing", start), parse_config({}))
+    with pytest.raises(EdgemriError, match="make demo"):
+        prepare(_settings(tmp_path, None, tmp_path / "no-student.pt"), parse_config({}))
+
+
+def test_bad_run_settings_name_the_key() -> None:
+    with pytest.raises(p.ProtocolError, match="num-clients"):
+        p.RunSettings.from_run_config({"config": "c", "run-dir": "r", "manifests": "m", "state-root": "s",
+                                       "start-checkpoint": "x", "num-clients": -1})
+    with pytest.raises(p.ProtocolError, match="unknown run config key 'oops'"):
+        p.RunSettings.from_run_config({"oops": 1})
+
+
+@pytest.mark.slow
+def test_a_plain_flwr_run_without_a_start_model_stops_at_once_with_one_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "flwr"
+    with simulation_superlink(run_dir) as (env, connection):
+        outcome = flwr_run(APP_DIR, connection, env, run_dir / "flwr-run.log", timeout_s=300,
+                           run_config={"start-checkpoint": str(tmp_path / "missing.pt"), "run-dir": str(run_dir)},
+                           federation_config="num-supernodes=2")
+    log = (run_dir / "flwr-run.log").read_text()
+    assert not (run_dir / "server" / "result.json").exists()
+    assert "edgemri: error: no start model at" in log and "make demo" in log
+    assert outcome.seconds < 120

@@ -1,0 +1,259 @@
+"""The server's strategy without a Flower run: sampling, declines, shared-key merging, reply screening,
+discovery, and client-level DP through Flower's wrapper. Messages are built by hand, as a client would."""
+
+from __future__ import annotations
+
+import time
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.task_identity import TaskIdentity
+
+from edgemri.core import protocol as p
+from edgemri.core.config import ConfigError, parse_config
+from edgemri.core.personalize import State
+from edgemri.models import Student
+from edgemri.server.app import discover
+from edgemri.server.strategy import (
+    CentralAccountant,
+    FederationStrategy,
+    RoundState,
+    available,
+    with_central_dp,
+)
+
+NODES = {1: p.ClientInfo("hospital-a", "hospital", "site1", 100),
+         2: p.ClientInfo("hospital-b", "hospital", "site2", 50),
+         3: p.ClientInfo("phone-a", "phone", "site1", 10)}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps messages with the run's id; outside a run the test sets one."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _config(**federation: object):
+    return parse_config({"seed": 3, "federation": {"min_clients": 1, "method": "fedavg", **federation}})
+
+
+def _start() -> State:
+    torch.manual_seed(0)
+    return Student().state_dict()
+
+
+def _reply(node: int, *, arrays: State | None = None, metrics: dict | None = None, status: str | None = "trained",
+           message_type: str = MessageType.TRAIN) -> Message:
+    content = RecordDict({p.METRICS: MetricRecord(metrics if metrics is not None else {p.NUM_EXAMPLES: 10})})
+    if arrays is not None:
+        content[p.ARRAYS] = ArrayRecord(arrays)
+    if status is not None:
+        content[p.INFO] = ConfigRecord({"status": status})
+    metadata = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                        group_id="", created_at=time.time(), ttl=600.0, message_type=message_type)
+    return Message(content, metadata=metadata)
+
+
+def _moved(state: State, norm: float, seed: int) -> State:
+    rng = np.random.default_rng(seed)
+    update = {k: rng.normal(size=v.shape) for k, v in state.items()}
+    scale = norm / np.sqrt(sum(float((u**2).sum()) for u in update.values()))
+    return {k: v + torch.from_numpy(scale * update[k]).to(v.dtype) for k, v in state.items()}
+
+
+def _flat(state: State) -> np.ndarray:
+    return np.concatenate([v.numpy().ravel().astype(np.float64) for v in state.values()])
+
+
+def _round(strategy, replies: list[Message], server_round: int = 1):
+    """configure_train, then aggregate the given replies; returns (sent messages, new global state)."""
+    inner = getattr(strategy, "strategy", strategy)  # a DP wrapper holds the strategy
+    sent = list(strategy.configure_train(server_round, ArrayRecord(inner.global_state), ConfigRecord(), None))
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    return sent, (None if arrays is None else arrays.to_torch_state_dict())
+
+
+def test_sampling_skips_retired_and_offline_clients_and_sends_each_tier_its_spec() -> None:
+    config = _config(tiers={"phone": {"availability": 0.5, "local_epochs": 3}})
+    strategy = FederationStrategy(config, dict(NODES), _start(), state=RoundState(retired={"hospital-b": "x"}))
+    online = {r: available(config, NODES[3], r) for r in range(1, 30)}
+    assert set(online.values()) == {True, False}  # the seeded draw varies by round
+    for server_round in (1, 2, 3):
+        sent, _ = _round(strategy, [], server_round)
+        names = [NODES[m.metadata.dst_node_id].client for m in sent]
+        assert names == ["hospital-a"] + (["phone-a"] if online[server_round] else [])
+        for message in sent:
+            spec = p.RoundInstructions.from_config(dict(message.content[p.CONFIG])).spec
+            assert spec == config.federation.tier(NODES[message.metadata.dst_node_id].kind).train_spec()
+
+
+def test_fedavg_weights_by_examples_and_a_decline_retires_the_client() -> None:
+    start = _start()
+    strategy = FederationStrategy(_config(), dict(NODES), start)
+    a, b = _moved(start, 1.0, 1), _moved(start, 1.0, 2)
+    _, new = _round(strategy, [_reply(1, arrays=a, metrics={p.NUM_EXAMPLES: 30}),
+                               _reply(2, arrays=b, metrics={p.NUM_EXAMPLES: 10}),
+                               _reply(3, metrics={p.NUM_EXAMPLES: 5, p.EPSILON: 8.1}, status="budget-exhausted")])
+    np.testing.assert_allclose(_flat(new), 0.75 * _flat(a) + 0.25 * _flat(b), atol=1e-6)
+    record = strategy.record
+    assert record.trained == ["hospital-a", "hospital-b"] and record.declined == {"phone-a": "budget-exhausted"}
+    assert "phone-a" in strategy.state.retired
+    sent, _ = _round(strategy, [], 2)
+    assert 3 not in {m.metadata.dst_node_id for m in sent}
+
+
+def test_fedper_keeps_the_global_head_and_averages_the_shared_convs() -> None:
+    start = _start()
+    strategy = FederationStrategy(_config(method="fedper"), dict(NODES), start)
+    a, b = _moved(start, 1.0, 1), _moved(start, 1.0, 2)
+    _, new = _round(strategy, [_reply(1, arrays=a), _reply(2, arrays=b)])
+    for key, value in new.items():
+        expected = start[key] if key.startswith(Student.HEAD_PREFIX) else (a[key] + b[key]) / 2
+        torch.testing.assert_close(value, expected.to(value.dtype), atol=1e-6, rtol=0)
+
+
+def _poisoned(start: State) -> dict[str, Message]:
+    """One bad reply per finding of the hardening issue, all from node 2."""
+    bias = next(k for k in start if k.endswith("bias"))
+    wrong_shape = {**start, bias: start[bias][:1]}  # broadcastable: would have been averaged in
+    nan = {k: v.clone() for k, v in start.items()}
+    next(iter(nan.values())).view(-1)[0] = float("nan")
+    missing = dict(list(start.items())[1:])
+    extra = {**start, "extra.weight": torch.zeros(2)}
+    return {
+        "nan": _reply(2, arrays=nan), "inf-examples": _reply(2, arrays=start, metrics={p.NUM_EXAMPLES: float("inf")}),
+        "missing-array": _reply(2, arrays=missing), "wrong-shape": _reply(2, arrays=wrong_shape),
+        "extra-key": _reply(2, arrays=extra), "trained-without-arrays": _reply(2),
+        "negative-examples": _reply(2, arrays=start, metrics={p.NUM_EXAMPLES: -5}),
+        "more-examples-than-declared": _reply(2, arrays=start, metrics={p.NUM_EXAMPLES: 10**6}),
+        "nan-examples": _reply(2, arrays=start, metrics={p.NUM_EXAMPLES: float("nan")}),
+        "no-info": _reply(2, arrays=start, status=None), "unknown-status": _reply(2, arrays=start, status="pwned"),
+        "negative-epsilon": _reply(2, arrays=start, metrics={p.NUM_EXAMPLES: 10, p.EPSILON: -1.0}),
+        "integer-arrays": _reply(2, arrays={k: torch.zeros(v.shape, dtype=torch.int64) for k, v in start.items()}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_poisoned(_start())))
+def test_a_bad_reply_is_that_clients_failure_and_never_averaged(case: str) -> None:
+    start = _start()
+    strategy = FederationStrategy(_config(), dict(NODES), start)
+    honest = _moved(start, 1.0, 1)
+    _, new = _round(strategy, [_reply(1, arrays=honest, metrics={p.NUM_EXAMPLES: 40}), _poisoned(start)[case]])
+    record = strategy.record
+    assert record.failed["hospital-b"] == p.FailureCode.BAD_REPLY.value
+    assert record.trained == ["hospital-a"]
+    np.testing.assert_allclose(_flat(new), _flat(honest), atol=1e-6)  # the honest client alone
+
+
+def test_a_client_whose_epsilon_goes_down_is_refused_and_retired() -> None:
+    start = _start()
+    strategy = FederationStrategy(_config(), dict(NODES), start)
+    _round(strategy, [_reply(1, arrays=start, metrics={p.NUM_EXAMPLES: 10, p.EPSILON: 2.0, p.LEDGER_RECORDS: 2})])
+    strategy.after_round(1, ArrayRecord(strategy.global_state))
+    _round(strategy, [_reply(1, arrays=start, metrics={p.NUM_EXAMPLES: 10, p.EPSILON: 1.0, p.LEDGER_RECORDS: 1})], 2)
+    assert strategy.record.failed["hospital-a"] == p.FailureCode.LEDGER_ROLLBACK.value
+    assert "hospital-a" in strategy.state.retired
+
+
+def test_a_reply_from_an_unknown_node_or_a_second_reply_is_ignored() -> None:
+    start = _start()
+    strategy = FederationStrategy(_config(), dict(NODES), start)
+    honest = _moved(start, 1.0, 1)
+    _, new = _round(strategy, [_reply(1, arrays=honest), _reply(1, arrays=_moved(start, 50.0, 2)),
+                               _reply(99, arrays=_moved(start, 50.0, 3))])
+    np.testing.assert_allclose(_flat(new), _flat(honest), atol=1e-6)
+
+
+class _Grid:
+    def __init__(self, replies: list[Message]) -> None:
+        self.replies = replies
+
+    def get_node_ids(self) -> list[int]:
+        return [r.metadata.src_node_id for r in self.replies]
+
+    def send_and_receive(self, messages, timeout: float):
+        return self.replies
+
+
+def _info(node: int, name: str, kind: str = "phone", n: object = 10) -> Message:
+    reply = _reply(node, metrics={p.NUM_EXAMPLES: n}, status=None, message_type=MessageType.QUERY)
+    reply.content[p.INFO] = ConfigRecord({"client": name, "kind": kind, "site": "site1"})
+    return reply
+
+
+def test_discovery_refuses_duplicate_names_unknown_kinds_and_bad_sizes() -> None:
+    grid = _Grid([_info(1, "phone-a"), _info(2, "phone-a"), _info(3, "hospital-a", "hospital", 50),
+                  _info(4, "x", kind="satellite"), _info(5, "phone-b", n=-3), _info(6, "../../etc")])
+    nodes, excluded = discover(grid, expected=6, kinds=("hospital", "phone"), wait_s=1)
+    assert {c.client for c in nodes.values()} == {"hospital-a"}
+    assert set(excluded) == {"node-1", "node-2", "node-4", "node-5", "node-6"}
+    assert "duplicate" in excluded["node-1"] and "kind" in excluded["node-4"]
+
+
+# -- client-level DP: Flower's wrapper around the strategy -----------------------------------------
+
+
+def _central_dp(side: str = "server", **settings: object):
+    config = parse_config({"seed": 0, "federation": {"min_clients": 1, "method": "fedavg"},
+                           "privacy": {"central": {"enabled": True, "side": side, **settings}}})
+    start = _start()
+    strategy = FederationStrategy(config, dict(NODES), start)
+    accountant = CentralAccountant(config.privacy.central, population=len(NODES))
+    return with_central_dp(strategy, config.privacy.central, accountant), strategy, accountant, start
+
+
+def test_server_side_clips_each_update_and_averages_unweighted() -> None:
+    wrapper, strategy, accountant, start = _central_dp(noise_multiplier=1e-9, clipping_norm=1.0)
+    big, small = _moved(start, 10.0, 1), _moved(start, 0.5, 2)
+    _, new = _round(wrapper, [_reply(1, arrays=big, metrics={p.NUM_EXAMPLES: 100}),
+                              _reply(2, arrays=small, metrics={p.NUM_EXAMPLES: 10})])
+    expected = ((_flat(big) - _flat(start)) / 10.0 + (_flat(small) - _flat(start))) / 2  # each client counts once
+    np.testing.assert_allclose(_flat(new) - _flat(start), expected, atol=1e-5)
+    assert strategy.record.central_epsilon == accountant.epsilon > 0
+
+
+def test_noise_std_is_sigma_times_c_over_the_clients_averaged_and_fedper_heads_get_none() -> None:
+    wrapper, strategy, _, start = _central_dp(noise_multiplier=2.0, clipping_norm=0.5)
+    strategy.shared = [k for k in start if not k.startswith(Student.HEAD_PREFIX)]  # as FedPer shares
+    moved = [_moved(start, 5.0, s) for s in (1, 2)]
+    _, new = _round(wrapper, [_reply(n, arrays=m) for n, m in zip((1, 2), moved, strict=True)])
+    shared = strategy.shared
+    clipped = np.mean([np.concatenate([((m[k] - start[k]) * 0.1).numpy().ravel() for k in shared]) for m in moved], 0)
+    noise = np.concatenate([(new[k] - start[k]).numpy().ravel() for k in shared]) - clipped
+    assert noise.std() == pytest.approx(2.0 * 0.5 / 2, rel=0.05)  # two clients averaged, not three known
+    assert all(torch.equal(new[k], start[k]) for k in start if k.startswith(Student.HEAD_PREFIX))
+
+
+def test_client_side_mode_asks_clients_to_clip_and_refuses_an_unclipped_update() -> None:
+    assert p.CLIPPING_NORM_KEY == KEY_CLIPPING_NORM  # the one constant taken from Flower's internals
+    wrapper, strategy, _, start = _central_dp(side="client", clipping_norm=0.3)
+    clipped = {k: start[k] + (v - start[k]) * (0.3 / 2.0) for k, v in _moved(start, 2.0, 3).items()}
+    sent, _ = _round(wrapper, [_reply(1, arrays=clipped), _reply(2, arrays=_moved(start, 2.0, 4))])
+    assert all(p.RoundInstructions.from_config(dict(m.content[p.CONFIG])).clipping_norm == 0.3 for m in sent)
+    assert strategy.record.trained == ["hospital-a"]
+    assert strategy.record.failed["hospital-b"] == p.FailureCode.NOT_CLIPPED.value
+
+
+def test_epsilon_matches_dp_accounting_resumes_and_the_stop_rule_ends_training() -> None:
+    wrapper, strategy, accountant, start = _central_dp(noise_multiplier=1.0, delta=1e-3, max_epsilon=6.0)
+    for server_round in (1, 2):
+        _round(wrapper, [_reply(1, arrays=_moved(start, 1.0, server_round))], server_round)
+        strategy.after_round(server_round, ArrayRecord(strategy.global_state))
+    reference = dp_accounting.rdp.RdpAccountant()  # two Gaussian releases, no amplification
+    reference.compose(dp_accounting.GaussianDpEvent(1.0), 2)
+    assert accountant.epsilon == pytest.approx(reference.get_epsilon(1e-3), rel=1e-6)
+    sent, new = _round(wrapper, [], 3)
+    assert sent == [] and new is None and "max_epsilon=6.0" in strategy.stop_reason
+    resumed = CentralAccountant(accountant.config, len(NODES), accountant.accountant.state_dict())
+    assert resumed.epsilon == pytest.approx(accountant.epsilon) and resumed.stop_reason(3)
+
+
+def test_no_noise_is_refused() -> None:
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        _central_dp(noise_multiplier=0.0)
