@@ -40,6 +40,7 @@ from edgemri.core.protocol import (
     RoundInstructions,
     Status,
     check_client_name,
+    run_path,
 )
 from edgemri.models import Student
 
@@ -68,9 +69,9 @@ def resolve_setup(node_config: dict[str, Any], run_config: dict[str, Any]) -> Cl
     partition_id = node_config["partition-id"]
     if isinstance(partition_id, bool) or not isinstance(partition_id, int) or not 0 <= partition_id < 100_000:
         raise ManifestError(f"node config partition-id is {partition_id!r}; expected an integer in [0, 100000)")
-    manifest = Path(str(run_config["manifests"])) / f"client-{partition_id:03d}.json"
+    manifest = run_path(run_config, "manifests") / f"client-{partition_id:03d}.json"
     name = check_client_name(read_manifest(manifest).client)  # a name, so the state folder stays inside state-root
-    return ClientSetup(manifest, Path(str(run_config["data-root"])), Path(str(run_config["state-root"])) / name)
+    return ClientSetup(manifest, run_path(run_config, "data-root"), run_path(run_config, "state-root") / name)
 
 
 @dataclass

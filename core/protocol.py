@@ -24,6 +24,10 @@ class ProtocolError(EdgemriError):
     """A message or run setting does not follow the server/client contract."""
 
 
+# The folder holding pyproject.toml's [tool.flwr.app] (the checkout): relative paths of the run config
+# are taken from here, whatever the working directory of the process Flower starts an app in.
+APP_ROOT = Path(__file__).resolve().parents[1]
+
 # Records inside a message's RecordDict.
 ARRAYS, CONFIG, METRICS, INFO, START = "arrays", "config", "metrics", "info", "start"
 
@@ -97,16 +101,17 @@ class RunSettings:
 
     config: Path
     run_dir: Path
-    data_root: Path | None
-    manifests: Path
-    state_root: Path
+    data_root: Path | None  # None on a real deployment: the server holds no data
+    manifests: Path | None  # simulation only: on a device, its node config names its manifest
+    state_root: Path | None  # simulation only: on a device, its node config names its state folder
     start_checkpoint: Path
     num_clients: int
     resume: bool = False
     audit_dir: Path | None = None
 
     @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
+    def from_run_config(cls, run_config: dict[str, Any], base: Path = APP_ROOT) -> RunSettings:
+        """Parse the run config; relative paths are taken from ``base`` (the app's folder), not the cwd."""
         known = {"config", "run-dir", "data-root", "manifests", "state-root", "start-checkpoint", "num-clients",
                  "resume", "audit-dir"}
         unknown = sorted(set(run_config) - known)
@@ -117,7 +122,9 @@ class RunSettings:
             value = run_config.get(key, "")
             if not isinstance(value, str) or (required and not value):
                 raise ProtocolError(f"run config '{key}' must be a non-empty path string, got {value!r}")
-            return Path(value) if value else None
+            if not value:
+                return None
+            return base / value  # an absolute value stays as it is
 
         num = run_config.get("num-clients", 0)
         if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 10_000:
@@ -126,9 +133,14 @@ class RunSettings:
         if not isinstance(resume, bool):
             raise ProtocolError(f"run config 'resume' is {resume!r}; expected true or false")
         return cls(config=path("config"), run_dir=path("run-dir"), data_root=path("data-root", required=False),
-                   manifests=path("manifests"), state_root=path("state-root"),
+                   manifests=path("manifests", required=False), state_root=path("state-root", required=False),
                    start_checkpoint=path("start-checkpoint"), num_clients=num, resume=resume,
                    audit_dir=path("audit-dir", required=False))
+
+
+def run_path(run_config: dict[str, Any], key: str) -> Path:
+    """One path of the run config, relative to the app's folder."""
+    return APP_ROOT / str(run_config[key])
 
 
 # -- what the server sends ------------------------------------------------------------------------

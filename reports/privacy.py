@@ -125,10 +125,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "| target epsilon | tier | mean personalized acc (%) | worst personalized acc (%) |",
                   "|---|---|---|---|"]
         for row in report["sweep"]:
-            for tier in ("hospital", "phone", "all"):
-                if tier in row["summary"]:
-                    s = row["summary"][tier]["personalized"]
-                    lines.append(f"| {row['label']} | {tier} | {100 * s['mean']:.1f} | {100 * s['worst']:.1f} |")
+            for tier in row["summary"]:
+                s = row["summary"][tier]["personalized"]
+                lines.append(f"| {row['label']} | {tier} | {100 * s['mean']:.1f} | {100 * s['worst']:.1f} |")
     lines += ["", "![privacy](privacy.png)", ""]
     return "\n".join(lines)
 
@@ -161,7 +160,7 @@ def plot_privacy(report: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
     if report["sweep"]:
         ax = axes[0][1]
-        for tier in ("hospital", "phone"):
+        for tier in sorted({t for row in report["sweep"] for t in row["summary"]} - {"all"}):
             points = [(row["epsilon"], 100 * row["summary"][tier]["personalized"]["mean"])
                       for row in report["sweep"] if tier in row["summary"]]
             finite = sorted(p for p in points if math.isfinite(p[0]))

@@ -47,7 +47,7 @@ def _log_through_flower() -> None:
 
 
 def prepare(settings: p.RunSettings, config: Config) -> Checkpoint:
-    """The start model, and client manifests (written from the data folder when missing)."""
+    """The start model, and in simulation the client manifests (written from the data folder when missing)."""
     if not settings.start_checkpoint.is_file():
         raise EdgemriError(f"no start model at {settings.start_checkpoint}: run `make demo` (or `edgemri distill`) "
                            "first, or pass --run-config \"start-checkpoint='PATH'\"")
@@ -55,8 +55,10 @@ def prepare(settings: p.RunSettings, config: Config) -> Checkpoint:
     if start.model != "student":
         raise CheckpointError(f"the federation starts from a student; {settings.start_checkpoint} holds "
                               f"{start.model!r}")
+    if settings.data_root is None or settings.manifests is None:
+        return start  # a deployment: each device's node config names its own manifest
     if not manifest_paths(settings.manifests):
-        if settings.data_root is None or not (settings.data_root / "Training").is_dir():
+        if not (settings.data_root / "Training").is_dir():
             raise EdgemriError(f"no client manifests in {settings.manifests} and no data at {settings.data_root}: "
                                "run `make demo` (or `edgemri data synth --out DIR` and `edgemri data partition`)")
         dataset = load_dataset(settings.data_root, cache_dir=config.data.cache_dir)

@@ -22,6 +22,7 @@ from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json, write_text
 from edgemri.core.partition import manifest_paths, partition, read_manifest, write_manifests
 from edgemri.core.privacy import PrivacyError, check_dp_model, plan_dp
+from edgemri.core.protocol import APP_ROOT
 from edgemri.models import build_model
 from edgemri.simulation.baselines import pooled_accuracy
 from edgemri.simulation.flower_run import FlowerRunError, run_simulation
@@ -29,7 +30,7 @@ from edgemri.simulation.flower_run import FlowerRunError, run_simulation
 log = logging.getLogger(__name__)
 
 # The folder holding pyproject.toml's [tool.flwr.app]: the same app `flwr run .` runs.
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = APP_ROOT
 
 
 @dataclass(frozen=True)

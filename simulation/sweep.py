@@ -18,13 +18,11 @@ from edgemri.simulation.pipeline import UsageError
 def with_target_epsilon(config: Config, epsilon: float | None) -> Config:
     """DP-SGD on every tier at ``epsilon`` (budget = target), or DP off for None."""
     privacy = config.privacy
-    tiers = {}
-    for kind in ("hospital", "phone"):
-        tier = getattr(privacy, kind)
-        tiers[kind] = (dataclasses.replace(tier, enabled=False) if epsilon is None else
-                       dataclasses.replace(tier, enabled=True, noise_multiplier=None, target_epsilon=epsilon,
-                                           budget_epsilon=epsilon))
-    return config.replace(privacy=dataclasses.replace(privacy, **tiers))
+    tiers = {kind: (dataclasses.replace(tier, enabled=False) if epsilon is None else
+                    dataclasses.replace(tier, enabled=True, noise_multiplier=None, target_epsilon=epsilon,
+                                        budget_epsilon=epsilon))
+             for kind, tier in privacy.tiers.items()}
+    return config.replace(privacy=dataclasses.replace(privacy, tiers=tiers))
 
 
 def check_epsilons(epsilons: list[float]) -> None:

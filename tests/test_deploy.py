@@ -121,8 +121,9 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
     def run_config(rounds: int, resume: bool) -> dict[str, Any]:
         # data-root empty: the server holds no data, as in a real deployment (no central test set).
+        # state-root keeps pyproject's default, as in docs/DEPLOY.md: each device's node config names its state-dir.
         return {"config": str(configs[rounds]), "run-dir": str(run_dir), "data-root": "",
-                "manifests": str(root / "manifests"), "state-root": "", "start-checkpoint": str(start),
+                "manifests": str(root / "manifests"), "start-checkpoint": str(start),
                 "num-clients": 3, "resume": resume, "audit-dir": str(run_dir / "audit")}
 
     seen: dict[str, Any] = {"root": root, "run_dir": run_dir, "state_dir": node_files(PHONE)["state_dir"]}
