@@ -22,6 +22,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from edgemri.clients.audit import audit_mod
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
 from edgemri.core import protocol as p
+from edgemri.core.checkpoint import CheckpointError
 from edgemri.core.config import ConfigError
 from edgemri.core.data import DataError
 from edgemri.core.errors import EdgemriError
@@ -45,7 +46,7 @@ app = ClientApp(mods=[audit_mod, central_clipping_mod])
 _CODES: tuple[tuple[type[Exception], p.FailureCode], ...] = (
     ((ManifestError, DataError, OSError), p.FailureCode.DATA),
     ((LedgerError, PrivacyError), p.FailureCode.PRIVACY),
-    ((p.ProtocolError, ConfigError), p.FailureCode.CONFIG),
+    ((p.ProtocolError, ConfigError, CheckpointError), p.FailureCode.CONFIG),  # what the server sent
 )
 
 

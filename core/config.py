@@ -191,6 +191,9 @@ class FederationConfig:
     min_clients: int = 2  # a round needs at least this many replies to aggregate
     round_timeout_s: float = 600.0  # a client that has not answered by then is skipped
     start_checkpoint: str | None = None  # None: the distilled student of the run
+    # The server refuses a trained reply whose update (its arrays minus the global model's) has a larger
+    # L2 norm: one client cannot drag the global model arbitrarily far. None: no bound.
+    max_update_norm: float | None = None
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     tiers: dict[str, TierConfig] = field(default_factory=_default_tiers)  # client kind -> its settings
 
@@ -212,6 +215,8 @@ class FederationConfig:
         _in_range(f"{where}.finetune_epochs", self.finetune_epochs, 1, MAX_EPOCHS, integer=True)
         _in_range(f"{where}.min_clients", self.min_clients, 1, MAX_CLIENTS, integer=True)
         _in_range(f"{where}.round_timeout_s", self.round_timeout_s, 0, MAX_TIMEOUT_S, low_open=True)
+        if self.max_update_norm is not None:
+            _in_range(f"{where}.max_update_norm", self.max_update_norm, 0, MAX_WEIGHT, low_open=True)
         self.partition.validate(f"{where}.partition")
         for name, tier in self.tiers.items():
             if name not in CLIENT_KINDS:

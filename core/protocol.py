@@ -63,6 +63,7 @@ class FailureCode(StrEnum):
     BAD_REPLY = "bad-reply"  # the server refused the reply (shape, values, metrics)
     LEDGER_ROLLBACK = "ledger-rollback"  # its cumulative epsilon or ledger length went down
     NOT_CLIPPED = "not-clipped"  # client-side clipping was asked for and the update is larger
+    UPDATE_TOO_LARGE = "update-too-large"  # the update's norm exceeds federation.max_update_norm
 
 
 # Metric keys (MetricRecord) both sides use.

@@ -85,6 +85,7 @@ class FederationStrategy(FedAvg):
         self.unweighted = unweighted  # client-level DP: every client counts once
         self.central_eval = central_eval
         self.on_round = on_round
+        self.max_update_norm = fed.max_update_norm
         self.clipping_norm: float | None = None  # client-level DP, side client: the server checks the clipping
         self.stop_reason: str | None = None  # set when no further round may run (client-level DP budget)
         self.record: p.RoundRecord | None = None
@@ -202,8 +203,12 @@ class FederationStrategy(FedAvg):
                         log.warning("client %s stops training: %s", client.client, status.value)
                     continue
                 arrays = self._check_arrays(reply.content.array_records.get(p.ARRAYS))
-                if self.clipping_norm is not None and (norm := self._update_norm(arrays)) > self._clip_limit():
+                norm = self._update_norm(arrays)
+                if self.clipping_norm is not None and norm > self._clip_limit():
                     self._fail(client.client, p.FailureCode.NOT_CLIPPED, f"update norm {norm:.4g}")
+                    continue
+                if self.max_update_norm is not None and norm > self.max_update_norm:
+                    self._fail(client.client, p.FailureCode.UPDATE_TOO_LARGE, f"update norm {norm:.4g}")
                     continue
             except _Rollback as err:
                 self._fail(client.client, p.FailureCode.LEDGER_ROLLBACK, str(err))
@@ -279,6 +284,11 @@ class FederationStrategy(FedAvg):
                 continue
             if reply.has_error():
                 failed[client.client] = p.FailureCode.INTERNAL.value
+                continue
+            info = reply.content.config_records.get(p.INFO)
+            if isinstance(info, ConfigRecord) and info.get("status") == p.Status.FAILED.value:
+                code = str(info.get("code"))
+                failed[client.client] = code if code in set(p.FailureCode) else p.FailureCode.BAD_REPLY.value
                 continue
             try:
                 values = reply.content.metric_records.get(p.METRICS)

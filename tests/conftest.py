@@ -18,6 +18,14 @@ def _private_decoded_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["EDGEMRI_CACHE_DIR"] = str(tmp_path_factory.mktemp("edgemri-cache"))
 
 
+@pytest.fixture()
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The user's decoded-image cache folder for one test alone (CI may have no HOME)."""
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("EDGEMRI_CACHE_DIR", str(cache))
+    return cache
+
+
 # Where each class puts its bright blob; "notumor" has none.
 _BLOB_CENTRES = {"glioma": (0.3, 0.3), "meningioma": (0.3, 0.7), "notumor": None, "pituitary": (0.72, 0.5)}
 

@@ -25,13 +25,7 @@ from edgemri.core.data import (
     stratified_split,
 )
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test decodes into its own cache folder, never the user's."""
-    cache = tmp_path / "user-cache"
-    monkeypatch.setenv("EDGEMRI_CACHE_DIR", str(cache))
-    return cache
+pytestmark = pytest.mark.usefixtures("user_cache")  # each test decodes into its own cache folder
 
 
 def test_preprocessing_equals_the_papers_torchvision_pipeline(tmp_path: Path) -> None:

@@ -32,13 +32,7 @@ from edgemri.core.partition import (
     save_local_data,
 )
 
-
-@pytest.fixture(autouse=True)
-def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The user's cache folder for this test alone (CI may have no HOME)."""
-    cache = tmp_path / "user-cache"
-    monkeypatch.setenv("EDGEMRI_CACHE_DIR", str(cache))
-    return cache
+pytestmark = pytest.mark.usefixtures("user_cache")  # each test decodes into its own cache folder
 
 
 @pytest.fixture()

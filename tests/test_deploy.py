@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edgemri.clients.runtime import STATE_FILE, Client, resolve_setup
-from edgemri.core.checkpoint import Checkpoint, save_checkpoint
+from edgemri.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgemri.core.config import parse_config
 from edgemri.core.data import load_dataset
 from edgemri.core.io import write_text
@@ -142,7 +142,7 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         # Waiting for its round-2 ClientApp instead races with a fast round on a loaded machine.
         _wait_for(lambda: _evaluated_round(audit, phone_id, 1), "the phone's round-1 evaluation", 240, run1)
         deployment.stop_node(PHONE, signal.SIGKILL)
-        seen["state_at_kill"] = torch.load(seen["state_dir"] / STATE_FILE, weights_only=True)
+        seen["state_at_kill"] = load_checkpoint(seen["state_dir"] / STATE_FILE, kind="client")
         seen["run1"] = run1.result()
         seen["report1"] = json.loads((run_dir / "federation.json").read_text())
         seen["intruder_rc"] = intruder.process.process.poll()
@@ -196,14 +196,14 @@ def test_a_killed_supernode_is_skipped_and_the_others_finish_the_round(scenario:
 @slow
 def test_a_restarted_supernode_continues_from_its_saved_state(scenario: dict[str, Any]) -> None:
     at_kill, restored = scenario["state_at_kill"], scenario["state_after_restart"]
-    assert at_kill["rounds_trained"] == 1 and at_kill["last_round"] == 1  # killed before saving round 2
+    assert at_kill.extra["counters"] == {"rounds_trained": 1, "last_round": 1}  # killed before saving round 2
     assert restored.rounds_trained == 1 and restored.last_round == 1
-    assert all(torch.equal(restored.personal[k], at_kill["personal"][k]) for k in at_kill["personal"])
+    assert all(torch.equal(restored.personal[k], at_kill.state_dict[k]) for k in at_kill.state_dict)
     # The restarted process had nothing in memory: what it told run 2 came from its state folder.
     queries = [m for m in scenario["phone_messages"] if m["in"]["message_type"] == "query"]
     assert [q["out"]["records"]["metrics"]["values"]["rounds-trained"] for q in queries] == [0, 1]
-    final = torch.load(scenario["state_dir"] / STATE_FILE, weights_only=True)
-    assert final["rounds_trained"] == 2 and final["last_round"] == 3
+    final = load_checkpoint(scenario["state_dir"] / STATE_FILE, kind="client")
+    assert final.extra["counters"] == {"rounds_trained": 2, "last_round": 3}
     assert PHONE in scenario["report2"]["participation"][2]["trained"]
 
 

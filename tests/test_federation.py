@@ -27,11 +27,13 @@ pytestmark = pytest.mark.slow
 STUDENT_SHAPES = {k: list(v.shape) for k, v in Student().state_dict().items()}
 
 
-def _config(**federation: object):
+def _config(phone: dict | None = None, **federation: object):
+    """Two sites: one hospital and (unless ``phone`` says otherwise) one phone each."""
     base = {"seed": 0, "data": {"client_fraction": 0.0}, "federation": {
         "rounds": 2, "method": "ditto", "min_clients": 1, "round_timeout_s": 120,
         "tiers": {"hospital": {"min_examples": 20, "local_epochs": 1},
-                  "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}}}
+                  "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0,
+                            **(phone or {})}}}}
     base["federation"].update(federation)
     return parse_config(base)
 

@@ -151,6 +151,15 @@ def test_a_bad_reply_is_that_clients_failure_and_never_averaged(case: str) -> No
     np.testing.assert_allclose(_flat(new), _flat(honest), atol=1e-6)  # the honest client alone
 
 
+def test_an_update_above_the_norm_bound_is_refused() -> None:
+    start = _start()
+    strategy = FederationStrategy(_config(max_update_norm=5.0), dict(NODES), start)
+    honest = _moved(start, 1.0, 1)
+    _, new = _round(strategy, [_reply(1, arrays=honest), _reply(2, arrays=_moved(start, 1e6, 2))])
+    assert strategy.record.failed["hospital-b"] == p.FailureCode.UPDATE_TOO_LARGE.value
+    np.testing.assert_allclose(_flat(new), _flat(honest), atol=1e-6)
+
+
 def test_a_client_whose_epsilon_goes_down_is_refused_and_retired() -> None:
     start = _start()
     strategy = FederationStrategy(_config(), dict(NODES), start)
@@ -257,3 +266,14 @@ def test_epsilon_matches_dp_accounting_resumes_and_the_stop_rule_ends_training()
 def test_no_noise_is_refused() -> None:
     with pytest.raises(ConfigError, match="noise_multiplier"):
         _central_dp(noise_multiplier=0.0)
+
+
+def test_an_evaluation_that_failed_on_the_device_is_a_failure_not_a_result() -> None:
+    strategy = FederationStrategy(_config(), dict(NODES), _start())
+    failed = _reply(2, metrics={p.NUM_EXAMPLES: 0}, status=None, message_type=MessageType.EVALUATE)
+    failed.content[p.INFO] = ConfigRecord({"status": "failed", "code": "data-error"})
+    good = _reply(1, metrics={p.NUM_EXAMPLES: 5, p.PERSONAL_ACCURACY: 0.8}, status=None,
+                  message_type=MessageType.EVALUATE)
+    metrics, failures = strategy.collect_evaluate([good, failed])
+    assert metrics == {"hospital-a": {p.NUM_EXAMPLES: 5.0, p.PERSONAL_ACCURACY: 0.8}}
+    assert failures == {"hospital-b": "data-error", "phone-a": p.FailureCode.NO_REPLY.value}

@@ -1,0 +1,79 @@
+"""The client side of the contract: the device's privacy floor, coded failures, untrusted server messages."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+from edgemri.clients.client_app import coded_failures
+from edgemri.clients.runtime import Client, ClientState, resolve_setup
+from edgemri.core import protocol as p
+from edgemri.core.config import parse_config
+from edgemri.core.data import load_dataset
+from edgemri.core.errors import EdgemriError
+from edgemri.core.partition import ManifestError, partition, read_manifest, write_manifests
+from edgemri.core.personalize import create_method
+from edgemri.core.privacy import LEDGER_FILE, DevicePolicy
+from edgemri.models import Student
+
+CONFIG = parse_config({"seed": 0, "data": {"client_fraction": 0.0}, "federation": {"method": "fedavg", "tiers": {
+    "hospital": {"min_examples": 20, "local_epochs": 1},
+    "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12}}}})
+
+
+@pytest.fixture(scope="module")
+def hospital(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("client")
+    manifests = write_manifests(partition(load_dataset(sited_data).train, sited_data, CONFIG), folder / "m")
+    manifest = next(m for m in manifests if read_manifest(m).kind == "hospital")
+    return {"manifest": str(manifest), "data-dir": str(sited_data), "state-dir": str(folder / "state")}
+
+
+def test_a_server_asking_for_no_dp_is_refused_by_a_device_that_requires_it(hospital: dict[str, str]) -> None:
+    client = Client(resolve_setup(hospital, {}), DevicePolicy.from_node_config({"dp-required": True, **hospital}))
+    reply = client.train_round(create_method(CONFIG.federation), Student().state_dict(), ClientState(),
+                               p.RoundInstructions.for_tier(CONFIG, "hospital", 1))
+    assert reply.status is p.Status.POLICY_REFUSED and reply.shared is None and reply.status.retires
+    assert not (Path(hospital["state-dir"]) / LEDGER_FILE).exists()
+
+
+def test_a_malformed_global_model_from_the_server_is_refused(hospital: dict[str, str]) -> None:
+    bad = {k: v[..., :1] if v.ndim else v for k, v in Student().state_dict().items()}
+    with pytest.raises(EdgemriError, match="shape"):
+        Client(resolve_setup(hospital, {})).train_round(create_method(CONFIG.federation), bad, ClientState(),
+                                                        p.RoundInstructions.for_tier(CONFIG, "hospital", 1))
+
+
+def test_malformed_round_instructions_are_a_protocol_error() -> None:
+    good = p.RoundInstructions.for_tier(CONFIG, "phone", 2).to_config()
+    assert p.RoundInstructions.from_config(good).server_round == 2
+    for broken in ({**good, "federation-json": "{not json"}, {**good, "server-round": -1},
+                   {**good, "spec-json": '{"epochs": 1e20}'}, {k: v for k, v in good.items() if k != "seed"}):
+        with pytest.raises(p.ProtocolError):
+            p.RoundInstructions.from_config(broken)
+
+
+def _message() -> Message:
+    metadata = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+                        group_id="", created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+    return Message(RecordDict({p.CONFIG: ConfigRecord({}), p.ARRAYS: ArrayRecord(Student().state_dict())}),
+                   metadata=metadata)
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (ManifestError("/home/alice/scans/x.jpg is missing"), p.FailureCode.DATA),
+    (OSError(13, "Permission denied", "/secret/path"), p.FailureCode.DATA),
+    (RuntimeError("bug at /opt/site-packages/x.py"), p.FailureCode.INTERNAL),
+])
+def test_a_failure_travels_as_a_code_without_its_text(error: Exception, code: p.FailureCode) -> None:
+    def handler(msg: Message, context: Context) -> Message:
+        raise error
+
+    reply = coded_failures(handler)(_message(), None)
+    assert not reply.has_error()
+    assert dict(reply.content[p.INFO]) == {"status": p.Status.FAILED.value, "code": code.value}
+    assert p.ARRAYS not in reply.content and all("/" not in str(v) for v in reply.content[p.METRICS].values())
+    assert reply.content[p.METRICS][p.NUM_EXAMPLES] == 0
