@@ -88,7 +88,7 @@ class FederationStrategy(FedAvg):
         self.max_update_norm = fed.max_update_norm
         self.clipping_norm: float | None = None  # client-level DP, side client: the server checks the clipping
         self.stop_reason: str | None = None  # set when no further round may run (client-level DP budget)
-        self.record: p.RoundRecord | None = None
+        self.record = p.RoundRecord(round=round_offset, sampled=[])  # the round in progress
         self._screened: int | None = None  # the round whose replies the DP wrapper already screened
         self._started = 0.0
 
@@ -128,8 +128,11 @@ class FederationStrategy(FedAvg):
     def _client(self, reply: Message) -> p.ClientInfo | None:
         return self.nodes.get(reply.metadata.src_node_id)
 
+    def _order(self, reply: Message) -> tuple[str, int]:
+        client = self._client(reply)
+        return (client.client if client else "", reply.metadata.src_node_id)
+
     def _fail(self, name: str, code: p.FailureCode, detail: str = "") -> None:
-        assert self.record is not None
         self.record.failed[name] = code.value
         log.warning("round %d: client %s: %s%s", self.record.round, name, code.value, f" ({detail})" if detail else "")
 
@@ -172,10 +175,10 @@ class FederationStrategy(FedAvg):
     def screen_train(self, replies: Iterable[Message]) -> list[Message]:
         """The replies fit to aggregate, rebuilt with only arrays and weight; the rest are recorded."""
         record = self.record
-        assert record is not None
         good: list[Message] = []
         answered = set()
-        for reply in replies:
+        # In client order, not arrival order: the float sums of the average do not depend on the network.
+        for reply in sorted(replies, key=self._order):
             client = self._client(reply)
             if client is None or client.client in answered:
                 log.warning("round %d: reply from unknown or repeated node %d ignored", record.round,
@@ -227,7 +230,7 @@ class FederationStrategy(FedAvg):
         return good
 
     def _sampled_nodes(self) -> list[int]:
-        names = set(self.record.sampled) if self.record else set()
+        names = set(self.record.sampled)
         return [n for n, c in self.nodes.items() if c.client in names]
 
     def _update_norm(self, arrays: dict[str, np.ndarray]) -> float:
@@ -247,7 +250,6 @@ class FederationStrategy(FedAvg):
         good = replies if self._screened == server_round else self.screen_train(replies)
         self._screened = None
         record = self.record
-        assert record is not None
         if len(good) < self.config.federation.min_clients:
             log.warning("round %d: %d good replies < federation.min_clients=%d; global model unchanged",
                         record.round, len(good), self.config.federation.min_clients)
@@ -307,20 +309,18 @@ class FederationStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics, failed = self.collect_evaluate(replies)
         record = self.record
-        assert record is not None
         record.eval_metrics = metrics
         for name, code in failed.items():
             record.failed.setdefault(name, code)
-        values = [m[p.PERSONAL_ACCURACY] for m in metrics.values() if p.PERSONAL_ACCURACY in m]
-        return MetricRecord({"clients": len(metrics), "mean-personal-accuracy": float(np.mean(values))}) \
-            if values else None
+        # Counts only: accuracies stay per client (a mean over tiers would hide the phones).
+        return MetricRecord({"evaluated": len(metrics), "failed": len(failed)})
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: central metrics, then the round's record (saved by ``on_round``)."""
         central = self.central_eval(self.global_state) if self.central_eval else {}
-        if server_round == 0 or self.record is None:
+        if server_round == 0:
             return MetricRecord(central) if central else None
-        record, self.record = self.record, None
+        record = self.record
         record.central = central
         record.seconds = time.perf_counter() - self._started
         self.state.history.append(record)
