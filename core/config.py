@@ -191,6 +191,14 @@ class FederationConfig:
     min_clients: int = 2  # a round needs at least this many replies to aggregate
     round_timeout_s: float = 600.0  # a client that has not answered by then is skipped
     start_checkpoint: str | None = None  # None: the distilled student of the run
+    # How Training is shared between distillation and the clients (edgemri.core.data.SCENARIOS):
+    # "seen-sites": the server distills on a share of every site, the clients hold data.client_fraction of it;
+    # "new-sites": the server distills only on source sites, every client is at a site it never saw (needs
+    # site metadata; data.client_fraction is not used). seen-sites stays the default until the new-sites
+    # benchmark exists (issue 13).
+    scenario: str = "seen-sites"
+    # new-sites: how many sites are source sites, chosen with data.split_seed; None: half, rounded down, at least 1.
+    source_sites: int | None = None
     # The server refuses a trained reply whose update (its arrays minus the global model's) has a larger
     # L2 norm: one client cannot drag the global model arbitrarily far. None: no bound.
     max_update_norm: float | None = None
@@ -205,10 +213,13 @@ class FederationConfig:
         return _tier(self.tiers, kind, "federation.tiers")
 
     def validate(self, where: str) -> None:
+        from edgemri.core.data import SCENARIOS  # the splits the data module knows how to make
         from edgemri.core.partition import CLIENT_KINDS  # the kinds the partition knows how to carve
         from edgemri.core.personalize import METHODS  # imported here: personalize imports this module
 
         _one_of(f"{where}.method", self.method, METHODS)
+        _one_of(f"{where}.scenario", self.scenario, SCENARIOS)
+        _in_range(f"{where}.source_sites", self.source_sites, 1, 1_000, integer=True, nullable=True)
         _in_range(f"{where}.rounds", self.rounds, 1, MAX_ROUNDS, integer=True)
         _in_range(f"{where}.proximal_mu", self.proximal_mu, 0, MAX_WEIGHT)
         _in_range(f"{where}.ditto_lambda", self.ditto_lambda, 0, MAX_WEIGHT)

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from edgemri.core.config import Config
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import ArtefactError, load_npz, save_npz
 
@@ -58,6 +59,9 @@ PREPROCESSING = {
 _PREPROCESSING_JSON = json.dumps(PREPROCESSING, sort_keys=True)
 _PREPROCESSING_VERSION = hashlib.sha256(_PREPROCESSING_JSON.encode()).hexdigest()[:12]
 _CACHE_FORMAT = "edgemri.decoded/1"
+# How Training is shared between the server's distillation and the clients (federation.scenario):
+# seen-sites, a share of every site each; new-sites, the clients are at sites the server never saw.
+SCENARIOS: tuple[str, ...] = ("seen-sites", "new-sites")
 
 
 class DataError(EdgemriError):
@@ -608,12 +612,49 @@ def describe_folder(root: str | Path, cache_dir: str | Path | None = None,
     }
 
 
-def server_client_split(split: ArraySplit, client_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices (server, clients) of Training: disjoint, stratified by site and class.
+def pick_source_sites(split: ArraySplit, count: int | None, seed: int) -> tuple[str, ...]:
+    """The sites the server distills on under new-sites (sorted names): ``count`` of them (None: half, rounded
+    down, at least 1), a seeded choice over the sorted site names, so every run seed keeps the same split.
+
+    Raises DataError when an image has no site or too few sites are left for the clients.
+    """
+    unsited = next((f for f, s in zip(split.files, split.sites or [""] * len(split), strict=True) if not s), None)
+    if unsited is not None:
+        what = "this data has no site metadata" if not split.sites else f"Training image {unsited} has none"
+        raise DataError(f"federation.scenario 'new-sites' needs a scanner site for every Training image (the data "
+                        f"folder's metadata.csv, columns 'file' and 'site'); {what}; use federation.scenario "
+                        f"seen-sites")
+    names = sorted(set(split.sites))
+    if len(names) < 2:
+        raise DataError(f"federation.scenario 'new-sites' needs at least 2 sites in Training (source sites for "
+                        f"the server, the others for the clients); this data has 1 ({names[0]}); use "
+                        f"federation.scenario seen-sites")
+    count = max(1, len(names) // 2) if count is None else count
+    if not 1 <= count < len(names):
+        raise DataError(f"federation.source_sites is {count} but Training has {len(names)} sites "
+                        f"({', '.join(names)}); allowed: 1 to {len(names) - 1} (at least one site is left for the "
+                        f"clients), or null for half of them")
+    picked = np.random.default_rng(seed).choice(len(names), size=count, replace=False)
+    return tuple(sorted(names[i] for i in picked))
+
+
+def server_client_split(split: ArraySplit, client_fraction: float, seed: int, *, scenario: str = "seen-sites",
+                        source_sites: int | None = None) -> tuple[Tensor, Tensor]:
+    """Indices (server, clients) of Training, disjoint, fixed by ``seed`` (data.split_seed) alone.
 
     The server distills on its share; the federation's clients hold the rest, so every
-    client's local test is data the distilled student never saw.
+    client's local test is data the distilled student never saw. seen-sites: stratified by
+    site and class, ``client_fraction`` of every site goes to the clients (0: they reuse the
+    server's data). new-sites: by site, the server takes every image of the source sites
+    (``pick_source_sites``) and the clients every image of the others, so no client is at a
+    site the student has seen; ``client_fraction`` is not used.
     """
+    if scenario not in SCENARIOS:
+        raise DataError(f"federation.scenario {scenario!r} is not allowed; allowed: {', '.join(SCENARIOS)}")
+    if scenario == "new-sites":
+        source = set(pick_source_sites(split, source_sites, seed))
+        at_source = torch.tensor([site in source for site in split.sites])
+        return torch.nonzero(at_source).flatten(), torch.nonzero(~at_source).flatten()
     everything = torch.arange(len(split))
     if client_fraction == 0:
         return everything, everything
@@ -621,3 +662,10 @@ def server_client_split(split: ArraySplit, client_fraction: float, seed: int) ->
     strata = split.labels + len(CLASS_NAMES) * torch.tensor([site_ids.get(s, 0) for s in split.sites]
                                                            if split.sites else [0] * len(split))
     return stratified_split(strata, client_fraction, seed)
+
+
+def scenario_split(split: ArraySplit, config: Config) -> tuple[Tensor, Tensor]:
+    """``server_client_split`` under the config's scenario: the one call distillation and partitioning make,
+    so the server and the clients can never disagree on who holds which image."""
+    return server_client_split(split, config.data.client_fraction, config.data.split_seed,
+                               scenario=config.federation.scenario, source_sites=config.federation.source_sites)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.core.config import Config, TrainSpec
-from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, normalize, server_client_split, stratified_split
+from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, normalize, scenario_split, stratified_split
 from edgemri.core.errors import EdgemriError
 from edgemri.core.evaluate import classification_metrics, predict_logits
 from edgemri.core.losses import cross_entropy, make_kd_loss
@@ -47,12 +47,17 @@ def build_teacher(name: str, options: dict[str, Any]) -> nn.Module:
 
 
 def resume_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """What a finished stage depends on: the data split and the distillation settings.
+    """What a finished stage depends on: the data split (with the scenario) and the distillation settings.
 
-    Paths (data.root, cache_dir) may move and the federation's settings do not touch distillation.
+    Paths (data.root, cache_dir) may move; of the federation's settings only the scenario touches distillation.
     """
     data = {k: v for k, v in config.get("data", {}).items() if k not in ("root", "cache_dir")}
-    return {"data": data, "distill": config.get("distill")}
+    federation = config.get("federation", {})
+    # Checkpoints from before scenarios existed were seen-sites; source_sites matters only under new-sites.
+    split = {"scenario": federation.get("scenario", "seen-sites")}
+    if split["scenario"] == "new-sites":
+        split["source_sites"] = federation.get("source_sites")
+    return {"data": data, "distill": config.get("distill"), "federation": split}
 
 
 @dataclass
@@ -119,7 +124,7 @@ class Distiller:
         self.paper_compat = config.distill.paper_compat
         # The server's share of Training (the clients' share is for the federation), fixed
         # across seeds; then a validation split of it per seed.
-        server, _ = server_client_split(dataset.train, config.data.client_fraction, config.data.split_seed)
+        server, _ = scenario_split(dataset.train, config)
         train_part, val_part = stratified_split(dataset.train.labels[server], config.data.val_fraction, seed)
         self.train_idx, self.val_idx = server[train_part], server[val_part]
         self.train_split: ArraySplit = dataset.train.subset(self.train_idx)

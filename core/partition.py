@@ -3,7 +3,8 @@
 A manifest lists exactly the files a client may read (by path and SHA-256), its kind
 and site, its class counts and its own train/val/test split. Partitioning is
 deterministic for a seed. Sites come from the data's metadata.csv (the synthetic set);
-data without it (the real Kaggle set) is cut into seeded pseudo-sites.
+data without it (the real Kaggle set) is cut into seeded pseudo-sites (seen-sites only:
+new-sites needs real sites, see ``edgemri.core.data.scenario_split``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from edgemri.core.data import (
     display_path,
     preprocess,
     read_image_bytes,
-    server_client_split,
+    scenario_split,
     split_from_arrays,
     split_to_arrays,
 )
@@ -134,7 +135,7 @@ def _local_split(indices: list[int], tier: TierConfig, rng: np.random.Generator)
 def partition(split: ArraySplit, root: Path, config: Config) -> list[Manifest]:
     """Manifests for every client, from the clients' share of Training (files and sites)."""
     fed = config.federation
-    _, client_idx = server_client_split(split, config.data.client_fraction, config.data.split_seed)
+    _, client_idx = scenario_split(split, config)
     split = split.subset(client_idx)
     rng = np.random.default_rng(config.seed)
     labels = split.labels.numpy()

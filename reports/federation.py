@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import defaultdict
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,15 @@ from edgemri.core.protocol import (
     START_ACCURACY,
     FederationResult,
 )
+from edgemri.core.stats import bootstrap_ci_clustered, paired_differences
 from edgemri.reports.common import machine, package_versions, write_report_files
 
 COLUMNS = (("start", START_ACCURACY), ("global", GLOBAL_ACCURACY), ("personalized", PERSONAL_ACCURACY),
            ("local-only", LOCAL_ONLY_ACCURACY), ("pooled", "pooled-accuracy"))
+# The paired comparisons (first - second, per client on the same test images) of the "paired" section.
+COMPARISONS = (("personalized", "start"), ("personalized", "global"), ("personalized", "local-only"),
+               ("pooled", "personalized"))
+CI_LEVEL, CI_RESAMPLES = 0.95, 10_000
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -28,6 +35,41 @@ def _summary(values: list[float]) -> dict[str, float]:
     if not values:
         return {"mean": float("nan"), "worst": float("nan")}
     return {"mean": statistics.fmean(values), "worst": min(values)}
+
+
+def comparison_key(first: str, second: str) -> str:
+    """The name of a comparison in the "paired" section, e.g. "personalized - start"."""
+    return f"{first} - {second}"
+
+
+def paired_summary(rows_by_seed: Mapping[Hashable, Sequence[Mapping[str, Any]]],
+                   tiers: Sequence[str] | None = None, *, resamples: int = CI_RESAMPLES,
+                   seed: int = 0) -> dict[str, Any]:
+    """Per tier and overall, each comparison's mean paired difference with its 95% bootstrap CI.
+
+    ``rows_by_seed`` maps a run's seed to its report rows (``report["clients"]``); a client is a
+    (seed, client) pair, resampled within its seed, so a benchmark pools several runs by passing
+    them all. ``tiers`` defaults to the kinds the rows hold. Values are accuracy fractions.
+    """
+    if tiers is None:
+        tiers = sorted({r["kind"] for rows in rows_by_seed.values() for r in rows})
+    groups: dict[str, dict[str, Any]] = {}
+    for group in ("all", *tiers):
+        members = {(run, r["client"]): r for run, rows in rows_by_seed.items() for r in rows
+                   if group in ("all", r["kind"])}
+        if not members:
+            continue
+        groups[group] = {}
+        for first, second in COMPARISONS:
+            by_seed: dict[Hashable, list[float]] = defaultdict(list)
+            for (run, _), value in paired_differences({k: r[first] for k, r in members.items()},
+                                                      {k: r[second] for k, r in members.items()}).items():
+                by_seed[run].append(value)
+            groups[group][comparison_key(first, second)] = bootstrap_ci_clustered(
+                by_seed, level=CI_LEVEL, resamples=resamples, seed=seed).to_dict()
+    return {"level": CI_LEVEL, "resamples": resamples, "seeds": list(rows_by_seed),
+            "bootstrap": "percentile bootstrap of the mean over clients, clients resampled within each seed",
+            "groups": groups}
 
 
 def build_federation_report(result: FederationResult, config: Config,
@@ -63,6 +105,7 @@ def build_federation_report(result: FederationResult, config: Config,
         "rounds": [h.round for h in result.history],
         "clients": rows,
         "summary": summary,
+        "paired": paired_summary({config.seed: rows}, config.federation.tier_names),
         "curves": curves,
         "central": {"start": result.central_start, "final": result.central_final,
                     "per_round": [h.central for h in result.history]},
@@ -78,6 +121,33 @@ def build_federation_report(result: FederationResult, config: Config,
 
 def _pct(value: float) -> str:
     return "—" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _pp(interval: Mapping[str, Any]) -> str:
+    """A paired difference in percentage points: "+1.2 [-0.8, +3.1] (n=8)"."""
+    if interval["n"] == 0:
+        return "—"
+    mean = f"{100 * interval['mean']:+.1f}"
+    if interval["n"] == 1:
+        return f"{mean} (n=1, no CI)"
+    return f"{mean} [{100 * interval['low']:+.1f}, {100 * interval['high']:+.1f}] (n={interval['n']})"
+
+
+def _paired_markdown(report: dict[str, Any]) -> list[str]:
+    paired, keys = report["paired"], [comparison_key(*c) for c in COMPARISONS]
+    tested = [r["num_test"] for r in report["clients"] if r["num_test"]]
+    sizes = f"{min(tested)}-{max(tested)}" if tested else "no"
+    lines = ["", f"Paired differences (percentage points), each client's models compared on the same test images: "
+                 f"the mean over clients with a {100 * paired['level']:.0f}% percentile-bootstrap confidence "
+                 f"interval ({paired['resamples']:,} resamples of the clients) and the number of clients. "
+                 f"With a handful of test images per client ({sizes} here) these intervals are wide, and this is "
+                 f"one run, one seed (the multi-seed benchmark pools clients × seeds); with only a few clients in "
+                 f"a tier the bootstrap cannot reach beyond the differences observed, so read such an interval as "
+                 f"the range of the clients, not a guarantee.", "",
+             "| group | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for group, intervals in paired["groups"].items():
+        lines.append(f"| {group} | " + " | ".join(_pp(intervals[k]) for k in keys) + " |")
+    return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -97,6 +167,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for group, stats in report["summary"].items():
         for which in ("mean", "worst"):
             lines.append(f"| {group} {which} | " + " | ".join(_pct(stats[c][which]) for c in headers) + " |")
+    lines += _paired_markdown(report)
     central = report["central"]
     if central["final"]:
         lines += ["", f"Global model on the Testing split: {_pct(central['start'].get('accuracy', math.nan))}% "
@@ -116,7 +187,8 @@ def plot_federation(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (rounds_ax, clients_ax) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.6]})
+    fig, (rounds_ax, clients_ax, paired_ax) = plt.subplots(1, 3, figsize=(19, 4.5),
+                                                           gridspec_kw={"width_ratios": [1, 1.6, 1.1]})
     for group, style in (("hospital", "-"), ("phone", "--")):
         for metric, color in (("global", "tab:blue"), ("personalized", "tab:orange")):
             values = report["curves"].get(group, {}).get(metric)
@@ -136,9 +208,37 @@ def plot_federation(report: dict[str, Any], path: Path) -> None:
                           rotation=60, ha="right", fontsize=7)
     clients_ax.set_ylabel("local test accuracy (%)")
     clients_ax.legend(fontsize=8, ncol=len(COLUMNS))
+    _plot_paired(report, paired_ax)
     fig.suptitle(f"Federation ({report['method']}): per round and per client")
     save_figure(path, fig)
     plt.close(fig)
+
+
+def _plot_paired(report: dict[str, Any], ax: Any) -> None:
+    """Each client's personalized - start and personalized - global as points, by tier, with the tier's mean and CI."""
+    x = 0
+    centres, names = [], []
+    for tier, intervals in report["paired"]["groups"].items():
+        if tier == "all":
+            continue
+        rows = [r for r in report["clients"] if r["kind"] == tier and not math.isnan(r["personalized"])]
+        positions = range(x, x + len(rows))
+        for offset, (second, color) in ((-0.15, ("start", "tab:green")), (0.15, ("global", "tab:blue"))):
+            ax.scatter([i + offset for i in positions], [100 * (r["personalized"] - r[second]) for r in rows],
+                       color=color, s=18, label=f"personalized - {second}" if x == 0 else None)
+            ci = intervals[comparison_key("personalized", second)]
+            if ci["n"] >= 2:
+                ax.errorbar(x + len(rows) + offset, 100 * ci["mean"], color=color, fmt="D", capsize=4,
+                            yerr=[[100 * (ci["mean"] - ci["low"])], [100 * (ci["high"] - ci["mean"])]])
+        centres.append(x + len(rows) / 2)
+        names.append(tier)
+        x += len(rows) + 2
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(centres, names, fontsize=8)
+    ax.set_ylabel("paired difference per client (points)")
+    ax.set_title("dots: clients; diamonds: tier mean, 95% bootstrap CI", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
 
 
 def write_federation_report(report: dict[str, Any], out: Path) -> dict[str, Path]:

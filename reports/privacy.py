@@ -66,7 +66,8 @@ def _statement(name: str, c: dict[str, Any]) -> str:
     if not rounds:
         return (f"- **{name}** ({c['kind']}, n={c['n']}): DP-SGD on, but it trained no round ({c['status']}); "
                 f"it released no update, so it spent no privacy in this run.")
-    span = f"rounds {rounds[0]}-{rounds[-1]} ({len(rounds)} rounds)"
+    span = (f"rounds {rounds[0]}-{rounds[-1]}" if rounds == list(range(rounds[0], rounds[-1] + 1))
+            else "rounds " + ", ".join(map(str, rounds))) + f" ({len(rounds)} rounds)"
     note = f" Status: {c['status']}." if c["status"] not in ("trained",) else ""
     return (f"- **{name}** ({c['kind']}, n={c['n']}): ({c['epsilon']:.2f}, {c['delta']:.1e})-DP for the unit "
             f"*one scan of this client* (neighbouring training sets differ by adding or removing one scan), "

@@ -18,6 +18,7 @@ import yaml
 from edgemri.core.checkpoint import load_checkpoint
 from edgemri.core.config import Config, ConfigError
 from edgemri.core.data import load_dataset
+from edgemri.core.distill import resume_settings
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json, write_text
 from edgemri.core.partition import manifest_paths, partition, read_manifest, write_manifests
@@ -94,6 +95,20 @@ class ProgressPrinter:
             print(f"  {line}", file=self.stream, flush=True)
 
 
+def check_start_split(config: Config, start_config: dict, start_checkpoint: Path) -> None:
+    """Under new-sites the start model must have been distilled on the same source sites (else it saw the clients)."""
+    wanted = resume_settings(config.to_dict())["federation"]
+    if wanted["scenario"] != "new-sites":
+        return
+    made = resume_settings(start_config)["federation"] if start_config else {"scenario": "unknown"}
+    split = {k: start_config.get("data", {}).get(k) for k in ("split_seed",)} if start_config else {}
+    if made != wanted or split.get("split_seed") != config.data.split_seed:
+        raise ConfigError(f"federation.scenario is new-sites, but {start_checkpoint} was distilled under "
+                          f"{made['scenario']} (source sites {made.get('source_sites')}, split seed "
+                          f"{split.get('split_seed')}): it may have seen the client sites; distill again with "
+                          "the same federation.scenario, federation.source_sites and data.split_seed")
+
+
 def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Path, resume: bool = False,
              audit: bool = False, timeout_s: float = 3600.0) -> FederationRun:
     """The federation in Flower's simulation engine; the ServerApp writes the reports (once)."""
@@ -104,6 +119,7 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
     start = load_checkpoint(start_checkpoint)  # fail early on a missing or corrupt start model
     if start.model != "student":
         raise ConfigError(f"the federation starts from a student; {start_checkpoint} holds {start.model!r}")
+    check_start_split(config, start.config, start_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     config_path = write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     manifests = prepare_manifests(config, data_root.resolve(), out)

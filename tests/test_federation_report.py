@@ -1,0 +1,75 @@
+"""The federation report's paired section, from a hand-built result (no Flower run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgemri.core import protocol as p
+from edgemri.core.config import parse_config
+from edgemri.core.stats import bootstrap_ci
+from edgemri.reports.federation import build_federation_report, paired_summary, write_federation_report
+
+CONFIG = parse_config({"seed": 4})
+# client -> (kind, start, global, personalized, local-only, test n); phone-b-0 failed its final evaluation
+CLIENTS = {"hospital-a": ("hospital", 0.70, 0.75, 0.80, 0.72, 20),
+           "hospital-b": ("hospital", 0.60, 0.62, 0.70, 0.65, 30),
+           "phone-a-0": ("phone", 0.50, 0.60, 0.55, 0.40, 5), "phone-a-1": ("phone", 0.80, 0.70, 0.90, 0.80, 10),
+           "phone-b-0": ("phone", 0.0, 0.0, 0.0, 0.0, 0)}
+POOLED = {"hospital-a": 0.85, "hospital-b": 0.72, "phone-a-0": 0.60, "phone-a-1": 0.90, "phone-b-0": 0.50}
+
+
+def _result() -> p.FederationResult:
+    final = {name: {p.START_ACCURACY: s, p.GLOBAL_ACCURACY: g, p.PERSONAL_ACCURACY: pe, p.LOCAL_ONLY_ACCURACY: lo,
+                    p.NUM_EXAMPLES: n}
+             for name, (_, s, g, pe, lo, n) in CLIENTS.items() if name != "phone-b-0"}
+    return p.FederationResult(
+        clients={name: p.ClientInfo(name, kind, name.split("-")[1], 40) for name, (kind, *_) in CLIENTS.items()},
+        history=[p.RoundRecord(1, sampled=list(CLIENTS), trained=list(CLIENTS), aggregated=True,
+                               eval_metrics={name: {p.GLOBAL_ACCURACY: 0.6, p.PERSONAL_ACCURACY: 0.7}
+                                             for name in CLIENTS})],
+        final=final, final_failed={"phone-b-0": p.FailureCode.NO_REPLY.value}, retired={}, central_start={},
+        central_final={}, central_dp={"enabled": False})
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return build_federation_report(_result(), CONFIG, POOLED)
+
+
+def test_paired_section_holds_the_hand_computed_differences(report: dict) -> None:
+    groups = report["paired"]["groups"]
+    assert list(groups) == ["all", "hospital", "phone"] and report["paired"]["seeds"] == [4]
+    hospital = groups["hospital"]["personalized - start"]  # +10 points on both hospitals: no spread
+    assert hospital["n"] == 2
+    assert (hospital["mean"], hospital["low"], hospital["high"]) == pytest.approx((0.10, 0.10, 0.10))
+    phone = groups["phone"]["personalized - global"]  # -5 and +20 points; the failed phone has no pair
+    assert phone["n"] == 2 and phone["mean"] == pytest.approx(0.075)
+    assert phone["low"] == pytest.approx(-0.05) and phone["high"] == pytest.approx(0.20)
+    assert groups["phone"]["personalized - local-only"]["mean"] == pytest.approx((0.15 + 0.10) / 2)
+    assert groups["phone"]["pooled - personalized"]["mean"] == pytest.approx((0.05 + 0.0) / 2)
+    everyone = groups["all"]["personalized - start"]
+    expected = bootstrap_ci([0.80 - 0.70, 0.70 - 0.60, 0.55 - 0.50, 0.90 - 0.80])  # the rows' order
+    assert everyone["n"] == 4 and everyone["mean"] == pytest.approx(0.0875)
+    assert (everyone["low"], everyone["high"]) == (pytest.approx(expected.low), pytest.approx(expected.high))
+
+
+def test_paired_summary_pools_clients_across_seeds(report: dict) -> None:
+    rows = report["clients"]
+    pooled = paired_summary({0: rows, 1: rows}, ["hospital", "phone"])
+    single = report["paired"]["groups"]["all"]["personalized - global"]
+    both = pooled["groups"]["all"]["personalized - global"]
+    assert both["n"] == 2 * single["n"] and both["mean"] == pytest.approx(single["mean"])
+    assert both["high"] - both["low"] < single["high"] - single["low"]  # twice the clients, a narrower interval
+
+
+def test_markdown_table_json_and_plot_show_the_paired_section(report: dict, tmp_path: Path) -> None:
+    paths = write_federation_report(report, tmp_path)
+    markdown = paths["md"].read_text()
+    assert "| hospital | +10.0 [+10.0, +10.0] (n=2) | +6.5 [+5.0, +8.0] (n=2) |" in markdown
+    assert "| phone | +7.5 [+5.0, +10.0] (n=2) | +7.5 [-5.0, +20.0] (n=2) |" in markdown
+    assert "(5-30 here) these intervals are wide" in markdown and "one run, one seed" in markdown
+    assert json.loads(paths["json"].read_text())["paired"]["groups"]["phone"]["pooled - personalized"]["n"] == 2
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
