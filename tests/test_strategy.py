@@ -231,11 +231,13 @@ def test_noise_std_is_sigma_times_c_over_the_clients_averaged_and_fedper_heads_g
     wrapper, strategy, _, start = _central_dp(noise_multiplier=2.0, clipping_norm=0.5)
     strategy.shared = [k for k in start if not k.startswith(Student.HEAD_PREFIX)]  # as FedPer shares
     moved = [_moved(start, 5.0, s) for s in (1, 2)]
+    np.random.seed(0)  # Flower draws the noise from NumPy's global generator
     _, new = _round(wrapper, [_reply(n, arrays=m) for n, m in zip((1, 2), moved, strict=True)])
     shared = strategy.shared
     clipped = np.mean([np.concatenate([((m[k] - start[k]) * 0.1).numpy().ravel() for k in shared]) for m in moved], 0)
     noise = np.concatenate([(new[k] - start[k]).numpy().ravel() for k in shared]) - clipped
-    assert noise.std() == pytest.approx(2.0 * 0.5 / 2, rel=0.05)  # two clients averaged, not three known
+    # 336 shared values: the sample std is within ~4% (one standard error) of sigma * C / m.
+    assert noise.std() == pytest.approx(2.0 * 0.5 / 2, rel=0.12)  # two clients averaged, not three known
     assert all(torch.equal(new[k], start[k]) for k in start if k.startswith(Student.HEAD_PREFIX))
 
 
