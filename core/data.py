@@ -9,6 +9,10 @@ A data folder is untrusted input (a downloaded archive): nothing in it is ever u
 and the cache lives in the user's own cache folder (``EDGEMRI_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/edgemri``, else ``~/.cache/edgemri``), where an archive cannot plant it.
 The cache is plain arrays (.npz, read without pickle) checked against the folder as it is.
+
+Each scanner site's evaluation pool (``load_pools``: the synthetic set's ``Pools/<site>/``,
+else ``pools_from_testing``: the site's share of Testing) is hundreds of held-out images,
+enough to resolve a few points of accuracy where a client's own test split cannot.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +45,7 @@ IMAGE_SIZE = 128
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SPLITS = ("Training", "Testing")
+POOL_DIR = "Pools"  # per-site evaluation pools, Pools/<site>/<class>/*.jpg (edgemri.core.synth.POOL_DIR)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 MIN_SIDE_PX = 16  # smaller than this is no MRI slice: a thumbnail or an icon
 MAX_PIXELS = 64_000_000  # larger is treated as a decompression bomb, before decoding
@@ -273,55 +278,88 @@ class FolderScan:
 
 def scan_folder(root: str | Path) -> FolderScan:
     """List the images of a Kaggle-layout folder, or raise DataError saying what is wrong."""
-    root = Path(root)
+    return _listed(_scan, Path(root))
+
+
+def scan_pools(root: str | Path) -> FolderScan:
+    """List the evaluation pools of a data folder (``Pools/<site>/<class>/*``), as one split ``Pools``."""
+    return _listed(_scan_pools, Path(root))
+
+
+def _listed(scan: Callable[[Path], FolderScan], root: Path) -> FolderScan:
     try:
-        return _scan(root)
+        return scan(root)
     except OSError as err:  # a folder or file without read permission, an I/O error
         where = display_path(err.filename) if err.filename else display_path(root)
         raise DataError(f"cannot read {where}: {err.strerror or err}; check its permissions") from None
 
 
-def _scan(root: Path) -> FolderScan:
-    shown = display_path(root)
+def _require_folder(root: Path) -> None:
     if not root.exists():
-        raise DataError(f"data folder does not exist: {shown}")
+        raise DataError(f"data folder does not exist: {display_path(root)}")
     if not root.is_dir():
-        raise DataError(f"data path is not a folder: {shown}")
+        raise DataError(f"data path is not a folder: {display_path(root)}")
+
+
+def _scan(root: Path) -> FolderScan:
+    _require_folder(root)
     files: dict[str, list[tuple[Path, int]]] = {}
     ignored: list[SkippedFile] = []
-    expected = f"expected {shown}/<Training|Testing>/<{'|'.join(CLASS_NAMES)}>/*.jpg (the Kaggle layout)"
+    expected = f"expected {display_path(root)}/<Training|Testing>/<{'|'.join(CLASS_NAMES)}>/*.jpg (the Kaggle layout)"
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
             raise DataError(f"missing folder {display_path(split_dir)}; {expected}")
-        class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        unknown = [p for p in class_dirs if p.name not in CLASS_NAMES]
-        if unknown:
-            raise DataError(f"unknown class folder {display_path(unknown[0])}; allowed class folders: "
-                            f"{', '.join(CLASS_NAMES)}")
-        entries: list[tuple[Path, int]] = []
-        for label, name in enumerate(CLASS_NAMES):
-            class_dir = split_dir / name
-            if not class_dir.is_dir():
-                raise DataError(f"missing class folder {display_path(class_dir)}; {expected}")
-            found = 0
-            for path in sorted(class_dir.iterdir()):
-                if path.name.startswith(".") or not path.is_file():
-                    continue
-                if not _is_utf8(path.name):
-                    ignored.append(SkippedFile(display_path(path), "file name is not valid UTF-8; rename the file"))
-                    continue
-                if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    ignored.append(SkippedFile(display_path(path),
-                                               f"not an image extension ({path.suffix or 'none'})"))
-                    continue
-                entries.append((path, label))
-                found += 1
-            if found == 0:
-                raise DataError(f"class folder {display_path(class_dir)} has no images; every class needs at least "
-                                f"one")
-        files[split] = entries
+        files[split] = _scan_classes(split_dir, expected, ignored)
     return FolderScan(root=root, files=files, ignored=ignored)
+
+
+def _scan_pools(root: Path) -> FolderScan:
+    """No Pools folder is no pools (the real set); a site folder is held to the layout of a split."""
+    _require_folder(root)
+    pools = root / POOL_DIR
+    ignored: list[SkippedFile] = []
+    if not pools.exists():
+        return FolderScan(root=root, files={POOL_DIR: []}, ignored=ignored)
+    expected = f"expected {display_path(pools)}/<site>/<{'|'.join(CLASS_NAMES)}>/*.jpg (one folder per site)"
+    if not pools.is_dir():
+        raise DataError(f"{display_path(pools)} is not a folder; {expected}, or no {POOL_DIR} at all")
+    entries: list[tuple[Path, int]] = []
+    for site_dir in sorted(p for p in pools.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not SITE_NAME.fullmatch(site_dir.name):
+            raise DataError(f"pool folder {display_path(site_dir)} is not a site name; a site is 1-48 letters, "
+                            f"digits, '.', '_' or '-', starting with a letter or digit")
+        entries += _scan_classes(site_dir, expected, ignored)
+    return FolderScan(root=root, files={POOL_DIR: entries}, ignored=ignored)
+
+
+def _scan_classes(split_dir: Path, expected: str, ignored: list[SkippedFile]) -> list[tuple[Path, int]]:
+    """(file, label) of every image under split_dir/<class>/; every class folder must exist and hold one."""
+    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [p for p in class_dirs if p.name not in CLASS_NAMES]
+    if unknown:
+        raise DataError(f"unknown class folder {display_path(unknown[0])}; allowed class folders: "
+                        f"{', '.join(CLASS_NAMES)}")
+    entries: list[tuple[Path, int]] = []
+    for label, name in enumerate(CLASS_NAMES):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            raise DataError(f"missing class folder {display_path(class_dir)}; {expected}")
+        found = 0
+        for path in sorted(class_dir.iterdir()):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            if not _is_utf8(path.name):
+                ignored.append(SkippedFile(display_path(path), "file name is not valid UTF-8; rename the file"))
+                continue
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                ignored.append(SkippedFile(display_path(path), f"not an image extension ({path.suffix or 'none'})"))
+                continue
+            entries.append((path, label))
+            found += 1
+        if found == 0:
+            raise DataError(f"class folder {display_path(class_dir)} has no images; every class needs at least one")
+    return entries
 
 
 def _decode_one(path: Path) -> tuple[np.ndarray | None, str | None, bool]:
@@ -546,7 +584,7 @@ def load_dataset(
     Sites are read from metadata.csv on every load (cheap), so editing it needs no re-decode.
     """
     scan = scan_folder(root)
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = _workers(workers)
     sites = _read_sites(scan.root)
     splits: dict[str, ArraySplit] = {}
     skipped: list[SkippedFile] = []
@@ -566,6 +604,50 @@ def load_dataset(
     ).hexdigest()[:16]
     return Dataset(root=scan.root, train=splits["Training"], test=splits["Testing"],
                    skipped=skipped, fingerprint=fingerprint)
+
+
+def _workers(workers: int | None) -> int:
+    return workers or min(4, os.cpu_count() or 1)
+
+
+def load_pools(root: str | Path, cache_dir: str | Path | None = None, *, workers: int | None = None,
+               progress: bool = False) -> dict[str, ArraySplit]:
+    """Each site's evaluation pool, ``Pools/<site>/<class>/*.jpg`` (sorted by site; sites from the folder names),
+    decoded once and cached like Training and Testing; {} when the folder has no Pools (the real set: see
+    ``pools_from_testing``). Training, Testing and the fingerprint do not depend on the pools.
+    """
+    scan = scan_pools(root)
+    if not scan.files[POOL_DIR]:
+        return {}
+    data, skipped = _load_split(scan, POOL_DIR, cache_dir, _workers(workers), progress)
+    for item in [*scan.ignored, *skipped]:
+        log.warning("skipped %s: %s", item.path, item.reason)
+    members: dict[str, list[int]] = {}
+    for index, rel in enumerate(data.files):
+        members.setdefault(rel.split("/")[1], []).append(index)
+    pools = {}
+    for site in sorted({scan.rel(path).split("/")[1] for path, _ in scan.files[POOL_DIR]}):
+        pool = data.subset(members.get(site, []))
+        _require_usable(scan, f"{POOL_DIR}/{site}", pool, skipped)
+        pools[site] = ArraySplit(pool.images, pool.labels, pool.files, [site] * len(pool))
+    return pools
+
+
+def pools_from_testing(dataset: Dataset) -> dict[str, ArraySplit]:
+    """Each site's share of Testing as its evaluation pool (sorted by site): the stand-in for ``Pools/`` on data
+    that has none, such as the real set with sites from metadata.csv; {} when Testing has no sites."""
+    sites = dataset.test.sites
+    unsited = sites.count("")
+    if unsited:
+        log.warning("%d Testing image(s) of %s have no site and are in no evaluation pool", unsited,
+                    display_path(dataset.root))
+    return {site: dataset.test.subset([i for i, s in enumerate(sites) if s == site])
+            for site in sorted(set(sites) - {""})}
+
+
+def evaluation_pools(dataset: Dataset, cache_dir: str | Path | None = None) -> dict[str, ArraySplit]:
+    """The folder's ``Pools/`` when it has them (the synthetic set), else each site's share of Testing."""
+    return load_pools(dataset.root, cache_dir) or pools_from_testing(dataset)
 
 
 def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
+from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
@@ -37,7 +37,8 @@ LEDGER_FORMAT = "edgemri.privacy-ledger/2"
 HEAD_FORMAT = "edgemri.privacy-ledger-head/1"
 LEDGER_FILE = "privacy-ledger.jsonl"
 # The accountants a plan and a ledger record may name (config.PrivacyConfig.accountant).
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+# The accountants Opacus ships, named as Opacus names them (``create_accountant`` takes these names).
+ACCOUNTANTS = tuple(cls.mechanism() for cls in (RDPAccountant, PRVAccountant, GaussianAccountant))
 # Below this many expected examples per noisy step, the noise (sigma * C) drowns the
 # clipped gradient sum (at most q * n * C): training would learn noise.
 MIN_SIGNAL_TO_NOISE = 1.0

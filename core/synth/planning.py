@@ -2,6 +2,8 @@
 
 Each site gets its own class mix (a Dirichlet draw around the preset's class shares) and
 every site gets every class; file names follow the Kaggle set (``Tr-gl_0000.jpg``).
+Each site's evaluation pool (``Pools/<site>/<class>/Po-gl_0000.jpg``) is planned after the
+Kaggle splits from seed keys of its own, so adding it changes no Training or Testing image.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from edgemri.core.synth.scanner import SiteProfile
 ABBREVIATIONS = {"glioma": "gl", "meningioma": "me", "notumor": "no", "pituitary": "pi"}
 SPLITS = ("Training", "Testing")
 PREFIXES = {"Training": "Tr", "Testing": "Te"}
+POOL_SPLIT = "Pool"  # the split column of pool rows in metadata.csv
+POOL_DIR = "Pools"  # the data root's folder of per-site evaluation pools
+_POOL_STREAM = 7003  # first seed-key entry of pool images: a stream no Training/Testing key uses
 
 
 @dataclass(frozen=True)
@@ -65,5 +70,36 @@ def plan_jobs(preset: SynthPreset, seed: int, out_dir: Path, limit: int | None) 
                 name = f"{PREFIXES[split]}-{ABBREVIATIONS[label]}_{index:04d}.jpg"
                 rel = f"{split}/{label}/{name}"
                 jobs.append(Job((seed, split_id, class_id, index), split, label, preset.sites[site_id],
+                                out_dir / rel, rel))
+    return jobs
+
+
+def site_class_shares(preset: SynthPreset, seed: int) -> np.ndarray:
+    """Each site's expected Training class shares (sites x classes), as ``plan_jobs`` deals the images."""
+    volume = np.array([s.volume for s in preset.sites])
+    weights = volume[:, None] * class_mix(preset, seed)  # P(site | class) up to each class's total
+    per_class = np.array([preset.train_counts[c] for c in CLASS_NAMES], np.float64)
+    expected = per_class * weights / weights.sum(axis=0)
+    totals = expected.sum(axis=1, keepdims=True)
+    return np.divide(expected, totals, out=np.full_like(expected, 1 / len(CLASS_NAMES)), where=totals > 0)
+
+
+def _pool_counts(shares: np.ndarray, size: int) -> list[int]:
+    """``size`` images over the classes: one of each first, the rest by ``shares`` (largest remainder)."""
+    rest = size - len(shares)
+    quota = shares * rest
+    counts = np.floor(quota).astype(int)
+    counts[np.argsort(counts - quota, kind="stable")[: rest - counts.sum()]] += 1
+    return (counts + 1).tolist()
+
+
+def plan_pool_jobs(preset: SynthPreset, seed: int, out_dir: Path, size: int) -> list[Job]:
+    """``size`` images per site drawn like that site's Training images (its scanner and class shares)."""
+    jobs = []
+    for site_id, (site, shares) in enumerate(zip(preset.sites, site_class_shares(preset, seed), strict=True)):
+        for class_id, (label, n) in enumerate(zip(CLASS_NAMES, _pool_counts(shares, size), strict=True)):
+            for index in range(n):
+                rel = f"{POOL_DIR}/{site.name}/{label}/Po-{ABBREVIATIONS[label]}_{index:04d}.jpg"
+                jobs.append(Job((seed, _POOL_STREAM, site_id, class_id, index), POOL_SPLIT, label, site,
                                 out_dir / rel, rel))
     return jobs

@@ -14,6 +14,13 @@ class SynthError(EdgemriError):
     """The generator was asked for something it cannot do; the message names the setting."""
 
 
+def check_pool_size(size: int, name: str) -> None:
+    """A pool holds every class at least once (so it can score every class), or is off (0)."""
+    if size != 0 and size < len(CLASS_NAMES):
+        raise SynthError(f"{name} must be 0 (no pools) or at least {len(CLASS_NAMES)} images per site (one of each "
+                         f"class), got {size}")
+
+
 @dataclass(frozen=True)
 class SynthPreset:
     """How many images of each class per split, from how many sites, and how hard."""
@@ -24,6 +31,7 @@ class SynthPreset:
     num_sites: int
     class_mix_concentration: float = 40.0  # Dirichlet concentration of each site's class mix; lower: more skew
     subtle_share: float = 0.16  # share of tumours that are small and/or low-contrast
+    pool_per_site: int = 0  # images in each site's evaluation pool (``Pools/<site>/``); 0: no pools
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -32,6 +40,7 @@ class SynthPreset:
         for counts in (self.train_counts, self.test_counts):
             if set(counts) != set(CLASS_NAMES) or min(counts.values()) < 0:
                 raise SynthError(f"counts must give a non-negative number for each of {CLASS_NAMES}, got {counts}")
+        check_pool_size(self.pool_per_site, "pool_per_site")
 
     @property
     def sites(self) -> tuple[SiteProfile, ...]:
@@ -47,6 +56,7 @@ PRESETS: dict[str, SynthPreset] = {
         train_counts={"glioma": 370, "meningioma": 375, "notumor": 447, "pituitary": 408},
         test_counts={"glioma": 92, "meningioma": 93, "notumor": 124, "pituitary": 91},
         num_sites=4,
+        pool_per_site=300,
         description="the Kaggle class proportions at 2,000 images from 4 sites: a CPU demo in minutes",
     ),
     "kaggle": SynthPreset(
@@ -54,6 +64,7 @@ PRESETS: dict[str, SynthPreset] = {
         train_counts={"glioma": 1321, "meningioma": 1339, "notumor": 1595, "pituitary": 1457},
         test_counts={"glioma": 300, "meningioma": 306, "notumor": 405, "pituitary": 300},
         num_sites=6,
+        pool_per_site=400,
         description="the real set's class counts (7,023 images) from 6 sites",
     ),
 }

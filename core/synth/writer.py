@@ -1,5 +1,6 @@
 """Writing the set: draw every planned image (in worker processes), encode it as JPEG, and write
-the Kaggle-layout folder with ``metadata.csv`` (one row per file) and ``synth.json`` (the recipe).
+the Kaggle-layout folder with ``metadata.csv`` (one row per file) and ``synth.json`` (the recipe),
+plus each site's evaluation pool under ``Pools/`` (split ``Pool`` in ``metadata.csv``).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from PIL import Image
 
 from edgemri.core.io import write_bytes
 from edgemri.core.synth.phantom import make_image
-from edgemri.core.synth.planning import SPLITS, Job, class_mix, plan_jobs
-from edgemri.core.synth.presets import CLASS_NAMES, SynthError, get_preset
+from edgemri.core.synth.planning import POOL_DIR, POOL_SPLIT, SPLITS, Job, class_mix, plan_jobs, plan_pool_jobs
+from edgemri.core.synth.presets import CLASS_NAMES, SynthError, check_pool_size, get_preset
 from edgemri.core.synth.scanner import SEQUENCES, TISSUE
 
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.2"  # 1.2: per-site evaluation pools; Training/Testing as in 1.1
 METADATA_COLUMNS = (
     "file", "split", "label", "site", "view", "sequence", "slice_level", "width", "height", "jpeg_quality",
     "fov", "rotation_deg", "flipped", "gamma", "bias", "noise", "blur", "tumour_size", "tumour_contrast",
@@ -81,7 +82,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise SynthError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace "
                              f"its generated data")
         # Remove only what a previous generation wrote, so no stale image survives.
-        for split in SPLITS:
+        for split in (*SPLITS, POOL_DIR):
             shutil.rmtree(out_dir / split, ignore_errors=True)
         for name in ("metadata.csv", "synth.json"):
             (out_dir / name).unlink(missing_ok=True)
@@ -91,15 +92,25 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: int | None = None,
-             progress: bool = True, *, overwrite: bool = False, limit: int | None = None) -> dict[str, Any]:
+             progress: bool = True, *, overwrite: bool = False, limit: int | None = None, pools: bool = True,
+             pool_size: int | None = None) -> dict[str, Any]:
     """Write the synthetic set to ``out_dir`` in the Kaggle layout and return a summary.
 
     ``limit`` caps the images per class and split (smoke tests and quick looks);
     ``workers`` defaults to the CPU count and never changes the output bytes.
+    ``pools`` adds each site's evaluation pool, ``Pools/<site>/<class>/``: ``pool_size`` images per
+    site (default: the preset's ``pool_per_site``, or none under ``limit``, so a smoke test stays
+    small), drawn after everything else from seed keys of their own, so Training and Testing are
+    byte-identical with or without them.
     """
     spec = get_preset(preset)
     if limit is not None and limit < 1:
         raise SynthError(f"limit must be a positive number of images per class and split, got {limit}")
+    if pool_size is not None:
+        check_pool_size(pool_size, "pool_size")
+    else:
+        pool_size = 0 if limit else spec.pool_per_site
+    pool_per_site = pool_size if pools else 0
     out_dir = Path(out_dir)
     started = time.perf_counter()
     try:
@@ -107,6 +118,8 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
     except OSError as err:
         raise SynthError(f"cannot prepare the output folder {out_dir}: {err.strerror or err}") from None
     jobs = plan_jobs(spec, seed, out_dir, limit)
+    if pool_per_site:
+        jobs += plan_pool_jobs(spec, seed, out_dir, pool_per_site)
     workers = max(1, workers if workers is not None else os.cpu_count() or 1)
 
     bar = None
@@ -131,14 +144,18 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
 
     counts = {split: {label: 0 for label in CLASS_NAMES} for split in SPLITS}
     per_site = {s.name: {split: {label: 0 for label in CLASS_NAMES} for split in SPLITS} for s in spec.sites}
+    pool_counts = {s.name: {label: 0 for label in CLASS_NAMES} for s in spec.sites} if pool_per_site else {}
     for row in rows:
+        if row["split"] == POOL_SPLIT:
+            pool_counts[row["site"]][row["label"]] += 1
+            continue
         counts[row["split"]][row["label"]] += 1
         per_site[row["site"]][row["split"]][row["label"]] += 1
     mix = class_mix(spec, seed)
     info = {
         "generator": "edgemri.core.synth", "version": GENERATOR_VERSION, "preset": preset, "seed": seed,
         "limit": limit, "subtle_share": spec.subtle_share, "class_mix_concentration": spec.class_mix_concentration,
-        "counts": counts,
+        "counts": counts, "pool_per_site": pool_per_site, "pools": pool_counts,
         "sites": [dict(asdict(site), class_mix=dict(zip(CLASS_NAMES, np.round(mix[i], 4).tolist(), strict=True)),
                        images=per_site[site.name]) for i, site in enumerate(spec.sites)],
         "tissue_signal": {name: dict(zip(SEQUENCES, values, strict=True)) for name, values in TISSUE.items()},
@@ -147,6 +164,6 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
     write_bytes(out_dir / "synth.json", (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return {
         "out_dir": str(out_dir), "preset": preset, "seed": seed, "version": GENERATOR_VERSION,
-        "total": len(rows), "counts": counts, "sites": per_site,
+        "total": len(rows), "counts": counts, "sites": per_site, "pools": pool_counts,
         "seconds": round(time.perf_counter() - started, 2),
     }
