@@ -152,10 +152,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     method = create_method(instructions.federation)
     state = _state(client, context)
     if instructions.final:
-        start = msg.content.array_records.get(p.START)
-        if start is None:
-            raise p.ProtocolError("the final evaluation lacks the start model")
-        metrics = client.final_evaluate(method, start.to_torch_state_dict(), global_state, state, instructions)
+        start, best = msg.content.array_records.get(p.START), msg.content.array_records.get(p.BEST)
+        if start is None or best is None:
+            raise p.ProtocolError("the final evaluation lacks the start or the best global model")
+        metrics = client.final_evaluate(method, start.to_torch_state_dict(), best.to_torch_state_dict(),
+                                        global_state, state, instructions)
     else:
         metrics, _ = client.evaluate(method, global_state, state, instructions)
     privacy_status = client.privacy_status(client.dp_plan(instructions))

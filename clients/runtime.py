@@ -31,12 +31,15 @@ from edgemri.core.partition import (
 from edgemri.core.personalize import LocalTrainer, Method, State, evaluate_state, local_only, student_from
 from edgemri.core.privacy import LEDGER_FILE, DevicePolicy, DPPlan, Ledger, check_dp_model, opacus_wrap, plan_dp
 from edgemri.core.protocol import (
+    BEST_GLOBAL_ACCURACY,
     EPSILON,
     GLOBAL_ACCURACY,
+    GLOBAL_VAL_ACCURACY,
     LEDGER_RECORDS,
     LOCAL_ONLY_ACCURACY,
     PERSONAL_ACCURACY,
     START_ACCURACY,
+    VAL_EXAMPLES,
     RoundInstructions,
     Status,
     check_client_name,
@@ -216,14 +219,20 @@ class Client:
         personal = method.personalize(global_state, state.personal, trainer)
         metrics = {GLOBAL_ACCURACY: evaluate_state(global_state, test)["accuracy"],
                    PERSONAL_ACCURACY: evaluate_state(personal, test)["accuracy"]}
+        val = self.data().val
+        if len(val):  # federated validation: the server picks the global model of the best round
+            metrics.update({GLOBAL_VAL_ACCURACY: evaluate_state(global_state, val)["accuracy"],
+                            VAL_EXAMPLES: float(len(val))})
         return metrics, personal
 
-    def final_evaluate(self, method: Method, start: State, global_state: State, state: ClientState,
+    def final_evaluate(self, method: Method, start: State, best: State, global_state: State, state: ClientState,
                        instructions: RoundInstructions) -> dict[str, float]:
         """The report's columns for this client; saves its personalized checkpoint."""
         check_state_dict(Student(), start, "the server's start model")
+        check_state_dict(Student(), best, "the server's best global model")
         metrics, personal = self.evaluate(method, global_state, state, instructions)
         test = self.data().test
+        metrics[BEST_GLOBAL_ACCURACY] = evaluate_state(best, test)["accuracy"]
         rounds = instructions.federation.rounds
         local = local_only(start, self.trainer(instructions.spec, 0, instructions.seed), rounds)
         metrics[START_ACCURACY] = evaluate_state(start, test)["accuracy"]

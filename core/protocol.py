@@ -29,7 +29,7 @@ class ProtocolError(EdgemriError):
 APP_ROOT = Path(__file__).resolve().parents[1]
 
 # Records inside a message's RecordDict.
-ARRAYS, CONFIG, METRICS, INFO, START = "arrays", "config", "metrics", "info", "start"
+ARRAYS, CONFIG, METRICS, INFO, START, BEST = "arrays", "config", "metrics", "info", "start", "best"
 
 # The key Flower's client-side DP wrapper writes into the TRAIN config and its ``fixedclipping_mod`` reads.
 # Flower keeps the constant in ``flwr.supercore`` (not public API); tests check the two agree.
@@ -71,6 +71,8 @@ NUM_EXAMPLES = "num-examples"
 ROUNDS_TRAINED = "rounds-trained"
 GLOBAL_ACCURACY, PERSONAL_ACCURACY = "global-accuracy", "personal-accuracy"
 START_ACCURACY, LOCAL_ONLY_ACCURACY = "start-accuracy", "local-only-accuracy"
+BEST_GLOBAL_ACCURACY = "best-global-accuracy"  # the global model federated validation preferred
+GLOBAL_VAL_ACCURACY, VAL_EXAMPLES = "global-val-accuracy", "val-examples"  # on a client's validation split
 EPSILON, LEDGER_RECORDS = "epsilon", "rounds-dp"
 
 # Bounds on what a reply may claim; anything outside is a bad reply.
@@ -241,6 +243,7 @@ class RoundRecord:
     eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     central: dict[str, float] = field(default_factory=dict)
     central_epsilon: float | None = None  # client-level DP: cumulative epsilon after this round
+    federated_val: float | None = None  # the global model's accuracy on the clients' validation splits
 
 
 @dataclass
@@ -256,6 +259,7 @@ class FederationResult:
     central_final: dict[str, float]
     central_dp: dict[str, Any]
     excluded: dict[str, str] = field(default_factory=dict)  # nodes refused at discovery -> why
+    best_round: int | None = None  # the round whose global model federated validation preferred
     best_round: int | None = None  # the round whose global model central validation preferred
 
     def to_dict(self) -> dict[str, Any]:

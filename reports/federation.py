@@ -12,6 +12,7 @@ from typing import Any
 from edgemri.core.config import Config
 from edgemri.core.io import save_figure
 from edgemri.core.protocol import (
+    BEST_GLOBAL_ACCURACY,
     GLOBAL_ACCURACY,
     LOCAL_ONLY_ACCURACY,
     NUM_EXAMPLES,
@@ -22,8 +23,8 @@ from edgemri.core.protocol import (
 from edgemri.core.stats import bootstrap_ci_clustered, paired_differences
 from edgemri.reports.common import machine, package_versions, write_report_files
 
-COLUMNS = (("start", START_ACCURACY), ("global", GLOBAL_ACCURACY), ("personalized", PERSONAL_ACCURACY),
-           ("local-only", LOCAL_ONLY_ACCURACY), ("pooled", "pooled-accuracy"))
+COLUMNS = (("start", START_ACCURACY), ("global", GLOBAL_ACCURACY), ("best-global", BEST_GLOBAL_ACCURACY),
+           ("personalized", PERSONAL_ACCURACY), ("local-only", LOCAL_ONLY_ACCURACY), ("pooled", "pooled-accuracy"))
 # The paired comparisons (first - second, per client on the same test images) of the "paired" section.
 COMPARISONS = (("personalized", "start"), ("personalized", "global"), ("personalized", "local-only"),
                ("pooled", "personalized"))
@@ -109,6 +110,8 @@ def build_federation_report(result: FederationResult, config: Config,
         "curves": curves,
         "central": {"start": result.central_start, "final": result.central_final,
                     "per_round": [h.central for h in result.history]},
+        "best_round": result.best_round,
+        "federated_val": [h.federated_val for h in result.history],
         "participation": [{"round": h.round, "sampled": h.sampled, "trained": h.trained, "failed": h.failed,
                            "declined": h.declined, "aggregated": h.aggregated, "seconds": h.seconds}
                           for h in result.history],
@@ -154,7 +157,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     headers = [c for c, _ in COLUMNS]
     lines = [f"# Federation report: `{report['method']}`, {len(report['rounds'])} rounds, seed {report['seed']}", "",
              "Accuracy (%) on each client's own local test split. *start*: the distilled student; *global*: the "
-             "final global model; *personalized*: the client's own model; *local-only*: the same local budget "
+             "final global model; *best-global*: the global model of the round federated validation preferred "
+             f"(round {report['best_round']}: the clients' validation splits, weighted by size); "
+             "*personalized*: the client's own model; *local-only*: the same local budget "
              "from the same start without federation; *pooled*: one model trained centrally on all clients' "
              "training data (an upper bound that needs the data in one place).", "",
              "| client | kind | site | train n | test n | " + " | ".join(headers) + " |",

@@ -32,6 +32,7 @@ app = ServerApp()
 log = logging.getLogger("edgemri.server")
 
 STATE_FILE = "state.pt"
+BEST_FILE = "global-best.pt"  # the global model of the round federated validation preferred
 PROGRESS_FILE = "progress.log"
 DISCOVERY_WAIT_S = 120.0
 
@@ -125,8 +126,7 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
     saved = _load_state(server_dir / STATE_FILE) if settings.resume else None
     done = saved.step if saved else 0
     global_state = saved.state_dict if saved else start.state_dict
-    round_state = RoundState(history=[p.RoundRecord(**h) for h in saved.history], **saved.extra["clients"]) \
-        if saved else RoundState()
+    round_state = _round_state(saved) if saved else RoundState()
     central = config.privacy.central
     accountant = CentralAccountant(central, settings.num_clients, saved.extra.get("accountant") if saved else None) \
         if central.enabled else None
@@ -136,6 +136,11 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
 
     def on_round(record: p.RoundRecord, state: State) -> None:
         _save_state(server_dir, config, state, strategy.state, accountant)
+        if strategy.state.best_round == record.round:
+            save_checkpoint(server_dir / BEST_FILE, Checkpoint(
+                model="student", state_dict=state, role=f"global (round {record.round}, best federated validation)",
+                config=config.to_dict(), seed=config.seed, step=record.round,
+                metrics={**record.central, "federated_val": record.federated_val}))
         line = (f"round {record.round}/{config.federation.rounds}: {len(record.trained)}/{len(record.sampled)} "
                 f"trained, {len(record.failed)} failed, {len(record.declined)} declined, central accuracy "
                 f"{record.central.get('accuracy', float('nan')):.3f}, {record.seconds:.0f} s")
@@ -143,7 +148,11 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
         with (server_dir / PROGRESS_FILE).open("a") as fh:
             fh.write(line + "\n")
 
-    strategy = FederationStrategy(config, nodes, global_state, state=round_state, round_offset=done,
+    best_file = server_dir / BEST_FILE
+    best_state = load_checkpoint(best_file).state_dict if saved and round_state.best_round and best_file.is_file() \
+        else None
+    strategy = FederationStrategy(config, nodes, global_state, state=round_state, best_state=best_state,
+                                  round_offset=done,
                                   central_eval=central_eval, on_round=on_round)
     runner = with_central_dp(strategy, central, accountant) if accountant else strategy
     if done:
@@ -153,7 +162,7 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
         runner.start(grid=grid, initial_arrays=ArrayRecord(global_state), num_rounds=config.federation.rounds - done,
                      timeout=config.federation.round_timeout_s, train_config=ConfigRecord(),
                      evaluate_fn=strategy.after_round)
-    final, final_failed = final_evaluate(grid, strategy, start.state_dict, config)
+    final, final_failed = final_evaluate(grid, strategy, start.state_dict, strategy.best_state, config)
     return p.FederationResult(
         clients={c.client: c for c in nodes.values()}, history=strategy.state.history, final=final,
         final_failed=final_failed, retired=strategy.state.retired,
@@ -161,14 +170,15 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
         central_final=central_eval(strategy.global_state) if central_eval else {},
         central_dp=accountant.summary(strategy.state.history, strategy.stop_reason) if accountant
         else {"enabled": False},
-        excluded=excluded)
+        excluded=excluded, best_round=strategy.state.best_round)
 
 
-def final_evaluate(grid: Grid, strategy: FederationStrategy, start: State, config: Config
+def final_evaluate(grid: Grid, strategy: FederationStrategy, start: State, best: State, config: Config
                    ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """Every client's report columns: start, global, personalized and local-only accuracy."""
+    """Every client's report columns: start, global, best global, personalized and local-only accuracy."""
     messages = strategy._messages(sorted(strategy.nodes), config.federation.rounds, MessageType.EVALUATE,
-                                  ConfigRecord({"final": True}), **{p.START: ArrayRecord(start)})
+                                  ConfigRecord({"final": True}),
+                                  **{p.START: ArrayRecord(start), p.BEST: ArrayRecord(best)})
     return strategy.collect_evaluate(grid.send_and_receive(messages, timeout=config.federation.round_timeout_s))
 
 
@@ -181,11 +191,28 @@ def _save_state(server_dir: Path, config: Config, state: State, rounds: RoundSta
         model="student", kind="server", state_dict=state, config=config.to_dict(), seed=config.seed,
         step=last.round, history=history,
         extra={"clients": {"retired": rounds.retired, "epsilon": rounds.epsilon,
-                           "ledger_records": rounds.ledger_records},
+                           "ledger_records": rounds.ledger_records, "best_round": rounds.best_round,
+                           "best_val": rounds.best_val},
                "accountant": accountant.accountant.state_dict() if accountant else None}))
     save_checkpoint(server_dir / f"global-round-{last.round:03d}.pt", Checkpoint(
         model="student", state_dict=state, role=f"global (round {last.round})", config=config.to_dict(),
         seed=config.seed, metrics=last.central))
+
+
+def _round_state(saved: Checkpoint) -> RoundState:
+    """What the strategy knew after the saved round (a run folder is untrusted: any oddity is one clear error)."""
+    try:
+        clients = dict(saved.extra["clients"])
+        state = RoundState(history=[p.RoundRecord(**h) for h in saved.history], **clients)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"the server state of this run is malformed ({err.__class__.__name__}); "
+                              "start a new run folder") from None
+    typed = (all(isinstance(k, str) and isinstance(v, str) for k, v in state.retired.items())
+             and all(isinstance(v, float | int) for v in [*state.epsilon.values(), *state.ledger_records.values()])
+             and (state.best_round is None or isinstance(state.best_round, int)))
+    if not typed:
+        raise CheckpointError("the server state of this run holds values of the wrong type; start a new run folder")
+    return state
 
 
 def _load_state(path: Path) -> Checkpoint | None:

@@ -58,6 +58,8 @@ class RoundState:
     retired: dict[str, str] = field(default_factory=dict)  # client -> why it never trains again
     epsilon: dict[str, float] = field(default_factory=dict)  # client -> highest cumulative epsilon reported
     ledger_records: dict[str, float] = field(default_factory=dict)  # client -> longest ledger reported
+    best_round: int | None = None  # the round whose global model federated validation preferred
+    best_val: float | None = None  # its accuracy over the clients' validation splits
 
 
 def available(config: Config, client: p.ClientInfo, server_round: int) -> bool:
@@ -68,7 +70,8 @@ def available(config: Config, client: p.ClientInfo, server_round: int) -> bool:
 
 class FederationStrategy(FedAvg):
     def __init__(self, config: Config, nodes: dict[int, p.ClientInfo], global_state: State, *,
-                 state: RoundState | None = None, round_offset: int = 0, unweighted: bool = False,
+                 state: RoundState | None = None, best_state: State | None = None, round_offset: int = 0,
+                 unweighted: bool = False,
                  central_eval: Callable[[State], dict[str, float]] | None = None,
                  on_round: Callable[[p.RoundRecord, State], None] | None = None) -> None:
         fed = config.federation
@@ -80,6 +83,7 @@ class FederationStrategy(FedAvg):
         self.shapes = {k: tuple(v.shape) for k, v in global_state.items()}
         self.shared = self.method.shared_keys(list(global_state))
         self.global_state = global_state  # the full global model; FedAvg sees only what travels
+        self.best_state = best_state or global_state  # the global model federated validation prefers so far
         self.state = state or RoundState()
         self.round_offset = round_offset  # Strategy.start counts from 1; a resumed run continues its numbering
         self.unweighted = unweighted  # client-level DP: every client counts once
@@ -312,6 +316,11 @@ class FederationStrategy(FedAvg):
         record.eval_metrics = metrics
         for name, code in failed.items():
             record.failed.setdefault(name, code)
+        record.federated_val = federated_validation(metrics)
+        if record.federated_val is not None and (self.state.best_val is None
+                                                 or record.federated_val > self.state.best_val):
+            self.state.best_round, self.state.best_val = record.round, record.federated_val
+            self.best_state = self.global_state
         # Counts only: accuracies stay per client (a mean over tiers would hide the phones).
         return MetricRecord({"evaluated": len(metrics), "failed": len(failed)})
 
@@ -327,6 +336,14 @@ class FederationStrategy(FedAvg):
         if self.on_round:
             self.on_round(record, self.global_state)
         return MetricRecord(central) if central else None
+
+
+def federated_validation(metrics: dict[str, dict[str, float]]) -> float | None:
+    """The global model's accuracy over every client's validation split (weighted by its size), or None."""
+    scored = [(m[p.GLOBAL_VAL_ACCURACY], m[p.VAL_EXAMPLES]) for m in metrics.values()
+              if math.isfinite(m.get(p.GLOBAL_VAL_ACCURACY, math.nan)) and m.get(p.VAL_EXAMPLES, 0) > 0]
+    total = sum(n for _, n in scored)
+    return sum(acc * n for acc, n in scored) / total if total else None
 
 
 class _Rollback(p.ProtocolError):

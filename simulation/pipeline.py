@@ -122,7 +122,7 @@ def partition(config: Config, out: Path, *, progress: bool = False) -> list[Mani
 
 def federation_lines(run: FederationRun) -> list[str]:
     """Mean accuracy per client group for each model the federation compares, and where the report is."""
-    columns = ("start", "global", "personalized", "local-only", "pooled")
+    columns = ("start", "global", "best-global", "personalized", "local-only", "pooled")
     rows = [f"{group:9s} " + "  ".join(f"{column} {100 * stats[column]['mean']:.1f}" for column in columns)
             for group, stats in run.report["summary"].items()]
     return [*rows, f"report: {run.paths['md']}"]

@@ -90,8 +90,11 @@ def test_run_completes_with_a_failing_client_reported_and_skipped(broken_phone_r
         assert p["aggregated"]
     healthy = [r for r in report["clients"] if not r["failed"]]
     for row in healthy:
-        for column in ("start", "global", "personalized", "local-only", "pooled"):
+        for column in ("start", "global", "best-global", "personalized", "local-only", "pooled"):
             assert 0.0 <= row[column] <= 1.0
+    assert report["best_round"] in (1, 2)  # the hospitals' validation splits chose a round
+    best = load_checkpoint(run.out / "server" / "global-best.pt")
+    assert best.step == report["best_round"] and "federated validation" in best.role
     assert "worst" in report["summary"]["all"]["personalized"]
     assert 0.0 <= report["central"]["final"]["accuracy"] <= 1.0
     assert (run.out / "federation.png").read_bytes()[:4] == b"\x89PNG"

@@ -279,3 +279,24 @@ def test_an_evaluation_that_failed_on_the_device_is_a_failure_not_a_result() -> 
     metrics, failures = strategy.collect_evaluate([good, failed])
     assert metrics == {"hospital-a": {p.NUM_EXAMPLES: 5.0, p.PERSONAL_ACCURACY: 0.8}}
     assert failures == {"hospital-b": "data-error", "phone-a": p.FailureCode.NO_REPLY.value}
+
+
+def _evaluation(node: int, val_accuracy: float, val_n: int) -> Message:
+    return _reply(node, metrics={p.NUM_EXAMPLES: 5, p.GLOBAL_VAL_ACCURACY: val_accuracy, p.VAL_EXAMPLES: val_n},
+                  status=None, message_type=MessageType.EVALUATE)
+
+
+def test_federated_validation_keeps_the_global_model_of_the_best_round() -> None:
+    start = _start()
+    strategy = FederationStrategy(_config(), dict(NODES), start)
+    # (hospital-a's and hospital-b's validation accuracy, weighted 30:10) per round: round 2 is best.
+    rounds = {1: (0.5, 0.9), 2: (0.8, 0.2), 3: (0.6, 0.6)}  # weighted: 0.6, 0.65, 0.6
+    models = {}
+    for server_round, (a, b) in rounds.items():
+        _, models[server_round] = _round(strategy, [_reply(1, arrays=_moved(start, 1.0, server_round))],
+                                         server_round)
+        strategy.aggregate_evaluate(server_round, [_evaluation(1, a, 30), _evaluation(2, b, 10)])
+        strategy.after_round(server_round, ArrayRecord(strategy.global_state))
+    assert [h.federated_val for h in strategy.state.history] == pytest.approx([0.6, 0.65, 0.6])
+    assert strategy.state.best_round == 2
+    assert all(torch.equal(strategy.best_state[k], models[2][k]) for k in start)
