@@ -19,6 +19,7 @@ from typing import Any
 
 from edgemri.core.checkpoint import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
 from edgemri.core.config import TrainSpec
+from edgemri.core.data import ArraySplit, load_pools
 from edgemri.core.partition import (
     LocalData,
     Manifest,
@@ -38,6 +39,8 @@ from edgemri.core.protocol import (
     LEDGER_RECORDS,
     LOCAL_ONLY_ACCURACY,
     PERSONAL_ACCURACY,
+    POOL_EXAMPLES,
+    POOL_PREFIX,
     START_ACCURACY,
     VAL_EXAMPLES,
     RoundInstructions,
@@ -122,6 +125,10 @@ class Client:
                 self._data = load_local_data(self.manifest, self.setup.data_root)
                 save_local_data(cache, self._data)
         return self._data
+
+    def site_pool(self) -> ArraySplit | None:
+        """The evaluation pool of this client's site (``DATA/Pools/<site>/``), if its data folder has one."""
+        return load_pools(self.setup.data_root).get(self.manifest.site) or None
 
     # -- state ---------------------------------------------------------------
 
@@ -237,6 +244,12 @@ class Client:
         local = local_only(start, self.trainer(instructions.spec, 0, instructions.seed), rounds)
         metrics[START_ACCURACY] = evaluate_state(start, test)["accuracy"]
         metrics[LOCAL_ONLY_ACCURACY] = evaluate_state(local, test)["accuracy"]
+        if pool := self.site_pool():  # hundreds of held-out scans of this client's site: the primary metric
+            models = {START_ACCURACY: start, GLOBAL_ACCURACY: global_state, BEST_GLOBAL_ACCURACY: best,
+                      PERSONAL_ACCURACY: personal, LOCAL_ONLY_ACCURACY: local}
+            metrics.update({POOL_PREFIX + key: evaluate_state(model, pool)["accuracy"]
+                            for key, model in models.items()})
+            metrics[POOL_EXAMPLES] = float(len(pool))
         save_checkpoint(self.setup.state_dir / "personalized.pt", Checkpoint(
             model="student", state_dict=personal, role="personalized",
             config={"federation": dataclasses.asdict(instructions.federation)}, seed=instructions.seed,

@@ -73,6 +73,7 @@ GLOBAL_ACCURACY, PERSONAL_ACCURACY = "global-accuracy", "personal-accuracy"
 START_ACCURACY, LOCAL_ONLY_ACCURACY = "start-accuracy", "local-only-accuracy"
 BEST_GLOBAL_ACCURACY = "best-global-accuracy"  # the global model federated validation preferred
 GLOBAL_VAL_ACCURACY, VAL_EXAMPLES = "global-val-accuracy", "val-examples"  # on a client's validation split
+POOL_PREFIX, POOL_EXAMPLES = "pool-", "pool-examples"  # the same accuracies on the client's site pool
 EPSILON, LEDGER_RECORDS = "epsilon", "rounds-dp"
 
 # Bounds on what a reply may claim; anything outside is a bad reply.

@@ -17,6 +17,8 @@ from edgemri.core.protocol import (
     LOCAL_ONLY_ACCURACY,
     NUM_EXAMPLES,
     PERSONAL_ACCURACY,
+    POOL_EXAMPLES,
+    POOL_PREFIX,
     START_ACCURACY,
     FederationResult,
 )
@@ -73,22 +75,46 @@ def paired_summary(rows_by_seed: Mapping[Hashable, Sequence[Mapping[str, Any]]],
             "groups": groups}
 
 
-def build_federation_report(result: FederationResult, config: Config,
-                            pooled: dict[str, float] | None = None) -> dict[str, Any]:
+def _rows(result: FederationResult, pooled: dict[str, float] | None, prefix: str = "",
+          count_key: str = NUM_EXAMPLES) -> list[dict[str, Any]]:
+    """One row per client: its columns from the final metrics (``prefix``: the same, on its site pool)."""
     clients = result.clients
     rows = []
     for name in sorted(clients, key=lambda c: (clients[c].kind, c)):
-        final = result.final.get(name)
+        final = result.final.get(name) or {}
         row = {"client": name, "kind": clients[name].kind, "site": clients[name].site,
                "num_train": clients[name].num_examples, "failed": name in result.final_failed}
         for column, key in COLUMNS:
-            value = (pooled or {}).get(name) if column == "pooled" else (final or {}).get(key)
+            value = (pooled or {}).get(name) if column == "pooled" else final.get(prefix + key)
             row[column] = float("nan") if value is None else float(value)
-        row["num_test"] = int((final or {}).get(NUM_EXAMPLES, 0))
+        row["num_test"] = int(final.get(count_key, 0))
         rows.append(row)
-    groups = {"all": rows, **{kind: [r for r in rows if r["kind"] == kind] for kind in config.federation.tier_names}}
-    summary = {group: {column: _summary([r[column] for r in members]) for column, _ in COLUMNS}
-               for group, members in groups.items() if members}
+    return rows
+
+
+def _groups(rows: list[dict[str, Any]], config: Config) -> dict[str, list[dict[str, Any]]]:
+    return {"all": rows, **{kind: [r for r in rows if r["kind"] == kind] for kind in config.federation.tier_names}}
+
+
+def _summaries(rows: list[dict[str, Any]], config: Config) -> dict[str, Any]:
+    return {group: {column: _summary([r[column] for r in members]) for column, _ in COLUMNS}
+            for group, members in _groups(rows, config).items() if members}
+
+
+def _pool_section(result: FederationResult, config: Config) -> dict[str, Any] | None:
+    """The same columns on each client's site pool (hundreds of held-out scans), when the clients had pools."""
+    if not any(POOL_EXAMPLES in m for m in result.final.values()):
+        return None
+    rows = _rows(result, None, POOL_PREFIX, POOL_EXAMPLES)
+    return {"clients": rows, "summary": _summaries(rows, config),
+            "paired": paired_summary({config.seed: rows}, config.federation.tier_names)}
+
+
+def build_federation_report(result: FederationResult, config: Config,
+                            pooled: dict[str, float] | None = None) -> dict[str, Any]:
+    rows = _rows(result, pooled)
+    groups = _groups(rows, config)
+    summary = _summaries(rows, config)
     curves: dict[str, dict[str, list[float]]] = {}
     for group, members in groups.items():
         names = {r["client"] for r in members}
@@ -107,6 +133,7 @@ def build_federation_report(result: FederationResult, config: Config,
         "clients": rows,
         "summary": summary,
         "paired": paired_summary({config.seed: rows}, config.federation.tier_names),
+        "pool": _pool_section(result, config),
         "curves": curves,
         "central": {"start": result.central_start, "final": result.central_final,
                     "per_round": [h.central for h in result.history]},
@@ -140,16 +167,33 @@ def _paired_markdown(report: dict[str, Any]) -> list[str]:
     paired, keys = report["paired"], [comparison_key(*c) for c in COMPARISONS]
     tested = [r["num_test"] for r in report["clients"] if r["num_test"]]
     sizes = f"{min(tested)}-{max(tested)}" if tested else "no"
+    sizes_text = (f"With a handful of test images per client ({sizes} here) these intervals are wide"
+                  if max(tested or [0]) < 100 else f"With {sizes} test images per client")
     lines = ["", f"Paired differences (percentage points), each client's models compared on the same test images: "
                  f"the mean over clients with a {100 * paired['level']:.0f}% percentile-bootstrap confidence "
                  f"interval ({paired['resamples']:,} resamples of the clients) and the number of clients. "
-                 f"With a handful of test images per client ({sizes} here) these intervals are wide, and this is "
-                 f"one run, one seed (the multi-seed benchmark pools clients × seeds); with only a few clients in "
+                 f"{sizes_text}, and this is one run, one seed (the multi-seed "
+                 f"benchmark pools clients × seeds); with only a few clients in "
                  f"a tier the bootstrap cannot reach beyond the differences observed, so read such an interval as "
                  f"the range of the clients, not a guarantee.", "",
              "| group | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for group, intervals in paired["groups"].items():
         lines.append(f"| {group} | " + " | ".join(_pp(intervals[k]) for k in keys) + " |")
+    return lines
+
+
+def _tables(section: dict[str, Any], headers: list[str]) -> list[str]:
+    """The per-client table and the per-group mean / worst table of one section (local test or site pool)."""
+    lines = ["| client | kind | site | train n | test n | " + " | ".join(headers) + " |",
+             "|---|---|---|---|---|" + "---|" * len(headers)]
+    for r in section["clients"]:
+        flag = " (failed)" if r["failed"] else ""
+        lines.append(f"| {r['client']}{flag} | {r['kind']} | {r['site']} | {r['num_train']} | {r['num_test']} | "
+                     + " | ".join(_pct(r[c]) for c in headers) + " |")
+    lines += ["", "| group | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+    for group, stats in section["summary"].items():
+        for which in ("mean", "worst"):
+            lines.append(f"| {group} {which} | " + " | ".join(_pct(stats[c][which]) for c in headers) + " |")
     return lines
 
 
@@ -161,18 +205,15 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"(round {report['best_round']}: the clients' validation splits, weighted by size); "
              "*personalized*: the client's own model; *local-only*: the same local budget "
              "from the same start without federation; *pooled*: one model trained centrally on all clients' "
-             "training data (an upper bound that needs the data in one place).", "",
-             "| client | kind | site | train n | test n | " + " | ".join(headers) + " |",
-             "|---|---|---|---|---|" + "---|" * len(headers)]
-    for r in report["clients"]:
-        flag = " (failed)" if r["failed"] else ""
-        lines.append(f"| {r['client']}{flag} | {r['kind']} | {r['site']} | {r['num_train']} | {r['num_test']} | "
-                     + " | ".join(_pct(r[c]) for c in headers) + " |")
-    lines += ["", "| group | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
-    for group, stats in report["summary"].items():
-        for which in ("mean", "worst"):
-            lines.append(f"| {group} {which} | " + " | ".join(_pct(stats[c][which]) for c in headers) + " |")
-    lines += _paired_markdown(report)
+             "training data (an upper bound that needs the data in one place).", ""]
+    lines += _tables(report, headers) + _paired_markdown(report)
+    if report.get("pool"):
+        lines += ["", "## On each client's site pool", "",
+                  "The same models scored on hundreds of held-out scans of each client's site, generated with "
+                  "that site's scanner profile (`Pools/<site>/` of the data folder): the primary metric, since a "
+                  "local test split of a few scans cannot resolve differences of a few points. *test n* is the "
+                  "pool's size here; *pooled* is not scored on the pools.", ""]
+        lines += _tables(report["pool"], headers) + _paired_markdown(report["pool"])
     central = report["central"]
     if central["final"]:
         lines += ["", f"Global model on the Testing split: {_pct(central['start'].get('accuracy', math.nan))}% "

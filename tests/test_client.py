@@ -77,3 +77,27 @@ def test_a_failure_travels_as_a_code_without_its_text(error: Exception, code: p.
     assert dict(reply.content[p.INFO]) == {"status": p.Status.FAILED.value, "code": code.value}
     assert p.ARRAYS not in reply.content and all("/" not in str(v) for v in reply.content[p.METRICS].values())
     assert reply.content[p.METRICS][p.NUM_EXAMPLES] == 0
+
+
+def test_the_final_evaluation_scores_every_model_on_the_clients_site_pool(
+        sited_data: Path, tmp_path: Path, user_cache: Path) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(sited_data, root)
+    for image in sorted(root.glob("Testing/*/*.jpg"))[::2]:  # a few scans per class as site-a's pool
+        target = root / "Pools" / "site-a" / image.parent.name / image.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, target)
+    pool_size = len(list(root.glob("Pools/site-a/*/*.jpg")))
+    manifests = write_manifests(partition(load_dataset(root).train, root, CONFIG), tmp_path / "m")
+    manifest = next(m for m in manifests if read_manifest(m).kind == "hospital" and read_manifest(m).site == "site-a")
+    client = Client(resolve_setup({"manifest": str(manifest), "data-dir": str(root),
+                                   "state-dir": str(tmp_path / "state")}, {}))
+    start = Student().state_dict()
+    metrics = client.final_evaluate(create_method(CONFIG.federation), start, start, start, ClientState(),
+                                    p.RoundInstructions.for_tier(CONFIG, "hospital", 1, final=True))
+    assert metrics[p.POOL_EXAMPLES] == pool_size
+    assert metrics[p.POOL_PREFIX + p.START_ACCURACY] == metrics[p.POOL_PREFIX + p.BEST_GLOBAL_ACCURACY]
+    assert all(0 <= metrics[p.POOL_PREFIX + k] <= 1 for k in (p.GLOBAL_ACCURACY, p.PERSONAL_ACCURACY,
+                                                              p.LOCAL_ONLY_ACCURACY))

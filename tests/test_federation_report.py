@@ -73,3 +73,15 @@ def test_markdown_table_json_and_plot_show_the_paired_section(report: dict, tmp_
     assert "(5-30 here) these intervals are wide" in markdown and "one run, one seed" in markdown
     assert json.loads(paths["json"].read_text())["paired"]["groups"]["phone"]["pooled - personalized"]["n"] == 2
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_whose_clients_had_site_pools_reports_them_as_their_own_section() -> None:
+    result = _result()
+    assert build_federation_report(result, CONFIG)["pool"] is None  # no pools: no section
+    for k, metrics in enumerate(result.final.values()):
+        metrics.update({p.POOL_PREFIX + p.START_ACCURACY: 0.5, p.POOL_PREFIX + p.PERSONAL_ACCURACY: 0.6 + k / 100,
+                        p.POOL_EXAMPLES: 300.0})
+    pool = build_federation_report(result, CONFIG)["pool"]
+    rows = {r["client"]: r for r in pool["clients"]}
+    assert rows["hospital-b"]["personalized"] == pytest.approx(0.61) and rows["hospital-b"]["num_test"] == 300
+    assert pool["paired"]["groups"]["hospital"]["personalized - start"]["mean"] == pytest.approx(0.105)
