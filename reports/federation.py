@@ -168,7 +168,8 @@ def _paired_markdown(report: dict[str, Any]) -> list[str]:
     tested = [r["num_test"] for r in report["clients"] if r["num_test"]]
     sizes = f"{min(tested)}-{max(tested)}" if tested else "no"
     sizes_text = (f"With a handful of test images per client ({sizes} here) these intervals are wide"
-                  if max(tested or [0]) < 100 else f"With {sizes} test images per client")
+                  if max(tested or [0]) < 100 else
+                  f"With {sizes} test images per client the intervals resolve a few points")
     lines = ["", f"Paired differences (percentage points), each client's models compared on the same test images: "
                  f"the mean over clients with a {100 * paired['level']:.0f}% percentile-bootstrap confidence "
                  f"interval ({paired['resamples']:,} resamples of the clients) and the number of clients. "
