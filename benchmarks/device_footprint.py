@@ -4,10 +4,10 @@ A small real deployment on 127.0.0.1 (TLS, SuperNode authentication): one hospit
 one phone SuperNode, each with its own manifest and state folder. While the federation
 runs, the phone's process tree (SuperNode, its SuperExec, and the ClientApp process it
 starts for every message) is sampled with psutil. The message audit (clients/audit.py)
-says which ClientApp process handled which message; the bytes of each message are
-measured by serializing an equal message (same arrays, shapes and dtype float32, same
-config and metric values) the way Flower sends it: as content-addressed objects, each
-pushed or pulled in its own HTTP request. TLS and HTTP framing are not counted.
+says which ClientApp process handled which message; the payload of each message is
+measured with Flower's public API on an equal message (same arrays, shapes and dtype
+float32; the same config and metric values): the arrays as Flower serializes them plus the
+scalar values as JSON. Flower's framing, HTTP and TLS are not counted.
 
     python -m benchmarks.device_footprint [--rounds 3] [--keep DIR]
 """
@@ -27,10 +27,7 @@ from typing import Any
 import psutil
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.app import ArrayRecord
 
 from benchmarks.common import write_result
 from edgemri.core.checkpoint import Checkpoint, save_checkpoint
@@ -103,28 +100,24 @@ class TreeSampler(threading.Thread):
             time.sleep(self.interval_s)
 
 
-def message_bytes(description: dict[str, Any]) -> tuple[int, int, int]:
-    """(serialized bytes, float32 array bytes, Flower objects) of a message like the audited one."""
+def message_bytes(description: dict[str, Any]) -> tuple[int, int]:
+    """(payload bytes, float32 array bytes) of a message like the audited one, with Flower's public API.
+
+    The payload is each array as Flower serializes it (``Array.data``: the buffer with its dtype and shape
+    header) plus the config and metric values as JSON; Flower's own framing (object ids, protobuf and
+    HTTP headers, TLS) is not counted: no public API exposes a message's serialized size.
+    """
     if "records" not in description:
         raise RuntimeError(f"an audited message carried an error, not a reply: {description}")
-    content = RecordDict()
-    array_bytes = 0
-    for key, record in description["records"].items():
+    payload = array_bytes = 0
+    for record in description["records"].values():
         if record["type"] == "arrays":
-            # Random values: equal arrays would share one content-addressed object and shrink the count.
-            arrays = {name: torch.randn(shape) for name, shape in record["arrays"].items()}
-            array_bytes += sum(a.numel() * a.element_size() for a in arrays.values())
-            content[key] = ArrayRecord(arrays)
-        elif record["type"] == "config":
-            content[key] = ConfigRecord(record["values"])
-        elif record["type"] == "metrics":
-            content[key] = MetricRecord(record["values"])
-    # make_message and Metadata are how Flower itself rebuilds received messages.
-    message = make_message(Metadata(run_id=2**63 - 1, message_id="", src_node_id=2**63 - 1, dst_node_id=2**63 - 1,
-                                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=43200.0,
-                                    message_type=description["message_type"]), content)
-    objects = get_all_nested_objects(message)
-    return sum(len(o.deflate()) for o in objects.values()), array_bytes, len(objects)
+            arrays = ArrayRecord({name: torch.zeros(shape) for name, shape in record["arrays"].items()})
+            payload += sum(len(array.data) for array in arrays.values())
+            array_bytes += sum(4 * int(torch.Size(shape).numel()) for shape in record["arrays"].values())
+        elif record["type"] in ("config", "metrics"):
+            payload += len(json.dumps(record["values"]).encode())
+    return payload, array_bytes
 
 
 def prepare(work: Path, rounds: int) -> tuple[Path, dict[str, Path], Path, Path]:
@@ -167,7 +160,7 @@ def measure(work: Path, rounds: int) -> dict[str, Any]:
 
     phone_id = deployment.node_ids[PHONE]
     per_round: dict[int, dict[str, float]] = {r: {"seconds": 0.0, "cpu": 0.0, "in": 0, "out": 0, "in_arrays": 0,
-                                                  "out_arrays": 0, "objects": 0} for r in range(1, rounds + 1)}
+                                                  "out_arrays": 0} for r in range(1, rounds + 1)}
     clientapp_peaks = []
     for path in audit.glob(f"node-{phone_id}-*.json"):
         pid = int(path.stem.rsplit("-", 1)[1])  # node-ID-TIME_NS-PID: the ClientApp process that answered
@@ -183,10 +176,9 @@ def measure(work: Path, rounds: int) -> dict[str, Any]:
             row["seconds"] += trace.seconds
             row["cpu"] += trace.cpu_seconds
         for direction in ("in", "out"):
-            size, arrays, objects = message_bytes(record[direction])
+            size, arrays = message_bytes(record[direction])
             row[direction] += size
             row[f"{direction}_arrays"] += arrays
-            row["objects"] += objects
 
     def mean(key: str) -> float:
         return statistics.fmean(row[key] for row in per_round.values())
@@ -202,11 +194,10 @@ def measure(work: Path, rounds: int) -> dict[str, Any]:
         "phone_clientapp_peak_rss_mb": round(max(clientapp_peaks) / MB, 1),
         "phone_round_seconds": round(mean("seconds"), 2),
         "phone_round_cpu_seconds": round(mean("cpu"), 2),
-        "phone_bytes_received_per_round": round(mean("in")),
-        "phone_bytes_sent_per_round": round(mean("out")),
+        "phone_payload_bytes_received_per_round": round(mean("in")),
+        "phone_payload_bytes_sent_per_round": round(mean("out")),
         "phone_array_bytes_received_per_round": round(mean("in_arrays")),
         "phone_array_bytes_sent_per_round": round(mean("out_arrays")),
-        "phone_flower_objects_per_round": round(mean("objects")),
         "student_float32_state_dict_bytes": sum(v.numel() * 4 for v in Student().state_dict().values()),
         "server_train_step_seconds": round(statistics.fmean(p["seconds"] for p in report["participation"]), 2),
         "federation_seconds": round(outcome.seconds, 1),

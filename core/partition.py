@@ -380,3 +380,8 @@ def load_local_data_cache(path: Path, manifest: Manifest) -> LocalData | None:
 def manifest_paths(folder: Path) -> list[Path]:
     """The client manifests in a folder, in client order."""
     return sorted(folder.glob("client-*.json"))
+
+
+def ensure_manifests(folder: Path, train: ArraySplit, data_root: Path, config: Config) -> list[Path]:
+    """The client manifests in ``folder``, written from ``train`` when there are none (a resumed run keeps its own)."""
+    return manifest_paths(folder) or write_manifests(partition(train, data_root, config), folder)

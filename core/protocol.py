@@ -32,7 +32,7 @@ APP_ROOT = Path(__file__).resolve().parents[1]
 ARRAYS, CONFIG, METRICS, INFO, START, BEST = "arrays", "config", "metrics", "info", "start", "best"
 
 # The key Flower's client-side DP wrapper writes into the TRAIN config and its ``fixedclipping_mod`` reads.
-# Flower keeps the constant in ``flwr.supercore`` (not public API); tests check the two agree.
+# Flower keeps this constant outside its public API, so it is restated here; a test checks the two agree.
 CLIPPING_NORM_KEY = "clipping_norm"
 
 

@@ -19,10 +19,10 @@ from flwr.serverapp import Grid, ServerApp
 from edgemri.core import protocol as p
 from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.core.config import Config, load_config
-from edgemri.core.data import ArraySplit, load_dataset
+from edgemri.core.data import ArraySplit, Dataset, load_dataset
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json
-from edgemri.core.partition import manifest_paths, partition, write_manifests
+from edgemri.core.partition import ensure_manifests
 from edgemri.core.personalize import State, evaluate_state
 from edgemri.reports.federation import build_federation_report, write_federation_report
 from edgemri.reports.privacy import build_privacy_report, write_privacy_report
@@ -47,8 +47,8 @@ def _log_through_flower() -> None:
     ours.propagate = False
 
 
-def prepare(settings: p.RunSettings, config: Config) -> Checkpoint:
-    """The start model, and in simulation the client manifests (written from the data folder when missing)."""
+def prepare(settings: p.RunSettings, config: Config) -> tuple[Checkpoint, Dataset | None]:
+    """The start model and the server's data; in simulation, the client manifests (written when missing)."""
     if not settings.start_checkpoint.is_file():
         raise EdgemriError(f"no start model at {settings.start_checkpoint}: run `make demo` (or `edgemri distill`) "
                            "first, or pass --run-config \"start-checkpoint='PATH'\"")
@@ -56,16 +56,15 @@ def prepare(settings: p.RunSettings, config: Config) -> Checkpoint:
     if start.model != "student":
         raise CheckpointError(f"the federation starts from a student; {settings.start_checkpoint} holds "
                               f"{start.model!r}")
-    if settings.data_root is None or settings.manifests is None:
-        return start  # a deployment: each device's node config names its own manifest
-    if not manifest_paths(settings.manifests):
-        if not (settings.data_root / "Training").is_dir():
-            raise EdgemriError(f"no client manifests in {settings.manifests} and no data at {settings.data_root}: "
-                               "run `make demo` (or `edgemri data synth --out DIR` and `edgemri data partition`)")
-        dataset = load_dataset(settings.data_root, cache_dir=config.data.cache_dir)
-        written = write_manifests(partition(dataset.train, settings.data_root, config), settings.manifests)
-        log.info("wrote %d client manifests to %s", len(written), settings.manifests)
-    return start
+    if settings.data_root is None:
+        return start, None  # a deployment: the server holds no data; each device's node config names its manifest
+    if not (settings.data_root / "Training").is_dir():
+        raise EdgemriError(f"no data at {settings.data_root}: run `make demo` (or `edgemri data synth --out DIR`), "
+                           "or pass --run-config \"data-root=''\" for a deployment")
+    dataset = load_dataset(settings.data_root, cache_dir=config.data.cache_dir)
+    if settings.manifests is not None:
+        ensure_manifests(settings.manifests, dataset.train, settings.data_root, config)
+    return start, dataset
 
 
 def discover(grid: Grid, expected: int, kinds: tuple[str, ...], wait_s: float = DISCOVERY_WAIT_S
@@ -112,11 +111,9 @@ def _central_eval(test: ArraySplit) -> Callable[[State], dict[str, float]]:
 
 
 def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResult:
-    start = prepare(settings, config)
+    start, dataset = prepare(settings, config)
     server_dir = settings.run_dir / "server"
-    central_test = load_dataset(settings.data_root, cache_dir=config.data.cache_dir).test \
-        if settings.data_root else None
-    central_eval = _central_eval(central_test) if central_test is not None else None
+    central_eval = _central_eval(dataset.test) if dataset is not None else None
     nodes, excluded = discover(grid, settings.num_clients, config.federation.tier_names)
     if len(nodes) < config.federation.min_clients:
         raise EdgemriError(f"only {len(nodes)} clients answered; federation.min_clients is "

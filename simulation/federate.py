@@ -21,7 +21,7 @@ from edgemri.core.data import load_dataset
 from edgemri.core.distill import resume_settings
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json, write_text
-from edgemri.core.partition import manifest_paths, partition, read_manifest, write_manifests
+from edgemri.core.partition import ensure_manifests, read_manifest
 from edgemri.core.privacy import PrivacyError, check_dp_model, plan_dp
 from edgemri.core.protocol import APP_ROOT
 from edgemri.models import build_model
@@ -39,16 +39,6 @@ class FederationRun:
     out: Path
     report: dict
     paths: dict[str, Path]
-
-
-def prepare_manifests(config: Config, data_root: Path, out: Path) -> list[Path]:
-    """Write one manifest per client (kept as they are when the run resumes)."""
-    folder = out / "manifests"
-    existing = manifest_paths(folder)
-    if existing:
-        return existing
-    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)
-    return write_manifests(partition(dataset.train, data_root, config), folder)
 
 
 def plan_privacy(config: Config, manifests: list[Path]) -> dict[str, dict]:
@@ -122,11 +112,11 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
     check_start_split(config, start.config, start_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     config_path = write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    manifests = prepare_manifests(config, data_root.resolve(), out)
+    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)
+    manifests = ensure_manifests(out / "manifests", dataset.train, data_root.resolve(), config)
     log.info("%d clients: %s", len(manifests), ", ".join(read_manifest(m).client for m in manifests))
     write_json(out / "privacy-plan.json", plan_privacy(config, manifests))
     # The pooled reference needs every client's data in one place: only this runner has it, never the apps.
-    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)
     write_json(out / "pooled.json", pooled_accuracy([read_manifest(m) for m in manifests], dataset,
                                                     start.state_dict, config))
     run_config = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def make_kaggle_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> 
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 training and 10 test images per class."""
     return make_kaggle_folder(tmp_path_factory.mktemp("tiny") / "data", {"Training": 40, "Testing": 10})
+
+
+def read_metadata(root: Path) -> list[dict[str, str]]:
+    """The rows of a data folder's metadata.csv."""
+    with (root / "metadata.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
 
 
 def add_sites(root: Path, sites: tuple[str, ...]) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_kaggle_folder
+from conftest import make_kaggle_folder, read_metadata
 
 from edgemri.core import synth
 from edgemri.core.data import (
@@ -31,11 +30,6 @@ LIMIT = 2  # Training/Testing images per class
 
 def _jpgs(root: Path, *tops: str) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for top in tops for p in sorted((root / top).rglob("*.jpg"))}
-
-
-def _metadata(root: Path) -> list[dict[str, str]]:
-    with (root / "metadata.csv").open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +57,7 @@ def test_every_site_has_a_pool_of_the_requested_size_with_every_class(pooled: tu
 
 def test_metadata_lists_each_pool_image_at_its_folder_site(pooled: tuple[Path, dict]) -> None:
     root, _ = pooled
-    rows = [r for r in _metadata(root) if r["split"] == synth.POOL_SPLIT]
+    rows = [r for r in read_metadata(root) if r["split"] == synth.POOL_SPLIT]
     assert sorted(r["file"] for r in rows) == sorted(_jpgs(root, POOL_DIR))
     for r in rows:
         top, site, label, _ = r["file"].split("/")
@@ -76,8 +70,8 @@ def test_pools_change_no_training_or_testing_image(pooled: tuple[Path, dict], tm
     synth.generate(plain, "quickstart", seed=5, workers=1, progress=False, limit=LIMIT, pools=False)
     assert not (plain / POOL_DIR).exists()
     assert _jpgs(plain, *synth.SPLITS) == _jpgs(root, *synth.SPLITS)
-    kaggle_rows = [r for r in _metadata(root) if r["split"] != synth.POOL_SPLIT]
-    assert kaggle_rows == _metadata(plain)
+    kaggle_rows = [r for r in read_metadata(root) if r["split"] != synth.POOL_SPLIT]
+    assert kaggle_rows == read_metadata(plain)
     assert load_dataset(root).train.files == load_dataset(plain).train.files
 
 

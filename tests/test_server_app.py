@@ -36,7 +36,8 @@ def test_missing_manifests_are_written_from_the_data_folder(sited_data: Path, st
                            "federation": {"tiers": {"hospital": {"min_examples": 20},
                                                     "phone": {"per_site": 1, "max_examples": 12}}}})
     settings = _settings(tmp_path, sited_data, start)
-    assert prepare(settings, config).model == "student"
+    start_model, dataset = prepare(settings, config)
+    assert start_model.model == "student" and len(dataset.test) > 0
     assert len(manifest_paths(settings.manifests)) >= 2
 
 

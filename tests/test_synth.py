@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_metadata
 from PIL import Image
 
 from edgemri.core import synth
@@ -18,11 +18,6 @@ LIMIT = 8  # images per class and split: 64 in all, a couple of seconds
 
 def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
-
-
-def _read_metadata(root: Path) -> list[dict[str, str]]:
-    with (root / "metadata.csv").open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +57,7 @@ def test_images_are_grey_rgb_jpegs_of_varied_size(tiny: tuple[Path, dict]) -> No
 
 def test_metadata_has_one_valid_row_per_file(tiny: tuple[Path, dict]) -> None:
     root, _ = tiny
-    rows = _read_metadata(root)
+    rows = read_metadata(root)
     assert set(synth.METADATA_COLUMNS) <= set(rows[0])
     assert sorted(r["file"] for r in rows) == _files(root)
     info = json.loads((root / "synth.json").read_text())
