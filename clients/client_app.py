@@ -158,7 +158,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = client.final_evaluate(method, start.to_torch_state_dict(), best.to_torch_state_dict(),
                                         global_state, state, instructions)
     else:
-        metrics, _ = client.evaluate(method, global_state, state, instructions)
+        metrics = client.evaluate(method, global_state, state, instructions)
     privacy_status = client.privacy_status(client.dp_plan(instructions))
     return _reply(msg, metrics={**metrics, **privacy_status, p.NUM_EXAMPLES: len(client.data().test),
                                 p.ROUNDS_TRAINED: state.rounds_trained})

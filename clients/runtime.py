@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from edgemri.core.checkpoint import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
-from edgemri.core.config import TrainSpec
-from edgemri.core.data import ArraySplit, load_pools
+from edgemri.core.data import CLASS_NAMES, ArraySplit, load_pools
 from edgemri.core.partition import (
     LocalData,
     Manifest,
@@ -29,7 +30,15 @@ from edgemri.core.partition import (
     read_manifest,
     save_local_data,
 )
-from edgemri.core.personalize import LocalTrainer, Method, State, evaluate_state, local_only, student_from
+from edgemri.core.personalize import (
+    LocalTrainer,
+    Method,
+    State,
+    evaluate_state,
+    exportable,
+    local_only,
+    student_from,
+)
 from edgemri.core.privacy import LEDGER_FILE, DevicePolicy, DPPlan, Ledger, check_dp_model, opacus_wrap, plan_dp
 from edgemri.core.protocol import (
     BEST_GLOBAL_ACCURACY,
@@ -155,9 +164,13 @@ class Client:
 
     # -- work ------------------------------------------------------------------
 
-    def trainer(self, spec: TrainSpec, server_round: int, run_seed: int) -> LocalTrainer:
-        seed = (run_seed * 1_000_003 + server_round * 7919 + zlib.crc32(self.name.encode())) % 2**31
-        return LocalTrainer(self.data().train, spec, seed)
+    def trainer(self, instructions: RoundInstructions, server_round: int | None = None) -> LocalTrainer:
+        """This client's trainer for a round (``server_round`` overrides the instructions', e.g. 0 for baselines)."""
+        server_round = instructions.server_round if server_round is None else server_round
+        seed = (instructions.seed * 1_000_003 + server_round * 7919 + zlib.crc32(self.name.encode())) % 2**31
+        data = self.data()
+        return LocalTrainer(data.train, instructions.spec, seed,
+                            personal=instructions.federation.tier(self.kind).personal, val=data.val)
 
     # -- privacy ---------------------------------------------------------------
 
@@ -194,7 +207,7 @@ class Client:
         plan = self.dp_plan(instructions)
         if refusal := self.policy.check(instructions.privacy.tier(self.kind, self.name), plan):
             return RoundReply(None, state, {}, Status.POLICY_REFUSED, refusal)
-        trainer = self.trainer(instructions.spec, server_round, instructions.seed)
+        trainer = self.trainer(instructions)
         ledger = None
         if plan is not None:
             if not plan.feasible:
@@ -218,42 +231,57 @@ class Client:
         return RoundReply(out.shared, new_state, {**out.metrics, **self.privacy_status(plan)}, Status.TRAINED, "")
 
     def evaluate(self, method: Method, global_state: State, state: ClientState, instructions: RoundInstructions
-                 ) -> tuple[dict[str, float], State]:
-        """Global and personalized accuracy on the client's own test split."""
+                 ) -> dict[str, float]:
+        """A round's metrics: the global model on the test and validation splits (federated validation: the
+        server keeps the best round's model), and the personal model where the method keeps one every round
+        (a model made only at the end is not trained every round just for a curve)."""
         check_state_dict(Student(), global_state, "the server's global model")
-        test = self.data().test
-        trainer = self.trainer(instructions.spec, instructions.server_round, instructions.seed)
-        personal = method.personalize(global_state, state.personal, trainer)
-        metrics = {GLOBAL_ACCURACY: evaluate_state(global_state, test)["accuracy"],
-                   PERSONAL_ACCURACY: evaluate_state(personal, test)["accuracy"]}
-        val = self.data().val
-        if len(val):  # federated validation: the server picks the global model of the best round
+        test, val = self.data().test, self.data().val
+        metrics = {GLOBAL_ACCURACY: evaluate_state(global_state, test)["accuracy"]}
+        if method.keeps_personal_state:
+            personal = method.personalize(global_state, state.personal, self.trainer(instructions))
+            metrics[PERSONAL_ACCURACY] = evaluate_state(personal, test)["accuracy"]
+        if len(val):
             metrics.update({GLOBAL_VAL_ACCURACY: evaluate_state(global_state, val)["accuracy"],
                             VAL_EXAMPLES: float(len(val))})
-        return metrics, personal
+        return metrics
 
     def final_evaluate(self, method: Method, start: State, best: State, global_state: State, state: ClientState,
                        instructions: RoundInstructions) -> dict[str, float]:
-        """The report's columns for this client; saves its personalized checkpoint."""
-        check_state_dict(Student(), start, "the server's start model")
-        check_state_dict(Student(), best, "the server's best global model")
-        metrics, personal = self.evaluate(method, global_state, state, instructions)
-        test = self.data().test
-        metrics[BEST_GLOBAL_ACCURACY] = evaluate_state(best, test)["accuracy"]
-        rounds = instructions.federation.rounds
-        local = local_only(start, self.trainer(instructions.spec, 0, instructions.seed), rounds)
-        metrics[START_ACCURACY] = evaluate_state(start, test)["accuracy"]
-        metrics[LOCAL_ONLY_ACCURACY] = evaluate_state(local, test)["accuracy"]
+        """The report's columns for this client; saves its personalized model (the one checkpoint format).
+
+        The personal model starts from the global model federated validation chose (``best``). On the
+        site pool, under label skew, accuracy is also mixed by this client's own class mix."""
+        for model, what in ((start, "start"), (best, "best global"), (global_state, "global")):
+            check_state_dict(Student(), model, f"the server's {what} model")
+        data = self.data()
+        trainer = self.trainer(instructions)
+        personal = method.personalize(best, state.personal, trainer)
+        local = local_only(start, self.trainer(instructions, server_round=0), instructions.federation.rounds)
+        models = {START_ACCURACY: start, GLOBAL_ACCURACY: global_state, BEST_GLOBAL_ACCURACY: best,
+                  PERSONAL_ACCURACY: personal, LOCAL_ONLY_ACCURACY: local}
+        metrics = {key: evaluate_state(model, data.test)["accuracy"] for key, model in models.items()}
+        if len(data.val):
+            metrics.update({GLOBAL_VAL_ACCURACY: evaluate_state(global_state, data.val)["accuracy"],
+                            VAL_EXAMPLES: float(len(data.val))})
         if pool := self.site_pool():  # hundreds of held-out scans of this client's site: the primary metric
-            models = {START_ACCURACY: start, GLOBAL_ACCURACY: global_state, BEST_GLOBAL_ACCURACY: best,
-                      PERSONAL_ACCURACY: personal, LOCAL_ONLY_ACCURACY: local}
-            metrics.update({POOL_PREFIX + key: evaluate_state(model, pool)["accuracy"]
-                            for key, model in models.items()})
+            weights = self.class_mix() if instructions.federation.partition.label_skew_alpha is not None else None
+            for key, model in models.items():
+                scored = evaluate_state(model, pool, weights)
+                metrics[POOL_PREFIX + key] = scored["weighted_accuracy" if weights is not None else "accuracy"]
             metrics[POOL_EXAMPLES] = float(len(pool))
+        exported, preprocessing = exportable(personal)
         save_checkpoint(self.setup.state_dir / "personalized.pt", Checkpoint(
-            model="student", state_dict=personal, role="personalized",
+            model="student", state_dict=exported, role="personalized", preprocessing=preprocessing,
             config={"federation": dataclasses.asdict(instructions.federation)}, seed=instructions.seed,
             metrics={k: float(v) for k, v in metrics.items()},
             data_fingerprint=hashlib.sha256(self.setup.manifest.read_bytes()).hexdigest()[:16],
         ))
         return metrics
+
+    def class_mix(self) -> torch.Tensor:
+        """This client's class shares over its own labelled scans (train, val and test)."""
+        data = self.data()
+        labels = torch.cat([data.train.labels, data.val.labels, data.test.labels])
+        counts = torch.bincount(labels, minlength=len(CLASS_NAMES)).float()
+        return counts / counts.sum()

@@ -6,9 +6,10 @@ holds: "model" (a usable model), "training" (the training loop's resume state), 
 federation server's state) or "client" (a client's state). Files are read with
 ``torch.load(weights_only=True)``, so a crafted file can hold tensors, numbers, strings, lists
 and dicts but never run code, and then validated field by field: registered model, known
-options, exact state-dict keys and shapes, finite values, bounded size. Model files of the
-previous format ("edgemri.checkpoint/1") and bare state dicts in the paper's student layout
-load too, as kind "model".
+options, exact state-dict keys and shapes, finite values, bounded size, and a preprocessing
+edgemri can apply (its own, up to a per-channel mean and std: ``core.data.parse_preprocessing``).
+Model files of the previous format ("edgemri.checkpoint/1") and bare state dicts in the paper's
+student layout load too, as kind "model".
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgemri.core.data import CLASS_NAMES, PREPROCESSING
+from edgemri.core.data import CLASS_NAMES, PREPROCESSING, PreprocessingError, parse_preprocessing
 from edgemri.core.errors import EdgemriError, version
 from edgemri.core.io import save_torch
 from edgemri.models import MODEL_NAMES, Student, build_model, model_spec
@@ -305,6 +306,10 @@ def _validate(checkpoint: Checkpoint, where: str) -> None:
         raise CheckpointError(f"{where}: tensors total {total:,} bytes; checkpoints hold at most {MAX_BYTES:,}")
     if checkpoint.step < 0:
         raise CheckpointError(f"{where}: step is {checkpoint.step}; allowed: an integer >= 0")
+    try:  # edgemri's preprocessing, up to the model's own per-channel mean and std (a folded calibration)
+        parse_preprocessing(checkpoint.preprocessing, where)
+    except PreprocessingError as err:
+        raise CheckpointError(str(err)) from None
     with torch.device("meta"):  # shapes only: no memory, no initialization
         model = _architecture(checkpoint.model, checkpoint.model_options, where)
     check_state_dict(model, checkpoint.state_dict, where, partial=checkpoint.kind not in _FULL_STATE_KINDS)

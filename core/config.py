@@ -34,6 +34,9 @@ MAX_EPSILON = 1_000.0  # far beyond any meaningful privacy guarantee, still a nu
 MAX_WEIGHT = 10_000.0  # proximal mu, Ditto lambda, Dirichlet alpha, clipping norms
 MAX_CLIENTS = 100_000
 MAX_EXAMPLES = 10_000_000
+MAX_TEMPERATURE = 100.0
+OPTIMIZERS = ("adam", "sgd")
+SELECTIONS = ("val", "last")
 
 
 class ConfigError(EdgemriError):
@@ -48,12 +51,16 @@ class TrainSpec:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | sgd (with momentum)
+    momentum: float = 0.9  # sgd only
 
     def validate(self, where: str) -> None:
         _in_range(f"{where}.epochs", self.epochs, 1, MAX_EPOCHS, integer=True)
         _in_range(f"{where}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE, integer=True)
         _in_range(f"{where}.lr", self.lr, 0, MAX_LR, low_open=True)
         _in_range(f"{where}.weight_decay", self.weight_decay, 0, MAX_LR)
+        _one_of(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
+        _in_range(f"{where}.momentum", self.momentum, 0, 1, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ class KDConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
 
     def validate(self, where: str) -> None:
-        _in_range(f"{where}.temperature", self.temperature, 0, 100, low_open=True)
+        _in_range(f"{where}.temperature", self.temperature, 0, MAX_TEMPERATURE, low_open=True)
         _in_range(f"{where}.alpha", self.alpha, 0, 1)
         self.train.validate(f"{where}.train")
 
@@ -125,6 +132,34 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class PersonalConfig:
+    """How a client trains what never leaves it: a fine-tuned model, Ditto's personal model, local-only."""
+
+    epochs: int = 5  # the budget; with select "val" the best epoch, or the unchanged start, is kept
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9  # sgd only
+    # Learning without forgetting: (1 - w) CE + w T^2 KL(start || model), where "start" is the model the
+    # personal training began from; it keeps what distillation taught on a client's few scans. 0: plain CE.
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
+    select: str = "val"  # val: best epoch on the client's validation split (needs val_fraction > 0); last
+
+    def validate(self, where: str) -> None:
+        _in_range(f"{where}.epochs", self.epochs, 1, MAX_EPOCHS, integer=True)
+        _in_range(f"{where}.lr", self.lr, 0, MAX_LR, low_open=True)
+        _one_of(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
+        _in_range(f"{where}.momentum", self.momentum, 0, 1, high_open=True)
+        _in_range(f"{where}.distill_weight", self.distill_weight, 0, 1)
+        _in_range(f"{where}.distill_temperature", self.distill_temperature, 0, MAX_TEMPERATURE, low_open=True)
+        _one_of(f"{where}.select", self.select, SELECTIONS)
+
+    def train_spec(self, batch_size: int) -> TrainSpec:
+        return TrainSpec(epochs=self.epochs, batch_size=batch_size, lr=self.lr, optimizer=self.optimizer,
+                         momentum=self.momentum)
+
+
+@dataclass(frozen=True)
 class TierConfig:
     """One kind of client: how much data it holds and how it trains each round."""
 
@@ -137,6 +172,9 @@ class TierConfig:
     availability: float = 1.0  # probability of being online in a round
     test_fraction: float = 0.3  # of the client's own scans, for its local test split
     val_fraction: float = 0.0
+    optimizer: str = "adam"  # of the federated local training: adam | sgd
+    momentum: float = 0.9  # sgd only
+    personal: PersonalConfig = field(default_factory=lambda: PersonalConfig(select="last"))
 
     def validate(self, where: str) -> None:
         _in_range(f"{where}.per_site", self.per_site, 0, 1_000, integer=True)
@@ -148,16 +186,26 @@ class TierConfig:
         _in_range(f"{where}.availability", self.availability, 0, 1, low_open=True)
         _in_range(f"{where}.test_fraction", self.test_fraction, 0, 1, low_open=True, high_open=True)
         _in_range(f"{where}.val_fraction", self.val_fraction, 0, 1 - self.test_fraction, high_open=True)
+        _one_of(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
+        _in_range(f"{where}.momentum", self.momentum, 0, 1, high_open=True)
+        self.personal.validate(f"{where}.personal")
+        _require(self.personal.select != "val" or self.val_fraction > 0, f"{where}.personal.select",
+                 self.personal.select, f"'last' when {where}.val_fraction is 0 (no validation split to select on)")
 
     def train_spec(self) -> TrainSpec:
-        return TrainSpec(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr)
+        return TrainSpec(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
+                         momentum=self.momentum)
+
+    def personal_spec(self) -> TrainSpec:
+        return self.personal.train_spec(self.batch_size)
 
 
 def _default_tiers() -> dict[str, TierConfig]:
     """A hospital keeps what is left of its site; phones hold a handful of scans and are often offline."""
     return {
         "hospital": TierConfig(per_site=1, min_examples=100, max_examples=100_000, local_epochs=2, batch_size=16,
-                               availability=1.0, test_fraction=0.2, val_fraction=0.1),
+                               availability=1.0, test_fraction=0.2, val_fraction=0.1,
+                               personal=PersonalConfig(select="val")),
         "phone": TierConfig(per_site=2, min_examples=8, max_examples=40, local_epochs=1, batch_size=8,
                             availability=0.7, test_fraction=0.4),
     }
@@ -167,7 +215,7 @@ def _default_tiers() -> dict[str, TierConfig]:
 class PartitionConfig:
     label_skew_alpha: float | None = None  # Dirichlet concentration of phone class mixes; None: site's mix
     quantity_skew: bool = True  # phone sizes drawn in [min, max]; False: all at the midpoint
-    pseudo_sites: int = 4  # data without metadata.csv (the real Kaggle set): random site buckets
+    pseudo_sites: int = 4  # data without metadata.csv (the real Kaggle set): appearance sites (core/sites.py)
 
     def validate(self, where: str) -> None:
         _in_range(f"{where}.label_skew_alpha", self.label_skew_alpha, 0, MAX_WEIGHT, low_open=True, nullable=True)
@@ -187,7 +235,6 @@ class FederationConfig:
     rounds: int = 5
     proximal_mu: float = 0.0  # > 0: FedProx term on the global part
     ditto_lambda: float = 0.1  # pull of a Ditto personal model toward the global one
-    finetune_epochs: int = 2  # fedavg-ft: local epochs on top of the final global model
     min_clients: int = 2  # a round needs at least this many replies to aggregate
     round_timeout_s: float = 600.0  # a client that has not answered by then is skipped
     start_checkpoint: str | None = None  # None: the distilled student of the run
@@ -223,7 +270,6 @@ class FederationConfig:
         _in_range(f"{where}.rounds", self.rounds, 1, MAX_ROUNDS, integer=True)
         _in_range(f"{where}.proximal_mu", self.proximal_mu, 0, MAX_WEIGHT)
         _in_range(f"{where}.ditto_lambda", self.ditto_lambda, 0, MAX_WEIGHT)
-        _in_range(f"{where}.finetune_epochs", self.finetune_epochs, 1, MAX_EPOCHS, integer=True)
         _in_range(f"{where}.min_clients", self.min_clients, 1, MAX_CLIENTS, integer=True)
         _in_range(f"{where}.round_timeout_s", self.round_timeout_s, 0, MAX_TIMEOUT_S, low_open=True)
         if self.max_update_norm is not None:

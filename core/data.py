@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,13 +177,97 @@ def load_image_uint8(path: str | Path) -> np.ndarray:
     return preprocess(open_image(path))
 
 
-_MEAN_T = torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0
-_STD_T = torch.tensor(STD).view(1, 3, 1, 1) * 255.0
+def _per_channel_255(values: Sequence[float]) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
 
 
-def normalize(images: Tensor) -> Tensor:
-    """uint8 (N, 3, H, W) -> float32 normalized with the ImageNet mean/std."""
-    return (images.float() - _MEAN_T) / _STD_T
+_MEAN_T = _per_channel_255(MEAN)
+_STD_T = _per_channel_255(STD)
+
+
+def normalize(images: Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> Tensor:
+    """uint8 (N, 3, H, W) -> float32 ``(images / 255 - mean) / std`` per channel; by default the ImageNet mean/std.
+
+    A model may carry its own per-channel constants (``parse_preprocessing``, ``calibrated_preprocessing``);
+    the defaults use tensors built once, as this runs on every training batch.
+    """
+    mean_t = _MEAN_T if mean is MEAN else _per_channel_255(mean)
+    std_t = _STD_T if std is STD else _per_channel_255(std)
+    return (images.float() - mean_t) / std_t
+
+
+NORMALIZATION_BOUND = 10.0  # a model's own |mean| and std: far beyond any calibration, and no overflow
+_PER_MODEL_KEYS = ("mean", "std")  # the preprocessing a model may carry its own of; the rest is edgemri's
+
+
+class PreprocessingError(EdgemriError):
+    """Preprocessing constants that edgemri cannot apply; the message names the bad value."""
+
+
+def _channel_values(preprocessing: Mapping[str, Any], name: str, where: str) -> list[float]:
+    """3 finite numbers within the bounds of ``name`` (mean: [-B, B], std: (0, B]), as floats."""
+    values = preprocessing[name]
+    allowed = (f"[{-NORMALIZATION_BOUND:g}, {NORMALIZATION_BOUND:g}]" if name == "mean"
+               else f"(0, {NORMALIZATION_BOUND:g}]")
+    if not (isinstance(values, list | tuple) and len(values) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)):
+        raise PreprocessingError(f"{where}: preprocessing {name} is {repr(values)[:120]}; "
+                                 f"allowed: 3 numbers in {allowed}, one per RGB channel")
+    low = -NORMALIZATION_BOUND if name == "mean" else 0.0
+    # Chained comparisons are False for NaN; infinities and huge ints fail the bound before float() sees them.
+    fits = all((low <= v if name == "mean" else low < v) and v <= NORMALIZATION_BOUND for v in values)
+    if not fits:
+        raise PreprocessingError(f"{where}: preprocessing {name} {list(values)} is not allowed; "
+                                 f"allowed: 3 finite numbers in {allowed}")
+    return [float(v) for v in values]
+
+
+def parse_preprocessing(preprocessing: object, where: str) -> dict[str, Any]:
+    """``preprocessing`` as a fresh dict if edgemri can apply it: ``PREPROCESSING`` up to its own per-channel
+    ``mean`` and ``std`` (3 finite numbers each, mean in [-10, 10], std in (0, 10]); the decoder and the
+    decoded cache apply only ``PREPROCESSING``'s size, resize and colour, so those must match exactly.
+
+    Raises PreprocessingError (message starting with ``where``).
+    """
+    fixed = {k: v for k, v in PREPROCESSING.items() if k not in _PER_MODEL_KEYS}
+    if not isinstance(preprocessing, Mapping):
+        raise PreprocessingError(f"{where}: preprocessing is a {type(preprocessing).__name__}, "
+                                 f"expected a mapping such as {PREPROCESSING}")
+    rest = {k: v for k, v in preprocessing.items() if k not in _PER_MODEL_KEYS}
+    try:
+        same = json.dumps(rest, sort_keys=True) == json.dumps(fixed, sort_keys=True)
+    except (TypeError, ValueError):  # tensors, objects, circular data: nothing edgemri wrote
+        same = False
+    if not same or any(k not in preprocessing for k in _PER_MODEL_KEYS):
+        raise PreprocessingError(f"{where} expects preprocessing {repr(dict(preprocessing))[:300]}, but edgemri "
+                                 f"applies {fixed} with a per-channel mean and std")
+    return {**fixed, **{name: _channel_values(preprocessing, name, where) for name in _PER_MODEL_KEYS}}
+
+
+def calibrated_preprocessing(scale: Sequence[float] | Tensor, shift: Sequence[float] | Tensor,
+                             base: Mapping[str, Any] = PREPROCESSING) -> dict[str, Any]:
+    """The preprocessing whose normalized input is ``scale * x + shift`` per channel, ``x`` normalized by ``base``.
+
+    With x = (u / 255 - mean) / std, scale * x + shift = (u / 255 - mean') / std' for std' = std / scale and
+    mean' = mean - shift * std / scale: an input calibration trained on normalized images folds into the
+    constants exactly, and the model that uses them stays the plain student. ``scale`` and ``shift`` hold 3
+    values each (a tensor of any shape with 3 elements, e.g. (1, 3, 1, 1)); ``scale`` must be > 0.
+
+    Raises PreprocessingError for a bad scale or shift, or constants out of ``parse_preprocessing``'s bounds.
+    """
+    factors = []
+    for name, values, rule in (("scale", scale, " > 0"), ("shift", shift, "")):
+        flat = torch.as_tensor(values, dtype=torch.float64).detach().cpu().flatten()
+        fits = flat.numel() == 3 and bool(torch.isfinite(flat).all()) and (not rule or bool((flat > 0).all()))
+        if not fits:
+            raise PreprocessingError(f"calibration {name} {flat.tolist()[:6]} is not allowed; allowed: 3 finite "
+                                     f"numbers{rule}, one per RGB channel")
+        factors.append(flat)
+    scale_64, shift_64 = factors
+    start = parse_preprocessing(base, "the base preprocessing")
+    mean, std = (torch.tensor(start[k], dtype=torch.float64) for k in _PER_MODEL_KEYS)
+    calibrated = {**start, "mean": (mean - shift_64 * std / scale_64).tolist(), "std": (std / scale_64).tolist()}
+    return parse_preprocessing(calibrated, f"calibration scale {scale_64.tolist()}, shift {shift_64.tolist()}")
 
 
 # ---------------------------------------------------------------- a folder

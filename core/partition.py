@@ -3,8 +3,9 @@
 A manifest lists exactly the files a client may read (by path and SHA-256), its kind
 and site, its class counts and its own train/val/test split. Partitioning is
 deterministic for a seed. Sites come from the data's metadata.csv (the synthetic set);
-data without it (the real Kaggle set) is cut into seeded pseudo-sites (seen-sites only:
-new-sites needs real sites, see ``edgemri.core.data.scenario_split``).
+data without it (the real Kaggle set) is clustered into seeded appearance sites
+(``edgemri.core.sites``; seen-sites only: new-sites needs real sites, see
+``edgemri.core.data.scenario_split``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from edgemri.core.data import (
 )
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import ArtefactError, load_npz, save_npz, write_json
+from edgemri.core.sites import cluster_sites
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +103,11 @@ def _sha256(path: Path) -> str:
 
 
 def _sites(split: ArraySplit, pseudo_sites: int, rng: np.random.Generator) -> list[str]:
+    """Each scan's site: metadata.csv's, else one of ``pseudo_sites`` appearance clusters, so that sites
+    differ in what the scanner did to the images (feature shift) rather than being random buckets."""
     if split.sites:
         return split.sites
-    buckets = rng.integers(0, pseudo_sites, len(split))
-    return [f"pseudo-site-{b}" for b in buckets]
+    return cluster_sites(split, pseudo_sites, int(rng.integers(2**32)), setting="federation.partition.pseudo_sites")
 
 
 def _draw_phone(pool: list[int], labels: np.ndarray, n: int, alpha: float | None,

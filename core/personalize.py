@@ -13,12 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgemri.core.config import FederationConfig, TrainSpec
-from edgemri.core.data import CLASS_NAMES, ArraySplit, normalize
+from edgemri.core.config import FederationConfig, PersonalConfig, TrainSpec
+from edgemri.core.data import CLASS_NAMES, PREPROCESSING, ArraySplit, calibrated_preprocessing, normalize
 from edgemri.core.evaluate import classification_metrics, predict_logits
-from edgemri.core.losses import cross_entropy
+from edgemri.core.losses import cross_entropy, make_kd_loss
 from edgemri.core.train import Batch, TrainData, Wrap, fit
 from edgemri.models import Student, build_model
 
@@ -45,13 +47,146 @@ def with_proximal(loss: LossFn, model: nn.Module, anchor: State, weight: float) 
     return proximal_loss
 
 
-def evaluate_state(state: State, split: ArraySplit) -> dict[str, Any]:
-    """Per-image metrics of a student state on one local split."""
+def evaluate_state(state: State, split: ArraySplit, class_weights: Tensor | None = None) -> dict[str, Any]:
+    """Metrics of a (personal) state on one split. ``class_weights`` (one per class, summing to 1) also
+    gives ``weighted_accuracy``: the per-class accuracies mixed as a client's own class mix would see them."""
     if len(split) == 0:
         return {"n": 0, "accuracy": float("nan")}
-    model = student_from(state)
-    metrics = classification_metrics(predict_logits(model, split.images, normalize), split.labels, CLASS_NAMES)
-    return {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "nll")}
+    logits = predict_logits(personal_model(state), split.images, normalize)
+    metrics = classification_metrics(logits, split.labels, CLASS_NAMES)
+    out = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "nll")}
+    if class_weights is not None:
+        out["weighted_accuracy"] = class_weighted_accuracy(logits.argmax(1), split.labels, class_weights)
+    return out
+
+
+def class_weighted_accuracy(predictions: Tensor, labels: Tensor, class_weights: Tensor) -> float:
+    """Per-class accuracies mixed by ``class_weights`` (renormalized over the classes present)."""
+    correct = (predictions == labels).float()
+    present = [c for c in range(len(class_weights)) if bool((labels == c).any())]
+    weights = class_weights[present] / class_weights[present].sum()
+    return float(sum(w * correct[labels == c].mean() for c, w in zip(present, weights, strict=True)))
+
+
+@dataclass
+class LocalTrainer:
+    """How one client trains: its data, its tier's specs, and a hook for DP-SGD.
+
+    ``spec`` is the federated local training (its result leaves the client); ``personal`` is the
+    recipe for what never leaves it (fine-tuning, local-only, a personal calibration).
+    """
+
+    train: ArraySplit
+    spec: TrainSpec
+    seed: int
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
+    val: ArraySplit | None = None  # the client's validation split, for the personal recipe's selection
+    wrap: Wrap | None = None  # DP-SGD (Opacus) for training whose result leaves the client
+
+    def run(self, model: nn.Module, loss: LossFn, spec: TrainSpec | None = None, *, shared: bool = True
+            ) -> dict[str, float]:
+        """Train in place for the round. ``shared=False`` marks training whose result never leaves
+        the device (Ditto's personal model): it needs no DP noise."""
+        result = fit(model, TrainData.from_split(self.train), loss=loss, spec=spec or self.spec, seed=self.seed,
+                     select="last", wrap=self.wrap if shared else None)
+        last = result.history[-1]
+        return {"train-loss": last.train_loss, "train-accuracy": last.train_accuracy,
+                "steps": float(result.optimizer_steps), "train-seconds": result.train_seconds}
+
+    @property
+    def personal_spec(self) -> TrainSpec:
+        return self.personal.train_spec(self.spec.batch_size)
+
+    def personalize(self, model: nn.Module, *, epochs: int | None = None, loss: LossFn | None = None,
+                    labelled: bool = True) -> dict[str, float]:
+        """The personal recipe, in place: the tier's optimizer and budget, a distillation term toward the
+        model as it came in (learning without forgetting), and selection on validation where the tier has
+        it (the unchanged model is a candidate: a fine-tuning that only hurts is not kept).
+
+        Only parameters with ``requires_grad`` train. ``labelled=False`` (label-free methods) gives the
+        loop no labels at all, and never selects on labels."""
+        recipe = self.personal
+        spec = dataclasses.replace(self.personal_spec, epochs=epochs or recipe.epochs)
+        images = self.train.images
+        labels = self.train.labels if labelled else torch.zeros_like(self.train.labels)
+        extras: tuple[Tensor, ...] = ()
+        if loss is None:
+            if recipe.distill_weight > 0:
+                extras = (predict_logits(model, images, normalize),)
+                loss = make_kd_loss(recipe.distill_temperature, recipe.distill_weight)
+            else:
+                loss = cross_entropy
+        select_val = labelled and recipe.select == "val" and self.val is not None and len(self.val) > 0
+        result = fit(model, TrainData(images, labels, extras, transform=normalize), loss=loss, spec=spec,
+                     seed=self.seed, select="val" if select_val else "last",
+                     val=TrainData(self.val.images, self.val.labels, transform=normalize) if select_val else None,
+                     keep_start=True)
+        return {"personal-epochs": float(result.best_epoch if select_val else spec.epochs),
+                "personal-seconds": result.train_seconds}
+
+
+# -- a per-client input calibration: a per-channel affine on the normalized input ----------------------
+# It folds exactly into the exported model's preprocessing constants (core.data.calibrated_preprocessing),
+# so the exported model stays the paper's student.
+INPUT_SCALE, INPUT_SHIFT = "input.scale", "input.shift"
+
+
+class Calibrated(nn.Module):
+    """A student behind a per-channel input affine ``x * scale + shift`` (identity at creation)."""
+
+    def __init__(self, student: Student) -> None:
+        super().__init__()
+        self.student = student
+        self.scale = nn.Parameter(torch.ones(1, 3, 1, 1))
+        self.shift = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x * self.scale + self.shift)
+
+    def personal_state(self) -> State:
+        return {**self.student.state_dict(), INPUT_SCALE: self.scale.detach().clone(),
+                INPUT_SHIFT: self.shift.detach().clone()}
+
+
+def personal_model(state: State) -> nn.Module:
+    """The model a personal state describes: a student, behind its input calibration if it has one."""
+    calibration = {k: state[k] for k in (INPUT_SCALE, INPUT_SHIFT) if k in state}
+    student = student_from({k: v for k, v in state.items() if k not in calibration})
+    if not calibration:
+        return student
+    if len(calibration) != 2 or any(v.shape != (1, 3, 1, 1) for v in calibration.values()):
+        raise ValueError(f"a calibrated state needs {INPUT_SCALE} and {INPUT_SHIFT} of shape (1, 3, 1, 1)")
+    model = Calibrated(student)
+    with torch.no_grad():
+        model.scale.copy_(calibration[INPUT_SCALE])
+        model.shift.copy_(calibration[INPUT_SHIFT])
+    return model
+
+
+def exportable(state: State) -> tuple[State, dict[str, Any]]:
+    """(the plain student's state, its preprocessing): a calibration folds into the preprocessing constants."""
+    if INPUT_SCALE not in state:
+        return state, dict(PREPROCESSING)
+    student = {k: v for k, v in state.items() if k not in (INPUT_SCALE, INPUT_SHIFT)}
+    return student, calibrated_preprocessing(state[INPUT_SCALE].flatten(), state[INPUT_SHIFT].flatten())
+
+
+def _train_only(model: nn.Module, keep: Callable[[str], bool]) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(keep(name))
+
+
+def _calibration_and_biases(name: str) -> bool:
+    """A few dozen parameters a handful of scans can fit: the input affine and every bias."""
+    return name in ("scale", "shift") or name.endswith(".bias")
+
+
+def information_maximization(logits: Tensor, batch: Batch) -> Tensor:
+    """Label-free adaptation (SHOT's IM loss): confident per-scan predictions, diverse over the batch."""
+    probs = F.softmax(logits, dim=1)
+    per_scan = -(probs * F.log_softmax(logits, dim=1)).sum(1).mean()
+    mean = probs.mean(0)
+    return per_scan + (mean * torch.log(mean + 1e-8)).sum()
 
 
 @dataclass
@@ -61,31 +196,12 @@ class RoundOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class LocalTrainer:
-    """How one client trains: its data, its tier's spec, and a hook for DP-SGD."""
-
-    train: ArraySplit
-    spec: TrainSpec
-    seed: int
-    wrap: Wrap | None = None  # DP-SGD (Opacus) for training whose result leaves the client
-
-    def run(self, model: nn.Module, loss: LossFn, epochs: int | None = None, *, shared: bool = True
-            ) -> dict[str, float]:
-        """Train in place. ``shared=False`` marks training whose result never leaves the
-        device (Ditto's personal model, fine-tuning, baselines): it needs no DP noise."""
-        spec = self.spec if epochs is None else dataclasses.replace(self.spec, epochs=epochs)
-        result = fit(model, TrainData.from_split(self.train), loss=loss, spec=spec, seed=self.seed,
-                     select="last", wrap=self.wrap if shared else None)
-        last = result.history[-1]
-        return {"train-loss": last.train_loss, "train-accuracy": last.train_accuracy,
-                "steps": float(result.optimizer_steps), "train-seconds": result.train_seconds}
-
-
 class Method:
     """FedAvg: one global model; the personal model is the global one."""
 
     name: ClassVar[str] = "fedavg"
+    keeps_personal_state: ClassVar[bool] = False  # a personal part trained every round (FedPer, Ditto)
+    labelled: ClassVar[bool] = True  # False: personalizes from unlabelled scans (reported separately)
 
     def __init__(self, config: FederationConfig) -> None:
         self.config = config
@@ -108,27 +224,54 @@ class Method:
         return RoundOutput({k: state[k] for k in self.shared_keys(list(state))}, personal, metrics)
 
     def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
+        """The client's final model, from the global model the server chose and the client's personal state."""
         return global_state
 
 
 class FedAvgFineTune(Method):
-    """FedAvg, then each client fine-tunes the final global model on its own data."""
+    """FedAvg, then each client fine-tunes the chosen global model with the personal recipe."""
 
     name = "fedavg-ft"
 
     def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
         model = student_from(global_state)
-        trainer.run(model, cross_entropy, epochs=self.config.finetune_epochs, shared=False)
+        trainer.personalize(model)
         return model.state_dict()
+
+
+class FedAvgCalibrate(Method):
+    """FedAvg, then each client fits only an input calibration and the biases (a few dozen parameters),
+    the personalization a phone's handful of scans can afford; it folds into the export's preprocessing."""
+
+    name = "fedavg-cal"
+
+    def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
+        model = Calibrated(student_from(global_state))
+        _train_only(model, _calibration_and_biases)
+        trainer.personalize(model, labelled=self.labelled, loss=None if self.labelled else information_maximization)
+        return model.personal_state()
+
+
+class FedAvgLabelFree(FedAvgCalibrate):
+    """FedAvg, then the calibration and biases adapt to the client's scans without their labels
+    (information maximization); for phones, whose scans rarely come with a diagnosis."""
+
+    name = "label-free"
+    labelled = False
 
 
 class FedPer(Method):
     """Shared conv blocks; each client keeps its own classifier head (Arivazhagan et al. 2019)."""
 
     name = "fedper"
+    keeps_personal_state = True
+
+    @staticmethod
+    def is_personal(key: str) -> bool:
+        return key.startswith(Student.HEAD_PREFIX)
 
     def shared_keys(self, keys: list[str]) -> list[str]:
-        return [k for k in keys if not k.startswith(Student.HEAD_PREFIX)]
+        return [k for k in keys if not self.is_personal(k)]
 
     def local_start(self, global_state: State, personal: State | None) -> State:
         return {**global_state, **(personal or {})}
@@ -136,23 +279,37 @@ class FedPer(Method):
     def train_round(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> RoundOutput:
         model, metrics = self._train_global(global_state, personal, trainer)
         state = model.state_dict()
-        head = {k: v for k, v in state.items() if k.startswith(Student.HEAD_PREFIX)}
-        return RoundOutput({k: state[k] for k in self.shared_keys(list(state))}, head, metrics)
+        own = {k: v for k, v in state.items() if self.is_personal(k)}
+        return RoundOutput({k: state[k] for k in self.shared_keys(list(state))}, own, metrics)
 
     def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
         return self.local_start(global_state, personal)
 
 
+class LGFedAvg(FedPer):
+    """FedPer inverted (LG-FedAvg, Liang et al. 2020): each client keeps its 336 conv parameters, the
+    feature extractor its scanner needs, and shares the 12,292-parameter head."""
+
+    name = "lg-fedavg"
+
+    @staticmethod
+    def is_personal(key: str) -> bool:
+        return not key.startswith(Student.HEAD_PREFIX)
+
+
 class Ditto(Method):
-    """Global model as FedAvg plus a personal model pulled toward it (Li et al. 2021)."""
+    """Global model as FedAvg plus a personal model pulled toward it (Li et al. 2021), trained with the
+    tier's personal optimizer: under Adam the pull would be negligible next to the CE gradient."""
 
     name = "ditto"
+    keeps_personal_state = True
 
     def train_round(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> RoundOutput:
         model, metrics = self._train_global(global_state, personal, trainer)
         own = student_from(personal if personal is not None else global_state)
+        spec = dataclasses.replace(trainer.personal_spec, epochs=trainer.spec.epochs)
         personal_metrics = trainer.run(own, with_proximal(cross_entropy, own, global_state, self.config.ditto_lambda),
-                                       shared=False)
+                                       spec, shared=False)
         metrics.update({f"personal-{k}": v for k, v in personal_metrics.items()})
         return RoundOutput(model.state_dict(), own.state_dict(), metrics)
 
@@ -160,7 +317,8 @@ class Ditto(Method):
         return personal if personal is not None else global_state
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, FedAvgFineTune, FedPer, Ditto)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, FedAvgFineTune, FedAvgCalibrate, FedAvgLabelFree,
+                                                        FedPer, LGFedAvg, Ditto)}
 
 
 def create_method(config: FederationConfig) -> Method:
@@ -173,9 +331,10 @@ def create_method(config: FederationConfig) -> Method:
 
 
 def local_only(start: State, trainer: LocalTrainer, rounds: int) -> State:
-    """The no-federation baseline: the same local budget from the same start."""
+    """The no-federation baseline: the personal recipe from the same start, with the federation's local
+    budget (rounds x local epochs) added to it, so it never trains less than a personalized model."""
     model = student_from(start)
-    trainer.run(model, cross_entropy, epochs=rounds * trainer.spec.epochs, shared=False)
+    trainer.personalize(model, epochs=trainer.personal.epochs + rounds * trainer.spec.epochs)
     return model.state_dict()
 
 

@@ -11,6 +11,7 @@ refused instead of silently lowering epsilon (docs/PRIVACY.md, threat model).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -60,6 +61,13 @@ def default_delta(n: int) -> float:
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
     """Cumulative epsilon of a history of (noise multiplier, sample rate, steps)."""
+    return _epsilon_of(tuple(tuple(h) for h in history), delta, accountant)
+
+
+# RDP at fractional orders costs tens of milliseconds per call and a client asks the same
+# questions every message: the answers are pure functions of their arguments, so they are cached.
+@functools.lru_cache(maxsize=4096)
+def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     if not history:
         return 0.0
     account = create_accountant(accountant)
@@ -104,6 +112,7 @@ class DPPlan:
         return asdict(self)
 
 
+@functools.lru_cache(maxsize=1024)  # pure (see _epsilon_of); DPPlan is frozen, so sharing it is safe
 def plan_dp(tier: DPTierConfig, *, n: int, batch_size: int, local_epochs: int, rounds: int,
             accountant: str) -> DPPlan:
     """Noise, sampling and steps per round for a client of ``n`` scans; infeasible plans say why."""

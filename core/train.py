@@ -228,6 +228,13 @@ def _check_weights(model: nn.Module, desc: str, epoch: int) -> None:
                                         f"lower the learning rate and start again (nothing of this epoch was saved)")
 
 
+def make_optimizer(spec: TrainSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer ``spec`` names (``config.OPTIMIZERS``)."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
 def fit(
     model: nn.Module,
     train: TrainData,
@@ -243,12 +250,14 @@ def fit(
     checkpointing: Checkpointing | None = None,
     progress: bool = False,
     desc: str = "train",
+    keep_start: bool = False,
 ) -> FitResult:
-    """Train ``model`` in place for ``spec.epochs`` with Adam; return the selected state.
+    """Train ``model`` in place for ``spec.epochs`` with ``spec.optimizer``; return the selected state.
 
     select="val" keeps the epoch with the best accuracy on ``val`` (ties: lower loss);
     select="last" keeps the final epoch (federated local steps). ``selected_on`` names
-    the split ``val`` really is, so reports can say so. With ``checkpointing``, every
+    the split ``val`` really is, so reports can say so. ``keep_start`` makes the model as it came in a
+    candidate of the selection (best epoch 0: nothing kept). With ``checkpointing``, every
     completed epoch is saved and an interrupted run can continue from the last one.
     A NaN or Inf loss or weight raises TrainingDivergedError naming the epoch and batch.
     """
@@ -256,9 +265,7 @@ def fit(
 
     if select == "val" and val is None:
         raise ValueError("select='val' needs validation data")
-    optimizer: torch.optim.Optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=spec.weight_decay
-    )
+    optimizer = make_optimizer(spec, [p for p in model.parameters() if p.requires_grad])
     trained_model = model
     if wrap is not None:
         trained_model, optimizer, batches = wrap(model, optimizer, len(train), spec.batch_size)
@@ -266,6 +273,10 @@ def fit(
     saved = model if checkpointing is None or checkpointing.module is None else checkpointing.module
     signature = {"spec": asdict(spec), "seed": seed, "n": len(train), "select": select}
     state = _Progress(best_state=_state_copy(model))
+    if keep_start and val is not None and select == "val":
+        # The unchanged model is a candidate too: fine-tuning that only hurts on validation is not kept.
+        val_loss, val_accuracy = _evaluate(model, val)
+        state.best_key = (val_accuracy, -val_loss)
     if checkpointing is not None and checkpointing.resume and checkpointing.path.is_file():
         state = _resume(checkpointing, saved, model, optimizer, signature, select)
 

@@ -2,15 +2,16 @@
 
 An exported model takes ``image``, float32 N x 3 x 128 x 128 already normalized, and gives
 ``logits``, float32 N x len(class_names), finite; it carries the class names and the
-preprocessing. Export checks a checkpoint against this before writing anything, the
+preprocessing: edgemri's, with the model's own per-channel mean and std (a personalized input
+calibration folds into them, a norm-student's norms into its convs, so the file is always the
+plain student). Export checks a checkpoint against this before writing anything, the
 runtime checks a file against it before predicting anything: a model whose outputs do not
 match its class names would otherwise print the wrong class, or crash mid-run.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +20,37 @@ import torch
 from torch import Tensor, nn
 
 from edgemri.core.checkpoint import Checkpoint, load_checkpoint
-from edgemri.core.data import IMAGE_SIZE, PREPROCESSING, normalize
+from edgemri.core.data import IMAGE_SIZE, PreprocessingError, normalize, parse_preprocessing
 from edgemri.core.errors import version
 from edgemri.core.io import write_bytes
 from edgemri.edge.errors import EdgeError, first_line, printable
+from edgemri.models import build_model, fold_norms
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 METADATA_FILE = "edgemri.json"  # TorchScript extra file holding the same metadata as the ONNX file
 INPUT_SHAPE = f"float32 N x 3 x {IMAGE_SIZE} x {IMAGE_SIZE}"
 PARITY_ATOL = 1e-4  # exported fp32 logits must match PyTorch's within this, times the largest logit
+EXPORTABLE_MODELS = ("student", "norm-student")  # a norm-student is exported with its norms folded in
 
 
 # ---------------------------------------------------------------- metadata
 
 
-def check_preprocessing(preprocessing: object, source: str) -> None:
-    """Refuse a model trained with another preprocessing than the one edgemri applies."""
-    if json.dumps(preprocessing, sort_keys=True) != json.dumps(PREPROCESSING, sort_keys=True):
-        raise EdgeError(f"{source} expects preprocessing {preprocessing}, but edgemri applies {PREPROCESSING}")
+def check_preprocessing(preprocessing: object, source: str) -> dict[str, Any]:
+    """The preprocessing to feed a model with: edgemri's, up to the model's own per-channel mean and std.
+
+    Anything else (another size, resize or colour, a mean or std out of bounds) is refused.
+    """
+    try:
+        return parse_preprocessing(preprocessing, source)
+    except PreprocessingError as err:
+        raise EdgeError(printable(str(err))) from None
+
+
+def normalize_for(images: Tensor, preprocessing: Mapping[str, Any]) -> Tensor:
+    """uint8 images as a model takes them: normalized with its own mean and std (as ``check_preprocessing`` gives)."""
+    return normalize(images, preprocessing["mean"], preprocessing["std"])
 
 
 def check_class_names(class_names: object, source: str) -> list[str]:
@@ -50,20 +63,20 @@ def check_class_names(class_names: object, source: str) -> list[str]:
     return list(class_names)
 
 
-def check_metadata(meta: dict[str, Any], source: str) -> list[str]:
-    """The class names of a file's edgemri metadata, after checking its preprocessing."""
+def check_metadata(meta: dict[str, Any], source: str) -> tuple[list[str], dict[str, Any]]:
+    """The class names and the preprocessing of a file's edgemri metadata, both checked."""
     if "class_names" not in meta or "preprocessing" not in meta:
         raise EdgeError(f"{source} has no edgemri metadata (class_names, preprocessing); "
                         f"export it with `edgemri export CHECKPOINT`")
-    check_preprocessing(meta["preprocessing"], source)
-    return check_class_names(meta["class_names"], source)
+    preprocessing = check_preprocessing(meta["preprocessing"], source)
+    return check_class_names(meta["class_names"], source), preprocessing
 
 
 def edge_metadata(checkpoint: Checkpoint) -> dict[str, Any]:
     """What an exported file records: how to feed it, how to read it and where it came from."""
     return {
         "class_names": list(checkpoint.class_names),
-        "preprocessing": checkpoint.preprocessing,
+        "preprocessing": check_preprocessing(checkpoint.preprocessing, f"the {checkpoint.role or 'given'} checkpoint"),
         "input": f"{INPUT_NAME}: {INPUT_SHAPE}, already normalized",
         "output": f"{OUTPUT_NAME}: float32 N x {len(checkpoint.class_names)}, before softmax",
         "source_model": checkpoint.model,
@@ -137,9 +150,10 @@ def checked_model(checkpoint: Checkpoint, source: str) -> nn.Module:
 
 
 def check_exportable(checkpoint: Checkpoint, source: str) -> None:
-    """Only the student goes to devices, and only with the preprocessing edgemri applies."""
-    if checkpoint.model != "student":
-        raise EdgeError(f"{source} holds a {checkpoint.model!r} model; only the student is exported for devices")
+    """Only the student goes to devices (a norm-student folded into one), with a preprocessing edgemri applies."""
+    if checkpoint.model not in EXPORTABLE_MODELS:
+        raise EdgeError(f"{source} holds a {checkpoint.model!r} model; only the student (or a norm-student, its "
+                        f"norms folded into the convs) is exported for devices")
     check_preprocessing(checkpoint.preprocessing, source)
 
 
@@ -151,10 +165,27 @@ def load_student(path: str | Path) -> Checkpoint:
 
 
 def student_model(checkpoint: Checkpoint) -> nn.Module:
-    """The exportable student, checked against the contract before anything is written."""
+    """The exportable student, checked against the contract before anything is written.
+
+    A norm-student comes back as the plain student with its eval-mode norms folded into the convs,
+    refused unless both give the same logits on the example batch.
+    """
     source = f"the {checkpoint.role or 'given'} checkpoint"
     check_exportable(checkpoint, source)
-    return checked_model(checkpoint, source)
+    model = checked_model(checkpoint, source)
+    if checkpoint.model == "student":
+        return model
+    try:
+        folded = fold_norms(model.state_dict())
+    except ValueError as err:
+        raise EdgeError(f"{source}: {err}") from None
+    student = build_model("student", **checkpoint.model_options)
+    student.load_state_dict(folded, strict=True)
+    student.eval()
+    example = example_batch()
+    with torch.no_grad():
+        check_parity(model(example), student(example), "the folded norm-student's")
+    return student
 
 
 def check_parity(expected: Tensor, actual: np.ndarray | Tensor, what: str) -> None:

@@ -2,23 +2,32 @@
 
 onnxruntime's ``quantize_static`` after ``quant_pre_process`` (shape inference): QDQ format,
 int8 weights per output channel, int8 activations per tensor, MinMax calibration on ~200
-training images normalized exactly as in training (docs/EDGE.md says why).
+training images normalized exactly as in training, with the model's own mean and std
+(docs/EDGE.md says why).
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from edgemri.core.checkpoint import Checkpoint
-from edgemri.core.data import normalize
-from edgemri.edge.contract import INPUT_NAME, check_output, edge_metadata, write_output
+from edgemri.core.data import PREPROCESSING
+from edgemri.edge.contract import (
+    INPUT_NAME,
+    check_output,
+    check_preprocessing,
+    edge_metadata,
+    normalize_for,
+    write_output,
+)
 from edgemri.edge.errors import EdgeError, require_onnx
 from edgemri.edge.onnx import onnx_bytes, with_metadata
 from edgemri.edge.runtime import onnx_session, run_onnx
@@ -36,18 +45,20 @@ QUANTIZATION = {
 
 
 class ImageCalibrationReader:
-    """Normalized uint8 images in batches for onnxruntime's calibrator.
+    """uint8 images in batches for onnxruntime's calibrator, normalized with the model's mean and std.
 
     onnxruntime's CalibrationDataReader accepts any class with ``get_next``, so this
     module imports no onnxruntime until it is used.
     """
 
-    def __init__(self, images: Tensor, batch_size: int = 32) -> None:
+    def __init__(self, images: Tensor, batch_size: int = 32, *,
+                 preprocessing: Mapping[str, Any] = PREPROCESSING) -> None:
         self._batches = iter(images.split(batch_size))
+        self._preprocessing = preprocessing
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
-        return None if batch is None else {INPUT_NAME: normalize(batch).numpy()}
+        return None if batch is None else {INPUT_NAME: normalize_for(batch, self._preprocessing).numpy()}
 
 
 def calibration_sample(images: Tensor, count: int = CALIBRATION_IMAGES, seed: int = 0) -> Tensor:
@@ -58,8 +69,10 @@ def calibration_sample(images: Tensor, count: int = CALIBRATION_IMAGES, seed: in
     return images[order[:count]]
 
 
-def quantize(fp32_model: bytes, calibration_images: Tensor) -> bytes:
-    """Static int8 quantization (QDQ, per-channel weights) calibrated on uint8 images."""
+def quantize(fp32_model: bytes, calibration_images: Tensor, *,
+             preprocessing: Mapping[str, Any] = PREPROCESSING) -> bytes:
+    """Static int8 quantization (QDQ, per-channel weights) calibrated on uint8 images, normalized as the
+    model's ``preprocessing`` says."""
     require_onnx()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -72,7 +85,7 @@ def quantize(fp32_model: bytes, calibration_images: Tensor) -> bytes:
         # S8S8 is onnxruntime's default and its choice for ARM devices; U8S8, its x86 choice,
         # and per-tensor weights measured the same accuracy and speed here (docs/EDGE.md).
         quantize_static(
-            prepared, int8, ImageCalibrationReader(calibration_images),
+            prepared, int8, ImageCalibrationReader(calibration_images, preprocessing=preprocessing),
             quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
@@ -81,13 +94,13 @@ def quantize(fp32_model: bytes, calibration_images: Tensor) -> bytes:
 
 
 def onnx_accuracy(session: onnxruntime.InferenceSession, images: Tensor, labels: Tensor,
-                  batch_size: int = 256) -> float:
-    """Top-1 accuracy of an ONNX session on uint8 images."""
+                  batch_size: int = 256, *, preprocessing: Mapping[str, Any] = PREPROCESSING) -> float:
+    """Top-1 accuracy of an ONNX session on uint8 images, normalized as the model's ``preprocessing`` says."""
     if len(images) == 0:
         raise EdgeError("no test images to measure accuracy on")
     correct = 0
     for start in range(0, len(images), batch_size):
-        logits = run_onnx(session, normalize(images[start:start + batch_size]))
+        logits = run_onnx(session, normalize_for(images[start:start + batch_size], preprocessing))
         correct += int((torch.from_numpy(logits).argmax(1) == labels[start:start + batch_size]).sum())
     return correct / len(images)
 
@@ -122,10 +135,11 @@ def export_onnx_int8(
     out = Path(out)
     check_output(out, overwrite)
     fp32 = onnx_bytes(checkpoint)
+    preprocessing = check_preprocessing(checkpoint.preprocessing, f"the {checkpoint.role or 'given'} checkpoint")
     sample = calibration_sample(calibration_images, seed=seed)
-    int8 = quantize(fp32, sample)
-    fp32_accuracy = onnx_accuracy(onnx_session(fp32), test_images, test_labels)
-    int8_accuracy = onnx_accuracy(onnx_session(int8), test_images, test_labels)
+    int8 = quantize(fp32, sample, preprocessing=preprocessing)
+    fp32_accuracy = onnx_accuracy(onnx_session(fp32), test_images, test_labels, preprocessing=preprocessing)
+    int8_accuracy = onnx_accuracy(onnx_session(int8), test_images, test_labels, preprocessing=preprocessing)
     metadata = {
         **edge_metadata(checkpoint),
         "quantization": {

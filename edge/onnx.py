@@ -1,8 +1,9 @@
 """The student as an fp32 ONNX model: export, metadata, and the parity check against PyTorch.
 
 The file takes the image exactly as training sees it after ``normalize`` (input "image",
-output "logits", dynamic batch) and carries the class names, the preprocessing and where
-the weights came from, so a device needs nothing but the file. onnx and onnxruntime are
+output "logits", dynamic batch) and carries the class names, the preprocessing (with the
+model's own mean and std) and where the weights came from, so a device needs nothing but
+the file. onnx and onnxruntime are
 optional (``pip install 'edgemri[edge]'``).
 """
 

@@ -1,11 +1,12 @@
 """Predict image files with a model from ``edge.runtime.load_model``.
 
 Images go through the training preprocessing itself (``load_image_uint8`` + ``normalize``
-from edgemri.core.data), in batches. A file that cannot be used gets its own error and
-the others are still predicted. Images with a side under 16 px are such errors, by the
-same rule as in training: the model never saw one, and a 12 px thumbnail upscaled to
-128 px would get a confident-looking guess, not a diagnosis. File names are reported
-printable (bytes that are not UTF-8 as ``\\xNN``), so no name can stop the run.
+from edgemri.core.data, with the model's own mean and std: ``LoadedModel.normalize``), in
+batches. A file that cannot be used gets its own error and the others are still predicted.
+Images with a side under 16 px are such errors, by the same rule as in training: the model
+never saw one, and a 12 px thumbnail upscaled to 128 px would get a confident-looking guess,
+not a diagnosis. File names are reported printable (bytes that are not UTF-8 as ``\\xNN``),
+so no name can stop the run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgemri.core.data import IMAGE_EXTENSIONS, BadImageError, load_image_uint8, normalize
+from edgemri.core.data import IMAGE_EXTENSIONS, BadImageError, load_image_uint8
 from edgemri.edge.errors import EdgeError, printable
 from edgemri.edge.runtime import LoadedModel
 
@@ -76,7 +77,7 @@ def find_images(paths: Iterable[str | Path]) -> Iterator[Path | Prediction]:
 def _fill(model: LoadedModel, results: list[Prediction], pending: list[tuple[int, np.ndarray]], top_k: int) -> None:
     """Run one batch and write class, probability and top k (or a non-finite-logits error) into its results."""
     with torch.no_grad():
-        logits = model.logits(normalize(torch.from_numpy(np.stack([array for _, array in pending])))).float()
+        logits = model.logits(model.normalize(torch.from_numpy(np.stack([array for _, array in pending])))).float()
     finite = torch.isfinite(logits).all(dim=1).tolist()
     probabilities, indices = torch.softmax(logits, dim=1).topk(min(top_k, logits.shape[1]), dim=1)
     for (slot, _), ok, probs, idx in zip(pending, finite, probabilities.tolist(), indices.tolist(), strict=True):

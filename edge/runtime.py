@@ -1,10 +1,11 @@
 """Load a model file for prediction: an exported ONNX or TorchScript file, or a checkpoint.
 
 Whatever the kind, ``load_model`` checks the file against the contract (edge/contract.py)
-before it predicts anything: the edgemri metadata and its preprocessing, the input and
-output shapes against the class names, finite weights, and one probe batch giving finite
-logits. ONNX files are protobuf data and checkpoints load with ``weights_only=True``;
-a TorchScript file is code (torch.jit.load runs it), so only load your own.
+before it predicts anything: the edgemri metadata and its preprocessing (the model's own
+mean and std, which ``LoadedModel.normalize`` applies), the input and output shapes against
+the class names, finite weights, and one probe batch giving finite logits. ONNX files are
+protobuf data and checkpoints load with ``weights_only=True``; a TorchScript file is code
+(torch.jit.load runs it), so only load your own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from edgemri.edge.contract import (
     check_metadata,
     check_preprocessing,
     checked_model,
+    normalize_for,
     probe,
 )
 from edgemri.edge.errors import EdgeError, first_line, printable, require_onnx
@@ -75,12 +77,17 @@ def run_onnx(session: onnxruntime.InferenceSession, images: Tensor) -> np.ndarra
 
 @dataclass
 class LoadedModel:
-    """A model ready to predict: logits for a normalized float32 (N, 3, 128, 128) batch."""
+    """A model ready to predict: logits for a float32 (N, 3, 128, 128) batch normalized by ``normalize``."""
 
     path: Path
     kind: ModelKind
     class_names: list[str]
     logits: Callable[[Tensor], Tensor]
+    preprocessing: dict[str, Any]  # checked (edge.contract.check_preprocessing): the model's own mean and std
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (N, 3, 128, 128) images as this model takes them: normalized with its own mean and std."""
+        return normalize_for(images, self.preprocessing)
 
 
 def _read(path: Path) -> bytes:
@@ -107,7 +114,7 @@ def _onnx_model(path: Path) -> LoadedModel:
         parsed = {key: json.loads(meta[key]) for key in ("class_names", "preprocessing") if key in meta}
     except json.JSONDecodeError as err:
         raise EdgeError(f"{source} has unreadable edgemri metadata ({err.msg})") from None
-    class_names = check_metadata(parsed, source)
+    class_names, preprocessing = check_metadata(parsed, source)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME or list(inputs[0].shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:
         found = ", ".join(f"{i.name} {i.shape}" for i in inputs)
@@ -122,7 +129,7 @@ def _onnx_model(path: Path) -> LoadedModel:
         return torch.from_numpy(run_onnx(session, batch))
 
     probe(logits, class_names, source)
-    return LoadedModel(path, "onnx", class_names, logits)
+    return LoadedModel(path, "onnx", class_names, logits, preprocessing)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -137,18 +144,18 @@ def _is_torchscript(path: Path) -> bool:
 def _torchscript_model(path: Path) -> LoadedModel:
     source = printable(str(path))
     module, meta = load_torchscript(path)
-    class_names = check_metadata(meta, source)
+    class_names, preprocessing = check_metadata(meta, source)
     check_finite(module.state_dict().items(), source)
     probe(module, class_names, source)
-    return LoadedModel(path, "torchscript", class_names, module)
+    return LoadedModel(path, "torchscript", class_names, module, preprocessing)
 
 
 def _checkpoint_model(path: Path) -> LoadedModel:
     source = printable(str(path))
     checkpoint = load_checkpoint(path)
-    check_preprocessing(checkpoint.preprocessing, source)
+    preprocessing = check_preprocessing(checkpoint.preprocessing, source)
     model = checked_model(checkpoint, source)
-    return LoadedModel(path, "checkpoint", list(checkpoint.class_names), model)
+    return LoadedModel(path, "checkpoint", list(checkpoint.class_names), model, preprocessing)
 
 
 def model_kind(path: str | Path) -> ModelKind:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision.models import VGG16_Weights
 
+from edgemri.models.norm_student import NormStudent
 from edgemri.models.student import Student
 from edgemri.models.teacher import Teacher
 
@@ -36,6 +37,10 @@ class ModelSpec:
 
 def _build_student(*, num_classes: int = 4, image_size: int = 128) -> Student:
     return Student(num_classes=num_classes, image_size=image_size)
+
+
+def _build_norm_student(*, num_classes: int = 4, image_size: int = 128) -> NormStudent:
+    return NormStudent(num_classes=num_classes, image_size=image_size)
 
 
 def _build_vgg16_slim(
@@ -90,6 +95,9 @@ _REGISTRY: dict[str, ModelSpec] = {
                   "VGG16 layout at reduced width with batch norm, trained from scratch (offline default)"),
         ModelSpec("vgg16-imagenet", _build_vgg16_imagenet, "teacher", True,
                   "the paper's teacher: frozen ImageNet VGG16 features and a Linear(25088, 4) head"),
+        ModelSpec("norm-student", _build_norm_student, "student", False,
+                  "the student with a BatchNorm2d after each conv, for training (FedBN); exported folded "
+                  "into the plain student"),
     )
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -6,9 +6,11 @@ comparison; it runs here, in the simulation wiring, never inside the Flower apps
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from edgemri.core.config import Config, TrainSpec
+from edgemri.core.config import Config
 from edgemri.core.data import Dataset
 from edgemri.core.partition import Manifest
 from edgemri.core.personalize import LocalTrainer, evaluate_state, local_only
@@ -25,8 +27,8 @@ def pooled_accuracy(manifests: list[Manifest], dataset: Dataset, start: dict[str
 
     pooled_train = dataset.train.subset([i for m in manifests for i in rows("train", m)])
     hospital = config.federation.tier("hospital")
-    trainer = LocalTrainer(pooled_train, TrainSpec(epochs=hospital.local_epochs, batch_size=hospital.batch_size,
-                                                   lr=hospital.lr), seed=config.seed)
+    trainer = LocalTrainer(pooled_train, hospital.train_spec(), seed=config.seed,
+                           personal=dataclasses.replace(hospital.personal, select="last"))
     state = local_only(start, trainer, config.federation.rounds)
     return {m.client: evaluate_state(state, dataset.train.subset(rows("test", m)))["accuracy"] for m in manifests}
 

@@ -38,7 +38,15 @@ def test_paper_config_is_the_papers_setting() -> None:
         ({"distill": {"paper_compat": "yes"}}, "allowed: true or false"),
         ({"federated": {}}, "unknown config key 'federated'"),
         ({"federation": {"method": "fedsgd"}},
-         "'federation.method' has value 'fedsgd'; allowed: 'fedavg', 'fedavg-ft', 'fedper', 'ditto'"),
+         "'federation.method' has value 'fedsgd'; allowed: 'fedavg', 'fedavg-ft', 'fedavg-cal', 'label-free', "
+         "'fedper', 'lg-fedavg', 'ditto'"),
+        ({"federation": {"tiers": {"hospital": {"personal": {"optimizer": "rmsprop"}}}}},
+         "'federation.tiers.hospital.personal.optimizer' has value 'rmsprop'; allowed: 'adam', 'sgd'"),
+        ({"federation": {"tiers": {"phone": {"personal": {"select": "val"}}}}},
+         "'federation.tiers.phone.personal.select' has value 'val'; allowed: 'last' when "
+         "federation.tiers.phone.val_fraction is 0"),
+        ({"federation": {"tiers": {"hospital": {"personal": {"distill_weight": 1.5}}}}},
+         "'federation.tiers.hospital.personal.distill_weight' has value 1.5"),
         ({"federation": {"tiers": {"phone": {"availability": 0}}}},
          "'federation.tiers.phone.availability' has value 0.0"),
         # Every number finite and bounded, the bound in the message.

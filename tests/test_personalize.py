@@ -1,15 +1,32 @@
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from edgemri.core.config import TrainSpec, parse_config
-from edgemri.core.data import load_dataset, server_client_split
+from edgemri.core.config import PersonalConfig, TrainSpec, parse_config
+from edgemri.core.data import load_dataset, normalize, server_client_split
+from edgemri.core.evaluate import predict_logits
 from edgemri.core.partition import ManifestError, load_local_data, partition, read_manifest, write_manifests
-from edgemri.core.personalize import METHODS, LocalTrainer, create_method, local_only, merge_shared
+from edgemri.core.personalize import (
+    INPUT_SCALE,
+    INPUT_SHIFT,
+    METHODS,
+    LocalTrainer,
+    class_weighted_accuracy,
+    create_method,
+    evaluate_state,
+    exportable,
+    information_maximization,
+    local_only,
+    merge_shared,
+    personal_model,
+    student_from,
+)
 from edgemri.models import Student
 
 
@@ -81,32 +98,110 @@ def test_a_client_reads_only_its_manifest_files_and_checks_hashes(sited_data: Pa
         load_local_data(manifest, copy)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_each_method_trains_a_round_and_personalizes(name: str, sited_data: Path) -> None:
+@pytest.fixture(scope="module")
+def hospital_data(sited_data: Path):
     dataset = load_dataset(sited_data)
     # A hospital: several batches, so Ditto's pull toward the global model acts.
     manifest = next(m for m in partition(dataset.train, sited_data, _config()) if m.kind == "hospital")
-    local = load_local_data(manifest, sited_data)
-    config = _config(method=name, ditto_lambda=0.5, finetune_epochs=1)
+    return load_local_data(manifest, sited_data)
+
+
+def _trainer(local, **personal: object) -> LocalTrainer:
+    recipe = PersonalConfig(**{"epochs": 1, "select": "last", **personal})
+    return LocalTrainer(local.train, TrainSpec(epochs=1, batch_size=8), seed=0, personal=recipe, val=local.val)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_method_trains_a_round_and_personalizes(name: str, hospital_data) -> None:
+    config = _config(method=name, ditto_lambda=0.5)
     method = create_method(config.federation)
     torch.manual_seed(0)
     start = Student().state_dict()
-    trainer = LocalTrainer(local.train, TrainSpec(epochs=1, batch_size=8), seed=0)
+    trainer = _trainer(hospital_data)
     out = method.train_round(start, None, trainer)
-    shared_keys = set(out.shared)
-    if name == "fedper":
-        assert shared_keys == {k for k in start if not k.startswith("classifier.")}
-        assert set(out.personal) == {"classifier.1.weight", "classifier.1.bias"}
-    else:
-        assert shared_keys == set(start)
+    head = {"classifier.1.weight", "classifier.1.bias"}
+    expected_shared = {"fedper": set(start) - head, "lg-fedavg": head}.get(name, set(start))
+    assert set(out.shared) == expected_shared
+    if method.keeps_personal_state:
+        assert set(out.personal) == (set(start) - expected_shared if name != "ditto" else set(start))
     assert any(not torch.equal(out.shared[k], start[k]) for k in out.shared)
     global_state = merge_shared(start, out.shared)
     personal = method.personalize(global_state, out.personal, trainer)
-    assert set(personal) == set(start)
-    if name in ("ditto", "fedavg-ft", "fedper"):
-        assert any(not torch.equal(personal[k], global_state[k]) for k in personal)
+    plain = {k: v for k, v in personal.items() if k not in (INPUT_SCALE, INPUT_SHIFT)}
+    assert set(plain) == set(start)
+    changed = {k for k in plain if not torch.equal(plain[k], global_state[k])}
+    if name == "fedavg":
+        assert not changed
+    elif name in ("fedavg-cal", "label-free"):
+        # Only the calibration and the biases may move: a few dozen parameters.
+        assert {INPUT_SCALE, INPUT_SHIFT} <= set(personal)
+        assert changed and all(k.endswith(".bias") for k in changed)
     else:
-        assert all(torch.equal(personal[k], global_state[k]) for k in personal)
+        assert changed
+
+
+def test_calibration_folds_into_the_preprocessing_exactly(hospital_data) -> None:
+    torch.manual_seed(1)
+    student = Student()
+    state = {**student.state_dict(), INPUT_SCALE: torch.tensor([1.3, 0.8, 1.1]).view(1, 3, 1, 1),
+             INPUT_SHIFT: torch.tensor([0.2, -0.1, 0.05]).view(1, 3, 1, 1)}
+    exported, preprocessing = exportable(state)
+    assert set(exported) == set(student.state_dict())
+    images = hospital_data.test.images[:16]
+    calibrated = predict_logits(personal_model(state), images, normalize)
+    folded = predict_logits(student_from(exported), images,
+                            lambda x: normalize(x, mean=preprocessing["mean"], std=preprocessing["std"]))
+    assert torch.allclose(calibrated, folded, atol=1e-4)
+    assert not torch.allclose(calibrated, predict_logits(student, images, normalize), atol=1e-3)
+
+
+def test_learning_without_forgetting_at_full_weight_keeps_the_start_model(hospital_data) -> None:
+    torch.manual_seed(0)
+    start = Student().state_dict()
+    kept, free = student_from(start), student_from(start)
+    # KL toward itself: a zero gradient (SGD: Adam would blow rounding noise up to full-size steps).
+    _trainer(hospital_data, distill_weight=1.0, optimizer="sgd", lr=0.05).personalize(kept)
+    _trainer(hospital_data, distill_weight=0.0, optimizer="sgd", lr=0.05).personalize(free)
+    weight = "conv_block_1.0.weight"
+    assert torch.allclose(kept.state_dict()[weight], start[weight], atol=1e-6)
+    assert not torch.allclose(free.state_dict()[weight], start[weight], atol=1e-4)
+
+
+def test_selection_on_validation_keeps_the_start_when_training_only_hurts(hospital_data) -> None:
+    torch.manual_seed(0)
+    start = Student().state_dict()
+    model = student_from(start)
+    # Train on permuted labels at a high learning rate: validation accuracy can only fall or stay.
+    wrong = dataclasses.replace(hospital_data.train, labels=(hospital_data.train.labels + 1) % 4)
+    trainer = LocalTrainer(wrong, TrainSpec(epochs=1, batch_size=8), seed=0, val=hospital_data.train,
+                           personal=PersonalConfig(epochs=2, lr=0.01, distill_weight=0.0, select="val"))
+    metrics = trainer.personalize(model)
+    if metrics["personal-epochs"] == 0:
+        assert all(torch.equal(model.state_dict()[k], start[k]) for k in start)
+    else:  # an epoch beat the start on validation: then it must really score higher there
+        assert evaluate_state(model.state_dict(), hospital_data.train)["accuracy"] > \
+            evaluate_state(start, hospital_data.train)["accuracy"]
+
+
+def test_information_maximization_on_hand_built_logits() -> None:
+    batch = None
+    uniform = torch.zeros(4, 4)
+    confident_diverse = torch.eye(4) * 50
+    collapsed = torch.zeros(4, 4)
+    collapsed[:, 0] = 50
+    assert information_maximization(uniform, batch).item() == pytest.approx(0.0, abs=1e-6)
+    assert information_maximization(confident_diverse, batch).item() == pytest.approx(-math.log(4), abs=1e-4)
+    assert information_maximization(collapsed, batch).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_class_weighted_accuracy_on_a_hand_built_example() -> None:
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    predictions = torch.tensor([0, 0, 0, 0, 0, 0, 2, 1])  # class 0: 1.0, class 1: 0.0, class 2: 0.5
+    assert class_weighted_accuracy(predictions, labels, torch.tensor([1.0, 0, 0, 0])) == pytest.approx(1.0)
+    assert class_weighted_accuracy(predictions, labels, torch.tensor([0.5, 0.5, 0, 0])) == pytest.approx(0.5)
+    # Class 3 is absent from the pool: its weight is spread over the classes present.
+    assert class_weighted_accuracy(predictions, labels, torch.tensor([0.25, 0.25, 0.25, 0.25])) == \
+        pytest.approx(0.5)
 
 
 def test_local_only_uses_the_whole_budget(sited_data: Path) -> None:
@@ -114,7 +209,8 @@ def test_local_only_uses_the_whole_budget(sited_data: Path) -> None:
     local = load_local_data(partition(dataset.train, sited_data, _config())[0], sited_data)
     torch.manual_seed(0)
     start = Student().state_dict()
-    trainer = LocalTrainer(local.train, TrainSpec(epochs=1, batch_size=8), seed=0)
+    trainer = LocalTrainer(local.train, TrainSpec(epochs=1, batch_size=8), seed=0,
+                           personal=PersonalConfig(epochs=1, select="last"))
     one, three = local_only(start, trainer, rounds=1), local_only(start, trainer, rounds=3)
     assert not torch.equal(one["classifier.1.weight"], three["classifier.1.weight"])
 
@@ -122,5 +218,5 @@ def test_local_only_uses_the_whole_budget(sited_data: Path) -> None:
 def test_unknown_method_is_a_clear_error() -> None:
     config = _config().federation
     object.__setattr__(config, "method", "scaffold")
-    with pytest.raises(ValueError, match="allowed: fedavg, fedavg-ft, fedper, ditto"):
+    with pytest.raises(ValueError, match="allowed: fedavg, fedavg-ft, fedavg-cal, label-free, fedper, lg-fedavg"):
         create_method(config)

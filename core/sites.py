@@ -1,0 +1,202 @@
+"""Scanner sites from image appearance, for data without site labels (the real Kaggle set).
+
+The real set pools three source collections (figshare, SARTAJ, Br35H) that differ in image
+size, intensity histogram and JPEG handling. What of that survives the 128 px decode is the
+background (noise floor, zero padding, noise texture), the brain's intensity distribution, the
+scalp's brightness and the sharpness of the slice: ``appearance_features`` measures those per
+image, ``cluster_sites`` groups the images by seeded k-means++ over the standardized features,
+so that partitioning can hand clients feature-shifted sites instead of random buckets.
+Flower-free and numpy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgemri.core.data import ArraySplit, DataError
+
+MAX_SITES = 50  # more clusters than this are no longer sites but noise in the features
+SITE_PREFIX = "appearance-site-"
+# Grey levels (0-255) that split an image: at or below _ZERO is padding that carries no noise,
+# at or below _DARK is background, below _FOREGROUND is background plus its noise floor.
+_ZERO, _DARK, _FOREGROUND = 2, 8, 24
+_HISTOGRAM_BINS = 4  # coarse: finer bins of the bright tail follow tumours (the label), not the scanner
+_BORDER_PX = 4
+_SCALP_PX, _BRAIN_PX = 3, 6  # erosions of the foreground: its outer ring, and the brain well inside it
+_CHUNK = 128  # images per vectorised step: bounds the temporary float arrays to tens of MB
+_RESTARTS = 10
+_MAX_ITERATIONS = 100
+FEATURE_NAMES: tuple[str, ...] = (
+    "dark_fraction", "zero_fraction", "background_level", "background_noise", "background_texture",
+    "border_level", *(f"foreground_histogram_{k}" for k in range(_HISTOGRAM_BINS)), "brain_median",
+    "scalp_ratio", "colour", "sharpness",
+)
+
+
+def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return (values * mask).sum((1, 2)) / np.maximum(mask.sum((1, 2)), 1)
+
+
+def _masked_std(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    mean = _masked_mean(values, mask)
+    return np.sqrt(np.maximum(_masked_mean(values * values, mask) - mean**2, 0))
+
+
+def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    """Binary erosion of (N, H, W) masks by a 4-neighbour cross, ``steps`` times."""
+    for _ in range(steps):
+        padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
+        mask = (padded[:, 1:-1, 1:-1] & padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2]
+                & padded[:, 1:-1, 2:])
+    return mask
+
+
+def _histograms(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(N, 256) counts of each image's grey levels under its mask."""
+    n = len(grey)
+    index = (grey.astype(np.int64) + 256 * np.arange(n)[:, None, None])[mask]
+    return np.bincount(index, minlength=256 * n).reshape(n, 256)
+
+
+def _median(histograms: np.ndarray) -> np.ndarray:
+    cumulative = np.cumsum(histograms, axis=1)
+    return (cumulative < 0.5 * cumulative[:, -1:]).sum(axis=1).astype(np.float64)
+
+
+def _lag_correlation(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Correlation of horizontally and of vertically adjacent pixels both under the mask, averaged."""
+    pairs = ((grey[:, :, :-1], grey[:, :, 1:], mask[:, :, :-1] & mask[:, :, 1:]),
+             (grey[:, :-1, :], grey[:, 1:, :], mask[:, :-1, :] & mask[:, 1:, :]))
+    correlations = []
+    for a, b, both in pairs:
+        a_centred = a - _masked_mean(a, both)[:, None, None]
+        b_centred = b - _masked_mean(b, both)[:, None, None]
+        spread = _masked_std(a, both) * _masked_std(b, both)
+        covariance = _masked_mean(a_centred * b_centred, both)
+        correlations.append(np.divide(covariance, spread, out=np.zeros_like(covariance), where=spread > 1e-6))
+    return (correlations[0] + correlations[1]) / 2
+
+
+def _chunk_features(images: np.ndarray) -> np.ndarray:
+    """Raw features (N, len(FEATURE_NAMES)) of uint8 (N, 3, H, W) images."""
+    rgb = images.astype(np.int16)
+    grey_levels = rgb.sum(axis=1) // 3
+    grey = grey_levels.astype(np.float32)
+    background = grey_levels < _FOREGROUND
+    foreground = ~background
+    scalp_inner = _erode(foreground, _SCALP_PX)
+    brain = _erode(scalp_inner, _BRAIN_PX - _SCALP_PX)
+    frame = np.ones(grey.shape[1:], bool)
+    frame[_BORDER_PX:-_BORDER_PX, _BORDER_PX:-_BORDER_PX] = False
+
+    counts = _histograms(grey_levels, foreground)[:, _FOREGROUND:]
+    edges = np.linspace(0, counts.shape[1], _HISTOGRAM_BINS + 1).round().astype(int)
+    shares = np.add.reduceat(counts, edges[:-1], axis=1) / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    brain_histograms = _histograms(grey_levels, brain)
+    # A slice with too little tissue for the eroded brain mask falls back to its whole foreground.
+    empty = brain_histograms.sum(axis=1) == 0
+    brain_histograms[empty] = _histograms(grey_levels[empty], foreground[empty])
+    brain_median = np.maximum(_median(brain_histograms), 1.0)
+    steps = np.abs(grey[:, :, 1:] - grey[:, :, :-1])
+    return np.column_stack([
+        (grey_levels <= _DARK).mean(axis=(1, 2)),
+        (grey_levels <= _ZERO).mean(axis=(1, 2)),
+        _masked_mean(grey, background),
+        _masked_std(grey, background),
+        _lag_correlation(grey, background),
+        grey[:, frame].mean(axis=1),
+        shares,
+        brain_median,
+        _masked_mean(grey, foreground & ~scalp_inner) / brain_median,
+        (np.abs(rgb[:, 0] - rgb[:, 1]) + np.abs(rgb[:, 2] - rgb[:, 1])).mean(axis=(1, 2)),
+        _masked_mean(steps, brain[:, :, 1:] & brain[:, :, :-1]) / brain_median,
+    ])
+
+
+def appearance_features(split: ArraySplit) -> np.ndarray:
+    """Per-image appearance features (N, len(FEATURE_NAMES)), each standardized to mean 0 and
+    standard deviation 1 over the split (a constant feature is 0): deterministic, from the
+    decoded images alone.
+    """
+    images = split.images.numpy()
+    if len(images) == 0:
+        return np.zeros((0, len(FEATURE_NAMES)))
+    raw = np.concatenate([_chunk_features(images[start:start + _CHUNK])
+                          for start in range(0, len(images), _CHUNK)])
+    spread = raw.std(axis=0)
+    return (raw - raw.mean(axis=0)) / np.where(spread > 1e-12, spread, 1.0)
+
+
+def _squared_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    return np.maximum((points**2).sum(1)[:, None] - 2 * points @ centres.T + (centres**2).sum(1)[None, :], 0)
+
+
+def _initial_centres(points: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++: each next centre drawn with probability proportional to its squared distance to the nearest."""
+    centres = [points[rng.integers(len(points))]]
+    nearest = _squared_distances(points, centres[0][None])[:, 0]
+    for _ in range(1, count):
+        # count <= the number of distinct points, so some point is still at a positive distance.
+        centres.append(points[rng.choice(len(points), p=nearest / nearest.sum())])
+        nearest = np.minimum(nearest, _squared_distances(points, centres[-1][None])[:, 0])
+    return np.array(centres)
+
+
+def _lloyd(points: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, float]:
+    """Lloyd iterations from ``centres``: (labels, inertia). An emptied cluster restarts at the point
+    farthest from its centre, so every cluster keeps a member."""
+    labels = _squared_distances(points, centres).argmin(axis=1)
+    for _ in range(_MAX_ITERATIONS):
+        centres = centres.copy()
+        far = ((points - centres[labels]) ** 2).sum(axis=1)
+        for k in range(len(centres)):
+            members = labels == k
+            if members.any():
+                centres[k] = points[members].mean(axis=0)
+            else:
+                farthest = int(far.argmax())
+                centres[k], far[farthest] = points[farthest], 0.0
+        updated = _squared_distances(points, centres).argmin(axis=1)
+        if np.array_equal(updated, labels):
+            break
+        labels = updated
+    return labels, float(_squared_distances(points, centres)[np.arange(len(points)), labels].sum())
+
+
+def _kmeans(points: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """The lowest-inertia labels of _RESTARTS seeded k-means++ runs."""
+    runs = [_lloyd(points, _initial_centres(points, count, rng)) for _ in range(_RESTARTS)]
+    return min(runs, key=lambda run: run[1])[0]  # the first of equal inertias: deterministic
+
+
+def _ordered_names(labels: np.ndarray) -> list[str]:
+    """Cluster k becomes appearance-site-<rank>, ranked by size (largest first), ties by first member,
+    so the same grouping gets the same names whatever labels k-means gave it."""
+    clusters = np.unique(labels)
+    sizes = np.array([(labels == k).sum() for k in clusters])
+    first = np.array([int(np.argmax(labels == k)) for k in clusters])
+    rank = {int(clusters[i]): r for r, i in enumerate(np.lexsort((first, -sizes)))}
+    return [f"{SITE_PREFIX}{rank[int(k)]}" for k in labels]
+
+
+def cluster_sites(split: ArraySplit, count: int, seed: int, *, setting: str = "count") -> list[str]:
+    """Each image's site, ``appearance-site-0`` (the largest) to ``appearance-site-<count - 1>``: seeded
+    k-means++ (several restarts, the lowest inertia kept) over ``appearance_features``.
+
+    ``setting`` names the count in errors (e.g. the config key it came from). Raises DataError when
+    ``count`` is not 1 to min(MAX_SITES, images), or exceeds the number of distinct appearances.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise DataError(f"the site-clustering seed must be an integer >= 0, got {seed!r}")
+    if len(split) == 0:
+        raise DataError("there are no images to cluster into sites")
+    allowed = min(MAX_SITES, len(split))
+    if isinstance(count, bool) or not isinstance(count, int | np.integer) or not 1 <= count <= allowed:
+        raise DataError(f"{setting} is {count!r}; allowed: an integer from 1 to {allowed} (at most {MAX_SITES} "
+                        f"sites and at most one per image; there are {len(split)} images)")
+    points = appearance_features(split)
+    distinct = len(np.unique(points, axis=0))
+    if count > distinct:
+        raise DataError(f"{setting} is {count} but the {len(split)} images have only {distinct} distinct "
+                        f"appearance(s); allowed: 1 to {distinct}")
+    return _ordered_names(_kmeans(points, int(count), np.random.default_rng(seed)))
