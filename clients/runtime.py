@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from edgemri.core.partition import (
     save_local_data,
 )
 from edgemri.core.personalize import (
+    METHODS,
     LocalTrainer,
     Method,
     State,
@@ -260,6 +262,9 @@ class Client:
         local = local_only(start, self.trainer(instructions, server_round=0), instructions.federation.rounds)
         models = {START_ACCURACY: start, GLOBAL_ACCURACY: global_state, BEST_GLOBAL_ACCURACY: best,
                   PERSONAL_ACCURACY: personal, LOCAL_ONLY_ACCURACY: local}
+        for name in instructions.federation.compare_methods:  # same global model, same images: paired
+            models[f"{PERSONAL_ACCURACY}@{name}"] = METHODS[name](instructions.federation).personalize(
+                best, state.personal, trainer)
         metrics = {key: evaluate_state(model, data.test)["accuracy"] for key, model in models.items()}
         if len(data.val):
             metrics.update({GLOBAL_VAL_ACCURACY: evaluate_state(global_state, data.val)["accuracy"],
@@ -273,7 +278,8 @@ class Client:
         exported, preprocessing = exportable(personal)
         save_checkpoint(self.setup.state_dir / "personalized.pt", Checkpoint(
             model="student", state_dict=exported, role="personalized", preprocessing=preprocessing,
-            config={"federation": dataclasses.asdict(instructions.federation)}, seed=instructions.seed,
+            config={"federation": json.loads(json.dumps(dataclasses.asdict(instructions.federation)))},
+            seed=instructions.seed,
             metrics={k: float(v) for k, v in metrics.items()},
             data_fingerprint=hashlib.sha256(self.setup.manifest.read_bytes()).hexdigest()[:16],
         ))

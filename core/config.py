@@ -35,6 +35,7 @@ MAX_WEIGHT = 10_000.0  # proximal mu, Ditto lambda, Dirichlet alpha, clipping no
 MAX_CLIENTS = 100_000
 MAX_EXAMPLES = 10_000_000
 MAX_TEMPERATURE = 100.0
+MAX_LIST = 16
 OPTIMIZERS = ("adam", "sgd")
 SELECTIONS = ("val", "last")
 
@@ -219,7 +220,7 @@ class PartitionConfig:
 
     def validate(self, where: str) -> None:
         _in_range(f"{where}.label_skew_alpha", self.label_skew_alpha, 0, MAX_WEIGHT, low_open=True, nullable=True)
-        _in_range(f"{where}.pseudo_sites", self.pseudo_sites, 1, 1_000, integer=True)
+        _in_range(f"{where}.pseudo_sites", self.pseudo_sites, 1, 50, integer=True)  # core.sites.MAX_SITES
 
 
 def _tier(tiers: dict[str, Any], kind: str, where: str) -> Any:
@@ -249,6 +250,10 @@ class FederationConfig:
     # The server refuses a trained reply whose update (its arrays minus the global model's) has a larger
     # L2 norm: one client cannot drag the global model arbitrarily far. None: no bound.
     max_update_norm: float | None = None
+    # Methods whose personal model is made only after the rounds (fedavg-ft, fedavg-cal, label-free) can also
+    # be scored in the same run, from the same global model, on the same images: a paired comparison at no
+    # extra federation. Their accuracies are reported as "personal-accuracy@NAME".
+    compare_methods: tuple[str, ...] = ()
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     tiers: dict[str, TierConfig] = field(default_factory=_default_tiers)  # client kind -> its settings
 
@@ -265,6 +270,9 @@ class FederationConfig:
         from edgemri.core.personalize import METHODS  # imported here: personalize imports this module
 
         _one_of(f"{where}.method", self.method, METHODS)
+        after_rounds = [name for name, m in METHODS.items() if not m.keeps_personal_state]
+        for name in self.compare_methods:
+            _one_of(f"{where}.compare_methods", name, after_rounds)
         _one_of(f"{where}.scenario", self.scenario, SCENARIOS)
         _in_range(f"{where}.source_sites", self.source_sites, 1, 1_000, integer=True, nullable=True)
         _in_range(f"{where}.rounds", self.rounds, 1, MAX_ROUNDS, integer=True)
@@ -383,7 +391,9 @@ class Config:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON data (lists, never tuples)."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                                    for k, v in items})
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -440,6 +450,10 @@ def _convert(value: Any, hint: Any, key: str, default: Any = None) -> Any:
         for name, item in value.items():
             merged[str(name)] = _convert(item, args[1], f"{key}.{name}", merged.get(str(name)))
         return merged
+    if origin is tuple:  # a YAML list of names, e.g. compare_methods
+        if not isinstance(value, list | tuple) or len(value) > MAX_LIST:
+            raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a list of at most {MAX_LIST} items")
+        return tuple(_convert(item, args[0], key) for item in value)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -68,6 +68,7 @@ _CACHE_FORMAT = "edgemri.decoded/1"
 # How Training is shared between the server's distillation and the clients (federation.scenario):
 # seen-sites, a share of every site each; new-sites, the clients are at sites the server never saw.
 SCENARIOS: tuple[str, ...] = ("seen-sites", "new-sites")
+PSEUDO_SITES_KEY = "federation.partition.pseudo_sites"  # the count of appearance sites for data without sites
 
 
 class DataError(EdgemriError):
@@ -720,7 +721,7 @@ def load_pools(root: str | Path, cache_dir: str | Path | None = None, *, workers
 
 def pools_from_testing(dataset: Dataset) -> dict[str, ArraySplit]:
     """Each site's share of Testing as its evaluation pool (sorted by site): the stand-in for ``Pools/`` on data
-    that has none, such as the real set with sites from metadata.csv; {} when Testing has no sites."""
+    that has none, such as the real set (pass ``sited_dataset``'s: appearance sites); {} when Testing has no sites."""
     sites = dataset.test.sites
     unsited = sites.count("")
     if unsited:
@@ -731,7 +732,8 @@ def pools_from_testing(dataset: Dataset) -> dict[str, ArraySplit]:
 
 
 def evaluation_pools(dataset: Dataset, cache_dir: str | Path | None = None) -> dict[str, ArraySplit]:
-    """The folder's ``Pools/`` when it has them (the synthetic set), else each site's share of Testing."""
+    """The folder's ``Pools/`` when it has them (the synthetic set), else each site's share of Testing (on data
+    without metadata.csv, pass ``sited_dataset(dataset, config)`` for per-site pools)."""
     return load_pools(dataset.root, cache_dir) or pools_from_testing(dataset)
 
 
@@ -831,8 +833,41 @@ def server_client_split(split: ArraySplit, client_fraction: float, seed: int, *,
     return stratified_split(strata, client_fraction, seed)
 
 
+def sited_training(split: ArraySplit, config: Config) -> ArraySplit:
+    """Training with metadata.csv's sites, else with ``federation.partition.pseudo_sites`` appearance sites
+    (``edgemri.core.sites``) clustered over the whole split and seeded by ``data.split_seed`` alone, so the
+    server's distillation and the clients' partition find the same sites. Raises DataError for a bad count.
+    """
+    if split.sites:
+        return split
+    from edgemri.core.sites import cluster_sites  # not at the top: edgemri.core.sites builds on this module
+
+    sites = cluster_sites(split, config.federation.partition.pseudo_sites, config.data.split_seed,
+                          setting=PSEUDO_SITES_KEY)
+    return ArraySplit(split.images, split.labels, split.files, sites)
+
+
+def sited_dataset(dataset: Dataset, config: Config) -> Dataset:
+    """Both splits with sites: metadata.csv's, else Training's appearance sites as ``sited_training`` finds
+    them and each Testing image at its nearest one (``pools_from_testing`` then has per-site pools)."""
+    from edgemri.core.sites import with_appearance_sites  # not at the top: it builds on this module
+
+    return with_appearance_sites(dataset, config.federation.partition.pseudo_sites, config.data.split_seed,
+                                 setting=PSEUDO_SITES_KEY)
+
+
 def scenario_split(split: ArraySplit, config: Config) -> tuple[Tensor, Tensor]:
     """``server_client_split`` under the config's scenario: the one call distillation and partitioning make,
-    so the server and the clients can never disagree on who holds which image."""
+    so the server and the clients can never disagree on who holds which image.
+
+    new-sites splits data without metadata.csv by its appearance sites (``sited_training``); seen-sites
+    splits it by class alone, as it always has, so appearance sites never move the distillation share.
+    """
+    if config.federation.scenario == "new-sites" and not split.sites:
+        if config.federation.partition.pseudo_sites < 2:
+            raise DataError(f"federation.scenario 'new-sites' on data without site metadata needs at least 2 "
+                            f"appearance sites (source sites for the server, the others for the clients); "
+                            f"{PSEUDO_SITES_KEY} is {config.federation.partition.pseudo_sites}; allowed: 2 or more")
+        split = sited_training(split, config)
     return server_client_split(split, config.data.client_fraction, config.data.split_seed,
                                scenario=config.federation.scenario, source_sites=config.federation.source_sites)

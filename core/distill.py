@@ -57,6 +57,8 @@ def resume_settings(config: dict[str, Any]) -> dict[str, Any]:
     split = {"scenario": federation.get("scenario", "seen-sites")}
     if split["scenario"] == "new-sites":
         split["source_sites"] = federation.get("source_sites")
+        # Data without site metadata is clustered into this many appearance sites before the split.
+        split["pseudo_sites"] = federation.get("partition", {}).get("pseudo_sites")
     return {"data": data, "distill": config.get("distill"), "federation": split}
 
 

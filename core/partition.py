@@ -3,9 +3,8 @@
 A manifest lists exactly the files a client may read (by path and SHA-256), its kind
 and site, its class counts and its own train/val/test split. Partitioning is
 deterministic for a seed. Sites come from the data's metadata.csv (the synthetic set);
-data without it (the real Kaggle set) is clustered into seeded appearance sites
-(``edgemri.core.sites``; seen-sites only: new-sites needs real sites, see
-``edgemri.core.data.scenario_split``).
+data without it (the real Kaggle set) is clustered into appearance sites over the whole
+Training split (``edgemri.core.data.sited_training``), the sites new-sites splits by too.
 """
 
 from __future__ import annotations
@@ -34,12 +33,12 @@ from edgemri.core.data import (
     preprocess,
     read_image_bytes,
     scenario_split,
+    sited_training,
     split_from_arrays,
     split_to_arrays,
 )
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import ArtefactError, load_npz, save_npz, write_json
-from edgemri.core.sites import cluster_sites
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +101,6 @@ def _sha256(path: Path) -> str:
         raise DataError(f"cannot read {display_path(path)}: {err.strerror or err}") from None
 
 
-def _sites(split: ArraySplit, pseudo_sites: int, rng: np.random.Generator) -> list[str]:
-    """Each scan's site: metadata.csv's, else one of ``pseudo_sites`` appearance clusters, so that sites
-    differ in what the scanner did to the images (feature shift) rather than being random buckets."""
-    if split.sites:
-        return split.sites
-    return cluster_sites(split, pseudo_sites, int(rng.integers(2**32)), setting="federation.partition.pseudo_sites")
-
-
 def _draw_phone(pool: list[int], labels: np.ndarray, n: int, alpha: float | None,
                 rng: np.random.Generator) -> list[int]:
     """n indices from the site's pool; with alpha, class shares drawn from Dirichlet(alpha)."""
@@ -138,11 +129,15 @@ def _local_split(indices: list[int], tier: TierConfig, rng: np.random.Generator)
 def partition(split: ArraySplit, root: Path, config: Config) -> list[Manifest]:
     """Manifests for every client, from the clients' share of Training (files and sites)."""
     fed = config.federation
-    _, client_idx = scenario_split(split, config)
-    split = split.subset(client_idx)
+    # Appearance sites (data without metadata.csv) differ in what the scanner did to the images: feature
+    # shift, not random buckets. Clustered once over all of Training: the sites new-sites distills by.
+    sited = sited_training(split, config)
+    # seen-sites splits such data by class alone, exactly as distillation does.
+    _, client_idx = scenario_split(sited if fed.scenario == "new-sites" else split, config)
+    split = sited.subset(client_idx)
     rng = np.random.default_rng(config.seed)
     labels = split.labels.numpy()
-    sites = _sites(split, fed.partition.pseudo_sites, rng)
+    sites = split.sites
     config_dict = config.to_dict()
     manifests: list[Manifest] = []
     phone, hospital = fed.tier("phone"), fed.tier("hospital")

@@ -75,6 +75,8 @@ BEST_GLOBAL_ACCURACY = "best-global-accuracy"  # the global model federated vali
 GLOBAL_VAL_ACCURACY, VAL_EXAMPLES = "global-val-accuracy", "val-examples"  # on a client's validation split
 POOL_PREFIX, POOL_EXAMPLES = "pool-", "pool-examples"  # the same accuracies on the client's site pool
 EPSILON, LEDGER_RECORDS = "epsilon", "rounds-dp"
+# The runner's references (pooled, site oracle) per client, in the run folder: {client: {metric key: accuracy}}.
+REFERENCES_FILE = "references.json"
 
 # Bounds on what a reply may claim; anything outside is a bad reply.
 MAX_EXAMPLES = 10_000_000

@@ -4,16 +4,19 @@ The real set pools three source collections (figshare, SARTAJ, Br35H) that diffe
 size, intensity histogram and JPEG handling. What of that survives the 128 px decode is the
 background (noise floor, zero padding, noise texture), the brain's intensity distribution, the
 scalp's brightness and the sharpness of the slice: ``appearance_features`` measures those per
-image, ``cluster_sites`` groups the images by seeded k-means++ over the standardized features,
-so that partitioning can hand clients feature-shifted sites instead of random buckets.
+image, ``fit_sites`` groups the images by seeded k-means++ over the standardized features,
+so that partitioning can hand clients feature-shifted sites instead of random buckets, and
+keeps the centres so that other images (Testing) go to their nearest site.
 Flower-free and numpy only.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
-from edgemri.core.data import ArraySplit, DataError
+from edgemri.core.data import ArraySplit, DataError, Dataset
 
 MAX_SITES = 50  # more clusters than this are no longer sites but noise in the features
 SITE_PREFIX = "appearance-site-"
@@ -113,18 +116,29 @@ def _chunk_features(images: np.ndarray) -> np.ndarray:
     ])
 
 
+def _raw_features(split: ArraySplit) -> np.ndarray:
+    images = split.images.numpy()
+    if len(images) == 0:
+        return np.zeros((0, len(FEATURE_NAMES)))
+    return np.concatenate([_chunk_features(images[start:start + _CHUNK]) for start in range(0, len(images), _CHUNK)])
+
+
+def _standardization(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's mean and scale (its standard deviation; 1 for a constant feature, which becomes 0)."""
+    spread = raw.std(axis=0)
+    return raw.mean(axis=0), np.where(spread > 1e-12, spread, 1.0)
+
+
 def appearance_features(split: ArraySplit) -> np.ndarray:
     """Per-image appearance features (N, len(FEATURE_NAMES)), each standardized to mean 0 and
     standard deviation 1 over the split (a constant feature is 0): deterministic, from the
     decoded images alone.
     """
-    images = split.images.numpy()
-    if len(images) == 0:
-        return np.zeros((0, len(FEATURE_NAMES)))
-    raw = np.concatenate([_chunk_features(images[start:start + _CHUNK])
-                          for start in range(0, len(images), _CHUNK)])
-    spread = raw.std(axis=0)
-    return (raw - raw.mean(axis=0)) / np.where(spread > 1e-12, spread, 1.0)
+    raw = _raw_features(split)
+    if len(raw) == 0:
+        return raw
+    mean, scale = _standardization(raw)
+    return (raw - mean) / scale
 
 
 def _squared_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -142,9 +156,9 @@ def _initial_centres(points: np.ndarray, count: int, rng: np.random.Generator) -
     return np.array(centres)
 
 
-def _lloyd(points: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, float]:
-    """Lloyd iterations from ``centres``: (labels, inertia). An emptied cluster restarts at the point
-    farthest from its centre, so every cluster keeps a member."""
+def _lloyd(points: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """Lloyd iterations from ``centres``: (labels, inertia, centres), each label the nearest of those centres.
+    An emptied cluster restarts at the point farthest from its centre, so every cluster keeps a member."""
     labels = _squared_distances(points, centres).argmin(axis=1)
     for _ in range(_MAX_ITERATIONS):
         centres = centres.copy()
@@ -160,28 +174,46 @@ def _lloyd(points: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, float]:
         if np.array_equal(updated, labels):
             break
         labels = updated
-    return labels, float(_squared_distances(points, centres)[np.arange(len(points)), labels].sum())
+    return labels, float(_squared_distances(points, centres)[np.arange(len(points)), labels].sum()), centres
 
 
-def _kmeans(points: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """The lowest-inertia labels of _RESTARTS seeded k-means++ runs."""
+def _kmeans(points: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, centres) of the lowest-inertia of _RESTARTS seeded k-means++ runs."""
     runs = [_lloyd(points, _initial_centres(points, count, rng)) for _ in range(_RESTARTS)]
-    return min(runs, key=lambda run: run[1])[0]  # the first of equal inertias: deterministic
+    labels, _, centres = min(runs, key=lambda run: run[1])  # the first of equal inertias: deterministic
+    return labels, centres
 
 
-def _ordered_names(labels: np.ndarray) -> list[str]:
+def _ranked_names(labels: np.ndarray) -> dict[int, str]:
     """Cluster k becomes appearance-site-<rank>, ranked by size (largest first), ties by first member,
     so the same grouping gets the same names whatever labels k-means gave it."""
     clusters = np.unique(labels)
     sizes = np.array([(labels == k).sum() for k in clusters])
     first = np.array([int(np.argmax(labels == k)) for k in clusters])
-    rank = {int(clusters[i]): r for r, i in enumerate(np.lexsort((first, -sizes)))}
-    return [f"{SITE_PREFIX}{rank[int(k)]}" for k in labels]
+    return {int(clusters[i]): f"{SITE_PREFIX}{r}" for r, i in enumerate(np.lexsort((first, -sizes)))}
 
 
-def cluster_sites(split: ArraySplit, count: int, seed: int, *, setting: str = "count") -> list[str]:
-    """Each image's site, ``appearance-site-0`` (the largest) to ``appearance-site-<count - 1>``: seeded
-    k-means++ (several restarts, the lowest inertia kept) over ``appearance_features``.
+@dataclass(frozen=True, eq=False)
+class SiteModel:
+    """Appearance sites fitted on one split: their centres in that split's standardized feature units."""
+
+    names: tuple[str, ...]  # the site of each centre
+    centres: np.ndarray  # (sites, len(FEATURE_NAMES))
+    mean: np.ndarray  # the fitting split's raw feature means and scales (its standardization)
+    scale: np.ndarray
+
+    def assign(self, split: ArraySplit) -> list[str]:
+        """Each image's nearest site, its features standardized as the fitting split's were."""
+        points = (_raw_features(split) - self.mean) / self.scale
+        if len(points) == 0:
+            return []
+        return [self.names[k] for k in _squared_distances(points, self.centres).argmin(axis=1)]
+
+
+def fit_sites(split: ArraySplit, count: int, seed: int, *, setting: str = "count") -> tuple[list[str], SiteModel]:
+    """Each image's site, ``appearance-site-0`` (the largest) to ``appearance-site-<count - 1>``, and the
+    model that puts other images at those sites: seeded k-means++ (several restarts, the lowest inertia
+    kept) over ``appearance_features``.
 
     ``setting`` names the count in errors (e.g. the config key it came from). Raises DataError when
     ``count`` is not 1 to min(MAX_SITES, images), or exceeds the number of distinct appearances.
@@ -194,9 +226,36 @@ def cluster_sites(split: ArraySplit, count: int, seed: int, *, setting: str = "c
     if isinstance(count, bool) or not isinstance(count, int | np.integer) or not 1 <= count <= allowed:
         raise DataError(f"{setting} is {count!r}; allowed: an integer from 1 to {allowed} (at most {MAX_SITES} "
                         f"sites and at most one per image; there are {len(split)} images)")
-    points = appearance_features(split)
+    raw = _raw_features(split)
+    mean, scale = _standardization(raw)
+    points = (raw - mean) / scale
     distinct = len(np.unique(points, axis=0))
     if count > distinct:
         raise DataError(f"{setting} is {count} but the {len(split)} images have only {distinct} distinct "
                         f"appearance(s); allowed: 1 to {distinct}")
-    return _ordered_names(_kmeans(points, int(count), np.random.default_rng(seed)))
+    labels, centres = _kmeans(points, int(count), np.random.default_rng(seed))
+    names = _ranked_names(labels)
+    # A centre left without members (a tie among duplicate images) is no site: Testing never goes there.
+    kept = sorted(names)
+    model = SiteModel(tuple(names[k] for k in kept), centres[kept], mean, scale)
+    return [names[int(k)] for k in labels], model
+
+
+def cluster_sites(split: ArraySplit, count: int, seed: int, *, setting: str = "count") -> list[str]:
+    """Each image's site as ``fit_sites`` finds it (without the model)."""
+    return fit_sites(split, count, seed, setting=setting)[0]
+
+
+def _sited(split: ArraySplit, sites: list[str]) -> ArraySplit:
+    return ArraySplit(split.images, split.labels, split.files, sites)
+
+
+def with_appearance_sites(dataset: Dataset, count: int, seed: int, *, setting: str = "count") -> Dataset:
+    """``dataset`` as it is when Training has sites (metadata.csv's); else with ``count`` appearance sites
+    fitted on Training (``fit_sites``) and each Testing image at its nearest one, so Testing's per-site
+    shares are evaluation pools of the very sites the clients are at. Raises DataError as ``fit_sites``.
+    """
+    if dataset.train.sites:
+        return dataset
+    sites, model = fit_sites(dataset.train, count, seed, setting=setting)
+    return replace(dataset, train=_sited(dataset.train, sites), test=_sited(dataset.test, model.assign(dataset.test)))

@@ -26,10 +26,12 @@ from edgemri.core.stats import bootstrap_ci_clustered, paired_differences
 from edgemri.reports.common import machine, package_versions, write_report_files
 
 COLUMNS = (("start", START_ACCURACY), ("global", GLOBAL_ACCURACY), ("best-global", BEST_GLOBAL_ACCURACY),
-           ("personalized", PERSONAL_ACCURACY), ("local-only", LOCAL_ONLY_ACCURACY), ("pooled", "pooled-accuracy"))
+           ("personalized", PERSONAL_ACCURACY), ("local-only", LOCAL_ONLY_ACCURACY), ("pooled", "pooled-accuracy"),
+           ("oracle", "oracle-accuracy"))
+REFERENCE_COLUMNS = ("pooled", "oracle")  # computed by the runner, which holds all the data (references.json)
 # The paired comparisons (first - second, per client on the same test images) of the "paired" section.
-COMPARISONS = (("personalized", "start"), ("personalized", "global"), ("personalized", "local-only"),
-               ("pooled", "personalized"))
+COMPARISONS = (("personalized", "start"), ("personalized", "global"), ("personalized", "best-global"),
+               ("personalized", "local-only"), ("oracle", "start"), ("oracle", "personalized"))
 CI_LEVEL, CI_RESAMPLES = 0.95, 10_000
 
 
@@ -75,7 +77,7 @@ def paired_summary(rows_by_seed: Mapping[Hashable, Sequence[Mapping[str, Any]]],
             "groups": groups}
 
 
-def _rows(result: FederationResult, pooled: dict[str, float] | None, prefix: str = "",
+def _rows(result: FederationResult, references: dict[str, dict[str, float]] | None, prefix: str = "",
           count_key: str = NUM_EXAMPLES) -> list[dict[str, Any]]:
     """One row per client: its columns from the final metrics (``prefix``: the same, on its site pool)."""
     clients = result.clients
@@ -85,7 +87,8 @@ def _rows(result: FederationResult, pooled: dict[str, float] | None, prefix: str
         row = {"client": name, "kind": clients[name].kind, "site": clients[name].site,
                "num_train": clients[name].num_examples, "failed": name in result.final_failed}
         for column, key in COLUMNS:
-            value = (pooled or {}).get(name) if column == "pooled" else final.get(prefix + key)
+            source = (references or {}).get(name, {}) if column in REFERENCE_COLUMNS else final
+            value = source.get(prefix + key)
             row[column] = float("nan") if value is None else float(value)
         row["num_test"] = int(final.get(count_key, 0))
         rows.append(row)
@@ -101,18 +104,19 @@ def _summaries(rows: list[dict[str, Any]], config: Config) -> dict[str, Any]:
             for group, members in _groups(rows, config).items() if members}
 
 
-def _pool_section(result: FederationResult, config: Config) -> dict[str, Any] | None:
+def _pool_section(result: FederationResult, config: Config, references: dict[str, dict[str, float]] | None
+                  ) -> dict[str, Any] | None:
     """The same columns on each client's site pool (hundreds of held-out scans), when the clients had pools."""
     if not any(POOL_EXAMPLES in m for m in result.final.values()):
         return None
-    rows = _rows(result, None, POOL_PREFIX, POOL_EXAMPLES)
+    rows = _rows(result, references, POOL_PREFIX, POOL_EXAMPLES)
     return {"clients": rows, "summary": _summaries(rows, config),
             "paired": paired_summary({config.seed: rows}, config.federation.tier_names)}
 
 
 def build_federation_report(result: FederationResult, config: Config,
-                            pooled: dict[str, float] | None = None) -> dict[str, Any]:
-    rows = _rows(result, pooled)
+                            references: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    rows = _rows(result, references)
     groups = _groups(rows, config)
     summary = _summaries(rows, config)
     curves: dict[str, dict[str, list[float]]] = {}
@@ -133,7 +137,7 @@ def build_federation_report(result: FederationResult, config: Config,
         "clients": rows,
         "summary": summary,
         "paired": paired_summary({config.seed: rows}, config.federation.tier_names),
-        "pool": _pool_section(result, config),
+        "pool": _pool_section(result, config, references),
         "curves": curves,
         "central": {"start": result.central_start, "final": result.central_final,
                     "per_round": [h.central for h in result.history]},
@@ -205,15 +209,18 @@ def render_markdown(report: dict[str, Any]) -> str:
              "final global model; *best-global*: the global model of the round federated validation preferred "
              f"(round {report['best_round']}: the clients' validation splits, weighted by size); "
              "*personalized*: the client's own model; *local-only*: the same local budget "
-             "from the same start without federation; *pooled*: one model trained centrally on all clients' "
-             "training data (an upper bound that needs the data in one place).", ""]
+             "from the same start without federation; *pooled*: the start model fine-tuned centrally on all "
+             "clients' training data; *oracle*: the start model fine-tuned centrally on all of the client's site's "
+             "client training data, early-stopped on their validation splits: the headroom no federated method "
+             "can beat (both need the data in one place).", ""]
     lines += _tables(report, headers) + _paired_markdown(report)
     if report.get("pool"):
         lines += ["", "## On each client's site pool", "",
                   "The same models scored on hundreds of held-out scans of each client's site, generated with "
                   "that site's scanner profile (`Pools/<site>/` of the data folder): the primary metric, since a "
                   "local test split of a few scans cannot resolve differences of a few points. *test n* is the "
-                  "pool's size here; *pooled* is not scored on the pools.", ""]
+                  "pool's size here. Under label skew each client's pool accuracy mixes the per-class accuracies "
+                  "by the client's own class mix.", ""]
         lines += _tables(report["pool"], headers) + _paired_markdown(report["pool"])
     central = report["central"]
     if central["final"]:
@@ -262,7 +269,10 @@ def plot_federation(report: dict[str, Any], path: Path) -> None:
 
 
 def _plot_paired(report: dict[str, Any], ax: Any) -> None:
-    """Each client's personalized - start and personalized - global as points, by tier, with the tier's mean and CI."""
+    """Each client's personalized - start and personalized - global as points, by tier, with the tier's mean and CI
+    (on the site pools where the clients had them: the primary metric)."""
+    where = "site pools" if report.get("pool") else "local test splits"
+    report = report.get("pool") or report
     x = 0
     centres, names = [], []
     for tier, intervals in report["paired"]["groups"].items():
@@ -283,7 +293,7 @@ def _plot_paired(report: dict[str, Any], ax: Any) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(centres, names, fontsize=8)
     ax.set_ylabel("paired difference per client (points)")
-    ax.set_title("dots: clients; diamonds: tier mean, 95% bootstrap CI", fontsize=9)
+    ax.set_title(f"on the {where}; dots: clients; diamonds: tier mean, 95% bootstrap CI", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
 

@@ -217,16 +217,17 @@ def _load_state(path: Path) -> Checkpoint | None:
 
 
 def write_reports(result: p.FederationResult, config: Config, run_dir: Path) -> dict[str, Path]:
-    """result.json and the federation and privacy reports, once per run (the pooled baseline if computed)."""
+    """result.json and the federation and privacy reports, once per run (with the runner's references, if any)."""
     write_json(run_dir / "server" / "result.json", result.to_dict())
-    pooled_file = run_dir / "pooled.json"
-    pooled = None
-    if pooled_file.is_file():
+    references_file = run_dir / p.REFERENCES_FILE
+    references = None
+    if references_file.is_file():
         try:
-            pooled = {str(k): float(v) for k, v in json.loads(pooled_file.read_text(encoding="utf-8")).items()}
+            raw = json.loads(references_file.read_text(encoding="utf-8"))
+            references = {str(client): {str(k): float(v) for k, v in values.items()} for client, values in raw.items()}
         except (OSError, ValueError, AttributeError, TypeError) as err:
-            raise p.ProtocolError(f"{pooled_file} is not a pooled-baseline file ({err.__class__.__name__})") from None
-    paths = write_federation_report(build_federation_report(result, config, pooled), run_dir)
+            raise p.ProtocolError(f"{references_file} is not a references file ({err.__class__.__name__})") from None
+    paths = write_federation_report(build_federation_report(result, config, references), run_dir)
     paths.update({f"privacy_{k}": v for k, v in
                   write_privacy_report(build_privacy_report(result, config), run_dir).items()})
     return paths

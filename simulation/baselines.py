@@ -1,34 +1,81 @@
-"""The pooled upper bound: one model trained centrally on every client's training data.
+"""References no federated client could compute: they need the clients' data in one place.
 
-Only an experimenter holding all the data can compute it, which is the point of the
-comparison; it runs here, in the simulation wiring, never inside the Flower apps.
+- *pooled*: the start model fine-tuned centrally on every client's training data;
+- *oracle*: per site, the start model fine-tuned centrally on all of that site's client training
+  data, the headroom no federated method can beat on that site.
+
+Both use the hospitals' personal recipe with selection on the clients' validation splits (early
+stopping; a site without one carves 15% of its training data). They run here, in the simulation
+wiring, never inside the Flower apps, and are scored on each client's own test split and, where
+the data has them, on its site's evaluation pool (class-mixed as the client's run under label skew).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from edgemri.core.config import Config
-from edgemri.core.data import Dataset
+from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, load_pools
 from edgemri.core.partition import Manifest
-from edgemri.core.personalize import LocalTrainer, evaluate_state, local_only
+from edgemri.core.personalize import LocalTrainer, State, evaluate_state, student_from
+from edgemri.core.protocol import POOL_PREFIX
+
+POOLED, ORACLE = "pooled-accuracy", "oracle-accuracy"
+ORACLE_EPOCHS = 20  # an upper bound on the budget; selection on validation stops it where it peaks
+CARVED_VAL_FRACTION = 0.15
 
 
-def pooled_accuracy(manifests: list[Manifest], dataset: Dataset, start: dict[str, torch.Tensor],
-                    config: Config) -> dict[str, float]:
-    """Train on the union of the clients' train splits; accuracy on each client's test split."""
+def _rows(dataset: Dataset, manifests: list[Manifest], split: str) -> list[int]:
+    # Files that are no longer readable are left out, as the failing client leaves them out.
     index = {f: i for i, f in enumerate(dataset.train.files)}
+    return [index[f.path] for m in manifests for f in m.files if f.split == split and f.path in index]
 
-    def rows(split: str, manifest: Manifest) -> list[int]:
-        # Files that are no longer readable are left out, as the failing client leaves them out.
-        return [index[f.path] for f in manifest.files if f.split == split and f.path in index]
 
-    pooled_train = dataset.train.subset([i for m in manifests for i in rows("train", m)])
+def _fine_tune(start: State, train: ArraySplit, val: ArraySplit, config: Config, seed: int) -> State:
+    """The start model fine-tuned with the hospitals' recipe, early-stopped on ``val``."""
+    if len(val) == 0:  # no client validation split at this site: carve one from its training data
+        order = np.random.default_rng(seed).permutation(len(train))
+        cut = max(1, round(CARVED_VAL_FRACTION * len(train)))
+        train, val = train.subset(order[cut:].tolist()), train.subset(order[:cut].tolist())
     hospital = config.federation.tier("hospital")
-    trainer = LocalTrainer(pooled_train, hospital.train_spec(), seed=config.seed,
-                           personal=dataclasses.replace(hospital.personal, select="last"))
-    state = local_only(start, trainer, config.federation.rounds)
-    return {m.client: evaluate_state(state, dataset.train.subset(rows("test", m)))["accuracy"] for m in manifests}
+    recipe = dataclasses.replace(hospital.personal, epochs=ORACLE_EPOCHS, select="val")
+    model = student_from(start)
+    LocalTrainer(train, hospital.train_spec(), seed, personal=recipe, val=val).personalize(model)
+    return model.state_dict()
 
+
+def _class_mix(manifest: Manifest) -> torch.Tensor:
+    counts = manifest.class_counts()
+    totals = torch.tensor([float(sum(split[c] for split in counts.values())) for c in CLASS_NAMES])
+    return totals / totals.sum()
+
+
+def reference_accuracies(manifests: list[Manifest], dataset: Dataset, start: State, config: Config,
+                         data_root: str) -> dict[str, dict[str, float]]:
+    """Per client: the pooled and the site-oracle models' accuracy on its test split and its site pool."""
+    pools = load_pools(data_root, config.data.cache_dir)
+    weighted = config.federation.partition.label_skew_alpha is not None
+
+    def subset(members: list[Manifest], split: str) -> ArraySplit:
+        return dataset.train.subset(_rows(dataset, members, split))
+
+    pooled = _fine_tune(start, subset(manifests, "train"), subset(manifests, "val"), config, config.seed)
+    sites = sorted({m.site for m in manifests})
+    oracles = {site: _fine_tune(start, subset([m for m in manifests if m.site == site], "train"),
+                                subset([m for m in manifests if m.site == site], "val"), config, config.seed)
+               for site in sites}
+    out: dict[str, dict[str, float]] = {}
+    for manifest in manifests:
+        test = subset([manifest], "test")
+        models = {POOLED: pooled, ORACLE: oracles[manifest.site]}
+        scores = {key: evaluate_state(model, test)["accuracy"] for key, model in models.items()}
+        if pool := pools.get(manifest.site):
+            weights = _class_mix(manifest) if weighted else None
+            for key, model in models.items():
+                result = evaluate_state(model, pool, weights)
+                scores[POOL_PREFIX + key] = result["weighted_accuracy" if weighted else "accuracy"]
+        out[manifest.client] = {k: float(v) for k, v in scores.items()}
+    return out

@@ -1,4 +1,4 @@
-"""`edgemri federate`: partition, run the Flower app in simulation, add the pooled baseline.
+"""`edgemri federate`: partition, run the Flower app in simulation, add the pooled and oracle references.
 
 Everything of a run lives in its folder: the resolved config, the manifests, each
 client's state folder, the server's checkpoints, Flower's home and logs, the reports.
@@ -24,10 +24,10 @@ from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json, write_text
 from edgemri.core.partition import ensure_manifests, read_manifest
 from edgemri.core.privacy import PrivacyError, check_dp_model, plan_dp
-from edgemri.core.protocol import APP_ROOT
+from edgemri.core.protocol import APP_ROOT, REFERENCES_FILE
 from edgemri.models import build_model
 from edgemri.server.app import app as server_app
-from edgemri.simulation.baselines import pooled_accuracy
+from edgemri.simulation.baselines import reference_accuracies
 from edgemri.simulation.flower_run import FlowerRunError, run_simulation
 from edgemri.simulation.inprocess import run_in_process
 
@@ -123,9 +123,9 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
     manifests = ensure_manifests(out / "manifests", dataset.train, data_root.resolve(), config)
     log.info("%d clients: %s", len(manifests), ", ".join(read_manifest(m).client for m in manifests))
     write_json(out / "privacy-plan.json", plan_privacy(config, manifests))
-    # The pooled reference needs every client's data in one place: only this runner has it, never the apps.
-    write_json(out / "pooled.json", pooled_accuracy([read_manifest(m) for m in manifests], dataset,
-                                                    start.state_dict, config))
+    # The pooled and oracle references need the clients' data in one place: only this runner has it, never the apps.
+    write_json(out / REFERENCES_FILE, reference_accuracies([read_manifest(m) for m in manifests], dataset,
+                                                           start.state_dict, config, str(data_root)))
     run_config = {
         "config": str(config_path), "run-dir": str(out), "data-root": str(data_root.resolve()),
         "manifests": str(out / "manifests"), "state-root": str(out / "clients"),

@@ -122,10 +122,12 @@ def partition(config: Config, out: Path, *, progress: bool = False) -> list[Mani
 
 def federation_lines(run: FederationRun) -> list[str]:
     """Mean accuracy per client group for each model the federation compares, and where the report is."""
-    columns = ("start", "global", "best-global", "personalized", "local-only", "pooled")
+    columns = ("start", "global", "best-global", "personalized", "local-only", "pooled", "oracle")
+    section = run.report.get("pool") or run.report  # the site pools, where the data has them: the primary metric
+    where = "site pools" if run.report.get("pool") else "local test splits"
     rows = [f"{group:9s} " + "  ".join(f"{column} {100 * stats[column]['mean']:.1f}" for column in columns)
-            for group, stats in run.report["summary"].items()]
-    return [*rows, f"report: {run.paths['md']}"]
+            for group, stats in section["summary"].items()]
+    return [f"mean accuracy (%) on the clients' {where}:", *rows, f"report: {run.paths['md']}"]
 
 
 # ---------------------------------------------------------------- edge

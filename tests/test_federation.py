@@ -61,20 +61,44 @@ def _flower_processes_of(run_dir: Path) -> list[str]:
     return names
 
 
-@pytest.fixture(scope="module")
-def broken_phone_run(sited_data: Path, start_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A 2-round Ditto run with the message audit on, where one phone's data is broken."""
+def _broken_phone_setup(sited_data: Path, tmp_path_factory: pytest.TempPathFactory, **federation: object):
+    """Data, run folder and config of a 2-round Ditto run with DP phones, where one phone's data is broken."""
     root = tmp_path_factory.mktemp("fed") / "data"
     shutil.copytree(sited_data, root)
     out = tmp_path_factory.mktemp("fedrun") / "run"
-    config = _config().replace(privacy=parse_config(
+    config = _config(**federation).replace(privacy=parse_config(
         {"privacy": {"tiers": {"phone": {"enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}}).privacy)
     manifests = partition(load_dataset(root).train, root, config)
     write_manifests(manifests, out / "manifests")
     broken = next(m for m in manifests if m.kind == "phone")
     (root / broken.files[0].path).unlink()  # the phone's scans went missing after partitioning
+    return root, out, config, broken.client
+
+
+@pytest.fixture(scope="module")
+def broken_phone_run(sited_data: Path, start_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The run in Flower's simulation engine, with the message audit on."""
+    root, out, config, broken = _broken_phone_setup(sited_data, tmp_path_factory)
     run = federate(config, data_root=root, out=out, start_checkpoint=start_checkpoint, audit=True)
-    return run, broken.client
+    return run, broken
+
+
+def test_the_in_process_engine_gives_the_flower_engines_results(broken_phone_run, sited_data: Path,
+                                                                start_checkpoint: Path,
+                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    ray_run, broken = broken_phone_run
+    root, out, config, _ = _broken_phone_setup(sited_data, tmp_path_factory, compare_methods=["fedavg-cal"])
+    run = federate(config, data_root=root, out=out, start_checkpoint=start_checkpoint, engine="inprocess")
+    ray_result = json.loads((ray_run.out / "server" / "result.json").read_text())
+    result = json.loads((run.out / "server" / "result.json").read_text())
+    assert set(result["final"]) == set(ray_result["final"]) and broken in result["final_failed"]
+    for client, metrics in ray_result["final"].items():  # the same apps, seeds and messages: the same numbers
+        assert {k: result["final"][client][k] for k in metrics} == pytest.approx(metrics, abs=1e-9)
+        assert 0.0 <= result["final"][client]["personal-accuracy@fedavg-cal"] <= 1.0
+    assert [h["trained"] for h in result["history"]] == [h["trained"] for h in ray_result["history"]]
+    references = json.loads((run.out / "references.json").read_text())
+    assert all(0.0 <= references[c]["oracle-accuracy"] <= 1.0 for c in result["final"])
+    assert not (run.out / "flwr_home").exists()  # no SuperLink, no Ray
 
 
 def test_run_completes_with_a_failing_client_reported_and_skipped(broken_phone_run) -> None:
@@ -90,7 +114,7 @@ def test_run_completes_with_a_failing_client_reported_and_skipped(broken_phone_r
         assert p["aggregated"]
     healthy = [r for r in report["clients"] if not r["failed"]]
     for row in healthy:
-        for column in ("start", "global", "best-global", "personalized", "local-only", "pooled"):
+        for column in ("start", "global", "best-global", "personalized", "local-only", "pooled", "oracle"):
             assert 0.0 <= row[column] <= 1.0
     assert report["best_round"] in (1, 2)  # the hospitals' validation splits chose a round
     best = load_checkpoint(run.out / "server" / "global-best.pt")

@@ -18,7 +18,9 @@ CLIENTS = {"hospital-a": ("hospital", 0.70, 0.75, 0.80, 0.72, 20),
            "hospital-b": ("hospital", 0.60, 0.62, 0.70, 0.65, 30),
            "phone-a-0": ("phone", 0.50, 0.60, 0.55, 0.40, 5), "phone-a-1": ("phone", 0.80, 0.70, 0.90, 0.80, 10),
            "phone-b-0": ("phone", 0.0, 0.0, 0.0, 0.0, 0)}
-POOLED = {"hospital-a": 0.85, "hospital-b": 0.72, "phone-a-0": 0.60, "phone-a-1": 0.90, "phone-b-0": 0.50}
+ORACLE = {"hospital-a": 0.85, "hospital-b": 0.72, "phone-a-0": 0.60, "phone-a-1": 0.90, "phone-b-0": 0.50}
+# The runner's references.json: pooled and site-oracle accuracy per client.
+REFERENCES = {name: {"pooled-accuracy": value - 0.01, "oracle-accuracy": value} for name, value in ORACLE.items()}
 
 
 def _result() -> p.FederationResult:
@@ -36,7 +38,7 @@ def _result() -> p.FederationResult:
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    return build_federation_report(_result(), CONFIG, POOLED)
+    return build_federation_report(_result(), CONFIG, REFERENCES)
 
 
 def test_paired_section_holds_the_hand_computed_differences(report: dict) -> None:
@@ -49,7 +51,9 @@ def test_paired_section_holds_the_hand_computed_differences(report: dict) -> Non
     assert phone["n"] == 2 and phone["mean"] == pytest.approx(0.075)
     assert phone["low"] == pytest.approx(-0.05) and phone["high"] == pytest.approx(0.20)
     assert groups["phone"]["personalized - local-only"]["mean"] == pytest.approx((0.15 + 0.10) / 2)
-    assert groups["phone"]["pooled - personalized"]["mean"] == pytest.approx((0.05 + 0.0) / 2)
+    assert groups["phone"]["oracle - personalized"]["mean"] == pytest.approx((0.05 + 0.0) / 2)
+    assert groups["hospital"]["oracle - start"]["mean"] == pytest.approx((0.15 + 0.12) / 2)  # the headroom
+    assert report["clients"][0]["pooled"] == pytest.approx(0.84)
     everyone = groups["all"]["personalized - start"]
     expected = bootstrap_ci([0.80 - 0.70, 0.70 - 0.60, 0.55 - 0.50, 0.90 - 0.80])  # the rows' order
     assert everyone["n"] == 4 and everyone["mean"] == pytest.approx(0.0875)
@@ -71,7 +75,7 @@ def test_markdown_table_json_and_plot_show_the_paired_section(report: dict, tmp_
     assert "| hospital | +10.0 [+10.0, +10.0] (n=2) | +6.5 [+5.0, +8.0] (n=2) |" in markdown
     assert "| phone | +7.5 [+5.0, +10.0] (n=2) | +7.5 [-5.0, +20.0] (n=2) |" in markdown
     assert "(5-30 here) these intervals are wide" in markdown and "one run, one seed" in markdown
-    assert json.loads(paths["json"].read_text())["paired"]["groups"]["phone"]["pooled - personalized"]["n"] == 2
+    assert json.loads(paths["json"].read_text())["paired"]["groups"]["phone"]["oracle - personalized"]["n"] == 2
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 

@@ -19,6 +19,7 @@ from edgemri.core.data import (
     pick_source_sites,
     scenario_split,
     server_client_split,
+    sited_training,
 )
 from edgemri.core.distill import Distiller, resume_settings
 from edgemri.core.errors import EdgemriError
@@ -106,14 +107,20 @@ def test_new_sites_refuses_data_it_cannot_split(sites: list[str], count: int | N
     assert isinstance(err.value, EdgemriError) and message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_folder_without_sites_is_refused_for_new_sites_only(tiny_data: Path, tmp_path: Path) -> None:
+def test_folder_without_sites_splits_by_appearance_sites_under_new_sites(tiny_data: Path, tmp_path: Path) -> None:
     dataset = load_dataset(tiny_data)
     server, clients = scenario_split(dataset.train, _config("seen-sites"))
     assert len(server) + len(clients) == len(dataset.train)
-    with pytest.raises(DataError, match="needs a scanner site for every Training image"):
-        Distiller(_config(), dataset, 0, tmp_path, resume=False, progress=False)
-    with pytest.raises(DataError, match="needs a scanner site for every Training image"):
-        partition(dataset.train, tiny_data, _config())
+    server, clients = scenario_split(dataset.train, _config())
+    sites = sited_training(dataset.train, _config()).sites
+    assert not {sites[i] for i in server.tolist()} & {sites[i] for i in clients.tolist()}
+    distiller = Distiller(_config(), dataset, 0, tmp_path / "seed-0", resume=False, progress=False)
+    assert set(distiller.train_split.files + distiller.val_split.files) == \
+        {dataset.train.files[i] for i in server.tolist()}
+    partly = ArraySplit(dataset.train.images, dataset.train.labels, dataset.train.files,
+                        ["site-a", *[""] * (len(dataset.train) - 1)])
+    with pytest.raises(DataError, match="Training image .* has none"):
+        scenario_split(partly, _config())
 
 
 # Today's server_client_split (before scenarios) on sited_data: digests of its (server, clients) indices.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +12,19 @@ import pytest
 import torch
 
 from edgemri.core import synth
-from edgemri.core.config import Config, parse_config
-from edgemri.core.data import ArraySplit, DataError, load_dataset
+from edgemri.core.config import Config, ConfigError, parse_config
+from edgemri.core.data import (
+    ArraySplit,
+    DataError,
+    evaluation_pools,
+    load_dataset,
+    scenario_split,
+    sited_dataset,
+    sited_training,
+)
+from edgemri.core.distill import Distiller
 from edgemri.core.partition import partition
-from edgemri.core.sites import FEATURE_NAMES, MAX_SITES, appearance_features, cluster_sites
+from edgemri.core.sites import FEATURE_NAMES, MAX_SITES, appearance_features, cluster_sites, fit_sites
 
 LIMIT = 24  # images per class and split: 96 Training images over 4 sites, about 2 s to draw
 # Measured 0.62-0.76 over generator seeds 0-3; random buckets of 4 reach at most 0.47 on 96 images.
@@ -33,11 +44,25 @@ def _unsited(split: ArraySplit) -> ArraySplit:
 
 
 @pytest.fixture(scope="module")
-def synthetic_train(tmp_path_factory: pytest.TempPathFactory) -> ArraySplit:
-    """A small quickstart set's Training split, with the generator's true sites."""
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small quickstart set, with the generator's true sites in its metadata.csv."""
     root = tmp_path_factory.mktemp("sites") / "data"
     synth.generate(root, "quickstart", seed=0, workers=1, progress=False, limit=LIMIT)
-    return load_dataset(root, workers=1).train
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_train(synthetic_root: Path) -> ArraySplit:
+    return load_dataset(synthetic_root, workers=1).train
+
+
+@pytest.fixture(scope="module")
+def unlabelled_root(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same images without metadata.csv: a folder like the real Kaggle set."""
+    root = tmp_path_factory.mktemp("unlabelled") / "data"
+    for split in ("Training", "Testing"):
+        shutil.copytree(synthetic_root / split, root / split)
+    return root
 
 
 def test_clusters_recover_the_synthetic_sites_far_better_than_random_buckets(synthetic_train: ArraySplit) -> None:
@@ -112,5 +137,72 @@ def test_partition_of_data_without_metadata_uses_appearance_sites(tiny_data: Pat
     assert sorted(m.client for m in manifests) == ["hospital-appearance-site-0", "hospital-appearance-site-1",
                                                    "phone-appearance-site-0-0", "phone-appearance-site-1-0"]
     assert [m.to_dict() for m in partition(train, tiny_data, config)] == [m.to_dict() for m in manifests]
-    with pytest.raises(DataError, match="federation.partition.pseudo_sites is 60; allowed"):
-        partition(train, tiny_data, _config(60))
+    # The sites are Training's as a whole (clustered once), whatever share the clients hold.
+    sites = dict(zip(train.files, sited_training(train, config).sites, strict=True))
+    assert all(sites[f.path] == m.site for m in manifests for f in m.files)
+    assert _config(MAX_SITES).federation.partition.pseudo_sites == MAX_SITES
+    with pytest.raises(ConfigError, match=f"pseudo_sites' has value {MAX_SITES + 1}; allowed: an integer in "
+                                          f"\\[1, {MAX_SITES}\\]"):
+        _config(MAX_SITES + 1)
+
+
+def test_testing_images_go_to_the_nearest_site_of_the_training_fit(synthetic_root: Path) -> None:
+    labelled = load_dataset(synthetic_root, workers=1)
+    train, test = _unsited(labelled.train), _unsited(labelled.test)
+    sites, model = fit_sites(train, 4, seed=0)
+    assert model.assign(train) == sites and set(model.names) == set(sites)
+    assigned = model.assign(test)
+    # Standardized by Training's statistics, not its own: one image alone goes where it goes in the batch.
+    assert [model.assign(test.subset([k]))[0] for k in range(0, len(test), 9)] == assigned[::9]
+    assert _purity(labelled.test.sites, assigned) > MIN_PURITY
+
+
+NEW_SITES = {"seed": 0, "data": {"split_seed": 3}, "federation": {
+    "scenario": "new-sites", "partition": {"pseudo_sites": 4},
+    "tiers": {"hospital": {"min_examples": 2, "test_fraction": 0.25},  # the smallest site holds 5 scans
+              "phone": {"per_site": 1, "min_examples": 1, "max_examples": 2}}}}
+
+
+def test_new_sites_on_data_without_metadata_keeps_clients_at_unseen_appearance_sites(
+        unlabelled_root: Path, tmp_path: Path) -> None:
+    config = parse_config(NEW_SITES)
+    dataset = load_dataset(unlabelled_root, workers=1)
+    assert not dataset.train.sites and not dataset.test.sites
+    sited = sited_dataset(dataset, config)
+    names = {f"appearance-site-{k}" for k in range(4)}
+    assert set(sited.train.sites) == names and set(sited.test.sites) <= names
+    assert sited.train.sites == sited_training(dataset.train, config).sites
+    site_of = dict(zip(sited.train.files, sited.train.sites, strict=True))
+    # The server distills at some appearance sites; every client is at another, holding none of its images.
+    distiller = Distiller(config, dataset, 0, tmp_path, resume=False, progress=False)
+    distilled = set(distiller.train_split.files + distiller.val_split.files)
+    source = {site_of[f] for f in distilled}
+    server, clients = scenario_split(dataset.train, config)
+    assert distilled == {dataset.train.files[i] for i in server.tolist()} and len(source) == 2
+    manifests = partition(dataset.train, unlabelled_root, config)
+    client_sites = {m.site for m in manifests}
+    assert client_sites == names - source
+    held = [f.path for m in manifests for f in m.files]
+    assert not distilled & set(held) and sorted(held) == sorted(dataset.train.files[i] for i in clients.tolist())
+    # Testing's share of each site is that site's evaluation pool, the clients' sites included.
+    pools = evaluation_pools(sited)
+    assert client_sites <= set(pools) and sum(len(p) for p in pools.values()) == len(dataset.test)
+    assert all(set(pool.sites) == {site} for site, pool in pools.items())
+    # A second load (from the decoded cache) finds the very same sites.
+    again = sited_dataset(load_dataset(unlabelled_root, workers=1), config)
+    assert (again.train.sites, again.test.sites) == (sited.train.sites, sited.test.sites)
+
+
+def test_new_sites_needs_two_appearance_sites_and_seen_sites_ignores_them(unlabelled_root: Path) -> None:
+    dataset = load_dataset(unlabelled_root, workers=1)
+    one_site = parse_config({**NEW_SITES, "federation": {**NEW_SITES["federation"], "partition": {"pseudo_sites": 1}}})
+    with pytest.raises(DataError, match="needs at least 2 appearance sites .*pseudo_sites is 1; allowed: 2 or more"):
+        scenario_split(dataset.train, one_site)
+    # seen-sites splits such data by class alone, so the distillation share is as it was without clustering.
+    seen = parse_config({"data": {"client_fraction": 0.5}})
+    unclustered = ArraySplit(dataset.train.images, dataset.train.labels, dataset.train.files)
+    assert all(a.equal(b) for a, b in zip(scenario_split(dataset.train, seen), scenario_split(unclustered, seen),
+                                           strict=True))
+    labelled = replace(dataset, train=ArraySplit(unclustered.images, unclustered.labels, unclustered.files,
+                                                 ["site-a"] * len(unclustered)))
+    assert sited_dataset(labelled, seen) is labelled  # metadata.csv's sites are kept
