@@ -59,7 +59,7 @@ from edgemri.core.protocol import (
     check_client_name,
     run_path,
 )
-from edgemri.models import Student
+from edgemri.models import NormStudent, Student
 
 STATE_FILE = "client-state.pt"  # the one checkpoint format, kind "client"
 
@@ -159,8 +159,11 @@ class Client:
         return ClientState(saved.state_dict or None, rounds_trained, last_round)
 
     def save_state(self, state: ClientState) -> None:
+        personal = state.personal or {}
+        # FedBN's personal norms are keys of the training-time NormStudent, not of the student.
+        model = "norm-student" if any(k.startswith(NormStudent.NORM_PREFIX) for k in personal) else "student"
         save_checkpoint(self.state_path, Checkpoint(
-            model="student", kind="client", state_dict=state.personal or {}, role=f"client state of {self.name}",
+            model=model, kind="client", state_dict=personal, role=f"client state of {self.name}",
             step=state.last_round,
             extra={"counters": {"rounds_trained": state.rounds_trained, "last_round": state.last_round}}))
 

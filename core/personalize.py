@@ -22,7 +22,7 @@ from edgemri.core.data import CLASS_NAMES, PREPROCESSING, ArraySplit, calibrated
 from edgemri.core.evaluate import classification_metrics, predict_logits
 from edgemri.core.losses import cross_entropy, make_kd_loss
 from edgemri.core.train import Batch, TrainData, Wrap, fit
-from edgemri.models import Student, build_model
+from edgemri.models import NormStudent, Student, build_model, fold_norms
 
 State = dict[str, Tensor]
 LossFn = Callable[[Tensor, Batch], Tensor]
@@ -317,8 +317,59 @@ class Ditto(Method):
         return personal if personal is not None else global_state
 
 
+def start_preserving_norms(global_state: State, images: Tensor) -> NormStudent:
+    """A NormStudent whose norms start as the identity *in training mode* on this client's scans.
+
+    A freshly built BatchNorm normalizes by batch statistics at once, which would throw away what
+    the start model knows; with gamma and beta set to each channel's own standard deviation and mean
+    over the client's scans (and the same running statistics), the model first computes what the
+    student computed, in both modes, and FedBN's local norms then adapt to the scanner.
+    """
+    model = NormStudent.from_student_state(global_state)
+    convs = [model.get_submodule(name) for name in NormStudent.NORMED_CONVS]
+    outputs: list[Tensor] = []
+    hooks = [conv.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach())) for conv in convs]
+    try:
+        predict_logits(model, images, normalize)  # eval mode: the identity norms pass the student's signal
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        for index, norm in enumerate(model.norms):
+            y = torch.cat(outputs[index::len(convs)])
+            mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+            norm.weight.copy_(torch.sqrt(var + norm.eps))
+            norm.bias.copy_(mean)
+    return model
+
+
+class FedBN(Method):
+    """FedBN (Li et al. 2021): a norm layer after each conv, kept on the client; the student's weights
+    are shared. The client's model folds its norms into the convs: it exports as the plain student.
+    A DP client trains the plain student (Opacus has no per-sample gradients through batch statistics)."""
+
+    name = "fedbn"
+    keeps_personal_state = True
+
+    def train_round(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> RoundOutput:
+        if trainer.wrap is not None:
+            return super().train_round(global_state, personal, trainer)
+        model = start_preserving_norms(global_state, trainer.train.images)
+        if personal is not None:  # its own norms from earlier rounds, over the new shared weights
+            model.load_state_dict({**model.state_dict(), **personal}, strict=True)
+        metrics = trainer.run(model, cross_entropy)
+        state = model.state_dict()
+        norms = {k: v for k, v in state.items() if k.startswith(NormStudent.NORM_PREFIX)}
+        return RoundOutput({k: state[k] for k in global_state}, norms, metrics)
+
+    def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
+        return global_state if personal is None else fold_norms({**global_state, **personal})
+
+
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, FedAvgFineTune, FedAvgCalibrate, FedAvgLabelFree,
-                                                        FedPer, LGFedAvg, Ditto)}
+                                                        FedPer, LGFedAvg, Ditto, FedBN)}
 
 
 def create_method(config: FederationConfig) -> Method:

@@ -39,7 +39,7 @@ def test_paper_config_is_the_papers_setting() -> None:
         ({"federated": {}}, "unknown config key 'federated'"),
         ({"federation": {"method": "fedsgd"}},
          "'federation.method' has value 'fedsgd'; allowed: 'fedavg', 'fedavg-ft', 'fedavg-cal', 'label-free', "
-         "'fedper', 'lg-fedavg', 'ditto'"),
+         "'fedper', 'lg-fedavg', 'ditto', 'fedbn'"),
         ({"federation": {"tiers": {"hospital": {"personal": {"optimizer": "rmsprop"}}}}},
          "'federation.tiers.hospital.personal.optimizer' has value 'rmsprop'; allowed: 'adam', 'sgd'"),
         ({"federation": {"tiers": {"phone": {"personal": {"select": "val"}}}}},

@@ -25,9 +25,10 @@ from edgemri.core.personalize import (
     local_only,
     merge_shared,
     personal_model,
+    start_preserving_norms,
     student_from,
 )
-from edgemri.models import Student
+from edgemri.models import NormStudent, Student
 
 
 def _config(**federation: object):
@@ -122,7 +123,10 @@ def test_each_method_trains_a_round_and_personalizes(name: str, hospital_data) -
     head = {"classifier.1.weight", "classifier.1.bias"}
     expected_shared = {"fedper": set(start) - head, "lg-fedavg": head}.get(name, set(start))
     assert set(out.shared) == expected_shared
-    if method.keeps_personal_state:
+    if name == "fedbn":  # the four norms stay on the client
+        assert {k.split(".")[1] for k in out.personal} == {"0", "1", "2", "3"}
+        assert all(k.startswith(NormStudent.NORM_PREFIX) for k in out.personal)
+    elif method.keeps_personal_state:
         assert set(out.personal) == (set(start) - expected_shared if name != "ditto" else set(start))
     assert any(not torch.equal(out.shared[k], start[k]) for k in out.shared)
     global_state = merge_shared(start, out.shared)
@@ -220,3 +224,24 @@ def test_unknown_method_is_a_clear_error() -> None:
     object.__setattr__(config, "method", "scaffold")
     with pytest.raises(ValueError, match="allowed: fedavg, fedavg-ft, fedavg-cal, label-free, fedper, lg-fedavg"):
         create_method(config)
+
+
+def test_fedbn_norms_start_as_the_identity_and_fold_into_the_student(hospital_data) -> None:
+    torch.manual_seed(0)
+    start = Student().state_dict()
+    images = hospital_data.train.images
+    model = start_preserving_norms(start, images)
+    plain = predict_logits(student_from(start), images[:32], normalize)
+    assert torch.allclose(predict_logits(model, images[:32], normalize), plain, atol=1e-4)  # eval mode
+    model.train()
+    with torch.no_grad():  # training mode, on the whole set the statistics came from: the same function
+        assert torch.allclose(model(normalize(images)), predict_logits(student_from(start), images, normalize),
+                              atol=1e-3)
+    method = create_method(_config(method="fedbn").federation)
+    out = method.train_round(start, None, _trainer(hospital_data))
+    personal = method.personalize(merge_shared(start, out.shared), out.personal, _trainer(hospital_data))
+    assert set(personal) == set(start)  # the 12,628-parameter student, norms folded in
+    trained = NormStudent.from_student_state(merge_shared(start, out.shared))
+    trained.load_state_dict({**trained.state_dict(), **out.personal})
+    assert torch.allclose(predict_logits(trained, images[:32], normalize),
+                          predict_logits(student_from(personal), images[:32], normalize), atol=1e-4)
