@@ -21,12 +21,12 @@ def write_result(name: str, values: dict[str, Any]) -> Path:
     return path
 
 
-def quickstart_data(data_root: str | None) -> Path:
-    """The given Kaggle-layout folder, or a fresh synthetic quickstart set."""
+def quickstart_data(data_root: str | None, preset: str = "quickstart") -> Path:
+    """The given Kaggle-layout folder, or a fresh synthetic set of ``preset``."""
     if data_root:
         return Path(data_root)
     from edgemri.core.synth import generate
 
     root = Path(tempfile.mkdtemp(prefix="edgemri-bench-")) / "data"
-    generate(root, preset="quickstart", seed=0, progress=False)
+    generate(root, preset=preset, seed=0, progress=False)
     return root

@@ -2,15 +2,20 @@
 
     python -m benchmarks.personalization [--seeds 5] [--data-root DIR] [--out DIR]
 
+Data: the synthetic ``clinics`` preset (two T1c-only sites, two whose protocols mix T2 and FLAIR
+into T1c), unless ``--data-root`` names another folder with site metadata and pools.
 Per seed: distill on the source sites only (``federation.scenario: new-sites``), then run the
 federations in the in-process engine (the same Flower apps, no Ray). FedAvg's run also scores
 fedavg-ft, fedavg-cal and label-free from the same global model (``compare_methods``), so those
-comparisons are paired on the same images; lg-fedavg and ditto get their own runs. The label-skew
-scenario repeats the FedAvg run with phone class mixes drawn from Dirichlet(0.5).
+comparisons are paired on the same images; lg-fedavg, ditto and fedbn get their own runs. The
+label-skew scenario repeats the FedAvg run with phone class mixes drawn from Dirichlet(0.5), each
+client's pool accuracy mixed by its own class mix.
 
 Every client is scored on its site's evaluation pool (hundreds of held-out scans). Differences
 are per client (personal - reference), mean with a 95% bootstrap CI over clients x seeds
-(clients resampled within seeds). Hyper-parameters come from the config, never from the pools.
+(clients resampled within seeds). Hyper-parameters come from the config, never from the pools;
+the one sweep here, Ditto's lambda (seed 0), is read on the hospitals' validation splits. Seed 0's
+FedAvg run is repeated in Flower's Ray engine to record where a run's time goes.
 Results land in benchmarks/results/personalization.json after every seed.
 """
 
@@ -32,16 +37,20 @@ from edgemri.simulation.pipeline import distill
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 AFTER_ROUNDS = ("fedavg-ft", "fedavg-cal", "label-free")  # scored inside the FedAvg run
-OWN_RUNS = ("lg-fedavg", "ditto")
+OWN_RUNS = ("lg-fedavg", "ditto", "fedbn")
 LABEL_SKEW_ALPHA = 0.5
+DITTO_LAMBDAS = (0.01, 1.0)  # besides the config's; seed 0, read on the hospitals' validation splits
 REFERENCES = ("start", "best-global", "local-only", "oracle")
 
 
-def _federation(config: Config, method: str, *, label_skew: bool, compare: tuple[str, ...]) -> Config:
+def _federation(config: Config, method: str, *, label_skew: bool, compare: tuple[str, ...],
+                ditto_lambda: float | None = None) -> Config:
     partition = dataclasses.replace(config.federation.partition,
                                     label_skew_alpha=LABEL_SKEW_ALPHA if label_skew else None)
-    return config.replace(federation=dataclasses.replace(config.federation, method=method, compare_methods=compare,
-                                                         partition=partition))
+    federation = dataclasses.replace(config.federation, method=method, compare_methods=compare, partition=partition,
+                                     ditto_lambda=config.federation.ditto_lambda if ditto_lambda is None
+                                     else ditto_lambda)
+    return config.replace(federation=federation)
 
 
 def _rows(run_dir: Path, method: str) -> dict[str, dict[str, Any]]:
@@ -104,6 +113,13 @@ def _summaries(runs: dict[str, dict[int, dict[str, dict[str, Any]]]], out: dict[
                         (sum(gain.values()) / len(gain)) / mean_headroom if mean_headroom > 0 else float("nan"))
 
 
+def _hospital_val(run_dir: Path) -> float:
+    """Mean personal-model accuracy on the hospitals' validation splits (what a sweep may select on)."""
+    final = json.loads((run_dir / "server" / "result.json").read_text())["final"]
+    values = [m["personal-val-accuracy"] for m in final.values() if "personal-val-accuracy" in m]
+    return 100 * sum(values) / len(values) if values else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None)
@@ -111,12 +127,22 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/personalization")
     parser.add_argument("--config", default=str(CONFIG))
     args = parser.parse_args()
-    root = quickstart_data(args.data_root)
+    root = Path(args.data_root) if args.data_root else quickstart_data(None, preset="clinics")
     out = Path(args.out)
     base = load_config(args.config, [f"data.root={root}", "federation.scenario=new-sites"])
     runs: dict[str, dict[int, dict[str, dict[str, Any]]]] = {"new-sites": {}, "label-skew": {}}
     timing: dict[str, float] = defaultdict(float)
     values: dict[str, Any] = {"seeds": 0, "config": str(args.config), "label_skew_alpha": LABEL_SKEW_ALPHA}
+
+    def run(config: Config, name: str, engine: str = "inprocess") -> tuple[Path, float]:
+        run_dir = out / f"seed{config.seed}" / name
+        started = time.perf_counter()
+        if not (run_dir / "server" / "result.json").is_file():  # a rerun keeps the runs that finished
+            federate(config, data_root=root, out=run_dir, start_checkpoint=student, engine=engine)
+        wall = time.perf_counter() - started
+        print(f"seed {config.seed} {name}: {wall:.0f} s", flush=True)
+        return run_dir, wall
+
     for seed in range(args.seeds):
         config = base.replace(seed=seed)
         started = time.perf_counter()
@@ -125,20 +151,30 @@ def main() -> None:
         plan = [("new-sites", "fedavg", False, AFTER_ROUNDS), *(("new-sites", m, False, ()) for m in OWN_RUNS),
                 ("label-skew", "fedavg", True, AFTER_ROUNDS)]
         for scenario, method, skew, compare in plan:
-            run_dir = out / f"seed{seed}" / f"{scenario}-{method}"
-            started = time.perf_counter()
-            if not (run_dir / "server" / "result.json").is_file():  # a rerun keeps the runs that finished
-                federate(_federation(config, method, label_skew=skew, compare=compare), data_root=root, out=run_dir,
-                         start_checkpoint=student, engine="inprocess")
-            wall = time.perf_counter() - started
-            run = _rows(run_dir, method)
+            run_dir, wall = run(_federation(config, method, label_skew=skew, compare=compare), f"{scenario}-{method}")
+            rows = _rows(run_dir, method)
             timing["federation_wall_s"] += wall
-            timing["federation_rounds_s"] += run["rounds_s"]
-            timing["client_train_s"] += run["client_train_s"]
+            timing["federation_rounds_s"] += rows["rounds_s"]
+            timing["client_train_s"] += rows["client_train_s"]
             merged = runs[scenario].setdefault(seed, {})
-            for client, row in run["rows"].items():
+            for client, row in rows["rows"].items():
                 merged.setdefault(client, {}).update(row)
-            print(f"seed {seed} {scenario} {method}: {wall:.0f} s", flush=True)
+            if seed == 0 and scenario == "new-sites" and method == "fedavg":
+                values["seed0_fedavg_inprocess_wall_s"] = wall
+            if seed == 0 and scenario == "new-sites" and method == "ditto":
+                values[f"ditto_lambda_{config.federation.ditto_lambda:g}_hospital_val_pct"] = _hospital_val(run_dir)
+        if seed == 0:
+            for weight in DITTO_LAMBDAS:
+                sweep_dir, _ = run(_federation(config, "ditto", label_skew=False, compare=(), ditto_lambda=weight),
+                                   f"sweep-ditto-lambda-{weight:g}")
+                values[f"ditto_lambda_{weight:g}_hospital_val_pct"] = _hospital_val(sweep_dir)
+            flower_dir, flower_wall = run(_federation(config, "fedavg", label_skew=False, compare=AFTER_ROUNDS),
+                                          "new-sites-fedavg-ray", engine="flower")
+            inprocess = _rows(out / "seed0" / "new-sites-fedavg", "fedavg")
+            values.update({"seed0_fedavg_ray_wall_s": flower_wall,
+                           "seed0_fedavg_ray_rounds_s": _rows(flower_dir, "fedavg")["rounds_s"],
+                           "seed0_fedavg_inprocess_rounds_s": inprocess["rounds_s"],
+                           "seed0_fedavg_client_train_s": inprocess["client_train_s"]})
         values["seeds"] = seed + 1
         _summaries(runs, values)
         values.update({f"time_{k}": v for k, v in timing.items()})

@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True, metavar="SUBCOMMAND")
     synth = add(data, "synth", cmd_data_synth, "generate the offline synthetic brain-MRI set (Kaggle layout)")
     synth.add_argument("--out", required=True, help="folder to create")
-    synth.add_argument("--preset", default="quickstart", choices=["quickstart", "kaggle"])
+    synth.add_argument("--preset", default="quickstart",
+                       help="quickstart (2,000 images, 4 sites), clinics (the same size; two sites mix T2/FLAIR "
+                            "into T1c: the new-sites benchmark) or kaggle (the real set's 7,023); default quickstart")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
     info = add(data, "info", cmd_data_info, "what the loader sees in a Kaggle-layout folder")

@@ -50,6 +50,7 @@ from edgemri.core.protocol import (
     LEDGER_RECORDS,
     LOCAL_ONLY_ACCURACY,
     PERSONAL_ACCURACY,
+    PERSONAL_VAL_ACCURACY,
     POOL_EXAMPLES,
     POOL_PREFIX,
     START_ACCURACY,
@@ -255,22 +256,24 @@ class Client:
                        instructions: RoundInstructions) -> dict[str, float]:
         """The report's columns for this client; saves its personalized model (the one checkpoint format).
 
-        The personal model starts from the global model federated validation chose (``best``). On the
-        site pool, under label skew, accuracy is also mixed by this client's own class mix."""
+        The personal model starts from the final global model: federated validation over a few dozen
+        hospital scans is too coarse to pick the base (the round it prefers, ``best``, is scored as a
+        reference). On the site pool, under label skew, accuracy is mixed by this client's class mix."""
         for model, what in ((start, "start"), (best, "best global"), (global_state, "global")):
             check_state_dict(Student(), model, f"the server's {what} model")
         data = self.data()
         trainer = self.trainer(instructions)
-        personal = method.personalize(best, state.personal, trainer)
+        personal = method.personalize(global_state, state.personal, trainer)
         local = local_only(start, self.trainer(instructions, server_round=0), instructions.federation.rounds)
         models = {START_ACCURACY: start, GLOBAL_ACCURACY: global_state, BEST_GLOBAL_ACCURACY: best,
                   PERSONAL_ACCURACY: personal, LOCAL_ONLY_ACCURACY: local}
         for name in instructions.federation.compare_methods:  # same global model, same images: paired
             models[f"{PERSONAL_ACCURACY}@{name}"] = METHODS[name](instructions.federation).personalize(
-                best, state.personal, trainer)
+                global_state, state.personal, trainer)
         metrics = {key: evaluate_state(model, data.test)["accuracy"] for key, model in models.items()}
         if len(data.val):
             metrics.update({GLOBAL_VAL_ACCURACY: evaluate_state(global_state, data.val)["accuracy"],
+                            PERSONAL_VAL_ACCURACY: evaluate_state(personal, data.val)["accuracy"],
                             VAL_EXAMPLES: float(len(data.val))})
         if pool := self.site_pool():  # hundreds of held-out scans of this client's site: the primary metric
             weights = self.class_mix() if instructions.federation.partition.label_skew_alpha is not None else None

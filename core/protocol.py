@@ -73,6 +73,9 @@ GLOBAL_ACCURACY, PERSONAL_ACCURACY = "global-accuracy", "personal-accuracy"
 START_ACCURACY, LOCAL_ONLY_ACCURACY = "start-accuracy", "local-only-accuracy"
 BEST_GLOBAL_ACCURACY = "best-global-accuracy"  # the global model federated validation preferred
 GLOBAL_VAL_ACCURACY, VAL_EXAMPLES = "global-val-accuracy", "val-examples"  # on a client's validation split
+# The personal model on the client's validation split: what a hyper-parameter sweep may select on (biased
+# for a recipe that itself selects on validation; see benchmarks/personalization.py).
+PERSONAL_VAL_ACCURACY = "personal-val-accuracy"
 POOL_PREFIX, POOL_EXAMPLES = "pool-", "pool-examples"  # the same accuracies on the client's site pool
 EPSILON, LEDGER_RECORDS = "epsilon", "rounds-dp"
 # The runner's references (pooled, site oracle) per client, in the run folder: {client: {metric key: accuracy}}.

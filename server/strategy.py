@@ -317,8 +317,9 @@ class FederationStrategy(FedAvg):
         for name, code in failed.items():
             record.failed.setdefault(name, code)
         record.federated_val = federated_validation(metrics)
+        # Ties go to the later round: the same validation evidence, more training.
         if record.federated_val is not None and (self.state.best_val is None
-                                                 or record.federated_val > self.state.best_val):
+                                                 or record.federated_val >= self.state.best_val):
             self.state.best_round, self.state.best_val = record.round, record.federated_val
             self.best_state = self.global_state
         # Counts only: accuracies stay per client (a mean over tiers would hide the phones).

@@ -245,8 +245,8 @@ def demo_stages(out: Path, config_path: Path, *, quiet: bool = False) -> list[St
         return " --resume" if folder.exists() else ""
 
     def run_synth() -> list[str]:
-        summary = synthesize(data, overwrite=True, progress=progress)
-        return [f"wrote {summary.get('total', '')} images ({DEMO_PRESET}) to {data}"]
+        summary = synthesize(data, preset=config.data.synth_preset, overwrite=True, progress=progress)
+        return [f"wrote {summary.get('total', '')} images ({config.data.synth_preset}) to {data}"]
 
     def run_distill() -> list[str]:
         return distill(config, layout.distill, resume=layout.distill.exists(), progress=progress).lines()
@@ -273,7 +273,7 @@ def demo_stages(out: Path, config_path: Path, *, quiet: bool = False) -> list[St
     federate_cmd = (f"edgemri federate --config {config_path} --data-root {data} --start {student} "
                     f"--out {federation}")
     return [
-        Stage("synthesize data", f"edgemri data synth --out {data} --preset {DEMO_PRESET} --overwrite",
+        Stage("synthesize data", f"edgemri data synth --out {data} --preset {config.data.synth_preset} --overwrite",
               (data / "metadata.csv").is_file(), run_synth),
         Stage("distill", distill_cmd + resume_flag(layout.distill), student.is_file(), run_distill),
         Stage("federate", federate_cmd + resume_flag(federation), (federation / "privacy.md").is_file(),

@@ -45,6 +45,10 @@ def test_paper_config_is_the_papers_setting() -> None:
         ({"federation": {"tiers": {"phone": {"personal": {"select": "val"}}}}},
          "'federation.tiers.phone.personal.select' has value 'val'; allowed: 'last' when "
          "federation.tiers.phone.val_fraction is 0"),
+        ({"federation": {"compare_methods": ["ditto"]}},
+         "'federation.compare_methods' has value 'ditto'; allowed: 'fedavg', 'fedavg-ft', 'fedavg-cal', "
+         "'label-free'"),
+        ({"federation": {"compare_methods": "fedavg-ft"}}, "allowed: a list of at most 16 items"),
         ({"federation": {"tiers": {"hospital": {"personal": {"distill_weight": 1.5}}}}},
          "'federation.tiers.hospital.personal.distill_weight' has value 1.5"),
         ({"federation": {"tiers": {"phone": {"availability": 0}}}},
@@ -194,3 +198,13 @@ def test_an_unreadable_config_is_a_config_error(tmp_path: Path, monkeypatch: pyt
 def test_duplicate_keys_in_overrides_values_are_refused() -> None:
     with pytest.raises(ConfigError, match="override .*duplicate key 'enabled'"):
         load_config(CONFIGS / "quickstart.yaml", ["privacy.tiers.phone={enabled: true, enabled: false}"])
+
+
+def test_a_list_setting_round_trips_through_yaml() -> None:
+    import yaml
+
+    config = parse_config({"federation": {"compare_methods": ["fedavg-ft", "label-free"]}})
+    assert config.federation.compare_methods == ("fedavg-ft", "label-free")
+    data = yaml.safe_load(yaml.safe_dump(config.to_dict()))
+    assert data["federation"]["compare_methods"] == ["fedavg-ft", "label-free"]
+    assert parse_config(data) == config

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import read_metadata
 from PIL import Image
 
 from edgemri.core import synth
+from edgemri.core.data import ArraySplit, pick_source_sites
 
 LIMIT = 8  # images per class and split: 64 in all, a couple of seconds
 
@@ -129,7 +132,22 @@ def test_every_site_has_every_class_with_its_own_mix(name: str) -> None:
         assert len(mix) == preset.num_sites * len(synth.CLASS_NAMES)
     shares = synth.planning.class_mix(preset, 0)
     assert not np.allclose(shares, shares[0]), "sites differ in class mix"
-    assert re.fullmatch(r"site\d", jobs[0].site.name)
+    assert re.fullmatch(r"(site|clinic)\d", jobs[0].site.name)
+
+
+def test_the_clinics_preset_mixes_sequences_only_at_the_clinics() -> None:
+    preset = synth.PRESETS["clinics"]
+    sequences = {site.name: site.sequences for site in preset.sites}
+    assert list(sequences) == ["clinic1", "clinic2", "site3", "site4"]
+    for name, weights in sequences.items():
+        t2_and_flair = weights[synth.SEQUENCES.index("t2")] + weights[synth.SEQUENCES.index("flair")]
+        assert (t2_and_flair >= 0.3) == name.startswith("clinic")
+    # The benchmark's and the demo's claim: with data.split_seed 0 the server distills on the T1c-only sites.
+    split = ArraySplit(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
+                       [f"f{i}" for i in range(4)], list(sequences))
+    assert pick_source_sites(split, None, 0) == ("site3", "site4")
+    with pytest.raises(synth.SynthError, match="site_names must name"):
+        dataclasses.replace(preset, site_names=("clinic1", "nowhere", "site3", "site4"))
 
 
 def test_sample_grid(tiny: tuple[Path, dict], tmp_path: Path) -> None:

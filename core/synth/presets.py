@@ -33,10 +33,16 @@ class SynthPreset:
     subtle_share: float = 0.16  # share of tumours that are small and/or low-contrast
     pool_per_site: int = 0  # images in each site's evaluation pool (``Pools/<site>/``); 0: no pools
     description: str = ""
+    site_names: tuple[str, ...] = ()  # the sites by name; empty: the first num_sites of SITE_PROFILES
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_sites <= len(SITE_PROFILES):
             raise SynthError(f"num_sites must be in 1..{len(SITE_PROFILES)}, got {self.num_sites}")
+        known = [p.name for p in SITE_PROFILES]
+        if self.site_names and (len(self.site_names) != self.num_sites
+                                or not set(self.site_names) <= set(known)):
+            raise SynthError(f"site_names must name num_sites={self.num_sites} of {', '.join(known)}; "
+                             f"got {self.site_names}")
         for counts in (self.train_counts, self.test_counts):
             if set(counts) != set(CLASS_NAMES) or min(counts.values()) < 0:
                 raise SynthError(f"counts must give a non-negative number for each of {CLASS_NAMES}, got {counts}")
@@ -44,6 +50,8 @@ class SynthPreset:
 
     @property
     def sites(self) -> tuple[SiteProfile, ...]:
+        if self.site_names:
+            return tuple(next(p for p in SITE_PROFILES if p.name == name) for name in self.site_names)
         return SITE_PROFILES[: self.num_sites]
 
     def counts(self, split: str) -> dict[str, int]:
@@ -58,6 +66,16 @@ PRESETS: dict[str, SynthPreset] = {
         num_sites=4,
         pool_per_site=300,
         description="the Kaggle class proportions at 2,000 images from 4 sites: a CPU demo in minutes",
+    ),
+    "clinics": SynthPreset(
+        "clinics",
+        train_counts={"glioma": 370, "meningioma": 375, "notumor": 447, "pituitary": 408},
+        test_counts={"glioma": 92, "meningioma": 93, "notumor": 124, "pituitary": 91},
+        num_sites=4,
+        pool_per_site=300,
+        site_names=("clinic1", "clinic2", "site3", "site4"),
+        description="quickstart's size, where two sites' protocols mix T2 and FLAIR into T1c (as the real set's "
+                    "SARTAJ and Br35H do): the new-sites benchmark, distilling on the T1c-only sites",
     ),
     "kaggle": SynthPreset(
         "kaggle",
