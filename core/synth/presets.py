@@ -58,19 +58,23 @@ class SynthPreset:
         return self.train_counts if split == "Training" else self.test_counts
 
 
+# The Kaggle class proportions at 2,000 images.
+QUICKSTART_TRAIN = {"glioma": 370, "meningioma": 375, "notumor": 447, "pituitary": 408}
+QUICKSTART_TEST = {"glioma": 92, "meningioma": 93, "notumor": 124, "pituitary": 91}
+
 PRESETS: dict[str, SynthPreset] = {
     "quickstart": SynthPreset(
         "quickstart",
-        train_counts={"glioma": 370, "meningioma": 375, "notumor": 447, "pituitary": 408},
-        test_counts={"glioma": 92, "meningioma": 93, "notumor": 124, "pituitary": 91},
+        train_counts=QUICKSTART_TRAIN,
+        test_counts=QUICKSTART_TEST,
         num_sites=4,
         pool_per_site=300,
         description="the Kaggle class proportions at 2,000 images from 4 sites: a CPU demo in minutes",
     ),
     "clinics": SynthPreset(
         "clinics",
-        train_counts={"glioma": 370, "meningioma": 375, "notumor": 447, "pituitary": 408},
-        test_counts={"glioma": 92, "meningioma": 93, "notumor": 124, "pituitary": 91},
+        train_counts=QUICKSTART_TRAIN,
+        test_counts=QUICKSTART_TEST,
         num_sites=4,
         pool_per_site=300,
         site_names=("clinic1", "clinic2", "site3", "site4"),
