@@ -14,7 +14,8 @@ client's pool accuracy mixed by its own class mix.
 Every client is scored on its site's evaluation pool (hundreds of held-out scans). Differences
 are per client (personal - reference), mean with a 95% bootstrap CI over clients x seeds
 (clients resampled within seeds). Hyper-parameters come from the config, never from the pools;
-the one sweep here, Ditto's lambda (seed 0), is read on the hospitals' validation splits. Seed 0's
+the sweeps here (seed 0: Ditto's lambda, the personal recipe's distillation weight with selection
+off) are read on the hospitals' validation splits. Seed 0's
 FedAvg run is repeated in Flower's Ray engine to record where a run's time goes.
 Results land in benchmarks/results/personalization.json after every seed.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Any
 
 from benchmarks.common import quickstart_data, write_result
 from edgemri.core.config import Config, load_config
-from edgemri.core.stats import bootstrap_ci_clustered, paired_differences
+from edgemri.reports.federation import paired_summary
 from edgemri.simulation.federate import federate
 from edgemri.simulation.pipeline import distill
 
@@ -40,6 +42,9 @@ AFTER_ROUNDS = ("fedavg-ft", "fedavg-cal", "label-free")  # scored inside the Fe
 OWN_RUNS = ("lg-fedavg", "ditto", "fedbn")
 LABEL_SKEW_ALPHA = 0.5
 DITTO_LAMBDAS = (0.01, 1.0)  # besides the config's; seed 0, read on the hospitals' validation splits
+# The personal recipe's distillation weight, fedavg-ft on seed 0 with selection off (select: last), so the
+# hospitals' validation splits, which nothing selected on, can judge it.
+RECIPE_WEIGHTS = (0.0, 0.5, 0.9)
 REFERENCES = ("start", "best-global", "local-only", "oracle")
 
 
@@ -76,41 +81,27 @@ def _rows(run_dir: Path, method: str) -> dict[str, dict[str, Any]]:
 
 
 def _summaries(runs: dict[str, dict[int, dict[str, dict[str, Any]]]], out: dict[str, Any]) -> None:
-    """Paired differences per scenario x method x tier, pooled over seeds."""
+    """Per scenario x method x tier, the federation report's paired comparisons pooled over seeds."""
     for scenario, by_seed in runs.items():
         methods = sorted({k for rows in by_seed.values() for r in rows.values() for k in r}
-                         - {"kind", "global", "pooled", *REFERENCES} | {"fedavg"})
+                         - {"kind", "global", "pooled", *REFERENCES})
         for method in methods:
-            for tier in ("all", "hospital", "phone"):
-                def column(name: str, tier: str = tier, by_seed: dict = by_seed) -> dict[tuple[int, str], float]:
-                    return {(seed, c): r[name] for seed, rows in by_seed.items() for c, r in rows.items()
-                            if name in r and tier in ("all", r["kind"])}
-
-                personal = column(method)
-                if not personal:
-                    continue
+            rows_by_seed = {seed: [{**row, "client": client, "personalized": row[method]}
+                                   for client, row in rows.items() if method in row]
+                            for seed, rows in by_seed.items()}
+            summary = paired_summary(rows_by_seed, ("hospital", "phone"))
+            for tier, comparisons in summary["groups"].items():
                 prefix = f"{scenario}.{method}.{tier}"
-                out[f"{prefix}.clients"] = len(personal)
-                out[f"{prefix}.personalized_accuracy_pct"] = 100 * sum(personal.values()) / len(personal)
-                for reference in (*REFERENCES, "global"):
-                    first, second = (column("oracle"), personal) if reference == "oracle" else \
-                        (personal, column(reference))
-                    diffs = paired_differences(first, second)
-                    grouped: dict[int, list[float]] = defaultdict(list)
-                    for (seed, _), value in diffs.items():
-                        grouped[seed].append(100 * value)
-                    ci = bootstrap_ci_clustered(grouped, seed=0)
-                    name = "oracle_minus_personalized" if reference == "oracle" else f"personalized_minus_{reference}"
-                    out[f"{prefix}.{name}_pts_mean"] = ci.mean
-                    out[f"{prefix}.{name}_pts_ci_low"] = ci.low
-                    out[f"{prefix}.{name}_pts_ci_high"] = ci.high
-                headroom = paired_differences(column("oracle"), column("start"))
-                gain = paired_differences(personal, column("start"))
-                if headroom:
-                    mean_headroom = sum(headroom.values()) / len(headroom)
-                    out[f"{prefix}.oracle_headroom_pts_mean"] = 100 * mean_headroom
-                    out[f"{prefix}.headroom_captured_fraction"] = (
-                        (sum(gain.values()) / len(gain)) / mean_headroom if mean_headroom > 0 else float("nan"))
+                members = [r for rows in rows_by_seed.values() for r in rows if tier in ("all", r["kind"])]
+                out[f"{prefix}.clients"] = len(members)
+                out[f"{prefix}.personalized_accuracy_pct"] = 100 * statistics.fmean(r["personalized"]
+                                                                                    for r in members)
+                for name, ci in comparisons.items():
+                    key = name.replace(" - ", "_minus_").replace("-", "_")
+                    for part in ("mean", "low", "high"):
+                        out[f"{prefix}.{key}_pts_{part}"] = 100 * ci[part]
+                headroom, gain = comparisons["oracle - start"]["mean"], comparisons["personalized - start"]["mean"]
+                out[f"{prefix}.headroom_captured_fraction"] = gain / headroom if headroom > 0 else float("nan")
 
 
 def _hospital_val(run_dir: Path) -> float:
@@ -168,6 +159,14 @@ def main() -> None:
                 sweep_dir, _ = run(_federation(config, "ditto", label_skew=False, compare=(), ditto_lambda=weight),
                                    f"sweep-ditto-lambda-{weight:g}")
                 values[f"ditto_lambda_{weight:g}_hospital_val_pct"] = _hospital_val(sweep_dir)
+            for weight in RECIPE_WEIGHTS:
+                hospital = config.federation.tier("hospital")
+                recipe = dataclasses.replace(hospital.personal, distill_weight=weight, select="last")
+                tiers = {**config.federation.tiers, "hospital": dataclasses.replace(hospital, personal=recipe)}
+                swept = config.replace(federation=dataclasses.replace(config.federation, tiers=tiers))
+                sweep_dir, _ = run(_federation(swept, "fedavg-ft", label_skew=False, compare=()),
+                                   f"sweep-recipe-distill-weight-{weight:g}")
+                values[f"recipe_distill_weight_{weight:g}_hospital_val_pct"] = _hospital_val(sweep_dir)
             flower_dir, flower_wall = run(_federation(config, "fedavg", label_skew=False, compare=AFTER_ROUNDS),
                                           "new-sites-fedavg-ray", engine="flower")
             inprocess = _rows(out / "seed0" / "new-sites-fedavg", "fedavg")
