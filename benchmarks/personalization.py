@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import time
 from collections import defaultdict
@@ -129,6 +130,7 @@ def main() -> None:
         run_dir = out / f"seed{config.seed}" / name
         started = time.perf_counter()
         if not (run_dir / "server" / "result.json").is_file():  # a rerun keeps the runs that finished
+            shutil.rmtree(run_dir, ignore_errors=True)  # and starts an interrupted one again
             federate(config, data_root=root, out=run_dir, start_checkpoint=student, engine=engine)
         wall = time.perf_counter() - started
         print(f"seed {config.seed} {name}: {wall:.0f} s", flush=True)

@@ -132,19 +132,22 @@ INPUT_SCALE, INPUT_SHIFT = "input.scale", "input.shift"
 
 
 class Calibrated(nn.Module):
-    """A student behind a per-channel input affine ``x * scale + shift`` (identity at creation)."""
+    """A student behind a per-channel input affine ``x * scale + shift`` (identity at creation).
+
+    The scale is learnt as its logarithm: it stays positive, as folding it into a standard deviation needs.
+    """
 
     def __init__(self, student: Student) -> None:
         super().__init__()
         self.student = student
-        self.scale = nn.Parameter(torch.ones(1, 3, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, 3, 1, 1))
         self.shift = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.student(x * self.scale + self.shift)
+        return self.student(x * self.log_scale.exp() + self.shift)
 
     def personal_state(self) -> State:
-        return {**self.student.state_dict(), INPUT_SCALE: self.scale.detach().clone(),
+        return {**self.student.state_dict(), INPUT_SCALE: self.log_scale.detach().exp(),
                 INPUT_SHIFT: self.shift.detach().clone()}
 
 
@@ -154,11 +157,12 @@ def personal_model(state: State) -> nn.Module:
     student = student_from({k: v for k, v in state.items() if k not in calibration})
     if not calibration:
         return student
-    if len(calibration) != 2 or any(v.shape != (1, 3, 1, 1) for v in calibration.values()):
-        raise ValueError(f"a calibrated state needs {INPUT_SCALE} and {INPUT_SHIFT} of shape (1, 3, 1, 1)")
+    if len(calibration) != 2 or any(v.shape != (1, 3, 1, 1) for v in calibration.values()) \
+            or not bool((calibration[INPUT_SCALE] > 0).all()):
+        raise ValueError(f"a calibrated state needs {INPUT_SCALE} (positive) and {INPUT_SHIFT} of shape (1, 3, 1, 1)")
     model = Calibrated(student)
     with torch.no_grad():
-        model.scale.copy_(calibration[INPUT_SCALE])
+        model.log_scale.copy_(calibration[INPUT_SCALE].log())
         model.shift.copy_(calibration[INPUT_SHIFT])
     return model
 
@@ -178,7 +182,7 @@ def _train_only(model: nn.Module, keep: Callable[[str], bool]) -> None:
 
 def _calibration_and_biases(name: str) -> bool:
     """A few dozen parameters a handful of scans can fit: the input affine and every bias."""
-    return name in ("scale", "shift") or name.endswith(".bias")
+    return name in ("log_scale", "shift") or name.endswith(".bias")
 
 
 def information_maximization(logits: Tensor, batch: Batch) -> Tensor:
