@@ -32,7 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import quickstart_data, write_result
+from benchmarks.common import RESULTS, quickstart_data, write_result
 from edgemri.core.config import Config, load_config
 from edgemri.reports.federation import paired_summary
 from edgemri.simulation.federate import federate
@@ -112,13 +112,42 @@ def _hospital_val(run_dir: Path) -> float:
     return 100 * sum(values) / len(values) if values else float("nan")
 
 
+def table(values: dict[str, Any], scenario: str) -> str:
+    """The README's table: every method x tier of one scenario, differences in points with their 95% CIs."""
+    def ci(prefix: str, name: str) -> str:
+        mean, low, high = (values[f"{prefix}.{name}_pts_{p}"] for p in ("mean", "low", "high"))
+        return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+    methods = sorted({k.split(".")[1] for k in values if k.startswith(f"{scenario}.") and k.endswith(".clients")})
+    lines = ["| method | tier | clients | personalized | − start | − global | − best-global | − local-only "
+             "| oracle − start | captured |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method in methods:
+        for tier in ("hospital", "phone", "all"):
+            prefix = f"{scenario}.{method}.{tier}"
+            if f"{prefix}.clients" not in values:
+                continue
+            lines.append(f"| {method} | {tier} | {values[f'{prefix}.clients']} | "
+                         f"{values[f'{prefix}.personalized_accuracy_pct']:.1f} | "
+                         + " | ".join(ci(prefix, n) for n in ("personalized_minus_start", "personalized_minus_global",
+                                                              "personalized_minus_best_global",
+                                                              "personalized_minus_local_only", "oracle_minus_start"))
+                         + f" | {100 * values[f'{prefix}.headroom_captured_fraction']:.0f}% |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default="runs/bench/personalization")
     parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--table", action="store_true", help="print the tables of the last results and stop")
     args = parser.parse_args()
+    if args.table:
+        values = json.loads((RESULTS / "personalization.json").read_text())
+        for scenario in ("new-sites", "label-skew"):
+            print(f"\n{scenario} ({values['seeds']} seeds)\n\n{table(values, scenario)}")
+        return
     root = Path(args.data_root) if args.data_root else quickstart_data(None, preset="clinics")
     out = Path(args.out)
     base = load_config(args.config, [f"data.root={root}", "federation.scenario=new-sites"])
