@@ -62,7 +62,7 @@ def _federation(config: Config, method: str, *, label_skew: bool, compare: tuple
 def _rows(run_dir: Path, method: str) -> dict[str, dict[str, Any]]:
     """Per client: its tier and pool accuracies of the personal model(s) and the references."""
     result = json.loads((run_dir / "server" / "result.json").read_text())
-    references = json.loads((run_dir / "references.json").read_text())
+    references = json.loads((run_dir / "references.json").read_text())["clients"]
     rows = {}
     for client, final in result["final"].items():
         kind = result["clients"][client]["kind"]
@@ -160,7 +160,9 @@ def main() -> None:
         started = time.perf_counter()
         if not (run_dir / "server" / "result.json").is_file():  # a rerun keeps the runs that finished
             shutil.rmtree(run_dir, ignore_errors=True)  # and starts an interrupted one again
-            federate(config, data_root=root, out=run_dir, start_checkpoint=student, engine=engine)
+            # The seed's first run computed the references; the others reuse them where their inputs match.
+            federate(config, data_root=root, out=run_dir, start_checkpoint=student, engine=engine,
+                     references_from=out / f"seed{config.seed}" / "new-sites-fedavg")
         wall = time.perf_counter() - started
         print(f"seed {config.seed} {name}: {wall:.0f} s", flush=True)
         return run_dir, wall

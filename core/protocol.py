@@ -78,7 +78,8 @@ GLOBAL_VAL_ACCURACY, VAL_EXAMPLES = "global-val-accuracy", "val-examples"  # on 
 PERSONAL_VAL_ACCURACY = "personal-val-accuracy"
 POOL_PREFIX, POOL_EXAMPLES = "pool-", "pool-examples"  # the same accuracies on the client's site pool
 EPSILON, LEDGER_RECORDS = "epsilon", "rounds-dp"
-# The runner's references (pooled, site oracle) per client, in the run folder: {client: {metric key: accuracy}}.
+# The runner's references (pooled, site oracle), in the run folder:
+# {"key": what they were computed from, "clients": {client: {metric key: accuracy}}}.
 REFERENCES_FILE = "references.json"
 
 # Bounds on what a reply may claim; anything outside is a bad reply.

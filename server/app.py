@@ -223,9 +223,9 @@ def write_reports(result: p.FederationResult, config: Config, run_dir: Path) -> 
     references = None
     if references_file.is_file():
         try:
-            raw = json.loads(references_file.read_text(encoding="utf-8"))
+            raw = json.loads(references_file.read_text(encoding="utf-8"))["clients"]
             references = {str(client): {str(k): float(v) for k, v in values.items()} for client, values in raw.items()}
-        except (OSError, ValueError, AttributeError, TypeError) as err:
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
             raise p.ProtocolError(f"{references_file} is not a references file ({err.__class__.__name__})") from None
     paths = write_federation_report(build_federation_report(result, config, references), run_dir)
     paths.update({f"privacy_{k}": v for k, v in

@@ -15,6 +15,8 @@ as the client's run under label skew).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import numpy as np
 import torch
@@ -55,6 +57,22 @@ def _class_mix(manifest: Manifest) -> torch.Tensor:
     counts = manifest.class_counts()
     totals = torch.tensor([float(sum(split[c] for split in counts.values())) for c in CLASS_NAMES])
     return totals / totals.sum()
+
+
+def references_key(manifests: list[Manifest], start: State, config: Config) -> str:
+    """All the references depend on: the clients' files, the start model, the seed, the hospitals'
+    recipe and the label skew (the pool weights). Runs that share it (several methods on one seed)
+    can share one computation."""
+    digest = hashlib.sha256()
+    clients = [(m.client, m.kind, m.site, [dataclasses.asdict(f) for f in m.files]) for m in manifests]
+    digest.update(json.dumps(clients, sort_keys=True).encode())
+    for name, tensor in start.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    settings = {"seed": config.seed, "hospital": dataclasses.asdict(config.federation.tier("hospital")),
+                "label_skew_alpha": config.federation.partition.label_skew_alpha, "epochs": ORACLE_EPOCHS}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
 
 
 def reference_accuracies(manifests: list[Manifest], dataset: Dataset, start: State, config: Config,

@@ -27,7 +27,7 @@ from edgemri.core.privacy import PrivacyError, check_dp_model, plan_dp
 from edgemri.core.protocol import APP_ROOT, REFERENCES_FILE
 from edgemri.models import build_model
 from edgemri.server.app import app as server_app
-from edgemri.simulation.baselines import reference_accuracies
+from edgemri.simulation.baselines import reference_accuracies, references_key
 from edgemri.simulation.flower_run import FlowerRunError, run_simulation
 from edgemri.simulation.inprocess import run_in_process
 
@@ -104,7 +104,8 @@ def check_start_split(config: Config, start_config: dict, start_checkpoint: Path
 
 
 def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Path, resume: bool = False,
-             audit: bool = False, timeout_s: float = 3600.0, engine: str = "flower") -> FederationRun:
+             audit: bool = False, timeout_s: float = 3600.0, engine: str = "flower",
+             references_from: Path | None = None) -> FederationRun:
     """The federation in Flower's simulation engine (``engine="flower"``) or in this process
     (``"inprocess"``: the same apps, no Ray, no timeouts); the ServerApp writes the reports (once)."""
     if engine not in ENGINES:
@@ -123,9 +124,14 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
     manifests = ensure_manifests(out / "manifests", dataset.train, data_root.resolve(), config)
     log.info("%d clients: %s", len(manifests), ", ".join(read_manifest(m).client for m in manifests))
     write_json(out / "privacy-plan.json", plan_privacy(config, manifests))
-    # The pooled and oracle references need the clients' data in one place: only this runner has it, never the apps.
-    write_json(out / REFERENCES_FILE, reference_accuracies([read_manifest(m) for m in manifests], dataset,
-                                                           start.state_dict, config, str(data_root)))
+    # The pooled and oracle references need the clients' data in one place: only this runner has it, never the
+    # apps. ``references_from`` (a run on the same clients, start and seed) saves computing them again.
+    clients = [read_manifest(m) for m in manifests]
+    key = references_key(clients, start.state_dict, config)
+    references = _cached_references(references_from, key)
+    if references is None:
+        references = reference_accuracies(clients, dataset, start.state_dict, config, str(data_root))
+    write_json(out / REFERENCES_FILE, {"key": key, "clients": references})
     run_config = {
         "config": str(config_path), "run-dir": str(out), "data-root": str(data_root.resolve()),
         "manifests": str(out / "manifests"), "state-root": str(out / "clients"),
@@ -152,6 +158,18 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
     report = json.loads((out / "federation.json").read_text())
     return FederationRun(out, report, {"md": out / "federation.md", "json": out / "federation.json",
                                        "png": out / "federation.png", "privacy_md": out / "privacy.md"})
+
+
+def _cached_references(run_dir: Path | None, key: str) -> dict[str, dict[str, float]] | None:
+    """Another run's references, if they were computed from exactly the same inputs."""
+    path = run_dir / REFERENCES_FILE if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return saved["clients"] if saved.get("key") == key else None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None  # unreadable: compute them again
 
 
 def _last_error(log_file: Path) -> str:
