@@ -34,6 +34,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, quickstart_data, write_result
 from edgemri.core.config import Config, load_config
+from edgemri.core.io import write_json
 from edgemri.reports.federation import paired_summary
 from edgemri.simulation.federate import federate
 from edgemri.simulation.pipeline import distill
@@ -46,7 +47,7 @@ DITTO_LAMBDAS = (0.01, 1.0)  # besides the config's; seed 0, read on the hospita
 # The personal recipe's distillation weight, fedavg-ft on seed 0 with selection off (select: last), so the
 # hospitals' validation splits, which nothing selected on, can judge it.
 RECIPE_WEIGHTS = (0.0, 0.5, 0.9)
-REFERENCES = ("start", "best-global", "local-only", "oracle")
+REFERENCES = ("start", "local-only", "oracle")  # the same in every run of a seed
 
 
 def _federation(config: Config, method: str, *, label_skew: bool, compare: tuple[str, ...],
@@ -66,14 +67,15 @@ def _rows(run_dir: Path, method: str) -> dict[str, dict[str, Any]]:
     rows = {}
     for client, final in result["final"].items():
         kind = result["clients"][client]["kind"]
-        row = {"kind": kind, "start": final["pool-start-accuracy"], "global": final["pool-global-accuracy"],
-               "best-global": final["pool-best-global-accuracy"], "local-only": final["pool-local-only-accuracy"],
-               "oracle": references[client]["pool-oracle-accuracy"],
-               "pooled": references[client]["pool-pooled-accuracy"],
-               method: final["pool-personal-accuracy"]}
-        for name in AFTER_ROUNDS:
-            if f"pool-personal-accuracy@{name}" in final:
-                row[name] = final[f"pool-personal-accuracy@{name}"]
+        # The same start, local-only and references in every run of a seed; the global models are this run's.
+        row = {"kind": kind, "start": final["pool-start-accuracy"], "local-only": final["pool-local-only-accuracy"],
+               "oracle": references[client]["pool-oracle-accuracy"]}
+        personal = {method: final["pool-personal-accuracy"],
+                    **{name: final[f"pool-personal-accuracy@{name}"] for name in AFTER_ROUNDS
+                       if f"pool-personal-accuracy@{name}" in final}}
+        for name, value in personal.items():
+            row.update({name: value, f"{name}:global": final["pool-global-accuracy"],
+                        f"{name}:best-global": final["pool-best-global-accuracy"]})
         rows[client] = row
     train_seconds = sum(m.get("train-seconds", 0.0) + m.get("personal-train-seconds", 0.0)
                         for h in result["history"] for m in h["train_metrics"].values())
@@ -84,10 +86,11 @@ def _rows(run_dir: Path, method: str) -> dict[str, dict[str, Any]]:
 def _summaries(runs: dict[str, dict[int, dict[str, dict[str, Any]]]], out: dict[str, Any]) -> None:
     """Per scenario x method x tier, the federation report's paired comparisons pooled over seeds."""
     for scenario, by_seed in runs.items():
-        methods = sorted({k for rows in by_seed.values() for r in rows.values() for k in r}
-                         - {"kind", "global", "pooled", *REFERENCES})
+        methods = sorted({k for rows in by_seed.values() for r in rows.values() for k in r if ":" not in k}
+                         - {"kind", *REFERENCES})
         for method in methods:
-            rows_by_seed = {seed: [{**row, "client": client, "personalized": row[method]}
+            rows_by_seed = {seed: [{**row, "client": client, "personalized": row[method],
+                                    "global": row[f"{method}:global"], "best-global": row[f"{method}:best-global"]}
                                    for client, row in rows.items() if method in row]
                             for seed, rows in by_seed.items()}
             summary = paired_summary(rows_by_seed, ("hospital", "phone"))
@@ -158,12 +161,14 @@ def main() -> None:
     def run(config: Config, name: str, engine: str = "inprocess") -> tuple[Path, float]:
         run_dir = out / f"seed{config.seed}" / name
         started = time.perf_counter()
-        if not (run_dir / "server" / "result.json").is_file():  # a rerun keeps the runs that finished
-            shutil.rmtree(run_dir, ignore_errors=True)  # and starts an interrupted one again
+        wall_file = run_dir / "benchmark-wall-s.json"
+        if not (run_dir / "server" / "result.json").is_file() or not wall_file.is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a rerun keeps the runs that finished, restarts the others
             # The seed's first run computed the references; the others reuse them where their inputs match.
             federate(config, data_root=root, out=run_dir, start_checkpoint=student, engine=engine,
                      references_from=out / f"seed{config.seed}" / "new-sites-fedavg")
-        wall = time.perf_counter() - started
+            write_json(wall_file, {"wall_s": time.perf_counter() - started})
+        wall = float(json.loads(wall_file.read_text())["wall_s"])
         print(f"seed {config.seed} {name}: {wall:.0f} s", flush=True)
         return run_dir, wall
 

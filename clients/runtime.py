@@ -273,8 +273,9 @@ class Client:
         metrics = {key: evaluate_state(model, data.test)["accuracy"] for key, model in models.items()}
         if len(data.val):
             metrics.update({GLOBAL_VAL_ACCURACY: evaluate_state(global_state, data.val)["accuracy"],
-                            PERSONAL_VAL_ACCURACY: evaluate_state(personal, data.val)["accuracy"],
                             VAL_EXAMPLES: float(len(data.val))})
+            if not (method.uses_personal_recipe and trainer.personal.select == "val"):  # else it is in-sample
+                metrics[PERSONAL_VAL_ACCURACY] = evaluate_state(personal, data.val)["accuracy"]
         if pool := self.site_pool():  # hundreds of held-out scans of this client's site: the primary metric
             weights = self.class_mix() if instructions.federation.partition.label_skew_alpha is not None else None
             for key, model in models.items():

@@ -236,6 +236,7 @@ class FederationConfig:
     rounds: int = 5
     proximal_mu: float = 0.0  # > 0: FedProx term on the global part
     ditto_lambda: float = 0.1  # pull of a Ditto personal model toward the global one
+    ditto_lr: float = 0.01  # the learning rate of a Ditto personal model's own SGD
     min_clients: int = 2  # a round needs at least this many replies to aggregate
     round_timeout_s: float = 600.0  # a client that has not answered by then is skipped
     start_checkpoint: str | None = None  # None: the distilled student of the run
@@ -273,11 +274,14 @@ class FederationConfig:
         after_rounds = [name for name, m in METHODS.items() if not m.keeps_personal_state]
         for name in self.compare_methods:
             _one_of(f"{where}.compare_methods", name, after_rounds)
+        _require(len(set(self.compare_methods)) == len(self.compare_methods), f"{where}.compare_methods",
+                 list(self.compare_methods), "each method at most once")
         _one_of(f"{where}.scenario", self.scenario, SCENARIOS)
         _in_range(f"{where}.source_sites", self.source_sites, 1, 1_000, integer=True, nullable=True)
         _in_range(f"{where}.rounds", self.rounds, 1, MAX_ROUNDS, integer=True)
         _in_range(f"{where}.proximal_mu", self.proximal_mu, 0, MAX_WEIGHT)
         _in_range(f"{where}.ditto_lambda", self.ditto_lambda, 0, MAX_WEIGHT)
+        _in_range(f"{where}.ditto_lr", self.ditto_lr, 0, MAX_LR, low_open=True)
         _in_range(f"{where}.min_clients", self.min_clients, 1, MAX_CLIENTS, integer=True)
         _in_range(f"{where}.round_timeout_s", self.round_timeout_s, 0, MAX_TIMEOUT_S, low_open=True)
         if self.max_update_norm is not None:

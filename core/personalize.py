@@ -35,10 +35,11 @@ def student_from(state: State) -> Student:
 
 
 def with_proximal(loss: LossFn, model: nn.Module, anchor: State, weight: float) -> LossFn:
-    """loss + weight/2 * ||w - anchor||^2 (FedProx's and Ditto's pull toward the global model)."""
+    """loss + weight/2 * ||w - anchor||^2 over the parameters ``anchor`` holds (FedProx's and Ditto's pull
+    toward the global model: a client's own layers, which the server never sees, are not pulled)."""
     if weight == 0:
         return loss
-    pairs = [(p, anchor[name].detach()) for name, p in model.named_parameters()]
+    pairs = [(p, anchor[name].detach()) for name, p in model.named_parameters() if name in anchor]
 
     def proximal_loss(logits: Tensor, batch: Batch) -> Tensor:
         pull = sum(((p - a) ** 2).sum() for p, a in pairs)
@@ -206,6 +207,7 @@ class Method:
     name: ClassVar[str] = "fedavg"
     keeps_personal_state: ClassVar[bool] = False  # a personal part trained every round (FedPer, Ditto)
     labelled: ClassVar[bool] = True  # False: personalizes from unlabelled scans (reported separately)
+    uses_personal_recipe: ClassVar[bool] = False  # its personal model comes from LocalTrainer.personalize
 
     def __init__(self, config: FederationConfig) -> None:
         self.config = config
@@ -219,8 +221,12 @@ class Method:
     def _train_global(self, global_state: State, personal: State | None, trainer: LocalTrainer
                       ) -> tuple[Student, dict[str, float]]:
         model = student_from(self.local_start(global_state, personal))
-        metrics = trainer.run(model, with_proximal(cross_entropy, model, global_state, self.config.proximal_mu))
+        metrics = trainer.run(model, with_proximal(cross_entropy, model, self._shared(global_state),
+                                                   self.config.proximal_mu))
         return model, metrics
+
+    def _shared(self, state: State) -> State:
+        return {k: state[k] for k in self.shared_keys(list(state))}
 
     def train_round(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> RoundOutput:
         model, metrics = self._train_global(global_state, personal, trainer)
@@ -236,6 +242,7 @@ class FedAvgFineTune(Method):
     """FedAvg, then each client fine-tunes the chosen global model with the personal recipe."""
 
     name = "fedavg-ft"
+    uses_personal_recipe = True
 
     def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
         model = student_from(global_state)
@@ -248,6 +255,7 @@ class FedAvgCalibrate(Method):
     the personalization a phone's handful of scans can afford; it folds into the export's preprocessing."""
 
     name = "fedavg-cal"
+    uses_personal_recipe = True
 
     def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
         model = Calibrated(student_from(global_state))
@@ -278,7 +286,8 @@ class FedPer(Method):
         return [k for k in keys if not self.is_personal(k)]
 
     def local_start(self, global_state: State, personal: State | None) -> State:
-        return {**global_state, **(personal or {})}
+        # Only this method's personal keys: a stale or edited state file cannot replace shared weights.
+        return {**global_state, **{k: v for k, v in (personal or {}).items() if self.is_personal(k)}}
 
     def train_round(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> RoundOutput:
         model, metrics = self._train_global(global_state, personal, trainer)
@@ -302,8 +311,9 @@ class LGFedAvg(FedPer):
 
 
 class Ditto(Method):
-    """Global model as FedAvg plus a personal model pulled toward it (Li et al. 2021), trained with the
-    tier's personal optimizer: under Adam the pull would be negligible next to the CE gradient."""
+    """Global model as FedAvg plus a personal model pulled toward it (Li et al. 2021), trained with its own
+    plain SGD at ``ditto_lr``, as in the paper: under Adam the pull would be negligible next to the CE
+    gradient (Adam rescales every step to the learning rate, whatever the gradient's size)."""
 
     name = "ditto"
     keeps_personal_state = True
@@ -311,7 +321,7 @@ class Ditto(Method):
     def train_round(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> RoundOutput:
         model, metrics = self._train_global(global_state, personal, trainer)
         own = student_from(personal if personal is not None else global_state)
-        spec = dataclasses.replace(trainer.personal_spec, epochs=trainer.spec.epochs)
+        spec = dataclasses.replace(trainer.spec, optimizer="sgd", momentum=0.0, lr=self.config.ditto_lr)
         personal_metrics = trainer.run(own, with_proximal(cross_entropy, own, global_state, self.config.ditto_lambda),
                                        spec, shared=False)
         metrics.update({f"personal-{k}": v for k, v in personal_metrics.items()})
@@ -362,14 +372,17 @@ class FedBN(Method):
             return super().train_round(global_state, personal, trainer)
         model = start_preserving_norms(global_state, trainer.train.images)
         if personal is not None:  # its own norms from earlier rounds, over the new shared weights
-            model.load_state_dict({**model.state_dict(), **personal}, strict=True)
-        metrics = trainer.run(model, cross_entropy)
+            model.load_state_dict({**model.state_dict(), **_norms(personal)}, strict=True)
+        metrics = trainer.run(model, with_proximal(cross_entropy, model, global_state, self.config.proximal_mu))
         state = model.state_dict()
-        norms = {k: v for k, v in state.items() if k.startswith(NormStudent.NORM_PREFIX)}
-        return RoundOutput({k: state[k] for k in global_state}, norms, metrics)
+        return RoundOutput({k: state[k] for k in global_state}, _norms(state), metrics)
 
     def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
-        return global_state if personal is None else fold_norms({**global_state, **personal})
+        return global_state if personal is None else fold_norms({**global_state, **_norms(personal)})
+
+
+def _norms(state: State) -> State:
+    return {k: v for k, v in state.items() if k.startswith(NormStudent.NORM_PREFIX)}
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, FedAvgFineTune, FedAvgCalibrate, FedAvgLabelFree,

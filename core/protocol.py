@@ -73,14 +73,27 @@ GLOBAL_ACCURACY, PERSONAL_ACCURACY = "global-accuracy", "personal-accuracy"
 START_ACCURACY, LOCAL_ONLY_ACCURACY = "start-accuracy", "local-only-accuracy"
 BEST_GLOBAL_ACCURACY = "best-global-accuracy"  # the global model federated validation preferred
 GLOBAL_VAL_ACCURACY, VAL_EXAMPLES = "global-val-accuracy", "val-examples"  # on a client's validation split
-# The personal model on the client's validation split: what a hyper-parameter sweep may select on (biased
-# for a recipe that itself selects on validation; see benchmarks/personalization.py).
+# The personal model on the client's validation split, sent only where nothing selected on that split:
+# what a hyper-parameter sweep may select on (benchmarks/personalization.py).
 PERSONAL_VAL_ACCURACY = "personal-val-accuracy"
 POOL_PREFIX, POOL_EXAMPLES = "pool-", "pool-examples"  # the same accuracies on the client's site pool
 EPSILON, LEDGER_RECORDS = "epsilon", "rounds-dp"
 # The runner's references (pooled, site oracle), in the run folder:
 # {"key": what they were computed from, "clients": {client: {metric key: accuracy}}}.
 REFERENCES_FILE = "references.json"
+
+
+def parse_references(raw: Any) -> dict[str, dict[str, float]]:
+    """The clients' references from a references file's JSON; ProtocolError when it is not one."""
+    try:
+        clients = raw["clients"]
+        parsed = {check_client_name(client): {str(k): float(v) for k, v in values.items()}
+                  for client, values in clients.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ProtocolError(f"not a references file ({err.__class__.__name__})") from None
+    if not all(0.0 <= v <= 1.0 or math.isnan(v) for values in parsed.values() for v in values.values()):
+        raise ProtocolError("not a references file (an accuracy outside [0, 1])")
+    return parsed
 
 # Bounds on what a reply may claim; anything outside is a bad reply.
 MAX_EXAMPLES = 10_000_000

@@ -265,6 +265,8 @@ def fit(
 
     if select == "val" and val is None:
         raise ValueError("select='val' needs validation data")
+    if keep_start and checkpointing is not None:
+        raise ValueError("keep_start is for short in-memory runs; a resumed run would not know the start's score")
     optimizer = make_optimizer(spec, [p for p in model.parameters() if p.requires_grad])
     trained_model = model
     if wrap is not None:

@@ -223,10 +223,9 @@ def write_reports(result: p.FederationResult, config: Config, run_dir: Path) -> 
     references = None
     if references_file.is_file():
         try:
-            raw = json.loads(references_file.read_text(encoding="utf-8"))["clients"]
-            references = {str(client): {str(k): float(v) for k, v in values.items()} for client, values in raw.items()}
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
-            raise p.ProtocolError(f"{references_file} is not a references file ({err.__class__.__name__})") from None
+            references = p.parse_references(json.loads(references_file.read_text(encoding="utf-8")))
+        except (OSError, ValueError, p.ProtocolError) as err:
+            raise p.ProtocolError(f"{references_file}: {err.__class__.__name__}: {str(err)[:200]}") from None
     paths = write_federation_report(build_federation_report(result, config, references), run_dir)
     paths.update({f"privacy_{k}": v for k, v in
                   write_privacy_report(build_privacy_report(result, config), run_dir).items()})

@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgemri.core.config import Config
-from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, load_pools
+from edgemri.core.data import CLASS_NAMES, POOL_DIR, ArraySplit, Dataset, load_pools
 from edgemri.core.partition import Manifest
 from edgemri.core.personalize import LocalTrainer, State, evaluate_state, student_from
 from edgemri.core.protocol import POOL_PREFIX
@@ -59,18 +60,26 @@ def _class_mix(manifest: Manifest) -> torch.Tensor:
     return totals / totals.sum()
 
 
-def references_key(manifests: list[Manifest], start: State, config: Config) -> str:
+REFERENCES_VERSION = 1  # bump when _fine_tune or the scoring changes
+
+
+def references_key(manifests: list[Manifest], start: State, config: Config, data_root: str) -> str:
     """All the references depend on: the clients' files, the start model, the seed, the hospitals'
-    recipe and the label skew (the pool weights). Runs that share it (several methods on one seed)
-    can share one computation."""
+    recipe, the label skew (the pool weights) and the pools' files. Runs that share it (several
+    methods on one seed) can share one computation."""
     digest = hashlib.sha256()
+    pools = Path(data_root) / POOL_DIR
+    for path in sorted(pools.rglob("*")) if pools.is_dir() else ():
+        if path.is_file():
+            digest.update(f"{path.relative_to(pools)}:{path.stat().st_size}".encode())
     clients = [(m.client, m.kind, m.site, [dataclasses.asdict(f) for f in m.files]) for m in manifests]
     digest.update(json.dumps(clients, sort_keys=True).encode())
     for name, tensor in start.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     settings = {"seed": config.seed, "hospital": dataclasses.asdict(config.federation.tier("hospital")),
-                "label_skew_alpha": config.federation.partition.label_skew_alpha, "epochs": ORACLE_EPOCHS}
+                "label_skew_alpha": config.federation.partition.label_skew_alpha, "epochs": ORACLE_EPOCHS,
+                "carved": CARVED_VAL_FRACTION, "version": REFERENCES_VERSION}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 

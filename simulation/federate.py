@@ -24,7 +24,7 @@ from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json, write_text
 from edgemri.core.partition import ensure_manifests, read_manifest
 from edgemri.core.privacy import PrivacyError, check_dp_model, plan_dp
-from edgemri.core.protocol import APP_ROOT, REFERENCES_FILE
+from edgemri.core.protocol import APP_ROOT, REFERENCES_FILE, ProtocolError, parse_references
 from edgemri.models import build_model
 from edgemri.server.app import app as server_app
 from edgemri.simulation.baselines import reference_accuracies, references_key
@@ -127,8 +127,8 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
     # The pooled and oracle references need the clients' data in one place: only this runner has it, never the
     # apps. ``references_from`` (a run on the same clients, start and seed) saves computing them again.
     clients = [read_manifest(m) for m in manifests]
-    key = references_key(clients, start.state_dict, config)
-    references = _cached_references(references_from, key)
+    key = references_key(clients, start.state_dict, config, str(data_root))
+    references = _cached_references(references_from or out, key)  # a resumed run keeps its own
     if references is None:
         references = reference_accuracies(clients, dataset, start.state_dict, config, str(data_root))
     write_json(out / REFERENCES_FILE, {"key": key, "clients": references})
@@ -167,9 +167,9 @@ def _cached_references(run_dir: Path | None, key: str) -> dict[str, dict[str, fl
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        return saved["clients"] if saved.get("key") == key else None
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
-        return None  # unreadable: compute them again
+        return parse_references(saved) if isinstance(saved, dict) and saved.get("key") == key else None
+    except (OSError, ValueError, ProtocolError):  # unreadable: compute them again
+        return None
 
 
 def _last_error(log_file: Path) -> str:

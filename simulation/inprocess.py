@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 SERVER_NODE_ID = 0
 RUN_ID = 1
-CLIENT_APP_RAISED = 2  # the error code Flower's engines use when a ClientApp raises
+# The error code Flower's engines use when a ClientApp raises (flwr.common.constant.ErrorCode, not public in
+# 1.42: restated, and tests/test_inprocess.py checks it against Flower's).
+CLIENT_APP_RAISED = 2
 
 
 class InProcessGrid(Grid):

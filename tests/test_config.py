@@ -49,6 +49,7 @@ def test_paper_config_is_the_papers_setting() -> None:
          "'federation.compare_methods' has value 'ditto'; allowed: 'fedavg', 'fedavg-ft', 'fedavg-cal', "
          "'label-free'"),
         ({"federation": {"compare_methods": "fedavg-ft"}}, "allowed: a list of at most 16 items"),
+        ({"federation": {"compare_methods": ["fedavg-ft", "fedavg-ft"]}}, "allowed: each method at most once"),
         ({"federation": {"tiers": {"hospital": {"personal": {"distill_weight": 1.5}}}}},
          "'federation.tiers.hospital.personal.distill_weight' has value 1.5"),
         ({"federation": {"tiers": {"phone": {"availability": 0}}}},

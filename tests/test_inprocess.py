@@ -6,10 +6,11 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from edgemri.simulation.inprocess import InProcessGrid, run_in_process
+from edgemri.simulation.inprocess import CLIENT_APP_RAISED, InProcessGrid, run_in_process
 
 toy_client = ClientApp()
 
@@ -46,7 +47,9 @@ def test_the_engine_restores_the_runtime_identity_it_sets(tmp_path: Path) -> Non
     ok = [r for r in replies if not r.has_error()]
     assert [r.metadata.src_node_id for r in ok] == [1, 2, 1]
     assert [int(r.content["cfg"]["count"]) for r in ok] == [1, 1, 2]  # each node keeps its own context.state
-    assert [r.metadata.src_node_id for r in replies if r.has_error()] == [3]  # a raising ClientApp: an error reply
+    errors = [r for r in replies if r.has_error()]
+    assert [r.metadata.src_node_id for r in errors] == [3]  # a raising ClientApp: an error reply, Flower's code
+    assert errors[0].error.code == CLIENT_APP_RAISED == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 def test_a_server_app_that_exits_with_an_error_is_reported(tmp_path: Path) -> None:

@@ -245,3 +245,14 @@ def test_fedbn_norms_start_as_the_identity_and_fold_into_the_student(hospital_da
     trained.load_state_dict({**trained.state_dict(), **out.personal})
     assert torch.allclose(predict_logits(trained, images[:32], normalize),
                           predict_logits(student_from(personal), images[:32], normalize), atol=1e-4)
+
+
+def test_a_personal_state_cannot_replace_shared_weights() -> None:
+    torch.manual_seed(0)
+    global_state = Student().state_dict()
+    tampered = {k: torch.zeros_like(v) for k, v in global_state.items()}  # a state file holding every key
+    for name in ("fedper", "lg-fedavg"):
+        method = create_method(_config(method=name).federation)
+        merged = method.local_start(global_state, tampered)
+        for key, value in merged.items():
+            assert torch.equal(value, tampered[key] if method.is_personal(key) else global_state[key])
