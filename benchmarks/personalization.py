@@ -43,11 +43,12 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 AFTER_ROUNDS = ("fedavg-ft", "fedavg-cal", "label-free")  # scored inside the FedAvg run
 OWN_RUNS = ("lg-fedavg", "ditto", "fedbn")
 LABEL_SKEW_ALPHA = 0.5
-DITTO_LAMBDAS = (0.01, 1.0)  # besides the config's; seed 0, read on the hospitals' validation splits
+DITTO_LAMBDAS = (0.01, 0.1)  # besides the config's (1.0); seed 0, read on the hospitals' validation splits
 # The personal recipe's distillation weight, fedavg-ft on seed 0 with selection off (select: last), so the
 # hospitals' validation splits, which nothing selected on, can judge it.
 RECIPE_WEIGHTS = (0.0, 0.5, 0.9)
-REFERENCES = ("start", "local-only", "oracle")  # the same in every run of a seed
+REFERENCES = ("start", "oracle")  # the same in every run of a seed
+RUN_COLUMNS = ("global", "best-global", "local-only")  # each method is paired with its own run's
 
 
 def _federation(config: Config, method: str, *, label_skew: bool, compare: tuple[str, ...],
@@ -67,15 +68,15 @@ def _rows(run_dir: Path, method: str) -> dict[str, dict[str, Any]]:
     rows = {}
     for client, final in result["final"].items():
         kind = result["clients"][client]["kind"]
-        # The same start, local-only and references in every run of a seed; the global models are this run's.
-        row = {"kind": kind, "start": final["pool-start-accuracy"], "local-only": final["pool-local-only-accuracy"],
+        # The same start and references in every run of a seed; the global and local-only models are this run's.
+        row = {"kind": kind, "start": final["pool-start-accuracy"],
                "oracle": references[client]["pool-oracle-accuracy"]}
         personal = {method: final["pool-personal-accuracy"],
                     **{name: final[f"pool-personal-accuracy@{name}"] for name in AFTER_ROUNDS
                        if f"pool-personal-accuracy@{name}" in final}}
         for name, value in personal.items():
-            row.update({name: value, f"{name}:global": final["pool-global-accuracy"],
-                        f"{name}:best-global": final["pool-best-global-accuracy"]})
+            row.update({name: value, **{f"{name}:{column}": final[f"pool-{column}-accuracy"]
+                                        for column in RUN_COLUMNS}})
         rows[client] = row
     train_seconds = sum(m.get("train-seconds", 0.0) + m.get("personal-train-seconds", 0.0)
                         for h in result["history"] for m in h["train_metrics"].values())
@@ -90,7 +91,7 @@ def _summaries(runs: dict[str, dict[int, dict[str, dict[str, Any]]]], out: dict[
                          - {"kind", *REFERENCES})
         for method in methods:
             rows_by_seed = {seed: [{**row, "client": client, "personalized": row[method],
-                                    "global": row[f"{method}:global"], "best-global": row[f"{method}:best-global"]}
+                                    **{column: row[f"{method}:{column}"] for column in RUN_COLUMNS}}
                                    for client, row in rows.items() if method in row]
                             for seed, rows in by_seed.items()}
             summary = paired_summary(rows_by_seed, ("hospital", "phone"))
