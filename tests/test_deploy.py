@@ -136,7 +136,7 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         audit = run_dir / "audit"
 
         # The server waits (up to 120 s) until num-clients SuperNodes are online.
-        run1 = pool.submit(deployment.run, APP_DIR, run_config(2, resume=False), root / "logs" / "run-1.log", 300)
+        run1 = pool.submit(deployment.run, APP_DIR, run_config(2, resume=False), root / "logs" / "run-1.log", 600)
         # Kill the phone mid-run, as soon as its round-1 evaluation is done: round 1 is saved and
         # round 2 cannot be (the server still samples it and skips it after round_timeout_s).
         # Waiting for its round-2 ClientApp instead races with a fast round on a loaded machine.
@@ -155,7 +155,7 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         seen["state_after_restart"] = Client(resolve_setup(
             {"manifest": str(manifest[PHONE]), "data-dir": str(sited_data), "state-dir": str(seen["state_dir"])},
             {})).load_state()
-        seen["run2"] = deployment.run(APP_DIR, run_config(3, resume=True), root / "logs" / "run-2.log", 300)
+        seen["run2"] = deployment.run(APP_DIR, run_config(3, resume=True), root / "logs" / "run-2.log", 600)
         seen["report2"] = json.loads((run_dir / "federation.json").read_text())
         seen["phone_messages"] = _audit_records(audit, phone_id)
         seen["ports"] = deployment.ports
