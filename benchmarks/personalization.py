@@ -5,7 +5,7 @@
 Data: the synthetic ``clinics`` preset (two T1c-only sites, two whose protocols mix T2 and FLAIR
 into T1c), unless ``--data-root`` names another folder with site metadata and pools.
 Per seed: distill on the source sites only (``federation.scenario: new-sites``), then run the
-federations in the in-process engine (the same Flower apps, no Ray). FedAvg's run also scores
+federations in Flower's simulation engine, as ``edgemri federate`` does. FedAvg's run also scores
 fedavg-ft, fedavg-cal and label-free from the same global model (``compare_methods``), so those
 comparisons are paired on the same images; lg-fedavg, ditto and fedbn get their own runs. The
 label-skew scenario repeats the FedAvg run with phone class mixes drawn from Dirichlet(0.5), each
@@ -15,8 +15,7 @@ Every client is scored on its site's evaluation pool (hundreds of held-out scans
 are per client (personal - reference), mean with a 95% bootstrap CI over clients x seeds
 (clients resampled within seeds). Hyper-parameters come from the config, never from the pools;
 the sweeps here (seed 0: Ditto's lambda, the personal recipe's distillation weight with selection
-off) are read on the hospitals' validation splits. Seed 0's
-FedAvg run is repeated in Flower's Ray engine to record where a run's time goes.
+off) are read on the hospitals' validation splits.
 Results land in benchmarks/results/personalization.json after every seed.
 """
 
@@ -159,14 +158,14 @@ def main() -> None:
     timing: dict[str, float] = defaultdict(float)
     values: dict[str, Any] = {"seeds": 0, "config": str(args.config), "label_skew_alpha": LABEL_SKEW_ALPHA}
 
-    def run(config: Config, name: str, engine: str = "inprocess") -> tuple[Path, float]:
+    def run(config: Config, name: str) -> tuple[Path, float]:
         run_dir = out / f"seed{config.seed}" / name
         started = time.perf_counter()
         wall_file = run_dir / "benchmark-wall-s.json"
         if not (run_dir / "server" / "result.json").is_file() or not wall_file.is_file():
             shutil.rmtree(run_dir, ignore_errors=True)  # a rerun keeps the runs that finished, restarts the others
             # The seed's first run computed the references; the others reuse them where their inputs match.
-            federate(config, data_root=root, out=run_dir, start_checkpoint=student, engine=engine,
+            federate(config, data_root=root, out=run_dir, start_checkpoint=student,
                      references_from=out / f"seed{config.seed}" / "new-sites-fedavg")
             write_json(wall_file, {"wall_s": time.perf_counter() - started})
         wall = float(json.loads(wall_file.read_text())["wall_s"])
@@ -189,8 +188,6 @@ def main() -> None:
             merged = runs[scenario].setdefault(seed, {})
             for client, row in rows["rows"].items():
                 merged.setdefault(client, {}).update(row)
-            if seed == 0 and scenario == "new-sites" and method == "fedavg":
-                values["seed0_fedavg_inprocess_wall_s"] = wall
             if seed == 0 and scenario == "new-sites" and method == "ditto":
                 values[f"ditto_lambda_{config.federation.ditto_lambda:g}_hospital_val_pct"] = _hospital_val(run_dir)
         if seed == 0:
@@ -206,13 +203,6 @@ def main() -> None:
                 sweep_dir, _ = run(_federation(swept, "fedavg-ft", label_skew=False, compare=()),
                                    f"sweep-recipe-distill-weight-{weight:g}")
                 values[f"recipe_distill_weight_{weight:g}_hospital_val_pct"] = _hospital_val(sweep_dir)
-            flower_dir, flower_wall = run(_federation(config, "fedavg", label_skew=False, compare=AFTER_ROUNDS),
-                                          "new-sites-fedavg-ray", engine="flower")
-            inprocess = _rows(out / "seed0" / "new-sites-fedavg", "fedavg")
-            values.update({"seed0_fedavg_ray_wall_s": flower_wall,
-                           "seed0_fedavg_ray_rounds_s": _rows(flower_dir, "fedavg")["rounds_s"],
-                           "seed0_fedavg_inprocess_rounds_s": inprocess["rounds_s"],
-                           "seed0_fedavg_client_train_s": inprocess["client_train_s"]})
         values["seeds"] = seed + 1
         _summaries(runs, values)
         values.update({f"time_{k}": v for k, v in timing.items()})

@@ -116,7 +116,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     run = federate(config, data_root=Path(config.data.root), out=Path(args.out),
-                   start_checkpoint=start_model(config, args.start), resume=args.resume, engine=args.engine)
+                   start_checkpoint=start_model(config, args.start), resume=args.resume)
     print("\n".join(federation_lines(run)))
     return 0
 
@@ -224,9 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start model (default: federation.start_checkpoint or runs/demo/distill/student.pt)")
     fed.add_argument("--out", default="runs/federation", help="run folder (default: runs/federation)")
     fed.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
-    fed.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
-                     help="flower: Flower's simulation engine (Ray), as `flwr run .`; inprocess: the same apps "
-                          "in this process, several times faster, for benchmarks (default: flower)")
 
     privacy = commands.add_parser("privacy", help="privacy-budget reports and the privacy/accuracy sweep"
                                   ).add_subparsers(dest="privacy_command", required=True, metavar="SUBCOMMAND")

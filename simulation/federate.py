@@ -15,7 +15,6 @@ from typing import TextIO
 
 import yaml
 
-from edgemri.clients.client_app import app as client_app
 from edgemri.core.checkpoint import load_checkpoint
 from edgemri.core.config import Config, ConfigError
 from edgemri.core.data import load_dataset
@@ -26,16 +25,13 @@ from edgemri.core.partition import ensure_manifests, read_manifest
 from edgemri.core.privacy import PrivacyError, check_dp_model, plan_dp
 from edgemri.core.protocol import APP_ROOT, REFERENCES_FILE, ProtocolError, parse_references
 from edgemri.models import build_model
-from edgemri.server.app import app as server_app
 from edgemri.simulation.baselines import reference_accuracies, references_key
 from edgemri.simulation.flower_run import FlowerRunError, run_simulation
-from edgemri.simulation.inprocess import run_in_process
 
 log = logging.getLogger(__name__)
 
 # The folder holding pyproject.toml's [tool.flwr.app]: the same app `flwr run .` runs.
 APP_DIR = APP_ROOT
-ENGINES = ("flower", "inprocess")
 
 
 @dataclass(frozen=True)
@@ -104,12 +100,8 @@ def check_start_split(config: Config, start_config: dict, start_checkpoint: Path
 
 
 def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Path, resume: bool = False,
-             audit: bool = False, timeout_s: float = 3600.0, engine: str = "flower",
-             references_from: Path | None = None) -> FederationRun:
-    """The federation in Flower's simulation engine (``engine="flower"``) or in this process
-    (``"inprocess"``: the same apps, no Ray, no timeouts); the ServerApp writes the reports (once)."""
-    if engine not in ENGINES:
-        raise ConfigError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
+             audit: bool = False, timeout_s: float = 3600.0, references_from: Path | None = None) -> FederationRun:
+    """The federation in Flower's simulation engine; the ServerApp writes the reports (once)."""
     out = out.resolve()
     if (out / "server").exists() and not resume:
         raise RunFolderError(f"{out} already holds a federation run; add --resume to continue it "
@@ -141,20 +133,12 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
     progress = out / "server" / "progress.log"
     progress.unlink(missing_ok=True)
     result_file = out / "server" / "result.json"
-    if engine == "inprocess":
-        log_file = out / "logs" / "inprocess.log"
-        ok = run_in_process(server_app, client_app, run_config, num_supernodes=len(manifests), log_file=log_file,
-                            on_poll=ProgressPrinter(progress))
-        if not ok or not result_file.is_file():
-            raise FlowerRunError(f"federation run ended with an error: {_last_error(log_file) or 'see the log'}; "
-                                 f"log: {log_file}")
-    else:
-        outcome = run_simulation(APP_DIR, out, run_config, num_supernodes=len(manifests), timeout_s=timeout_s,
-                                 on_poll=ProgressPrinter(progress))
-        if not outcome.ok or not result_file.is_file():
-            raise FlowerRunError(f"federation run {outcome.run_id} ended {outcome.status}: "
-                                 f"{_last_error(out / 'logs' / 'flwr-run.log') or outcome.details.strip()[-300:]}; "
-                                 f"logs: {out / 'logs'}")
+    outcome = run_simulation(APP_DIR, out, run_config, num_supernodes=len(manifests), timeout_s=timeout_s,
+                             on_poll=ProgressPrinter(progress))
+    if not outcome.ok or not result_file.is_file():
+        raise FlowerRunError(f"federation run {outcome.run_id} ended {outcome.status}: "
+                             f"{_last_error(out / 'logs' / 'flwr-run.log') or outcome.details.strip()[-300:]}; "
+                             f"logs: {out / 'logs'}")
     report = json.loads((out / "federation.json").read_text())
     return FederationRun(out, report, {"md": out / "federation.md", "json": out / "federation.json",
                                        "png": out / "federation.png", "privacy_md": out / "privacy.md"})
