@@ -274,7 +274,7 @@ class Client:
         if len(data.val):
             metrics.update({GLOBAL_VAL_ACCURACY: evaluate_state(global_state, data.val)["accuracy"],
                             VAL_EXAMPLES: float(len(data.val))})
-            if not (method.uses_personal_recipe and trainer.personal.select == "val"):  # else it is in-sample
+            if not (method.selects_on_validation and trainer.personal.select == "val"):  # else it is in-sample
                 metrics[PERSONAL_VAL_ACCURACY] = evaluate_state(personal, data.val)["accuracy"]
         if pool := self.site_pool():  # hundreds of held-out scans of this client's site: the primary metric
             weights = self.class_mix() if instructions.federation.partition.label_skew_alpha is not None else None

@@ -207,7 +207,7 @@ class Method:
     name: ClassVar[str] = "fedavg"
     keeps_personal_state: ClassVar[bool] = False  # a personal part trained every round (FedPer, Ditto)
     labelled: ClassVar[bool] = True  # False: personalizes from unlabelled scans (reported separately)
-    uses_personal_recipe: ClassVar[bool] = False  # its personal model comes from LocalTrainer.personalize
+    selects_on_validation: ClassVar[bool] = False  # its personal model is chosen on the validation split
 
     def __init__(self, config: FederationConfig) -> None:
         self.config = config
@@ -242,7 +242,7 @@ class FedAvgFineTune(Method):
     """FedAvg, then each client fine-tunes the chosen global model with the personal recipe."""
 
     name = "fedavg-ft"
-    uses_personal_recipe = True
+    selects_on_validation = True
 
     def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
         model = student_from(global_state)
@@ -255,7 +255,7 @@ class FedAvgCalibrate(Method):
     the personalization a phone's handful of scans can afford; it folds into the export's preprocessing."""
 
     name = "fedavg-cal"
-    uses_personal_recipe = True
+    selects_on_validation = True
 
     def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
         model = Calibrated(student_from(global_state))
@@ -270,6 +270,7 @@ class FedAvgLabelFree(FedAvgCalibrate):
 
     name = "label-free"
     labelled = False
+    selects_on_validation = False  # no labels: it never looks at the validation split
 
 
 class FedPer(Method):
