@@ -58,26 +58,34 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from edgemri.edge.errors import printable
-    from edgemri.edge.predict import predict_paths
+    from edgemri.edge.predict import check_refer_below, predict_paths
     from edgemri.edge.runtime import load_model, model_kind
     from edgemri.edge.torchscript import CODE_NOTICE
 
+    refer_below = None if args.refer_below is None else check_refer_below(args.refer_below)  # before any loading
     if model_kind(args.model) == "torchscript":
         print(f"edgemri: note: {CODE_NOTICE}", file=sys.stderr)
     model = load_model(args.model)
-    results = predict_paths(model, args.paths, top_k=args.top_k, batch_size=args.batch_size)
+    results = predict_paths(model, args.paths, top_k=args.top_k, batch_size=args.batch_size,
+                            refer_below=refer_below)
     failed = sum(not r.ok for r in results)
+    referred = sum(bool(r.refer) for r in results)
     if args.json:
+        summary = {} if refer_below is None else {"refer_below": refer_below, "referred": referred}
         print(json.dumps({"model": printable(str(model.path)), "kind": model.kind, "class_names": model.class_names,
-                          "predicted": len(results) - failed, "failed": failed,
-                          "results": [r.as_dict() for r in results]}, indent=2))
+                          "temperature": model.temperature, "predicted": len(results) - failed, "failed": failed,
+                          **summary, "results": [r.as_dict() for r in results]}, indent=2))
     else:
         for r in results:
             if not r.ok:
                 print(f"{r.file}\terror: {r.error}", file=sys.stderr)
                 continue
             ranked = "\t" + "  ".join(f"{name} {p:.4f}" for name, p in r.top_k) if args.top_k > 1 else ""
-            print(f"{r.file}\t{r.label}\t{r.probability:.4f}{ranked}")
+            mark = "\tREFER" if r.refer else ""
+            print(f"{r.file}\t{r.label}\t{r.probability:.4f}{ranked}{mark}")
+        if refer_below is not None:
+            print(f"edgemri: {referred} of {len(results) - failed} predicted scans referred to a doctor "
+                  f"(top probability below {refer_below})", file=sys.stderr)
         if failed:
             print(f"edgemri: {failed} of {len(results)} could not be predicted", file=sys.stderr)
     return 1 if failed else 0
@@ -105,3 +113,6 @@ def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
     predict.add_argument("--json", action="store_true", help="one JSON document instead of one line per image")
     predict.add_argument("--top-k", type=int, default=1, help="also list the K most probable classes")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    predict.add_argument("--refer-below", type=float, default=None, metavar="P",
+                         help="selective prediction: mark every scan whose top (calibrated) probability is below P "
+                              "(0 < P < 1) as REFER, to send to a doctor, and say how many were")

@@ -6,8 +6,9 @@ holds: "model" (a usable model), "training" (the training loop's resume state), 
 federation server's state) or "client" (a client's state). Files are read with
 ``torch.load(weights_only=True)``, so a crafted file can hold tensors, numbers, strings, lists
 and dicts but never run code, and then validated field by field: registered model, known
-options, exact state-dict keys and shapes, finite values, bounded size, and a preprocessing
-edgemri can apply (its own, up to a per-channel mean and std: ``core.data.parse_preprocessing``).
+options, exact state-dict keys and shapes, finite values, bounded size, a preprocessing
+edgemri can apply (its own, up to a per-channel mean and std: ``core.data.parse_preprocessing``)
+and a calibration temperature in bounds (``check_temperature``).
 Model files of the previous format ("edgemri.checkpoint/1") and bare state dicts in the paper's
 student layout load too, as kind "model".
 """
@@ -49,6 +50,10 @@ MAX_BYTES = 1 << 30  # file size and total tensor size: far above any model here
 MAX_DEPTH = 32  # nesting of dicts and lists
 _V1_FIELDS = frozenset({"model", "state_dict", "model_options", "class_names", "preprocessing", "config", "seed",
                         "metrics", "data_fingerprint", "role", "created", "edgemri_version"})
+# Temperature scaling (Guo et al. 2017) divides the logits by T: outside these bounds the probabilities are
+# one-hot or uniform to float precision, so such a value is a fitting bug or a crafted file, not a calibration.
+MIN_CALIBRATION_TEMPERATURE = 0.05
+MAX_CALIBRATION_TEMPERATURE = 20.0
 
 
 class CheckpointError(EdgemriError):
@@ -63,6 +68,9 @@ class Checkpoint:
     model_options: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
     preprocessing: dict[str, Any] = field(default_factory=lambda: dict(PREPROCESSING))
+    # The calibration temperature: probabilities are softmax(logits / temperature); 1.0 = uncalibrated.
+    # Files written before it existed load as 1.0.
+    temperature: float = 1.0
     config: dict[str, Any] = field(default_factory=dict)  # the settings that made it (resume compares them)
     seed: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +90,23 @@ class Checkpoint:
         model = _architecture(self.model, self.model_options, where)
         model.load_state_dict(check_state_dict(model, self.state_dict, where), strict=True)
         return model.eval()
+
+
+def check_temperature(value: object, where: str) -> float:
+    """``value`` as a float if it is a calibration temperature edgemri applies, else a one-line CheckpointError.
+
+    Allowed: a finite number in [MIN_CALIBRATION_TEMPERATURE, MAX_CALIBRATION_TEMPERATURE].
+    """
+    number = isinstance(value, int | float) and not isinstance(value, bool)  # True is an int to Python only
+    if not (number and MIN_CALIBRATION_TEMPERATURE <= value <= MAX_CALIBRATION_TEMPERATURE):  # NaN fails too
+        raise CheckpointError(f"{where}: calibration temperature is {repr(value)[:60]}; allowed: a finite number "
+                              f"in [{MIN_CALIBRATION_TEMPERATURE}, {MAX_CALIBRATION_TEMPERATURE}]")
+    return float(value)
+
+
+def calibrated_probabilities(logits: Tensor, temperature: float) -> Tensor:
+    """Class probabilities over the last axis with temperature scaling: softmax(logits / temperature)."""
+    return torch.softmax(logits / temperature, dim=-1)
 
 
 def check_state_dict(model: nn.Module | Mapping[str, Tensor], state: Any, where: str,
@@ -306,6 +331,7 @@ def _validate(checkpoint: Checkpoint, where: str) -> None:
         raise CheckpointError(f"{where}: tensors total {total:,} bytes; checkpoints hold at most {MAX_BYTES:,}")
     if checkpoint.step < 0:
         raise CheckpointError(f"{where}: step is {checkpoint.step}; allowed: an integer >= 0")
+    check_temperature(checkpoint.temperature, where)
     try:  # edgemri's preprocessing, up to the model's own per-channel mean and std (a folded calibration)
         parse_preprocessing(checkpoint.preprocessing, where)
     except PreprocessingError as err:

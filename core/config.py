@@ -36,7 +36,13 @@ MAX_CLIENTS = 100_000
 MAX_EXAMPLES = 10_000_000
 MAX_TEMPERATURE = 100.0
 MAX_LIST = 16
+MAX_VIEWS = 64  # augmented views per image with cached teacher logits: the teacher's cost is images x views
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+# What distillation trains beside the config's KD student: nothing, the paper's KD recipe, or that plus one
+# leave-one-ingredient-out student per way the recipe differs from the paper's (KD_INGREDIENTS).
+DISTILL_COMPARISONS = ("none", "paper", "ablation")
+KD_INGREDIENTS = ("views", "transfer", "temperature-alpha", "schedule")
 SELECTIONS = ("val", "last")
 
 
@@ -54,9 +60,11 @@ class TrainSpec:
     weight_decay: float = 0.0
     optimizer: str = "adam"  # adam | sgd (with momentum)
     momentum: float = 0.9  # sgd only
+    schedule: str = "constant"  # constant | cosine (the learning rate annealed to 0 over the epochs)
 
     def validate(self, where: str) -> None:
         _in_range(f"{where}.epochs", self.epochs, 1, MAX_EPOCHS, integer=True)
+        _one_of(f"{where}.schedule", self.schedule, SCHEDULES)
         _in_range(f"{where}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE, integer=True)
         _in_range(f"{where}.lr", self.lr, 0, MAX_LR, low_open=True)
         _in_range(f"{where}.weight_decay", self.weight_decay, 0, MAX_LR)
@@ -106,15 +114,49 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Random views of an MRI slice: mild geometry and intensity changes a scanner or a patient could make."""
+
+    flip: bool = True  # left-right (the brain is roughly symmetric; the classes are not sided)
+    rotate_deg: float = 10.0  # rotation drawn in [-rotate_deg, rotate_deg]
+    scale: float = 0.1  # zoom drawn in [1 - scale, 1 + scale]
+    translate: float = 0.05  # shift drawn in [-translate, translate] of the image size, per axis
+    contrast: float = 0.15  # intensity multiplied by a factor in [1 - contrast, 1 + contrast]
+    gamma: float = 0.2  # intensity gamma drawn log-uniformly in [exp(-gamma), exp(gamma)]
+
+    def validate(self, where: str) -> None:
+        _in_range(f"{where}.rotate_deg", self.rotate_deg, 0, 45)
+        _in_range(f"{where}.scale", self.scale, 0, 0.5)
+        _in_range(f"{where}.translate", self.translate, 0, 0.3)
+        _in_range(f"{where}.contrast", self.contrast, 0, 0.9)
+        _in_range(f"{where}.gamma", self.gamma, 0, 1)
+
+
+@dataclass(frozen=True)
 class KDConfig:
     temperature: float = 1.0
     alpha: float = 0.5  # weight of the soft (teacher) term, the paper's Eq. 1
     train: TrainSpec = field(default_factory=TrainSpec)
+    # Consistent teaching: the student sees one of `views` augmented views of an image per epoch, and the
+    # teacher's logits for exactly that view, cached once per view (view 0 is the image itself). 0: the paper's
+    # un-augmented images, one teacher pass each.
+    views: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # A folder of unlabeled images the teacher also scores (its soft labels are their only target); relative
+    # paths are inside data.root (the synthetic set writes Unlabeled/<site>/). null: labelled images only.
+    transfer_root: str | None = None
 
     def validate(self, where: str) -> None:
         _in_range(f"{where}.temperature", self.temperature, 0, MAX_TEMPERATURE, low_open=True)
         _in_range(f"{where}.alpha", self.alpha, 0, 1)
         self.train.validate(f"{where}.train")
+        _in_range(f"{where}.views", self.views, 0, MAX_VIEWS, integer=True)
+        self.augment.validate(f"{where}.augment")
+        if self.transfer_root is not None:
+            relative = Path(self.transfer_root)
+            _require(bool(self.transfer_root.strip()) and (relative.is_absolute() or ".." not in relative.parts),
+                     f"{where}.transfer_root", self.transfer_root,
+                     "an absolute folder, or a folder inside data.root without '..'")
 
 
 @dataclass(frozen=True)
@@ -122,14 +164,43 @@ class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     baseline: TrainSpec = field(default_factory=lambda: TrainSpec(weight_decay=0.01))
     kd: KDConfig = field(default_factory=KDConfig)
+    # The paper's KD recipe (T=1, alpha=0.5, no views, no transfer set), what `compare` trains beside `kd`.
+    paper_kd: KDConfig = field(default_factory=lambda: KDConfig(train=TrainSpec(epochs=15)))
+    compare: str = "none"  # none | paper | ablation (DISTILL_COMPARISONS)
     # Reproduce the paper code's choices: KL with 'mean' reduction and checkpoint
     # selection on the Testing split. Every number it produces is marked as such.
     paper_compat: bool = False
+    # Temperature scaling of each student on validation (Guo et al. 2017), stored in its checkpoint and exports;
+    # it changes confidences, never the predicted class.
+    calibrate: bool = True
 
     def validate(self, where: str) -> None:
         self.teacher.validate(f"{where}.teacher")
         self.baseline.validate(f"{where}.baseline")
         self.kd.validate(f"{where}.kd")
+        self.paper_kd.validate(f"{where}.paper_kd")
+        _one_of(f"{where}.compare", self.compare, DISTILL_COMPARISONS)
+
+    def kd_recipes(self) -> dict[str, KDConfig]:
+        """Stage name -> KD recipe: ``kd`` first, then what ``compare`` asks for. An ablation student is ``kd``
+        with one ingredient set back to the paper's (one per ingredient in which the two differ)."""
+        recipes = {"kd": self.kd}
+        if self.compare == "none":
+            return recipes
+        recipes["paper-kd"] = self.paper_kd
+        if self.compare == "ablation":
+            paper = self.paper_kd
+            without = {
+                "views": {"views": paper.views, "augment": paper.augment},
+                "transfer": {"transfer_root": paper.transfer_root},
+                "temperature-alpha": {"temperature": paper.temperature, "alpha": paper.alpha},
+                "schedule": {"train": paper.train},
+            }
+            for ingredient in KD_INGREDIENTS:
+                ablated = dataclasses.replace(self.kd, **without[ingredient])
+                if ablated != self.kd:
+                    recipes[f"kd-without-{ingredient}"] = ablated
+        return recipes
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ The cache is plain arrays (.npz, read without pickle) checked against the folder
 Each scanner site's evaluation pool (``load_pools``: the synthetic set's ``Pools/<site>/``,
 else ``pools_from_testing``: the site's share of Testing) is hundreds of held-out images,
 enough to resolve a few points of accuracy where a client's own test split cannot.
+
+``load_unlabeled`` reads any folder of images without labels (the synthetic set's ``Unlabeled/<site>/``):
+the transfer set that knowledge distillation scores with the teacher.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,9 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SPLITS = ("Training", "Testing")
 POOL_DIR = "Pools"  # per-site evaluation pools, Pools/<site>/<class>/*.jpg (edgemri.core.synth.POOL_DIR)
+UNLABELED_DIR = "Unlabeled"  # per-site transfer images, Unlabeled/<site>/*.jpg (edgemri.core.synth.UNLABELED_DIR)
+UNKNOWN_LABEL = -1  # the label of every image load_unlabeled returns
+MAX_UNLABELED_IMAGES = 200_000  # more is a wrong folder (a home folder?), and would not fit in memory decoded
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 MIN_SIDE_PX = 16  # smaller than this is no MRI slice: a thumbnail or an icon
 MAX_PIXELS = 64_000_000  # larger is treated as a decompression bomb, before decoding
@@ -282,7 +289,8 @@ class SkippedFile:
 
 @dataclass
 class ArraySplit:
-    """Decoded images of one split: uint8 images, int64 labels, file names, sites."""
+    """Decoded images of one split: uint8 images, int64 labels (UNKNOWN_LABEL for unlabeled images), file names,
+    sites (one per image, or [] when none has a site)."""
 
     images: Tensor
     labels: Tensor
@@ -303,7 +311,8 @@ class ArraySplit:
         )
 
     def class_counts(self) -> dict[str, int]:
-        counts = torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
+        """Images per class; images of unknown class are not counted."""
+        counts = torch.bincount(self.labels[self.labels >= 0], minlength=len(CLASS_NAMES)).tolist()
         return dict(zip(CLASS_NAMES, counts, strict=True))
 
 
@@ -317,8 +326,10 @@ def split_to_arrays(split: ArraySplit, prefix: str = "") -> dict[str, np.ndarray
     }
 
 
-def split_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str = "") -> ArraySplit:
-    """The inverse of ``split_to_arrays``, checking every dtype, shape and label.
+def split_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str = "", *,
+                      unknown_labels: bool = False) -> ArraySplit:
+    """The inverse of ``split_to_arrays``, checking every dtype, shape and label (with ``unknown_labels``, a
+    label may also be UNKNOWN_LABEL).
 
     Raises ArtefactError with the bad array's name; callers add the file.
     """
@@ -331,8 +342,9 @@ def split_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str = "") -> Arr
     if images.dtype != np.uint8 or images.shape != (n, 3, IMAGE_SIZE, IMAGE_SIZE):
         raise ArtefactError(f"{prefix}images must be uint8 of shape (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), "
                             f"got {images.dtype} {images.shape}")
-    if labels.dtype != np.int64 or (n > 0 and not 0 <= labels.min() <= labels.max() < len(CLASS_NAMES)):
-        raise ArtefactError(f"{prefix}labels must be int64 class indices 0..{len(CLASS_NAMES) - 1}")
+    lowest = UNKNOWN_LABEL if unknown_labels else 0
+    if labels.dtype != np.int64 or (n > 0 and not lowest <= labels.min() <= labels.max() < len(CLASS_NAMES)):
+        raise ArtefactError(f"{prefix}labels must be int64 class indices {lowest}..{len(CLASS_NAMES) - 1}")
     if files.dtype.kind != "U" or files.shape != (n,):
         raise ArtefactError(f"{prefix}files must be N strings")
     if sites.dtype.kind != "U" or sites.shape not in ((n,), (0,)):
@@ -417,6 +429,70 @@ def _scan_pools(root: Path) -> FolderScan:
                             f"digits, '.', '_' or '-', starting with a letter or digit")
         entries += _scan_classes(site_dir, expected, ignored)
     return FolderScan(root=root, files={POOL_DIR: entries}, ignored=ignored)
+
+
+def _unlabeled_site(rel: str) -> str:
+    """The site of an unlabeled image: its first folder below the root when that is a site name, else ''."""
+    first, below, _ = rel.partition("/")
+    return first if below and SITE_NAME.fullmatch(first) else ""
+
+
+def _link_refused(link: Path, top: Path, blocked: list[Path]) -> str | None:
+    """Why a symbolic link is not followed (it leads outside the scanned folder or into an excluded site), or None."""
+    try:
+        target = link.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return "a symbolic link that cannot be resolved; not followed"
+    if not target.is_relative_to(top):
+        return "a symbolic link to outside the folder; not followed"
+    if any(target.is_relative_to(folder) for folder in blocked):
+        return "a symbolic link into an excluded site's folder; not followed"
+    return None
+
+
+def _scan_unlabeled(root: Path, excluded: frozenset[str]) -> FolderScan:
+    """Every image file under root as one split ``Unlabeled`` (sorted by path, label UNKNOWN_LABEL): hidden names
+    skipped, excluded sites' folders not entered, links to files followed only inside root and outside those
+    folders. Links to folders are not followed: every folder inside root is scanned at its own path, so one
+    would only list images twice (or loop)."""
+    _require_folder(root)
+    top = root.resolve()
+    blocked = [(root / site).resolve() for site in sorted(excluded) if site and (root / site).is_dir()]
+    entries: list[tuple[Path, int]] = []
+    ignored: list[SkippedFile] = []
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if not _is_utf8(path.name):
+                ignored.append(SkippedFile(display_path(path), "name is not valid UTF-8; rename it"))
+                continue
+            is_dir = path.is_dir()
+            if folder == root and (path.name if is_dir and SITE_NAME.fullmatch(path.name) else "") in excluded:
+                continue
+            if path.is_symlink():
+                refused = _link_refused(path, top, blocked)
+                if refused is None and is_dir:
+                    refused = "a symbolic link to a folder; not followed (each folder inside is read at its own path)"
+                if refused is not None:
+                    ignored.append(SkippedFile(display_path(path), refused))
+                    continue
+            if is_dir:
+                folders.append(path)
+            elif not path.is_file():
+                continue
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                ignored.append(SkippedFile(display_path(path), f"not an image extension ({path.suffix or 'none'})"))
+            elif len(entries) == MAX_UNLABELED_IMAGES:
+                raise DataError(f"{display_path(root)} holds more than {MAX_UNLABELED_IMAGES:,} images; allowed: at "
+                                f"most {MAX_UNLABELED_IMAGES:,} (MAX_UNLABELED_IMAGES); point at the transfer folder "
+                                f"itself, e.g. ROOT/{UNLABELED_DIR}")
+            else:
+                entries.append((path, UNKNOWN_LABEL))
+    entries.sort(key=lambda entry: entry[0].relative_to(root).as_posix())
+    return FolderScan(root=root, files={UNLABELED_DIR: entries}, ignored=ignored)
 
 
 def _scan_classes(split_dir: Path, expected: str, ignored: list[SkippedFile]) -> list[tuple[Path, int]]:
@@ -543,7 +619,7 @@ def _read_cache(path: Path, scan: FolderScan, split: str, key: str) -> tuple[Arr
         wanted = [_CACHE_FORMAT, key, _PREPROCESSING_JSON]
         if [str(a) if a.dtype.kind == "U" and a.shape == () else None for a in header] != wanted:
             raise ArtefactError("it was written for another folder state, preprocessing or format")
-        cached = split_from_arrays(arrays)
+        cached = split_from_arrays(arrays, unknown_labels=split == UNLABELED_DIR)
         skipped, reasons = arrays["skipped_files"], arrays["skipped_reasons"]
         if {skipped.dtype.kind, reasons.dtype.kind} != {"U"} or skipped.ndim != 1 or skipped.shape != reasons.shape:
             raise ArtefactError("skipped_files and skipped_reasons must be strings of one length")
@@ -630,8 +706,8 @@ def _load_split(scan: FolderScan, split: str, cache_dir: str | Path | None, work
         return cached
     data, bad, unreadable = _decode_split(scan, split, workers, progress)
     if unreadable:
-        log.warning("%d file(s) of %s could not be read; not caching %s, so they are tried again next time",
-                    len(unreadable), display_path(scan.root / split), split)
+        log.warning("%d file(s) of %s in %s could not be read; not caching %s, so they are tried again next time",
+                    len(unreadable), split, display_path(scan.root), split)
     else:
         _write_cache(path, split, key, data, bad)
     return data, [SkippedFile(display_path(scan.root / rel), reason) for rel, reason in bad + unreadable]
@@ -717,6 +793,42 @@ def load_pools(root: str | Path, cache_dir: str | Path | None = None, *, workers
         _require_usable(scan, f"{POOL_DIR}/{site}", pool, skipped)
         pools[site] = ArraySplit(pool.images, pool.labels, pool.files, [site] * len(pool))
     return pools
+
+
+def load_unlabeled(root: str | Path, cache_dir: str | Path | None = None, *, exclude_sites: Collection[str] = (),
+                   workers: int | None = None, progress: bool = False) -> ArraySplit:
+    """Every image under ``root`` with label UNKNOWN_LABEL (-1): the unlabeled transfer set that distillation scores
+    with the teacher (the synthetic set's ``ROOT/Unlabeled``, or any folder of images).
+
+    The folder is scanned recursively and sorted by path (hidden names skipped, other files skipped with a
+    warning, symbolic links followed only inside ``root``) and decoded once and cached like Training and Testing.
+    An image's site is its first folder below ``root`` when that is a site name, else "" (``sites`` is [] when
+    no image has one). ``exclude_sites`` (site names, or "" for images without one) drops those sites' images
+    before anything is read: the server must not see the federation's new sites.
+
+    Raises DataError (one line) for a missing folder, a bad excluded site, no images (left), more than
+    MAX_UNLABELED_IMAGES, or no readable image.
+    """
+    if isinstance(exclude_sites, str):
+        raise TypeError(f"exclude_sites must be a collection of site names, not the string {exclude_sites!r}")
+    excluded = frozenset(exclude_sites)
+    bad = next((s for s in sorted(excluded, key=repr) if not isinstance(s, str) or (s and not SITE_NAME.fullmatch(s))),
+               None)
+    if bad is not None:
+        raise DataError(f"excluded site {str(bad)[:80]!r} is not a site name; a site is 1-48 letters, digits, '.', "
+                        f"'_' or '-', starting with a letter or digit (or '' for images without a site)")
+    root = Path(root)
+    scan = _listed(partial(_scan_unlabeled, excluded=excluded), root)
+    if not scan.files[UNLABELED_DIR]:
+        left = f" outside the excluded sites {sorted(excluded)}" if excluded else ""
+        raise DataError(f"no images in {display_path(root)}{left}; expected image files "
+                        f"({', '.join(sorted(IMAGE_EXTENSIONS))}), e.g. {display_path(root)}/<site>/*.jpg")
+    data, skipped = _load_split(scan, UNLABELED_DIR, cache_dir, _workers(workers), progress)
+    for item in [*scan.ignored, *skipped]:
+        log.warning("skipped %s: %s", item.path, item.reason)
+    if len(data) == 0:
+        raise DataError(f"no readable images in {display_path(root)}; every file was skipped (see the warnings above)")
+    return _with_sites(data, {rel: _unlabeled_site(rel) for rel in data.files})
 
 
 def pools_from_testing(dataset: Dataset) -> dict[str, ArraySplit]:

@@ -1,11 +1,13 @@
-"""Server-side distillation: teacher, baseline student (CE), KD student (the paper's Eq. 1).
+"""Server-side distillation: teacher, baseline student (CE), KD student (the paper's Eq. 1, or a better recipe).
 
-The teacher runs once per image for distillation: its logits for every training image
-are computed in one pass and cached. With the frozen ImageNet VGG16, its conv features
-are computed once per image too, so training its Linear head costs one conv pass per
-image in total. Checkpoints are selected on the validation split carved from Training;
-Testing is touched only for the final metrics (``paper_compat`` selects on Testing, as
-the paper's code did, and marks every number as such).
+The teacher runs once per image and view for distillation: its logits for every training image
+(and every cached augmented view of it, ``kd.views``; and every image of an unlabeled transfer set,
+``kd.transfer_root``) are computed once and cached, and the student trains on exactly the views the
+teacher scored (consistent teaching). With the frozen ImageNet VGG16, its conv features are computed
+once per image too, so training its Linear head costs one conv pass per image in total.
+Checkpoints are selected on the validation split carved from Training, and each student's
+calibration temperature is fitted on it; Testing is touched only for the final metrics
+(``paper_compat`` selects on Testing, as the paper's code did, and marks every number as such).
 """
 
 from __future__ import annotations
@@ -20,18 +22,42 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from edgemri.core.config import Config, TrainSpec
-from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, normalize, scenario_split, stratified_split
+from edgemri.core.augment import ViewData, draw_views, view_logits
+from edgemri.core.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    calibrated_probabilities,
+    load_checkpoint,
+    save_checkpoint,
+)
+from edgemri.core.config import Config, KDConfig, TrainSpec
+from edgemri.core.data import (
+    CLASS_NAMES,
+    UNKNOWN_LABEL,
+    ArraySplit,
+    DataError,
+    Dataset,
+    load_unlabeled,
+    normalize,
+    scenario_split,
+    stratified_split,
+)
 from edgemri.core.errors import EdgemriError
-from edgemri.core.evaluate import classification_metrics, predict_logits
+from edgemri.core.evaluate import (
+    classification_metrics,
+    coverage_curve,
+    fit_temperature,
+    predict_logits,
+    refer_threshold,
+    selective_accuracy,
+)
 from edgemri.core.losses import cross_entropy, make_kd_loss
 from edgemri.core.train import Checkpointing, FitResult, TrainData, as_float, check_same_settings, fit
 from edgemri.models import Teacher, WeightsUnavailableError, build_model, model_spec
 
 log = logging.getLogger(__name__)
 
-STAGES = ("teacher", "baseline", "kd")
+REFER_COVERAGE = 0.9  # the coverage whose validation threshold each student records (``predict --refer-below``)
 
 
 class TeacherUnavailableError(EdgemriError):
@@ -73,13 +99,15 @@ class StageResult:
     test: dict[str, Any]
     train_seconds: float
     images_seen: int
+    teacher_passes: int = 0  # KD students: the teacher's passes over the images and views it taught on
+    transfer_images: int = 0  # KD students: unlabeled images only the teacher labelled
 
 
 @dataclass
 class SeedResult:
     seed: int
     stages: dict[str, StageResult]
-    teacher_forward_images: int  # full teacher passes made for distillation
+    teacher_forward_images: int  # teacher passes made for distillation (each image and view once, shared by recipes)
     teacher_conv_passes: int  # frozen-body passes (vgg16-imagenet), 0 when trained end to end
     train_images: int  # the Training split less validation: what the students learn from
 
@@ -138,7 +166,8 @@ class Distiller:
     # -- shared helpers ---------------------------------------------------------
 
     def _checkpoint(self, name: str, model_name: str, model: nn.Module, options: dict[str, Any],
-                    fit_result: FitResult | None, done: Checkpoint | None, test: dict[str, Any]) -> Path:
+                    fit_result: FitResult | None, done: Checkpoint | None, test: dict[str, Any],
+                    temperature: float = 1.0, calibration: dict[str, Any] | None = None) -> Path:
         """The stage's model with its curves (kept from ``done`` when it was loaded, not trained)."""
         path = self.dir / f"{name}.pt"
         history, best_epoch = _curves(fit_result, done)
@@ -146,8 +175,8 @@ class Distiller:
             model=model_name, state_dict=model.state_dict(), model_options=options, role=name,
             config=self.config.to_dict(), seed=self.seed, data_fingerprint=self.dataset.fingerprint,
             metrics={"test": _scalar_metrics(test), "selected_on": self.selected_on,
-                     "best_epoch": best_epoch, "paper_compat": self.paper_compat},
-            history=history,
+                     "best_epoch": best_epoch, "paper_compat": self.paper_compat, **(calibration or {})},
+            history=history, temperature=temperature,
         ))
         return path
 
@@ -180,8 +209,8 @@ class Distiller:
 
     # -- stages -----------------------------------------------------------------
 
-    def teacher(self) -> tuple[StageResult, Tensor, int, int]:
-        """Train (or load) the teacher; return it with its cached train-set logits."""
+    def teacher(self) -> tuple[StageResult, nn.Module, Tensor, int, int]:
+        """Train (or load) the teacher; return it with its cached train-set logits and its passes so far."""
         cfg = self.config.distill.teacher
         torch.manual_seed(self.seed)
         done = None
@@ -213,7 +242,8 @@ class Distiller:
             test_logits = predict_logits(model, self.dataset.test.images, normalize)
         test = classification_metrics(test_logits, self.dataset.test.labels, CLASS_NAMES)
         path = self._checkpoint("teacher", model_name, model, options, fit_result, done, test)
-        return _stage("teacher", path, fit_result, test, done), logits_train, forward_images, conv_passes
+        return (_stage("teacher", path, fit_result, test, done), model.eval(), logits_train, forward_images,
+                conv_passes)
 
     def _frozen_teacher(self, model: Teacher, train_head: bool) -> tuple[Tensor, Tensor, int, FitResult | None]:
         """The paper's teacher: conv features once per image, then the Linear head on them."""
@@ -233,8 +263,81 @@ class Distiller:
         return predict_logits(head, train.inputs, as_float), predict_logits(head, features_test, as_float), \
             conv_passes, fit_result
 
-    def student(self, name: str, teacher_logits: Tensor | None) -> StageResult:
-        """Baseline (CE) or KD student, from the same seeded initialization."""
+    def transfer_set(self, kd: KDConfig) -> ArraySplit | None:
+        """The recipe's unlabeled images, less those of sites the server must not see (the clients' new sites)."""
+        if kd.transfer_root is None:
+            return None
+        root = Path(kd.transfer_root)
+        if not root.is_absolute():
+            root = self.dataset.root / root
+        sites = self.dataset.train.sites
+        server = set(self.train_idx.tolist()) | set(self.val_idx.tolist())
+        client_sites = ({sites[i] for i in range(len(sites)) if i not in server}
+                        - {sites[i] for i in server}) if sites else set()
+        transfer = load_unlabeled(root, self.config.data.cache_dir, exclude_sites=client_sites,
+                                  progress=self.progress)
+        if not len(transfer):
+            raise DataError(f"distill.kd.transfer_root {kd.transfer_root!r} has no images outside the clients' "
+                            f"sites ({', '.join(sorted(client_sites))})")
+        return transfer
+
+    def teaching(self, kd: KDConfig, teacher: nn.Module, teacher_logits: Tensor,
+                 cache: dict[Any, Tensor]) -> tuple[TrainData, int, int, int]:
+        """The KD student's training data (train images, then transfer images, each with its cached views and
+        the teacher's logits for exactly those views), the teacher passes it needs (as if alone), those made
+        now, and the transfer set's size.
+
+        ``cache`` holds the teacher's view logits of earlier recipes of this seed: a recipe with the same
+        views of the same images reuses them, so every (image, view) is scored once per seed.
+        """
+        transfer = self.transfer_set(kd)
+        if kd.views == 0 and transfer is None:  # the paper's recipe: each image once, the teacher's cached logits
+            return TrainData.from_split(self.train_split, extras=(teacher_logits,)), len(teacher_logits), 0, 0
+        images, labels = self.train_split.images, self.train_split.labels
+        if transfer is not None:
+            images = torch.cat([images, transfer.images])
+            labels = torch.cat([labels, torch.full((len(transfer),), UNKNOWN_LABEL, dtype=labels.dtype)])
+        views = draw_views(len(images), max(kd.views, 1), kd.augment, self.seed)
+        key = (kd.views, kd.augment, kd.transfer_root)
+        made = 0
+        if key not in cache:
+            # View 0 is the image itself: the train images' teacher logits are the ones already cached.
+            counter = ForwardCounter(teacher)
+            cache[key] = view_logits(teacher, images, views, normalize, known=teacher_logits, progress=self.progress)
+            made = counter.close()
+        data = ViewData(images, labels, extras=(cache[key],), view_params=views)
+        return data, len(images) * max(kd.views, 1), made, 0 if transfer is None else len(transfer)
+
+    def _calibrated(self, model: nn.Module, name: str) -> tuple[dict[str, Any], float, dict[str, Any]]:
+        """Testing metrics of a student after temperature scaling on validation (when ``distill.calibrate``), with
+        the uncalibrated ECE and NLL beside them, and the validation threshold that refers 1 - REFER_COVERAGE."""
+        val_logits = predict_logits(model, self.val_split.images, normalize)
+        temperature = fit_temperature(val_logits, self.val_split.labels) if self.config.distill.calibrate else 1.0
+        test_logits = predict_logits(model, self.dataset.test.images, normalize)
+        raw = classification_metrics(test_logits, self.dataset.test.labels, CLASS_NAMES)
+        test = classification_metrics(test_logits / temperature, self.dataset.test.labels, CLASS_NAMES)
+        probs = calibrated_probabilities(test_logits, temperature)
+        threshold = refer_threshold(calibrated_probabilities(val_logits, temperature), REFER_COVERAGE)
+        coverage, accepted = selective_accuracy(probs, self.dataset.test.labels, threshold)
+        test.update({
+            "temperature": temperature, "ece_uncalibrated": raw["ece"], "nll_uncalibrated": raw["nll"],
+            "reliability_uncalibrated": raw["reliability"],
+            # At exactly REFER_COVERAGE of Testing (an oracle threshold) and at the one chosen on validation.
+            "accuracy_at_90_coverage": selective_accuracy(probs, self.dataset.test.labels,
+                                                          refer_threshold(probs, REFER_COVERAGE))[1],
+            "refer_threshold": threshold, "refer_coverage": coverage, "refer_accuracy": accepted,
+            "coverage_curve": coverage_curve(probs, self.dataset.test.labels),
+            # Per Testing image, for paired comparisons between students on the same images.
+            "correct": (test_logits.argmax(1) == self.dataset.test.labels).int().tolist(),
+        })
+        log.info("%s: calibration temperature %.3f (ECE %.3f -> %.3f)", name, temperature, raw["ece"], test["ece"])
+        calibration = {"calibration": {"temperature": temperature, "fitted_on": "validation" if
+                                       self.config.distill.calibrate else "none",
+                                       "refer_below": {"coverage": REFER_COVERAGE, "threshold": threshold}}}
+        return test, temperature, calibration
+
+    def student(self, name: str, kd: KDConfig | None = None, teaching: TrainData | None = None) -> StageResult:
+        """Baseline (CE, ``kd`` None) or a KD student taught on ``teaching``, from the same seeded initialization."""
         distill = self.config.distill
         torch.manual_seed(self.seed)
         model = build_model("student")
@@ -242,28 +345,32 @@ class Distiller:
         fit_result = None
         if done is not None:
             model.load_state_dict(done.state_dict)
-        elif name == "baseline":
+        elif kd is None:
             fit_result = self._fit(name, model, TrainData.from_split(self.train_split),
                                    TrainData.from_split(self.select_split), cross_entropy, distill.baseline,
                                    ("student", {}, None))
         else:
-            kd = distill.kd
+            assert teaching is not None
             loss = make_kd_loss(kd.temperature, kd.alpha, "mean" if self.paper_compat else "batchmean")
-            fit_result = self._fit(name, model, TrainData.from_split(self.train_split, extras=(teacher_logits,)),
-                                   TrainData.from_split(self.select_split), loss, kd.train, ("student", {}, None))
-        test = classification_metrics(predict_logits(model, self.dataset.test.images, normalize),
-                                      self.dataset.test.labels, CLASS_NAMES)
-        path = self._checkpoint(name, "student", model, {}, fit_result, done, test)
+            fit_result = self._fit(name, model, teaching, TrainData.from_split(self.select_split), loss, kd.train,
+                                   ("student", {}, None))
+        test, temperature, calibration = self._calibrated(model, name)
+        path = self._checkpoint(name, "student", model, {}, fit_result, done, test, temperature, calibration)
         return _stage(name, path, fit_result, test, done)
 
     def run(self) -> SeedResult:
         self.dir.mkdir(parents=True, exist_ok=True)
-        teacher, teacher_logits, forward_images, conv_passes = self.teacher()
-        baseline = self.student("baseline", None)
-        kd = self.student("kd", teacher_logits)
-        return SeedResult(self.seed, {"teacher": teacher, "baseline": baseline, "kd": kd},
-                          teacher_forward_images=forward_images, teacher_conv_passes=conv_passes,
-                          train_images=len(self.train_split))
+        teacher, teacher_model, teacher_logits, forward_images, conv_passes = self.teacher()
+        stages = {"teacher": teacher, "baseline": self.student("baseline")}
+        cache: dict[Any, Tensor] = {}
+        for name, kd in self.config.distill.kd_recipes().items():
+            teaching, passes, made, transfer = self.teaching(kd, teacher_model, teacher_logits, cache)
+            forward_images += made
+            stage = self.student(name, kd, teaching)
+            stage.teacher_passes, stage.transfer_images = passes, transfer
+            stages[name] = stage
+        return SeedResult(self.seed, stages, teacher_forward_images=forward_images,
+                          teacher_conv_passes=conv_passes, train_images=len(self.train_split))
 
 
 def _curves(fit_result: FitResult | None, done: Checkpoint | None) -> tuple[list[dict[str, Any]], int]:
@@ -284,7 +391,8 @@ def _stage(name: str, path: Path, fit_result: FitResult | None, test: dict[str, 
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k != "confusion"}
+    """What a checkpoint keeps of the test metrics: the numbers and per-class recalls, not per-image lists."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, list)}
 
 
 def run_distillation(config: Config, dataset: Dataset, out: Path, *, seeds: int = 1,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from edgemri.core.checkpoint import MAX_CALIBRATION_TEMPERATURE, MIN_CALIBRATION_TEMPERATURE
 
 
 @torch.no_grad()
@@ -27,17 +30,72 @@ def predict_logits(
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
-def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins (Guo et al. 2017)."""
+def reliability_bins(probs: Tensor, labels: Tensor, bins: int = 15) -> list[dict[str, float]]:
+    """Equal-width confidence bins: each bin's share of images, mean confidence and accuracy (empty bins left out)."""
     confidence, predicted = probs.max(dim=1)
     correct = (predicted == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
+    rows = []
     for low, high in zip(edges[:-1], edges[1:], strict=True):
         in_bin = (confidence > low) & (confidence <= high)
         if in_bin.any():
-            ece += in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
-    return float(ece)
+            rows.append({"low": float(low), "high": float(high), "share": float(in_bin.float().mean()),
+                         "confidence": float(confidence[in_bin].mean()), "accuracy": float(correct[in_bin].mean())})
+    return rows
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins (Guo et al. 2017)."""
+    return sum(b["share"] * abs(b["confidence"] - b["accuracy"]) for b in reliability_bins(probs, labels, bins))
+
+
+def fit_temperature(logits: Tensor, labels: Tensor) -> float:
+    """Temperature scaling (Guo et al. 2017): the T minimizing the NLL of softmax(logits / T) on held-out images.
+
+    One parameter, so it cannot change which class is predicted; fitted in log T with L-BFGS, clamped to the
+    range a checkpoint may carry.
+    """
+    if not len(labels):
+        return 1.0
+    logits = logits.detach().float()
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    low, high = MIN_CALIBRATION_TEMPERATURE, MAX_CALIBRATION_TEMPERATURE
+    value = float(log_t.detach().exp())
+    return min(max(value, low), high) if math.isfinite(value) else 1.0
+
+
+def refer_threshold(probs: Tensor, coverage: float) -> float:
+    """The top-probability threshold that accepts ``coverage`` of these images (the rest go to a doctor)."""
+    confidence = probs.max(dim=1).values.sort(descending=True).values
+    keep = max(1, min(len(confidence), math.ceil(coverage * len(confidence))))
+    return float(confidence[keep - 1])
+
+
+def selective_accuracy(probs: Tensor, labels: Tensor, threshold: float) -> tuple[float, float]:
+    """(coverage, accuracy of the accepted images) when images with top probability below ``threshold`` are referred."""
+    confidence, predicted = probs.max(dim=1)
+    accepted = confidence >= threshold
+    if not bool(accepted.any()):
+        return 0.0, float("nan")
+    return float(accepted.float().mean()), float((predicted[accepted] == labels[accepted]).float().mean())
+
+
+def coverage_curve(probs: Tensor, labels: Tensor, points: int = 20) -> list[dict[str, float]]:
+    """Accuracy of the accepted images at coverages 1/points .. 1 (the most confident first)."""
+    rows = []
+    for k in range(1, points + 1):
+        coverage, accuracy = selective_accuracy(probs, labels, refer_threshold(probs, k / points))
+        rows.append({"target_coverage": k / points, "coverage": coverage, "accuracy": accuracy})
+    return rows
 
 
 def classification_metrics(logits: Tensor, labels: Tensor, class_names: Sequence[str]) -> dict[str, Any]:
@@ -61,5 +119,6 @@ def classification_metrics(logits: Tensor, labels: Tensor, class_names: Sequence
         "per_class_recall": {name: float(r) for name, r in zip(class_names, recall, strict=True)},
         "nll": float(F.cross_entropy(logits, labels)) if len(labels) else float("nan"),
         "ece": expected_calibration_error(F.softmax(logits, dim=1), labels) if len(labels) else float("nan"),
+        "reliability": reliability_bins(F.softmax(logits, dim=1), labels) if len(labels) else [],
         "confusion": confusion.tolist(),
     }

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from edgemri.core.data import UNKNOWN_LABEL
 from edgemri.core.train import Batch
 
 LossFn = Callable[[Tensor, Batch], Tensor]
@@ -27,22 +29,25 @@ def kd_loss(
     alpha: float,
     reduction: KLReduction = "batchmean",
 ) -> Tensor:
-    """Hinton's KD, the paper's Eq. 1: alpha T^2 KL(p_t^T || p_s^T) + (1 - alpha) CE(s, y).
+    """Hinton's KD, the paper's Eq. 1: alpha T^2 KL(p_t^T || p_s^T) + (1 - alpha) CE(s, y), averaged over images.
 
-    'batchmean' averages the KL per sample (the definition); 'mean' divides by
-    batch x classes as the paper's code did (a quarter of it for 4 classes).
+    'batchmean' takes the KL per image (the definition); 'mean' divides it by the number of classes as the
+    paper's code did (a quarter of it for 4 classes). An UNKNOWN_LABEL image (a transfer-set image) has only the
+    teacher's soft labels: its loss is T^2 KL alone.
     """
     t = temperature
     soft = F.kl_div(
         F.log_softmax(student_logits / t, dim=1),
         F.softmax(teacher_logits / t, dim=1),
-        reduction="batchmean",
-    )
+        reduction="none",
+    ).sum(dim=1)
     if reduction == "mean":
         # What KLDivLoss(reduction='mean') computes, without its deprecation warning.
         soft = soft / student_logits.shape[1]
-    hard = F.cross_entropy(student_logits, labels)
-    return alpha * t * t * soft + (1.0 - alpha) * hard
+    labelled = labels != UNKNOWN_LABEL
+    hard = F.cross_entropy(student_logits, labels.clamp(min=0), reduction="none")
+    per_image = torch.where(labelled, alpha * t * t * soft + (1.0 - alpha) * hard, t * t * soft)
+    return per_image.mean()
 
 
 def make_kd_loss(temperature: float, alpha: float, reduction: KLReduction = "batchmean") -> LossFn:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from edgemri.core.checkpoint import Checkpoint, CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
 from edgemri.core.config import TrainSpec
-from edgemri.core.data import ArraySplit, normalize
+from edgemri.core.data import UNKNOWN_LABEL, ArraySplit, normalize
 from edgemri.core.errors import EdgemriError
 from edgemri.core.evaluate import predict_logits
 
@@ -50,12 +50,17 @@ class TrainData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, index: Tensor, generator: torch.Generator) -> Batch:
+        """The rows ``index`` as the model trains on them (``generator``: the epoch's, for random views)."""
+        return Batch(self.transform(self.inputs[index]), self.labels[index], tuple(e[index] for e in self.extras))
+
 
 @dataclass
 class Batch:
     inputs: Tensor
-    labels: Tensor
+    labels: Tensor  # UNKNOWN_LABEL for an image only the teacher scored (a transfer-set image)
     extras: tuple[Tensor, ...]
+
 
 
 BatchSampler = Callable[[int, int, torch.Generator], Iterator[Tensor]]
@@ -287,8 +292,11 @@ def fit(
     for epoch in range(state.epoch + 1, spec.epochs + 1):
         epoch_start = time.perf_counter()
         trained_model.train()
+        if spec.schedule == "cosine":  # set per epoch from the epoch number alone, so a resumed run agrees
+            for group in optimizer.param_groups:
+                group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / spec.epochs))
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, correct, seen, labelled = 0.0, 0, 0, 0
         steps = tqdm(
             batches(len(train), spec.batch_size, generator),
             total=total_batches,
@@ -297,11 +305,7 @@ def fit(
             leave=False,
         )
         for number, index in enumerate(steps, start=1):
-            batch = Batch(
-                inputs=train.transform(train.inputs[index]),
-                labels=train.labels[index],
-                extras=tuple(e[index] for e in train.extras),
-            )
+            batch = train.batch(index, generator)
             optimizer.zero_grad(set_to_none=True)
             logits = trained_model(batch.inputs)
             # Poisson sampling (DP-SGD) can draw an empty batch: a zero loss still lets
@@ -317,9 +321,10 @@ def fit(
             state.optimizer_steps += 1
             if len(index):
                 total_loss += value * len(index)
-                correct += int((logits.argmax(1) == batch.labels).sum())
+                correct += int((logits.argmax(1) == batch.labels).sum())  # never true for UNKNOWN_LABEL rows
                 seen += len(index)
-                steps.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+                labelled += int((batch.labels != UNKNOWN_LABEL).sum())
+                steps.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / max(labelled, 1):.3f}")
         _check_weights(model, desc, epoch)
         state.images_seen += seen
         val_loss = val_accuracy = None
@@ -328,7 +333,7 @@ def fit(
         record = EpochRecord(
             epoch=epoch,
             train_loss=total_loss / max(seen, 1),
-            train_accuracy=correct / max(seen, 1),
+            train_accuracy=correct / max(labelled, 1),
             val_loss=val_loss,
             val_accuracy=val_accuracy,
             seconds=time.perf_counter() - epoch_start,

@@ -1,10 +1,11 @@
 """What every exported file promises, and the checks that keep the promise on both sides.
 
 An exported model takes ``image``, float32 N x 3 x 128 x 128 already normalized, and gives
-``logits``, float32 N x len(class_names), finite; it carries the class names and the
+``logits``, float32 N x len(class_names), finite; it carries the class names, the
 preprocessing: edgemri's, with the model's own per-channel mean and std (a personalized input
 calibration folds into them, a norm-student's norms into its convs, so the file is always the
-plain student). Export checks a checkpoint against this before writing anything, the
+plain student), and the calibration temperature T: probabilities are softmax(logits / T), the
+graph itself gives the raw logits. Export checks a checkpoint against this before writing anything, the
 runtime checks a file against it before predicting anything: a model whose outputs do not
 match its class names would otherwise print the wrong class, or crash mid-run.
 """
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from edgemri.core.checkpoint import Checkpoint, load_checkpoint
+from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from edgemri.core.checkpoint import check_temperature as check_checkpoint_temperature
 from edgemri.core.data import IMAGE_SIZE, PreprocessingError, normalize, parse_preprocessing
 from edgemri.core.errors import version
 from edgemri.core.io import write_bytes
@@ -63,22 +65,35 @@ def check_class_names(class_names: object, source: str) -> list[str]:
     return list(class_names)
 
 
-def check_metadata(meta: dict[str, Any], source: str) -> tuple[list[str], dict[str, Any]]:
-    """The class names and the preprocessing of a file's edgemri metadata, both checked."""
+def check_temperature(temperature: object, source: str) -> float:
+    """The calibration temperature to divide logits by, bounded as in checkpoints (core.checkpoint)."""
+    try:
+        return check_checkpoint_temperature(temperature, source)
+    except CheckpointError as err:
+        raise EdgeError(printable(str(err))) from None
+
+
+def check_metadata(meta: dict[str, Any], source: str) -> tuple[list[str], dict[str, Any], float]:
+    """The class names, the preprocessing and the calibration temperature of a file's edgemri metadata, checked."""
     if "class_names" not in meta or "preprocessing" not in meta:
         raise EdgeError(f"{source} has no edgemri metadata (class_names, preprocessing); "
                         f"export it with `edgemri export CHECKPOINT`")
     preprocessing = check_preprocessing(meta["preprocessing"], source)
-    return check_class_names(meta["class_names"], source), preprocessing
+    # Files exported before calibration existed carry no temperature: their probabilities were plain softmax.
+    temperature = check_temperature(meta.get("temperature", 1.0), source)
+    return check_class_names(meta["class_names"], source), preprocessing, temperature
 
 
 def edge_metadata(checkpoint: Checkpoint) -> dict[str, Any]:
     """What an exported file records: how to feed it, how to read it and where it came from."""
+    source = f"the {checkpoint.role or 'given'} checkpoint"
     return {
         "class_names": list(checkpoint.class_names),
-        "preprocessing": check_preprocessing(checkpoint.preprocessing, f"the {checkpoint.role or 'given'} checkpoint"),
+        "preprocessing": check_preprocessing(checkpoint.preprocessing, source),
+        "temperature": check_temperature(checkpoint.temperature, source),
         "input": f"{INPUT_NAME}: {INPUT_SHAPE}, already normalized",
-        "output": f"{OUTPUT_NAME}: float32 N x {len(checkpoint.class_names)}, before softmax",
+        "output": f"{OUTPUT_NAME}: float32 N x {len(checkpoint.class_names)}, before softmax; "
+                  f"probabilities are softmax({OUTPUT_NAME} / temperature)",
         "source_model": checkpoint.model,
         "source_role": checkpoint.role,
         "source_seed": checkpoint.seed,

@@ -7,6 +7,11 @@ Images with a side under 16 px are such errors, by the same rule as in training:
 never saw one, and a 12 px thumbnail upscaled to 128 px would get a confident-looking guess,
 not a diagnosis. File names are reported printable (bytes that are not UTF-8 as ``\\xNN``),
 so no name can stop the run.
+
+Probabilities are calibrated: softmax(logits / T) with the model's calibration temperature
+(``LoadedModel.temperature``, 1.0 for models without one). Selective prediction: with
+``refer_below=P`` every prediction whose top probability is below P is marked ``refer``
+(send the scan to a doctor); without it no prediction carries a ``refer`` mark.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class Prediction:
     probability: float | None = None
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    refer: bool | None = None  # predicted with a referral threshold: is the top probability below it; else None
 
     @property
     def ok(self) -> bool:
@@ -40,8 +46,16 @@ class Prediction:
     def as_dict(self) -> dict[str, object]:
         if not self.ok:
             return {"file": self.file, "error": self.error}
-        return {"file": self.file, "class": self.label, "probability": self.probability,
-                "top_k": [{"class": name, "probability": p} for name, p in self.top_k]}
+        result = {"file": self.file, "class": self.label, "probability": self.probability,
+                  "top_k": [{"class": name, "probability": p} for name, p in self.top_k]}
+        return result if self.refer is None else {**result, "refer": self.refer}
+
+
+def check_refer_below(threshold: float) -> float:
+    """A referral threshold is a probability strictly between 0 and 1 (0 would refer no scan, 1 nearly all)."""
+    if not 0 < threshold < 1:  # NaN fails too
+        raise EdgeError(f"--refer-below is {threshold}; allowed: a probability strictly between 0 and 1, e.g. 0.8")
+    return threshold
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -74,12 +88,14 @@ def find_images(paths: Iterable[str | Path]) -> Iterator[Path | Prediction]:
         yield from found or []
 
 
-def _fill(model: LoadedModel, results: list[Prediction], pending: list[tuple[int, np.ndarray]], top_k: int) -> None:
-    """Run one batch and write class, probability and top k (or a non-finite-logits error) into its results."""
+def _fill(model: LoadedModel, results: list[Prediction], pending: list[tuple[int, np.ndarray]], top_k: int,
+          refer_below: float | None) -> None:
+    """Run one batch and write class, calibrated probability, top k and referral (or a non-finite-logits error)
+    into its results."""
     with torch.no_grad():
         logits = model.logits(model.normalize(torch.from_numpy(np.stack([array for _, array in pending])))).float()
     finite = torch.isfinite(logits).all(dim=1).tolist()
-    probabilities, indices = torch.softmax(logits, dim=1).topk(min(top_k, logits.shape[1]), dim=1)
+    probabilities, indices = model.probabilities(logits).topk(min(top_k, logits.shape[1]), dim=1)
     for (slot, _), ok, probs, idx in zip(pending, finite, probabilities.tolist(), indices.tolist(), strict=True):
         if not ok:
             results[slot].error = "the model gave non-finite (NaN or infinite) logits for this image"
@@ -87,15 +103,22 @@ def _fill(model: LoadedModel, results: list[Prediction], pending: list[tuple[int
         ranked = [(model.class_names[i], p) for i, p in zip(idx, probs, strict=True)]
         results[slot].label, results[slot].probability = ranked[0]
         results[slot].top_k = ranked
+        if refer_below is not None:
+            results[slot].refer = ranked[0][1] < refer_below
 
 
 def predict_paths(model: LoadedModel, paths: Sequence[str | Path], *, top_k: int = 1,
-                  batch_size: int = 64) -> list[Prediction]:
-    """Predict every image file in ``paths`` (files or folders), in order, batched."""
+                  batch_size: int = 64, refer_below: float | None = None) -> list[Prediction]:
+    """Predict every image file in ``paths`` (files or folders), in order, batched.
+
+    With ``refer_below``, each prediction is marked ``refer`` when its top probability is below it.
+    """
     if top_k < 1:
         raise EdgeError(f"top-k must be >= 1, got {top_k}")
     if batch_size < 1:
         raise EdgeError(f"batch size must be >= 1, got {batch_size}")
+    if refer_below is not None:
+        check_refer_below(refer_below)
     results: list[Prediction] = []
     pending: list[tuple[int, np.ndarray]] = []
     for item in find_images(paths):
@@ -110,8 +133,8 @@ def predict_paths(model: LoadedModel, paths: Sequence[str | Path], *, top_k: int
         results.append(Prediction(printable(str(item))))
         pending.append((len(results) - 1, array))
         if len(pending) == batch_size:
-            _fill(model, results, pending, top_k)
+            _fill(model, results, pending, top_k, refer_below)
             pending = []
     if pending:
-        _fill(model, results, pending, top_k)
+        _fill(model, results, pending, top_k, refer_below)
     return results

@@ -2,7 +2,8 @@
 
 Whatever the kind, ``load_model`` checks the file against the contract (edge/contract.py)
 before it predicts anything: the edgemri metadata and its preprocessing (the model's own
-mean and std, which ``LoadedModel.normalize`` applies), the input and output shapes against
+mean and std, which ``LoadedModel.normalize`` applies) and calibration temperature (which
+``LoadedModel.probabilities`` applies), the input and output shapes against
 the class names, finite weights, and one probe batch giving finite logits. ONNX files are
 protobuf data and checkpoints load with ``weights_only=True``; a TorchScript file is code
 (torch.jit.load runs it), so only load your own.
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edgemri.core.checkpoint import load_checkpoint
+from edgemri.core.checkpoint import calibrated_probabilities, load_checkpoint
 from edgemri.core.data import IMAGE_SIZE
 from edgemri.edge.contract import (
     INPUT_NAME,
@@ -30,6 +31,7 @@ from edgemri.edge.contract import (
     check_finite,
     check_metadata,
     check_preprocessing,
+    check_temperature,
     checked_model,
     normalize_for,
     probe,
@@ -84,10 +86,15 @@ class LoadedModel:
     class_names: list[str]
     logits: Callable[[Tensor], Tensor]
     preprocessing: dict[str, Any]  # checked (edge.contract.check_preprocessing): the model's own mean and std
+    temperature: float  # checked calibration temperature; 1.0 for files and checkpoints without one
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (N, 3, 128, 128) images as this model takes them: normalized with its own mean and std."""
         return normalize_for(images, self.preprocessing)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Calibrated class probabilities for this model's logits: softmax(logits / temperature)."""
+        return calibrated_probabilities(logits, self.temperature)
 
 
 def _read(path: Path) -> bytes:
@@ -111,10 +118,11 @@ def _onnx_model(path: Path) -> LoadedModel:
     session = onnx_session(data)
     meta = session.get_modelmeta().custom_metadata_map
     try:
-        parsed = {key: json.loads(meta[key]) for key in ("class_names", "preprocessing") if key in meta}
+        parsed = {key: json.loads(meta[key]) for key in ("class_names", "preprocessing", "temperature")
+                  if key in meta}
     except json.JSONDecodeError as err:
         raise EdgeError(f"{source} has unreadable edgemri metadata ({err.msg})") from None
-    class_names, preprocessing = check_metadata(parsed, source)
+    class_names, preprocessing, temperature = check_metadata(parsed, source)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME or list(inputs[0].shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:
         found = ", ".join(f"{i.name} {i.shape}" for i in inputs)
@@ -129,7 +137,7 @@ def _onnx_model(path: Path) -> LoadedModel:
         return torch.from_numpy(run_onnx(session, batch))
 
     probe(logits, class_names, source)
-    return LoadedModel(path, "onnx", class_names, logits, preprocessing)
+    return LoadedModel(path, "onnx", class_names, logits, preprocessing, temperature)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -144,10 +152,10 @@ def _is_torchscript(path: Path) -> bool:
 def _torchscript_model(path: Path) -> LoadedModel:
     source = printable(str(path))
     module, meta = load_torchscript(path)
-    class_names, preprocessing = check_metadata(meta, source)
+    class_names, preprocessing, temperature = check_metadata(meta, source)
     check_finite(module.state_dict().items(), source)
     probe(module, class_names, source)
-    return LoadedModel(path, "torchscript", class_names, module, preprocessing)
+    return LoadedModel(path, "torchscript", class_names, module, preprocessing, temperature)
 
 
 def _checkpoint_model(path: Path) -> LoadedModel:
@@ -155,7 +163,8 @@ def _checkpoint_model(path: Path) -> LoadedModel:
     checkpoint = load_checkpoint(path)
     preprocessing = check_preprocessing(checkpoint.preprocessing, source)
     model = checked_model(checkpoint, source)
-    return LoadedModel(path, "checkpoint", list(checkpoint.class_names), model, preprocessing)
+    return LoadedModel(path, "checkpoint", list(checkpoint.class_names), model, preprocessing,
+                       check_temperature(checkpoint.temperature, source))
 
 
 def model_kind(path: str | Path) -> ModelKind:

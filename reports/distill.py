@@ -8,8 +8,9 @@ from typing import Any
 
 from edgemri.core.config import Config
 from edgemri.core.data import CLASS_NAMES, Dataset
-from edgemri.core.distill import STAGES, SeedResult
+from edgemri.core.distill import SeedResult
 from edgemri.core.io import save_figure, write_json, write_text
+from edgemri.core.stats import bootstrap_ci_clustered
 from edgemri.models import build_model, summarize
 from edgemri.reports.common import machine, package_versions
 
@@ -19,7 +20,15 @@ PAPER_TABLE = {
     "baseline": {"accuracy": 0.9098, "trainable_params": 12_628, "estimated_size_mb": 2.25},
     "kd": {"accuracy": 0.9215, "trainable_params": 12_628, "estimated_size_mb": 2.25},
 }
-LABELS = {"teacher": "Teacher", "baseline": "Baseline student (CE)", "kd": "KD student"}
+LABELS = {"teacher": "Teacher", "baseline": "Baseline student (CE)", "kd": "KD student",
+          "paper-kd": "Paper KD (T=1, alpha=0.5)"}
+ABLATION_PREFIX = "kd-without-"
+
+
+def label(stage: str) -> str:
+    if stage.startswith(ABLATION_PREFIX):
+        return f"KD without {stage.removeprefix(ABLATION_PREFIX)}"
+    return LABELS.get(stage, stage)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -32,6 +41,14 @@ def gap_closed(teacher: float, baseline: float, kd: float) -> float | None:
     return (kd - baseline) / (teacher - baseline) if teacher != baseline else None
 
 
+def paired_accuracy_difference(results: list[SeedResult], stage: str, reference: str) -> dict[str, float]:
+    """``stage`` - ``reference`` accuracy on the same Testing images: the mean with a 95% bootstrap CI,
+    images resampled within seeds."""
+    by_seed = {r.seed: [a - b for a, b in zip(r.stages[stage].test["correct"], r.stages[reference].test["correct"],
+                                             strict=True)] for r in results}
+    return bootstrap_ci_clustered(by_seed).to_dict()
+
+
 def build_report(config: Config, dataset: Dataset, results: list[SeedResult], seconds: float,
                  out: Path) -> dict[str, Any]:
     teacher_name = config.distill.teacher.name
@@ -42,8 +59,9 @@ def build_report(config: Config, dataset: Dataset, results: list[SeedResult], se
         "teacher": summarize(teacher_name, build_model(teacher_name, **teacher_options)),
         "student": summarize("student", build_model("student")),
     }
+    stages = list(results[0].stages)
     models: dict[str, Any] = {}
-    for stage in STAGES:
+    for stage in stages:
         size = sizes["teacher" if stage == "teacher" else "student"]
         per_seed = [r.stages[stage] for r in results]
         models[stage] = {
@@ -53,28 +71,47 @@ def build_report(config: Config, dataset: Dataset, results: list[SeedResult], se
             "estimated_size_mb": size.estimated_size_mb,
             "state_dict_bytes": size.state_dict_bytes,
             "checkpoint_bytes": per_seed[0].checkpoint.stat().st_size,
-            "test_accuracy": _mean_std([s.test["accuracy"] for s in per_seed]),
-            "test_macro_f1": _mean_std([s.test["macro_f1"] for s in per_seed]),
-            "test_nll": _mean_std([s.test["nll"] for s in per_seed]),
-            "test_ece": _mean_std([s.test["ece"] for s in per_seed]),
+            **{f"test_{key}": _mean_std([s.test[key] for s in per_seed])
+               for key in ("accuracy", "macro_f1", "nll", "ece", "ece_uncalibrated", "temperature",
+                           "accuracy_at_90_coverage", "refer_coverage", "refer_accuracy") if key in per_seed[0].test},
+            "teacher_passes": [s.teacher_passes for s in per_seed],
+            "transfer_images": [s.transfer_images for s in per_seed],
             "per_seed": [{"seed": r.seed, "checkpoint": str(s.checkpoint.relative_to(out)), "test": s.test,
                           "best_epoch": s.best_epoch, "history": s.history, "train_seconds": s.train_seconds,
                           "images_seen": s.images_seen}
                          for r, s in zip(results, per_seed, strict=True)],
         }
-    acc = {stage: models[stage]["test_accuracy"]["mean"] for stage in STAGES}
+    acc = {stage: models[stage]["test_accuracy"]["mean"] for stage in stages}
+    students = [s for s in stages if s not in ("teacher", "baseline")]
+    comparisons = {}
+    for stage in students:
+        per_seed = [gap_closed(r.stages["teacher"].test["accuracy"], r.stages["baseline"].test["accuracy"],
+                               r.stages[stage].test["accuracy"]) for r in results]
+        comparisons[stage] = {
+            "minus_baseline": paired_accuracy_difference(results, stage, "baseline"),
+            "gap_closed": gap_closed(acc["teacher"], acc["baseline"], acc[stage]),
+            "gap_closed_per_seed": per_seed,
+            "seeds_above_baseline": sum(r.stages[stage].test["accuracy"] > r.stages["baseline"].test["accuracy"]
+                                        for r in results),
+            # What the ingredient an ablation leaves out gave: the full recipe minus the ablated one.
+            **({"kd_minus_this": paired_accuracy_difference(results, "kd", stage)}
+               if stage.startswith(ABLATION_PREFIX) else {}),
+        }
     return {
-        "kind": "edgemri.distillation-report/1",
+        "kind": "edgemri.distillation-report/2",
         "paper_compat": config.distill.paper_compat,
         "selected_on": "Testing (paper-compat: numbers are optimistic)" if config.distill.paper_compat
         else "validation split of Training",
+        "calibrated_on": "validation split of Training" if config.distill.calibrate else "not calibrated",
         "config": config.to_dict(),
         "seeds": [r.seed for r in results],
         "data": {**dataset.summary(), "train_images_per_seed": [r.train_images for r in results]},
+        "stages": stages,
         "teacher_forward_images": [r.teacher_forward_images for r in results],
         "teacher_conv_passes": [r.teacher_conv_passes for r in results],
         "models": models,
         "gap_closed": gap_closed(acc["teacher"], acc["baseline"], acc["kd"]),
+        "comparisons": comparisons,
         "paper": PAPER_TABLE,
         "seconds": seconds,
         "versions": package_versions(),
@@ -86,8 +123,16 @@ def _fmt_acc(stats: dict[str, float]) -> str:
     return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
 
 
+def _fmt_ci(ci: dict[str, float]) -> str:
+    return f"{100 * ci['mean']:+.2f} [{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}]"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    models = report["models"]
+    models, stages = report["models"], report["stages"]
     compat = " (paper-compat: selected on Testing, KL 'mean')" if report["paper_compat"] else ""
     lines = [
         f"# Distillation report{compat}",
@@ -95,37 +140,62 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Data: `{report['data']['root']}` (fingerprint `{report['data']['fingerprint']}`), "
         f"seeds {report['seeds']}, teacher `{report['config']['distill']['teacher']['name']}`. "
         f"Checkpoints selected on the {report['selected_on']}; "
-        "the paper's code selected on its test set, so its numbers are optimistic.",
+        "the paper's code selected on its test set, so its numbers are optimistic. "
+        f"Calibration temperature fitted on the {report['calibrated_on']}.",
         "",
         "| model | paper test acc | ours test acc (mean ± std, %) | trainable params | estimated size (MB) "
-        "| state-dict bytes | macro-F1 | ECE |",
-        "|---|---|---|---|---|---|---|---|",
+        "| state-dict bytes | macro-F1 | ECE before → after calibration | temperature |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for stage in STAGES:
-        m, p = models[stage], report["paper"][stage]
+    for stage in stages:
+        m = models[stage]
+        paper = report["paper"].get("kd" if stage == "paper-kd" else stage)
+        ece = (f"{m['test_ece_uncalibrated']['mean']:.3f} → {m['test_ece']['mean']:.3f}"
+               if "test_ece_uncalibrated" in m else f"{m['test_ece']['mean']:.3f}")
+        temperature = f"{m['test_temperature']['mean']:.2f}" if "test_temperature" in m else "—"
+        paper_accuracy = f"{100 * paper['accuracy']:.2f}" if paper else "—"
         lines.append(
-            f"| {LABELS[stage]} | {100 * p['accuracy']:.2f} | {_fmt_acc(m['test_accuracy'])} | "
-            f"{m['trainable_params']:,} | {m['estimated_size_mb']:.2f} (paper {p['estimated_size_mb']}) | "
-            f"{m['state_dict_bytes']:,} | {m['test_macro_f1']['mean']:.3f} | {m['test_ece']['mean']:.3f} |"
+            f"| {label(stage)} | {paper_accuracy} | {_fmt_acc(m['test_accuracy'])} | "
+            f"{m['trainable_params']:,} | {m['estimated_size_mb']:.2f} | "
+            f"{m['state_dict_bytes']:,} | {m['test_macro_f1']['mean']:.3f} | {ece} | {temperature} |"
         )
-    gap = report["gap_closed"]
     paper_gap = gap_closed(0.9567, 0.9098, 0.9215)
     lines += [
         "",
-        f"Share of the teacher-baseline gap that KD closes: "
-        f"**{'n/a' if gap is None else f'{100 * gap:.0f}%'}** (paper: {100 * paper_gap:.0f}%).",
-        f"Teacher forward passes for distillation: {report['teacher_forward_images']} "
-        f"(training images per seed: {report['data']['train_images_per_seed']}).",
+        f"Share of the teacher-baseline gap that KD closes (the config's recipe): **{_pct(report['gap_closed'])}** "
+        f"(paper: {100 * paper_gap:.0f}%). Teacher forward passes made for distillation, per seed: "
+        f"{report['teacher_forward_images']} (training images per seed: {report['data']['train_images_per_seed']}).",
+        "",
+        "KD students against the baseline, paired on the same Testing images (mean [95% CI] in points, images "
+        "resampled within seeds); an ablation row's last column is what its left-out ingredient gave the recipe:",
+        "",
+        "| student | − baseline | gap closed (per seed) | seeds above baseline | teacher passes | transfer images "
+        "| acc. all scans → at 90% coverage | referred at the validation threshold (coverage, acc.) "
+        "| recipe − this |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for stage, c in report["comparisons"].items():
+        m = models[stage]
+        per_seed = ", ".join(_pct(g) for g in c["gap_closed_per_seed"])
+        lines.append(
+            f"| {label(stage)} | {_fmt_ci(c['minus_baseline'])} | {_pct(c['gap_closed'])} ({per_seed}) | "
+            f"{c['seeds_above_baseline']}/{len(report['seeds'])} | {m['teacher_passes'][0]:,} | "
+            f"{m['transfer_images'][0]:,} | {100 * m['test_accuracy']['mean']:.1f} → "
+            f"{100 * m['test_accuracy_at_90_coverage']['mean']:.1f} | "
+            f"{100 * m['test_refer_coverage']['mean']:.0f}%, {100 * m['test_refer_accuracy']['mean']:.1f} | "
+            f"{_fmt_ci(c['kd_minus_this']) if 'kd_minus_this' in c else '—'} |")
+    lines += [
         "",
         "Per-class test recall (first seed):",
         "",
         "| model | " + " | ".join(CLASS_NAMES) + " |",
         "|---|" + "---|" * len(CLASS_NAMES),
     ]
-    for stage in STAGES:
+    for stage in stages:
         recall = models[stage]["per_seed"][0]["test"]["per_class_recall"]
-        lines.append(f"| {LABELS[stage]} | " + " | ".join(f"{100 * recall[c]:.1f}" for c in CLASS_NAMES) + " |")
+        lines.append(f"| {label(stage)} | " + " | ".join(f"{100 * recall[c]:.1f}" for c in CLASS_NAMES) + " |")
     lines += ["", "![curves](curves.png)", "", "![confusion](confusion.png)", "",
+              "![reliability](reliability.png)", "", "![coverage](coverage.png)", "",
               "Results on synthetic data are not clinical results.", ""]
     return "\n".join(lines)
 
@@ -137,15 +207,15 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for stage in STAGES:
+    for stage in _main(report):
         history = report["models"][stage]["per_seed"][0]["history"]
         if not history:
             continue
         epochs = [h["epoch"] for h in history]
         for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
-            line, = ax.plot(epochs, [h[f"train_{key}"] for h in history], label=f"{LABELS[stage]} train")
+            line, = ax.plot(epochs, [h[f"train_{key}"] for h in history], label=f"{label(stage)} train")
             ax.plot(epochs, [h[f"val_{key}"] for h in history], "--", color=line.get_color(),
-                    label=f"{LABELS[stage]} {'val' if not report['paper_compat'] else 'test'}")
+                    label=f"{label(stage)} {'val' if not report['paper_compat'] else 'test'}")
     for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
@@ -162,8 +232,9 @@ def plot_confusion(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(STAGES), figsize=(4.2 * len(STAGES), 4))
-    for ax, stage in zip(axes, STAGES, strict=True):
+    stages = _main(report)
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 4))
+    for ax, stage in zip(axes, stages, strict=True):
         confusion = report["models"][stage]["per_seed"][0]["test"]["confusion"]
         ax.imshow(confusion, cmap="Blues")
         for i, row in enumerate(confusion):
@@ -172,18 +243,79 @@ def plot_confusion(report: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
         ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
         ax.set_xlabel("predicted")
-        ax.set_title(LABELS[stage])
+        ax.set_title(label(stage), fontsize=9)
     axes[0].set_ylabel("true")
     fig.suptitle("Testing confusion matrices (first seed)")
     save_figure(path, fig)
     plt.close(fig)
 
 
+def _main(report: dict[str, Any]) -> list[str]:
+    """The stages every plot shows: the teacher, the baseline, the paper's KD when trained, the recipe's."""
+    return [s for s in ("teacher", "baseline", "paper-kd", "kd") if s in report["stages"]]
+
+
+def plot_reliability(report: dict[str, Any], path: Path) -> None:
+    """Reliability diagrams (first seed) of the students before and after temperature scaling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    students = [s for s in _main(report) if s != "teacher"]
+    fig, axes = plt.subplots(1, len(students), figsize=(4.2 * len(students), 4), squeeze=False)
+    for ax, stage in zip(axes[0], students, strict=True):
+        test = report["models"][stage]["per_seed"][0]["test"]
+        for key, name, style in (("reliability_uncalibrated", f"before (ECE {test['ece_uncalibrated']:.3f})", "o--"),
+                                 ("reliability", f"after, T={test['temperature']:.2f} (ECE {test['ece']:.3f})", "s-")):
+            bins = test[key]
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, label=name, markersize=4)
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+        ax.set_xlabel("confidence")
+        ax.set_title(label(stage), fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    fig.suptitle("Reliability on Testing (first seed): the diagonal is perfect calibration")
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def plot_coverage(report: dict[str, Any], path: Path) -> None:
+    """Accuracy of the accepted scans against the share accepted (the rest referred to a doctor), mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for stage in _main(report):
+        curves = [s["test"]["coverage_curve"] for s in report["models"][stage]["per_seed"]
+                  if "coverage_curve" in s["test"]]
+        if not curves:
+            continue
+        points = len(curves[0])
+        ax.plot([100 * statistics.fmean(c[k]["coverage"] for c in curves) for k in range(points)],
+                [100 * statistics.fmean(c[k]["accuracy"] for c in curves) for k in range(points)], "o-",
+                markersize=3, label=label(stage))
+    ax.axvline(90, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("coverage: scans the model answers (%)")
+    ax.set_ylabel("accuracy of those scans (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle("Selective prediction on Testing (mean over seeds)")
+    save_figure(path, fig)
+    plt.close(fig)
+
+
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    paths = {"json": out / "report.json", "md": out / "report.md",
-             "curves": out / "curves.png", "confusion": out / "confusion.png"}
+    paths = {"json": out / "report.json", "md": out / "report.md", "curves": out / "curves.png",
+             "confusion": out / "confusion.png", "reliability": out / "reliability.png",
+             "coverage": out / "coverage.png"}
     write_json(paths["json"], report)
     write_text(paths["md"], render_markdown(report))
     plot_curves(report, paths["curves"])
     plot_confusion(report, paths["confusion"])
+    plot_reliability(report, paths["reliability"])
+    plot_coverage(report, paths["coverage"])
     return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import zipfile
@@ -17,6 +18,7 @@ from edgemri.core.checkpoint import (
     LEGACY_FORMAT,
     Checkpoint,
     CheckpointError,
+    calibrated_probabilities,
     check_state_dict,
     load_checkpoint,
     save_checkpoint,
@@ -94,9 +96,12 @@ def test_old_model_files_and_paper_state_dicts_still_load(tmp_path: Path) -> Non
     legacy = {"format": LEGACY_FORMAT, "model": "student", "state_dict": state, "model_options": {},
               "role": "kd", "seed": 3}
     loaded = load_checkpoint(_write(tmp_path / "v1.pt", legacy))
-    assert (loaded.kind, loaded.role, loaded.seed) == ("model", "kd", 3)
+    assert (loaded.kind, loaded.role, loaded.seed, loaded.temperature) == ("model", "kd", 3, 1.0)
     paper = load_checkpoint(_write(tmp_path / "paper.pt", dict(state)))
     assert paper.model == "student" and torch.equal(paper.build().classifier[1].bias, state["classifier.1.bias"])
+    assert paper.temperature == 1.0
+    before_calibration = {k: v for k, v in _fields().items() if k != "temperature"}  # /2 before the field existed
+    assert load_checkpoint(_write(tmp_path / "v2-uncalibrated.pt", before_calibration)).temperature == 1.0
     with pytest.raises(CheckpointError, match="unknown checkpoint field 'kind'"):  # /1 had no kinds
         load_checkpoint(_write(tmp_path / "v1-kind.pt", {**legacy, "kind": "training"}))
 
@@ -142,6 +147,12 @@ def _nested(depth: int) -> list:
         ({"extra": {"best_state": {"w": torch.tensor([float("inf")])}}}, "holds non-finite weights"),
         ({"class_names": ["glioma", "notumor"]}, "2 class names .* for a model with 4 outputs"),
         ({"step": -1}, "step is -1"),
+        ({"temperature": 0.0}, r"calibration temperature is 0.0; allowed: a finite number in \[0.05, 20.0\]"),
+        ({"temperature": -1}, "calibration temperature is -1; allowed"),
+        ({"temperature": float("nan")}, "calibration temperature is nan; allowed"),
+        ({"temperature": 1e6}, "calibration temperature is 1000000.0; allowed"),
+        ({"temperature": "2.0"}, "field temperature holds a str, expected float"),
+        ({"temperature": True}, "field temperature holds a bool, expected float"),
         ({"metrics": {"deep": _nested(40)}}, "nested deeper than 32 levels"),
     ],
 )
@@ -177,7 +188,25 @@ def test_nothing_non_finite_or_mismatched_is_saved(tmp_path: Path) -> None:
         save_checkpoint(tmp_path / "nan.pt", Checkpoint(model="student", state_dict=_nan()))
     with pytest.raises(CheckpointError, match="has shape"):
         save_checkpoint(tmp_path / "shape.pt", Checkpoint(model="student", state_dict=_bad_shape()))
+    for temperature in (0.0, float("inf"), 25.0, True):
+        with pytest.raises(CheckpointError, match="calibration temperature is"):
+            save_checkpoint(tmp_path / "hot.pt", Checkpoint(model="student", state_dict=Student().state_dict(),
+                                                            temperature=temperature))
     assert not list(tmp_path.iterdir())
+
+
+def test_the_calibration_temperature_round_trips_and_scales_the_logits(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "calibrated.pt", Checkpoint(model="student", state_dict=Student().state_dict(),
+                                                                  temperature=2.5))
+    assert load_checkpoint(path).temperature == 2.5
+    logits = torch.tensor([[4.0, 2.0, 0.0, -2.0], [0.0, 0.0, 0.0, 0.0]])
+    calibrated = calibrated_probabilities(logits, 2.5)
+    weights = [math.exp(x / 2.5) for x in (4.0, 2.0, 0.0, -2.0)]
+    assert torch.allclose(calibrated[0], torch.tensor([w / sum(weights) for w in weights]))
+    assert torch.allclose(calibrated.sum(dim=1), torch.ones(2))
+    assert torch.equal(calibrated_probabilities(logits, 1.0), torch.softmax(logits, dim=1))
+    assert calibrated[0, 0] < torch.softmax(logits, dim=1)[0, 0]  # T > 1 softens an overconfident model
+    assert torch.allclose(calibrated[1], torch.full((4,), 0.25))
 
 
 def test_build_never_raises_a_raw_runtime_error() -> None:

@@ -16,9 +16,15 @@ from torchvision import transforms
 from edgemri.core import data as data_module
 from edgemri.core.data import (
     CLASS_NAMES,
+    UNKNOWN_LABEL,
+    UNLABELED_DIR,
     DataError,
+    cache_status,
+    describe_folder,
     load_dataset,
     load_image_uint8,
+    load_pools,
+    load_unlabeled,
     normalize,
     open_image,
     scan_folder,
@@ -170,3 +176,143 @@ def test_data_info_fails_clearly_on_an_unusable_folder(tmp_path: Path) -> None:
     result = _cli("data", "info", str(tmp_path / "nowhere"))
     assert result.returncode == 2
     assert "data folder does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- the unlabeled transfer set
+
+
+def _grey(path: Path, level: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 32), (level, level, level)).save(path)
+    return path
+
+
+@pytest.fixture()
+def unlabeled(tmp_path: Path) -> Path:
+    """Images at two sites (one nested deeper), one at the top, one under a folder that is no site name."""
+    root = tmp_path / "transfer"
+    for level, rel in enumerate(["site-a/a0.jpg", "site-a/a1.png", "site-a/deeper/a2.jpg", "site-b/b0.jpg",
+                                 "loose.jpg", "not a site/c0.jpg", ".hidden/h.jpg", "site-b/.h.jpg"]):
+        _grey(root / rel, 20 * level + 10)
+    (root / "site-b" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_unlabeled_images_are_found_nested_sorted_with_unknown_labels_and_folder_sites(
+        unlabeled: Path, caplog: pytest.LogCaptureFixture) -> None:
+    split = load_unlabeled(unlabeled)
+    assert split.files == ["loose.jpg", "not a site/c0.jpg", "site-a/a0.jpg", "site-a/a1.png", "site-a/deeper/a2.jpg",
+                           "site-b/b0.jpg"]
+    assert split.sites == ["", "", "site-a", "site-a", "site-a", "site-b"]
+    assert split.labels.dtype == torch.int64 and split.labels.tolist() == [UNKNOWN_LABEL] * 6
+    assert split.images.dtype == torch.uint8 and split.images.shape == (6, 3, 128, 128)
+    assert torch.equal(split.images[4], torch.from_numpy(load_image_uint8(unlabeled / "site-a/deeper/a2.jpg")))
+    assert split.class_counts() == dict.fromkeys(CLASS_NAMES, 0)  # unknown labels count for no class
+    assert [r.message for r in caplog.records if "notes.txt" in r.message]  # a non-image is a warning
+    assert not [r for r in caplog.records if "hidden" in r.message or ".h.jpg" in r.message]
+
+
+def test_excluded_sites_are_not_read(unlabeled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened = []
+    real_load = data_module.load_image_uint8
+    monkeypatch.setattr(data_module, "load_image_uint8", lambda path: opened.append(Path(path).name) or real_load(path))
+    split = load_unlabeled(unlabeled, exclude_sites={"site-a"}, workers=1)
+    assert split.files == ["loose.jpg", "not a site/c0.jpg", "site-b/b0.jpg"] and split.sites == ["", "", "site-b"]
+    assert sorted(opened) == ["b0.jpg", "c0.jpg", "loose.jpg"]
+    assert load_unlabeled(unlabeled, exclude_sites=[""]).files == ["site-a/a0.jpg", "site-a/a1.png",
+                                                                   "site-a/deeper/a2.jpg", "site-b/b0.jpg"]
+    with pytest.raises(DataError, match="no images in .* outside the excluded sites") as err:
+        load_unlabeled(unlabeled, exclude_sites=("site-a", "site-b", ""))
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="'../x' is not a site name"):
+        load_unlabeled(unlabeled, exclude_sites=["../x"])
+    with pytest.raises(TypeError, match="not the string"):
+        load_unlabeled(unlabeled, exclude_sites="site-a")
+
+
+def test_unlabeled_symlinks_are_followed_only_to_files_inside_the_folder(unlabeled: Path, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    outside = tmp_path / "elsewhere"
+    secret = _grey(outside / "secret.jpg", 200)
+    (unlabeled / "site-b" / "secret.jpg").symlink_to(secret)
+    (unlabeled / "site-c").symlink_to(outside, target_is_directory=True)
+    (unlabeled / "site-b" / "loop").symlink_to(unlabeled, target_is_directory=True)
+    (unlabeled / "site-b" / "alias.jpg").symlink_to(unlabeled / "site-a" / "a0.jpg")
+    (unlabeled / "site-b" / "into-a.jpg").symlink_to(unlabeled / "site-a" / "a1.png")
+    split = load_unlabeled(unlabeled, exclude_sites={"site-a"})
+    assert split.files == ["loose.jpg", "not a site/c0.jpg", "site-b/b0.jpg"]
+    reasons = {Path(r.message.split(": ")[0].removeprefix("skipped ")).name: r.message for r in caplog.records}
+    assert "to outside the folder" in reasons["secret.jpg"] and "to outside the folder" in reasons["site-c"]
+    assert "to a folder" in reasons["loop"] and "excluded site" in reasons["alias.jpg"]
+    assert "site-b/alias.jpg" in load_unlabeled(unlabeled).files  # a link to a file inside is followed
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("file", "not a folder"),
+        ([], "no images in"),
+        (["site-a/notes.txt", "site-a/.x.jpg"], "no images in"),
+        (["s/0.jpg", "s/1.jpg", "2.jpg"], "more than 2 images"),
+    ],
+)
+def test_unusable_unlabeled_folders_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        content: str | list[str] | None, message: str) -> None:
+    monkeypatch.setattr(data_module, "MAX_UNLABELED_IMAGES", 2)
+    root = tmp_path / "transfer"
+    if content == "file":
+        root.write_text("x")
+    elif content is not None:
+        root.mkdir()
+        for level, rel in enumerate(content):
+            if rel.endswith(".jpg"):
+                _grey(root / rel, level)
+            else:
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (root / rel).write_text("x")
+    with pytest.raises(DataError, match=message) as err:
+        load_unlabeled(root)
+    assert str(tmp_path / "transfer") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_corrupt_unlabeled_image_is_skipped_and_none_usable_is_an_error(unlabeled: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    good = (unlabeled / "site-b" / "b0.jpg").read_bytes()
+    (unlabeled / "site-b" / "b1.jpg").write_bytes(good[: len(good) // 3])
+    split = load_unlabeled(unlabeled)
+    assert "site-b/b1.jpg" not in split.files and len(split) == 6
+    assert [r for r in caplog.records if "b1.jpg" in r.message and "truncated" in r.message]
+    (unlabeled / "site-b" / "b0.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="no readable images"):
+        load_unlabeled(unlabeled, exclude_sites={"site-a", ""})
+
+
+def test_the_unlabeled_set_is_decoded_once_and_cached(unlabeled: Path, user_cache: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    first = load_unlabeled(unlabeled)
+    assert len(list(user_cache.glob("decoded/*/unlabeled-*.npz"))) == 1
+
+    def no_decoding(*_args: object) -> None:
+        raise AssertionError("decoded again although the cache is current")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data_module, "_decode_split", no_decoding)
+        second = load_unlabeled(unlabeled)
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert (first.files, first.sites) == (second.files, second.sites)
+    changed = _grey(unlabeled / "site-a" / "a0.jpg", 255)
+    os.utime(changed, ns=(1, 1))
+    assert int(load_unlabeled(unlabeled).images[2].min()) == 255
+
+
+def test_an_unlabeled_folder_changes_nothing_the_data_root_scans_see(tmp_path: Path) -> None:
+    root = make_kaggle_folder(tmp_path / "d", {"Training": 2, "Testing": 1})
+    before = describe_folder(root)
+    _grey(root / UNLABELED_DIR / "site-a" / "u0.jpg", 90)
+    (root / UNLABELED_DIR / "site-a" / "notes.txt").write_text("x")
+    assert cache_status(root) == {"Training": True, "Testing": True}
+    after = describe_folder(root)
+    assert after == {**before, "cache_was_current": {"Training": True, "Testing": True}}
+    assert load_pools(root) == {} and load_dataset(root).fingerprint == before["fingerprint"]
+    assert load_unlabeled(root / UNLABELED_DIR).sites == ["site-a"]

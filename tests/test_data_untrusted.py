@@ -22,7 +22,15 @@ import torch
 from conftest import make_kaggle_folder
 
 from edgemri.core import partition as partition_module
-from edgemri.core.data import CLASS_NAMES, DataError, cache_path, describe_folder, load_dataset, scan_folder
+from edgemri.core.data import (
+    CLASS_NAMES,
+    DataError,
+    cache_path,
+    describe_folder,
+    load_dataset,
+    load_unlabeled,
+    scan_folder,
+)
 from edgemri.core.io import save_npz
 from edgemri.core.partition import (
     ManifestError,
@@ -157,6 +165,25 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_a_printable_reason(folder:
                             text=True)
     assert result.returncode == 0, result.stderr
     assert "scan-\\xff.jpg: file name is not valid UTF-8" in result.stdout
+
+
+def test_unlabeled_names_that_are_not_utf8_are_skipped_with_a_printable_reason(folder: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    transfer = folder / "Unlabeled" / "site-a"
+    transfer.mkdir(parents=True)
+    good = (folder / "Training" / "glioma" / "Tr-gl_0000.jpg").read_bytes()
+    (transfer / "u0.jpg").write_bytes(good)
+    try:
+        (transfer / os.fsdecode(b"scan-\xff.jpg")).write_bytes(good)
+        (transfer / os.fsdecode(b"dir-\xfe")).mkdir()
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    (transfer / os.fsdecode(b"dir-\xfe") / "u1.jpg").write_bytes(good)
+    with caplog.at_level(logging.WARNING):
+        assert load_unlabeled(folder / "Unlabeled").files == ["site-a/u0.jpg"]
+    skipped = sorted(r.getMessage() for r in caplog.records if "not valid UTF-8" in r.getMessage())
+    assert len(skipped) == 2 and skipped[0].endswith("dir-\\xfe: name is not valid UTF-8; rename it")
+    assert "scan-\\xff.jpg" in skipped[1]
 
 
 def test_a_class_folder_that_cannot_be_listed_is_a_clear_error(folder: Path,

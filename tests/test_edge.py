@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,11 +19,12 @@ import torch.nn.functional as F
 from conftest import make_kaggle_folder
 from PIL import Image
 
-from edgemri.core.checkpoint import Checkpoint, save_checkpoint
+from edgemri.core.checkpoint import FORMAT, Checkpoint, save_checkpoint
 from edgemri.core.config import TrainSpec
 from edgemri.core.data import CLASS_NAMES, PREPROCESSING, Dataset, load_dataset, load_image_uint8, normalize
 from edgemri.core.errors import EdgemriError
 from edgemri.core.train import TrainData, fit
+from edgemri.edge.contract import METADATA_FILE
 from edgemri.edge.errors import INSTALL_HINT, EdgeDependencyError, EdgeError
 from edgemri.edge.int8 import export_onnx_int8
 from edgemri.edge.onnx import export_onnx
@@ -33,6 +35,7 @@ from edgemri.main import build_parser, main
 from edgemri.models import Student, build_model
 
 GLIOMA, MENINGIOMA = CLASS_NAMES.index("glioma"), CLASS_NAMES.index("meningioma")
+TEMPERATURE = 4.0  # far enough from 1 that the trained student's probabilities visibly soften
 
 
 @dataclass
@@ -114,7 +117,8 @@ def test_exported_files_carry_metadata(trained: Trained, exported: dict[str, Pat
 
 def test_int8_accuracy_stays_within_one_point(trained: Trained, exported: dict[str, Path]) -> None:
     data = trained.data
-    result = export_onnx_int8(trained.checkpoint, trained.root / "student.int8.onnx",
+    calibrated = dataclasses.replace(trained.checkpoint, temperature=TEMPERATURE)  # the same weights
+    result = export_onnx_int8(calibrated, trained.root / "student.int8.onnx",
                               data.train.images, data.test.images, data.test.labels)
     assert result.fp32_accuracy >= 0.9  # the model is good, so the comparison means something
     assert result.test_images == 400 and result.calibration_images == len(data.train) == 160
@@ -125,6 +129,7 @@ def test_int8_accuracy_stays_within_one_point(trained: Trained, exported: dict[s
     quantization = json.loads({p.key: p.value for p in model.metadata_props}["quantization"])
     assert quantization["test_accuracy_int8"] == result.int8_accuracy
     assert result.path.stat().st_size < exported["onnx"].stat().st_size
+    assert load_model(result.path).temperature == TEMPERATURE  # calibration is recorded, never quantized
 
 
 def test_onnx_export_without_onnx_says_how_to_install(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -411,3 +416,171 @@ def test_odd_paths_are_reported_per_file_and_never_crash_printing(trained: Train
     assert json.loads(capsys.readouterr().out)["results"][0]["file"].endswith("scan-\\xff.jpg")
     assert main(["predict", str(tmp_path), str(folder)]) == 2
     assert "is a folder" in _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------- calibration temperature and selective prediction
+
+
+@pytest.fixture(scope="module")
+def calibrated(trained: Trained) -> dict[str, Path]:
+    """The trained student saved with calibration temperature TEMPERATURE, and exported from that file."""
+    path = save_checkpoint(trained.root / "calibrated.pt",
+                           dataclasses.replace(trained.checkpoint, temperature=TEMPERATURE))
+    onnx_path, script_path = trained.root / "calibrated.onnx", trained.root / "calibrated.torchscript.pt"
+    assert run_command("export", str(path), "--out", str(onnx_path)) == 0
+    assert run_command("export", str(path), "--format", "torchscript", "--out", str(script_path)) == 0
+    return {"checkpoint": path, "onnx": onnx_path, "torchscript": script_path}
+
+
+def _scans(trained: Trained, per_class: int) -> list[Path]:
+    return [path for name in CLASS_NAMES
+            for path in sorted((trained.data.root / "Testing" / name).glob("*.jpg"))[:per_class]]
+
+
+def _reference_probabilities(trained: Trained, files: list[Path], temperature: float) -> torch.Tensor:
+    """softmax(logits / T) of the PyTorch student itself, on the training preprocessing of ``files``."""
+    images = torch.from_numpy(np.stack([load_image_uint8(path) for path in files]))
+    with torch.no_grad():
+        return torch.softmax(trained.model(normalize(images)) / temperature, dim=1)
+
+
+def _torchscript_with_metadata(source: Path, out: Path, **changes: object) -> Path:
+    """``source`` saved again with its edgemri.json changed (a key set to None is removed)."""
+    module, meta = load_torchscript(source)
+    meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
+    torch.jit.save(module, str(out), _extra_files={METADATA_FILE: json.dumps(meta)})
+    return out
+
+
+JIT_DEPRECATION = r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning"
+
+
+def test_exports_record_the_temperature_and_keep_the_raw_logits(trained: Trained,
+                                                                calibrated: dict[str, Path]) -> None:
+    props = {p.key: p.value for p in onnx.load(str(calibrated["onnx"])).metadata_props}
+    assert json.loads(props["temperature"]) == TEMPERATURE
+    assert load_torchscript(calibrated["torchscript"])[1]["temperature"] == TEMPERATURE
+    batch = normalize(trained.data.test.images[:8])
+    with torch.no_grad():
+        expected = trained.model(batch)
+    # The graph is the raw student: its logits are not divided by T (the parity check compares them as before).
+    assert (torch.from_numpy(run_onnx(onnx_session(calibrated["onnx"]), batch)) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "onnx", "torchscript"])
+def test_predict_reports_softmax_of_logits_over_the_temperature(trained: Trained, calibrated: dict[str, Path],
+                                                                kind: str) -> None:
+    files = _scans(trained, 2)
+    model = load_model(calibrated[kind])
+    assert model.temperature == TEMPERATURE
+    results = predict_paths(model, files, top_k=len(CLASS_NAMES))
+    expected = _reference_probabilities(trained, files, TEMPERATURE)
+    for result, row in zip(results, expected, strict=True):
+        got = torch.tensor([dict(result.top_k)[name] for name in CLASS_NAMES])
+        assert torch.allclose(got, row, atol=1e-4), (result.file, got, row)
+        assert result.probability == max(got.tolist())
+    assert (expected - _reference_probabilities(trained, files, 1.0)).abs().max() > 0.05  # T changed them
+
+
+@pytest.mark.filterwarnings(JIT_DEPRECATION)
+def test_files_without_a_temperature_load_uncalibrated(trained: Trained, calibrated: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    def drop_temperature(model: onnx.ModelProto) -> None:
+        kept = [p for p in model.metadata_props if p.key != "temperature"]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+
+    older = [  # as edgemri wrote them before calibration existed
+        _edited_onnx(calibrated["onnx"], tmp_path / "old.onnx", drop_temperature),
+        _torchscript_with_metadata(calibrated["torchscript"], tmp_path / "old.torchscript.pt", temperature=None),
+        _raw_checkpoint(tmp_path / "old.pt", trained.model.state_dict()),
+    ]
+    files = _scans(trained, 1)
+    plain = _reference_probabilities(trained, files, 1.0).max(dim=1).values
+    for path in older:
+        model = load_model(path)
+        assert model.temperature == 1.0, path.name
+        assert torch.allclose(torch.tensor([r.probability for r in predict_paths(model, files)]), plain, atol=1e-4)
+
+
+BAD_TEMPERATURES = ["0", "-1", "NaN", "1e6", '"hot"']  # as JSON in the metadata
+
+
+@pytest.mark.filterwarnings(JIT_DEPRECATION)
+@pytest.mark.parametrize("kind", ["onnx", "torchscript"])
+@pytest.mark.parametrize("value", BAD_TEMPERATURES)
+def test_a_bad_temperature_in_export_metadata_is_a_one_line_error(trained: Trained, calibrated: dict[str, Path],
+                                                                  tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                  kind: str, value: str) -> None:
+    def set_temperature(model: onnx.ModelProto) -> None:
+        next(p for p in model.metadata_props if p.key == "temperature").value = value
+
+    if kind == "onnx":
+        path = _edited_onnx(calibrated["onnx"], tmp_path / "bad.onnx", set_temperature)
+    else:
+        path = _torchscript_with_metadata(calibrated["torchscript"], tmp_path / "bad.torchscript.pt",
+                                          temperature=json.loads(value))
+    assert main(["predict", str(path), str(_scans(trained, 1)[0])]) == 2
+    line = _one_line_error(capsys)
+    assert "calibration temperature is" in line and "allowed: a finite number in [0.05, 20.0]" in line
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), 1e6])
+def test_a_bad_temperature_in_a_checkpoint_is_refused_by_export_and_predict(trained: Trained, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture,
+                                                                            temperature: float) -> None:
+    bad = dataclasses.replace(trained.checkpoint, temperature=temperature)  # save_checkpoint would refuse it
+    path = tmp_path / "student.pt"
+    torch.save({"format": FORMAT, **vars(bad)}, path)
+    assert main(["export", str(path), "--out", str(tmp_path / "out.onnx")]) == 2
+    assert f"calibration temperature is {temperature}" in _one_line_error(capsys)
+    assert main(["predict", str(path), str(_scans(trained, 1)[0])]) == 2
+    assert f"calibration temperature is {temperature}" in _one_line_error(capsys)
+    with pytest.raises(EdgeError, match="calibration temperature is"):  # a Checkpoint built in Python, never saved
+        export_torchscript(bad, tmp_path / "out.torchscript.pt")
+    assert not list(tmp_path.glob("out.*"))
+
+
+def test_refer_below_marks_exactly_the_scans_under_the_threshold(trained: Trained, calibrated: dict[str, Path],
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    files = _scans(trained, 3)
+    top = _reference_probabilities(trained, files, TEMPERATURE).max(dim=1).values.tolist()
+    ranked = sorted(top)
+    # The threshold halfway across the widest gap between two known probabilities, two or more scans each side.
+    gap, threshold = max((high - low, (low + high) / 2) for low, high in zip(ranked[1:-2], ranked[2:-1], strict=True))
+    assert gap > 1e-3  # far wider than the export's float32 rounding
+    expected = {path.name for path, p in zip(files, top, strict=True) if p < threshold}
+    model, scans = str(calibrated["onnx"]), list(map(str, files))
+
+    assert main(["predict", model, *scans, "--json", "--refer-below", str(threshold)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {Path(r["file"]).name for r in report["results"] if r["refer"]} == expected
+    assert (report["refer_below"], report["referred"], report["temperature"]) == (
+        threshold, len(expected), TEMPERATURE)
+
+    assert main(["predict", model, *scans, "--refer-below", str(threshold)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == len(files)
+    assert {Path(line.split("\t")[0]).name for line in lines if line.endswith("\tREFER")} == expected
+    assert f"edgemri: {len(expected)} of {len(files)} predicted scans referred to a doctor" in err
+
+    assert main(["predict", model, *scans, "--json"]) == 0  # without the flag nothing is marked
+    report = json.loads(capsys.readouterr().out)
+    assert "referred" not in report and not any("refer" in r for r in report["results"])
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.2", "1.5", "nan"])
+def test_refer_below_outside_zero_one_is_a_one_line_error(trained: Trained, capsys: pytest.CaptureFixture,
+                                                          value: str) -> None:
+    assert main(["predict", str(trained.path), str(_scans(trained, 1)[0]), "--refer-below", value]) == 2
+    assert f"--refer-below is {float(value)}; allowed: a probability strictly between 0 and 1" in (
+        _one_line_error(capsys))
+
+
+def test_refer_below_must_be_a_number(trained: Trained, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", str(trained.path), str(_scans(trained, 1)[0]), "--refer-below", "often"])
+    assert exit_.value.code == 2 and "--refer-below: invalid float value: 'often'" in capsys.readouterr().err
+    with pytest.raises(EdgeError, match="--refer-below is 1.0"):  # the library checks it too
+        predict_paths(load_model(trained.path), _scans(trained, 1), refer_below=1.0)

@@ -14,7 +14,7 @@ from conftest import read_metadata
 from PIL import Image
 
 from edgemri.core import synth
-from edgemri.core.data import ArraySplit, pick_source_sites
+from edgemri.core.data import UNKNOWN_LABEL, UNLABELED_DIR, ArraySplit, load_unlabeled, pick_source_sites
 
 LIMIT = 8  # images per class and split: 64 in all, a couple of seconds
 
@@ -157,3 +157,81 @@ def test_sample_grid(tiny: tuple[Path, dict], tmp_path: Path) -> None:
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > 400
     assert png.stat().st_size < 400_000
+
+
+# ---------------------------------------------------------------- the unlabeled transfer set
+
+UNLABELED = 3  # per site: 12 over the clinics preset's 4 sites
+
+
+@pytest.fixture(scope="module")
+def with_and_without_unlabeled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    base = tmp_path_factory.mktemp("unlabeled")
+    settings = {"seed": 2, "workers": 1, "progress": False, "limit": 1, "pool_size": 4}
+    synth.generate(base / "without", "clinics", unlabeled_size=0, **settings)
+    summary = synth.generate(base / "with", "clinics", unlabeled_size=UNLABELED, **settings)
+    return base / "with", base / "without", summary
+
+
+def test_presets_have_unlabeled_transfer_images() -> None:
+    per_site = {name: preset.unlabeled_per_site for name, preset in synth.PRESETS.items()}
+    assert per_site == {"quickstart": 300, "clinics": 300, "kaggle": 500}
+    assert synth.UNLABELED_DIR == UNLABELED_DIR
+
+
+def test_each_site_gets_its_unlabeled_images_with_no_label_anywhere(
+        with_and_without_unlabeled: tuple[Path, Path, dict]) -> None:
+    root, _, summary = with_and_without_unlabeled
+    sites = [s.name for s in synth.PRESETS["clinics"].sites]
+    assert sorted(p.name for p in (root / UNLABELED_DIR).iterdir()) == sites
+    for site in sites:
+        names = sorted(p.name for p in (root / UNLABELED_DIR / site).iterdir())
+        assert names == [f"Un_{i:04d}.jpg" for i in range(UNLABELED)]
+    assert summary["unlabeled"] == dict.fromkeys(sites, UNLABELED)
+    info = json.loads((root / "synth.json").read_text())
+    assert info["unlabeled_per_site"] == UNLABELED and info["unlabeled"] == dict.fromkeys(sites, UNLABELED)
+    assert not [r for r in read_metadata(root) if r["file"].startswith(UNLABELED_DIR)]
+    words = [*synth.CLASS_NAMES, *synth.ABBREVIATIONS.values()]
+    paths = [p.relative_to(root).as_posix() for p in (root / UNLABELED_DIR).rglob("*")]
+    assert not [p for p in paths if any(w in p.lower() for w in words)]
+    assert all(p.endswith(".jpg") for p in paths if p.count("/") == 2)  # images only: no metadata file inside
+    split = load_unlabeled(root / UNLABELED_DIR)
+    assert len(split) == UNLABELED * len(sites) and set(split.labels.tolist()) == {UNKNOWN_LABEL}
+    assert split.sites == [site for site in sites for _ in range(UNLABELED)]
+
+
+def test_unlabeled_images_change_no_other_byte(with_and_without_unlabeled: tuple[Path, Path, dict]) -> None:
+    root, plain, _ = with_and_without_unlabeled
+    assert not (plain / UNLABELED_DIR).exists()
+    others = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*"))
+              if p.is_file() and p.relative_to(root).parts[0] != UNLABELED_DIR]
+    assert others == [p.relative_to(plain).as_posix() for p in sorted(plain.rglob("*")) if p.is_file()]
+    assert {"Training", "Testing", "Pools", "metadata.csv"} <= {rel.split("/")[0] for rel in others}
+    for rel in others:
+        if rel != "synth.json":
+            assert (root / rel).read_bytes() == (plain / rel).read_bytes(), rel
+    recipe, plain_recipe = (json.loads((folder / "synth.json").read_text()) for folder in (root, plain))
+    assert (recipe.pop("unlabeled_per_site"), plain_recipe.pop("unlabeled_per_site")) == (UNLABELED, 0)
+    assert plain_recipe.pop("unlabeled") == {} and len(recipe.pop("unlabeled")) == synth.PRESETS["clinics"].num_sites
+    assert recipe == plain_recipe
+
+
+def test_unlabeled_classes_follow_the_site_mix_in_an_order_that_hides_them() -> None:
+    preset = synth.PRESETS["clinics"]
+    jobs = synth.planning.plan_unlabeled_jobs(preset, 0, Path("unused"), 200)
+    for site in preset.sites:
+        labels = [job.label for job in jobs if job.site == site]
+        assert len(labels) == 200 and len(set(labels)) == len(synth.CLASS_NAMES)
+        assert sum(a != b for a, b in zip(labels, labels[1:], strict=False)) > 100  # not grouped by class
+    again = synth.planning.plan_unlabeled_jobs(preset, 0, Path("unused"), 200)
+    assert [j.label for j in again] == [j.label for j in jobs]
+    assert len({j.seed_key for j in jobs}) == len(jobs)
+
+
+@pytest.mark.parametrize("size", [-1, synth.MAX_UNLABELED_PER_SITE + 1, True, 2.5])
+def test_a_bad_unlabeled_size_is_refused(tmp_path: Path, size: object) -> None:
+    with pytest.raises(synth.SynthError, match="unlabeled_size must be a whole number"):
+        synth.generate(tmp_path / "x", "quickstart", progress=False, limit=1, unlabeled_size=size)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(synth.SynthError, match="unlabeled_per_site"):
+        dataclasses.replace(synth.PRESETS["quickstart"], unlabeled_per_site=size)

@@ -16,24 +16,33 @@ One module per job, read in this order:
 - ``scanner``: the sites' protocols, tissue signals and acquisition;
 - ``phantom``: one slice drawn from all of the above;
 - ``presets``: how many images of each class from how many sites;
-- ``planning``: which image at which site under which name, and each site's evaluation pool;
-- ``writer``: drawing in worker processes, the Kaggle-layout folder, ``Pools/``, ``metadata.csv``, ``synth.json``;
+- ``planning``: which image at which site under which name, each site's evaluation pool and unlabeled images;
+- ``writer``: drawing in worker processes, the Kaggle-layout folder, ``Pools/``, ``Unlabeled/``, ``metadata.csv``,
+  ``synth.json``;
 - ``grid``: the sample grid PNG.
 
 Every image is seeded from (seed, split, class, index), so a seed gives byte-identical
 files whatever the number of worker processes; pool images from (seed, 7003, site, class,
-index), so the pools never change a Training or Testing image.
+index), so the pools never change a Training or Testing image; unlabeled images from (seed, 7004,
+site, index), their classes from a stream of their own, so they change nothing else either.
 """
 
 from edgemri.core.synth.anatomy import VIEWS
 from edgemri.core.synth.grid import write_sample_grid
-from edgemri.core.synth.planning import ABBREVIATIONS, POOL_DIR, POOL_SPLIT, PREFIXES, SPLITS
-from edgemri.core.synth.presets import CLASS_NAMES, PRESETS, SynthError, SynthPreset, get_preset
+from edgemri.core.synth.planning import ABBREVIATIONS, POOL_DIR, POOL_SPLIT, PREFIXES, SPLITS, UNLABELED_DIR
+from edgemri.core.synth.presets import (
+    CLASS_NAMES,
+    MAX_UNLABELED_PER_SITE,
+    PRESETS,
+    SynthError,
+    SynthPreset,
+    get_preset,
+)
 from edgemri.core.synth.scanner import SEQUENCES, SITE_PROFILES, SiteProfile
 from edgemri.core.synth.writer import GENERATOR_VERSION, METADATA_COLUMNS, generate
 
 __all__ = [
-    "ABBREVIATIONS", "CLASS_NAMES", "GENERATOR_VERSION", "METADATA_COLUMNS", "POOL_DIR", "POOL_SPLIT", "PREFIXES",
-    "PRESETS", "SEQUENCES", "SITE_PROFILES", "SPLITS", "VIEWS", "SiteProfile", "SynthError", "SynthPreset", "generate",
-    "get_preset", "write_sample_grid",
+    "ABBREVIATIONS", "CLASS_NAMES", "GENERATOR_VERSION", "MAX_UNLABELED_PER_SITE", "METADATA_COLUMNS", "POOL_DIR",
+    "POOL_SPLIT", "PREFIXES", "PRESETS", "SEQUENCES", "SITE_PROFILES", "SPLITS", "UNLABELED_DIR", "VIEWS",
+    "SiteProfile", "SynthError", "SynthPreset", "generate", "get_preset", "write_sample_grid",
 ]

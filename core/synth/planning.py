@@ -4,6 +4,8 @@ Each site gets its own class mix (a Dirichlet draw around the preset's class sha
 every site gets every class; file names follow the Kaggle set (``Tr-gl_0000.jpg``).
 Each site's evaluation pool (``Pools/<site>/<class>/Po-gl_0000.jpg``) is planned after the
 Kaggle splits from seed keys of its own, so adding it changes no Training or Testing image.
+Each site's unlabeled transfer images (``Unlabeled/<site>/Un_0000.jpg``) are planned likewise
+from streams of their own; their classes are drawn in a shuffled order and recorded nowhere.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ PREFIXES = {"Training": "Tr", "Testing": "Te"}
 POOL_SPLIT = "Pool"  # the split column of pool rows in metadata.csv
 POOL_DIR = "Pools"  # the data root's folder of per-site evaluation pools
 _POOL_STREAM = 7003  # first seed-key entry of pool images: a stream no Training/Testing key uses
+UNLABELED_SPLIT = "Unlabeled"  # the split of unlabeled jobs (never written to metadata.csv)
+UNLABELED_DIR = "Unlabeled"  # the data root's folder of per-site unlabeled images (the distillation transfer set)
+_UNLABELED_STREAM = 7004  # seed keys of unlabeled images
+# Their classes: a stream of its own, as SeedSequence([a, b, c]) equals SeedSequence([a, b, c, 0]).
+_UNLABELED_CLASS_STREAM = 7005
 
 
 @dataclass(frozen=True)
@@ -102,4 +109,17 @@ def plan_pool_jobs(preset: SynthPreset, seed: int, out_dir: Path, size: int) -> 
                 rel = f"{POOL_DIR}/{site.name}/{label}/Po-{ABBREVIATIONS[label]}_{index:04d}.jpg"
                 jobs.append(Job((seed, _POOL_STREAM, site_id, class_id, index), POOL_SPLIT, label, site,
                                 out_dir / rel, rel))
+    return jobs
+
+
+def plan_unlabeled_jobs(preset: SynthPreset, seed: int, out_dir: Path, size: int) -> list[Job]:
+    """``size`` images per site drawn like that site's Training images, each of a class drawn from the site's
+    class shares; the file name is the image's index alone, so neither it nor the order gives the class away."""
+    jobs = []
+    for site_id, (site, shares) in enumerate(zip(preset.sites, site_class_shares(preset, seed), strict=True)):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, _UNLABELED_CLASS_STREAM, site_id]))
+        for index, class_id in enumerate(rng.choice(len(CLASS_NAMES), size=size, p=shares).tolist()):
+            rel = f"{UNLABELED_DIR}/{site.name}/Un_{index:04d}.jpg"
+            jobs.append(Job((seed, _UNLABELED_STREAM, site_id, index), UNLABELED_SPLIT, CLASS_NAMES[class_id], site,
+                            out_dir / rel, rel))
     return jobs

@@ -8,6 +8,7 @@ from edgemri.core.errors import EdgemriError
 from edgemri.core.synth.scanner import SITE_PROFILES, SiteProfile
 
 CLASS_NAMES: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitary")
+MAX_UNLABELED_PER_SITE = 10_000  # file names hold 4 digits; 6 sites stay far below data.MAX_UNLABELED_IMAGES
 
 
 class SynthError(EdgemriError):
@@ -21,6 +22,13 @@ def check_pool_size(size: int, name: str) -> None:
                          f"class), got {size}")
 
 
+def check_unlabeled_size(size: int, name: str) -> None:
+    """Unlabeled images per site: 0 (none) to MAX_UNLABELED_PER_SITE."""
+    if not (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_UNLABELED_PER_SITE):
+        raise SynthError(f"{name} must be a whole number of images per site from 0 (none) to "
+                         f"{MAX_UNLABELED_PER_SITE:,}, got {size!r}")
+
+
 @dataclass(frozen=True)
 class SynthPreset:
     """How many images of each class per split, from how many sites, and how hard."""
@@ -32,6 +40,7 @@ class SynthPreset:
     class_mix_concentration: float = 40.0  # Dirichlet concentration of each site's class mix; lower: more skew
     subtle_share: float = 0.16  # share of tumours that are small and/or low-contrast
     pool_per_site: int = 0  # images in each site's evaluation pool (``Pools/<site>/``); 0: no pools
+    unlabeled_per_site: int = 0  # each site's unlabeled transfer images (``Unlabeled/<site>/``); 0: none
     description: str = ""
     site_names: tuple[str, ...] = ()  # the sites by name; empty: the first num_sites of SITE_PROFILES
 
@@ -47,6 +56,7 @@ class SynthPreset:
             if set(counts) != set(CLASS_NAMES) or min(counts.values()) < 0:
                 raise SynthError(f"counts must give a non-negative number for each of {CLASS_NAMES}, got {counts}")
         check_pool_size(self.pool_per_site, "pool_per_site")
+        check_unlabeled_size(self.unlabeled_per_site, "unlabeled_per_site")
 
     @property
     def sites(self) -> tuple[SiteProfile, ...]:
@@ -69,6 +79,7 @@ PRESETS: dict[str, SynthPreset] = {
         test_counts=QUICKSTART_TEST,
         num_sites=4,
         pool_per_site=300,
+        unlabeled_per_site=300,
         description="the Kaggle class proportions at 2,000 images from 4 sites: a CPU demo in minutes",
     ),
     "clinics": SynthPreset(
@@ -77,6 +88,7 @@ PRESETS: dict[str, SynthPreset] = {
         test_counts=QUICKSTART_TEST,
         num_sites=4,
         pool_per_site=300,
+        unlabeled_per_site=300,
         site_names=("clinic1", "clinic2", "site3", "site4"),
         description="quickstart's size, where two sites' protocols mix T2 and FLAIR into T1c (as the real set's "
                     "SARTAJ and Br35H do): the new-sites benchmark, distilling on the T1c-only sites",
@@ -87,6 +99,7 @@ PRESETS: dict[str, SynthPreset] = {
         test_counts={"glioma": 300, "meningioma": 306, "notumor": 405, "pituitary": 300},
         num_sites=6,
         pool_per_site=400,
+        unlabeled_per_site=500,
         description="the real set's class counts (7,023 images) from 6 sites",
     ),
 }

@@ -1,6 +1,7 @@
 """Writing the set: draw every planned image (in worker processes), encode it as JPEG, and write
 the Kaggle-layout folder with ``metadata.csv`` (one row per file) and ``synth.json`` (the recipe),
-plus each site's evaluation pool under ``Pools/`` (split ``Pool`` in ``metadata.csv``).
+plus each site's evaluation pool under ``Pools/`` (split ``Pool`` in ``metadata.csv``) and each site's
+unlabeled transfer images under ``Unlabeled/<site>/`` (in no metadata: their labels are recorded nowhere).
 """
 
 from __future__ import annotations
@@ -23,11 +24,24 @@ from PIL import Image
 
 from edgemri.core.io import write_bytes
 from edgemri.core.synth.phantom import make_image
-from edgemri.core.synth.planning import POOL_DIR, POOL_SPLIT, SPLITS, Job, class_mix, plan_jobs, plan_pool_jobs
-from edgemri.core.synth.presets import CLASS_NAMES, SynthError, check_pool_size, get_preset
+from edgemri.core.synth.planning import (
+    POOL_DIR,
+    POOL_SPLIT,
+    SPLITS,
+    UNLABELED_DIR,
+    UNLABELED_SPLIT,
+    Job,
+    class_mix,
+    plan_jobs,
+    plan_pool_jobs,
+    plan_unlabeled_jobs,
+)
+from edgemri.core.synth.presets import CLASS_NAMES, SynthError, check_pool_size, check_unlabeled_size, get_preset
 from edgemri.core.synth.scanner import SEQUENCES, TISSUE
 
-GENERATOR_VERSION = "1.2"  # 1.2: per-site evaluation pools; Training/Testing as in 1.1
+# 1.2: per-site evaluation pools; Training/Testing as in 1.1. Unlabeled/ came later with the same Training, Testing,
+# Pools and metadata.csv bytes (from seed streams of its own), so the version stayed.
+GENERATOR_VERSION = "1.2"
 METADATA_COLUMNS = (
     "file", "split", "label", "site", "view", "sequence", "slice_level", "width", "height", "jpeg_quality",
     "fov", "rotation_deg", "flipped", "gamma", "bias", "noise", "blur", "tumour_size", "tumour_contrast",
@@ -82,7 +96,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise SynthError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace "
                              f"its generated data")
         # Remove only what a previous generation wrote, so no stale image survives.
-        for split in (*SPLITS, POOL_DIR):
+        for split in (*SPLITS, POOL_DIR, UNLABELED_DIR):
             shutil.rmtree(out_dir / split, ignore_errors=True)
         for name in ("metadata.csv", "synth.json"):
             (out_dir / name).unlink(missing_ok=True)
@@ -93,7 +107,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: int | None = None,
              progress: bool = True, *, overwrite: bool = False, limit: int | None = None, pools: bool = True,
-             pool_size: int | None = None) -> dict[str, Any]:
+             pool_size: int | None = None, unlabeled_size: int | None = None) -> dict[str, Any]:
     """Write the synthetic set to ``out_dir`` in the Kaggle layout and return a summary.
 
     ``limit`` caps the images per class and split (smoke tests and quick looks);
@@ -102,6 +116,9 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
     site (default: the preset's ``pool_per_site``, or none under ``limit``, so a smoke test stays
     small), drawn after everything else from seed keys of their own, so Training and Testing are
     byte-identical with or without them.
+    ``unlabeled_size`` images per site (default: the preset's ``unlabeled_per_site``, or none under
+    ``limit``; 0: none) go to ``Unlabeled/<site>/Un_0000.jpg``, the distillation's transfer set: drawn
+    like the pools from seed keys of their own, and listed in no metadata, so their labels exist nowhere.
     """
     spec = get_preset(preset)
     if limit is not None and limit < 1:
@@ -111,6 +128,10 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
     else:
         pool_size = 0 if limit else spec.pool_per_site
     pool_per_site = pool_size if pools else 0
+    if unlabeled_size is not None:
+        check_unlabeled_size(unlabeled_size, "unlabeled_size")
+    else:
+        unlabeled_size = 0 if limit else spec.unlabeled_per_site
     out_dir = Path(out_dir)
     started = time.perf_counter()
     try:
@@ -120,6 +141,7 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
     jobs = plan_jobs(spec, seed, out_dir, limit)
     if pool_per_site:
         jobs += plan_pool_jobs(spec, seed, out_dir, pool_per_site)
+    jobs += plan_unlabeled_jobs(spec, seed, out_dir, unlabeled_size)
     workers = max(1, workers if workers is not None else os.cpu_count() or 1)
 
     bar = None
@@ -131,10 +153,15 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
         else:
             bar = tqdm(total=len(jobs), desc=f"synth {preset}", unit="img")
     try:
-        rows = _draw_all(jobs, spec.subtle_share, workers, bar)
+        drawn = _draw_all(jobs, spec.subtle_share, workers, bar)
     finally:
         if bar is not None:
             bar.close()
+    rows = [row for row in drawn if row["split"] != UNLABELED_SPLIT]
+    unlabeled = {s.name: 0 for s in spec.sites} if unlabeled_size else {}
+    for row in drawn:
+        if row["split"] == UNLABELED_SPLIT:
+            unlabeled[row["site"]] += 1
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METADATA_COLUMNS, lineterminator="\n")
@@ -156,6 +183,7 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
         "generator": "edgemri.core.synth", "version": GENERATOR_VERSION, "preset": preset, "seed": seed,
         "limit": limit, "subtle_share": spec.subtle_share, "class_mix_concentration": spec.class_mix_concentration,
         "counts": counts, "pool_per_site": pool_per_site, "pools": pool_counts,
+        "unlabeled_per_site": unlabeled_size, "unlabeled": unlabeled,
         "sites": [dict(asdict(site), class_mix=dict(zip(CLASS_NAMES, np.round(mix[i], 4).tolist(), strict=True)),
                        images=per_site[site.name]) for i, site in enumerate(spec.sites)],
         "tissue_signal": {name: dict(zip(SEQUENCES, values, strict=True)) for name, values in TISSUE.items()},
@@ -164,6 +192,6 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
     write_bytes(out_dir / "synth.json", (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return {
         "out_dir": str(out_dir), "preset": preset, "seed": seed, "version": GENERATOR_VERSION,
-        "total": len(rows), "counts": counts, "sites": per_site, "pools": pool_counts,
+        "total": len(drawn), "counts": counts, "sites": per_site, "pools": pool_counts, "unlabeled": unlabeled,
         "seconds": round(time.perf_counter() - started, 2),
     }
