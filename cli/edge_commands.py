@@ -11,11 +11,12 @@ from pathlib import Path
 Command = Callable[[argparse.Namespace], int]
 AddCommand = Callable[[argparse._SubParsersAction, str, Command, str], argparse.ArgumentParser]
 
-_SUFFIXES = {("onnx", False): ".onnx", ("onnx", True): ".int8.onnx", ("torchscript", False): ".torchscript.pt"}
+_SUFFIXES = {("onnx", False): ".onnx", ("onnx", True): ".int8.onnx", ("executorch", False): ".pte",
+             ("torchscript", False): ".torchscript.pt"}
 
 
 def default_output(checkpoint: Path, fmt: str, int8: bool) -> Path:
-    """Next to the checkpoint: student.pt -> student.onnx, student.int8.onnx, student.torchscript.pt."""
+    """Next to the checkpoint: student.pt -> student.onnx, student.int8.onnx, student.pte, student.torchscript.pt."""
     return checkpoint.parent / f"{checkpoint.stem}{_SUFFIXES[fmt, int8]}"
 
 
@@ -23,6 +24,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edgemri.core.data import load_dataset
     from edgemri.edge.contract import load_student
     from edgemri.edge.errors import EdgeError, printable
+    from edgemri.edge.executorch import export_executorch
     from edgemri.edge.int8 import export_onnx_int8
     from edgemri.edge.onnx import ONNX_OPSET, export_onnx
     from edgemri.edge.torchscript import export_torchscript
@@ -41,6 +43,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "torchscript":
         export_torchscript(checkpoint, out, overwrite=args.overwrite)
         print(f"wrote {shown} (TorchScript, {out.stat().st_size:,} bytes)")
+        return 0
+    if args.format == "executorch":
+        export_executorch(checkpoint, out, overwrite=args.overwrite)
+        print(f"wrote {shown} (ExecuTorch program, XNNPACK, one image a call, {out.stat().st_size:,} bytes)")
         return 0
     if not args.int8:
         export_onnx(checkpoint, out, overwrite=args.overwrite)
@@ -94,21 +100,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
     """Add ``export`` and ``predict`` to the ``edgemri`` command line."""
     export = add(commands, "export", cmd_export,
-                 "export a student checkpoint for devices: ONNX (fp32 or static int8) or TorchScript")
+                 "export a student checkpoint for devices: ONNX (fp32 or static int8), ExecuTorch or TorchScript")
     export.add_argument("checkpoint", help="edgemri checkpoint or the paper's student state dict (.pt)")
-    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default: onnx")
+    export.add_argument("--format", choices=["onnx", "executorch", "torchscript"], default="onnx",
+                        help="default: onnx; executorch writes a .pte for ExecuTorch's XNNPACK backend")
     export.add_argument("--int8", action="store_true",
                         help="static int8 quantization (ONNX); needs --data-root for calibration and accuracy")
     export.add_argument("--data-root", default=None,
                         help="Kaggle-layout folder: Training calibrates --int8, Testing measures its accuracy")
     export.add_argument("--out", default=None,
-                        help="output file (default: next to CHECKPOINT as .onnx, .int8.onnx or .torchscript.pt)")
+                        help="output file (default: next to CHECKPOINT as .onnx, .int8.onnx, .pte or .torchscript.pt)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     predict = add(commands, "predict", cmd_predict,
-                  "classify image files with a checkpoint, an exported .onnx or TorchScript model")
-    predict.add_argument("model", help="checkpoint (.pt), exported .onnx, or exported TorchScript file "
-                                       "(TorchScript is code: load only your own)")
+                  "classify image files with a checkpoint, an exported .onnx, .pte or TorchScript model")
+    predict.add_argument("model", help="checkpoint (.pt), exported .onnx or ExecuTorch .pte, or exported TorchScript "
+                                       "file (TorchScript is code: load only your own)")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     predict.add_argument("--json", action="store_true", help="one JSON document instead of one line per image")
     predict.add_argument("--top-k", type=int, default=1, help="also list the K most probable classes")

@@ -274,12 +274,12 @@ class Distiller:
         server = set(self.train_idx.tolist()) | set(self.val_idx.tolist())
         client_sites = ({sites[i] for i in range(len(sites)) if i not in server}
                         - {sites[i] for i in server}) if sites else set()
-        transfer = load_unlabeled(root, self.config.data.cache_dir, exclude_sites=client_sites,
+        try:
+            return load_unlabeled(root, self.config.data.cache_dir, exclude_sites=client_sites,
                                   progress=self.progress)
-        if not len(transfer):
-            raise DataError(f"distill.kd.transfer_root {kd.transfer_root!r} has no images outside the clients' "
-                            f"sites ({', '.join(sorted(client_sites))})")
-        return transfer
+        except DataError as err:  # name the setting: on data without a transfer folder it is the fix
+            raise DataError(f"distill.kd.transfer_root {kd.transfer_root!r}: {err}; point it at a folder of "
+                            f"unlabeled images or set it to null") from None
 
     def teaching(self, kd: KDConfig, teacher: nn.Module, teacher_logits: Tensor,
                  cache: dict[Any, Tensor]) -> tuple[TrainData, int, int, int]:

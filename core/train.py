@@ -287,6 +287,8 @@ def fit(
     if checkpointing is not None and checkpointing.resume and checkpointing.path.is_file():
         state = _resume(checkpointing, saved, model, optimizer, signature, select)
 
+    if spec.channels_last:
+        model.to(memory_format=torch.channels_last)
     started = time.perf_counter()
     total_batches = math.ceil(len(train) / spec.batch_size)
     for epoch in range(state.epoch + 1, spec.epochs + 1):
@@ -307,7 +309,8 @@ def fit(
         for number, index in enumerate(steps, start=1):
             batch = train.batch(index, generator)
             optimizer.zero_grad(set_to_none=True)
-            logits = trained_model(batch.inputs)
+            logits = trained_model(batch.inputs.contiguous(memory_format=torch.channels_last) if spec.channels_last
+                                   else batch.inputs)
             # Poisson sampling (DP-SGD) can draw an empty batch: a zero loss still lets
             # Opacus take its noisy step, which the accounting counts.
             batch_loss = loss(logits, batch) if len(index) else logits.sum() * 0.0
@@ -349,6 +352,8 @@ def fit(
         if checkpointing is not None:
             _save_state(checkpointing, saved, optimizer, state, signature, select)
     model.load_state_dict(state.best_state)
+    if spec.channels_last:
+        model.to(memory_format=torch.contiguous_format)
     return FitResult(
         history=state.history,
         best_epoch=state.best_epoch,

@@ -1,12 +1,13 @@
-"""Load a model file for prediction: an exported ONNX or TorchScript file, or a checkpoint.
+"""Load a model file for prediction: an exported ONNX, ExecuTorch or TorchScript file, or a checkpoint.
 
 Whatever the kind, ``load_model`` checks the file against the contract (edge/contract.py)
 before it predicts anything: the edgemri metadata and its preprocessing (the model's own
 mean and std, which ``LoadedModel.normalize`` applies) and calibration temperature (which
 ``LoadedModel.probabilities`` applies), the input and output shapes against
 the class names, finite weights, and one probe batch giving finite logits. ONNX files are
-protobuf data and checkpoints load with ``weights_only=True``; a TorchScript file is code
-(torch.jit.load runs it), so only load your own.
+protobuf data and checkpoints load with ``weights_only=True``; an ExecuTorch program is data too,
+parsed by a native runtime (docs/EDGE.md); a TorchScript file is code (torch.jit.load runs it), so
+only load your own.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ from edgemri.edge.contract import (
     probe,
 )
 from edgemri.edge.errors import EdgeError, first_line, printable, require_onnx
+from edgemri.edge.executorch import load_executorch
 from edgemri.edge.torchscript import load_torchscript
 
 if TYPE_CHECKING:
     import onnxruntime
 
-ModelKind = Literal["checkpoint", "onnx", "torchscript"]
+ModelKind = Literal["checkpoint", "onnx", "executorch", "torchscript"]
 # ONNX Runtime's NCHWc layout pass (part of the default ORT_ENABLE_ALL) pads the student's
 # 3 channels to the 16-float SIMD block: measured 2x slower in batches (docs/EDGE.md).
 # Everything else at ORT_ENABLE_ALL stays on, including the NHWC pass int8 models need.
@@ -158,6 +160,15 @@ def _torchscript_model(path: Path) -> LoadedModel:
     return LoadedModel(path, "torchscript", class_names, module, preprocessing, temperature)
 
 
+def _executorch_model(path: Path) -> LoadedModel:
+    source = printable(str(path))
+    # The weights sit inside the XNNPACK delegate, out of reach: the probe's finite-logits check stands in.
+    logits, meta = load_executorch(_read(path), source)
+    class_names, preprocessing, temperature = check_metadata(meta, source)
+    probe(logits, class_names, source)
+    return LoadedModel(path, "executorch", class_names, logits, preprocessing, temperature)
+
+
 def _checkpoint_model(path: Path) -> LoadedModel:
     source = printable(str(path))
     checkpoint = load_checkpoint(path)
@@ -168,7 +179,8 @@ def _checkpoint_model(path: Path) -> LoadedModel:
 
 
 def model_kind(path: str | Path) -> ModelKind:
-    """What ``load_model`` would load: by the ``.onnx`` suffix, TorchScript's metadata entry, else a checkpoint."""
+    """What ``load_model`` would load: by the ``.onnx`` or ``.pte`` suffix, TorchScript's metadata entry, else a
+    checkpoint."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -179,14 +191,17 @@ def model_kind(path: str | Path) -> ModelKind:
         raise EdgeError(f"cannot read model {printable(str(path))}: {err.strerror or err}") from None
     if path.suffix.lower() == ".onnx":
         return "onnx"
+    if path.suffix.lower() == ".pte":
+        return "executorch"
     return "torchscript" if _is_torchscript(path) else "checkpoint"
 
 
 _LOADERS: dict[ModelKind, Callable[[Path], LoadedModel]] = {
-    "onnx": _onnx_model, "torchscript": _torchscript_model, "checkpoint": _checkpoint_model,
+    "onnx": _onnx_model, "executorch": _executorch_model, "torchscript": _torchscript_model,
+    "checkpoint": _checkpoint_model,
 }
 
 
 def load_model(path: str | Path) -> LoadedModel:
-    """An ``.onnx`` file, an edgemri TorchScript file, or a checkpoint (incl. a paper-layout state dict)."""
+    """An ``.onnx`` or ``.pte`` file, an edgemri TorchScript file, or a checkpoint (incl. a paper-layout state dict)."""
     return _LOADERS[model_kind(path)](Path(path))

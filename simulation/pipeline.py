@@ -208,7 +208,8 @@ class DemoLayout:
         """The closing "Reports:" block: where each report of the demo is."""
         return [
             f"  data:         {self.data} (sample grid {sample_grid(self.data)})",
-            f"  distillation: {self.distill / 'report.md'} (+ report.json, curves.png, confusion.png)",
+            f"  distillation: {self.distill / 'report.md'} (+ report.json, curves.png, confusion.png, "
+            "reliability.png, coverage.png)",
             f"  federation:   {self.federation / 'federation.md'} (+ federation.json, federation.png)",
             f"  privacy:      {self.federation / 'privacy.md'} (+ privacy.json, privacy.png)",
             f"  exports:      {self.edge} (student.onnx, student.int8.onnx, a client's personalized model)",

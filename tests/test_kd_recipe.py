@@ -171,3 +171,14 @@ def test_distillation_with_views_transfer_and_ablation_reports_every_student(tin
     saved_report = json.loads(paths["json"].read_text())
     assert set(saved_report["comparisons"]) == set(result.stages) - {"teacher", "baseline"}
     assert "kd_minus_this" in saved_report["comparisons"]["kd-without-transfer"]
+
+
+def test_a_missing_transfer_folder_names_the_setting(tiny_data: Path, tmp_path: Path) -> None:
+    from edgemri.core.data import DataError
+    from edgemri.core.distill import Distiller
+
+    config = parse_config({"distill": {"kd": {"transfer_root": "Unlabeled", "views": 2}}})
+    distiller = Distiller(config, load_dataset(tiny_data), 0, tmp_path, resume=False, progress=False)
+    with pytest.raises(DataError, match=r"distill.kd.transfer_root 'Unlabeled'.*set it to null") as err:
+        distiller.transfer_set(config.distill.kd)
+    assert "\n" not in str(err.value)

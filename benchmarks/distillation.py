@@ -1,0 +1,144 @@
+"""Distillation beyond the paper: baseline, the paper's KD and the improved recipe, with one ablation per ingredient.
+
+    python -m benchmarks.distillation [--seeds 3] [--presets quickstart kaggle] [--out DIR]
+                                      [--data-quickstart DIR] [--data-kaggle DIR] [--no-sweep]
+
+Per preset (the synthetic quickstart and kaggle-size sets, seen-sites, the server's half of Training as in
+README §2): ``edgemri distill`` with ``distill.compare: ablation`` for ``--seeds`` seeds, so every student of
+a seed shares its teacher, its data split and its Testing images (paired comparisons). First, on the
+quickstart preset's seed 0, a small sweep of the KD temperature and alpha, read on the validation split only
+(the best epoch's validation accuracy); the runs then use its choice. Everything is resumable: a rerun keeps
+finished stages. Results: benchmarks/results/distillation.json, the reports in ``--out``/<preset>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import quickstart_data, write_result
+from edgemri.core.config import Config, load_config
+from edgemri.core.data import load_dataset
+from edgemri.core.distill import Distiller, run_distillation
+from edgemri.reports.distill import build_report, write_report
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+PRESETS = ("quickstart", "kaggle")
+TEMPERATURES = (1.0, 2.0, 4.0)
+ALPHAS = (0.5, 0.9)
+GOAL_GAP_CLOSED = 0.5
+GOAL_ECE = 0.03
+GOAL_COVERAGE_GAIN_PTS = 5.0
+
+
+def _config(data_root: Path, compare: str, kd: dict[str, float] | None = None) -> Config:
+    config = load_config(CONFIG, [f"data.root={data_root}", "federation.scenario=seen-sites",
+                                  f"distill.compare={compare}"])
+    if kd:
+        config = config.replace(distill=dataclasses.replace(
+            config.distill, kd=dataclasses.replace(config.distill.kd, **kd)))
+    return config
+
+
+def sweep(data_root: Path, out: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """(T, alpha) on seed 0, judged by the best epoch's validation accuracy; returns the choice and the table."""
+    config = _config(data_root, "none")
+    dataset = load_dataset(data_root)
+    distiller = Distiller(config, dataset, 0, out, resume=True, progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    _, teacher, teacher_logits, _, _ = distiller.teacher()
+    cache: dict[Any, Any] = {}
+    values: dict[str, Any] = {}
+    best: tuple[float, dict[str, float]] = (-1.0, {})
+    for temperature in TEMPERATURES:
+        for alpha in ALPHAS:
+            kd = dataclasses.replace(config.distill.kd, temperature=temperature, alpha=alpha)
+            teaching, *_ = distiller.teaching(kd, teacher, teacher_logits, cache)
+            stage = distiller.student(f"sweep-t{temperature:g}-a{alpha:g}", kd, teaching)
+            val = max(h["val_accuracy"] for h in stage.history)
+            values[f"sweep_t{temperature:g}_a{alpha:g}_val_accuracy_pct"] = 100 * val
+            print(f"sweep T={temperature:g} alpha={alpha:g}: validation {100 * val:.2f}%", flush=True)
+            if val > best[0]:
+                best = (val, {"temperature": temperature, "alpha": alpha})
+    values.update({"sweep_chosen_temperature": best[1]["temperature"], "sweep_chosen_alpha": best[1]["alpha"]})
+    return best[1], values
+
+
+def _summary(report: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The report's headline numbers, flat: accuracy, gap closed, ECE, selective accuracy, teacher passes."""
+    out: dict[str, Any] = {f"{prefix}.train_images": report["data"]["train_images_per_seed"][0],
+                           f"{prefix}.teacher_forward_images_per_seed": report["teacher_forward_images"][0]}
+    for stage, m in report["models"].items():
+        key = f"{prefix}.{stage}"
+        out[f"{key}.test_accuracy_pct_mean"] = 100 * m["test_accuracy"]["mean"]
+        out[f"{key}.test_accuracy_pct_std"] = 100 * m["test_accuracy"]["std"]
+        if "test_ece_uncalibrated" in m:
+            out[f"{key}.ece_uncalibrated_mean"] = m["test_ece_uncalibrated"]["mean"]
+            out[f"{key}.ece_calibrated_mean"] = m["test_ece"]["mean"]
+            out[f"{key}.ece_calibrated_max"] = max(m["test_ece"]["values"])
+            out[f"{key}.accuracy_at_90_coverage_pct_mean"] = 100 * m["test_accuracy_at_90_coverage"]["mean"]
+            out[f"{key}.coverage_gain_at_90_pts_mean"] = 100 * (m["test_accuracy_at_90_coverage"]["mean"]
+                                                                 - m["test_accuracy"]["mean"])
+            out[f"{key}.teacher_passes_per_seed"] = m["teacher_passes"][0]
+    for stage, c in report["comparisons"].items():
+        key = f"{prefix}.{stage}"
+        out[f"{key}.gap_closed_fraction"] = c["gap_closed"]
+        out[f"{key}.gap_closed_fraction_min_seed"] = min(g for g in c["gap_closed_per_seed"] if g is not None)
+        out[f"{key}.seeds_above_baseline"] = c["seeds_above_baseline"]
+        for part in ("mean", "low", "high"):
+            out[f"{key}.minus_baseline_pts_{part}"] = 100 * c["minus_baseline"][part]
+            if "kd_minus_this" in c:
+                out[f"{key}.ingredient_gain_pts_{part}"] = 100 * c["kd_minus_this"][part]
+    kd = report["comparisons"]["kd"]
+    out[f"{prefix}.goal_met"] = bool(
+        kd["gap_closed"] >= GOAL_GAP_CLOSED and kd["seeds_above_baseline"] == len(report["seeds"])
+        and out[f"{prefix}.kd.ece_calibrated_max"] <= GOAL_ECE
+        and out[f"{prefix}.kd.coverage_gain_at_90_pts_mean"] >= GOAL_COVERAGE_GAIN_PTS)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
+    parser.add_argument("--out", default="runs/bench/distillation")
+    parser.add_argument("--data-quickstart", default=None, help="a synthetic quickstart set (default: generate one)")
+    parser.add_argument("--data-kaggle", default=None, help="a synthetic kaggle-size set (default: generate one)")
+    parser.add_argument("--no-sweep", action="store_true", help="use the config's temperature and alpha")
+    args = parser.parse_args()
+    out = Path(args.out)
+    given = {"quickstart": args.data_quickstart, "kaggle": args.data_kaggle}
+    roots = {preset: quickstart_data(given[preset], preset) for preset in {*args.presets, "quickstart"}}
+    values: dict[str, Any] = {"seeds": args.seeds, "config": str(CONFIG), "scenario": "seen-sites"}
+    chosen: dict[str, float] = {}
+    if not args.no_sweep:
+        started = time.perf_counter()
+        chosen, swept = sweep(roots["quickstart"], out / "sweep")
+        values.update(swept)
+        values["sweep_s"] = time.perf_counter() - started
+    for preset in args.presets:
+        root = roots[preset]
+        config = _config(root, "ablation", chosen)
+        dataset = load_dataset(root)
+        started = time.perf_counter()
+        results, _ = run_distillation(config, dataset, out / preset, seeds=args.seeds, resume=True, progress=False)
+        seconds = time.perf_counter() - started
+        report = build_report(config, dataset, results, seconds, out / preset)
+        paths = write_report(report, out / preset)
+        values.update(_summary(report, preset))
+        values[f"{preset}.seconds"] = seconds
+        print(f"{preset}: {paths['md']}", flush=True)
+        write_result("distillation", values)
+    for preset in args.presets:
+        gaps = [values[f"{preset}.{s}.gap_closed_fraction"] for s in ("paper-kd", "kd")]
+        ece = (values[f"{preset}.kd.ece_uncalibrated_mean"], values[f"{preset}.kd.ece_calibrated_mean"])
+        print(f"{preset}: gap closed paper-KD {100 * gaps[0]:.0f}%, improved {100 * gaps[1]:.0f}%; "
+              f"ECE {ece[0]:.3f} -> {ece[1]:.3f}"
+              f"; goal met: {values[f'{preset}.goal_met']}")
+
+
+if __name__ == "__main__":
+    main()
