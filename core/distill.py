@@ -12,6 +12,8 @@ calibration temperature is fitted on it; Testing is touched only for the final m
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -51,6 +54,7 @@ from edgemri.core.evaluate import (
     refer_threshold,
     selective_accuracy,
 )
+from edgemri.core.io import ArtefactError, load_npz, save_npz
 from edgemri.core.losses import cross_entropy, make_kd_loss
 from edgemri.core.train import Checkpointing, FitResult, TrainData, as_float, check_same_settings, fit
 from edgemri.models import Teacher, WeightsUnavailableError, build_model, model_spec
@@ -72,8 +76,9 @@ def build_teacher(name: str, options: dict[str, Any]) -> nn.Module:
         raise TeacherUnavailableError(" ".join(line.strip() for line in str(err).splitlines())) from None
 
 
-def resume_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """What a finished stage depends on: the data split (with the scenario) and the distillation settings.
+def resume_settings(config: dict[str, Any], distill: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a finished stage depends on: the data split (with the scenario) and the distillation settings
+    (``distill``: the part of them one stage depends on, ``stage_settings``; by default all of them).
 
     Paths (data.root, cache_dir) may move; of the federation's settings only the scenario touches distillation.
     """
@@ -85,7 +90,19 @@ def resume_settings(config: dict[str, Any]) -> dict[str, Any]:
         split["source_sites"] = federation.get("source_sites")
         # Data without site metadata is clustered into this many appearance sites before the split.
         split["pseudo_sites"] = federation.get("partition", {}).get("pseudo_sites")
-    return {"data": data, "distill": config.get("distill"), "federation": split}
+    return {"data": data, "distill": config.get("distill") if distill is None else distill, "federation": split}
+
+
+def stage_settings(distill: dict[str, Any], stage: str, recipe: dict[str, Any] | None) -> dict[str, Any]:
+    """The distillation settings one stage depends on: a teacher its own, the baseline its own, a KD student the
+    teacher's and its ``recipe``; so a run that adds compared students (or changes one recipe) keeps the rest."""
+    common = {"paper_compat": distill.get("paper_compat", False)}
+    if stage == "teacher":
+        return {**common, "teacher": distill.get("teacher")}
+    common["calibrate"] = distill.get("calibrate", False)  # stages saved before calibration existed: uncalibrated
+    if stage == "baseline":
+        return {**common, "baseline": distill.get("baseline")}
+    return {**common, "teacher": distill.get("teacher"), "kd": recipe}
 
 
 @dataclass
@@ -190,7 +207,7 @@ class Distiller:
             selected_on=self.selected_on, checkpointing=checkpointing, progress=self.progress, desc=name,
         )
 
-    def _done(self, name: str, model_name: str) -> Checkpoint | None:
+    def _done(self, name: str, model_name: str, recipe: KDConfig | None = None) -> Checkpoint | None:
         """A stage finished by an earlier, interrupted run (only with --resume) with this run's settings."""
         path = self.dir / f"{name}.pt"
         if not (self.resume and path.is_file()):
@@ -199,11 +216,16 @@ class Distiller:
             done = load_checkpoint(path)
         except CheckpointError:
             return None  # a stage checkpoint that did not finish writing: redo the stage
+        saved_distill = done.config.get("distill", {})
+        # A KD stage records its recipe; one saved before recipes were recorded was the config's kd.
+        saved_recipe = done.metrics.get("recipe", saved_distill.get("kd") if name == "kd" else None)
         check_same_settings(
             path,
-            {"model": done.model, "seed": done.seed, "data": done.data_fingerprint, **resume_settings(done.config)},
+            {"model": done.model, "seed": done.seed, "data": done.data_fingerprint,
+             **resume_settings(done.config, stage_settings(saved_distill, name, saved_recipe))},
             {"model": model_name, "seed": self.seed, "data": self.dataset.fingerprint,
-             **resume_settings(self.config.to_dict())},
+             **resume_settings(self.config.to_dict(), stage_settings(
+                 self.config.to_dict()["distill"], name, None if recipe is None else dataclasses.asdict(recipe)))},
         )
         return done
 
@@ -301,10 +323,19 @@ class Distiller:
         key = (kd.views, kd.augment, kd.transfer_root)
         made = 0
         if key not in cache:
-            # View 0 is the image itself: the train images' teacher logits are the ones already cached.
-            counter = ForwardCounter(teacher)
-            cache[key] = view_logits(teacher, images, views, normalize, known=teacher_logits, progress=self.progress)
-            made = counter.close()
+            # On disk too, keyed by the teacher's weights, the images and the views: a resumed run reuses them.
+            digest = hashlib.sha256(repr((self.seed, kd.views, kd.augment, len(images))).encode())
+            for tensor in [*teacher.state_dict().values(), images, teacher_logits]:
+                digest.update(tensor.detach().contiguous().numpy().tobytes())
+            path = self.dir / f"teacher-views-{digest.hexdigest()[:16]}.npz"
+            cache[key] = _read_view_logits(path, (len(images), views.shape[1], teacher_logits.shape[1]))
+            if cache[key] is None:
+                # View 0 is the image itself: the train images' teacher logits are the ones already cached.
+                counter = ForwardCounter(teacher)
+                cache[key] = view_logits(teacher, images, views, normalize, known=teacher_logits,
+                                         progress=self.progress)
+                made = counter.close()
+                save_npz(path, {"logits": cache[key].numpy()})
         data = ViewData(images, labels, extras=(cache[key],), view_params=views)
         return data, len(images) * max(kd.views, 1), made, 0 if transfer is None else len(transfer)
 
@@ -341,7 +372,7 @@ class Distiller:
         distill = self.config.distill
         torch.manual_seed(self.seed)
         model = build_model("student")
-        done = self._done(name, "student")
+        done = self._done(name, "student", kd)
         fit_result = None
         if done is not None:
             model.load_state_dict(done.state_dict)
@@ -355,6 +386,8 @@ class Distiller:
             fit_result = self._fit(name, model, teaching, TrainData.from_split(self.select_split), loss, kd.train,
                                    ("student", {}, None))
         test, temperature, calibration = self._calibrated(model, name)
+        if kd is not None:
+            calibration["recipe"] = dataclasses.asdict(kd)
         path = self._checkpoint(name, "student", model, {}, fit_result, done, test, temperature, calibration)
         return _stage(name, path, fit_result, test, done)
 
@@ -371,6 +404,17 @@ class Distiller:
             stages[name] = stage
         return SeedResult(self.seed, stages, teacher_forward_images=forward_images,
                           teacher_conv_passes=conv_passes, train_images=len(self.train_split))
+
+
+def _read_view_logits(path: Path, shape: tuple[int, int, int]) -> Tensor | None:
+    """Cached teacher view logits, if the file is whole and holds finite logits of this shape (else None: recompute)."""
+    if not path.is_file():
+        return None
+    try:
+        logits = torch.from_numpy(load_npz(path)["logits"].astype(np.float32))
+    except (ArtefactError, KeyError, ValueError):
+        return None
+    return logits if tuple(logits.shape) == shape and bool(torch.isfinite(logits).all()) else None
 
 
 def _curves(fit_result: FitResult | None, done: Checkpoint | None) -> tuple[list[dict[str, Any]], int]:

@@ -172,6 +172,13 @@ def test_distillation_with_views_transfer_and_ablation_reports_every_student(tin
     assert set(saved_report["comparisons"]) == set(result.stages) - {"teacher", "baseline"}
     assert "kd_minus_this" in saved_report["comparisons"]["kd-without-transfer"]
 
+    # A resumed run reuses every finished stage and the teacher's view logits saved on disk: no view is scored
+    # again (only the teacher's own pass over the train images, which resuming repeats).
+    again, _ = run_distillation(config, dataset, tmp_path / "run", resume=True)
+    assert again[0].teacher_forward_images == n
+    assert again[0].stages["kd"].test["accuracy"] == kd.test["accuracy"]
+    assert again[0].stages["kd"].history == kd.history
+
 
 def test_a_missing_transfer_folder_names_the_setting(tiny_data: Path, tmp_path: Path) -> None:
     from edgemri.core.data import DataError
