@@ -129,6 +129,26 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_attack(args: argparse.Namespace) -> int:
+    import time
+
+    from edgemri.reports.privacy_attacks import write_privacy_attack_report
+    from edgemri.simulation.privacy_attack import AttackSettings, attack_run
+
+    started = time.perf_counter()
+    settings = AttackSettings(clients=args.clients, rounds=tuple(args.rounds) if args.rounds else None,
+                              seed=args.seed, inversion_steps=args.inversion_steps,
+                              write_reconstructions=args.write_reconstructions,
+                              data_root=Path(args.data_root) if args.data_root else None,
+                              start=Path(args.start) if args.start else None)
+    outcome = attack_run(Path(args.run_dir), settings, (lambda _line: None) if args.quiet else
+                         (lambda line: print(line, flush=True)))
+    paths = write_privacy_attack_report(outcome.report, Path(outcome.report["run"]["dir"]), outcome.examples)
+    others = ", ".join(p.name for key, p in paths.items() if key != "md")
+    print(f"privacy attacks: {paths['md']} (+ {others}) in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
 def cmd_privacy_sweep(args: argparse.Namespace) -> int:
     from edgemri.simulation.pipeline import start_model
     from edgemri.simulation.sweep import sweep
@@ -229,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
                                   ).add_subparsers(dest="privacy_command", required=True, metavar="SUBCOMMAND")
     report = add(privacy, "report", cmd_privacy_report, "write privacy.json/.md/.png for a federation run")
     report.add_argument("run_dir", help="a federation run folder")
+    attack = add(privacy, "attack", cmd_privacy_attack,
+                 "replay sampled clients' updates of a finished federation run and attack them (reconstruction, "
+                 "membership); write privacy-attacks.json/.md/.png with a model card per client")
+    attack.add_argument("run_dir", help="a finished federation run folder (untrusted: every file is checked)")
+    attack.add_argument("--clients", type=int, default=4, help="clients to attack, sampled by tier (default 4)")
+    attack.add_argument("--rounds", type=int, nargs="+", default=None, metavar="R",
+                        help="rounds to replay (default: each client's first trained round)")
+    attack.add_argument("--seed", type=int, default=0, help="seed of the sampling and the attacks (default 0)")
+    attack.add_argument("--inversion-steps", type=int, default=300,
+                        help="gradient-inversion steps per attack (default 300, about 4 s each)")
+    attack.add_argument("--data-root", default=None, help="the run's data folder (default: the one it recorded)")
+    attack.add_argument("--start", default=None, help="the run's start model (default: the one it recorded)")
+    attack.add_argument("--write-reconstructions", action="store_true",
+                        help="write the grid of reconstructed scans for real data too (always on synthetic data)")
     sweep = add(privacy, "sweep", cmd_privacy_sweep,
                 "run the federation at several target epsilons and without DP; tabulate accuracy")
     add_config(sweep)

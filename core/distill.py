@@ -33,7 +33,7 @@ from edgemri.core.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from edgemri.core.config import Config, KDConfig, TrainSpec
+from edgemri.core.config import Config, KDConfig, TrainSpec, parse_config
 from edgemri.core.data import (
     CLASS_NAMES,
     UNKNOWN_LABEL,
@@ -216,13 +216,14 @@ class Distiller:
             done = load_checkpoint(path)
         except CheckpointError:
             return None  # a stage checkpoint that did not finish writing: redo the stage
-        saved_distill = done.config.get("distill", {})
+        saved_config = _with_defaults(done.config)
+        saved_distill = saved_config.get("distill", {})
         # A KD stage records its recipe; one saved before recipes were recorded was the config's kd.
         saved_recipe = done.metrics.get("recipe", saved_distill.get("kd") if name == "kd" else None)
         check_same_settings(
             path,
             {"model": done.model, "seed": done.seed, "data": done.data_fingerprint,
-             **resume_settings(done.config, stage_settings(saved_distill, name, saved_recipe))},
+             **resume_settings(saved_config, stage_settings(saved_distill, name, saved_recipe))},
             {"model": model_name, "seed": self.seed, "data": self.dataset.fingerprint,
              **resume_settings(self.config.to_dict(), stage_settings(
                  self.config.to_dict()["distill"], name, None if recipe is None else dataclasses.asdict(recipe)))},
@@ -404,6 +405,14 @@ class Distiller:
             stages[name] = stage
         return SeedResult(self.seed, stages, teacher_forward_images=forward_images,
                           teacher_conv_passes=conv_passes, train_images=len(self.train_split))
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the defaults of settings added since (so they compare equal), if it still parses."""
+    try:
+        return parse_config(config).to_dict()
+    except EdgemriError:
+        return config
 
 
 def _read_view_logits(path: Path, shape: tuple[int, int, int]) -> Tensor | None:
