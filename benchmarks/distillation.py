@@ -80,6 +80,7 @@ def _summary(report: dict[str, Any], prefix: str) -> dict[str, Any]:
             out[f"{key}.ece_uncalibrated_mean"] = m["test_ece_uncalibrated"]["mean"]
             out[f"{key}.ece_calibrated_mean"] = m["test_ece"]["mean"]
             out[f"{key}.ece_calibrated_max"] = max(m["test_ece"]["values"])
+            out[f"{key}.ece_noise_floor_mean"] = m["test_ece_noise_floor"]["mean"]
             out[f"{key}.accuracy_at_90_coverage_pct_mean"] = 100 * m["test_accuracy_at_90_coverage"]["mean"]
             out[f"{key}.coverage_gain_at_90_pts_mean"] = 100 * (m["test_accuracy_at_90_coverage"]["mean"]
                                                                  - m["test_accuracy"]["mean"])

@@ -49,6 +49,7 @@ from edgemri.core.errors import EdgemriError
 from edgemri.core.evaluate import (
     classification_metrics,
     coverage_curve,
+    ece_noise_floor,
     fit_temperature,
     predict_logits,
     refer_threshold,
@@ -353,6 +354,7 @@ class Distiller:
         coverage, accepted = selective_accuracy(probs, self.dataset.test.labels, threshold)
         test.update({
             "temperature": temperature, "ece_uncalibrated": raw["ece"], "nll_uncalibrated": raw["nll"],
+            "ece_noise_floor": ece_noise_floor(probs),
             "reliability_uncalibrated": raw["reliability"],
             # At exactly REFER_COVERAGE of Testing (an oracle threshold) and at the one chosen on validation.
             "accuracy_at_90_coverage": selective_accuracy(probs, self.dataset.test.labels,

@@ -49,6 +49,16 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) ->
     return sum(b["share"] * abs(b["confidence"] - b["accuracy"]) for b in reliability_bins(probs, labels, bins))
 
 
+def ece_noise_floor(probs: Tensor, draws: int = 200, seed: int = 0) -> float:
+    """The mean ECE of labels drawn from ``probs`` themselves: what a perfectly calibrated model with these
+    confidences scores on this many images. An ECE near it cannot be told apart from perfect calibration."""
+    if not len(probs):
+        return float("nan")
+    generator = torch.Generator().manual_seed(seed)
+    return sum(expected_calibration_error(probs, torch.multinomial(probs, 1, generator=generator).squeeze(1))
+               for _ in range(draws)) / draws
+
+
 def fit_temperature(logits: Tensor, labels: Tensor) -> float:
     """Temperature scaling (Guo et al. 2017): the T minimizing the NLL of softmax(logits / T) on held-out images.
 

@@ -72,7 +72,7 @@ def build_report(config: Config, dataset: Dataset, results: list[SeedResult], se
             "state_dict_bytes": size.state_dict_bytes,
             "checkpoint_bytes": per_seed[0].checkpoint.stat().st_size,
             **{f"test_{key}": _mean_std([s.test[key] for s in per_seed])
-               for key in ("accuracy", "macro_f1", "nll", "ece", "ece_uncalibrated", "temperature",
+               for key in ("accuracy", "macro_f1", "nll", "ece", "ece_uncalibrated", "ece_noise_floor", "temperature",
                            "accuracy_at_90_coverage", "refer_coverage", "refer_accuracy") if key in per_seed[0].test},
             "teacher_passes": [s.teacher_passes for s in per_seed],
             "transfer_images": [s.transfer_images for s in per_seed],
@@ -150,7 +150,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     for stage in stages:
         m = models[stage]
         paper = report["paper"].get("kd" if stage == "paper-kd" else stage)
-        ece = (f"{m['test_ece_uncalibrated']['mean']:.3f} → {m['test_ece']['mean']:.3f}"
+        ece = (f"{m['test_ece_uncalibrated']['mean']:.3f} → {m['test_ece']['mean']:.3f} "
+               f"(floor {m['test_ece_noise_floor']['mean']:.3f})"
                if "test_ece_uncalibrated" in m else f"{m['test_ece']['mean']:.3f}")
         temperature = f"{m['test_temperature']['mean']:.2f}" if "test_temperature" in m else "—"
         paper_accuracy = f"{100 * paper['accuracy']:.2f}" if paper else "—"
@@ -163,7 +164,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Share of the teacher-baseline gap that KD closes (the config's recipe): **{_pct(report['gap_closed'])}** "
-        f"(paper: {100 * paper_gap:.0f}%). Teacher forward passes made for distillation, per seed: "
+        f"(paper: {100 * paper_gap:.0f}%). ECE's floor: what a perfectly calibrated model with the same "
+        f"confidences scores on this many Testing images (the estimate's own noise). "
+        f"Teacher forward passes made for distillation, per seed: "
         f"{report['teacher_forward_images']} (training images per seed: {report['data']['train_images_per_seed']}).",
         "",
         "KD students against the baseline, paired on the same Testing images (mean [95% CI] in points, images "

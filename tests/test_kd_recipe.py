@@ -189,3 +189,13 @@ def test_a_missing_transfer_folder_names_the_setting(tiny_data: Path, tmp_path: 
     with pytest.raises(DataError, match=r"distill.kd.transfer_root 'Unlabeled'.*set it to null") as err:
         distiller.transfer_set(config.distill.kd)
     assert "\n" not in str(err.value)
+
+
+def test_ece_noise_floor_shrinks_with_more_images() -> None:
+    from edgemri.core.evaluate import ece_noise_floor
+
+    one = torch.tensor([[0.7, 0.1, 0.1, 0.1]])
+    small, large = ece_noise_floor(one.repeat(100, 1)), ece_noise_floor(one.repeat(2000, 1))
+    # One confidence bin: the floor is E|0.7 - accuracy of n Bernoulli(0.7) draws| ~ sqrt(0.21 / n) * 0.8.
+    assert small == pytest.approx(0.8 * math.sqrt(0.21 / 100), rel=0.25)
+    assert large == pytest.approx(0.8 * math.sqrt(0.21 / 2000), rel=0.25)
