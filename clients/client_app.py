@@ -5,12 +5,23 @@ and neither does an exception's text: a failure travels as a coded status (``pro
 and its details stay in the device's own log. What the server sends is parsed and validated
 (``protocol.RoundInstructions``) before use, and the device's own privacy floor (node config
 ``dp-required``, ``dp-max-epsilon``, ...) overrides any weaker instruction.
+
+When the run config names an ``audit-dir``, ``timeline_mod`` also writes when each step of the
+message ended (``audit-dir/timings/``, wall-clock times only), for ``benchmarks/device_footprint.py``.
 """
 
+# ruff: noqa: E402 - the import clock starts before the imports it times
 from __future__ import annotations
+
+import time
+
+APP_IMPORT_STARTED = time.time()  # when this process began loading the app: the first mark of its timeline
 
 import functools
 import logging
+import os
+import resource
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +37,51 @@ from edgemri.core.checkpoint import CheckpointError
 from edgemri.core.config import ConfigError
 from edgemri.core.data import DataError
 from edgemri.core.errors import EdgemriError
+from edgemri.core.io import write_json
 from edgemri.core.partition import ManifestError
 from edgemri.core.personalize import State, create_method
 from edgemri.core.privacy import DevicePolicy, LedgerError, PrivacyError
 
+APP_IMPORTED = time.time()
 log = logging.getLogger("edgemri.client")
+
+
+class Timeline:
+    """When each step of the message being handled ended, and this process's peak RSS then.
+
+    Flower starts a fresh ClientApp process per message on a SuperNode, so one message's
+    timeline starts at the app's import; ``timeline_mod`` resets it per message (a simulation
+    process handles many) and writes it when auditing. A mark costs a clock read and a getrusage.
+    """
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float, float]] = []
+
+    def reset(self) -> None:
+        self.marks.clear()
+
+    def mark(self, step: str) -> None:
+        """``step`` ended now."""
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        self.marks.append((step, time.time(), round(peak_mb, 1)))
+
+
+TIMELINE = Timeline()
+
+
+def timeline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Outermost mod: marks the handler's start and end around every other mod, and writes the timeline."""
+    TIMELINE.reset()
+    TIMELINE.mark("app-loaded")
+    reply = call_next(msg, context)
+    TIMELINE.mark("handler")
+    audit_dir = str(context.run_config.get("audit-dir", ""))
+    if audit_dir:
+        write_json(Path(audit_dir) / "timings" / f"node-{context.node_id}-{time.time_ns()}-{os.getpid()}.json", {
+            "message_type": msg.metadata.message_type, "pid": os.getpid(),
+            "app_import_started": APP_IMPORT_STARTED, "app_imported": APP_IMPORTED,
+            "marks": [{"step": step, "time": at, "peak_rss_mb": peak} for step, at, peak in TIMELINE.marks]})
+    return reply
 
 
 def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -41,7 +92,7 @@ def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCal
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[audit_mod, central_clipping_mod])
+app = ClientApp(mods=[timeline_mod, audit_mod, central_clipping_mod])
 
 _CODES: tuple[tuple[type[Exception], p.FailureCode], ...] = (
     ((ManifestError, DataError, OSError), p.FailureCode.DATA),

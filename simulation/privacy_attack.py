@@ -43,7 +43,7 @@ from torch import Tensor
 from edgemri.clients.runtime import Client, ClientSetup
 from edgemri.core import attacks
 from edgemri.core.checkpoint import check_state_dict, load_checkpoint
-from edgemri.core.config import Config, TrainSpec, load_config
+from edgemri.core.config import Config, ConfigError, TrainSpec, load_config
 from edgemri.core.data import (
     CLASS_NAMES,
     MEAN,
@@ -195,6 +195,8 @@ class RunFolder:
         """The client as its own code sees itself: manifest, data folder, state folder (confined to the run)."""
         if name not in self._clients:
             state_dir = _inside(self.root, "clients", check_client_name(name))
+            for entry in state_dir.iterdir() if state_dir.is_dir() else ():  # its ledger, cache, models
+                _inside(self.root, "clients", name, entry.name)
             self._clients[name] = Client(ClientSetup(self.manifests[name], self.data_root, state_dir))
         return self._clients[name]
 
@@ -278,7 +280,11 @@ def read_run(run_dir: Path, *, data_root: Path | None = None, start: Path | None
     result_path = _inside(root, "server", "result.json")
     if not result_path.is_file():
         raise PrivacyAttackError(f"{run_dir} is not a finished federation run: it has no server/result.json")
-    config = load_config(_inside(root, "config.yaml"))
+    try:
+        config = load_config(_inside(root, "config.yaml"))
+    except ConfigError as err:  # e.g. a run of an older edgemri: its training cannot be replayed exactly
+        raise PrivacyAttackError(f"{err}; this edgemri cannot replay the run's training from that config "
+                                 f"(a run made by another version?): run the federation again") from None
     result = FederationResult.from_dict(_json(result_path))
     trained = _check_result(result, config, result_path)
     manifests = {}
@@ -630,7 +636,7 @@ def _client_level(run: RunFolder) -> dict[str, Any]:
 def _not_protected(run: RunFolder, name: str, under_dp: bool | None) -> str:
     rounds = run.trained[name]
     reported = sorted({k for r in rounds for k in run.reported(name, r)})
-    model = ("its personalized model's behaviour (answers to queries such as the membership attack below; "
+    model = ("its personalized model's behaviour (answers to queries, as the membership attack on this card uses; "
              + ("DP-SGD's output, so covered by its epsilon" if under_dp else
                 "trained on its raw scans without DP noise, so not covered by any epsilon here") + ")")
     return (f"the {len(reported)} metrics it sent with every update ({', '.join(reported[:6])}"
@@ -742,12 +748,13 @@ def attack_client(run: RunFolder, name: str, settings: AttackSettings, pools: di
         check = replay_check(replay, run.reported(name, r))
         features = feature_maps(replay.local_start, train.images)
         baseline_features = feature_maps(replay.local_start, sample.images) if sample is not None else None
-        analytic_update, update_map = analytic_attack(replay.update, features, baseline_features, update=True)
+        shared = set(method.shared_keys(list(replay.received)))  # the keys whose update carries information
+        analytic_update, update_map = analytic_attack({k: v for k, v in replay.update.items() if k in shared},
+                                                      features, baseline_features, update=True)
         if analytic_update.get("applicable"):
             analytic_update["label_is_majority_class"] = analytic_update["label"] == CLASS_NAMES[majority]
         target = int(rng.integers(len(train)))
         label = int(train.labels[target])
-        shared = set(method.shared_keys(list(replay.received)))
         step_seed = (seed + 7919 * r) % 2**31
         variants: dict[str, Any] = {}
         pictures: dict[str, tuple[Tensor | None, Tensor]] = {}
@@ -820,26 +827,36 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
+def _steps_summary(steps: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
+    """How often the single-image attacks single out the attacked scan among the client's (chance: 1/n each),
+    recover its label, and their mean margins over the site baseline."""
+    return {"steps": len(steps),
+            "analytic_identified": sum(bool(s["analytic"].get("matches_true_image")) for s, _ in steps),
+            "inversion_identified": sum(bool(s["inversion"]["matches_true_image"]) for s, _ in steps),
+            "identified_by_chance": sum(1 / n for _, n in steps),
+            "inversion_label_recovered": sum(bool(s["inversion"].get("label_recovered")) for s, _ in steps),
+            "inversion_margin_db": _mean([s["inversion"].get("margin_db") for s, _ in steps]),
+            "analytic_margin_db": _mean([s["analytic"].get("margin_db") for s, _ in steps])}
+
+
 def summarize(cards: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per tier and overall: how often the single-image attacks single out the attacked scan among the client's
-    (chance: 1/n), mean reconstruction margins over the site baseline, mean membership AUCs."""
+    """Per tier and overall: the single-image attacks as configured and, for DP clients, without DP; the analytic
+    attack on the sent updates; membership AUCs; how many replays matched what the clients reported."""
     out = {}
     for group in ("all", *sorted({c["kind"] for c in cards.values()})):
         members = [c for c in cards.values() if group in ("all", c["kind"])]
-        steps = [(u["single_image"]["as_configured"], c["n_train"]) for c in members for u in c["updates"]]
-        sent = [u["sent_update"]["analytic"] for c in members for u in c["updates"]]
+        updates = [(u, c["n_train"]) for c in members for u in c["updates"]]
         models = [c["membership"] for c in members if "skipped" not in c["membership"]]
+        single = {variant: _steps_summary([(u["single_image"][variant], n) for u, n in updates
+                                           if variant in u["single_image"]])
+                  for variant in ("as_configured", "without_dp")}
         out[group] = {
-            "clients": len(members), "updates": len(steps),
-            "analytic_step_identified": sum(bool(s["analytic"].get("matches_true_image")) for s, _ in steps),
-            "inversion_identified": sum(bool(s["inversion"]["matches_true_image"]) for s, _ in steps),
-            "identified_by_chance": sum(1 / n for _, n in steps),
-            "inversion_margin_db": _mean([s["inversion"].get("margin_db") for s, _ in steps]),
-            "analytic_step_margin_db": _mean([s["analytic"].get("margin_db") for s, _ in steps]),
-            "analytic_sent_margin_db": _mean([a.get("margin_db") for a in sent]),
+            "clients": len(members), "updates": len(updates),
+            "single_image": {k: v for k, v in single.items() if v["steps"]},
+            "analytic_sent_margin_db": _mean([u["sent_update"]["analytic"].get("margin_db") for u, _ in updates]),
             "membership_auc": _mean([m["loss_threshold"]["auc"] for m in models]),
             "calibrated_membership_auc": _mean([m["calibrated"]["auc"] for m in models]),
-            "replays_matching": sum(bool(u["replay"]["matches"]) for c in members for u in c["updates"])}
+            "replays_matching": sum(bool(u["replay"]["matches"]) for u, _ in updates)}
     return out
 
 
