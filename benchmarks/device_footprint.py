@@ -9,6 +9,15 @@ measured with Flower's public API on an equal message (same arrays, shapes and d
 float32; the same config and metric values): the arrays as Flower serializes them plus the
 scalar values as JSON. Flower's framing, HTTP and TLS are not counted.
 
+Where a phone round goes, per step (``phone_train_step_*_s``, ``phone_evaluate_step_*_s``): each
+ClientApp process's start comes from the kernel (/proc), its exit from the sampler (within 50 ms),
+and the steps in between from the timeline the ClientApp writes when auditing
+(``clients/client_app.py``, ``timeline_mod``); the training inside a round from its reply's
+``train-seconds``. What the ClientApp cannot time itself (Python start, Flower's imports) is
+measured in fresh interpreters on the same machine (``fresh_*``), as is the import of the app
+alone (``python -X importtime``) and the steps a round repeats from disk: manifest, cached
+decoded data, DP plan.
+
     python -m benchmarks.device_footprint [--rounds 3] [--keep DIR]
 """
 
@@ -16,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,6 +55,24 @@ from edgemri.simulation.federate import APP_DIR
 MB = 1024 * 1024
 SITE = "site1"
 PHONE, HOSPITAL = f"phone-{SITE}-0", f"hospital-{SITE}"
+# A phone as docs/DEPLOY.md runs one: DP-SGD on, so a round pays for Opacus too.
+PHONE_DP = {"enabled": True, "target_epsilon": 8.0, "budget_epsilon": 10.0}
+# Heavy packages a round should not need (issue 15): plotting, torchvision, DP-SGD when DP is off.
+UNNEEDED = ("matplotlib", "torchvision", "opacus", "torch._dynamo", "scipy")
+
+
+def process_started(pid: int) -> float:
+    """When ``pid`` started, on the ``time.time()`` clock, to the kernel's 10 ms tick.
+
+    psutil's create_time adds the boot time in whole seconds, up to a second off the clock the
+    ClientApp stamps its steps with; /proc gives the start in ticks since boot (CLOCK_BOOTTIME).
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return psutil.Process(pid).create_time()
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
 
 
 @dataclass
@@ -83,7 +113,7 @@ class TreeSampler(threading.Thread):
                     trace = self.traces.get(process.pid)
                     if trace is None:
                         trace = self.traces[process.pid] = ProcessTrace(" ".join(process.cmdline()),
-                                                                        process.create_time(), time.time())
+                                                                        process_started(process.pid), time.time())
             except psutil.Error:
                 continue
             total += rss
@@ -127,7 +157,8 @@ def prepare(work: Path, rounds: int) -> tuple[Path, dict[str, Path], Path, Path]
     config = {"seed": 0, "federation": {
         "rounds": rounds, "method": "ditto", "min_clients": 2, "round_timeout_s": 120,
         "tiers": {"hospital": {"min_examples": 8, "local_epochs": 1},
-                  "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}}}
+                  "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}},
+        "privacy": {"tiers": {"phone": PHONE_DP}}}
     manifests = write_manifests(partition(load_dataset(data).train, data, parse_config(config)), work / "manifests")
     by_client = {read_manifest(p).client: p for p in manifests}
     config_path = write_text(work / "config.yaml", yaml.safe_dump(config))
@@ -135,6 +166,130 @@ def prepare(work: Path, rounds: int) -> tuple[Path, dict[str, Path], Path, Path]
     start = save_checkpoint(work / "student.pt", Checkpoint(model="student", state_dict=Student().state_dict(),
                                                             role="random"))
     return data, by_client, config_path, start
+
+
+def clientapp_steps(audit: Path, node_id: int, traces: dict[int, ProcessTrace]) -> dict[str, dict[str, float]]:
+    """Mean seconds of each step of the node's ClientApp processes, per message type (train, evaluate).
+
+    Only round messages count (not the query or the final evaluation). A step's time is from the
+    previous mark to its own: ``start_to_app_import`` is Python's start, Flower's imports, the
+    connection to the SuperNode, the task pull and the FAB install; ``app_called`` Flower loading
+    the app and handing it the message; ``reply_push_and_exit`` pushing the reply and exiting.
+    """
+    audited = {int(p.stem.rsplit("-", 1)[1]): json.loads(p.read_text()) for p in audit.glob(f"node-{node_id}-*.json")}
+    steps: dict[str, dict[str, list[float]]] = {}
+    for path in (audit / "timings").glob(f"node-{node_id}-*.json"):
+        timeline = json.loads(path.read_text())
+        pid, kind = timeline["pid"], timeline["message_type"]
+        record, trace = audited.get(pid), traces.get(pid)
+        values = record["in"]["records"].get("config", {}).get("values", {}) if record else {}
+        if kind not in ("train", "evaluate") or values.get("final", False) or trace is None:
+            continue
+        row = {"start_to_app_import": timeline["app_import_started"] - trace.started,
+               "app_import": timeline["app_imported"] - timeline["app_import_started"]}
+        previous = timeline["app_imported"]
+        for mark in timeline["marks"]:
+            row[mark["step"].replace("-", "_")] = mark["time"] - previous
+            previous = mark["time"]
+        row["reply_push_and_exit"] = trace.last_seen - previous
+        row["total"] = trace.last_seen - trace.started
+        row["peak_rss_after_app_import_mb"] = timeline["marks"][0]["peak_rss_mb"]
+        row["peak_rss_mb"] = timeline["marks"][-1]["peak_rss_mb"]
+        if kind == "train":
+            metrics = record["out"]["records"].get("metrics", {}).get("values", {})
+            row["training"] = metrics.get("train-seconds", 0.0) + metrics.get("personal-train-seconds", 0.0)
+            row["train_round_other"] = row["train_round"] - row["training"]  # data, DP plan, model, Opacus, ledger
+        for key, value in row.items():
+            steps.setdefault(kind, {}).setdefault(key, []).append(value)
+    return {kind: {key: statistics.fmean(v) for key, v in rows.items()} for kind, rows in steps.items()}
+
+
+# Run in a fresh interpreter: what a ClientApp pays before its handler, and what a round repeats from disk.
+PROBE = """
+import json, resource, sys, time
+args = json.loads(sys.argv[1])
+marks = [("start", time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
+def mark(step):
+    marks.append((step, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+import edgemri.clients.client_app
+mark("app_import")
+unneeded = [name for name in args["unneeded"] if name in sys.modules]
+from edgemri.clients.runtime import Client, resolve_setup
+from edgemri.core import protocol as p
+from edgemri.core.config import load_config
+instructions = p.RoundInstructions.for_tier(load_config(args["config"]), "phone", 1)
+mark("setup")
+client = Client(resolve_setup(args["node_config"], {}))
+mark("manifest")
+client.data()
+mark("data_cached")
+import opacus
+mark("opacus_import")
+client.dp_plan(instructions)
+mark("dp_plan")
+print(json.dumps({"marks": marks, "unneeded": unneeded}))
+"""
+
+
+def fresh_interpreter(code: str, *args: str, flags: tuple[str, ...] = ()) -> tuple[float, str, str]:
+    """(wall seconds, stdout, stderr) of ``python FLAGS -c CODE ARGS`` with this interpreter."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, *flags, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          check=True)
+    return time.perf_counter() - started, done.stdout, done.stderr
+
+
+def import_profile(module: str, top: int = 10) -> dict[str, Any]:
+    """``python -X importtime -c "import MODULE"``: its seconds, and the packages that cost most (cumulative ms)."""
+    _, _, stderr = fresh_interpreter(f"import {module}", flags=("-X", "importtime"))
+    cumulative: dict[str, int] = {}
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line and "self [us]" not in line:
+            _, total, name = (part.strip() for part in line.split(":", 1)[1].split("|"))
+            cumulative.setdefault(name, int(total))
+    packages = {name: us for name, us in cumulative.items() if "." not in name or name in UNNEEDED}
+    heaviest = sorted(packages.items(), key=lambda item: -item[1])[:top]
+    return {"seconds": cumulative[module] / 1e6, "heaviest_ms": {name: round(us / 1e3) for name, us in heaviest}}
+
+
+def fresh_measures(config_path: Path, node_config: dict[str, str]) -> dict[str, Any]:
+    """The steps a ClientApp cannot time itself, each in a fresh interpreter (median of three where cheap)."""
+    python_start = statistics.median(fresh_interpreter("pass")[0] for _ in range(3))
+    flower = statistics.median(fresh_interpreter("from flwr.supernode.cli import flwr_clientapp")[0] for _ in range(3))
+    profile = import_profile("edgemri.clients.client_app")
+    _, stdout, _ = fresh_interpreter(PROBE, json.dumps({"config": str(config_path), "node_config": node_config,
+                                                        "unneeded": list(UNNEEDED)}))
+    probe = json.loads(stdout)
+    marks = probe["marks"]
+    steps = {step: at - marks[i][1] for i, (step, at, _) in enumerate(marks[1:])}
+    return {
+        "fresh_python_start_s": round(python_start, 3),
+        "fresh_flower_clientapp_import_s": round(flower - python_start, 3),  # what `flwr-clientapp` imports
+        "fresh_app_import_s": round(profile["seconds"], 3),  # python -X importtime: edgemri.clients.client_app
+        "fresh_app_import_wall_s": round(steps["app_import"], 3),
+        "fresh_app_import_rss_mb": round(marks[1][2], 1),
+        "fresh_app_import_heaviest_ms": profile["heaviest_ms"],
+        "fresh_app_imports_unneeded": probe["unneeded"],
+        "fresh_manifest_s": round(steps["manifest"], 4),
+        "fresh_data_cached_s": round(steps["data_cached"], 4),
+        "fresh_opacus_import_s": round(steps["opacus_import"], 3),
+        "fresh_dp_plan_s": round(steps["dp_plan"], 4),
+        "fresh_rss_after_dp_plan_mb": round(marks[-1][2], 1),
+    }
+
+
+def step_values(steps: dict[str, dict[str, float]], fresh: dict[str, Any]) -> dict[str, Any]:
+    """Flat ``phone_<message type>_step_<step>_s`` keys; the start split with the fresh-interpreter measures."""
+    values: dict[str, Any] = {}
+    for kind, row in sorted(steps.items()):
+        for key, value in row.items():
+            name = key if key.endswith("_mb") else f"{key}_s"
+            values[f"phone_{kind}_step_{name}"] = round(value, 1 if key.endswith("_mb") else 3)
+        # Derived: what is left of the start once Python's start and Flower's imports (fresh) are taken off.
+        values[f"phone_{kind}_step_connect_pull_fab_install_s_derived"] = round(
+            row["start_to_app_import"] - fresh["fresh_python_start_s"] - fresh["fresh_flower_clientapp_import_s"], 3)
+        values[f"phone_{kind}_overhead_beyond_training_s"] = round(row["total"] - row.get("training", 0.0), 3)
+    return values
 
 
 def measure(work: Path, rounds: int) -> dict[str, Any]:
@@ -184,6 +339,9 @@ def measure(work: Path, rounds: int) -> dict[str, Any]:
         return statistics.fmean(row[key] for row in per_round.values())
 
     report = json.loads((run_dir / "federation.json").read_text())
+    phone_node_config = {"manifest": str(manifests[PHONE]), "data-dir": str(data),
+                         "state-dir": str(work / "devices" / PHONE)}
+    fresh = fresh_measures(config_path, phone_node_config)
     return {
         "rounds": rounds,
         "transport": "HTTPS (TLS) with SuperNode authentication, one machine (127.0.0.1)",
@@ -201,6 +359,9 @@ def measure(work: Path, rounds: int) -> dict[str, Any]:
         "student_float32_state_dict_bytes": sum(v.numel() * 4 for v in Student().state_dict().values()),
         "server_train_step_seconds": round(statistics.fmean(p["seconds"] for p in report["participation"]), 2),
         "federation_seconds": round(outcome.seconds, 1),
+        "phone_dp": PHONE_DP,
+        **step_values(clientapp_steps(audit, phone_id, sampler.traces), fresh),
+        **fresh,
     }
 
 

@@ -20,9 +20,8 @@ APP_IMPORT_STARTED = time.time()  # when this process began loading the app: the
 import functools
 import logging
 import os
-import resource
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -41,6 +40,11 @@ from edgemri.core.io import write_json
 from edgemri.core.partition import ManifestError
 from edgemri.core.personalize import State, create_method
 from edgemri.core.privacy import DevicePolicy, LedgerError, PrivacyError
+
+try:
+    import resource
+except ImportError:  # Windows: the timeline then has no memory figures
+    resource = None
 
 APP_IMPORTED = time.time()
 log = logging.getLogger("edgemri.client")
@@ -62,8 +66,8 @@ class Timeline:
 
     def mark(self, step: str) -> None:
         """``step`` ended now."""
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        self.marks.append((step, time.time(), round(peak_mb, 1)))
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if resource is not None else 0  # Linux: KiB
+        self.marks.append((step, time.time(), round(peak_kib / 1024, 1)))
 
 
 TIMELINE = Timeline()
@@ -72,9 +76,9 @@ TIMELINE = Timeline()
 def timeline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Outermost mod: marks the handler's start and end around every other mod, and writes the timeline."""
     TIMELINE.reset()
-    TIMELINE.mark("app-loaded")
+    TIMELINE.mark("app-called")  # Flower loaded the app and handed it the message
     reply = call_next(msg, context)
-    TIMELINE.mark("handler")
+    TIMELINE.mark("reply-and-audit")
     audit_dir = str(context.run_config.get("audit-dir", ""))
     if audit_dir:
         write_json(Path(audit_dir) / "timings" / f"node-{context.node_id}-{time.time_ns()}-{os.getpid()}.json", {
@@ -171,6 +175,7 @@ def describe(msg: Message, context: Context) -> Message:
     is, and then fails (reported, skipped) in the rounds that need the data.
     """
     client = _client(context)
+    TIMELINE.mark("manifest")
     info, metrics = p.ClientInfo(client.name, client.kind, client.manifest.site,
                                  client.manifest.num_examples("train")).to_record()
     return _reply(msg, metrics={**metrics, p.ROUNDS_TRAINED: _state(client, context).rounds_trained}, info=info)
@@ -180,9 +185,13 @@ def describe(msg: Message, context: Context) -> Message:
 @coded_failures
 def train(msg: Message, context: Context) -> Message:
     client = _client(context)
+    TIMELINE.mark("manifest")
     instructions, global_state = _received(msg)
-    reply = client.train_round(create_method(instructions.federation), global_state, _state(client, context),
-                               instructions)
+    method = create_method(instructions.federation)
+    state = _state(client, context)
+    TIMELINE.mark("message-and-state")
+    reply = client.train_round(method, global_state, state, instructions)
+    TIMELINE.mark("train-round")
     _remember(context, reply.state)
     if reply.status is not p.Status.TRAINED:
         log.info("round %d: %s (%s)", instructions.server_round, reply.status.value, reply.reason)
@@ -199,9 +208,11 @@ def train(msg: Message, context: Context) -> Message:
 @coded_failures
 def evaluate(msg: Message, context: Context) -> Message:
     client = _client(context)
+    TIMELINE.mark("manifest")
     instructions, global_state = _received(msg)
     method = create_method(instructions.federation)
     state = _state(client, context)
+    TIMELINE.mark("message-and-state")
     if instructions.final:
         start, best = msg.content.array_records.get(p.START), msg.content.array_records.get(p.BEST)
         if start is None or best is None:
@@ -210,6 +221,8 @@ def evaluate(msg: Message, context: Context) -> Message:
                                         global_state, state, instructions)
     else:
         metrics = client.evaluate(method, global_state, state, instructions)
+    TIMELINE.mark("evaluate")
     privacy_status = client.privacy_status(client.dp_plan(instructions))
+    TIMELINE.mark("privacy-status")
     return _reply(msg, metrics={**metrics, **privacy_status, p.NUM_EXAMPLES: len(client.data().test),
                                 p.ROUNDS_TRAINED: state.rounds_trained})

@@ -35,6 +35,7 @@ from edgemri.core.personalize import (
     METHODS,
     LocalTrainer,
     Method,
+    RoundOutput,
     State,
     evaluate_state,
     exportable,
@@ -213,7 +214,6 @@ class Client:
         plan = self.dp_plan(instructions)
         if refusal := self.policy.check(instructions.privacy.tier(self.kind, self.name), plan):
             return RoundReply(None, state, {}, Status.POLICY_REFUSED, refusal)
-        trainer = self.trainer(instructions)
         ledger = None
         if plan is not None:
             if not plan.feasible:
@@ -226,15 +226,23 @@ class Client:
             if reach > plan.budget_epsilon:
                 return RoundReply(None, state, self.privacy_status(plan), Status.BUDGET_EXHAUSTED,
                                   f"one more round would reach epsilon {reach:.2f} > budget {plan.budget_epsilon}")
-            check_dp_model(student_from(global_state), "student")
-            trainer.wrap = opacus_wrap(plan, trainer.seed)
-        out = method.train_round(global_state, state.personal, trainer)
+        out = self.local_training(method, global_state, state.personal, instructions, plan)
         if ledger is not None:
             # Spent before the update leaves the client, and on disk before anything else can fail.
             ledger.append(server_round, plan, int(out.metrics["steps"]))
         new_state = ClientState(out.personal, state.rounds_trained + 1, server_round)
         self.save_state(new_state)
         return RoundReply(out.shared, new_state, {**out.metrics, **self.privacy_status(plan)}, Status.TRAINED, "")
+
+    def local_training(self, method: Method, global_state: State, personal: State | None,
+                       instructions: RoundInstructions, plan: DPPlan | None) -> RoundOutput:
+        """The round's training itself, once ``train_round``'s checks passed: the tier's trainer and seed, and
+        DP-SGD through Opacus when ``plan`` is given (feasible). A privacy attack replays exactly this."""
+        trainer = self.trainer(instructions)
+        if plan is not None:
+            check_dp_model(student_from(global_state), "student")
+            trainer.wrap = opacus_wrap(plan, trainer.seed)
+        return method.train_round(global_state, personal, trainer)
 
     def evaluate(self, method: Method, global_state: State, state: ClientState, instructions: RoundInstructions
                  ) -> dict[str, float]:

@@ -61,7 +61,7 @@ from edgemri.core.evaluate import predict_logits
 from edgemri.core.losses import cross_entropy
 from edgemri.core.partition import manifest_paths, read_manifest
 from edgemri.core.personalize import Method, RoundOutput, State, create_method, evaluate_state, student_from
-from edgemri.core.privacy import ACCOUNTANTS, DPPlan, Ledger, check_dp_model, opacus_wrap
+from edgemri.core.privacy import ACCOUNTANTS, DPPlan, Ledger, opacus_wrap
 from edgemri.core.protocol import (
     CLIENT_NAME,
     START_ACCURACY,
@@ -347,27 +347,22 @@ def replay_round(client: Client, method: Method, received: State, personal: Stat
     """The client's local training for one round as ``Client.train_round`` runs it (its trainer and seed, its
     DP-SGD plan through Opacus), without the side effects: no ledger record, no state file written."""
     plan = client.dp_plan(instructions)
-    trainer = client.trainer(instructions)
-    if plan is not None:
-        if not plan.feasible:
-            raise PrivacyAttackError(f"{client.name}: the run's config gives it an infeasible DP plan "
-                                     f"({plan.reason}), yet the run says it trained")
-        check_dp_model(student_from(received), "student")
-        trainer.wrap = opacus_wrap(plan, trainer.seed)
-    return method.train_round(received, personal, trainer), plan
+    if plan is not None and not plan.feasible:
+        raise PrivacyAttackError(f"{client.name}: the run's config gives it an infeasible DP plan "
+                                 f"({plan.reason}), yet the run says it trained")
+    return client.local_training(method, received, personal, instructions, plan), plan
 
 
 def sent_update(received: State, shared: State, clipping_norm: float | None) -> State:
     """The reply minus the global model, over every global key (personal keys return as received, as the ClientApp
     sends them); with client-side clipping (client-level DP), clipped by Flower's own function as its mod does."""
-    sent = {k: shared.get(k, v).to(v.dtype) for k, v in received.items()}
+    update = {k: shared.get(k, v).to(v.dtype) - v for k, v in received.items()}
     if clipping_norm is not None:
-        from flwr.supercore.differential_privacy import compute_clip_model_update  # fixedclipping_mod's own
-
-        arrays = [v.numpy().copy() for v in sent.values()]
-        compute_clip_model_update(arrays, [v.numpy() for v in received.values()], clipping_norm)
-        sent = {k: torch.from_numpy(np.asarray(a)) for k, a in zip(sent, arrays, strict=True)}
-    return {k: sent[k] - received[k] for k in received}
+        # As Flower's fixedclipping_mod clips a reply: the whole update scaled to an L2 norm of at most C.
+        norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())))
+        scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+        update = {k: (u * scale).to(u.dtype) for k, u in update.items()}
+    return update
 
 
 def replay_client(run: RunFolder, name: str, rounds: list[int]) -> dict[int, Replay]:
