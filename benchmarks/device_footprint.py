@@ -18,7 +18,14 @@ measured in fresh interpreters on the same machine (``fresh_*``), as is the impo
 alone (``python -X importtime``) and the steps a round repeats from disk: manifest, cached
 decoded data, DP plan.
 
-    python -m benchmarks.device_footprint [--rounds 3] [--keep DIR]
+Two modes, one after the other in one run (``--modes``): ``cold``, the phone's SuperNode with
+Flower's own SuperExec (a fresh ``flwr-clientapp`` process per message), and ``warm``, the
+SuperNode in ``--isolation process`` with the warm launcher (``edgemri client serve``: one
+process that imports the stack once and forks a child per message; keys ``warm_*``). Summed
+RSS counts pages a child shares with the launcher twice; ``*_device_mb`` counts them once (the RSS of
+every process started with exec, plus what each forked child holds privately).
+
+    python -m benchmarks.device_footprint [--rounds 3] [--modes cold warm] [--keep DIR] [--no-write]
 """
 
 from __future__ import annotations
@@ -88,40 +95,67 @@ class ProcessTrace:
         return self.last_seen - self.started
 
 
-class TreeSampler(threading.Thread):
-    """Samples a process and all its descendants: the summed RSS and each process's own trace."""
+def private_bytes(pid: int) -> int | None:
+    """USS: the pages only this process maps. For a forked child, what it holds beyond the pages it still
+    shares copy-on-write with its parent (written ones included: those were copied)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+            return sum(int(line.split()[1]) * 1024 for line in rollup
+                       if line.startswith(("Private_Clean:", "Private_Dirty:")))
+    except OSError:
+        return None
 
-    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+
+class TreeSampler(threading.Thread):
+    """Samples processes and all their descendants: the summed RSS and each process's own trace.
+
+    Summed RSS counts a page twice when two processes share it, as a child forked by the warm
+    launcher (``forking_pid``) shares the launcher's: the device's memory (``peak_device``) counts
+    such a child's private pages only (USS, from /proc, a few milliseconds a read). Separate
+    programs share little (the Python library), so summed RSS is near their device memory.
+    PSS would split shared pages with every other process on this machine that maps the same
+    libraries (other torch processes), so it is not used.
+    """
+
+    def __init__(self, pids: list[int], interval_s: float = 0.05, forking_pid: int | None = None) -> None:
         super().__init__(daemon=True)
-        self.root = psutil.Process(pid)
+        self.roots = [psutil.Process(pid) for pid in pids]
         self.interval_s = interval_s
-        self.peak_rss = 0
+        self.forking_pid = forking_pid
+        self.peak_rss = self.peak_device = 0
         self.processes_at_peak = 0
         self.traces: dict[int, ProcessTrace] = {}
         self.stopped = threading.Event()
 
     def sample(self) -> int:
-        total = 0
-        try:
-            tree = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return 0
+        total = device = alive = 0
+        tree = []
+        for root in self.roots:
+            try:
+                tree += [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
         for process in tree:
             try:
                 with process.oneshot():
-                    rss, cpu = process.memory_info().rss, process.cpu_times()
+                    if process.status() == psutil.STATUS_ZOMBIE:
+                        continue  # exited; its parent reaps it only when it starts the next one (SuperExec)
+                    rss, cpu, parent = process.memory_info().rss, process.cpu_times(), process.ppid()
                     trace = self.traces.get(process.pid)
                     if trace is None:
                         trace = self.traces[process.pid] = ProcessTrace(" ".join(process.cmdline()),
                                                                         process_started(process.pid), time.time())
             except psutil.Error:
                 continue
-            total += rss
+            total, alive = total + rss, alive + 1
+            private = private_bytes(process.pid) if parent == self.forking_pid else None
+            device += rss if private is None else private
             trace.last_seen = time.time()
             trace.peak_rss = max(trace.peak_rss, rss)
             trace.cpu_seconds = cpu.user + cpu.system
         if total > self.peak_rss:
-            self.peak_rss, self.processes_at_peak = total, len(tree)
+            self.peak_rss, self.processes_at_peak = total, alive
+        self.peak_device = max(self.peak_device, device)
         return total
 
     def run(self) -> None:
@@ -172,9 +206,11 @@ def clientapp_steps(audit: Path, node_id: int, traces: dict[int, ProcessTrace]) 
     """Mean seconds of each step of the node's ClientApp processes, per message type (train, evaluate).
 
     Only round messages count (not the query or the final evaluation). A step's time is from the
-    previous mark to its own: ``start_to_app_import`` is Python's start, Flower's imports, the
-    connection to the SuperNode, the task pull and the FAB install; ``app_called`` Flower loading
-    the app and handing it the message; ``reply_push_and_exit`` pushing the reply and exiting.
+    previous mark to its own: ``flower_start`` is everything Flower does from the process's start
+    (or fork) to handing the message to the app, less the app's import: Python's start and Flower's
+    imports (inherited from a warm launcher), the connection to the SuperNode, the task pull, the
+    FAB install; ``app_import`` is 0 in a child of the warm launcher (imported before it existed);
+    ``reply_push_and_exit`` is pushing the reply and exiting.
     """
     audited = {int(p.stem.rsplit("-", 1)[1]): json.loads(p.read_text()) for p in audit.glob(f"node-{node_id}-*.json")}
     steps: dict[str, dict[str, list[float]]] = {}
@@ -185,10 +221,12 @@ def clientapp_steps(audit: Path, node_id: int, traces: dict[int, ProcessTrace]) 
         values = record["in"]["records"].get("config", {}).get("values", {}) if record else {}
         if kind not in ("train", "evaluate") or values.get("final", False) or trace is None:
             continue
-        row = {"start_to_app_import": timeline["app_import_started"] - trace.started,
-               "app_import": timeline["app_imported"] - timeline["app_import_started"]}
-        previous = timeline["app_imported"]
-        for mark in timeline["marks"]:
+        handoff = timeline["marks"][0]["time"]  # "app-called": Flower handed the message to the app
+        inherited = timeline["app_imported"] < trace.started
+        app_import = 0.0 if inherited else timeline["app_imported"] - timeline["app_import_started"]
+        row = {"flower_start": handoff - trace.started - app_import, "app_import": app_import}
+        previous = handoff
+        for mark in timeline["marks"][1:]:
             row[mark["step"].replace("-", "_")] = mark["time"] - previous
             previous = mark["time"]
         row["reply_push_and_exit"] = trace.last_seen - previous
@@ -227,7 +265,7 @@ import opacus
 mark("opacus_import")
 client.dp_plan(instructions)
 mark("dp_plan")
-print(json.dumps({"marks": marks, "unneeded": unneeded}))
+print(json.dumps({"marks": marks, "unneeded": unneeded, "exit_started": time.time()}))
 """
 
 
@@ -259,6 +297,7 @@ def fresh_measures(config_path: Path, node_config: dict[str, str]) -> dict[str, 
     profile = import_profile("edgemri.clients.client_app")
     _, stdout, _ = fresh_interpreter(PROBE, json.dumps({"config": str(config_path), "node_config": node_config,
                                                         "unneeded": list(UNNEEDED)}))
+    exited = time.time()
     probe = json.loads(stdout)
     marks = probe["marks"]
     steps = {step: at - marks[i][1] for i, (step, at, _) in enumerate(marks[1:])}
@@ -275,32 +314,55 @@ def fresh_measures(config_path: Path, node_config: dict[str, str]) -> dict[str, 
         "fresh_opacus_import_s": round(steps["opacus_import"], 3),
         "fresh_dp_plan_s": round(steps["dp_plan"], 4),
         "fresh_rss_after_dp_plan_mb": round(marks[-1][2], 1),
+        # Python's own exit once the round's stack is loaded (module teardown), on top of the reply push.
+        "fresh_interpreter_exit_s": round(exited - probe["exit_started"], 3),
     }
 
 
-def step_values(steps: dict[str, dict[str, float]], fresh: dict[str, Any]) -> dict[str, Any]:
-    """Flat ``phone_<message type>_step_<step>_s`` keys; the start split with the fresh-interpreter measures."""
+def step_values(steps: dict[str, dict[str, float]], fresh: dict[str, Any] | None) -> dict[str, Any]:
+    """Flat ``phone_<message type>_step_<step>_s`` keys; a cold start split with the fresh-interpreter measures."""
     values: dict[str, Any] = {}
     for kind, row in sorted(steps.items()):
         for key, value in row.items():
             name = key if key.endswith("_mb") else f"{key}_s"
             values[f"phone_{kind}_step_{name}"] = round(value, 1 if key.endswith("_mb") else 3)
-        # Derived: what is left of the start once Python's start and Flower's imports (fresh) are taken off.
-        values[f"phone_{kind}_step_connect_pull_fab_install_s_derived"] = round(
-            row["start_to_app_import"] - fresh["fresh_python_start_s"] - fresh["fresh_flower_clientapp_import_s"], 3)
+        if fresh is not None:  # derived: the start less Python's start and Flower's imports (fresh interpreters)
+            values[f"phone_{kind}_step_connect_pull_fab_install_s_derived"] = round(
+                row["flower_start"] - fresh["fresh_python_start_s"] - fresh["fresh_flower_clientapp_import_s"], 3)
         values[f"phone_{kind}_overhead_beyond_training_s"] = round(row["total"] - row.get("training", 0.0), 3)
     return values
 
 
-def measure(work: Path, rounds: int) -> dict[str, Any]:
+def wait_preloaded(log: Path, timeout_s: float = 120.0) -> float:
+    """Seconds the warm launcher took to import its stack, from its log, once it has."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        if " in " in text and "preloaded" in text:
+            return float(text.split("preloaded", 1)[1].split(" in ", 1)[1].split()[0])
+        time.sleep(0.2)
+    raise RuntimeError(f"the warm launcher did not finish its imports in {timeout_s:.0f} s; see {log}")
+
+
+def measure(work: Path, rounds: int, warm: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One federation with the phone on Flower's own SuperExec (cold) or on the warm launcher.
+
+    Returns the phone's figures and what the fresh-interpreter measures need (its config and node config).
+    """
     data, manifests, config_path, start = prepare(work, rounds)
     run_dir, audit = work / "run", work / "run" / "audit"
+    launcher_start: dict[str, Any] = {}
     with LocalDeployment(work / "deployment") as deployment:
         for name in (HOSPITAL, PHONE):
-            deployment.add_node(name, manifest=manifests[name], data_dir=data, state_dir=work / "devices" / name)
+            deployment.add_node(name, manifest=manifests[name], data_dir=data, state_dir=work / "devices" / name,
+                                warm=warm and name == PHONE)
         deployment.wait_status([HOSPITAL, PHONE], "online")
-        sampler = TreeSampler(deployment.nodes[PHONE].process.process.pid)
-        idle_rss = max(sampler.sample() for _ in range(10))  # SuperNode and SuperExec, waiting for work
+        phone = deployment.nodes[PHONE]
+        if phone.launcher is not None:
+            launcher_start["phone_launcher_import_s"] = wait_preloaded(phone.launcher.log)
+        sampler = TreeSampler([p.process.pid for p in phone.processes],
+                              forking_pid=phone.launcher.process.pid if phone.launcher is not None else None)
+        idle_rss = max(sampler.sample() for _ in range(10))  # SuperNode and SuperExec (or launcher), waiting
         sampler.start()
         try:
             outcome = deployment.run(APP_DIR, {
@@ -341,13 +403,12 @@ def measure(work: Path, rounds: int) -> dict[str, Any]:
     report = json.loads((run_dir / "federation.json").read_text())
     phone_node_config = {"manifest": str(manifests[PHONE]), "data-dir": str(data),
                          "state-dir": str(work / "devices" / PHONE)}
-    fresh = fresh_measures(config_path, phone_node_config)
     return {
-        "rounds": rounds,
-        "transport": "HTTPS (TLS) with SuperNode authentication, one machine (127.0.0.1)",
         "phone_train_examples": read_manifest(manifests[PHONE]).num_examples("train"),
+        **launcher_start,
         "phone_idle_rss_mb": round(idle_rss / MB, 1),
         "phone_peak_rss_mb": round(sampler.peak_rss / MB, 1),
+        "phone_peak_device_mb": round(sampler.peak_device / MB, 1),
         "phone_processes_at_peak": sampler.processes_at_peak,
         "phone_clientapp_peak_rss_mb": round(max(clientapp_peaks) / MB, 1),
         "phone_round_seconds": round(mean("seconds"), 2),
@@ -356,28 +417,50 @@ def measure(work: Path, rounds: int) -> dict[str, Any]:
         "phone_payload_bytes_sent_per_round": round(mean("out")),
         "phone_array_bytes_received_per_round": round(mean("in_arrays")),
         "phone_array_bytes_sent_per_round": round(mean("out_arrays")),
-        "student_float32_state_dict_bytes": sum(v.numel() * 4 for v in Student().state_dict().values()),
         "server_train_step_seconds": round(statistics.fmean(p["seconds"] for p in report["participation"]), 2),
         "federation_seconds": round(outcome.seconds, 1),
-        "phone_dp": PHONE_DP,
-        **step_values(clientapp_steps(audit, phone_id, sampler.traces), fresh),
-        **fresh,
-    }
+        "steps": clientapp_steps(audit, phone_id, sampler.traces),
+    }, {"config_path": config_path, "node_config": phone_node_config}
+
+
+def measure_modes(work: Path, rounds: int, modes: list[str]) -> dict[str, Any]:
+    """Each mode's federation in turn (cold: Flower's SuperExec; warm: the launcher, keys ``warm_*``)."""
+    values: dict[str, Any] = {"rounds": rounds, "modes": modes, "phone_dp": PHONE_DP,
+                              "transport": "HTTPS (TLS) with SuperNode authentication, one machine (127.0.0.1)",
+                              "student_float32_state_dict_bytes": sum(v.numel() * 4 for v in
+                                                                      Student().state_dict().values())}
+    fresh = None
+    for mode in modes:
+        phone, inputs = measure(work / mode, rounds, warm=mode == "warm")
+        if fresh is None:
+            fresh = fresh_measures(inputs["config_path"], inputs["node_config"])
+        prefix = "warm_" if mode == "warm" else ""
+        phone.update(step_values(phone.pop("steps"), fresh if mode == "cold" else None))
+        values["phone_train_examples"] = phone.pop("phone_train_examples")
+        values.update({f"{prefix}{key}": value for key, value in phone.items()})
+    return {**values, **(fresh or {})}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="federation rounds (default: 3)")
+    parser.add_argument("--modes", nargs="+", choices=("cold", "warm"), default=["cold", "warm"],
+                        help="cold: Flower's SuperExec starts a ClientApp process per message; warm: the warm "
+                             "launcher (edgemri client serve) forks one per message (default: both, in one run)")
     parser.add_argument("--keep", default=None, help="work folder to keep (logs, audit); default: a temp folder")
+    parser.add_argument("--no-write", action="store_true", help="print the figures, do not write the result file")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.keep:
-        values = measure(Path(args.keep), args.rounds)
+        values = measure_modes(Path(args.keep), args.rounds, args.modes)
     else:
         with tempfile.TemporaryDirectory(prefix="edgemri-footprint-") as work:
-            values = measure(Path(work), args.rounds)
+            values = measure_modes(Path(work), args.rounds, args.modes)
     values["benchmark_seconds"] = round(time.perf_counter() - started, 1)
-    write_result("device_footprint", values)
+    if args.no_write:
+        print(json.dumps(values, indent=2))
+    else:
+        write_result("device_footprint", values)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,39 @@ def _summary(report: dict[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
+def table(values: dict[str, Any], preset: str) -> str:
+    """README §2's table for one preset: every student with its paired difference to the baseline and its ECE."""
+    def ci(key: str) -> str:
+        mean, low, high = (values[f"{key}_pts_{p}"] for p in ("mean", "low", "high"))
+        return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+    lines = ["| student | test accuracy % | − baseline (paired) | gap closed (worst seed) | seeds > baseline "
+             "| ECE raw → calibrated (floor) | accepted at 90% coverage | teacher passes | what it gave the recipe |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    stages = sorted({k.split(".")[1] for k in values if k.startswith(f"{preset}.") and k.endswith("_pct_mean")},
+                    key=lambda s: (s != "teacher", s != "baseline", s != "paper-kd", s != "kd", s))
+    for stage in stages:
+        key = f"{preset}.{stage}"
+        accuracy = f"{values[f'{key}.test_accuracy_pct_mean']:.1f} ± {values[f'{key}.test_accuracy_pct_std']:.1f}"
+        if stage == "teacher":
+            lines.append(f"| teacher | {accuracy} | | | | | | | |")
+            continue
+        ece = (f"{values[f'{key}.ece_uncalibrated_mean']:.3f} → {values[f'{key}.ece_calibrated_mean']:.3f} "
+               f"({values[f'{key}.ece_noise_floor_mean']:.3f})")
+        accepted = (f"{values[f'{key}.accuracy_at_90_coverage_pct_mean']:.1f} "
+                    f"({values[f'{key}.coverage_gain_at_90_pts_mean']:+.1f})")
+        if stage == "baseline":
+            lines.append(f"| baseline (CE) | {accuracy} | | | | {ece} | {accepted} | 0 | |")
+            continue
+        gap, worst = values[f"{key}.gap_closed_fraction"], values[f"{key}.gap_closed_fraction_min_seed"]
+        gap = f"{100 * gap:.0f}% ({100 * worst:.0f}%)"
+        gave = ci(f"{key}.ingredient_gain") if f"{key}.ingredient_gain_pts_mean" in values else ""
+        lines.append(f"| {stage} | {accuracy} | {ci(f'{key}.minus_baseline')} | {gap} | "
+                     f"{values[f'{key}.seeds_above_baseline']}/{values[f'{preset}.seeds_run']} | {ece} | {accepted} | "
+                     f"{values[f'{key}.teacher_passes_per_seed']:,} | {gave} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -111,7 +144,14 @@ def main() -> None:
     parser.add_argument("--data-kaggle", default=None, help="a synthetic kaggle-size set (default: generate one)")
     parser.add_argument("--compare", choices=("ablation", "paper"), default="ablation",
                         help="paper: only the paper's KD beside the recipe (no ablation students)")
+    parser.add_argument("--table", action="store_true", help="print README §2's tables from the last results")
     args = parser.parse_args()
+    if args.table:
+        values = json.loads((RESULTS / "distillation.json").read_text())
+        for preset in PRESETS:
+            if f"{preset}.seeds_run" in values:
+                print(f"\n{preset} ({values[f'{preset}.seeds_run']} seeds)\n\n{table(values, preset)}")
+        return
     out = Path(args.out)
     given = {"quickstart": args.data_quickstart, "kaggle": args.data_kaggle}
     roots = {preset: quickstart_data(given[preset], preset) for preset in {*args.presets, "quickstart"}}
@@ -135,6 +175,7 @@ def main() -> None:
         values.update(_summary(report, preset))
         values[f"{preset}.seconds"] = seconds
         values[f"{preset}.compare"] = args.compare
+        values[f"{preset}.seeds_run"] = len(results)
         print(f"{preset}: {paths['md']}", flush=True)
         write_result("distillation", values)
     for preset in args.presets:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("train_speed", "dp_speed", "latency", "federation", "device_footprint", "data_calibration",
-              "personalization")
-OWN_DATA = ("latency", "device_footprint", "personalization")  # make their own inputs (personalization: clinics)
+              "personalization", "privacy_attacks")
+# make their own inputs (personalization and privacy_attacks: clinics)
+OWN_DATA = ("latency", "device_footprint", "personalization", "privacy_attacks")
 
 
 def main() -> int:

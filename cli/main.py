@@ -149,6 +149,23 @@ def cmd_privacy_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_audit(args: argparse.Namespace) -> int:
+    import time
+
+    from edgemri.simulation.privacy_audit import AuditSettings, audit, write_audit_report
+
+    started = time.perf_counter()
+    settings = AuditSettings(tiers=(args.tier,) if args.tier else None, canaries=args.canaries, seed=args.seed,
+                             start=Path(args.start) if args.start else None)
+    report = audit(_config(args), settings, (lambda _line: None) if args.quiet else
+                   (lambda line: print(line, flush=True)))
+    for kind, tier in report["tiers"].items():
+        print(f"{kind}: {tier['reading']}")
+    paths = write_audit_report(report, Path(args.out))
+    print(f"privacy audit: {paths['md']} (+ {paths['json'].name}) in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
 def cmd_privacy_sweep(args: argparse.Namespace) -> int:
     from edgemri.simulation.pipeline import start_model
     from edgemri.simulation.sweep import sweep
@@ -263,6 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--start", default=None, help="the run's start model (default: the one it recorded)")
     attack.add_argument("--write-reconstructions", action="store_true",
                         help="write the grid of reconstructed scans for real data too (always on synthetic data)")
+    audit = add(privacy, "audit", cmd_privacy_audit,
+                "the one-run DP audit (Steinke, Nasr, Jagielski 2023): train each tier's largest client with DP-SGD as "
+                "configured, at a weak setting and without DP, on its scans plus coin-included canaries; write "
+                "privacy-audit.json/.md with the empirical epsilon lower bound beside the accounted epsilon")
+    audit.add_argument("--config", default="configs/quickstart.yaml",
+                       help="YAML config (default: configs/quickstart.yaml)")
+    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config key (value in YAML); repeatable")
+    audit.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
+    audit.add_argument("--tier", default=None, help="the tier to audit, e.g. phone or hospital (default: every tier)")
+    audit.add_argument("--canaries", type=int, default=500, help="canaries m (default 500; 20-2000)")
+    audit.add_argument("--seed", type=int, default=0, help="seed of the canaries, the coins and the noise (default 0)")
+    audit.add_argument("--start", default=None,
+                       help="the model the clients start from (default: federation.start_checkpoint, else a fresh "
+                            "seeded student)")
+    audit.add_argument("--out", default="runs/privacy-audit",
+                       help="folder for the report (default: runs/privacy-audit)")
     sweep = add(privacy, "sweep", cmd_privacy_sweep,
                 "run the federation at several target epsilons and without DP; tabulate accuracy")
     add_config(sweep)

@@ -11,7 +11,8 @@ Three families, each the standard one from the literature, so a privacy reviewer
   and ``calibrated_loss_attack`` (the same, minus each example's loss under a reference model that
   never saw it: Watson et al. 2022, difficulty calibration); both report ROC AUC and TPR at 1% FPR.
 - **An empirical lower bound on epsilon from one training run** (Steinke, Nasr, Jagielski 2023):
-  ``canary_coins``, ``audit_guesses``, ``one_run_epsilon_lower_bound``.
+  ``canary_coins``, ``audit_guesses``, ``one_run_epsilon_lower_bound``; ``noise_canaries`` and
+  ``margin_gain_scores`` make and score the canaries of ``edgemri privacy audit``.
 
 These measure what *one* attack achieves; a weak result bounds nothing about a stronger attack.
 Only the audit's epsilon is a statement with a confidence level (docs/PRIVACY.md, "Attacks and audits").
@@ -33,6 +34,7 @@ from edgemri.core.errors import EdgemriError
 
 MAX_INVERSION_STEPS = 100_000
 MAX_INVERSION_ELEMENTS = 10_000_000  # a dummy input larger than this is not an image this project trains on
+MAX_CANARY_VALUES = 100_000_000  # uint8 canary pixels: 100 MB, about 2,000 images of 3 x 128 x 128
 MEMBERSHIP_FPR = 0.01  # the operating point reported beside AUC: attacks matter at low false-positive rates
 # SSIM's constants and window (Wang et al. 2004): K1, K2 scale the stabilizers by the data range.
 SSIM_K1, SSIM_K2, SSIM_WINDOW, SSIM_SIGMA = 0.01, 0.03, 11, 1.5
@@ -419,3 +421,55 @@ def one_run_epsilon_lower_bound(correct: int, guesses: int, canaries: int, delta
         middle = (low + high) / 2
         low, high = (middle, high) if refuted(middle) else (low, middle)
     return low
+
+
+def noise_canaries(count: int, seed: int, shape: Sequence[int] = (3, 128, 128), classes: int = 4
+                   ) -> tuple[Tensor, Tensor]:
+    """``count`` canaries for the audit: uniform-noise uint8 images of ``shape``, each with a uniform random label.
+
+    Unlike any scan and nearly unlike each other, so what training on one does to the others is small and
+    the real data teaches them nothing: how far the model moved towards a canary's label is mostly that
+    canary's own doing. Seeded (``seed``), and drawn apart from the coins, which must not depend on them.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise AttackError(f"noise_canaries count must be a positive int, got {count!r}")
+    shape = tuple(shape)
+    if not shape or not all(isinstance(s, int) and s >= 1 for s in shape) \
+            or count * math.prod(shape) > MAX_CANARY_VALUES:
+        raise AttackError(f"noise_canaries needs a shape of positive ints and at most {MAX_CANARY_VALUES:,} pixel "
+                          f"values in all, got {count} x {shape}")
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+        raise AttackError(f"noise_canaries classes must be an int >= 2, got {classes!r}")
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (count, *shape), generator=generator, dtype=torch.uint8)
+    return images, torch.randint(0, classes, (count,), generator=generator)
+
+
+def margin_gain_scores(logits_before: Tensor, logits_after: Tensor, labels: Tensor) -> Tensor:
+    """How much training raised each canary's logit margin, centred per label: the audit's scores (higher = "in").
+
+    The margin is the label's logit minus the mean of the other logits; its gain is the margin under the
+    trained model minus the one under the start model. Training also moves every noise image towards the
+    classes the included canaries carry; that shared drift is the same for an included and an excluded
+    canary of one label, so each label's mean gain is subtracted. The scores depend on the trained model and
+    the canaries only, never on the coins, as the one-run audit requires.
+    """
+    if logits_before.ndim != 2 or logits_after.shape != logits_before.shape or labels.shape != logits_before.shape[:1]:
+        raise AttackError(f"margin_gain_scores needs two (canaries, classes) logit tensors and (canaries,) labels, got "
+                          f"{tuple(logits_before.shape)}, {tuple(logits_after.shape)} and {tuple(labels.shape)}")
+    classes = logits_before.shape[1]
+    if classes < 2 or not (torch.isfinite(logits_before).all() and torch.isfinite(logits_after).all()):
+        raise AttackError("margin_gain_scores needs finite logits over at least two classes")
+    if labels.dtype != torch.long or len(labels) == 0 or labels.min() < 0 or labels.max() >= classes:
+        raise AttackError(f"margin_gain_scores labels must be int64 class indices in [0, {classes})")
+
+    def margin(logits: Tensor) -> Tensor:
+        logits = logits.double()
+        own = logits.gather(1, labels[:, None])[:, 0]
+        return own - (logits.sum(1) - own) / (classes - 1)
+
+    gain = margin(logits_after) - margin(logits_before)
+    for label in labels.unique():
+        chosen = labels == label
+        gain[chosen] -= gain[chosen].mean()
+    return gain

@@ -22,11 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -37,9 +32,11 @@ from edgemri.core.io import write_text
 LEDGER_FORMAT = "edgemri.privacy-ledger/2"
 HEAD_FORMAT = "edgemri.privacy-ledger-head/1"
 LEDGER_FILE = "privacy-ledger.jsonl"
-# The accountants a plan and a ledger record may name (config.PrivacyConfig.accountant).
-# The accountants Opacus ships, named as Opacus names them (``create_accountant`` takes these names).
-ACCOUNTANTS = tuple(cls.mechanism() for cls in (RDPAccountant, PRVAccountant, GaussianAccountant))
+# The accountants a plan and a ledger record may name (config.PrivacyConfig.accountant): the ones
+# Opacus ships, as ``mechanism()`` of RDPAccountant, PRVAccountant and GaussianAccountant names them
+# (``create_accountant`` takes these names). Written out, so that importing this module does not
+# import Opacus (half a second and SciPy): a client without DP never needs it.
+ACCOUNTANTS = ("rdp", "prv", "gdp")
 # Below this many expected examples per noisy step, the noise (sigma * C) drowns the
 # clipped gradient sum (at most q * n * C): training would learn noise.
 MIN_SIGNAL_TO_NOISE = 1.0
@@ -70,6 +67,8 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
 def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # here, not at the top: only DP clients need Opacus
+
     account = create_accountant(accountant)
     # GDP composes only identical steps; merge runs of equal (sigma, q), which every plan has.
     merged: list[tuple[float, float, int]] = []
@@ -131,6 +130,8 @@ def plan_dp(tier: DPTierConfig, *, n: int, batch_size: int, local_epochs: int, r
     if tier.noise_multiplier is not None:
         sigma = tier.noise_multiplier
     else:
+        from opacus.accountants.utils import get_noise_multiplier  # only DP clients need Opacus
+
         try:
             target = min(tier.target_epsilon, tier.budget_epsilon)
             sigma = float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=sample_rate,
@@ -155,6 +156,8 @@ def plan_dp(tier: DPTierConfig, *, n: int, batch_size: int, local_epochs: int, r
 
 def check_dp_model(model: nn.Module, name: str) -> None:
     """Opacus computes per-sample gradients only for some layers (no BatchNorm, ...)."""
+    from opacus.validators import ModuleValidator  # only DP clients need Opacus
+
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise PrivacyError(f"DP-SGD cannot train model {name!r}: " + "; ".join(str(e) for e in errors[:3]))
@@ -172,6 +175,9 @@ def opacus_wrap(plan: DPPlan, seed: int) -> Callable:
     """
 
     def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, n: int, batch_size: int):
+        from opacus import PrivacyEngine  # only DP clients need Opacus
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
         if n < 1:
             raise PrivacyError(f"DP-SGD needs at least one training scan, has {n}")
         rows = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import VGG16_Weights
 
 from edgemri.models.norm_student import NormStudent
 from edgemri.models.student import Student
@@ -53,6 +52,8 @@ def _build_vgg16_slim(
 
 def imagenet_weights_path() -> Path:
     """Where torchvision's weights API looks for VGG16's ImageNet weights."""
+    from torchvision.models import VGG16_Weights  # here, not at the top: a client round never needs torchvision
+
     filename = os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
@@ -67,6 +68,8 @@ def _build_vgg16_imagenet(*, num_classes: int = 4, pretrained: bool = True) -> T
     teacher.freeze_features()
     if not pretrained:
         return teacher
+    from torchvision.models import VGG16_Weights
+
     path = imagenet_weights_path()
     try:
         # torchvision reads its cache first and downloads only when the file is missing.

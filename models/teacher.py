@@ -7,14 +7,15 @@ scaled by a width factor) and turned into layers by torchvision's ``make_layers`
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchvision.models.vgg import cfgs, make_layers
-
-VGG16_LAYOUT: list[str | int] = list(cfgs["D"])
 
 
 def scaled_layout(width: float) -> list[str | int]:
     """VGG16's 13-conv layout with every channel count scaled by ``width`` (min 4)."""
-    return [v if v == "M" else max(4, round(int(v) * width)) for v in VGG16_LAYOUT]
+    # torchvision is imported where a teacher is built: the student's users (a client round, a device) never
+    # pay its second of import time.
+    from torchvision.models.vgg import cfgs
+
+    return [v if v == "M" else max(4, round(int(v) * width)) for v in cfgs["D"]]
 
 
 class Teacher(nn.Module):
@@ -28,6 +29,8 @@ class Teacher(nn.Module):
         self, *, width: float = 1.0, batch_norm: bool = False, num_classes: int = 4
     ) -> None:
         super().__init__()
+        from torchvision.models.vgg import make_layers
+
         layout = scaled_layout(width)
         # Drop the last max-pool: the paper keeps torchvision's features[:30].
         self.features = make_layers(layout, batch_norm=batch_norm)[:-1]
