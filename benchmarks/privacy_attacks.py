@@ -100,6 +100,7 @@ def audit_values(report: dict[str, Any]) -> dict[str, Any]:
             values.update({f"{prefix}.steps": result["steps"], f"{prefix}.sample_rate": result["sample_rate"],
                            f"{prefix}.accounted_epsilon": result["accounted_epsilon"],
                            f"{prefix}.empirical_epsilon": result["empirical_epsilon"],
+                           f"{prefix}.ceiling_epsilon": result["ceiling_epsilon"],
                            f"{prefix}.correct": result["correct"], f"{prefix}.guesses": result["guesses"],
                            f"{prefix}.scores_auc": result["scores_auc"],
                            f"{prefix}.empirical_at_or_below_accounted": result["empirical_at_or_below_accounted"]})
@@ -150,6 +151,8 @@ def main() -> None:
     report = audit(configs["dp"], AuditSettings(tiers=("phone", "hospital"), canaries=scale["canaries"], seed=0,
                                                 start=student), lambda line: print(line, flush=True))
     write_audit_report(report, out / "audit")
+    for kind, tier in report["tiers"].items():
+        print(f"audit {kind}: {tier['reading']}", flush=True)
     values.update(audit_values(report))
     for key in sorted(k for k in values if k.endswith(("_margin_db", "_auc", "_epsilon")) or k.startswith("goal.")):
         print(f"{key:70s} {values[key]}")

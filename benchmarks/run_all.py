@@ -9,9 +9,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("train_speed", "dp_speed", "latency", "federation", "device_footprint", "data_calibration",
-              "personalization", "privacy_attacks")
-# make their own inputs (personalization and privacy_attacks: clinics)
-OWN_DATA = ("latency", "device_footprint", "personalization", "privacy_attacks")
+              "personalization", "distillation", "privacy_attacks")
+# make their own inputs (personalization and privacy_attacks: clinics; distillation: quickstart and kaggle)
+OWN_DATA = ("latency", "device_footprint", "personalization", "distillation", "privacy_attacks")
 
 
 def main() -> int:

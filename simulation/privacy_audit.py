@@ -60,6 +60,7 @@ GUESS_SHARE = 4  # k_positive = k_negative = m // 4, fixed in advance (no search
 WEAK_NOISE_MULTIPLIER = 0.1  # epsilon in the thousands: a setting where the bound must rise off zero
 NO_CLIPPING = 1e12  # a clipping norm no per-sample gradient reaches: Opacus's clipping then changes nothing
 CANARY_STREAM = 2**31  # the canaries' generator seed is the audit's seed plus this: a stream apart from the coins'
+UNINFORMATIVE_BOUND = 0.5  # a DP-off bound below this: the training leaves too little trace for the audit to read
 SETTINGS = ("as_configured", "weak", "dp_off")
 CANARIES = ("uniform-noise uint8 images of the scans' shape, each with a uniformly random label, each included "
             "by a seeded fair coin (core.attacks.noise_canaries, canary_coins)")
@@ -155,7 +156,7 @@ def audit_plan(train: ArraySplit, plan: DPPlan, spec: TrainSpec, *, start: State
     Returns the empirical epsilon (a lower bound at confidence 1 - ``beta``), the accounted epsilon for the
     steps taken (None where there is no noise: infinite), and what they rest on (guesses, steps, plan).
     """
-    if plan.noise_multiplier > 0 and not plan.feasible:
+    if not plan.feasible:  # the client would not train: nothing leaves it to audit
         return {"trained": False, "why": plan.reason, **_plan_fields(plan)}
     started = time.perf_counter()
     images, labels = attacks.noise_canaries(canaries, seed + CANARY_STREAM,
@@ -175,13 +176,14 @@ def audit_plan(train: ArraySplit, plan: DPPlan, spec: TrainSpec, *, start: State
     return {"trained": True, **_plan_fields(plan), "steps": steps, "accounted_epsilon": _finite(accounted),
             "empirical_epsilon": empirical, "beta": beta, "canaries": canaries, "included": int(included.sum()),
             "k_positive": k, "k_negative": k, "correct": correct, "guesses": guesses,
+            "ceiling_epsilon": attacks.one_run_epsilon_lower_bound(guesses, guesses, canaries, plan.delta, beta),
             "scores_auc": separation["auc"], "empirical_at_or_below_accounted": empirical <= accounted,
             "seconds": time.perf_counter() - started}
 
 
 def _plan_fields(plan: DPPlan) -> dict[str, Any]:
     dp = plan.noise_multiplier > 0
-    return {"dp": dp, "noise_multiplier": plan.noise_multiplier,
+    return {"dp": dp, "noise_multiplier": _finite(plan.noise_multiplier),
             "max_grad_norm": plan.max_grad_norm if plan.max_grad_norm < NO_CLIPPING else None,
             "sample_rate": plan.sample_rate, "steps_per_round": plan.steps_per_round, "rounds": plan.planned_rounds,
             "delta": plan.delta, "accountant": plan.accountant,
@@ -205,8 +207,12 @@ def audit_client(train: ArraySplit, tier: DPTierConfig, spec: TrainSpec, *, roun
     return results
 
 
+def _noise(result: dict[str, Any]) -> str:
+    return "∞" if result["noise_multiplier"] is None else f"{result['noise_multiplier']:.3g}"
+
+
 def _setting_line(name: str, result: dict[str, Any]) -> str:
-    noise = f"noise {result['noise_multiplier']:.3g}, clipping {result['max_grad_norm'] or 'off'}"
+    noise = f"noise {_noise(result)}, clipping {_clipping(result)}"
     if not result["trained"]:
         return f"  {name} ({noise}): the client would not train ({result['why']})"
     accounted = result["accounted_epsilon"]
@@ -229,8 +235,9 @@ def _start(config: Config, settings: AuditSettings) -> tuple[State, str]:
     path = settings.start or (Path(config.federation.start_checkpoint) if config.federation.start_checkpoint
                               else None)
     if path is None:
-        torch.manual_seed(settings.seed)
-        return Student().state_dict(), f"a fresh student (seed {settings.seed})"
+        with torch.random.fork_rng():
+            torch.manual_seed(settings.seed)
+            return Student().state_dict(), f"a fresh student (seed {settings.seed})"
     checkpoint = load_checkpoint(path)
     if checkpoint.model != "student":
         raise PrivacyAuditError(f"{path} holds a {checkpoint.model!r}; the audited clients train a student")
@@ -248,7 +255,8 @@ def audit(config: Config, settings: AuditSettings, progress: Callable[[str], Non
     dataset = load_dataset(root, cache_dir=config.data.cache_dir)
     manifests = partition(dataset.train, root, config)
     start, start_from = _start(config, settings)
-    tiers = settings.tiers or tuple(t for t in config.federation.tier_names if t in config.privacy.tier_names)
+    tiers = settings.tiers or tuple(t for t in config.federation.tier_names  # default: each tier with DP and clients
+                                    if t in config.privacy.tier_names and any(m.kind == t for m in manifests))
     report_tiers = {}
     for kind in tiers:
         manifest = tier_client(manifests, kind)
@@ -274,24 +282,31 @@ def audit(config: Config, settings: AuditSettings, progress: Callable[[str], Non
 
 
 def reading(results: dict[str, dict[str, Any]]) -> str:
-    """One sentence on what this tier's numbers show, for the Markdown and the progress output."""
+    """One sentence on what this tier's numbers show, for the Markdown and the command's output."""
     trained = {k: r for k, r in results.items() if r["trained"]}
     above = [k for k, r in trained.items() if not r["empirical_at_or_below_accounted"]]
     if above:
         return (f"the empirical epsilon EXCEEDS the accounted one for {', '.join(above)}: the DP-SGD implementation or "
                 f"its accounting is wrong (or a 5% chance event); investigate before trusting the epsilon")
+    if not trained:
+        return "the client would not train in any audited setting: nothing to audit"
+    bounds = ", ".join(f"{k} {r['empirical_epsilon']:.2f}" for k, r in trained.items())
+    ceiling = max(r["ceiling_epsilon"] for r in trained.values())
     off = trained.get("dp_off")
-    if off is not None and off["empirical_epsilon"] == 0:
-        return (f"even with DP off, {off['steps']} steps leave too little trace of the canaries for this audit to "
-                f"refute any epsilon: its bound of 0 here says nothing about the DP settings; read a tier with more "
-                f"steps")
-    return ("every empirical bound is at or below its accounted epsilon; the bound rises as the noise shrinks "
-            "(DP off is the audit's ceiling at this number of canaries)" if off is not None else
-            "every empirical bound is at or below its accounted epsilon")
+    if off is not None and off["empirical_epsilon"] < UNINFORMATIVE_BOUND:
+        return (f"even with DP off, {off['steps']} noisy steps leave too little trace of {off['canaries']} canaries "
+                f"for this audit to refute more than a tiny epsilon ({bounds}): these bounds say next to nothing "
+                f"about the DP settings; read a tier with more steps, or use more canaries")
+    rising = [trained[k]["empirical_epsilon"] for k in SETTINGS if k in trained]
+    trend = ("the bound rises as the noise shrinks" if rising == sorted(rising) else
+             "the bound does not rise steadily as the noise shrinks: at this number of canaries the bounds are "
+             "within their own noise")
+    return (f"every empirical bound is at or below its accounted epsilon ({bounds}; {ceiling:.2f} if every guess were "
+            f"right); {trend}")
 
 
-def _number(value: float | None, digits: str = ".3g") -> str:
-    return "∞" if value is None else format(value, digits)
+def _clipping(result: dict[str, Any]) -> str:
+    return "off" if result["max_grad_norm"] is None else f"{result['max_grad_norm']:.3g}"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -311,13 +326,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in tier["settings"].items():
             if not r["trained"]:
-                lines.append(f"| {name} | {r['noise_multiplier']:.3g} | {_number(r['max_grad_norm'])} | "
+                lines.append(f"| {name} | {_noise(r)} | {_clipping(r)} | "
                              f"{r['sample_rate']:.3g} | — | {r['delta']:.1e} | — | not trained: {r['why']} "
                              f"| — | — | — |")
                 continue
-            lines.append(f"| {name} | {r['noise_multiplier']:.3g} | {_number(r['max_grad_norm'])} | "
+            accounted = "∞ (no noise)" if r["accounted_epsilon"] is None else \
+                f"{r['accounted_epsilon']:.3g} ({r['accountant']})"
+            lines.append(f"| {name} | {_noise(r)} | {_clipping(r)} | "
                          f"{r['sample_rate']:.3g} | {r['steps']} | {r['delta']:.1e} | "
-                         f"{_number(r['accounted_epsilon'])} ({r['accountant']}) | {r['empirical_epsilon']:.2f} | "
+                         f"{accounted} | {r['empirical_epsilon']:.2f} | "
                          f"{r['correct']}/{r['guesses']} | {r['scores_auc']:.2f} | {r['seconds']:.0f} |")
         lines += ["", f"Reading: {tier['reading']}.", ""]
     lines.append(f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}; "

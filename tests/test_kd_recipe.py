@@ -31,7 +31,7 @@ def test_views_are_reproducible_view_zero_is_the_image_and_others_differ() -> No
     assert torch.equal(apply_views(images, params[:, 0]), images.float())
     views = apply_views(images, params[:, 1])
     assert views.shape == images.shape and views.dtype == torch.float32
-    assert 0 <= float(views.min()) and float(views.max()) <= 255
+    assert float(views.min()) >= 0 and float(views.max()) <= 255
     assert not torch.allclose(views, images.float())
     # Rebuilding a view gives the same pixels (what the student trains on is what the teacher scored).
     assert torch.equal(views, apply_views(images, params[:, 1]))
