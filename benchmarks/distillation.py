@@ -158,7 +158,7 @@ def main() -> None:
     # Presets run in separate invocations keep each other's results (a rerun of the sweep resumes its stages).
     previous = RESULTS / "distillation.json"
     values: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}
-    values.update({"seeds": args.seeds, "config": str(CONFIG), "scenario": "seen-sites"})
+    values.update({"config": str(CONFIG), "scenario": "seen-sites"})  # seeds: per preset, PRESET.seeds_run
     started = time.perf_counter()
     chosen, swept = sweep(roots["quickstart"], out / "sweep")
     values.update(swept)

@@ -678,7 +678,7 @@ def sample_clients(run: RunFolder, count: int, seed: int) -> list[str]:
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Simulated clients train on one thread each: the same reductions in the same order make the replay exact
     (and inversion is fastest unthreaded at this size)."""
     threads = torch.get_num_threads()
@@ -868,7 +868,7 @@ def attack_run(run_dir: Path, settings: AttackSettings, progress: Callable[[str]
     progress(f"privacy attack on {run.root}: {run.config.federation.method}, {run.config.federation.rounds} rounds; "
              f"{len(names)} of {len(run.result.clients)} clients (seed {settings.seed}): {', '.join(names)}")
     cards, examples = {}, []
-    with _one_thread():
+    with one_thread():
         pools, pools_from = _site_pools(run)
         for name in names:
             cards[name], kept = attack_client(run, name, settings, pools, keep_examples, progress)

@@ -29,8 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from edgemri.core.personalize import LocalTrainer, State, student_from
 from edgemri.core.privacy import DPPlan, epsilon_of, opacus_wrap, plan_dp
 from edgemri.models import Student
 from edgemri.reports.common import machine, package_versions
+from edgemri.simulation.privacy_attack import one_thread
 
 REPORT_KIND = "edgemri.privacy-audit/1"
 STEM = "privacy-audit"
@@ -89,17 +89,6 @@ class AuditSettings:
             if tier not in allowed:
                 raise PrivacyAuditError(f"--tier is {tier!r}; allowed: {', '.join(allowed)} (the config's tiers "
                                         f"with DP settings)")
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """One thread, as each simulated client trains: the same reductions in the same order, run to run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _finite(value: float) -> float | None:
@@ -200,7 +189,7 @@ def audit_client(train: ArraySplit, tier: DPTierConfig, spec: TrainSpec, *, roun
         raise PrivacyAuditError(f"audit settings {unknown or list(settings)!r}; allowed: some of {', '.join(SETTINGS)}")
     plans = setting_plans(tier, n=len(train), spec=spec, rounds=rounds, accountant=accountant)
     results = {}
-    with _one_thread():
+    with one_thread():
         for name in settings:
             results[name] = audit_plan(train, plans[name], spec, start=start, canaries=canaries, seed=seed)
             progress(_setting_line(name, results[name]))
