@@ -101,7 +101,7 @@ def test_the_replayed_update_is_the_one_the_client_sent(small_run, kind: str) ->
     run_dir, sent = small_run
     run = pa.read_run(run_dir)
     name = _client(run_dir, kind)
-    with pa._one_thread():
+    with pa.one_thread():
         replay = pa.replay_client(run, name, [ROUNDS])[ROUNDS]
     assert (replay.plan is not None) == (kind == "phone")  # the phone's DP-SGD noise is seeded: exact too
     assert set(replay.update) == set(sent[(name, ROUNDS)])
