@@ -32,6 +32,7 @@ from edgemri.core.checkpoint import Checkpoint
 from edgemri.core.data import IMAGE_SIZE, normalize
 from edgemri.core.io import write_json
 from edgemri.edge.contract import INPUT_NAME, load_student
+from edgemri.edge.executorch import executorch_bytes, load_executorch
 from edgemri.edge.int8 import calibration_sample, quantize
 from edgemri.edge.onnx import onnx_bytes
 from edgemri.edge.runtime import ORT_DISABLED_OPTIMIZERS, onnx_session, run_onnx
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
+    # Every variant on one core: ExecuTorch's XNNPACK threadpool ignores torch's thread setting (it used both
+    # cores here), so "one thread" is enforced for the process, not asked of each runtime.
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     torch.manual_seed(0)
     if args.checkpoint:
         checkpoint = load_student(args.checkpoint)
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         state = io.BytesIO()
         torch.save(checkpoint.state_dict, state)
         channels_last = checkpoint.build().to(memory_format=torch.channels_last)
+        pte = executorch_bytes(checkpoint)
+        executorch_run, _ = load_executorch(pte, "the benchmark's .pte")  # one image a call; batches loop
 
         variants: dict[str, Runner] = {
             "pytorch_eager": model,
@@ -177,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             "onnx_fp32_offline_optimized": ort_runner(onnx_session(offline, threads=1)),
             "onnx_int8_default_session": ort_runner(default_session(int8)),
             "onnx_int8": ort_runner(onnx_session(int8, threads=1)),
+            "executorch_xnnpack": executorch_run,
         }
         results: dict[str, object] = {
             "model_source": args.checkpoint or "random student (seed 0)",
             "threads": 1,
+            "cores": 1,
             "image_size_px": IMAGE_SIZE,
             "single_image_runs": args.runs,
             "state_dict_file_bytes": len(state.getvalue()),
@@ -188,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "onnx_fp32_file_bytes": len(fp32),
             "onnx_fp32_offline_optimized_file_bytes": len(offline),
             "onnx_int8_file_bytes": len(int8),
+            "executorch_xnnpack_file_bytes": len(pte),
         }
         started = time.perf_counter()
         jobs = {f"{name}_batch{BATCH}_img_per_s": (run, BATCH) for name, run in variants.items()}
