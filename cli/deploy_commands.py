@@ -1,4 +1,4 @@
-"""``edgemri deploy certs|keys|register``, ``edgemri client serve``: the steps of a real deployment (docs/DEPLOY.md)."""
+"""``edgemri deploy certs|keys|register``: the files and steps of a real deployment (docs/DEPLOY.md)."""
 
 from __future__ import annotations
 
@@ -52,17 +52,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_client_serve(args: argparse.Namespace) -> int:
-    from edgemri.deploy.warm import DEFAULT_PRELOAD, POLL_INTERVAL_S, serve
-
-    serve(args.runtime_api_address, insecure=args.insecure, root_certificates=args.root_certificates,
-          preload=tuple(args.preload) or DEFAULT_PRELOAD,
-          poll_interval_s=POLL_INTERVAL_S if args.poll_interval is None else args.poll_interval)
-    return 0
-
-
 def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
-    """Add ``deploy certs|keys|register`` and ``client serve`` to the ``edgemri`` command line."""
+    """Add ``deploy certs``, ``deploy keys`` and ``deploy register`` to the ``edgemri`` command line."""
     deploy = commands.add_parser(
         "deploy", help="TLS certificates, SuperNode keys and registration for real devices (docs/DEPLOY.md)",
     ).add_subparsers(dest="deploy_command", required=True, metavar="SUBCOMMAND")
@@ -86,21 +77,3 @@ def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
     reg.add_argument("--connection", required=True, help="connection name in FLWR_HOME/config.toml")
     reg.add_argument("--nodes", nargs="+", metavar="NAME", default=None, help="only these nodes (default: every .pub)")
     reg.add_argument("--flwr-home", default=None, help="Flower config folder (default: $FLWR_HOME or ~/.flwr)")
-
-    client = commands.add_parser("client", help="run this device's ClientApps (docs/DEPLOY.md)").add_subparsers(
-        dest="client_command", required=True, metavar="SUBCOMMAND")
-    serve = add(client, "serve", cmd_client_serve,
-                "warm ClientApp launcher for a SuperNode started with --isolation process: imports the stack "
-                "once, runs each task in a forked child")
-    serve.add_argument("--runtime-api-address", default="127.0.0.1:9094",
-                       help="the SuperNode's Runtime API, its --host:--port (default: 127.0.0.1:9094)")
-    security = serve.add_mutually_exclusive_group(required=True)
-    security.add_argument("--insecure", action="store_true",
-                          help="plain HTTP to the Runtime API (a SuperNode without --ssl-certfile, on loopback)")
-    security.add_argument("--root-certificates", default=None, metavar="CA_PEM",
-                          help="CA that signed the SuperNode's --ssl-certfile")
-    serve.add_argument("--preload", action="append", default=[], metavar="MODULE",
-                       help="module to import before the first task, repeatable (default: Flower's "
-                            "flwr-clientapp entry point, edgemri.clients.client_app and opacus)")
-    serve.add_argument("--poll-interval", type=float, default=None,
-                       help="seconds between task polls, 0.01 to 60 (default: 0.5)")

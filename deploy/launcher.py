@@ -1,9 +1,7 @@
 """One machine, real processes: a TLS SuperLink with SuperNode authentication and real SuperNodes.
 
 For tests, the benchmark and the one-machine walkthrough in docs/DEPLOY.md: every process
-listens on 127.0.0.1 on a free port, in its own FLWR_HOME, and is stopped on exit. A node
-started ``warm`` runs its SuperNode in ``--isolation process`` with the warm ClientApp
-launcher (``edgemri client serve``, deploy/warm.py) beside it instead of Flower's SuperExec.
+listens on 127.0.0.1 on a free port, in its own FLWR_HOME, and is stopped on exit.
 """
 
 from __future__ import annotations
@@ -45,11 +43,6 @@ class LocalNode:
     port: int
     home: Path
     process: ManagedProcess
-    launcher: ManagedProcess | None = None  # the warm ClientApp launcher; None: Flower's own SuperExec
-
-    @property
-    def processes(self) -> list[ManagedProcess]:
-        return [self.process] if self.launcher is None else [self.launcher, self.process]
 
 
 class LocalDeployment:
@@ -118,19 +111,16 @@ class LocalDeployment:
         return self.node_ids[name]
 
     def add_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path,
-                 register: bool = True, warm: bool = False) -> LocalNode:
+                 register: bool = True) -> LocalNode:
         """Register (unless ``register`` is False) and start the SuperNode ``name``."""
         if register:
             self.register(name)
-        return self.start_node(name, manifest=manifest, data_dir=data_dir, state_dir=state_dir, warm=warm)
+        return self.start_node(name, manifest=manifest, data_dir=data_dir, state_dir=state_dir)
 
-    def start_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path,
-                   warm: bool = False) -> LocalNode:
-        """Start (or restart, same key and state folder) the SuperNode ``name``; ``warm``: with the warm launcher."""
-        running = [p.process.pid for p in self.nodes[name].processes if p.process.poll() is None] \
-            if name in self.nodes else []
-        if running:
-            raise DeployError(f"SuperNode {name!r} is already running (pids {running})")
+    def start_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path) -> LocalNode:
+        """Start (or restart, same key and state folder) the SuperNode ``name``."""
+        if name in self.nodes and self.nodes[name].process.process.poll() is None:
+            raise DeployError(f"SuperNode {name!r} is already running (pid {self.nodes[name].process.process.pid})")
         private, _ = self.make_key(name)
         home = self.root / "nodes" / name  # each SuperNode installs the app in its own FLWR_HOME
         port = free_port()
@@ -139,28 +129,14 @@ class LocalDeployment:
             [str(VENV_BIN / "flower-supernode"), "--root-certificates", str(self.certs["ca_cert"]),
              "--superlink", self.address, "--auth-supernode-private-key", str(private),
              "--host", "127.0.0.1", "--port", str(port),
-             "--node-config", node_config_arg(manifest, data_dir, state_dir),
-             *(["--isolation", "process"] if warm else [])],
+             "--node-config", node_config_arg(manifest, data_dir, state_dir)],
             flower_env(home), self.root / "logs" / f"supernode-{name}.log", cwd=self.root)
-        launcher = None
-        if warm:  # the same FLWR_HOME as the SuperNode's: its tasks install the FAB where a SuperExec's would
-            launcher = start_process(
-                [str(VENV_BIN / "edgemri"), "client", "serve", "--runtime-api-address", f"127.0.0.1:{port}",
-                 "--insecure"], flower_env(home), self.root / "logs" / f"launcher-{name}.log", cwd=self.root)
-        self.nodes[name] = LocalNode(name, self.node_ids.get(name), port, home, process, launcher)
+        self.nodes[name] = LocalNode(name, self.node_ids.get(name), port, home, process)
         return self.nodes[name]
 
     def stop_node(self, name: str, sig: int = signal.SIGTERM) -> None:
-        """Stop a SuperNode and its ClientApp processes (SIGKILL: as if the device died).
-
-        The warm launcher goes first, so that with SIGTERM its running tasks can still push their
-        status to the SuperNode; task children it leaves (a SIGKILLed launcher stops none) follow it.
-        """
-        node = self.nodes[name]
-        if node.launcher is not None:
-            node.launcher.stop(sig)
-            stop_group(node.launcher.process.pid)
-        node.process.stop(sig)
+        """Stop a SuperNode and its ClientApp processes (SIGKILL: as if the device died)."""
+        self.nodes[name].process.stop(sig)
 
     def node_status(self) -> dict[int, str]:
         """Node id -> status (registered, online, offline, ...) from `flwr supernode ls`."""
@@ -185,10 +161,9 @@ class LocalDeployment:
             if all(current.get(n) == status for n in wanted):
                 return
             for name in names:
-                for node in self.nodes[name].processes:
-                    if status == "online" and node.process.poll() is not None:
-                        raise DeployError(f"SuperNode {name!r}: {node.process.args[0]} exited with "
-                                          f"{node.process.returncode}; see {node.log}")
+                node = self.nodes[name].process
+                if status == "online" and node.process.poll() is not None:
+                    raise DeployError(f"SuperNode {name!r} exited with {node.process.returncode}; see {node.log}")
             if time.monotonic() > deadline:
                 raise DeployError(f"nodes {names} not all {status} after {timeout_s:.0f} s: {current}")
             time.sleep(1.0)
@@ -222,7 +197,7 @@ class LocalDeployment:
         """
         try:
             with ThreadPoolExecutor() as pool:  # each stop waits for its process tree to exit: stop them together
-                list(pool.map(self.stop_node, list(self.nodes)))
+                list(pool.map(lambda node: node.process.stop(), self.nodes.values()))
         finally:
             if self.link is not None:
                 self.link.stop()

@@ -2,11 +2,9 @@
 
 One SuperLink (TLS, SuperNode authentication, a database file) and three registered
 SuperNodes (two hospitals, one phone), each with its own manifest, state folder,
-FLWR_HOME and port, plus one SuperNode whose key was never registered. The hospitals run
-their ClientApps through Flower's own SuperExec, the phone through the warm launcher
-(``--isolation process`` and ``edgemri client serve``). Run 1 (2 rounds) loses the phone
-(SuperNode and launcher) to SIGKILL after round 1, mid-run; run 2 resumes the federation
-for a third round after the phone was restarted, warm again, on the same state folder.
+FLWR_HOME and port, plus one SuperNode whose key was never registered. Run 1 (2 rounds)
+loses the phone to SIGKILL after round 1, mid-run; run 2 resumes the federation for a
+third round after the phone was restarted on the same state folder.
 """
 
 from __future__ import annotations
@@ -118,9 +116,8 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     start = save_checkpoint(root / "student.pt",
                             Checkpoint(model="student", state_dict=Student().state_dict(), role="kd", seed=0))
 
-    def node_files(name: str) -> dict[str, Any]:
-        return {"manifest": manifest[name], "data_dir": sited_data, "state_dir": root / "devices" / name,
-                "warm": name == PHONE}
+    def node_files(name: str) -> dict[str, Path]:
+        return {"manifest": manifest[name], "data_dir": sited_data, "state_dir": root / "devices" / name}
 
     def run_config(rounds: int, resume: bool) -> dict[str, Any]:
         # data-root empty: the server holds no data, as in a real deployment (no central test set).
@@ -161,9 +158,6 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         seen["run2"] = deployment.run(APP_DIR, run_config(3, resume=True), root / "logs" / "run-2.log", 600)
         seen["report2"] = json.loads((run_dir / "federation.json").read_text())
         seen["phone_messages"] = _audit_records(audit, phone_id)
-        seen["audited_pids"] = {node: {int(p.stem.rsplit("-", 1)[1]) for p in audit.glob(f"node-{node_id}-*.json")}
-                                for node, node_id in deployment.node_ids.items()}
-        seen["launcher_log"] = deployment.nodes[PHONE].launcher.log.read_text(errors="replace")
         seen["ports"] = deployment.ports
     seen["left_running"] = [" ".join(p.cmdline())[:150] for p in deployment.processes()]
     return seen
@@ -179,16 +173,6 @@ def test_the_run_completes_over_tls_and_writes_its_reports(scenario: dict[str, A
     for name in (*HOSPITALS, PHONE):
         assert (scenario["root"] / "devices" / name / "personalized.pt").is_file()
     assert (scenario["run_dir"] / "federation.md").is_file()
-
-
-@slow
-def test_the_phone_ran_every_clientapp_in_a_child_of_its_warm_launcher(scenario: dict[str, Any]) -> None:
-    children = {int(line.rsplit(" ", 1)[1]) for line in scenario["launcher_log"].splitlines()
-                if ": ClientApp in child " in line}
-    phone = scenario["audited_pids"][PHONE]
-    assert len(phone) >= 6  # runs 1 and 2: queries, train and evaluate messages, before and after the kill
-    assert phone <= children
-    assert not children & set().union(*(scenario["audited_pids"][h] for h in HOSPITALS))  # Flower's SuperExec
 
 
 @slow
