@@ -18,9 +18,15 @@ measured in fresh interpreters on the same machine (``fresh_*``), as is the impo
 alone (``python -X importtime``) and the steps a round repeats from disk: manifest, cached
 decoded data, DP plan.
 
-The phone's SuperNode runs Flower's own SuperExec: a fresh ``flwr-clientapp`` process per message.
+Two modes, one after the other in one run (``--modes``): ``cold``, the phone's SuperNode with
+Flower's own SuperExec (a fresh ``flwr-clientapp`` process per message), and ``warm``, the
+same SuperNode with the warm launcher's ``flwr-clientapp`` shim first on its PATH (``edgemri
+client serve``: one process that imports the stack once and forks a child per message; keys
+``warm_*``). Summed
+RSS counts pages a child shares with the launcher twice; ``*_device_mb`` counts them once (the RSS of
+every process started with exec, plus what each forked child holds privately).
 
-    python -m benchmarks.device_footprint [--rounds 3] [--keep DIR] [--no-write]
+    python -m benchmarks.device_footprint [--rounds 3] [--modes cold warm] [--keep DIR] [--no-write]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -90,25 +97,40 @@ class ProcessTrace:
         return self.last_seen - self.started
 
 
+def private_bytes(pid: int) -> int | None:
+    """USS: the pages only this process maps. For a forked child, what it holds beyond the pages it still
+    shares copy-on-write with its parent (written ones included: those were copied)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+            return sum(int(line.split()[1]) * 1024 for line in rollup
+                       if line.startswith(("Private_Clean:", "Private_Dirty:")))
+    except OSError:
+        return None
+
+
 class TreeSampler(threading.Thread):
     """Samples processes and all their descendants: the summed RSS and each process's own trace.
 
-    Separate programs share little (the Python library), so summed RSS is near their device memory.
+    Summed RSS counts a page twice when two processes share it, as a child forked by the warm
+    launcher (``forking_pid``) shares the launcher's: the device's memory (``peak_device``) counts
+    such a child's private pages only (USS, from /proc, a few milliseconds a read). Separate
+    programs share little (the Python library), so summed RSS is near their device memory.
     PSS would split shared pages with every other process on this machine that maps the same
     libraries (other torch processes), so it is not used.
     """
 
-    def __init__(self, pids: list[int], interval_s: float = 0.05) -> None:
+    def __init__(self, pids: list[int], interval_s: float = 0.05, forking_pid: int | None = None) -> None:
         super().__init__(daemon=True)
         self.roots = [psutil.Process(pid) for pid in pids]
         self.interval_s = interval_s
-        self.peak_rss = 0
+        self.forking_pid = forking_pid
+        self.peak_rss = self.peak_device = 0
         self.processes_at_peak = 0
         self.traces: dict[int, ProcessTrace] = {}
         self.stopped = threading.Event()
 
     def sample(self) -> int:
-        total = alive = 0
+        total = device = alive = 0
         tree = []
         for root in self.roots:
             try:
@@ -120,7 +142,7 @@ class TreeSampler(threading.Thread):
                 with process.oneshot():
                     if process.status() == psutil.STATUS_ZOMBIE:
                         continue  # exited; its parent reaps it only when it starts the next one (SuperExec)
-                    rss, cpu = process.memory_info().rss, process.cpu_times()
+                    rss, cpu, parent = process.memory_info().rss, process.cpu_times(), process.ppid()
                     trace = self.traces.get(process.pid)
                     if trace is None:
                         trace = self.traces[process.pid] = ProcessTrace(" ".join(process.cmdline()),
@@ -128,11 +150,14 @@ class TreeSampler(threading.Thread):
             except psutil.Error:
                 continue
             total, alive = total + rss, alive + 1
+            private = private_bytes(process.pid) if parent == self.forking_pid else None
+            device += rss if private is None else private
             trace.last_seen = time.time()
             trace.peak_rss = max(trace.peak_rss, rss)
             trace.cpu_seconds = cpu.user + cpu.system
         if total > self.peak_rss:
             self.peak_rss, self.processes_at_peak = total, alive
+        self.peak_device = max(self.peak_device, device)
         return total
 
     def run(self) -> None:
@@ -184,9 +209,10 @@ def clientapp_steps(audit: Path, node_id: int, traces: dict[int, ProcessTrace]) 
 
     Only round messages count (not the query or the final evaluation). A step's time is from the
     previous mark to its own: ``flower_start`` is everything Flower does from the process's start
-    to handing the message to the app, less the app's import: Python's start and Flower's imports,
-    the connection to the SuperNode, the task pull, the FAB install; ``reply_push_and_exit`` is
-    pushing the reply and exiting.
+    (or fork) to handing the message to the app, less the app's import: Python's start and Flower's
+    imports (inherited from a warm launcher), the connection to the SuperNode, the task pull, the
+    FAB install; ``app_import`` is 0 in a child of the warm launcher (imported before it existed);
+    ``reply_push_and_exit`` is pushing the reply and exiting.
     """
     audited = {int(p.stem.rsplit("-", 1)[1]): json.loads(p.read_text()) for p in audit.glob(f"node-{node_id}-*.json")}
     steps: dict[str, dict[str, list[float]]] = {}
@@ -309,20 +335,33 @@ def step_values(steps: dict[str, dict[str, float]], fresh: dict[str, Any] | None
     return values
 
 
-def measure(work: Path, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One federation with the phone on Flower's own SuperExec.
+def launcher_import_seconds(log: Path) -> float:
+    """Seconds the warm launcher took to import its stack, from its log (it has, once its socket exists)."""
+    found = re.search(r"imported .* in ([0-9.]+) s", log.read_text(errors="replace"))
+    if found is None:
+        raise RuntimeError(f"the warm launcher's log has no import time; see {log}")
+    return float(found.group(1))
+
+
+def measure(work: Path, rounds: int, warm: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One federation with the phone on Flower's own SuperExec (cold) or on the warm launcher.
 
     Returns the phone's figures and what the fresh-interpreter measures need (its config and node config).
     """
     data, manifests, config_path, start = prepare(work, rounds)
     run_dir, audit = work / "run", work / "run" / "audit"
+    launcher_start: dict[str, Any] = {}
     with LocalDeployment(work / "deployment") as deployment:
         for name in (HOSPITAL, PHONE):
-            deployment.add_node(name, manifest=manifests[name], data_dir=data, state_dir=work / "devices" / name)
+            deployment.add_node(name, manifest=manifests[name], data_dir=data, state_dir=work / "devices" / name,
+                                warm=warm and name == PHONE)
         deployment.wait_status([HOSPITAL, PHONE], "online")
         phone = deployment.nodes[PHONE]
-        sampler = TreeSampler([p.process.pid for p in phone.processes])
-        idle_rss = max(sampler.sample() for _ in range(10))  # SuperNode and SuperExec, waiting
+        if phone.launcher is not None:
+            launcher_start["phone_launcher_import_s"] = launcher_import_seconds(phone.launcher.log)
+        sampler = TreeSampler([p.process.pid for p in phone.processes],
+                              forking_pid=phone.launcher.process.pid if phone.launcher is not None else None)
+        idle_rss = max(sampler.sample() for _ in range(10))  # SuperNode and SuperExec (or launcher), waiting
         sampler.start()
         try:
             outcome = deployment.run(APP_DIR, {
@@ -365,8 +404,10 @@ def measure(work: Path, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
                          "state-dir": str(work / "devices" / PHONE)}
     return {
         "phone_train_examples": read_manifest(manifests[PHONE]).num_examples("train"),
+        **launcher_start,
         "phone_idle_rss_mb": round(idle_rss / MB, 1),
         "phone_peak_rss_mb": round(sampler.peak_rss / MB, 1),
+        "phone_peak_device_mb": round(sampler.peak_device / MB, 1),
         "phone_processes_at_peak": sampler.processes_at_peak,
         "phone_clientapp_peak_rss_mb": round(max(clientapp_peaks) / MB, 1),
         "phone_round_seconds": round(mean("seconds"), 2),
@@ -381,30 +422,39 @@ def measure(work: Path, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
     }, {"config_path": config_path, "node_config": phone_node_config}
 
 
-def measure_phone(work: Path, rounds: int) -> dict[str, Any]:
-    """The phone's figures with the fresh-interpreter measures beside them."""
-    values: dict[str, Any] = {"rounds": rounds, "phone_dp": PHONE_DP,
+def measure_modes(work: Path, rounds: int, modes: list[str]) -> dict[str, Any]:
+    """Each mode's federation in turn (cold: Flower's SuperExec; warm: the launcher, keys ``warm_*``)."""
+    values: dict[str, Any] = {"rounds": rounds, "modes": modes, "phone_dp": PHONE_DP,
                               "transport": "HTTPS (TLS) with SuperNode authentication, one machine (127.0.0.1)",
                               "student_float32_state_dict_bytes": sum(v.numel() * 4 for v in
                                                                       Student().state_dict().values())}
-    phone, inputs = measure(work, rounds)
-    fresh = fresh_measures(inputs["config_path"], inputs["node_config"])
-    phone.update(step_values(phone.pop("steps"), fresh))
-    return {**values, **phone, **fresh}
+    fresh = None
+    for mode in modes:
+        phone, inputs = measure(work / mode, rounds, warm=mode == "warm")
+        if fresh is None:
+            fresh = fresh_measures(inputs["config_path"], inputs["node_config"])
+        prefix = "warm_" if mode == "warm" else ""
+        phone.update(step_values(phone.pop("steps"), fresh if mode == "cold" else None))
+        values["phone_train_examples"] = phone.pop("phone_train_examples")
+        values.update({f"{prefix}{key}": value for key, value in phone.items()})
+    return {**values, **(fresh or {})}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="federation rounds (default: 3)")
+    parser.add_argument("--modes", nargs="+", choices=("cold", "warm"), default=["cold", "warm"],
+                        help="cold: Flower's SuperExec starts a ClientApp process per message; warm: the warm "
+                             "launcher (edgemri client serve) forks one per message (default: both, in one run)")
     parser.add_argument("--keep", default=None, help="work folder to keep (logs, audit); default: a temp folder")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write the result file")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.keep:
-        values = measure_phone(Path(args.keep), args.rounds)
+        values = measure_modes(Path(args.keep), args.rounds, args.modes)
     else:
         with tempfile.TemporaryDirectory(prefix="edgemri-footprint-") as work:
-            values = measure_phone(Path(work), args.rounds)
+            values = measure_modes(Path(work), args.rounds, args.modes)
     values["benchmark_seconds"] = round(time.perf_counter() - started, 1)
     if args.no_write:
         print(json.dumps(values, indent=2))

@@ -172,6 +172,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         report = build_report(config, dataset, results, seconds, out / preset)
         paths = write_report(report, out / preset)
+        values = {k: v for k, v in values.items() if not k.startswith(f"{preset}.")}  # none left of an old recipe
         values.update(_summary(report, preset))
         values[f"{preset}.seconds"] = seconds
         values[f"{preset}.compare"] = args.compare

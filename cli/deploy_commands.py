@@ -1,8 +1,9 @@
-"""``edgemri deploy certs|keys|register``: the files and steps of a real deployment (docs/DEPLOY.md)."""
+"""``edgemri deploy certs|keys|register``, ``edgemri client serve``: the steps of a real deployment (docs/DEPLOY.md)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -52,8 +53,18 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_client_serve(args: argparse.Namespace) -> int:
+    from edgemri.deploy.warm import DEFAULT_PRELOAD, serve, warm_paths
+
+    logging.getLogger().setLevel(logging.WARNING)  # the preloaded libraries' INFO chatter (alembic's plugins)
+    logging.getLogger("edgemri").setLevel(logging.INFO)
+    socket_path, bin_dir = warm_paths(Path(args.dir) if args.dir else None)
+    serve(socket_path, bin_dir, preload=tuple(args.preload) or DEFAULT_PRELOAD)
+    return 0
+
+
 def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
-    """Add ``deploy certs``, ``deploy keys`` and ``deploy register`` to the ``edgemri`` command line."""
+    """Add ``deploy certs|keys|register`` and ``client serve`` to the ``edgemri`` command line."""
     deploy = commands.add_parser(
         "deploy", help="TLS certificates, SuperNode keys and registration for real devices (docs/DEPLOY.md)",
     ).add_subparsers(dest="deploy_command", required=True, metavar="SUBCOMMAND")
@@ -77,3 +88,16 @@ def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
     reg.add_argument("--connection", required=True, help="connection name in FLWR_HOME/config.toml")
     reg.add_argument("--nodes", nargs="+", metavar="NAME", default=None, help="only these nodes (default: every .pub)")
     reg.add_argument("--flwr-home", default=None, help="Flower config folder (default: $FLWR_HOME or ~/.flwr)")
+
+    client = commands.add_parser("client", help="run this device's ClientApps (docs/DEPLOY.md)").add_subparsers(
+        dest="client_command", required=True, metavar="SUBCOMMAND")
+    serve = add(client, "serve", cmd_client_serve,
+                "warm ClientApp launcher beside a SuperNode: imports the stack once and runs each task in a child "
+                "forked from it, through a flwr-clientapp shim first on the SuperNode's PATH")
+    serve.add_argument("--dir", default=None,
+                       help="private folder for the launcher's socket and bin/flwr-clientapp (default: "
+                            "$FLWR_HOME/edgemri-warm, else ~/.flwr/edgemri-warm); start the SuperNode with "
+                            "DIR/bin first on its PATH")
+    serve.add_argument("--preload", action="append", default=[], metavar="MODULE",
+                       help="module to import before the first task, repeatable (default: "
+                            "edgemri.clients.client_app and opacus; Flower's flwr-clientapp is always loaded)")

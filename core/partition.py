@@ -28,9 +28,8 @@ from edgemri.core.data import (
     ArraySplit,
     BadImageError,
     DataError,
-    decode_image,
     display_path,
-    preprocess,
+    image_uint8,
     read_image_bytes,
     scenario_split,
     sited_training,
@@ -334,7 +333,7 @@ def load_local_data(manifest: Manifest, data_root: Path) -> LocalData:
             if hashlib.sha256(data).hexdigest() != f.sha256:
                 raise ManifestError(f"{manifest.client}: file {display_path(path)} changed since partitioning "
                                     f"(hash mismatch)")
-            rows[f.split].append((preprocess(decode_image(data)), f.label, f.path))
+            rows[f.split].append((image_uint8(data), f.label, f.path))
         except BadImageError as err:
             raise ManifestError(f"{manifest.client}: file {display_path(path)} cannot be used: {err}") from None
     return LocalData(**{s: _to_split(rows[s]) for s in LOCAL_SPLITS})

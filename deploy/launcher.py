@@ -1,15 +1,19 @@
 """One machine, real processes: a TLS SuperLink with SuperNode authentication and real SuperNodes.
 
 For tests, the benchmark and the one-machine walkthrough in docs/DEPLOY.md: every process
-listens on 127.0.0.1 on a free port, in its own FLWR_HOME, and is stopped on exit.
+listens on 127.0.0.1 on a free port, in its own FLWR_HOME, and is stopped on exit. A node
+started ``warm`` has the warm ClientApp launcher (``edgemri client serve``, deploy/warm.py)
+beside it, and its SuperNode finds the launcher's ``flwr-clientapp`` shim first on its PATH.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ import psutil
 from edgemri.deploy.certs import make_certs
 from edgemri.deploy.errors import DeployError
 from edgemri.deploy.nodes import make_node_keys, node_config_arg, node_key_paths, register_node
+from edgemri.deploy.warm import shim_path_env, warm_paths
 from edgemri.simulation.flower_run import (
     VENV_BIN,
     ManagedProcess,
@@ -43,6 +48,11 @@ class LocalNode:
     port: int
     home: Path
     process: ManagedProcess
+    launcher: ManagedProcess | None = None  # the warm ClientApp launcher; None: Flower's own flwr-clientapp
+
+    @property
+    def processes(self) -> list[ManagedProcess]:
+        return [self.process] if self.launcher is None else [self.launcher, self.process]
 
 
 class LocalDeployment:
@@ -66,6 +76,7 @@ class LocalDeployment:
         self.nodes: dict[str, LocalNode] = {}
         self.node_ids: dict[str, int] = {}  # name -> id the SuperLink gave at registration
         self.node_ports: list[int] = []  # every SuperNode port used, restarted nodes' old ones too
+        self.warm_dirs: list[Path] = []  # the warm launchers' socket folders
 
     @property
     def address(self) -> str:
@@ -111,32 +122,61 @@ class LocalDeployment:
         return self.node_ids[name]
 
     def add_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path,
-                 register: bool = True) -> LocalNode:
+                 register: bool = True, warm: bool = False) -> LocalNode:
         """Register (unless ``register`` is False) and start the SuperNode ``name``."""
         if register:
             self.register(name)
-        return self.start_node(name, manifest=manifest, data_dir=data_dir, state_dir=state_dir)
+        return self.start_node(name, manifest=manifest, data_dir=data_dir, state_dir=state_dir, warm=warm)
 
-    def start_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path) -> LocalNode:
-        """Start (or restart, same key and state folder) the SuperNode ``name``."""
-        if name in self.nodes and self.nodes[name].process.process.poll() is None:
-            raise DeployError(f"SuperNode {name!r} is already running (pid {self.nodes[name].process.process.pid})")
+    def start_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path,
+                   warm: bool = False) -> LocalNode:
+        """Start (or restart, same key and state folder) the SuperNode ``name``; ``warm``: with the warm launcher."""
+        running = [p.process.pid for p in self.nodes[name].processes if p.process.poll() is None] \
+            if name in self.nodes else []
+        if running:
+            raise DeployError(f"SuperNode {name!r} is already running (pids {running})")
         private, _ = self.make_key(name)
         home = self.root / "nodes" / name  # each SuperNode installs the app in its own FLWR_HOME
         port = free_port()
         self.node_ports.append(port)
+        env, launcher = flower_env(home), None
+        if warm:
+            launcher, env = self._start_launcher(name, env)
         process = start_process(
             [str(VENV_BIN / "flower-supernode"), "--root-certificates", str(self.certs["ca_cert"]),
              "--superlink", self.address, "--auth-supernode-private-key", str(private),
              "--host", "127.0.0.1", "--port", str(port),
              "--node-config", node_config_arg(manifest, data_dir, state_dir)],
-            flower_env(home), self.root / "logs" / f"supernode-{name}.log", cwd=self.root)
-        self.nodes[name] = LocalNode(name, self.node_ids.get(name), port, home, process)
+            env, self.root / "logs" / f"supernode-{name}.log", cwd=self.root)
+        self.nodes[name] = LocalNode(name, self.node_ids.get(name), port, home, process, launcher)
         return self.nodes[name]
 
+    def _start_launcher(self, name: str, env: dict[str, str]) -> tuple[ManagedProcess, dict[str, str]]:
+        """Start ``edgemri client serve`` in the node's environment; wait for its socket; the SuperNode's env."""
+        folder = Path(tempfile.mkdtemp(prefix="edgemri-warm-"))  # short: Unix socket paths are limited
+        self.warm_dirs.append(folder)
+        socket_path, bin_dir = warm_paths(folder)
+        launcher = start_process([str(VENV_BIN / "edgemri"), "client", "serve", "--dir", str(folder)], env,
+                                 self.root / "logs" / f"launcher-{name}.log", cwd=self.root)
+        deadline = time.monotonic() + 120.0
+        while not ((bin_dir / "flwr-clientapp").is_file() and socket_path.is_socket()):
+            if launcher.process.poll() is not None or time.monotonic() > deadline:
+                launcher.stop()
+                raise DeployError(f"the warm launcher of {name!r} did not start; see {launcher.log}")
+            time.sleep(0.2)
+        return launcher, shim_path_env(bin_dir, env)
+
     def stop_node(self, name: str, sig: int = signal.SIGTERM) -> None:
-        """Stop a SuperNode and its ClientApp processes (SIGKILL: as if the device died)."""
-        self.nodes[name].process.stop(sig)
+        """Stop a SuperNode and its ClientApp processes (SIGKILL: as if the device died).
+
+        The SuperNode goes first, so that with SIGTERM its running tasks still reach it through the
+        launcher's children; the launcher follows with whatever children it still has.
+        """
+        node = self.nodes[name]
+        node.process.stop(sig)
+        if node.launcher is not None:
+            node.launcher.stop(sig)
+            stop_group(node.launcher.process.pid)
 
     def node_status(self) -> dict[int, str]:
         """Node id -> status (registered, online, offline, ...) from `flwr supernode ls`."""
@@ -161,9 +201,10 @@ class LocalDeployment:
             if all(current.get(n) == status for n in wanted):
                 return
             for name in names:
-                node = self.nodes[name].process
-                if status == "online" and node.process.poll() is not None:
-                    raise DeployError(f"SuperNode {name!r} exited with {node.process.returncode}; see {node.log}")
+                for node in self.nodes[name].processes:
+                    if status == "online" and node.process.poll() is not None:
+                        raise DeployError(f"SuperNode {name!r}: {node.process.args[0]} exited with "
+                                          f"{node.process.returncode}; see {node.log}")
             if time.monotonic() > deadline:
                 raise DeployError(f"nodes {names} not all {status} after {timeout_s:.0f} s: {current}")
             time.sleep(1.0)
@@ -197,7 +238,7 @@ class LocalDeployment:
         """
         try:
             with ThreadPoolExecutor() as pool:  # each stop waits for its process tree to exit: stop them together
-                list(pool.map(lambda node: node.process.stop(), self.nodes.values()))
+                list(pool.map(self.stop_node, list(self.nodes)))
         finally:
             if self.link is not None:
                 self.link.stop()
@@ -206,3 +247,5 @@ class LocalDeployment:
                     stop_group(os.getpgid(process.pid))
                 except ProcessLookupError:
                     continue
+            for folder in self.warm_dirs:
+                shutil.rmtree(folder, ignore_errors=True)

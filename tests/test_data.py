@@ -72,6 +72,19 @@ def test_image_modes_are_converted_correctly(tmp_path: Path) -> None:
     assert min(open_image(_save(cmyk, tmp_path / "cmyk.jpg")).getpixel((3, 3))) > 245
 
 
+def test_grey_scans_are_resized_as_one_channel_bit_identical_to_rgb(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    grey = Image.fromarray(rng.integers(0, 255, (301, 257), dtype=np.uint8), mode="L")
+    sources = {"grey.jpg": grey, "grey.png": grey, "bilevel.png": grey.convert("1"),
+               "deep.png": Image.fromarray(rng.integers(0, 65535, (90, 70), dtype=np.uint16))}
+    for name, image in sources.items():
+        path = _save(image, tmp_path / name)
+        via_rgb = np.asarray(open_image(path).resize((128, 128), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+        ours = load_image_uint8(path)
+        assert ours.shape == (3, 128, 128) and ours.flags.c_contiguous
+        assert np.array_equal(ours, via_rgb), name
+
+
 def test_exif_rotation_is_applied(tmp_path: Path) -> None:
     image = Image.new("L", (80, 40), 0)
     image.paste(255, (0, 0, 20, 40))  # bright left edge

@@ -2,9 +2,12 @@
 
 One SuperLink (TLS, SuperNode authentication, a database file) and three registered
 SuperNodes (two hospitals, one phone), each with its own manifest, state folder,
-FLWR_HOME and port, plus one SuperNode whose key was never registered. Run 1 (2 rounds)
-loses the phone to SIGKILL after round 1, mid-run; run 2 resumes the federation for a
-third round after the phone was restarted on the same state folder.
+FLWR_HOME and port, plus one SuperNode whose key was never registered. The hospitals run
+their ClientApps as Flower starts them (a fresh ``flwr-clientapp`` per message), the phone
+through the warm launcher (``edgemri client serve`` and its ``flwr-clientapp`` shim). Run 1
+(2 rounds) loses the phone (SuperNode and launcher) to SIGKILL after round 1, mid-run; run 2
+resumes the federation for a third round after the phone was restarted, warm again, on the
+same state folder.
 """
 
 from __future__ import annotations
@@ -116,8 +119,9 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     start = save_checkpoint(root / "student.pt",
                             Checkpoint(model="student", state_dict=Student().state_dict(), role="kd", seed=0))
 
-    def node_files(name: str) -> dict[str, Path]:
-        return {"manifest": manifest[name], "data_dir": sited_data, "state_dir": root / "devices" / name}
+    def node_files(name: str) -> dict[str, Any]:
+        return {"manifest": manifest[name], "data_dir": sited_data, "state_dir": root / "devices" / name,
+                "warm": name == PHONE}
 
     def run_config(rounds: int, resume: bool) -> dict[str, Any]:
         # data-root empty: the server holds no data, as in a real deployment (no central test set).
@@ -159,6 +163,10 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         seen["report2"] = json.loads((run_dir / "federation.json").read_text())
         seen["phone_messages"] = _audit_records(audit, phone_id)
         seen["ports"] = deployment.ports
+        seen["audited_pids"] = {node: {int(p.stem.rsplit("-", 1)[1]) for p in audit.glob(f"node-{node_id}-*.json")}
+                                for node, node_id in deployment.node_ids.items()}
+        seen["launcher_logs"] = sorted(deployment.root.glob("logs/launcher-*.log"))
+        seen["launcher_log"] = "".join(p.read_text(errors="replace") for p in seen["launcher_logs"])
     seen["left_running"] = [" ".join(p.cmdline())[:150] for p in deployment.processes()]
     return seen
 
@@ -213,6 +221,16 @@ def test_the_privacy_ledger_continues_after_the_restart(scenario: dict[str, Any]
     rounds = [json.loads(line) for line in lines if "round" in json.loads(line)]
     assert [r["round"] for r in rounds] == [1, 3]  # round 2 was never trained, nothing was lost
     assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"]  # cumulative, not restarted at zero
+
+
+@slow
+def test_the_phone_ran_every_clientapp_in_a_child_of_its_warm_launcher(scenario: dict[str, Any]) -> None:
+    children = {int(line.rsplit(" ", 1)[1]) for line in scenario["launcher_log"].splitlines()
+                if ": ClientApp in child " in line}
+    phone = scenario["audited_pids"][PHONE]
+    assert len(phone) >= 6  # runs 1 and 2: queries, train and evaluate messages, before and after the kill
+    assert phone <= children
+    assert not children & set().union(*(scenario["audited_pids"][h] for h in HOSPITALS))  # Flower's own
 
 
 @slow

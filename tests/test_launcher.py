@@ -1,0 +1,170 @@
+"""The warm ClientApp launcher (deploy/warm.py) with real processes: ``edgemri client serve`` and its shim.
+
+The tasks here are Flower's own ``flwr-clientapp`` command run through the shim: ``--help``, bad arguments,
+and a task that waits for a Runtime API that is not there (so that it is still running when it is crashed
+or its caller killed). The deployment test (tests/test_deploy.py) runs whole rounds through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from edgemri.deploy.errors import DeployError
+from edgemri.deploy.warm import COMMAND, MAGIC, listen, parse_request, warm_paths
+from edgemri.simulation.flower_run import VENV_BIN
+
+TOKEN = "ab" * 32
+WAITING = ["--runtime-api-address", "127.0.0.1:9", "--token", TOKEN, "--insecure"]  # retries, never connects
+
+
+class Served:
+    def __init__(self, folder: Path, process: subprocess.Popen, log: Path) -> None:
+        self.folder, self.process, self.log = folder, process, log
+        self.socket, bin_dir = warm_paths(folder)
+        self.shim = bin_dir / COMMAND
+
+    def children(self) -> list[int]:
+        return [int(pid) for pid in re.findall(r": ClientApp in child (\d+)", self.log.read_text(errors="replace"))]
+
+    def run(self, *args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.shim), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+    def start(self, *args: str) -> subprocess.Popen:
+        known = len(self.children())
+        shim = subprocess.Popen([str(self.shim), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait(lambda: len(self.children()) > known, "the launcher to fork the task")
+        return shim
+
+
+def _wait(check, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    folder = Path(tempfile.mkdtemp(prefix="emw-"))  # short: Unix socket paths are limited to ~107 bytes
+    log = folder.parent / f"{folder.name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([str(VENV_BIN / "edgemri"), "client", "serve", "--dir", str(folder),
+                                    "--preload", "json"], stdout=out, stderr=subprocess.STDOUT)
+    launcher = Served(folder, process, log)
+    try:
+        _wait(lambda: launcher.shim.is_file() and launcher.socket.is_socket() or process.poll() is not None,
+              "the launcher to listen")
+        assert process.poll() is None, log.read_text()
+        yield launcher
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+        log.unlink(missing_ok=True)
+
+
+def test_a_task_runs_flowers_own_command_in_a_child_with_the_callers_streams(served: Served) -> None:
+    done = served.run("--help")
+    assert done.returncode == 0, done.stderr
+    assert "usage: flwr-clientapp" in done.stdout  # the child wrote to the shim's own stdout
+    assert served.children() and served.children()[-1] != served.process.pid
+
+
+def test_a_task_gets_the_callers_folder_and_its_exit_code_comes_back(served: Served, tmp_path: Path) -> None:
+    (tmp_path / "token.txt").write_text("  \n")
+    done = served.run("--token-file", "token.txt", cwd=tmp_path)  # relative: found only in the caller's folder
+    assert done.returncode == 1
+    assert "does not contain a token" in done.stderr
+    missing = served.run("--bogus")
+    assert missing.returncode == 2 and "one of the arguments --token --token-file is required" in missing.stderr
+
+
+def test_a_task_that_crashes_ends_only_its_child(served: Served) -> None:
+    shim = served.start(*WAITING)
+    child = served.children()[-1]
+    os.kill(child, signal.SIGSEGV)
+    assert shim.wait(timeout=30) == 128 + signal.SIGSEGV  # what a cold process killed by SIGSEGV returns
+    assert served.process.poll() is None
+    assert served.run("--help").returncode == 0  # the launcher takes the next task
+    assert f"child {child} exited on signal {int(signal.SIGSEGV)}" in served.log.read_text()
+
+
+def test_a_killed_caller_takes_its_child_with_it(served: Served) -> None:
+    shim = served.start(*WAITING)
+    child = served.children()[-1]
+    shim.kill()
+    shim.wait(timeout=10)
+    _wait(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
+          "the orphaned task to stop", 30)
+    assert served.run("--help").returncode == 0
+
+
+def test_a_bad_request_is_refused_in_one_line_and_the_launcher_keeps_serving(served: Served) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(served.socket))
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")  # no header, no descriptors
+        reply = s.recv(4096).decode()
+    assert reply.startswith("error ") and reply.count("\n") == 1
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(served.socket))
+        body = json.dumps({"argv": ["sh", "-c", "id"], "cwd": "/", "env": {}}).encode()
+        socket.send_fds(s, [MAGIC + len(body).to_bytes(4, "big")], [0, 1, 2])
+        s.sendall(body)
+        assert "starting with 'flwr-clientapp'" in s.recv(4096).decode()
+    assert served.run("--help").returncode == 0
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"\xff", "not UTF-8 JSON"),
+    (b"[]", "exactly the keys argv, cwd and env"),
+    (json.dumps({"argv": [COMMAND], "cwd": "/", "env": {}, "more": 1}).encode(), "exactly the keys"),
+    (json.dumps({"argv": [], "cwd": "/", "env": {}}).encode(), "starting with 'flwr-clientapp'"),
+    (json.dumps({"argv": [COMMAND, "a\0b"], "cwd": "/", "env": {}}).encode(), "without NUL bytes"),
+    (json.dumps({"argv": [COMMAND], "cwd": "relative", "env": {}}).encode(), "absolute path"),
+    (json.dumps({"argv": [COMMAND], "cwd": "/", "env": {"A": 1}}).encode(), "every environment value"),
+])
+def test_requests_are_validated_before_anything_runs(body: bytes, message: str) -> None:
+    with pytest.raises(DeployError, match=re.escape(message)):
+        parse_request(body)
+
+
+def test_the_socket_needs_a_private_folder_and_one_launcher(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with pytest.raises(DeployError, match="mode 0700"):
+        listen(shared / "launcher.sock")
+    private = Path(tempfile.mkdtemp(prefix="emw-"))
+    try:
+        first = listen(private / "launcher.sock")
+        with pytest.raises(DeployError, match="already listens"):
+            listen(private / "launcher.sock")
+        first.close()
+        listen(private / "launcher.sock").close()  # a stale socket file of a dead launcher is replaced
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def test_without_a_launcher_the_shim_runs_the_real_command(served: Served) -> None:
+    served.process.send_signal(signal.SIGTERM)  # last test of the module: it stops the launcher
+    assert served.process.wait(timeout=30) == 0
+    assert not served.socket.exists()  # removed on a clean stop
+    before = len(served.children())
+    done = served.run("--help")
+    assert done.returncode == 0 and "usage: flwr-clientapp" in done.stdout
+    assert len(served.children()) == before  # Flower's own process answered
