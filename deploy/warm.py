@@ -37,6 +37,7 @@ import socket
 import stat
 import struct
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -60,6 +61,10 @@ MAX_ARGS, MAX_ARG_CHARS, MAX_ENV_ENTRIES = 64, 4096, 4096
 REQUEST_TIMEOUT_S = 5.0  # the shim sends its request at once; a silent peer is dropped
 STOP_WAIT_S = 10.0  # on shutdown, how long running tasks get to push their final status
 MAX_SOCKET_PATH_BYTES = 100  # AF_UNIX paths are limited to ~107 bytes
+# Read once, when the launcher imported its stack: a task whose environment sets them otherwise runs cold
+# (Flower's telemetry switch and log level, the thread pools' sizes, the module search path).
+IMPORT_TIME_ENV = ("FLWR_TELEMETRY_ENABLED", "FLWR_LOG_LEVEL", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                   "OPENBLAS_NUM_THREADS", "PYTHONPATH")
 
 
 def flwr_clientapp_command() -> Callable[[], object]:
@@ -84,31 +89,44 @@ def real_command(bin_dir: Path) -> Path:
 
 
 SHIM = '''#!{python} -IS
-"""flwr-clientapp, answered by the edgemri warm launcher at {socket}; the real command when none answers."""
+# flwr-clientapp, answered by the edgemri warm launcher (deploy/warm.py); the real command when no launcher
+# takes the task. The launcher answers one line: "error ..." (nothing ran) or "started PID", then "exit CODE".
 import json, os, socket, sys
 
+REAL = {real!r}
+
+
+def cold():
+    os.execv(REAL, [REAL, *sys.argv[1:]])
+
+
 def main():
+    body = json.dumps({{"argv": [{command!r}, *sys.argv[1:]], "cwd": os.getcwd(), "env": dict(os.environ)}})
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect({socket!r})
+        socket.send_fds(s, [{magic!r} + len(body.encode()).to_bytes(4, "big")], [0, 1, 2])
+        s.sendall(body.encode())
+        reply = s.makefile("rb")
+        first = reply.readline(4096)
     except OSError:
-        os.execv({real!r}, [{real!r}, *sys.argv[1:]])
-    body = json.dumps({{"argv": [{command!r}, *sys.argv[1:]], "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
-    socket.send_fds(s, [{magic!r} + len(body).to_bytes(4, "big")], [0, 1, 2])
-    s.sendall(body)
-    reply = b""
-    while len(reply) < 4096:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        reply += chunk
-    text = reply.decode("utf-8", "replace").strip()
-    if text.startswith("exit ") and text[5:].lstrip("-").isdigit():
-        code = int(text[5:])
+        cold()
+    if not first.startswith(b"started "):
+        if first:
+            print("flwr-clientapp (edgemri warm launcher): " + first.decode("utf-8", "replace").strip()
+                  + "; running the task cold", file=sys.stderr)
+        cold()
+    try:
+        last = reply.readline(4096).decode("ascii", "replace").strip()
+    except OSError:
+        last = ""
+    if last.startswith("exit ") and last[5:].lstrip("-").isdigit():
+        code = int(last[5:])
         sys.exit(code if code >= 0 else 128 - code)
-    print("flwr-clientapp (edgemri warm launcher): " + (text or "the launcher closed the connection"),
-          file=sys.stderr)
+    print("flwr-clientapp (edgemri warm launcher): the launcher went away during the task ("
+          + first.decode("ascii", "replace").strip() + ")", file=sys.stderr)
     sys.exit(2)
+
 
 main()
 '''
@@ -169,18 +187,27 @@ def _exit_code(code: object) -> int:
     return 1
 
 
+def check_import_time_env(env: dict[str, str]) -> None:
+    """Refuse a task whose environment differs from the launcher's where the stack read it at import."""
+    differ = [name for name in IMPORT_TIME_ENV if env.get(name) != os.environ.get(name)]
+    if differ:
+        raise DeployError(f"the task's {', '.join(differ)} differ from the launcher's, which its imports already "
+                          "read; start the launcher with the SuperNode's environment")
+
+
 def run_task(command: Callable[[], object], request: TaskRequest, streams: Sequence[int]) -> int:
     """In the forked child: become the task's process (streams, folder, environment), run the command."""
-    for target, fd in zip((0, 1, 2), streams, strict=True):
-        os.dup2(fd, target)
-        os.close(fd)
-    for handler in logging.root.handlers[:]:  # the launcher's logging is not the task's: Flower sets up its own
-        logging.root.removeHandler(handler)
-    os.chdir(request.cwd)
-    os.environ.clear()
-    os.environ.update(request.env)
-    sys.argv = list(request.argv)
     try:
+        for target, fd in zip((0, 1, 2), streams, strict=True):
+            os.dup2(fd, target)
+            if fd != target:
+                os.close(fd)
+        for handler in logging.root.handlers[:]:  # the launcher's logging is not the task's: Flower sets its own
+            logging.root.removeHandler(handler)
+        os.chdir(request.cwd)
+        os.environ.clear()
+        os.environ.update(request.env)
+        sys.argv = list(request.argv)
         command()
         return 0
     except SystemExit as done:
@@ -192,6 +219,7 @@ def run_task(command: Callable[[], object], request: TaskRequest, streams: Seque
 
 def _receive(conn: socket.socket) -> tuple[TaskRequest, list[int]]:
     """Read a shim's header with its three stream descriptors, then its request; close the descriptors on error."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S  # for the whole request: a peer cannot trickle it
     conn.settimeout(REQUEST_TIMEOUT_S)
     head, fds, _, _ = socket.recv_fds(conn, len(MAGIC) + HEADER.size, 3)
     try:
@@ -202,14 +230,17 @@ def _receive(conn: socket.socket) -> tuple[TaskRequest, list[int]]:
             raise DeployError(f"the request is {size} bytes; allowed: at most {MAX_REQUEST_BYTES}")
         body = bytearray()
         while len(body) < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeployError(f"the request took more than {REQUEST_TIMEOUT_S:.0f} s to arrive")
+            conn.settimeout(left)
             chunk = conn.recv(min(65536, size - len(body)))
             if not chunk:
                 raise DeployError(f"the request ended after {len(body)} of {size} bytes")
             body += chunk
         return parse_request(bytes(body)), fds
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
         raise
 
 
@@ -264,6 +295,7 @@ class Launcher:
 
     def __init__(self, listener: socket.socket, command: Callable[[], object]) -> None:
         self.listener, self.command = listener, command
+        self.socket_path = listener.getsockname()
         self.selector = selectors.DefaultSelector()
         self.tasks: dict[int, _Task] = {}  # child pid -> its task
         self.count = 0
@@ -279,71 +311,88 @@ class Launcher:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that the wakeup fd sees it
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.selector.register(self.wake_read, selectors.EVENT_READ, "wake")
-        log.info("warm launcher ready on %s (pid %d)", self.listener.getsockname(), os.getpid())
-        while not self.stopping:
-            for key, _ in self.selector.select(timeout=1.0):
-                if key.data == "accept":
-                    self._accept()
-                elif key.data == "wake":
-                    with contextlib.suppress(BlockingIOError):
-                        self.wake_read.recv(4096)
-                else:
-                    self._shim_gone(key.data)
-            self._reap()
-        self._shutdown()
+        log.info("warm launcher ready on %s (pid %d)", self.socket_path, os.getpid())
+        try:
+            while not self.stopping:
+                for key, _ in self.selector.select(timeout=1.0):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            self.wake_read.recv(4096)
+                    else:
+                        self._shim_gone(key.data)
+                self._reap()
+        finally:
+            self._shutdown()
 
     def _stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
 
     def _accept(self) -> None:
-        conn, _ = self.listener.accept()
+        try:
+            conn, _ = self.listener.accept()
+        except OSError as err:  # out of file descriptors, say: the shim falls back to the real command
+            log.warning("could not accept a task: %s", err)
+            return
+        fds: list[int] = []
         try:
             uid = _peer_uid(conn)
             if uid is not None and uid != os.getuid():
                 raise DeployError(f"a process of uid {uid} connected; only uid {os.getuid()} may start tasks")
             request, fds = _receive(conn)
+            check_import_time_env(request.env)
+            pid = self._fork(conn, request, fds)
         except (DeployError, OSError) as err:
-            log.warning("refused a request: %s", err)
+            log.warning("refused a task (it runs cold): %s", err)
+            _close_all(fds)
             with contextlib.suppress(OSError):
                 conn.sendall(f"error {err}\n".encode())
             conn.close()
             return
+        _close_all(fds)
         self.count += 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: nothing of the launcher's loop may run here
-            code = 1
-            try:
-                signal.set_wakeup_fd(-1)
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                    signal.signal(signum, signal.SIG_DFL)
-                for own in (self.listener, self.wake_read, self.wake_write, conn, *self._conns()):
-                    own.close()
-                code = run_task(self.command, request, fds)
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(code)
-        for fd in fds:
-            os.close(fd)
-        conn.setblocking(False)
         self.tasks[pid] = _Task(self.count, conn, time.monotonic())
+        with contextlib.suppress(OSError):  # a shim already gone is seen as such below
+            conn.sendall(f"started {pid}\n".encode())
+        conn.setblocking(False)
         self.selector.register(conn, selectors.EVENT_READ, pid)
         log.info("task %d: ClientApp in child %d", self.count, pid)
 
-    def _conns(self) -> list[socket.socket]:
-        return [task.conn for task in self.tasks.values()]
+    def _fork(self, conn: socket.socket, request: TaskRequest, fds: list[int]) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 1  # the child: nothing of the launcher's loop may run here
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum, handler in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGCHLD, signal.SIG_DFL),
+                                    (signal.SIGINT, signal.default_int_handler)):
+                signal.signal(signum, handler)
+            self.selector.close()
+            for own in (self.listener, self.wake_read, self.wake_write, conn, *(t.conn for t in self.tasks.values())):
+                own.close()
+            code = run_task(self.command, request, fds)
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
 
     def _shim_gone(self, pid: int) -> None:
-        """The shim's end readable: it sends nothing more, so it has exited or been killed; so goes its child."""
+        """The shim's end readable: at EOF it has exited or been killed, and its child goes with it."""
         task = self.tasks.get(pid)
         if task is None:
             return
-        with contextlib.suppress(BlockingIOError, OSError):
+        try:
             if task.conn.recv(1):
-                return
+                return  # the shim sends nothing after its request; ignore it
+        except BlockingIOError:
+            return
+        except OSError:
+            pass  # reset: gone as well
         self.selector.unregister(task.conn)
         log.warning("task %d: its flwr-clientapp caller is gone; stopping child %d", task.number, pid)
         with contextlib.suppress(ProcessLookupError):
@@ -353,25 +402,32 @@ class Launcher:
         while self.tasks:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+            except ChildProcessError:  # no children left: tasks still listed were reaped elsewhere
+                for pid in list(self.tasks):
+                    self._finish(pid, 1)
                 return
             if pid == 0:
                 return
-            task = self.tasks.pop(pid, None)
-            if task is None:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            level = logging.INFO if code == 0 else logging.WARNING
-            log.log(level, "task %d: child %d exited %s after %.2f s", task.number, pid,
-                    code if code >= 0 else f"on signal {-code}", time.monotonic() - task.started)
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(task.conn)
-            with contextlib.suppress(OSError):
-                task.conn.setblocking(True)
-                task.conn.sendall(f"exit {code}\n".encode())
-            task.conn.close()
+            if pid in self.tasks:
+                self._finish(pid, os.waitstatus_to_exitcode(status))
+
+    def _finish(self, pid: int, code: int) -> None:
+        task = self.tasks.pop(pid)
+        level = logging.INFO if code == 0 else logging.WARNING
+        log.log(level, "task %d: child %d exited %s after %.2f s", task.number, pid,
+                code if code >= 0 else f"on signal {-code}", time.monotonic() - task.started)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(task.conn)
+        with contextlib.suppress(OSError):
+            task.conn.setblocking(True)
+            task.conn.sendall(f"exit {code}\n".encode())
+        task.conn.close()
 
     def _shutdown(self) -> None:
+        """Stop taking tasks (new shims run cold), then give running ones STOP_WAIT_S to push their status."""
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
         log.info("stopping: %d running task(s) get %.0f s to finish", len(self.tasks), STOP_WAIT_S)
         for pid in list(self.tasks):
             with contextlib.suppress(ProcessLookupError):
@@ -383,13 +439,35 @@ class Launcher:
         for pid in list(self.tasks):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        while self.tasks:
+        deadline = time.monotonic() + STOP_WAIT_S
+        while self.tasks and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.01)
-        path = self.listener.getsockname()
-        self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _standard_streams_open() -> None:
+    """Make sure descriptors 0-2 exist, so that a received stream can never land on one of them."""
+    while True:
+        fd = os.open(os.devnull, os.O_RDWR)
+        if fd > 2:
+            os.close(fd)
+            return
+
+
+def _check_fork_safe() -> None:
+    """Fork copies one thread: nothing the preloaded stack started may be running or initialized."""
+    if threading.active_count() > 1:
+        raise DeployError(f"the preloaded modules started {threading.active_count() - 1} thread(s); a forked task "
+                          "would inherit their locks; leave such modules out of --preload")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise DeployError("the preloaded modules initialized CUDA, which a forked task cannot use")
 
 
 def serve(socket_path: Path, bin_dir: Path, preload: Sequence[str] = DEFAULT_PRELOAD) -> None:
@@ -404,6 +482,8 @@ def serve(socket_path: Path, bin_dir: Path, preload: Sequence[str] = DEFAULT_PRE
             importlib.import_module(module)
         except ImportError as err:
             raise DeployError(f"--preload {module}: cannot import it ({err})") from err
+    _check_fork_safe()
+    _standard_streams_open()
     listener = listen(socket_path)
     shim = write_shim(bin_dir, socket_path)
     log.info("imported %s in %.1f s; put %s first on the SuperNode's PATH", ", ".join(preload) or "Flower only",

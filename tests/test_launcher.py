@@ -39,8 +39,10 @@ class Served:
     def children(self) -> list[int]:
         return [int(pid) for pid in re.findall(r": ClientApp in child (\d+)", self.log.read_text(errors="replace"))]
 
-    def run(self, *args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.shim), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    def run(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.shim), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                              env=env)
 
     def start(self, *args: str) -> subprocess.Popen:
         known = len(self.children())
@@ -95,13 +97,24 @@ def test_a_task_gets_the_callers_folder_and_its_exit_code_comes_back(served: Ser
 
 
 def test_a_task_that_crashes_ends_only_its_child(served: Served) -> None:
-    shim = served.start(*WAITING)
+    crashing = served.start(*WAITING)
     child = served.children()[-1]
+    running = served.start(*WAITING)  # forked after the first task's connection existed: it must not hold it
     os.kill(child, signal.SIGSEGV)
-    assert shim.wait(timeout=30) == 128 + signal.SIGSEGV  # what a cold process killed by SIGSEGV returns
-    assert served.process.poll() is None
+    assert crashing.wait(timeout=30) == 128 + signal.SIGSEGV  # what a cold process killed by SIGSEGV returns
+    assert served.process.poll() is None and running.poll() is None  # the other task runs on
     assert served.run("--help").returncode == 0  # the launcher takes the next task
     assert f"child {child} exited on signal {int(signal.SIGSEGV)}" in served.log.read_text()
+    running.kill()
+    running.wait(timeout=10)
+
+
+def test_a_task_whose_import_time_environment_differs_runs_cold(served: Served) -> None:
+    before = len(served.children())
+    done = served.run("--help", env={**os.environ, "FLWR_LOG_LEVEL": "DEBUG"})
+    assert done.returncode == 0 and "usage: flwr-clientapp" in done.stdout  # Flower's own process answered
+    assert "FLWR_LOG_LEVEL differ from the launcher's" in done.stderr and "running the task cold" in done.stderr
+    assert len(served.children()) == before
 
 
 def test_a_killed_caller_takes_its_child_with_it(served: Served) -> None:
