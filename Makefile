@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch/torchvision pinned exactly: these machines install them from local disk.
-	$(BIN)/python -m pip install --quiet -e ".[edge,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[edge,dev,attacks]"
 	touch $(STAMP)
 
 install: $(STAMP)

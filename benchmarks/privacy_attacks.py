@@ -57,7 +57,8 @@ def attack_values(name: str, report: dict[str, Any]) -> dict[str, Any]:
                        f"{prefix}.replays_matching": summary["replays_matching"],
                        f"{prefix}.sent_update_analytic_margin_db": summary["analytic_sent_margin_db"],
                        f"{prefix}.membership_auc": summary["membership_auc"],
-                       f"{prefix}.calibrated_membership_auc": summary["calibrated_membership_auc"]})
+                       f"{prefix}.calibrated_membership_auc": summary["calibrated_membership_auc"],
+                       f"{prefix}.learned_membership_auc": summary.get("learned_membership_auc")})
         for variant, steps in summary["single_image"].items():
             step = f"{prefix}.single_image_{variant}"
             values.update({f"{step}.inversion_margin_db": steps["inversion_margin_db"],

@@ -103,7 +103,17 @@ def _membership_line(membership: dict[str, Any]) -> str:
             f"{_num(calibrated['tpr_at_1pct_fpr'], '.2f')}; "
             f"{loss['members']} members (its training scans) vs {loss['nonmembers']} non-members (held-out scans "
             f"of its site); accuracy {_pct(membership['member_accuracy'])}% on members, "
-            f"{_pct(membership['nonmember_accuracy'])}% on non-members")
+            f"{_pct(membership['nonmember_accuracy'])}% on non-members; {_learned_line(membership.get('learned'))}")
+
+
+def _learned_line(learned: dict[str, Any] | None) -> str:
+    if learned is None:
+        return "no learned attack in this report"
+    if "skipped" in learned:
+        return f"learned attack (ART) skipped: {learned['skipped']}"
+    return (f"learned attack (ART black box, fitted on half, scored on the other): AUC {_num(learned['auc'], '.2f')}, "
+            f"TPR at 1% FPR {_num(learned['tpr_at_1pct_fpr'], '.2f')} on {learned['members']} / "
+            f"{learned['nonmembers']}")
 
 
 def _card(card: dict[str, Any]) -> list[str]:
@@ -183,10 +193,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "What the clients sent and kept: the analytic attack on their real updates, membership inference "
                   "on their personalized models, and how many replays reproduced the reported training exactly.", "",
               "| group | clients | sent update, analytic − random (dB) | membership AUC (loss) | "
-              "membership AUC (calibrated) | replays exact |", "|---|" + "---:|" * 5]
+              "membership AUC (calibrated) | membership AUC (learned, ART) | replays exact |", "|---|" + "---:|" * 6]
     for group, summary in report["summary"].items():
         lines.append(f"| {group} | {summary['clients']} | {_db(summary['analytic_sent_margin_db'], True)} | "
                      f"{_num(summary['membership_auc'], '.2f')} | {_num(summary['calibrated_membership_auc'], '.2f')} "
+                     f"| {_num(summary.get('learned_membership_auc'), '.2f')} "
                      f"| {summary['replays_matching']}/{summary['updates']} |")
     central = report["client_level"]
     lines += ["", "Client-level (central) DP: " + (

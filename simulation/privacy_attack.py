@@ -46,6 +46,7 @@ from edgemri.core.checkpoint import check_state_dict, load_checkpoint
 from edgemri.core.config import Config, ConfigError, TrainSpec, load_config
 from edgemri.core.data import (
     CLASS_NAMES,
+    IMAGE_SIZE,
     MEAN,
     STD,
     ArraySplit,
@@ -81,6 +82,7 @@ DEFAULT_INVERSION_STEPS = 300  # about 4 s per inversion on one CPU thread for t
 MAX_INVERSION_STEPS = 5000
 INVERSION_LR, INVERSION_TV = 0.1, 1e-2  # Geiping et al.'s step size; their strongest total-variation prior
 BASELINE_IMAGES = 8  # random held-out images of the client's site: what an unrelated image scores
+MIN_LEARNED_MEMBERS = 8  # per half: the learned attack fits on one half of the members, scores the other
 MAX_NONMEMBERS = 1000  # held-out scans per membership attack: more only narrows an interval already narrow
 PSNR_CAP_DB = 100.0  # identical up to float rounding; keeps the JSON finite
 REPLAY_RTOL = 1e-4  # the replayed train loss against the reported one: float noise passes, another run does not
@@ -513,29 +515,67 @@ def inversion_attack(received: State, grads: State, label: int, candidates: Tens
 # ---------------------------------------------------------------- membership
 
 
-def losses_and_accuracy(model: torch.nn.Module, split: ArraySplit, mean: Any = MEAN, std: Any = STD
-                        ) -> tuple[Tensor, float]:
-    """Each example's cross-entropy loss under ``model`` (inputs normalized by ``mean``, ``std``) and the accuracy."""
-    logits = predict_logits(model, split.images, lambda x: normalize(x, mean, std))
+def losses_and_accuracy(logits: Tensor, split: ArraySplit) -> tuple[Tensor, float]:
+    """Each example's cross-entropy loss from a model's ``logits`` for ``split`` and the accuracy."""
     accuracy = float((logits.argmax(1) == split.labels).float().mean())
     return F.cross_entropy(logits, split.labels, reduction="none"), accuracy
 
 
-def membership_attack(personalized: Path, start: State, members: ArraySplit, nonmembers: ArraySplit
-                      ) -> dict[str, Any]:
-    """Loss-threshold and start-calibrated membership inference against a client's personalized model (raw logits,
-    its own preprocessing; the start model, which never saw a candidate, is the calibration reference)."""
+def learned_attack(model: torch.nn.Module, member_logits: Tensor, members: ArraySplit, nonmember_logits: Tensor,
+                   nonmembers: ArraySplit, seed: int) -> dict[str, Any]:
+    """The Adversarial Robustness Toolbox's black-box membership attack (its default attack model, a small
+    network on the model's probabilities and the true label, trained under ``seed``): fitted on half of the
+    members and non-members, scored on the other half. Needs the ``attacks`` extra; too few members to split is
+    a reason, not a number."""
+    try:
+        from art.attacks.inference.membership_inference import MembershipInferenceBlackBox
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError:
+        return {"skipped": "the Adversarial Robustness Toolbox is not installed (pip install 'edgemri[attacks]')"}
+    if min(len(members), len(nonmembers)) < 2 * MIN_LEARNED_MEMBERS:
+        return {"skipped": f"{len(members)} members: at least {2 * MIN_LEARNED_MEMBERS} needed to fit on half "
+                           "and score the other half"}
+    rng = np.random.default_rng(seed)
+    halves = [np.array_split(rng.permutation(n), 2) for n in (len(members), len(nonmembers))]
+    probabilities = [F.softmax(logits, 1).numpy() for logits in (member_logits, nonmember_logits)]
+    labels = [split.labels.numpy() for split in (members, nonmembers)]
+    classifier = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, IMAGE_SIZE,
+                                   IMAGE_SIZE), nb_classes=len(CLASS_NAMES))
+    attack = MembershipInferenceBlackBox(classifier, input_type="prediction", attack_model_type="nn")
+    (member_fit, member_score), (nonmember_fit, nonmember_score) = halves
+    with torch.random.fork_rng():  # the attack network's initialization and batches come from torch's RNG
+        torch.manual_seed(seed)
+        attack.fit(x=None, y=labels[0][member_fit], test_x=None, test_y=labels[1][nonmember_fit],
+                   pred=probabilities[0][member_fit], test_pred=probabilities[1][nonmember_fit])
+        member_scores, nonmember_scores = (
+            attack.infer(x=None, y=labels[which][index], pred=probabilities[which][index],
+                         probabilities=True).reshape(-1)
+            for which, index in ((0, member_score), (1, nonmember_score)))
+    return {"attack": "ART MembershipInferenceBlackBox, its attack network on (probabilities, label)",
+            **attacks.membership_metrics(member_scores, nonmember_scores)}
+
+
+def membership_attack(personalized: Path, start: State, members: ArraySplit, nonmembers: ArraySplit,
+                      seed: int = 0) -> dict[str, Any]:
+    """Loss-threshold, start-calibrated and learned (ART) membership inference against a client's personalized
+    model (raw logits, its own preprocessing; the start model, which never saw a candidate, is the calibration
+    reference)."""
     checkpoint = load_checkpoint(personalized)
     if checkpoint.model != "student":
         raise PrivacyAttackError(f"{personalized} holds a {checkpoint.model!r}; a personalized model is a student")
     preprocessing = parse_preprocessing(checkpoint.preprocessing, str(personalized))
     model, reference = checkpoint.build(), student_from(start)
-    (member_losses, member_accuracy), (nonmember_losses, nonmember_accuracy) = (
-        losses_and_accuracy(model, split, preprocessing["mean"], preprocessing["std"])
+    member_logits, nonmember_logits = (
+        predict_logits(model, split.images, lambda x: normalize(x, preprocessing["mean"], preprocessing["std"]))
         for split in (members, nonmembers))
-    calibration = [losses_and_accuracy(reference, split)[0] for split in (members, nonmembers)]
+    (member_losses, member_accuracy), (nonmember_losses, nonmember_accuracy) = (
+        losses_and_accuracy(logits, split) for logits, split in ((member_logits, members),
+                                                                 (nonmember_logits, nonmembers)))
+    calibration = [losses_and_accuracy(predict_logits(reference, split.images, normalize), split)[0]
+                   for split in (members, nonmembers)]
     return {"loss_threshold": attacks.loss_threshold_attack(member_losses, nonmember_losses),
             "calibrated": attacks.calibrated_loss_attack(member_losses, nonmember_losses, *calibration),
+            "learned": learned_attack(model, member_logits, members, nonmember_logits, nonmembers, seed),
             "member_loss": float(member_losses.mean()), "nonmember_loss": float(nonmember_losses.mean()),
             "member_accuracy": member_accuracy, "nonmember_accuracy": nonmember_accuracy}
 
@@ -792,7 +832,7 @@ def _membership(run: RunFolder, client: Client, pool: ArraySplit | None, rng: np
         return {"skipped": f"no held-out scans of site {client.manifest.site}"}
     nonmembers = pool if len(pool) <= MAX_NONMEMBERS else \
         pool.subset(sorted(rng.choice(len(pool), MAX_NONMEMBERS, replace=False).tolist()))
-    return membership_attack(path, run.start, client.data().train, nonmembers)
+    return membership_attack(path, run.start, client.data().train, nonmembers, int(rng.integers(2**31)))
 
 
 def _update_line(name: str, r: int, update: dict[str, Any]) -> str:
@@ -812,9 +852,10 @@ def _update_line(name: str, r: int, update: dict[str, Any]) -> str:
 def _membership_line(name: str, membership: dict[str, Any]) -> str:
     if "skipped" in membership:
         return f"  {name} model: membership attack skipped ({membership['skipped']})"
-    loss, calibrated = membership["loss_threshold"], membership["calibrated"]
+    loss, calibrated, learned = membership["loss_threshold"], membership["calibrated"], membership["learned"]
+    learned_auc = f"{learned['auc']:.2f}" if "auc" in learned else "n/a"
     return (f"  {name} model: membership AUC {loss['auc']:.2f} (loss), {calibrated['auc']:.2f} (calibrated), "
-            f"{loss['members']} members vs {loss['nonmembers']} non-members")
+            f"{learned_auc} (learned, ART), {loss['members']} members vs {loss['nonmembers']} non-members")
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -851,6 +892,7 @@ def summarize(cards: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "analytic_sent_margin_db": _mean([u["sent_update"]["analytic"].get("margin_db") for u, _ in updates]),
             "membership_auc": _mean([m["loss_threshold"]["auc"] for m in models]),
             "calibrated_membership_auc": _mean([m["calibrated"]["auc"] for m in models]),
+            "learned_membership_auc": _mean([m["learned"].get("auc") for m in models]),
             "replays_matching": sum(bool(u["replay"]["matches"]) for u, _ in updates)}
     return out
 

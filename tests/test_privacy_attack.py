@@ -20,7 +20,7 @@ from edgemri.clients.runtime import Client, ClientSetup, ClientState
 from edgemri.core import attacks
 from edgemri.core.checkpoint import Checkpoint, save_checkpoint
 from edgemri.core.config import parse_config
-from edgemri.core.data import load_dataset
+from edgemri.core.data import ArraySplit, load_dataset
 from edgemri.core.io import write_text
 from edgemri.core.partition import partition, read_manifest, write_manifests
 from edgemri.core.personalize import create_method
@@ -198,3 +198,24 @@ def test_a_bad_run_folder_is_one_line_and_exit_2(small_run, kind: str, expected:
     err = capsys.readouterr().err
     assert err.startswith("edgemri: error: ") and err.count("\n") == 1 and expected in err
     assert not (run_dir / "privacy-attacks.json").exists()
+
+
+def _split(labels: torch.Tensor) -> ArraySplit:
+    return ArraySplit(torch.zeros(len(labels), 3, 8, 8, dtype=torch.uint8), labels,
+                      [f"f{k}" for k in range(len(labels))])
+
+
+def test_the_learned_attack_of_art_separates_memorized_members_and_not_lookalikes() -> None:
+    pytest.importorskip("art", reason="the attacks extra (pip install 'edgemri[attacks]')")
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (120,), generator=generator)
+    noise = torch.randn(120, 4, generator=generator)
+    memorized = noise + 6.0 * torch.nn.functional.one_hot(labels, 4)  # confident on the true class: members
+    members, nonmembers = _split(labels[:60]), _split(labels[60:])
+    result = pa.learned_attack(Student(), memorized[:60], members, noise[60:], nonmembers, seed=0)
+    assert result["auc"] > 0.9 and result["members"] == 30 and result["nonmembers"] == 30  # scored on the unseen half
+    alike = pa.learned_attack(Student(), noise[:60], members, noise[60:], nonmembers, seed=0)
+    assert abs(alike["auc"] - 0.5) < 0.2
+    assert pa.learned_attack(Student(), noise[:60], members, noise[60:], nonmembers, seed=0) == alike  # seeded
+    few = pa.learned_attack(Student(), noise[:7], members.subset(range(7)), noise[60:], nonmembers, seed=0)
+    assert "7 members" in few["skipped"]
