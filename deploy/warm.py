@@ -288,6 +288,7 @@ class _Task:
     number: int
     conn: socket.socket
     started: float
+    stopped: float | None = None  # when it was sent SIGTERM because its caller went away
 
 
 class Launcher:
@@ -323,6 +324,7 @@ class Launcher:
                     else:
                         self._shim_gone(key.data)
                 self._reap()
+                self._kill_overdue()
         finally:
             self._shutdown()
 
@@ -395,8 +397,16 @@ class Launcher:
             pass  # reset: gone as well
         self.selector.unregister(task.conn)
         log.warning("task %d: its flwr-clientapp caller is gone; stopping child %d", task.number, pid)
+        task.stopped = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+
+    def _kill_overdue(self) -> None:
+        """A child stopped for its gone caller that is still pushing its status after STOP_WAIT_S is killed."""
+        for pid, task in self.tasks.items():
+            if task.stopped is not None and time.monotonic() - task.stopped > STOP_WAIT_S:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         while self.tasks:
@@ -429,20 +439,14 @@ class Launcher:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         log.info("stopping: %d running task(s) get %.0f s to finish", len(self.tasks), STOP_WAIT_S)
-        for pid in list(self.tasks):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_WAIT_S
-        while self.tasks and time.monotonic() < deadline:
-            self._reap()
-            time.sleep(0.05)
-        for pid in list(self.tasks):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + STOP_WAIT_S
-        while self.tasks and time.monotonic() < deadline:
-            self._reap()
-            time.sleep(0.01)
+        for signum in (signal.SIGTERM, signal.SIGKILL):  # what is still running after the wait is killed
+            for pid in list(self.tasks):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+            deadline = time.monotonic() + STOP_WAIT_S
+            while self.tasks and time.monotonic() < deadline:
+                self._reap()
+                time.sleep(0.05)
 
 
 def _close_all(fds: Sequence[int]) -> None:
