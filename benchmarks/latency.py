@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         results["benchmark_seconds"] = round(time.perf_counter() - started, 1)
         results.update(predict_end_to_end(checkpoint, folder / "predict", rounds=3))
     steps = " + ".join(f"{step} {results[f'predict_{step}_per_image_ms']:.3f}"
-                        for step in ("read", "decode", "resize", "normalize"))
+                        for step in ("read", "decode_resize", "normalize"))
     print(f"edgemri predict of {PREDICT_IMAGES} JPEGs: {steps} ms/image, "
           f"model {results['predict_model_per_image_ms']:.3f} ms/image; in-process {results['predict_total_s']:.3f} s "
           f"({results['predict_img_per_s']:.0f} img/s), the command {results['predict_cli_wall_s']:.2f} s "
