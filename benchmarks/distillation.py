@@ -53,15 +53,18 @@ def sweep(data_root: Path, out: Path) -> tuple[dict[str, float], dict[str, Any]]
     _, teacher, teacher_logits, _, _ = distiller.teacher()
     cache: dict[Any, Any] = {}
     values: dict[str, Any] = {}
-    best: tuple[float, dict[str, float]] = (-1.0, {})
+    best: tuple[tuple[float, float], dict[str, float]] = ((-1.0, 0.0), {})
     for temperature in TEMPERATURES:
         for alpha in ALPHAS:
             kd = dataclasses.replace(config.distill.kd, temperature=temperature, alpha=alpha)
             teaching, *_ = distiller.teaching(kd, teacher, teacher_logits, cache)
             stage = distiller.student(f"sweep-t{temperature:g}-a{alpha:g}", kd, teaching)
-            val = max(h["val_accuracy"] for h in stage.history)
-            values[f"sweep_t{temperature:g}_a{alpha:g}_val_accuracy_pct"] = 100 * val
-            print(f"sweep T={temperature:g} alpha={alpha:g}: validation {100 * val:.2f}%", flush=True)
+            # The training's own selection rule: best validation accuracy, ties to the lower validation loss.
+            val = max((h["val_accuracy"], -h["val_loss"]) for h in stage.history)
+            values[f"sweep_t{temperature:g}_a{alpha:g}_val_accuracy_pct"] = 100 * val[0]
+            values[f"sweep_t{temperature:g}_a{alpha:g}_val_loss"] = -val[1]
+            print(f"sweep T={temperature:g} alpha={alpha:g}: validation {100 * val[0]:.2f}% (loss {-val[1]:.3f})",
+                  flush=True)
             if val > best[0]:
                 best = (val, {"temperature": temperature, "alpha": alpha})
     values.update({"sweep_chosen_temperature": best[1]["temperature"], "sweep_chosen_alpha": best[1]["alpha"]})
