@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import logging.config
 import math
 import time
 import tomllib
@@ -521,6 +523,23 @@ def losses_and_accuracy(logits: Tensor, split: ArraySplit) -> tuple[Tensor, floa
     return F.cross_entropy(logits, split.labels, reduction="none"), accuracy
 
 
+def art_membership_classes() -> tuple[Any, Any]:
+    """ART's ``MembershipInferenceBlackBox`` and ``PyTorchClassifier``; ImportError without the ``attacks`` extra.
+
+    ART's package import calls ``logging.config.dictConfig``, which closes every logging handler open in the
+    process (a log file, pytest's own handlers); all its config adds is a NullHandler on the "art" logger, so
+    the import runs with ``dictConfig`` a no-op, and ART's INFO chatter stays out of the progress output."""
+    configure = logging.config.dictConfig
+    logging.config.dictConfig = lambda _config: None
+    try:
+        from art.attacks.inference.membership_inference import MembershipInferenceBlackBox
+        from art.estimators.classification import PyTorchClassifier
+    finally:
+        logging.config.dictConfig = configure
+    logging.getLogger("art").setLevel(logging.WARNING)
+    return MembershipInferenceBlackBox, PyTorchClassifier
+
+
 def learned_attack(model: torch.nn.Module, member_logits: Tensor, members: ArraySplit, nonmember_logits: Tensor,
                    nonmembers: ArraySplit, seed: int) -> dict[str, Any]:
     """The Adversarial Robustness Toolbox's black-box membership attack (its default attack model, a small
@@ -528,8 +547,7 @@ def learned_attack(model: torch.nn.Module, member_logits: Tensor, members: Array
     members and non-members, scored on the other half. Needs the ``attacks`` extra; too few members to split is
     a reason, not a number."""
     try:
-        from art.attacks.inference.membership_inference import MembershipInferenceBlackBox
-        from art.estimators.classification import PyTorchClassifier
+        MembershipInferenceBlackBox, PyTorchClassifier = art_membership_classes()  # noqa: N806 - classes
     except ImportError:
         return {"skipped": "the Adversarial Robustness Toolbox is not installed (pip install 'edgemri[attacks]')"}
     if min(len(members), len(nonmembers)) < 2 * MIN_LEARNED_MEMBERS:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,23 @@ def test_the_learned_attack_of_art_separates_memorized_members_and_not_lookalike
     assert pa.learned_attack(Student(), noise[:60], members, noise[60:], nonmembers, seed=0) == alike  # seeded
     few = pa.learned_attack(Student(), noise[:7], members.subset(range(7)), noise[60:], nonmembers, seed=0)
     assert "7 members" in few["skipped"]
+
+
+def test_importing_art_closes_none_of_the_processs_log_handlers() -> None:
+    pytest.importorskip("art", reason="the attacks extra (pip install 'edgemri[attacks]')")
+    # A fresh interpreter: ART's package import (its logging.config.dictConfig) closes every open handler,
+    # pytest's own among them, unless it goes through art_membership_classes.
+    script = ("import logging\n"
+              "class Recording(logging.Handler):\n"
+              "    closed = False\n"
+              "    def emit(self, record): pass\n"
+              "    def close(self):\n"
+              "        Recording.closed = True\n"
+              "        super().close()\n"
+              "logging.getLogger().addHandler(Recording())\n"
+              "from edgemri.simulation.privacy_attack import art_membership_classes\n"
+              "art_membership_classes()\n"
+              "print('closed' if Recording.closed else 'open')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "open"
