@@ -263,11 +263,11 @@ def _private_folder(folder: Path) -> None:
 def listen(socket_path: Path) -> socket.socket:
     """A Unix socket at ``socket_path`` in a private folder; a stale socket file from a dead launcher is replaced."""
     if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH_BYTES:
-        raise DeployError(f"--socket {socket_path} is longer than {MAX_SOCKET_PATH_BYTES} bytes (a Unix socket "
-                          "path limit); choose a shorter path")
+        raise DeployError(f"the launcher's socket {socket_path} is longer than {MAX_SOCKET_PATH_BYTES} bytes (a Unix "
+                          "socket path limit); choose a shorter --dir")
     _private_folder(socket_path.parent)
     if socket_path.is_symlink() or (socket_path.exists() and not socket_path.is_socket()):
-        raise DeployError(f"--socket {socket_path} exists and is not a socket; remove it or choose another path")
+        raise DeployError(f"{socket_path} exists and is not a socket; remove it or choose another --dir")
     with contextlib.suppress(FileNotFoundError):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
