@@ -175,10 +175,10 @@ def predict_end_to_end(checkpoint: Checkpoint, folder: Path, rounds: int) -> dic
     """`edgemri predict` of PREDICT_IMAGES JPEGs with the fp32 ONNX file: whole, and split into its steps.
 
     In-process through the functions behind the command (``load_model``, ``predict_paths``), the best of
-    ``rounds``; the steps timed apart over the same files (read, decode to RGB, resize, then normalize and the
-    model in predict's batches); and once as the command itself, interpreter start and imports included, next to
-    a bare interpreter importing what the command imports (the part of the wait that is not predicting). Both
-    processes inherit this one's single core.
+    ``rounds``; the steps timed apart over the same files (read; decode and resize, ``image_uint8``; then
+    normalize and the model in predict's batches); and once as the command itself, interpreter start and
+    imports included, next to a bare interpreter importing what the command imports (the part of the wait
+    that is not predicting). Both processes inherit this one's single core.
     """
     scans = write_scans(folder / "scans", PREDICT_IMAGES)
     model_path = export_onnx(checkpoint, folder / "student.onnx")

@@ -174,15 +174,10 @@ def _decode(data: bytes) -> Image.Image:
         raise BadImageError(f"corrupt or truncated image: {err}") from None
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode one image file's bytes as upright 8-bit RGB, or raise BadImageError with the reason."""
-    image = _decode(data)
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def open_image(path: str | Path) -> Image.Image:
-    """Open one image file as upright 8-bit RGB, or raise BadImageError with the reason."""
-    return decode_image(read_image_bytes(path))
+    """Open one image file as upright 8-bit RGB (as training decodes it), or raise BadImageError with the reason."""
+    image = _decode(read_image_bytes(path))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def preprocess(image: Image.Image) -> np.ndarray:
