@@ -15,8 +15,17 @@ _SUFFIXES = {("onnx", False): ".onnx", ("onnx", True): ".int8.onnx", ("executorc
              ("torchscript", False): ".torchscript.pt"}
 
 
-def default_output(checkpoint: Path, fmt: str, int8: bool) -> Path:
-    """Next to the checkpoint: student.pt -> student.onnx, student.int8.onnx, student.pte, student.torchscript.pt."""
+def default_output(source: str, fmt: str, int8: bool) -> Path:
+    """Next to the checkpoint: student.pt -> student.onnx, student.int8.onnx, student.pte, student.torchscript.pt.
+
+    A shipped model's name goes to the current folder (kaggle-student -> ./kaggle-student.onnx), never into the
+    installed package.
+    """
+    from edgemri.edge.pretrained import is_pretrained_name
+
+    if is_pretrained_name(source):
+        return Path(f"{source}{_SUFFIXES[fmt, int8]}")
+    checkpoint = Path(source)
     return checkpoint.parent / f"{checkpoint.stem}{_SUFFIXES[fmt, int8]}"
 
 
@@ -27,6 +36,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edgemri.edge.executorch import export_executorch
     from edgemri.edge.int8 import export_onnx_int8
     from edgemri.edge.onnx import ONNX_OPSET, export_onnx
+    from edgemri.edge.pretrained import resolve_model
     from edgemri.edge.torchscript import export_torchscript
 
     if args.int8 and args.format != "onnx":
@@ -34,8 +44,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.int8 and not args.data_root:
         raise EdgeError("--int8 needs --data-root DIR: ~200 of its Training images calibrate the int8 ranges "
                         "and its Testing split measures the accuracy change")
-    source = Path(args.checkpoint)
-    out = Path(args.out) if args.out else default_output(source, args.format, args.int8)
+    source = resolve_model(args.checkpoint)
+    out = Path(args.out) if args.out else default_output(args.checkpoint, args.format, args.int8)
     if out.resolve() == source.resolve():
         raise EdgeError(f"--out {printable(str(out))} is the checkpoint itself; choose another file")
     checkpoint = load_student(source)
@@ -63,17 +73,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from edgemri.edge.errors import printable
+    from edgemri.edge.errors import EdgeError, printable
     from edgemri.edge.predict import check_refer_below, predict_paths
+    from edgemri.edge.pretrained import resolve_model
     from edgemri.edge.runtime import load_model, model_kind
     from edgemri.edge.torchscript import CODE_NOTICE
 
     refer_below = None if args.refer_below is None else check_refer_below(args.refer_below)  # before any loading
-    if model_kind(args.model) == "torchscript":
+    # `predict MODEL PATH...` or `predict --model MODEL PATH...`: without --model the first word is the model.
+    given, paths = (args.model, args.paths) if args.model else (args.paths[0], args.paths[1:])
+    if not paths:
+        raise EdgeError(f"no image to predict after the model {printable(given)}: "
+                        f"edgemri predict [--model] MODEL PATH...")
+    source = resolve_model(given)
+    if model_kind(source) == "torchscript":
         print(f"edgemri: note: {CODE_NOTICE}", file=sys.stderr)
-    model = load_model(args.model)
-    results = predict_paths(model, args.paths, top_k=args.top_k, batch_size=args.batch_size,
-                            refer_below=refer_below)
+    model = load_model(source)
+    results = predict_paths(model, paths, top_k=args.top_k, batch_size=args.batch_size, refer_below=refer_below)
     failed = sum(not r.ok for r in results)
     referred = sum(bool(r.refer) for r in results)
     if args.json:
@@ -101,7 +117,9 @@ def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
     """Add ``export`` and ``predict`` to the ``edgemri`` command line."""
     export = add(commands, "export", cmd_export,
                  "export a student checkpoint for devices: ONNX (fp32 or static int8), ExecuTorch or TorchScript")
-    export.add_argument("checkpoint", help="edgemri checkpoint or the paper's student state dict (.pt)")
+    export.add_argument("checkpoint", metavar="NAME_OR_CHECKPOINT",
+                        help="a shipped pretrained model (e.g. kaggle-student), an edgemri checkpoint or the "
+                             "paper's student state dict (.pt)")
     export.add_argument("--format", choices=["onnx", "executorch", "torchscript"], default="onnx",
                         help="default: onnx; executorch writes a .pte for ExecuTorch's XNNPACK backend")
     export.add_argument("--int8", action="store_true",
@@ -109,14 +127,21 @@ def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
     export.add_argument("--data-root", default=None,
                         help="Kaggle-layout folder: Training calibrates --int8, Testing measures its accuracy")
     export.add_argument("--out", default=None,
-                        help="output file (default: next to CHECKPOINT as .onnx, .int8.onnx, .pte or .torchscript.pt)")
+                        help="output file (default: next to CHECKPOINT as .onnx, .int8.onnx, .pte or .torchscript.pt; "
+                             "for a pretrained NAME, NAME.onnx ... in the current folder)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     predict = add(commands, "predict", cmd_predict,
-                  "classify image files with a checkpoint, an exported .onnx, .pte or TorchScript model")
-    predict.add_argument("model", help="checkpoint (.pt), exported .onnx or ExecuTorch .pte, or exported TorchScript "
-                                       "file (TorchScript is code: load only your own)")
-    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+                  "classify image files with a shipped model, a checkpoint, or an exported .onnx, .pte or TorchScript "
+                  "model")
+    predict.usage = "%(prog)s [options] {MODEL PATH... | --model MODEL PATH...}"
+    # Help names one example, not the registry: building the parser must not import torch.
+    model_help = ("a shipped pretrained model (e.g. kaggle-student), a checkpoint (.pt), an exported .onnx or "
+                  "ExecuTorch .pte, or an exported TorchScript file (TorchScript is code: load only your own)")
+    predict.add_argument("paths", nargs="+", metavar="[MODEL] PATH",
+                         help=f"without --model the first is the MODEL: {model_help}; then image files or folders "
+                              f"(searched recursively)")
+    predict.add_argument("--model", default=None, metavar="NAME_OR_FILE", help=f"the MODEL: {model_help}")
     predict.add_argument("--json", action="store_true", help="one JSON document instead of one line per image")
     predict.add_argument("--top-k", type=int, default=1, help="also list the K most probable classes")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")

@@ -87,6 +87,10 @@ class DataConfig:
     # among clients) keep the same split, so no seed's clients test on distillation data.
     split_seed: int = 0
     cache_dir: str | None = None  # decoded-image cache; None: <root>/.edgemri-cache
+    # Leakage control (core/audit.py): duplicate groups (exact and near) never straddle the train/validation
+    # split, and Testing images that duplicate a Training image are left out of the primary test metrics (the
+    # full Testing numbers, the paper's protocol, are reported beside them).
+    dedup: bool = False
 
     def validate(self, where: str) -> None:
         from edgemri.core.synth import PRESETS  # the generator's own registry
@@ -95,25 +99,6 @@ class DataConfig:
         _in_range(f"{where}.val_fraction", self.val_fraction, 0, 0.5, low_open=True, high_open=True)
         _in_range(f"{where}.client_fraction", self.client_fraction, 0, 0.9)
         _in_range(f"{where}.split_seed", self.split_seed, 0, MAX_SEED, integer=True)
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    name: str = "vgg16-slim"  # a teacher in edgemri.models' registry
-    width: float = 0.125  # vgg16-slim only: channel width relative to VGG16
-    checkpoint: str | None = None  # a trained teacher to load instead of training one
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=8, batch_size=32, weight_decay=0.01))
-
-    def model_options(self) -> dict[str, Any]:
-        """Builder options for the registry (the ImageNet teacher has a fixed width)."""
-        return {"width": self.width} if self.name == "vgg16-slim" else {}
-
-    def validate(self, where: str) -> None:
-        from edgemri.models import MODEL_NAMES, model_spec
-
-        _one_of(f"{where}.name", self.name, [n for n in MODEL_NAMES if model_spec(n).role == "teacher"])
-        _in_range(f"{where}.width", self.width, 0, 1, low_open=True)
-        self.train.validate(f"{where}.train")
 
 
 @dataclass(frozen=True)
@@ -133,6 +118,31 @@ class AugmentConfig:
         _in_range(f"{where}.translate", self.translate, 0, 0.3)
         _in_range(f"{where}.contrast", self.contrast, 0, 0.9)
         _in_range(f"{where}.gamma", self.gamma, 0, 1)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    name: str = "vgg16-slim"  # a teacher in edgemri.models' registry
+    width: float = 0.125  # vgg16-slim only: channel width relative to VGG16
+    checkpoint: str | None = None  # a trained teacher to load instead of training one
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=8, batch_size=32, weight_decay=0.01))
+    # Augmented training (a teacher trained from scratch): each epoch an image is one of `views` seeded random
+    # views (core/augment.py; view 0 is the image itself). 0: the images as they are (the paper's).
+    views: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def model_options(self) -> dict[str, Any]:
+        """Builder options for the registry (the ImageNet teacher has a fixed width)."""
+        return {"width": self.width} if self.name == "vgg16-slim" else {}
+
+    def validate(self, where: str) -> None:
+        from edgemri.models import MODEL_NAMES, model_spec
+
+        _one_of(f"{where}.name", self.name, [n for n in MODEL_NAMES if model_spec(n).role == "teacher"])
+        _in_range(f"{where}.width", self.width, 0, 1, low_open=True)
+        self.train.validate(f"{where}.train")
+        _in_range(f"{where}.views", self.views, 0, MAX_VIEWS, integer=True)
+        self.augment.validate(f"{where}.augment")
 
 
 @dataclass(frozen=True)

@@ -862,8 +862,15 @@ def evaluation_pools(dataset: Dataset, cache_dir: str | Path | None = None) -> d
     return load_pools(dataset.root, cache_dir) or pools_from_testing(dataset)
 
 
-def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices (train, val): ``fraction`` of each class goes to val, seeded."""
+def stratified_split(labels: Tensor, fraction: float, seed: int,
+                     groups: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Indices (train, val): ``fraction`` of each class goes to val, seeded.
+
+    ``groups`` (one id per row, e.g. the duplicate audit's groups of one scan): every group goes whole to one
+    side, so no copy of a validation scan is trained on; a group counts toward the class of its first row.
+    """
+    if groups is not None:
+        return _grouped_split(labels, fraction, seed, groups)
     generator = torch.Generator().manual_seed(seed)
     train_idx, val_idx = [], []
     for label in torch.unique(labels).tolist():
@@ -874,6 +881,33 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
         val_idx.append(members[:n_val])
         train_idx.append(members[n_val:])
     return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def _grouped_split(labels: Tensor, fraction: float, seed: int, groups: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """``stratified_split`` over whole groups: per class, groups in seeded order go to val until it holds
+    ``fraction`` of the class's rows (at least one group, never every group of a class)."""
+    if len(groups) != len(labels):
+        raise ValueError(f"groups has {len(groups)} ids for {len(labels)} labels")
+    members: dict[int, list[int]] = {}
+    for row, group in enumerate(groups):
+        members.setdefault(int(group), []).append(row)
+    by_class: dict[int, list[list[int]]] = {}
+    for rows in members.values():
+        by_class.setdefault(int(labels[rows[0]]), []).append(rows)
+    generator = torch.Generator().manual_seed(seed)
+    val: list[int] = []
+    for label in sorted(by_class):
+        class_groups = by_class[label]
+        quota = round(sum(len(g) for g in class_groups) * fraction)
+        taken = 0
+        for k in torch.randperm(len(class_groups), generator=generator).tolist()[: max(len(class_groups) - 1, 0)]:
+            if taken >= max(quota, 1):
+                break
+            val += class_groups[k]
+            taken += len(class_groups[k])
+    in_val = torch.zeros(len(labels), dtype=torch.bool)
+    in_val[torch.tensor(val, dtype=torch.long)] = True
+    return torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
 
 
 def _stored_size(path: Path) -> tuple[int, int] | None:

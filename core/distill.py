@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from edgemri.core.audit import audit_dataset
 from edgemri.core.augment import ViewData, draw_views, view_logits
 from edgemri.core.checkpoint import (
     Checkpoint,
@@ -173,10 +174,23 @@ class Distiller:
         # The server's share of Training (the clients' share is for the federation), fixed
         # across seeds; then a validation split of it per seed.
         server, _ = scenario_split(dataset.train, config)
-        train_part, val_part = stratified_split(dataset.train.labels[server], config.data.val_fraction, seed)
+        # data.dedup: copies of one scan stay on one side of train/validation, and Testing's copies of Training
+        # scans leave the primary test metrics (the full Testing ones are kept beside them: the paper's protocol).
+        audit = audit_dataset(dataset, config.data.cache_dir) if config.data.dedup else None
+        groups = None if audit is None else [audit.train_groups()[i] for i in server.tolist()]
+        train_part, val_part = stratified_split(dataset.train.labels[server], config.data.val_fraction, seed, groups)
         self.train_idx, self.val_idx = server[train_part], server[val_part]
         self.train_split: ArraySplit = dataset.train.subset(self.train_idx)
         self.val_split: ArraySplit = dataset.train.subset(self.val_idx)
+        missing = [name for name, count in self.train_split.class_counts().items() if count == 0]
+        if missing:
+            raise DataError(f"the server's share of Training has no {', '.join(missing)} image under "
+                            f"federation.scenario {config.federation.scenario!r}; a student cannot learn a class it "
+                            f"never sees (use federation.scenario seen-sites, or data with every class at the "
+                            f"source sites)")
+        leaked = set() if audit is None else set(audit.leaked_test())
+        self.test_keep = torch.tensor([i for i in range(len(dataset.test)) if i not in leaked], dtype=torch.long)
+        self.test_split: ArraySplit = dataset.test.subset(self.test_keep) if leaked else dataset.test
         # paper_compat reproduces the paper code's selection on the Testing split.
         self.select_split = dataset.test if self.paper_compat else self.val_split
         self.selected_on = "Testing (paper-compat)" if self.paper_compat else "validation"
@@ -256,18 +270,37 @@ class Distiller:
             forward_images = len(logits_train)  # head passes over cached features
             options = {"pretrained": False}  # the checkpoint itself carries the weights
         else:
-            fit_result = (self._fit("teacher", model, TrainData.from_split(self.train_split),
-                                    TrainData.from_split(self.select_split), cross_entropy, cfg.train,
-                                    (model_name, options, None))
+            fit_result = (self._fit("teacher", model, self._teacher_data(), TrainData.from_split(self.select_split),
+                                    cross_entropy, cfg.train, (model_name, options, None))
                           if train else None)
             counter = ForwardCounter(model)
             logits_train = predict_logits(model, self.train_split.images, normalize)
             forward_images, conv_passes = counter.close(), 0
             test_logits = predict_logits(model, self.dataset.test.images, normalize)
-        test = classification_metrics(test_logits, self.dataset.test.labels, CLASS_NAMES)
+        test = self._test_metrics(test_logits)
         path = self._checkpoint("teacher", model_name, model, options, fit_result, done, test)
         return (_stage("teacher", path, fit_result, test, done), model.eval(), logits_train, forward_images,
                 conv_passes)
+
+    def _teacher_data(self) -> TrainData:
+        """The teacher's training rows: the images, or each epoch one of their seeded views (``teacher.views``)."""
+        cfg = self.config.distill.teacher
+        if cfg.views == 0:
+            return TrainData.from_split(self.train_split)
+        views = draw_views(len(self.train_split), cfg.views, cfg.augment, self.seed)
+        return ViewData(self.train_split.images, self.train_split.labels, view_params=views)
+
+    def _test_metrics(self, logits: Tensor, temperature: float = 1.0) -> dict[str, Any]:
+        """Metrics on the primary Testing images (deduplicated under ``data.dedup``) from logits of all of Testing,
+        with the full Testing's accuracy and per-image correctness beside them when the two differ."""
+        labels = self.dataset.test.labels
+        test = classification_metrics(logits[self.test_keep] / temperature, labels[self.test_keep], CLASS_NAMES)
+        test["testing_images"] = len(self.test_keep)
+        if len(self.test_keep) < len(labels):
+            correct = logits.argmax(1) == labels
+            test.update({"full_testing_accuracy": float(correct.float().mean()), "full_testing_images": len(labels),
+                         "full_testing_correct": correct.int().tolist()})
+        return test
 
     def _frozen_teacher(self, model: Teacher, train_head: bool) -> tuple[Tensor, Tensor, int, FitResult | None]:
         """The paper's teacher: conv features once per image, then the Linear head on them."""
@@ -346,23 +379,23 @@ class Distiller:
         the uncalibrated ECE and NLL beside them, and the validation threshold that refers 1 - REFER_COVERAGE."""
         val_logits = predict_logits(model, self.val_split.images, normalize)
         temperature = fit_temperature(val_logits, self.val_split.labels) if self.config.distill.calibrate else 1.0
-        test_logits = predict_logits(model, self.dataset.test.images, normalize)
-        raw = classification_metrics(test_logits, self.dataset.test.labels, CLASS_NAMES)
-        test = classification_metrics(test_logits / temperature, self.dataset.test.labels, CLASS_NAMES)
+        all_logits = predict_logits(model, self.dataset.test.images, normalize)
+        test_logits, labels = all_logits[self.test_keep], self.test_split.labels
+        raw = classification_metrics(test_logits, labels, CLASS_NAMES)
+        test = self._test_metrics(all_logits, temperature)
         probs = calibrated_probabilities(test_logits, temperature)
         threshold = refer_threshold(calibrated_probabilities(val_logits, temperature), REFER_COVERAGE)
-        coverage, accepted = selective_accuracy(probs, self.dataset.test.labels, threshold)
+        coverage, accepted = selective_accuracy(probs, labels, threshold)
         test.update({
             "temperature": temperature, "ece_uncalibrated": raw["ece"], "nll_uncalibrated": raw["nll"],
             "ece_noise_floor": ece_noise_floor(probs),
             "reliability_uncalibrated": raw["reliability"],
             # At exactly REFER_COVERAGE of Testing (an oracle threshold) and at the one chosen on validation.
-            "accuracy_at_90_coverage": selective_accuracy(probs, self.dataset.test.labels,
-                                                          refer_threshold(probs, REFER_COVERAGE))[1],
+            "accuracy_at_90_coverage": selective_accuracy(probs, labels, refer_threshold(probs, REFER_COVERAGE))[1],
             "refer_threshold": threshold, "refer_coverage": coverage, "refer_accuracy": accepted,
-            "coverage_curve": coverage_curve(probs, self.dataset.test.labels),
+            "coverage_curve": coverage_curve(probs, labels),
             # Per Testing image, for paired comparisons between students on the same images.
-            "correct": (test_logits.argmax(1) == self.dataset.test.labels).int().tolist(),
+            "correct": (test_logits.argmax(1) == labels).int().tolist(),
         })
         log.info("%s: calibration temperature %.3f (ECE %.3f -> %.3f)", name, temperature, raw["ece"], test["ece"])
         calibration = {"calibration": {"temperature": temperature, "fitted_on": "validation" if
@@ -393,6 +426,17 @@ class Distiller:
             calibration["recipe"] = dataclasses.asdict(kd)
         path = self._checkpoint(name, "student", model, {}, fit_result, done, test, temperature, calibration)
         return _stage(name, path, fit_result, test, done)
+
+    def preflight(self) -> None:
+        """Find config and data errors before the first epoch: the teacher's weights or checkpoint, and every
+        recipe's transfer set (decoded and cached now, so training reads it from the cache)."""
+        cfg = self.config.distill.teacher
+        if cfg.checkpoint:
+            load_checkpoint(cfg.checkpoint)
+        else:
+            build_teacher(cfg.name, cfg.model_options())
+        for kd in self.config.distill.kd_recipes().values():
+            self.transfer_set(kd)
 
     def run(self) -> SeedResult:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -454,10 +498,12 @@ def run_distillation(config: Config, dataset: Dataset, out: Path, *, seeds: int 
                      resume: bool = False, progress: bool = False) -> tuple[list[SeedResult], float]:
     """Train every stage for ``seeds`` consecutive seeds starting at ``config.seed``."""
     started = time.perf_counter()
+    # Every seed's split (and the duplicate audit) and the preflight checks run before any training starts.
+    distillers = [Distiller(config, dataset, config.seed + k, out / f"seed-{config.seed + k}", resume=resume,
+                            progress=progress) for k in range(seeds)]
+    distillers[0].preflight()
     results = []
-    for k in range(seeds):
-        seed = config.seed + k
-        log.info("distillation seed %d (%d/%d)", seed, k + 1, seeds)
-        results.append(Distiller(config, dataset, seed, out / f"seed-{seed}",
-                                 resume=resume, progress=progress).run())
+    for k, distiller in enumerate(distillers):
+        log.info("distillation seed %d (%d/%d)", distiller.seed, k + 1, seeds)
+        results.append(distiller.run())
     return results, time.perf_counter() - started

@@ -56,8 +56,16 @@ def load_run_config(config_path: str | Path, overrides: Sequence[str] = (), data
 
 
 def start_model(config: Config, start: str | Path | None = None) -> Path:
-    """The federation's start model: ``start``, else the config's, else the demo's distilled student."""
-    return Path(start or config.federation.start_checkpoint or DemoLayout(DEMO_OUT).student)
+    """The federation's start model: ``start``, else the config's, else the demo's distilled student.
+
+    ``start`` and the config's ``federation.start_checkpoint`` may name a shipped pretrained model
+    (``--start kaggle-student``): its file is resolved and checked here. A file is only named here,
+    not checked: the steps refuse bad arguments (e.g. the sweep's epsilons) before they load it.
+    """
+    from edgemri.edge.pretrained import is_pretrained_name, resolve_model
+
+    chosen = start or config.federation.start_checkpoint or DemoLayout(DEMO_OUT).student
+    return resolve_model(chosen) if is_pretrained_name(chosen) else Path(chosen)
 
 
 # ---------------------------------------------------------------- steps

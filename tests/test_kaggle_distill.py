@@ -1,0 +1,118 @@
+"""Real-data distillation settings on tiny data: dedup splits and metrics, the augmented teacher, the preflight."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgemri.core import distill as distill_module
+from edgemri.core.augment import ViewData
+from edgemri.core.config import ConfigError, load_config, parse_config
+from edgemri.core.data import DataError, load_dataset, stratified_split
+from edgemri.core.distill import Distiller, run_distillation
+from edgemri.reports.distill import build_report, render_markdown
+from tests.conftest import make_kaggle_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {
+    "seed": 0,
+    "data": {"val_fraction": 0.2, "client_fraction": 0.0, "dedup": True},
+    "distill": {
+        "teacher": {"name": "vgg16-slim", "width": 0.0625, "views": 4, "train": {"epochs": 1, "batch_size": 32}},
+        "baseline": {"epochs": 1, "batch_size": 16},
+        "kd": {"temperature": 2.0, "alpha": 0.5, "views": 2, "train": {"epochs": 1, "batch_size": 16}},
+    },
+}
+
+
+def _config(**data_changes: object):
+    data = json.loads(json.dumps(FAST))
+    data["data"].update(data_changes)
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def leaky_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny set where 3 Testing files are copies of Training files, and 2 Training files have a copy."""
+    root = make_kaggle_folder(tmp_path_factory.mktemp("leaky") / "data", {"Training": 12, "Testing": 4}, seed=5)
+    for k, name in enumerate(("glioma", "meningioma", "pituitary")):
+        shutil.copy(root / "Training" / name / "Tr-" f"{name[:2]}_0000.jpg", root / "Testing" / name / f"Te-copy{k}.jpg")
+    for name in ("glioma", "notumor"):
+        shutil.copy(root / "Training" / name / f"Tr-{name[:2]}_0001.jpg", root / "Training" / name / "Tr-copy.jpg")
+    return root
+
+
+def test_grouped_split_keeps_each_group_on_one_side_and_stays_stratified() -> None:
+    labels = torch.tensor([0] * 30 + [1] * 30)
+    groups = [i // 3 for i in range(60)]  # 20 groups of 3 copies
+    train, val = stratified_split(labels, 0.2, seed=1, groups=groups)
+    assert not set(train.tolist()) & set(val.tolist()) and len(train) + len(val) == 60
+    val_groups, train_groups = {groups[i] for i in val.tolist()}, {groups[i] for i in train.tolist()}
+    assert not val_groups & train_groups
+    assert sorted(torch.bincount(labels[val]).tolist()) == [6, 6]
+    again, _ = stratified_split(labels, 0.2, seed=1, groups=groups)
+    other, _ = stratified_split(labels, 0.2, seed=2, groups=groups)
+    assert torch.equal(train, again) and not torch.equal(train, other)
+
+
+def test_dedup_keeps_copies_out_of_validation_and_testing_metrics(leaky_data: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(leaky_data)
+    distiller = Distiller(_config(), dataset, 0, tmp_path / "seed-0", resume=False, progress=False)
+    copies = {f for f in dataset.test.files if "copy" in f}
+    kept = {dataset.test.files[i] for i in distiller.test_keep.tolist()}
+    assert len(copies) == 3 and not kept & copies and len(kept) == len(dataset.test) - 3
+    for name in ("glioma", "notumor"):  # a Training file and its copy are on one side of train/validation
+        pair = {f"Training/{name}/Tr-{name[:2]}_0001.jpg", f"Training/{name}/Tr-copy.jpg"}
+        assert pair <= set(distiller.train_split.files) or pair <= set(distiller.val_split.files)
+    plain = Distiller(_config(dedup=False), dataset, 0, tmp_path / "plain", resume=False, progress=False)
+    assert len(plain.test_keep) == len(dataset.test)
+
+
+def test_dedup_run_reports_both_testing_variants(leaky_data: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = load_dataset(leaky_data)
+    teacher_data = []
+    real_fit = distill_module.fit
+    monkeypatch.setattr(distill_module, "fit",
+                        lambda model, train, **kw: teacher_data.append(train) or real_fit(model, train, **kw))
+    results, seconds = run_distillation(_config(), dataset, tmp_path / "run")
+    assert isinstance(teacher_data[0], ViewData) and teacher_data[0].view_params.shape[1] == 4
+    kd = results[0].stages["kd"].test
+    assert kd["testing_images"] == len(dataset.test) - 3 and len(kd["correct"]) == kd["testing_images"]
+    assert kd["full_testing_images"] == len(dataset.test) == len(kd["full_testing_correct"])
+    assert kd["full_testing_accuracy"] == pytest.approx(sum(kd["full_testing_correct"]) / len(dataset.test))
+    report = build_report(_config(), dataset, results, seconds, tmp_path / "run")
+    assert report["data"]["deduplicated"] and "minus_baseline_full_testing" in report["comparisons"]["kd"]
+    assert "full Testing acc" in render_markdown(report)
+
+
+def test_a_missing_transfer_folder_fails_before_any_training(tiny_data: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    data = json.loads(json.dumps(FAST))
+    data["distill"]["kd"]["transfer_root"] = "Unlabeled"
+    trained = []
+    monkeypatch.setattr(distill_module, "fit", lambda *a, **k: trained.append(1))
+    with pytest.raises(DataError, match="distill.kd.transfer_root 'Unlabeled'"):
+        run_distillation(parse_config(data), load_dataset(tiny_data), tmp_path / "run")
+    assert not trained
+
+
+def test_a_share_without_a_class_fails_before_any_training(tiny_data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = load_dataset(tiny_data)
+    monkeypatch.setattr(distill_module, "scenario_split",
+                        lambda split, config: (torch.nonzero(split.labels != 2).flatten(), torch.tensor([])))
+    with pytest.raises(DataError, match="has no notumor image"):
+        Distiller(_config(dedup=False), dataset, 0, tmp_path, resume=False, progress=False)
+
+
+def test_kaggle_config_loads_and_teacher_views_are_bounded() -> None:
+    config = load_config(ROOT / "configs" / "kaggle.yaml")
+    assert config.data.dedup and config.data.client_fraction == 0 and config.distill.kd.transfer_root is None
+    assert config.distill.teacher.views > 0 and set(config.distill.kd_recipes()) == {"kd", "paper-kd"}
+    with pytest.raises(ConfigError, match="distill.teacher.views"):
+        load_config(ROOT / "configs" / "kaggle.yaml", ["distill.teacher.views=1000"])
