@@ -45,11 +45,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
+    from edgemri.core.audit import audit_folder
     from edgemri.core.data import describe_folder
 
     info = describe_folder(args.root, args.cache_dir, progress=_progress(args))
+    # The decoded cache is current now, so the audit's load costs a read; its hashes are cached beside it.
+    dup = audit_folder(args.root, args.cache_dir, progress=_progress(args)).to_dict()
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "duplicates": dup}, indent=2))
         return 0
     print(f"{info['root']}: {info['total']} usable images, fingerprint {info['fingerprint']}")
     for split, counts in info["images"].items():
@@ -62,6 +65,33 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     print(f"  skipped: {len(info['skipped'])}")
     for item in info["skipped"]:
         print(f"    {item['path']}: {item['reason']}")
+    rule, counts, cross = dup["rule"], dup["counts"], dup["counts"]["Testing-Training"]
+    print(f"  duplicates (exact: {rule['exact']}; near: pHash within {rule['max_distance']} bits and r >= "
+          f"{rule['min_correlation']} of the 128 px grey images; groups are transitive; {dup['seconds']:.1f} s):")
+    for pair in ("Training-Training", "Testing-Testing"):
+        print(f"    {pair:17s} " + "   ".join(
+            f"{kind} {c['images']} images in {c['groups']} groups ({c['redundant']} redundant)"
+            for kind, c in counts[pair].items()))
+    print(f"    Testing-Training  Testing images with a copy in Training: exact {cross['exact']} "
+          f"({cross['exact_contents']} distinct contents), near {cross['near']} (exact included), "
+          f"grouped {cross['grouped']}")
+    print("    per class, images with a copy: Training-Training exact/near, Testing-Testing exact/near, "
+          "Testing in Training exact/near/grouped")
+    for name, c in dup["per_class"].items():
+        tt, ss, st = c["Training-Training"], c["Testing-Testing"], c["Testing-Training"]
+        print(f"      {name:11s} {tt['exact']:5d}/{tt['near']:<5d} {ss['exact']:5d}/{ss['near']:<5d} "
+              f"{st['exact']:5d}/{st['near']}/{st['grouped']}")
+    print(f"    label conflicts: {len(dup['label_conflicts']) or 'none'}")
+    for conflict in dup["label_conflicts"]:
+        members = ", ".join(f"{m['file']} ({m['class']})" for m in conflict["members"])
+        print(f"      group {conflict['group']} ({'byte-identical' if conflict['exact'] else 'near'}): {members}")
+    n_test = dup["images"]["Testing"]
+    if dup["leaked_test"] or dup["label_conflicts"]:
+        print(f"  hint: {dup['leaked_test']} of {n_test} Testing images are copies of Training images; a score that "
+              f"counts them measures memory: drop them (edgemri.core.audit leaked_test) and split Training by "
+              f"group (train_groups){'; check the label conflicts' if dup['label_conflicts'] else ''}")
+    else:
+        print("  hint: no Testing image is a copy of a Training image; --json lists every group")
     return 0
 
 
@@ -228,11 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "into T1c: the new-sites benchmark) or kaggle (the real set's 7,023); default quickstart")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
-    info = add(data, "info", cmd_data_info, "what the loader sees in a Kaggle-layout folder")
+    info = add(data, "info", cmd_data_info, "what the loader sees in a Kaggle-layout folder, and its duplicates")
     info.add_argument("root", help="data folder (Training/ and Testing/ inside)")
     info.add_argument("--cache-dir", default=None,
                       help="decoded-image cache (default: $EDGEMRI_CACHE_DIR or ~/.cache/edgemri)")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true", help="everything as JSON; 'duplicates' lists every group")
 
     part = add(data, "partition", cmd_data_partition,
                "write one manifest per client (hospital / phone) from the data's scanner sites")
@@ -258,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(fed)
     fed.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
     fed.add_argument("--start", default=None,
-                     help="start model (default: federation.start_checkpoint or runs/demo/distill/student.pt)")
+                     help="start model: a checkpoint or a pretrained name such as kaggle-student (default: "
+                          "federation.start_checkpoint or runs/demo/distill/student.pt)")
     fed.add_argument("--out", default="runs/federation", help="run folder (default: runs/federation)")
     fed.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
 

@@ -453,18 +453,14 @@ class DuplicateAudit:
         return {"images": images, "groups": groups, "redundant": images - groups}
 
     def counts(self) -> dict[str, Any]:
-        """Per split pair: within a split, images with a copy in it, their groups and the redundant ones
-        (images - groups); Testing-Training, Testing images with a copy in Training, exact, near (exact
-        included) and grouped (``leaked_test``)."""
+        """Per split pair. Within a split: images with a copy in it, the groups they form and the redundant
+        ones (images - groups). Testing-Training: Testing images with a byte-identical Training file (exact;
+        exact_contents counts their distinct contents), with an exact or near copy in Training (near), and
+        in a group with a Training image (grouped: ``leaked_test``)."""
         train, test = self._split_masks()
-        cross = self._cross(test)
-        return {
-            "Training-Training": {"exact": self._within(train, self.exact),
-                                  "near": self._within(train, self.split_group)},
-            "Testing-Testing": {"exact": self._within(test, self.exact),
-                                "near": self._within(test, self.split_group)},
-            "Testing-Training": cross,
-        }
+        within = {name: {"exact": self._within(mask, self.exact), "near": self._within(mask, self.split_group)}
+                  for name, mask in zip(SPLIT_PAIRS[:2], (train, test), strict=True)}
+        return {**within, SPLIT_PAIRS[2]: self._cross(test)}
 
     def _cross(self, test_mask: np.ndarray) -> dict[str, int]:
         train, _ = self._split_masks()
@@ -586,10 +582,11 @@ def audit_dataset(dataset: Dataset, cache_dir: str | Path | None = None, progres
         holds = np.bincount(node_of[mask], minlength=len(first))
         both = (holds[edges[:, 0]] > 0) & (holds[edges[:, 1]] > 0)
         split_group[mask] = _components(len(first), edges[both])[node_of[mask]] + (0 if name == "Training" else n)
-        linked = holds > 0
-        neighbour = np.zeros(len(first), dtype=bool)
-        neighbour[edges[:, 0]] |= linked[edges[:, 1]]
-        neighbour[edges[:, 1]] |= linked[edges[:, 0]]
+        # A node is next to the split when an edge leads to a node holding one of its images (bincount, not
+        # fancy-index |=, which keeps only the last of repeated indices).
+        linked = (holds > 0).astype(np.float64)
+        neighbour = (np.bincount(edges[:, 0], weights=linked[edges[:, 1]], minlength=len(first))
+                     + np.bincount(edges[:, 1], weights=linked[edges[:, 0]], minlength=len(first))) > 0
         near[name] = (holds[node_of] - mask > 0) | neighbour[node_of]
     audit = DuplicateAudit(
         files=files, labels=labels, n_train=n_train, group=group, exact=exact, split_group=_dense(split_group),
@@ -598,8 +595,8 @@ def audit_dataset(dataset: Dataset, cache_dir: str | Path | None = None, progres
         hashes_cached={split: h.cached for split, h in hashes.items()},
         seconds=time.perf_counter() - start,
     )
-    log.info("duplicate audit of %s: %d candidate pairs within %d bits, %d confirmed, %.1f s",
-             display_path(dataset.root), len(candidates), max_distance, len(edges), audit.seconds)
+    log.debug("duplicate audit of %s: %d candidate pairs within %d bits, %d confirmed, %.1f s",
+              display_path(dataset.root), len(candidates), max_distance, len(edges), audit.seconds)
     return audit
 
 
