@@ -36,6 +36,8 @@ MAX_CLIENTS = 100_000
 MAX_EXAMPLES = 10_000_000
 MAX_TEMPERATURE = 100.0
 MAX_LIST = 16
+# The optional step on each decoded scan before normalization (core/data.py, ``preprocessing["head"]``).
+HEAD_STEPS = ("none", "standardize-crop")
 MAX_VIEWS = 64  # augmented views per image with cached teacher logits: the teacher's cost is images x views
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -91,9 +93,15 @@ class DataConfig:
     # split, and Testing images that duplicate a Training image are left out of the primary test metrics (the
     # full Testing numbers, the paper's protocol, are reported beside them).
     dedup: bool = False
+    # A step on every decoded scan before normalization, recorded in each checkpoint and export and applied by
+    # predict: none, or standardize-crop (the head's intensities standardized, the frame cropped to the head;
+    # it reduces the collection shortcut, README §2).
+    head: str = "none"
 
     def validate(self, where: str) -> None:
         from edgemri.core.synth import PRESETS  # the generator's own registry
+
+        _one_of(f"{where}.head", self.head, HEAD_STEPS)
 
         _one_of(f"{where}.synth_preset", self.synth_preset, PRESETS)
         _in_range(f"{where}.val_fraction", self.val_fraction, 0, 0.5, low_open=True, high_open=True)

@@ -39,7 +39,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from edgemri.core.config import Config
+from edgemri.core.config import HEAD_STEPS, Config
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import ArtefactError, load_npz, save_npz
 
@@ -219,6 +219,10 @@ def normalize(images: Tensor, mean: Sequence[float] = MEAN, std: Sequence[float]
 
 NORMALIZATION_BOUND = 10.0  # a model's own |mean| and std: far beyond any calibration, and no overflow
 _PER_MODEL_KEYS = ("mean", "std")  # the preprocessing a model may carry its own of; the rest is edgemri's
+# An optional step on the decoded 128 px scan, before normalization (``preprocessing["head"]``, ``data.head``):
+# standardize-crop stretches the head's intensities to a fixed range on a black background and crops the frame
+# to the head (core/shortcut.py), which takes away what identifies a scan's source collection. Absent: none.
+HEAD_KEY = "head"
 
 
 class PreprocessingError(EdgemriError):
@@ -254,7 +258,11 @@ def parse_preprocessing(preprocessing: object, where: str) -> dict[str, Any]:
     if not isinstance(preprocessing, Mapping):
         raise PreprocessingError(f"{where}: preprocessing is a {type(preprocessing).__name__}, "
                                  f"expected a mapping such as {PREPROCESSING}")
-    rest = {k: v for k, v in preprocessing.items() if k not in _PER_MODEL_KEYS}
+    rest = {k: v for k, v in preprocessing.items() if k not in (*_PER_MODEL_KEYS, HEAD_KEY)}
+    head = preprocessing.get(HEAD_KEY, "none")
+    if not (isinstance(head, str) and head in HEAD_STEPS):
+        raise PreprocessingError(f"{where}: preprocessing head {repr(head)[:80]} is not allowed; allowed: "
+                                 f"{', '.join(HEAD_STEPS)}")
     try:
         same = json.dumps(rest, sort_keys=True) == json.dumps(fixed, sort_keys=True)
     except (TypeError, ValueError):  # tensors, objects, circular data: nothing edgemri wrote
@@ -262,7 +270,8 @@ def parse_preprocessing(preprocessing: object, where: str) -> dict[str, Any]:
     if not same or any(k not in preprocessing for k in _PER_MODEL_KEYS):
         raise PreprocessingError(f"{where} expects preprocessing {repr(dict(preprocessing))[:300]}, but edgemri "
                                  f"applies {fixed} with a per-channel mean and std")
-    return {**fixed, **{name: _channel_values(preprocessing, name, where) for name in _PER_MODEL_KEYS}}
+    return {**fixed, **{name: _channel_values(preprocessing, name, where) for name in _PER_MODEL_KEYS},
+            **({HEAD_KEY: head} if head != "none" else {})}
 
 
 def calibrated_preprocessing(scale: Sequence[float] | Tensor, shift: Sequence[float] | Tensor,

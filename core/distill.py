@@ -37,6 +37,8 @@ from edgemri.core.checkpoint import (
 from edgemri.core.config import Config, KDConfig, TrainSpec, parse_config
 from edgemri.core.data import (
     CLASS_NAMES,
+    HEAD_KEY,
+    PREPROCESSING,
     UNKNOWN_LABEL,
     ArraySplit,
     DataError,
@@ -58,6 +60,7 @@ from edgemri.core.evaluate import (
 )
 from edgemri.core.io import ArtefactError, load_npz, save_npz
 from edgemri.core.losses import cross_entropy, make_kd_loss
+from edgemri.core.shortcut import apply_head_step
 from edgemri.core.train import Checkpointing, FitResult, TrainData, as_float, check_same_settings, fit
 from edgemri.models import Teacher, WeightsUnavailableError, build_model, model_spec
 
@@ -120,6 +123,7 @@ class StageResult:
     images_seen: int
     teacher_passes: int = 0  # KD students: the teacher's passes over the images and views it taught on
     transfer_images: int = 0  # KD students: unlabeled images only the teacher labelled
+    wall_seconds: float = 0.0  # the whole stage: training, the teacher's view scoring, evaluation, saving
 
 
 @dataclass
@@ -129,6 +133,7 @@ class SeedResult:
     teacher_forward_images: int  # teacher passes made for distillation (each image and view once, shared by recipes)
     teacher_conv_passes: int  # frozen-body passes (vgg16-imagenet), 0 when trained end to end
     train_images: int  # the Training split less validation: what the students learn from
+    wall_seconds: float = 0.0  # every stage of the seed, start to end
 
 
 class ForwardCounter:
@@ -165,7 +170,6 @@ class Distiller:
     def __init__(self, config: Config, dataset: Dataset, seed: int, seed_dir: Path,
                  *, resume: bool, progress: bool) -> None:
         self.config = config
-        self.dataset = dataset
         self.seed = seed
         self.dir = seed_dir
         self.resume = resume
@@ -180,8 +184,11 @@ class Distiller:
         groups = None if audit is None else [audit.train_groups()[i] for i in server.tolist()]
         train_part, val_part = stratified_split(dataset.train.labels[server], config.data.val_fraction, seed, groups)
         self.train_idx, self.val_idx = server[train_part], server[val_part]
-        self.train_split: ArraySplit = dataset.train.subset(self.train_idx)
-        self.val_split: ArraySplit = dataset.train.subset(self.val_idx)
+        # The head step (data.head) after the audit, which hashes the scans as they were decoded.
+        self.dataset = with_head_step(dataset, config.data.head)
+        self.preprocessing = {**PREPROCESSING, **({HEAD_KEY: config.data.head} if config.data.head != "none" else {})}
+        self.train_split: ArraySplit = self.dataset.train.subset(self.train_idx)
+        self.val_split: ArraySplit = self.dataset.train.subset(self.val_idx)
         missing = [name for name, count in self.train_split.class_counts().items() if count == 0]
         if missing:
             raise DataError(f"the server's share of Training has no {', '.join(missing)} image under "
@@ -190,9 +197,9 @@ class Distiller:
                             f"source sites)")
         leaked = set() if audit is None else set(audit.leaked_test())
         self.test_keep = torch.tensor([i for i in range(len(dataset.test)) if i not in leaked], dtype=torch.long)
-        self.test_split: ArraySplit = dataset.test.subset(self.test_keep) if leaked else dataset.test
+        self.test_split: ArraySplit = self.dataset.test.subset(self.test_keep) if leaked else self.dataset.test
         # paper_compat reproduces the paper code's selection on the Testing split.
-        self.select_split = dataset.test if self.paper_compat else self.val_split
+        self.select_split = self.dataset.test if self.paper_compat else self.val_split
         self.selected_on = "Testing (paper-compat)" if self.paper_compat else "validation"
 
     # -- shared helpers ---------------------------------------------------------
@@ -205,6 +212,7 @@ class Distiller:
         history, best_epoch = _curves(fit_result, done)
         save_checkpoint(path, Checkpoint(
             model=model_name, state_dict=model.state_dict(), model_options=options, role=name,
+            preprocessing=dict(self.preprocessing),
             config=self.config.to_dict(), seed=self.seed, data_fingerprint=self.dataset.fingerprint,
             metrics={"test": _scalar_metrics(test), "selected_on": self.selected_on,
                      "best_epoch": best_epoch, "paper_compat": self.paper_compat, **(calibration or {})},
@@ -332,8 +340,9 @@ class Distiller:
         client_sites = ({sites[i] for i in range(len(sites)) if i not in server}
                         - {sites[i] for i in server}) if sites else set()
         try:
-            return load_unlabeled(root, self.config.data.cache_dir, exclude_sites=client_sites,
-                                  progress=self.progress)
+            transfer = load_unlabeled(root, self.config.data.cache_dir, exclude_sites=client_sites,
+                                      progress=self.progress)
+            return dataclasses.replace(transfer, images=apply_head_step(transfer.images, self.config.data.head))
         except DataError as err:  # name the setting: on data without a transfer folder it is the fix
             raise DataError(f"distill.kd.transfer_root {kd.transfer_root!r}: {err}; point it at a folder of "
                             f"unlabeled images or set it to null") from None
@@ -440,17 +449,36 @@ class Distiller:
 
     def run(self) -> SeedResult:
         self.dir.mkdir(parents=True, exist_ok=True)
+        started = clock = time.perf_counter()
+
+        def lap() -> float:
+            nonlocal clock
+            clock, before = time.perf_counter(), clock
+            return clock - before
+
         teacher, teacher_model, teacher_logits, forward_images, conv_passes = self.teacher()
+        teacher.wall_seconds = lap()
         stages = {"teacher": teacher, "baseline": self.student("baseline")}
+        stages["baseline"].wall_seconds = lap()
         cache: dict[Any, Tensor] = {}
         for name, kd in self.config.distill.kd_recipes().items():
             teaching, passes, made, transfer = self.teaching(kd, teacher_model, teacher_logits, cache)
             forward_images += made
             stage = self.student(name, kd, teaching)
-            stage.teacher_passes, stage.transfer_images = passes, transfer
+            stage.teacher_passes, stage.transfer_images, stage.wall_seconds = passes, transfer, lap()
             stages[name] = stage
         return SeedResult(self.seed, stages, teacher_forward_images=forward_images,
-                          teacher_conv_passes=conv_passes, train_images=len(self.train_split))
+                          teacher_conv_passes=conv_passes, train_images=len(self.train_split),
+                          wall_seconds=time.perf_counter() - started)
+
+
+def with_head_step(dataset: Dataset, step: str) -> Dataset:
+    """Both splits after the head step ``step`` (data.head); the dataset itself when there is none."""
+    if step == "none":
+        return dataset
+    return dataclasses.replace(dataset, **{split: dataclasses.replace(
+        getattr(dataset, split), images=apply_head_step(getattr(dataset, split).images, step))
+        for split in ("train", "test")})
 
 
 def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:

@@ -498,3 +498,14 @@ def shortcut_report(model: nn.Module, dataset: Dataset, *,
     return {"split": "Testing", "reference": "Training",
             "blanked_head": blanked_head_probe(model, dataset.test, transform=transform).to_dict(),
             "restyle": restyle_probe(model, dataset.test, dataset.train, transform=transform).to_dict()}
+
+
+def apply_head_step(images: Tensor, step: str) -> Tensor:
+    """A model's head step (``preprocessing["head"]``, core.data.HEAD_STEPS) on decoded uint8 scans: ``none`` returns
+    them as they are; ``standardize-crop`` standardizes the head's intensities, then crops the frame to the head."""
+    if step == "none":
+        return images
+    if step != "standardize-crop":
+        raise ShortcutError(f"head step {step!r} is not allowed; allowed: none, standardize-crop")
+    masks = head_mask(images)
+    return crop_head(standardize_head(images, masks), masks)

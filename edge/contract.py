@@ -22,9 +22,10 @@ from torch import Tensor, nn
 
 from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from edgemri.core.checkpoint import check_temperature as check_checkpoint_temperature
-from edgemri.core.data import IMAGE_SIZE, PreprocessingError, normalize, parse_preprocessing
+from edgemri.core.data import HEAD_KEY, IMAGE_SIZE, PreprocessingError, normalize, parse_preprocessing
 from edgemri.core.errors import version
 from edgemri.core.io import write_bytes
+from edgemri.core.shortcut import apply_head_step
 from edgemri.edge.errors import EdgeError, first_line, printable
 from edgemri.models import build_model, fold_norms
 
@@ -51,7 +52,9 @@ def check_preprocessing(preprocessing: object, source: str) -> dict[str, Any]:
 
 
 def normalize_for(images: Tensor, preprocessing: Mapping[str, Any]) -> Tensor:
-    """uint8 images as a model takes them: normalized with its own mean and std (as ``check_preprocessing`` gives)."""
+    """uint8 images as a model takes them (as ``check_preprocessing`` gives): its head step, if it has one, then
+    normalized with its own mean and std."""
+    images = apply_head_step(images, preprocessing.get(HEAD_KEY, "none"))
     return normalize(images, preprocessing["mean"], preprocessing["std"])
 
 

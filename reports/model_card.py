@@ -64,11 +64,12 @@ def render_card(name: str, path: Path, checkpoint: Checkpoint, metrics: dict[str
         f"| architecture | the paper's student: 2 conv blocks + Linear, {size.trainable_params:,} parameters, "
         f"{size.mflops:.1f} MFLOPs per 128 px scan |",
         f"| classes | {', '.join(CLASS_NAMES)} |",
-        f"| trained with | `{config_file}`, seed {checkpoint.seed}, the improved KD recipe (role `{checkpoint.role}`) |",
+        f"| trained with | {config_file}, the improved KD recipe "
+        f"(role `{checkpoint.role}`) |",
         f"| teacher | `vgg16-slim` (width {checkpoint.config['distill']['teacher']['width']}) trained from scratch "
-        f"on the same scans: ImageNet weights cannot be fetched offline, so this is not the paper's teacher |",
-        f"| data | Kaggle Brain Tumor MRI (Nickparvar; figshare, SARTAJ, Br35H), the 224 px copy, all of Training "
-        f"less a validation split (copies of one scan kept on one side) |",
+        f"on the same scans (ImageNet weights cannot be fetched offline): not the paper's teacher |",
+        "| data | Kaggle Brain Tumor MRI (Nickparvar; figshare, SARTAJ, Br35H), the 224 px copy, all of Training "
+        "less a validation split (copies of one scan kept on one side) |",
         f"| preprocessing | {checkpoint.preprocessing} (applied by `predict` and stored in every export) |",
         f"| calibration | temperature {checkpoint.temperature:.3f}, fitted on validation; refer below top "
         f"probability {refer.get('threshold', float('nan')):.3f} to keep 90% of scans |",

@@ -17,7 +17,7 @@ import yaml
 
 from edgemri.core.checkpoint import load_checkpoint
 from edgemri.core.config import Config, ConfigError
-from edgemri.core.data import load_dataset
+from edgemri.core.data import HEAD_KEY, load_dataset
 from edgemri.core.distill import resume_settings
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json, write_text
@@ -110,6 +110,9 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
     if start.model != "student":
         raise ConfigError(f"the federation starts from a student; {start_checkpoint} holds {start.model!r}")
     check_start_split(config, start.config, start_checkpoint)
+    if start.preprocessing.get(HEAD_KEY, "none") != "none":
+        raise ConfigError(f"{start_checkpoint} takes scans after the head step {start.preprocessing[HEAD_KEY]!r}, "
+                          f"which the federation's clients do not apply yet; start from a student without one")
     out.mkdir(parents=True, exist_ok=True)
     config_path = write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)

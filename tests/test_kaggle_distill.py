@@ -40,7 +40,7 @@ def leaky_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny set where 3 Testing files are copies of Training files, and 2 Training files have a copy."""
     root = make_kaggle_folder(tmp_path_factory.mktemp("leaky") / "data", {"Training": 12, "Testing": 4}, seed=5)
     for k, name in enumerate(("glioma", "meningioma", "pituitary")):
-        shutil.copy(root / "Training" / name / "Tr-" f"{name[:2]}_0000.jpg", root / "Testing" / name / f"Te-copy{k}.jpg")
+        shutil.copy(root / "Training" / name / f"Tr-{name[:2]}_0000.jpg", root / "Testing" / name / f"Te-copy{k}.jpg")
     for name in ("glioma", "notumor"):
         shutil.copy(root / "Training" / name / f"Tr-{name[:2]}_0001.jpg", root / "Training" / name / "Tr-copy.jpg")
     return root
@@ -116,3 +116,29 @@ def test_kaggle_config_loads_and_teacher_views_are_bounded() -> None:
     assert config.distill.teacher.views > 0 and set(config.distill.kd_recipes()) == {"kd", "paper-kd"}
     with pytest.raises(ConfigError, match="distill.teacher.views"):
         load_config(ROOT / "configs" / "kaggle.yaml", ["distill.teacher.views=1000"])
+
+
+def test_head_step_is_recorded_applied_by_edge_and_refused_by_the_federation(
+        tiny_data: Path, tmp_path: Path) -> None:
+    from edgemri.core.checkpoint import load_checkpoint
+    from edgemri.core.config import ConfigError
+    from edgemri.core.data import PREPROCESSING, PreprocessingError, normalize, parse_preprocessing
+    from edgemri.core.shortcut import apply_head_step
+    from edgemri.edge.contract import normalize_for
+    from edgemri.simulation.federate import federate
+
+    config = _config(dedup=False, head="standardize-crop")
+    results, _ = run_distillation(config, load_dataset(tiny_data), tmp_path / "run")
+    student = load_checkpoint(results[0].stages["kd"].checkpoint)
+    assert student.preprocessing["head"] == "standardize-crop"
+    images = load_dataset(tiny_data).test.images[:8]
+    stepped = apply_head_step(images, "standardize-crop")
+    assert not torch.equal(stepped, images)
+    assert torch.equal(normalize_for(images, student.preprocessing), normalize(stepped))
+    assert torch.equal(normalize_for(images, PREPROCESSING), normalize(images))
+    with pytest.raises(PreprocessingError, match="head 'blur' is not allowed"):
+        parse_preprocessing({**PREPROCESSING, "head": "blur"}, "x")
+    with pytest.raises(ConfigError, match="data.head"):
+        _config(head="blur")
+    with pytest.raises(ConfigError, match="head step 'standardize-crop'"):
+        federate(config, data_root=tiny_data, out=tmp_path / "fed", start_checkpoint=results[0].stages["kd"].checkpoint)
