@@ -88,8 +88,9 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     n_test = dup["images"]["Testing"]
     if dup["leaked_test"] or dup["label_conflicts"]:
         print(f"  hint: {dup['leaked_test']} of {n_test} Testing images are copies of Training images; a score that "
-              f"counts them measures memory: drop them (edgemri.core.audit leaked_test) and split Training by "
-              f"group (train_groups){'; check the label conflicts' if dup['label_conflicts'] else ''}")
+              f"counts them measures memory: set data.dedup: true (configs/kaggle.yaml) to leave them out of the test "
+              f"metrics and keep copies on one side of train/validation; --json lists every group"
+              f"{'; check the label conflicts' if dup['label_conflicts'] else ''}")
     else:
         print("  hint: no Testing image is a copy of a Training image; --json lists every group")
     return 0

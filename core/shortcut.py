@@ -59,7 +59,6 @@ STANDARD_QUANTILES = (0.01, 0.99)  # the head's range that standardize_head maps
 # Background histogram bins, finer near black, where the collections' backgrounds differ (0-8 levels).
 _BACKGROUND_EDGES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 _BORDER_RINGS = ((0, 2), (2, 8))  # the outermost 2 px (frame lines), then the next 6 px (padding, noise)
-_NEWTON_STEPS = 100  # logistic regression converges in 10-30 from zero; more means a bug, not slow progress
 
 
 class ShortcutError(EdgemriError):
@@ -283,14 +282,12 @@ def crop_head(images: Tensor, masks: Tensor | None = None, *, margin: int = CROP
 
 
 def _auc(scores: Tensor, positive: Tensor) -> float:
-    """ROC AUC: the probability that a positive outscores a negative, ties counting half (NaN if a side is empty)."""
-    pos = scores[positive].double().numpy()
-    neg = np.sort(scores[~positive].double().numpy())
-    if pos.size == 0 or neg.size == 0:
+    """ROC AUC of ``scores`` for ``positive`` (scikit-learn's), NaN when a side is empty."""
+    from sklearn.metrics import roc_auc_score  # here: only the probes need scikit-learn
+
+    if bool(positive.all()) or not bool(positive.any()):
         return float("nan")
-    below = np.searchsorted(neg, pos, side="left")
-    ties = np.searchsorted(neg, pos, side="right") - below
-    return float((below + ties / 2).sum() / (pos.size * neg.size))
+    return float(roc_auc_score(positive.numpy(), scores.double().numpy()))
 
 
 def _labelled(split: ArraySplit, what: str) -> tuple[Tensor, Tensor]:
@@ -424,35 +421,6 @@ def background_features(images: Tensor, masks: Tensor | None = None) -> Tensor:
     return torch.cat(features, dim=1)
 
 
-def _fit_logistic(features: Tensor, targets: Tensor, c: float) -> tuple[Tensor, Tensor]:
-    """(weight, bias) of L2-regularized logistic regression, sklearn's objective (sum of log-losses +
-    ||weight||^2 / 2C, the bias free), by Newton's method with step halving from zero. The objective is strictly
-    convex, so the fit is the same on every run and needs no seed; with tens of features a Newton step is one
-    small solve, and a few dozen reach machine precision where first-order methods crawl on separable data."""
-    design = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1)
-    penalty = torch.full((design.shape[1],), 1 / c, dtype=design.dtype)
-    penalty[-1] = 0.0
-
-    def objective(beta: Tensor) -> Tensor:
-        loss = F.binary_cross_entropy_with_logits(design @ beta, targets, reduction="sum")
-        return loss + (penalty * beta.square()).sum() / 2
-
-    beta = torch.zeros(design.shape[1], dtype=design.dtype)
-    for _ in range(_NEWTON_STEPS):
-        probs = torch.sigmoid(design @ beta)
-        gradient = design.T @ (probs - targets) + penalty * beta
-        hessian = design.T @ (design * (probs * (1 - probs))[:, None]) + torch.diag(penalty)
-        # A tiny ridge keeps the unpenalized bias solvable once every probability has saturated.
-        step = torch.linalg.solve(hessian + 1e-10 * torch.eye(len(beta), dtype=beta.dtype), gradient)
-        current, scale = objective(beta), 1.0
-        while objective(beta - scale * step) > current and scale > 1e-8:
-            scale /= 2
-        beta = beta - scale * step
-        if float(step.abs().max()) * scale < 1e-10:
-            break
-    return beta[:-1], beta[-1]
-
-
 @dataclass(frozen=True)
 class BackgroundClassifierProbe:
     """A logistic regression on ``background_features`` telling notumor from tumour: how much the data leaks
@@ -477,19 +445,23 @@ def background_classifier_probe(train: ArraySplit, test: ArraySplit, *, c: float
     train_notumor, _ = _labelled(train, "the background classifier's training split")
     test_notumor, _ = _labelled(test, "the background classifier's test split")
     train_known, test_known = train.labels >= 0, test.labels >= 0
-    x_train = background_features(train.images[train_known])
-    x_test = background_features(test.images[test_known])
-    mean, std = x_train.mean(dim=0), x_train.std(dim=0)
-    std = torch.where(std > 0, std, 1.0)  # a constant feature (e.g. no colour anywhere) stays 0, not 0 / 0
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    y_train, y_test = train_notumor[train_known].double(), test_notumor[test_known]
-    weight, bias = _fit_logistic(x_train, y_train, c)
-    test_scores, train_scores = x_test @ weight + bias, x_train @ weight + bias
+    # scikit-learn is imported here: a device that predicts or trains never loads it.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x_train = background_features(train.images[train_known]).numpy()
+    x_test = background_features(test.images[test_known]).numpy()
+    y_train, y_test = train_notumor[train_known], test_notumor[test_known]
+    # lbfgs on a strictly convex objective: the same fit on every run, no seed needed.
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)).fit(x_train, y_train.numpy())
+    test_scores = torch.from_numpy(classifier.decision_function(x_test))
+    train_scores = torch.from_numpy(classifier.decision_function(x_train))
     positives = float(y_test.double().mean())
     return BackgroundClassifierProbe(
         train_images=len(y_train), test_images=len(y_test), features=x_train.shape[1],
         test_auc=_auc(test_scores, y_test), test_accuracy=_share((test_scores >= 0) == y_test),
-        majority_accuracy=max(positives, 1 - positives), train_auc=_auc(train_scores, y_train.bool()))
+        majority_accuracy=max(positives, 1 - positives), train_auc=_auc(train_scores, y_train))
 
 
 def shortcut_report(model: nn.Module, dataset: Dataset, *,

@@ -46,3 +46,24 @@ def test_the_real_set_has_the_documented_exact_duplicates(real_dataset: Dataset,
     for pair in ("Training-Training", "Testing-Testing"):  # each image is counted once, under its own class
         assert sum(c[pair]["near"] for c in per_class.values()) == counts[pair]["near"]["images"]
     assert sum(c["Testing-Training"]["near"] for c in per_class.values()) == cross["near"]
+
+
+SHIPPED_SAMPLE = 300  # Testing scans the shipped student is checked on: a 95% interval of about +-3 points
+SHIPPED_TOLERANCE_PTS = 6.0  # about 4 standard errors at n = 300: a broken model fails, sampling does not
+
+
+def test_the_shipped_student_scores_on_real_scans_what_its_card_says(real_dataset: Dataset) -> None:
+    import torch
+
+    from edgemri.core.checkpoint import load_checkpoint
+    from edgemri.edge.pretrained import resolve_model
+    from edgemri.edge.runtime import load_model
+
+    path = resolve_model("kaggle-student")
+    recorded = load_checkpoint(path).metrics["test"]["full_testing_accuracy"]
+    assert f"{100 * recorded:.1f}" in (path.parent / "kaggle-student.md").read_text()
+    pick = torch.randperm(len(real_dataset.test), generator=torch.Generator().manual_seed(0))[:SHIPPED_SAMPLE]
+    model = load_model(path)
+    images, labels = real_dataset.test.images[pick], real_dataset.test.labels[pick]
+    accuracy = float((model.logits(model.normalize(images)).argmax(1) == labels).float().mean())
+    assert abs(100 * accuracy - 100 * recorded) <= SHIPPED_TOLERANCE_PTS
