@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.common import RESULTS, write_result
 from edgemri.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from edgemri.core.config import HEAD_STEPS, Config, load_config
+from edgemri.core.config import HEAD_STEPS, AugmentConfig, Config, load_config
 from edgemri.core.data import Dataset, load_dataset, normalize
 from edgemri.core.distill import Distiller, run_distillation
 from edgemri.core.evaluate import predict_logits
@@ -72,6 +72,39 @@ def sweep(config: Config, out: Path, values: dict[str, Any], name: str) -> None:
                        f"sweep.{variant_name}.seconds": time.perf_counter() - started})
         print(f"sweep {variant_name}: validation {100 * best['val_accuracy']:.2f}% at epoch {best['epoch']}",
               flush=True)
+        write_result(name, values)
+
+
+# KD recipes of the sweep (seed 0's teacher and validation split): changes to configs/kaggle.yaml's distill.kd.
+MILD = {"flip": True, "rotate_deg": 5.0, "scale": 0.05, "translate": 0.03, "contrast": 0.1, "gamma": 0.1}
+KD_SWEEP = {
+    "t2-a0.5-views8": {},
+    "t4-a0.9-views8": {"temperature": 4.0, "alpha": 0.9},
+    "t2-a0.5-views8-mild": {"augment": MILD},
+    "t4-a0.9-views0": {"temperature": 4.0, "alpha": 0.9, "views": 0},
+    "t8-a0.9-views0": {"temperature": 8.0, "alpha": 0.9, "views": 0},
+    "t4-a0.9-views0-cosine30": {"temperature": 4.0, "alpha": 0.9, "views": 0,
+                                "train": {"epochs": 30, "schedule": "cosine"}},
+}
+
+
+def kd_sweep(config: Config, runs: Path, values: dict[str, Any], name: str) -> None:
+    """Each KD recipe of KD_SWEEP on seed 0 with the run's own teacher, judged by the best epoch's validation
+    accuracy (ties: lower loss); the teacher's view logits are cached per augmentation and reused."""
+    dataset = load_dataset(config.data.root)
+    distiller = Distiller(config, dataset, config.seed, runs / f"seed-{config.seed}", resume=True, progress=True)
+    _, teacher, teacher_logits, _, _ = distiller.teacher()
+    cache: dict[Any, Any] = {}
+    for recipe, changes in KD_SWEEP.items():
+        built = {"augment": lambda v: AugmentConfig(**v),
+                 "train": lambda v: dataclasses.replace(config.distill.kd.train, **v)}
+        kd = dataclasses.replace(config.distill.kd, **{k: built.get(k, lambda v: v)(v) for k, v in changes.items()})
+        teaching, *_ = distiller.teaching(kd, teacher, teacher_logits, cache)
+        stage = distiller.student(f"sweep-{recipe}", kd, teaching)
+        best = max(stage.history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
+        values.update({f"kd_sweep.{recipe}.val_accuracy_pct": 100 * best["val_accuracy"],
+                       f"kd_sweep.{recipe}.val_loss": best["val_loss"], f"kd_sweep.{recipe}.best_epoch": best["epoch"]})
+        print(f"kd sweep {recipe}: validation {100 * best['val_accuracy']:.2f}% at epoch {best['epoch']}", flush=True)
         write_result(name, values)
 
 
@@ -161,6 +194,7 @@ def main() -> int:
     parser.add_argument("--paper-checkpoints", default=None, help="folder with the paper's two .pth files")
     parser.add_argument("--sweep", action="store_true", help="the teacher sweep on validation first")
     parser.add_argument("--sweep-only", action="store_true", help="only the teacher sweep")
+    parser.add_argument("--kd-sweep", action="store_true", help="only the KD recipe sweep on seed 0's teacher")
     parser.add_argument("--out", default="runs/bench/kaggle")
     parser.add_argument("--name", default="kaggle", help="results file benchmarks/results/NAME.json")
     parser.add_argument("--ship", action="store_true",
@@ -174,6 +208,9 @@ def main() -> int:
     config = kaggle_config(data_root, args.overrides)
     previous = RESULTS / f"{args.name}.json"
     values: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}
+    if args.kd_sweep:
+        kd_sweep(config, out / "runs", values, args.name)
+        return 0
     if args.sweep or args.sweep_only:
         sweep(config, out / "sweep", values, args.name)
         if args.sweep_only:
@@ -184,7 +221,7 @@ def main() -> int:
     seconds = time.perf_counter() - started
     report = build_report(config, dataset, results, seconds, out / "runs")
     write_report(report, out / "runs")
-    values = {k: v for k, v in values.items() if k.startswith("sweep.")}
+    values = {k: v for k, v in values.items() if k.startswith(("sweep.", "kd_sweep."))}
     values.update({"config": str(CONFIG.relative_to(ROOT)), "overrides": args.overrides, "seeds_run": len(results),
                    "teacher": "vgg16-slim trained from scratch (no ImageNet weights offline)",
                    "testing_images_full": len(dataset.test), "seconds_total": seconds})

@@ -61,14 +61,15 @@ from edgemri.core.data import (
     DataError,
     Dataset,
     FolderScan,
-    _cache_file,
+    cache_path,
     display_path,
     load_dataset,
     read_image_bytes,
     scan_folder,
+    write_cache_file,
 )
 from edgemri.core.errors import EdgemriError
-from edgemri.core.io import ArtefactError, load_npz, save_npz
+from edgemri.core.io import ArtefactError, load_npz
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ class _SplitHashes:
 
 def _hash_cache_path(scan: FolderScan, split: str, key: str, cache_dir: str | Path | None) -> Path:
     # The decoded cache's own folder (one per data folder), so clearing that folder clears both.
-    return _cache_file(scan, split, key, cache_dir).parent / f"audit-{split.lower()}-{key[:20]}.npz"
+    return cache_path(scan, split, cache_dir).parent / f"audit-{split.lower()}-{key[:20]}.npz"
 
 
 def _read_hashes(path: Path, key: str, files: list[str]) -> _SplitHashes | None:
@@ -261,15 +262,7 @@ def _write_hashes(path: Path, split: str, key: str, files: list[str], hashes: _S
     """Save (mode 0600, like the decoded cache) and drop the split's older hash files; failing is a warning."""
     arrays = {"format": np.array(_CACHE_FORMAT), "key": np.array(key), "files": np.array(files, dtype=str),
               "sha256": hashes.sha256, "phash": hashes.phash, "pixels": hashes.pixels}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        save_npz(path, arrays, mode=0o600)
-        for stale in path.parent.glob(f"audit-{split.lower()}-*.npz"):
-            if stale != path:
-                stale.unlink(missing_ok=True)
-    except OSError as err:
-        log.warning("could not write the duplicate-audit cache %s (%s); the images will be hashed again next time",
-                    path, err.strerror or err)
+    write_cache_file(path, arrays, f"audit-{split.lower()}-*.npz", "the duplicate-audit cache", "hashed")
 
 
 def _hash_split(root: Path, split: str, images: np.ndarray, files: list[str], progress: bool) -> _SplitHashes:

@@ -669,15 +669,22 @@ def _write_cache(path: Path, split: str, key: str, data: ArraySplit, skipped: li
         "skipped_files": np.array([rel for rel, _ in skipped], dtype=str),
         "skipped_reasons": np.array([reason for _, reason in skipped], dtype=str),
     }
+    write_cache_file(path, arrays, f"{split.lower()}-*.npz", "the decoded cache", "decoded")
+
+
+def write_cache_file(path: Path, arrays: Mapping[str, np.ndarray], stale: str, what: str, redo: str) -> None:
+    """Save a cache of plain arrays (mode 0600: derived from patient data) and drop the older files its folder
+    holds for the same thing (``stale``, a glob). A cache that cannot be written is only a warning: the work is
+    redone next time (``redo``: what is done again, e.g. "decoded")."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        save_npz(path, arrays, mode=0o600)
-        for stale in path.parent.glob(f"{split.lower()}-*.npz"):
-            if stale != path:
-                stale.unlink(missing_ok=True)
+        save_npz(path, dict(arrays), mode=0o600)
+        for old in path.parent.glob(stale):
+            if old != path:
+                old.unlink(missing_ok=True)
     except OSError as err:
-        log.warning("could not write the decoded cache %s (%s); the images will be decoded again next time",
-                    path, err.strerror or err)
+        log.warning("could not write %s %s (%s); the images will be %s again next time", what, path,
+                    err.strerror or err, redo)
 
 
 def _decode_split(

@@ -5,12 +5,38 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from edgemri.core.data import CLASS_NAMES
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line a failed command writes to stderr: ``edgemri: error: ...``, no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("edgemri: error: "), err
+    return lines[0]
+
+
+@pytest.fixture()
+def distill_fits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
+    """Every call distillation makes to the training loop, as (training data, keyword arguments), passed through."""
+    from edgemri.core import distill
+
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    real_fit = distill.fit
+
+    def recording_fit(model: Any, train: Any, **kwargs: Any) -> Any:
+        calls.append((train, kwargs))
+        return real_fit(model, train, **kwargs)
+
+    monkeypatch.setattr(distill, "fit", recording_fit)
+    return calls
 
 
 @pytest.fixture(autouse=True, scope="session")

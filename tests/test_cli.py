@@ -18,6 +18,7 @@ from edgemri.core.errors import EdgemriError
 from edgemri.main import build_parser, main
 from edgemri.models import Student
 from edgemri.simulation.pipeline import DEMO_OUT, DemoLayout, demo, demo_stages, load_run_config, start_model
+from tests.conftest import one_error_line
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -30,14 +31,6 @@ def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> 
             for name, sub in action.choices.items():
                 found += _commands(sub, (*prefix, name)) or [(*prefix, name)]
     return found
-
-
-def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("edgemri: error: "), err
-    return lines[0]
 
 
 @pytest.mark.parametrize("command", _commands(build_parser()), ids=" ".join)
@@ -67,7 +60,7 @@ def test_config_with_an_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixtur
     config = tmp_path / "bad.yaml"
     config.write_text("bogus: 1\n")
     assert main(["distill", "--config", str(config), "--data-root", str(tmp_path), "--out", str(tmp_path)]) == 2
-    assert "'bogus'" in _one_error_line(capsys)
+    assert "'bogus'" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("command", [
@@ -77,7 +70,7 @@ def test_config_with_an_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_missing_checkpoint(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.pt"
     assert main([part.format(missing=missing, tmp=tmp_path) for part in command]) == 2
-    assert str(missing) in _one_error_line(capsys)
+    assert str(missing) in one_error_line(capsys)
     assert not (tmp_path / "fed").exists()
 
 
@@ -85,7 +78,7 @@ def test_system_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     """A real OSError from deep inside (here: --out under a file) is the system's reason and the path."""
     (tmp_path / "file").write_text("")
     assert main(["data", "synth", "--out", str(tmp_path / "file" / "data"), "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert os.strerror(errno.ENOTDIR) in line and str(tmp_path / "file" / "data") in line
 
 
@@ -95,7 +88,7 @@ def test_disk_full_names_the_file(monkeypatch: pytest.MonkeyPatch, capsys: pytes
 
     monkeypatch.setattr(cli, "cmd_models_summary", disk_full)
     assert main(["models", "summary"]) == 2
-    assert _one_error_line(capsys) == f"edgemri: error: {os.strerror(errno.ENOSPC)}: runs/x/report.json"
+    assert one_error_line(capsys) == f"edgemri: error: {os.strerror(errno.ENOSPC)}: runs/x/report.json"
 
 
 def test_a_multi_line_message_prints_its_first_line(monkeypatch: pytest.MonkeyPatch,
@@ -105,13 +98,13 @@ def test_a_multi_line_message_prints_its_first_line(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(cli, "cmd_models_summary", fails)
     assert main(["models", "summary"]) == 2
-    assert _one_error_line(capsys) == "edgemri: error: the run failed"
+    assert one_error_line(capsys) == "edgemri: error: the run failed"
 
 
 def test_existing_synth_folder_without_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "kept.txt").write_text("mine")
     assert main(["data", "synth", "--out", str(tmp_path), "--quiet"]) == 2
-    assert str(tmp_path) in _one_error_line(capsys)
+    assert str(tmp_path) in one_error_line(capsys)
     assert (tmp_path / "kept.txt").read_text() == "mine"
 
 
@@ -138,12 +131,12 @@ def test_distill_refuses_before_loading_data(extra: list[str], expected: str, tm
     (out / "seed-0").mkdir(parents=True)
     assert main(["distill", "--config", str(QUICKSTART), "--data-root", str(tmp_path / "no-data"),
                  "--out", str(out), *extra]) == 2
-    assert expected in _one_error_line(capsys)
+    assert expected in one_error_line(capsys)
 
 
 def test_no_data_root_says_how_to_make_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "partition", "--config", str(QUICKSTART), "--out", "unused"]) == 2
-    assert "--data-root" in _one_error_line(capsys)
+    assert "--data-root" in one_error_line(capsys)
 
 
 def test_demo_plan_resumes_from_what_exists(tmp_path: Path) -> None:

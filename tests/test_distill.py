@@ -36,17 +36,10 @@ def _config(**distill_changes: object):
 
 
 def test_teacher_runs_once_per_training_image_and_selection_never_sees_testing(
-        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_data: Path, tmp_path: Path, distill_fits: list) -> None:
     dataset = load_dataset(tiny_data)
-    seen_selection_sets = []
-    real_fit = distill_module.fit
-
-    def recording_fit(model, train, **kwargs):
-        seen_selection_sets.append(kwargs["val"])
-        return real_fit(model, train, **kwargs)
-
-    monkeypatch.setattr(distill_module, "fit", recording_fit)
     results, _ = run_distillation(_config(), dataset, tmp_path / "run")
+    seen_selection_sets = [kwargs["val"] for _, kwargs in distill_fits]
     result = results[0]
     server, clients = server_client_split(dataset.train, 0.5, seed=0)  # the clients' half is never seen
     assert not set(server.tolist()) & set(clients.tolist())
@@ -61,14 +54,10 @@ def test_teacher_runs_once_per_training_image_and_selection_never_sees_testing(
         assert torch.equal(selection.labels, dataset.train.labels[val_idx])
 
 
-def test_paper_compat_selects_on_testing_and_says_so(tiny_data: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_paper_compat_selects_on_testing_and_says_so(tiny_data: Path, tmp_path: Path, distill_fits: list) -> None:
     dataset = load_dataset(tiny_data)
-    selections = []
-    real_fit = distill_module.fit
-    monkeypatch.setattr(distill_module, "fit",
-                        lambda model, train, **kw: selections.append(kw) or real_fit(model, train, **kw))
     results, _ = run_distillation(_config(paper_compat=True), dataset, tmp_path / "run")
+    selections = [kwargs for _, kwargs in distill_fits]
     assert all(torch.equal(kw["val"].labels, dataset.test.labels) for kw in selections)
     assert all(kw["selected_on"] == "Testing (paper-compat)" for kw in selections)
     metrics = load_checkpoint(results[0].stages["kd"].checkpoint).metrics

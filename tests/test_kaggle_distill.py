@@ -72,15 +72,11 @@ def test_dedup_keeps_copies_out_of_validation_and_testing_metrics(leaky_data: Pa
     assert len(plain.test_keep) == len(dataset.test)
 
 
-def test_dedup_run_reports_both_testing_variants(leaky_data: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dedup_run_reports_both_testing_variants(leaky_data: Path, tmp_path: Path, distill_fits: list) -> None:
     dataset = load_dataset(leaky_data)
-    teacher_data = []
-    real_fit = distill_module.fit
-    monkeypatch.setattr(distill_module, "fit",
-                        lambda model, train, **kw: teacher_data.append(train) or real_fit(model, train, **kw))
     results, seconds = run_distillation(_config(), dataset, tmp_path / "run")
-    assert isinstance(teacher_data[0], ViewData) and teacher_data[0].view_params.shape[1] == 4
+    teacher_data = distill_fits[0][0]
+    assert isinstance(teacher_data, ViewData) and teacher_data.view_params.shape[1] == 4
     kd = results[0].stages["kd"].test
     assert kd["testing_images"] == len(dataset.test) - 3 and len(kd["correct"]) == kd["testing_images"]
     assert kd["full_testing_images"] == len(dataset.test) == len(kd["full_testing_correct"])

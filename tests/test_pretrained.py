@@ -26,6 +26,7 @@ from edgemri.models import (
 )
 from edgemri.models import pretrained as registry
 from edgemri.simulation.pipeline import load_run_config, start_model
+from tests.conftest import one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -56,14 +57,6 @@ def scans(tmp_path: Path) -> list[Path]:
     for file in files:
         Image.fromarray(rng.integers(0, 256, (140, 150), dtype=np.uint8)).save(file)
     return files
-
-
-def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("edgemri: error: "), err
-    return lines[0]
 
 
 def _predict_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
@@ -115,7 +108,7 @@ def test_an_unknown_name_is_one_line_listing_the_names(command: list[str], scans
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
     assert main([part.format(scan=scans[0], tmp=tmp_path) for part in command]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "'kaggle-studnet'" not in line and "kaggle-studnet is neither a file nor a pretrained model" in line
     assert line.endswith(f"pretrained models: {', '.join(PRETRAINED)}")
     assert not list(tmp_path.glob("*.onnx"))
@@ -126,7 +119,7 @@ def test_federate_start_with_an_unknown_name_is_one_line(tmp_path: Path, capsys:
     argv = ["federate", "--config", str(QUICKSTART), "--data-root", str(tmp_path), "--start", "kaggle-studnet",
             "--out", str(tmp_path / "fed")]
     assert main(argv) == 2
-    assert "kaggle-studnet" in _one_error_line(capsys)
+    assert "kaggle-studnet" in one_error_line(capsys)
     assert not (tmp_path / "fed").exists()
 
 
@@ -139,7 +132,7 @@ def test_a_tampered_shipped_file_is_refused(command: list[str], shipped: Path, s
     # Still a valid checkpoint, only other weights: the hash, not the loader, must catch the swap.
     save_checkpoint(shipped, dataclasses.replace(load_checkpoint(shipped), temperature=2.0))
     assert main([part.format(scan=scans[0]) for part in command]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert f"pretrained model {NAME!r}" in line and f"has sha256 {file_sha256(shipped)}" in line
     assert "reinstall edgemri" in line
     assert not list(tmp_path.glob("*.onnx"))
@@ -149,12 +142,12 @@ def test_a_missing_shipped_file_is_one_line(shipped: Path, scans: list[Path],
                                             capsys: pytest.CaptureFixture[str]) -> None:
     shipped.unlink()
     assert main(["predict", "--model", NAME, str(scans[0])]) == 2
-    assert f"pretrained model {NAME!r} is not installed: {shipped} is missing" in _one_error_line(capsys)
+    assert f"pretrained model {NAME!r} is not installed: {shipped} is missing" in one_error_line(capsys)
 
 
 def test_predict_needs_an_image_after_the_model(shipped: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["predict", NAME]) == 2
-    assert "no image to predict" in _one_error_line(capsys)
+    assert "no image to predict" in one_error_line(capsys)
 
 
 def test_the_registry_api_raises_plain_errors(shipped: Path, tmp_path: Path) -> None:
@@ -182,11 +175,8 @@ def test_the_wheel_carries_every_registered_file() -> None:
 
 
 def test_shipped_models_match_registry() -> None:
-    """Every shipped file is the one the registry records, a loadable checkpoint, with its model card."""
-    present = {name: model for name, model in PRETRAINED.items() if (registry.PRETRAINED_DIR / model.file).is_file()}
-    if not present:
-        pytest.skip(f"no pretrained model is shipped yet in {registry.PRETRAINED_DIR}")
-    for name, model in present.items():
+    """Every registered file is shipped, is the one the registry records, a loadable checkpoint, with its card."""
+    for name, model in PRETRAINED.items():
         path = registry.PRETRAINED_DIR / model.file
         found = file_sha256(path)
         if found != model.sha256:
@@ -195,3 +185,20 @@ def test_shipped_models_match_registry() -> None:
         load_checkpoint(path)
         assert (registry.PRETRAINED_DIR / model.card).is_file(), f"{name}: model card {model.card} is missing"
         assert "\n" not in model.description
+
+
+def test_the_shipped_student_predicts_exports_and_starts_a_federation(scans: list[Path], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The real kaggle-student as a user runs it: predict by name, export by name (ONNX parity is checked by the
+    export itself), and the federation's start model; its card says what it is and what it is not."""
+    result = _predict_json(capsys, "--model", NAME, *map(str, scans))
+    assert result["predicted"] == len(scans) and result["temperature"] != 1.0  # calibrated on validation
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", NAME]) == 0 and (tmp_path / f"{NAME}.onnx").stat().st_size > 40_000
+    checkpoint = load_checkpoint(pretrained_path(NAME))
+    assert checkpoint.model == "student" and checkpoint.role == "kd" and checkpoint.config["data"]["dedup"]
+    config = load_run_config(REPO / "configs" / "kaggle.yaml", data_root=tmp_path)
+    assert start_model(config, NAME) == pretrained_path(NAME)
+    card = (registry.PRETRAINED_DIR / PRETRAINED[NAME].card).read_text()
+    assert "Not a medical device" in card and "Deduplicated Testing" in card and "shortcut" in card
