@@ -187,6 +187,71 @@ def ship(values: dict[str, Any], config: Config, dataset: Dataset, runs: Path, k
     return path
 
 
+def _pct(values: dict[str, Any], key: str) -> str:
+    """``mean ± std`` over seeds of a per-seed list of percentages."""
+    seeds = values[key]
+    mean = sum(seeds) / len(seeds)
+    std = (sum((v - mean) ** 2 for v in seeds) / (len(seeds) - 1)) ** 0.5 if len(seeds) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def _ci(values: dict[str, Any], key: str) -> str:
+    return f"{values[f'{key}_mean']:+.1f} [{values[f'{key}_low']:+.1f}, {values[f'{key}_high']:+.1f}]"
+
+
+def table(values: dict[str, Any], head: dict[str, Any] | None) -> str:
+    """README §2's real-data tables from the results: Table 1 beside the paper's, and the shortcut probes."""
+    rows = [("teacher", "teacher (`vgg16-slim` 1/8, from scratch)", "teacher"),
+            ("baseline", "baseline student (CE)", "baseline"), ("paper-kd", "paper's KD (T=1, alpha=0.5)", "kd"),
+            ("kd", "**KD, our recipe (T=4, alpha=0.9)**", None)]
+    lines = ["| model | paper (Table 1, full Testing) | ours, full Testing | ours, deduplicated Testing "
+             "| − baseline, deduplicated (paired) | gap closed | ECE calibrated (dedup) | wall time per seed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for stage, name, paper in rows:
+        paper_pct = f"{values[f'paper_table1.{paper}_pct']:.2f}" if paper else "—"
+        versus = (_ci(values, f"{stage}.dedup_minus_baseline_pts") if f"{stage}.dedup_minus_baseline_pts_mean"
+                  in values else "")
+        gap = f"{100 * values[f'{stage}.gap_closed_fraction']:.0f}%" if f"{stage}.gap_closed_fraction" in values else ""
+        ece = f"{values[f'{stage}.ece_calibrated_mean']:.3f}" if f"{stage}.ece_calibrated_mean" in values else ""
+        minutes = sum(values[f"{stage}.wall_seconds_per_seed"]) / len(values[f"{stage}.wall_seconds_per_seed"]) / 60
+        lines.append(f"| {name} | {paper_pct} | {_pct(values, f'{stage}.full_testing_accuracy_pct_values')} | "
+                     f"{_pct(values, f'{stage}.dedup_testing_accuracy_pct_values')} | {versus} | {gap} | {ece} | "
+                     f"{minutes:.1f} min |")
+    for name in PAPER_CHECKPOINTS:
+        if f"{name}.full_testing_accuracy_pct" in values:
+            lines.append(f"| the paper's published `{PAPER_CHECKPOINTS[name]}`, scored here | | "
+                         f"{values[f'{name}.full_testing_accuracy_pct']:.1f} | "
+                         f"{values[f'{name}.dedup_testing_accuracy_pct']:.1f} | "
+                         f"ours − it: {_ci(values, f'kd_seed0_minus_{name}.dedup_pts')} | | | |")
+    probes = ["", "| model | tumour scans re-styled to notumor's profile: flipped to notumor (control) "
+              "| notumor scans re-styled to tumour's: flipped away (control) | head blanked: notumor separation AUC |",
+              "|---|---:|---:|---:|"]
+    variants = [("", values)] + ([(" + head step", head)] if head else [])
+    for suffix, source in variants:
+        seeds = sorted({int(k.split(".")[0][4:]) for k in source if k.startswith("seed") and ".shortcut." in k})
+        for stage in ("baseline", "paper-kd", "kd"):
+            def mean(key: str, stage: str = stage, source: dict[str, Any] = source, seeds: list[int] = seeds) -> float:
+                return 100 * sum(source[f"seed{s}.{stage}.shortcut.{key}"] for s in seeds) / len(seeds)
+            probes.append(f"| {stage}{suffix} ({len(seeds)} seeds) | {mean('restyle.tumour_flipped_to_notumor'):.1f}% "
+                          f"({mean('restyle.tumour_flipped_to_notumor_control'):.1f}%) | "
+                          f"{mean('restyle.notumor_flipped_from_notumor'):.1f}% "
+                          f"({mean('restyle.notumor_flipped_from_notumor_control'):.1f}%) | "
+                          f"{mean('blanked_head.notumor_separation') / 100:.2f} |")
+    for name in PAPER_CHECKPOINTS:
+        if f"{name}.shortcut.restyle.tumour_flipped_to_notumor" in values:
+            probes.append(f"| published `{PAPER_CHECKPOINTS[name]}` | "
+                          f"{100 * values[f'{name}.shortcut.restyle.tumour_flipped_to_notumor']:.1f}% "
+                          f"({100 * values[f'{name}.shortcut.restyle.tumour_flipped_to_notumor_control']:.1f}%) | "
+                          f"{100 * values[f'{name}.shortcut.restyle.notumor_flipped_from_notumor']:.1f}% "
+                          f"({100 * values[f'{name}.shortcut.restyle.notumor_flipped_from_notumor_control']:.1f}%) | "
+                          f"{values[f'{name}.shortcut.blanked_head.notumor_separation']:.2f} |")
+    data = [f"| background-only classifier, notumor vs tumour ({step}) | AUC "
+            f"{values[f'data_probe.{step}.test_auc']:.2f}, accuracy "
+            f"{100 * values[f'data_probe.{step}.test_accuracy']:.1f}% (majority "
+            f"{100 * values[f'data_probe.{step}.majority_accuracy']:.1f}%) | | |" for step in HEAD_STEPS]
+    return "\n".join(lines + probes + data)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(DEFAULT_DATA))
@@ -195,12 +260,19 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="the teacher sweep on validation first")
     parser.add_argument("--sweep-only", action="store_true", help="only the teacher sweep")
     parser.add_argument("--kd-sweep", action="store_true", help="only the KD recipe sweep on seed 0's teacher")
+    parser.add_argument("--table", action="store_true",
+                        help="print README §2's tables from NAME.json (and NAME_head.json, the head-step run)")
     parser.add_argument("--out", default="runs/bench/kaggle")
     parser.add_argument("--name", default="kaggle", help="results file benchmarks/results/NAME.json")
     parser.add_argument("--ship", action="store_true",
                         help="ship the best seed's KD student (by validation) as kaggle-student, with its card")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.table:
+        head = RESULTS / f"{args.name}_head.json"
+        print(table(json.loads((RESULTS / f"{args.name}.json").read_text()),
+                    json.loads(head.read_text()) if head.is_file() else None))
+        return 0
     data_root, out = Path(args.data_root), Path(args.out)
     if not (data_root / "Training").is_dir():
         print(f"kaggle: no real data at {data_root}; nothing to measure (the benchmark needs the Kaggle folder)")

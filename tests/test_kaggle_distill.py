@@ -121,6 +121,8 @@ def test_head_step_is_recorded_applied_by_edge_and_refused_by_the_federation(
     from edgemri.core.data import PREPROCESSING, PreprocessingError, normalize, parse_preprocessing
     from edgemri.core.shortcut import apply_head_step
     from edgemri.edge.contract import normalize_for
+    from edgemri.edge.onnx import export_onnx
+    from edgemri.edge.runtime import load_model
     from edgemri.simulation.federate import federate
 
     config = _config(dedup=False, head="standardize-crop")
@@ -132,6 +134,10 @@ def test_head_step_is_recorded_applied_by_edge_and_refused_by_the_federation(
     assert not torch.equal(stepped, images)
     assert torch.equal(normalize_for(images, student.preprocessing), normalize(stepped))
     assert torch.equal(normalize_for(images, PREPROCESSING), normalize(images))
+    exported = export_onnx(load_checkpoint(results[0].stages["kd"].checkpoint), tmp_path / "kd.onnx")
+    loaded = load_model(exported)
+    assert loaded.preprocessing["head"] == "standardize-crop"
+    assert torch.equal(loaded.normalize(images), normalize(stepped))
     with pytest.raises(PreprocessingError, match="head 'blur' is not allowed"):
         parse_preprocessing({**PREPROCESSING, "head": "blur"}, "x")
     with pytest.raises(ConfigError, match="data.head"):
