@@ -45,8 +45,7 @@ PRETRAINED: dict[str, PretrainedModel] = {
         PretrainedModel(
             "kaggle-student", "kaggle-student.pt", "kaggle-student.md",
             "the paper's 12,628-parameter student distilled on the Kaggle brain-MRI set",
-            # The sha256 of an empty file: a placeholder until the trained checkpoint ships.
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "41bb010bd1310837e80e0c5858090b19ed5087e8a8ff303bfb4085e670e3c317",
         ),
     )
 }
