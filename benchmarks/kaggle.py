@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, write_result
+from edgemri.core.audit import audit_dataset
 from edgemri.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgemri.core.config import HEAD_STEPS, AugmentConfig, Config, load_config
 from edgemri.core.data import Dataset, load_dataset, normalize
@@ -145,46 +146,67 @@ def published_values(checkpoints: Path, dataset: Dataset, keep: torch.Tensor, ou
     return values
 
 
-def shortcut_lines(values: dict[str, Any], stage: str, seeds: list[int]) -> list[str]:
-    """The card's shortcut section: the data-only probe and this recipe's restyle and blanked-head probes."""
-    def mean(key: str) -> float:
-        return 100 * sum(values[f"seed{seed}.{stage}.shortcut.{key}"] for seed in seeds) / len(seeds)
+def _probe_mean(values: dict[str, Any], stage: str, key: str) -> float:
+    """A shortcut probe's value for ``stage``, in percent, averaged over the seeds that measured it."""
+    found = [v for k, v in values.items() if k.startswith("seed") and k.endswith(f".{stage}.shortcut.{key}")]
+    return 100 * sum(found) / len(found)
 
-    data = values["data_probe.none.test_auc"]
-    return [
+
+def shortcut_lines(values: dict[str, Any], head: dict[str, Any] | None) -> list[str]:
+    """The card's shortcut section: the data-only probe, the recipe's probes, and the head step's, when measured."""
+    seeds = values["seeds_run"]
+    lines = [
         f"Every notumor scan of this dataset comes from one collection (Br35H). A classifier that sees only what "
-        f"lies outside the head (background, frame, the head's box) tells notumor from tumour at AUC {data:.2f} on "
-        f"Testing: the collection is visible without looking at the brain.",
+        f"lies outside the head (background, frame, the head's box) tells notumor from tumour at AUC "
+        f"{values['data_probe.none.test_auc']:.2f} on Testing: the collection is visible without looking at the "
+        f"brain.",
         f"- Tumour scans re-styled to the notumor collection's intensity profile inside the head: "
-        f"{mean('restyle.tumour_flipped_to_notumor'):.1f}% flip to notumor (re-styled to their own collections' "
-        f"profile, the control: {mean('restyle.tumour_flipped_to_notumor_control'):.1f}%); mean over "
-        f"{len(seeds)} seeds of this recipe.",
+        f"{_probe_mean(values, 'kd', 'restyle.tumour_flipped_to_notumor'):.1f}% flip to notumor (re-styled to "
+        f"their own collections' profile, the control: "
+        f"{_probe_mean(values, 'kd', 'restyle.tumour_flipped_to_notumor_control'):.1f}%); mean over {seeds} seeds "
+        f"of this recipe.",
         f"- Scans with the head blanked out: notumor separation AUC "
-        f"{mean('blanked_head.notumor_separation') / 100:.2f} (0.5: the background alone decides nothing).",
-        "- README §2 has the same probes for a student trained behind the head step `standardize-crop`, which "
-        "removes most of this; that student is not the shipped one (the federation does not apply the step yet).",
+        f"{_probe_mean(values, 'kd', 'blanked_head.notumor_separation') / 100:.2f} (0.5: the background alone "
+        f"decides nothing).",
     ]
+    if head:
+        lines.append(
+            f"- The same recipe behind the head step `standardize-crop` ({head['seeds_run']} seeds, "
+            f"`benchmarks/results/kaggle_head.json`): "
+            f"{_probe_mean(head, 'kd', 'restyle.tumour_flipped_to_notumor'):.1f}% flip (control "
+            f"{_probe_mean(head, 'kd', 'restyle.tumour_flipped_to_notumor_control'):.1f}%), at "
+            f"{head['kd.dedup_testing_accuracy_pct_mean']:.1f}% on deduplicated Testing against "
+            f"{values['kd.dedup_testing_accuracy_pct_mean']:.1f}% here. That student is not the shipped one: the "
+            f"federation's clients do not apply the step yet.")
+    return lines
 
 
-def ship(values: dict[str, Any], config: Config, dataset: Dataset, runs: Path, keep: torch.Tensor,
-         seeds: list[int]) -> Path:
+def ship(runs: Path, seeds: list[int]) -> Path:
     """The KD student of the seed with the best validation accuracy (never Testing) as ``kaggle-student`` in
-    models/pretrained/, with its model card."""
+    models/pretrained/."""
     def best_validation(seed: int) -> float:
-        checkpoint = load_checkpoint(runs / f"seed-{seed}" / "kd.pt")
-        return max(h["val_accuracy"] for h in checkpoint.history)
+        return max(h["val_accuracy"] for h in load_checkpoint(runs / f"seed-{seed}" / "kd.pt").history)
 
     seed = max(seeds, key=best_validation)
-    checkpoint = load_checkpoint(runs / f"seed-{seed}" / "kd.pt")
-    path = save_checkpoint(PRETRAINED_DIR / "kaggle-student.pt", checkpoint)
+    path = save_checkpoint(PRETRAINED_DIR / "kaggle-student.pt", load_checkpoint(runs / f"seed-{seed}" / "kd.pt"))
+    print(f"shipped {path} (seed {seed})", flush=True)
+    return path
+
+
+def write_card(values: dict[str, Any], head: dict[str, Any] | None, dataset: Dataset, keep: torch.Tensor) -> Path:
+    """The shipped student's model card, from the shipped file itself and the benchmark's results."""
+    path = PRETRAINED_DIR / "kaggle-student.pt"
+    checkpoint = load_checkpoint(path)
+    seeds = list(range(checkpoint.config["seed"], checkpoint.config["seed"] + values["seeds_run"]))
     summary = {"seeds": len(seeds), **{f"{stage}_{variant}": values[f"{stage}.{variant}_testing_accuracy_pct_mean"]
                                       for stage in ("kd", "baseline", "teacher") for variant in ("dedup", "full")}}
     card = render_card("kaggle-student", path, checkpoint, card_metrics(checkpoint, dataset, keep),
-                       {"lines": shortcut_lines(values, "kd", seeds)}, summary,
-                       f"`configs/kaggle.yaml`, seed {seed} (chosen among seeds {seeds} by validation accuracy)")
-    write_text(PRETRAINED_DIR / "kaggle-student.md", card)
-    print(f"shipped {path} (seed {seed}); card {PRETRAINED_DIR / 'kaggle-student.md'}", flush=True)
-    return path
+                       {"lines": shortcut_lines(values, head)}, summary,
+                       f"`configs/kaggle.yaml`, seed {checkpoint.seed} (chosen among seeds {seeds} by validation "
+                       f"accuracy)")
+    card_path = write_text(PRETRAINED_DIR / "kaggle-student.md", card)
+    print(f"model card {card_path}", flush=True)
+    return card_path
 
 
 def _pct(values: dict[str, Any], key: str) -> str:
@@ -252,6 +274,11 @@ def table(values: dict[str, Any], head: dict[str, Any] | None) -> str:
     return "\n".join(lines + probes + data)
 
 
+def _results(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(DEFAULT_DATA))
@@ -260,6 +287,8 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="the teacher sweep on validation first")
     parser.add_argument("--sweep-only", action="store_true", help="only the teacher sweep")
     parser.add_argument("--kd-sweep", action="store_true", help="only the KD recipe sweep on seed 0's teacher")
+    parser.add_argument("--card", action="store_true",
+                        help="write the shipped student's model card again from the results (no training)")
     parser.add_argument("--table", action="store_true",
                         help="print README §2's tables from NAME.json (and NAME_head.json, the head-step run)")
     parser.add_argument("--out", default="runs/bench/kaggle")
@@ -269,17 +298,20 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     if args.table:
-        head = RESULTS / f"{args.name}_head.json"
-        print(table(json.loads((RESULTS / f"{args.name}.json").read_text()),
-                    json.loads(head.read_text()) if head.is_file() else None))
+        print(table(_results(args.name) or {}, _results(f"{args.name}_head")))
         return 0
     data_root, out = Path(args.data_root), Path(args.out)
+    if args.card:
+        dataset = load_dataset(data_root)
+        leaked = set(audit_dataset(dataset).leaked_test())
+        keep = torch.tensor([i for i in range(len(dataset.test)) if i not in leaked], dtype=torch.long)
+        write_card(_results(args.name) or {}, _results(f"{args.name}_head"), dataset, keep)
+        return 0
     if not (data_root / "Training").is_dir():
         print(f"kaggle: no real data at {data_root}; nothing to measure (the benchmark needs the Kaggle folder)")
         return 0
     config = kaggle_config(data_root, args.overrides)
-    previous = RESULTS / f"{args.name}.json"
-    values: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}
+    values = _results(args.name) or {}
     if args.kd_sweep:
         kd_sweep(config, out / "runs", values, args.name)
         return 0
@@ -346,7 +378,8 @@ def main() -> int:
     write_result(args.name, values)
     print(json.dumps(values["goals_met"], indent=1))
     if args.ship:
-        ship(values, config, dataset, out / "runs", keep, [r.seed for r in results])
+        ship(out / "runs", [r.seed for r in results])
+        write_card(values, _results(f"{args.name}_head"), dataset, keep)
     return 0
 
 

@@ -12,6 +12,7 @@ from conftest import add_sites, make_kaggle_folder
 
 from edgemri.core.config import Config, ConfigError, parse_config
 from edgemri.core.data import (
+    CLASS_NAMES,
     IMAGE_SIZE,
     ArraySplit,
     DataError,
@@ -114,9 +115,13 @@ def test_folder_without_sites_splits_by_appearance_sites_under_new_sites(tiny_da
     server, clients = scenario_split(dataset.train, _config())
     sites = sited_training(dataset.train, _config()).sites
     assert not {sites[i] for i in server.tolist()} & {sites[i] for i in clients.tolist()}
-    distiller = Distiller(_config(), dataset, 0, tmp_path / "seed-0", resume=False, progress=False)
-    assert set(distiller.train_split.files + distiller.val_split.files) == \
-        {dataset.train.files[i] for i in server.tolist()}
+    # The tiny set's appearance sites are label groups (notumor has no blob), as on the real Kaggle set: the
+    # server's share then misses a class, and distillation refuses it before any training.
+    missing = sorted({CLASS_NAMES[c] for c in range(len(CLASS_NAMES))} - {CLASS_NAMES[int(dataset.train.labels[i])]
+                                                                           for i in server.tolist()})
+    assert missing
+    with pytest.raises(DataError, match=f"has no {', '.join(missing)} image under federation.scenario 'new-sites'"):
+        Distiller(_config(), dataset, 0, tmp_path / "seed-0", resume=False, progress=False)
     partly = ArraySplit(dataset.train.images, dataset.train.labels, dataset.train.files,
                         ["site-a", *[""] * (len(dataset.train) - 1)])
     with pytest.raises(DataError, match="Training image .* has none"):
