@@ -227,7 +227,8 @@ def table(values: dict[str, Any], head: dict[str, Any] | None) -> str:
             ("baseline", "baseline student (CE)", "baseline"), ("paper-kd", "paper's KD (T=1, alpha=0.5)", "kd"),
             ("kd", "**KD, our recipe (T=4, alpha=0.9)**", None)]
     lines = ["| model | paper (Table 1, full Testing) | ours, full Testing | ours, deduplicated Testing "
-             "| − baseline, deduplicated (paired) | gap closed | ECE calibrated (dedup) | wall time per seed |",
+             "| − baseline, deduplicated (paired) | gap closed | ECE calibrated (dedup) "
+             "| stage wall time (mean of seeds) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for stage, name, paper in rows:
         paper_pct = f"{values[f'paper_table1.{paper}_pct']:.2f}" if paper else "—"
