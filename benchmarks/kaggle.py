@@ -20,6 +20,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -249,25 +250,24 @@ def table(values: dict[str, Any], head: dict[str, Any] | None) -> str:
     probes = ["", "| model | tumour scans re-styled to notumor's profile: flipped to notumor (control) "
               "| notumor scans re-styled to tumour's: flipped away (control) | head blanked: notumor separation AUC |",
               "|---|---:|---:|---:|"]
+    def probe_row(label: str, percent: Callable[[str], float]) -> str:
+        """One model's probe row; ``percent(key)`` is the probe value in percent."""
+        return (f"| {label} | {percent('restyle.tumour_flipped_to_notumor'):.1f}% "
+                f"({percent('restyle.tumour_flipped_to_notumor_control'):.1f}%) | "
+                f"{percent('restyle.notumor_flipped_from_notumor'):.1f}% "
+                f"({percent('restyle.notumor_flipped_from_notumor_control'):.1f}%) | "
+                f"{percent('blanked_head.notumor_separation') / 100:.2f} |")
+
     variants = [("", values)] + ([(" + head step", head)] if head else [])
     for suffix, source in variants:
         seeds = sorted({int(k.split(".")[0][4:]) for k in source if k.startswith("seed") and ".shortcut." in k})
         for stage in ("baseline", "paper-kd", "kd"):
-            def mean(key: str, stage: str = stage, source: dict[str, Any] = source, seeds: list[int] = seeds) -> float:
-                return 100 * sum(source[f"seed{s}.{stage}.shortcut.{key}"] for s in seeds) / len(seeds)
-            probes.append(f"| {stage}{suffix} ({len(seeds)} seeds) | {mean('restyle.tumour_flipped_to_notumor'):.1f}% "
-                          f"({mean('restyle.tumour_flipped_to_notumor_control'):.1f}%) | "
-                          f"{mean('restyle.notumor_flipped_from_notumor'):.1f}% "
-                          f"({mean('restyle.notumor_flipped_from_notumor_control'):.1f}%) | "
-                          f"{mean('blanked_head.notumor_separation') / 100:.2f} |")
+            probes.append(probe_row(f"{stage}{suffix} ({len(seeds)} seeds)",
+                                    lambda key, stage=stage, source=source: _probe_mean(source, stage, key)))
     for name in PAPER_CHECKPOINTS:
         if f"{name}.shortcut.restyle.tumour_flipped_to_notumor" in values:
-            probes.append(f"| published `{PAPER_CHECKPOINTS[name]}` | "
-                          f"{100 * values[f'{name}.shortcut.restyle.tumour_flipped_to_notumor']:.1f}% "
-                          f"({100 * values[f'{name}.shortcut.restyle.tumour_flipped_to_notumor_control']:.1f}%) | "
-                          f"{100 * values[f'{name}.shortcut.restyle.notumor_flipped_from_notumor']:.1f}% "
-                          f"({100 * values[f'{name}.shortcut.restyle.notumor_flipped_from_notumor_control']:.1f}%) | "
-                          f"{values[f'{name}.shortcut.blanked_head.notumor_separation']:.2f} |")
+            probes.append(probe_row(f"published `{PAPER_CHECKPOINTS[name]}`",
+                                    lambda key, name=name: 100 * values[f"{name}.shortcut.{key}"]))
     data = [f"| background-only classifier, notumor vs tumour ({step}) | AUC "
             f"{values[f'data_probe.{step}.test_auc']:.2f}, accuracy "
             f"{100 * values[f'data_probe.{step}.test_accuracy']:.1f}% (majority "
