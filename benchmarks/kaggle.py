@@ -304,8 +304,7 @@ def main() -> int:
     data_root, out = Path(args.data_root), Path(args.out)
     if args.card:
         dataset = load_dataset(data_root)
-        leaked = set(audit_dataset(dataset).leaked_test())
-        keep = torch.tensor([i for i in range(len(dataset.test)) if i not in leaked], dtype=torch.long)
+        keep = torch.tensor(audit_dataset(dataset).kept_test(), dtype=torch.long)
         write_card(_results(args.name) or {}, _results(f"{args.name}_head"), dataset, keep)
         return 0
     if not (data_root / "Training").is_dir():
@@ -330,8 +329,7 @@ def main() -> int:
     values.update({"config": str(CONFIG.relative_to(ROOT)), "overrides": args.overrides, "seeds_run": len(results),
                    "teacher": "vgg16-slim trained from scratch (no ImageNet weights offline)",
                    "testing_images_full": len(dataset.test), "seconds_total": seconds})
-    keep = Distiller(config, dataset, config.seed, out / "runs" / f"seed-{config.seed}", resume=True,
-                     progress=False).test_keep
+    keep = torch.tensor(audit_dataset(dataset).kept_test(), dtype=torch.long)  # the runs' deduplicated Testing
     values["testing_images_dedup"] = len(keep)
     for stage, m in report["models"].items():
         values[f"{stage}.dedup_testing_accuracy_pct_mean"] = 100 * m["test_accuracy"]["mean"]

@@ -414,6 +414,10 @@ class DuplicateAudit:
         copy of one, directly or through other copies): a held-out score must leave them out."""
         return np.flatnonzero(self._in_train_group()[self.n_train:]).tolist()
 
+    def kept_test(self) -> list[int]:
+        """Indices into ``dataset.test`` of the deduplicated Testing: every image ``leaked_test`` leaves out."""
+        return np.flatnonzero(~self._in_train_group()[self.n_train:]).tolist()
+
     def groups(self) -> list[list[str]]:
         """The files of every group of two or more images, by first member."""
         return [[self.files[k] for k in members] for members in self._members()]

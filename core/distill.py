@@ -195,9 +195,9 @@ class Distiller:
                             f"federation.scenario {config.federation.scenario!r}; a student cannot learn a class it "
                             f"never sees (use federation.scenario seen-sites, or data with every class at the "
                             f"source sites)")
-        leaked = set() if audit is None else set(audit.leaked_test())
-        self.test_keep = torch.tensor([i for i in range(len(dataset.test)) if i not in leaked], dtype=torch.long)
-        self.test_split: ArraySplit = self.dataset.test.subset(self.test_keep) if leaked else self.dataset.test
+        kept = range(len(dataset.test)) if audit is None else audit.kept_test()
+        self.test_keep = torch.tensor(kept, dtype=torch.long)
+        self.test_split: ArraySplit = self.dataset.test.subset(self.test_keep)
         # paper_compat reproduces the paper code's selection on the Testing split.
         self.select_split = self.dataset.test if self.paper_compat else self.val_split
         self.selected_on = "Testing (paper-compat)" if self.paper_compat else "validation"
