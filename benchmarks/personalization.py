@@ -1,9 +1,13 @@
 """Personalization on sites the server never saw: every method x tier, paired on the same pool images.
 
-    python -m benchmarks.personalization [--seeds 5] [--data-root DIR] [--out DIR]
+    python -m benchmarks.personalization [--seeds 5] [--data-root DIR] [--config YAML] [--name NAME] [--out DIR]
+    python -m benchmarks.personalization --real   # the real Kaggle scans (../shared/data), 5 seeds
 
 Data: the synthetic ``clinics`` preset (two T1c-only sites, two whose protocols mix T2 and FLAIR
-into T1c), unless ``--data-root`` names another folder with site metadata and pools.
+into T1c), unless ``--data-root`` names another folder (with site metadata and pools, or a
+Kaggle-layout folder: appearance sites that keep every class, pools from deduplicated Testing).
+``--real`` is ``--data-root ../shared/data/brain-tumor-mri-224 --config configs/kaggle-federation.yaml
+--name personalization_real``.
 Per seed: distill on the source sites only (``federation.scenario: new-sites``), then run the
 federations in Flower's simulation engine, as ``edgemri federate`` does. FedAvg's run also scores
 fedavg-ft, fedavg-cal and label-free from the same global model (``compare_methods``), so those
@@ -14,9 +18,10 @@ client's pool accuracy mixed by its own class mix.
 Every client is scored on its site's evaluation pool (hundreds of held-out scans). Differences
 are per client (personal - reference), mean with a 95% bootstrap CI over clients x seeds
 (clients resampled within seeds). Hyper-parameters come from the config, never from the pools;
-the sweeps here (seed 0: Ditto's lambda, the personal recipe's distillation weight with selection
-off) are read on the hospitals' validation splits.
-Results land in benchmarks/results/personalization.json after every seed.
+the sweeps here (seed 0, after every seed's runs: Ditto's lambda, the personal recipe's distillation
+weight with selection off) are read on the hospitals' validation splits. Beside the mean, each tier's
+worst decile of clients (personal - start) and each pool's label mix are reported.
+Results land in benchmarks/results/NAME.json after every seed.
 """
 
 from __future__ import annotations
@@ -34,11 +39,15 @@ from typing import Any
 from benchmarks.common import RESULTS, quickstart_data, write_result
 from edgemri.core.config import Config, load_config
 from edgemri.core.io import write_json
+from edgemri.core.partition import manifest_paths, read_manifest
 from edgemri.reports.federation import paired_summary
 from edgemri.simulation.federate import federate
 from edgemri.simulation.pipeline import distill
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+REAL = {"data_root": "../shared/data/brain-tumor-mri-224", "name": "personalization_real",
+        "config": str(CONFIG.parent / "kaggle-federation.yaml")}
+WORST_SHARE = 0.1  # the worst decile of clients
 AFTER_ROUNDS = ("fedavg-ft", "fedavg-cal", "label-free")  # scored inside the FedAvg run
 OWN_RUNS = ("lg-fedavg", "ditto", "fedbn")
 LABEL_SKEW_ALPHA = 0.5
@@ -104,8 +113,21 @@ def _summaries(runs: dict[str, dict[int, dict[str, dict[str, Any]]]], out: dict[
                     key = name.replace(" - ", "_minus_").replace("-", "_")
                     for part in ("mean", "low", "high"):
                         out[f"{prefix}.{key}_pts_{part}"] = 100 * ci[part]
+                gains = sorted(r["personalized"] - r["start"] for r in members)
+                worst = gains[: max(1, round(WORST_SHARE * len(gains)))]
+                out[f"{prefix}.worst_decile_personalized_minus_start_pts"] = 100 * statistics.fmean(worst)
                 headroom, gain = comparisons["oracle - start"]["mean"], comparisons["personalized - start"]["mean"]
                 out[f"{prefix}.headroom_captured_fraction"] = gain / headroom if headroom > 0 else float("nan")
+
+
+def _pool_label_mix(run_dir: Path) -> dict[str, int]:
+    """Each client site's evaluation pool, by class: the label mix every pool number stands on."""
+    mix: dict[str, int] = {}
+    for path in manifest_paths(run_dir / "manifests"):
+        manifest = read_manifest(path)
+        for name, count in manifest.class_counts()["pool"].items():
+            mix[f"pool_label_mix.{manifest.site}.{name}"] = count
+    return mix
 
 
 def _hospital_val(run_dir: Path) -> float:
@@ -141,13 +163,21 @@ def table(values: dict[str, Any], scenario: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--real", action="store_true", help="the real Kaggle scans: " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in REAL.items()))
+    parser.add_argument("--name", default="personalization", help="the results file, benchmarks/results/NAME.json")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default="runs/bench/personalization")
     parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--skip-sweeps", action="store_true", help="only the seeds' runs, no seed-0 sweeps")
     parser.add_argument("--table", action="store_true", help="print the tables of the last results and stop")
     args = parser.parse_args()
+    if args.real:
+        for key, value in REAL.items():
+            setattr(args, key, value)
+        args.out = "runs/bench/personalization-real" if args.out == parser.get_default("out") else args.out
     if args.table:
-        values = json.loads((RESULTS / "personalization.json").read_text())
+        values = json.loads((RESULTS / f"{args.name}.json").read_text())
         for scenario in ("new-sites", "label-skew"):
             print(f"\n{scenario} ({values['seeds']} seeds)\n\n{table(values, scenario)}")
         return
@@ -156,7 +186,8 @@ def main() -> None:
     base = load_config(args.config, [f"data.root={root}", "federation.scenario=new-sites"])
     runs: dict[str, dict[int, dict[str, dict[str, Any]]]] = {"new-sites": {}, "label-skew": {}}
     timing: dict[str, float] = defaultdict(float)
-    values: dict[str, Any] = {"seeds": 0, "config": str(args.config), "label_skew_alpha": LABEL_SKEW_ALPHA}
+    values: dict[str, Any] = {"seeds": 0, "config": str(args.config), "data_root": str(root),
+                              "label_skew_alpha": LABEL_SKEW_ALPHA}
 
     def run(config: Config, name: str) -> tuple[Path, float]:
         run_dir = out / f"seed{config.seed}" / name
@@ -190,25 +221,31 @@ def main() -> None:
                 merged.setdefault(client, {}).update(row)
             if seed == 0 and scenario == "new-sites" and method == "ditto":
                 values[f"ditto_lambda_{config.federation.ditto_lambda:g}_hospital_val_pct"] = _hospital_val(run_dir)
-        if seed == 0:
-            for weight in DITTO_LAMBDAS:
-                sweep_dir, _ = run(_federation(config, "ditto", label_skew=False, compare=(), ditto_lambda=weight),
-                                   f"sweep-ditto-lambda-{weight:g}")
-                values[f"ditto_lambda_{weight:g}_hospital_val_pct"] = _hospital_val(sweep_dir)
-            for weight in RECIPE_WEIGHTS:
-                hospital = config.federation.tier("hospital")
-                recipe = dataclasses.replace(hospital.personal, distill_weight=weight, select="last")
-                tiers = {**config.federation.tiers, "hospital": dataclasses.replace(hospital, personal=recipe)}
-                swept = config.replace(federation=dataclasses.replace(config.federation, tiers=tiers))
-                sweep_dir, _ = run(_federation(swept, "fedavg-ft", label_skew=False, compare=()),
-                                   f"sweep-recipe-distill-weight-{weight:g}")
-                values[f"recipe_distill_weight_{weight:g}_hospital_val_pct"] = _hospital_val(sweep_dir)
+            if seed == 0 and scenario == "new-sites" and method == "fedavg":
+                values.update(_pool_label_mix(run_dir))
         values["seeds"] = seed + 1
         _summaries(runs, values)
         values.update({f"time_{k}": v for k, v in timing.items()})
         values["time_rounds_over_client_train_ratio"] = timing["federation_rounds_s"] / max(timing["client_train_s"],
                                                                                             1e-9)
-        write_result("personalization", values)
+        write_result(args.name, values)
+    if args.skip_sweeps:
+        return
+    config = base.replace(seed=0)  # the sweeps: seed 0, after every seed's runs
+    student = distill(config, out / "seed0" / "distill", resume=True).student
+    for weight in DITTO_LAMBDAS:
+        sweep_dir, _ = run(_federation(config, "ditto", label_skew=False, compare=(), ditto_lambda=weight),
+                           f"sweep-ditto-lambda-{weight:g}")
+        values[f"ditto_lambda_{weight:g}_hospital_val_pct"] = _hospital_val(sweep_dir)
+    for weight in RECIPE_WEIGHTS:
+        hospital = config.federation.tier("hospital")
+        recipe = dataclasses.replace(hospital.personal, distill_weight=weight, select="last")
+        tiers = {**config.federation.tiers, "hospital": dataclasses.replace(hospital, personal=recipe)}
+        swept = config.replace(federation=dataclasses.replace(config.federation, tiers=tiers))
+        sweep_dir, _ = run(_federation(swept, "fedavg-ft", label_skew=False, compare=()),
+                           f"sweep-recipe-distill-weight-{weight:g}")
+        values[f"recipe_distill_weight_{weight:g}_hospital_val_pct"] = _hospital_val(sweep_dir)
+    write_result(args.name, values)
     for key in sorted(k for k in values if k.endswith("personalized_minus_start_pts_mean")):
         print(f"{key:70s} {values[key]:+6.1f}")
 

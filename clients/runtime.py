@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from edgemri.core.checkpoint import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
-from edgemri.core.data import CLASS_NAMES, ArraySplit, load_pools
+from edgemri.core.data import CLASS_NAMES, ArraySplit
 from edgemri.core.partition import (
     LocalData,
     Manifest,
@@ -140,8 +140,8 @@ class Client:
         return self._data
 
     def site_pool(self) -> ArraySplit | None:
-        """The evaluation pool of this client's site (``DATA/Pools/<site>/``), if its data folder has one."""
-        return load_pools(self.setup.data_root).get(self.manifest.site) or None
+        """The evaluation pool of this client's site that its manifest lists, if it lists one."""
+        return self.data().pool if len(self.data().pool) else None
 
     # -- state ---------------------------------------------------------------
 

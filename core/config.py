@@ -306,13 +306,18 @@ def _default_tiers() -> dict[str, TierConfig]:
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    label_skew_alpha: float | None = None  # Dirichlet concentration of phone class mixes; None: site's mix
+    # Dirichlet concentration of class mixes: each phone's, and each class's cut among a site's hospitals (label
+    # skew); None: every client has its site's mix
+    label_skew_alpha: float | None = None
     quantity_skew: bool = True  # phone sizes drawn in [min, max]; False: all at the midpoint
-    pseudo_sites: int = 4  # data without metadata.csv (the real Kaggle set): appearance sites (core/sites.py)
+    # Data without metadata.csv (the real Kaggle set): appearance sites, each keeping every class (core/sites.py);
+    # null: the count with the highest silhouette (2 on the real set; docs/DATA.md "Real sites")
+    pseudo_sites: int | None = None
 
     def validate(self, where: str) -> None:
         _in_range(f"{where}.label_skew_alpha", self.label_skew_alpha, 0, MAX_WEIGHT, low_open=True, nullable=True)
-        _in_range(f"{where}.pseudo_sites", self.pseudo_sites, 1, 50, integer=True)  # core.sites.MAX_SITES
+        # 50: core.sites.MAX_SITES
+        _in_range(f"{where}.pseudo_sites", self.pseudo_sites, 1, 50, integer=True, nullable=True)
 
 
 def _tier(tiers: dict[str, Any], kind: str, where: str) -> Any:

@@ -872,12 +872,6 @@ def pools_from_testing(dataset: Dataset) -> dict[str, ArraySplit]:
             for site in sorted(set(sites) - {""})}
 
 
-def evaluation_pools(dataset: Dataset, cache_dir: str | Path | None = None) -> dict[str, ArraySplit]:
-    """The folder's ``Pools/`` when it has them (the synthetic set), else each site's share of Testing (on data
-    without metadata.csv, pass ``sited_dataset(dataset, config)`` for per-site pools)."""
-    return load_pools(dataset.root, cache_dir) or pools_from_testing(dataset)
-
-
 def stratified_split(labels: Tensor, fraction: float, seed: int,
                      groups: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Indices (train, val): ``fraction`` of each class goes to val, seeded.
@@ -1039,7 +1033,7 @@ def scenario_split(split: ArraySplit, config: Config) -> tuple[Tensor, Tensor]:
     splits it by class alone, as it always has, so appearance sites never move the distillation share.
     """
     if config.federation.scenario == "new-sites" and not split.sites:
-        if config.federation.partition.pseudo_sites < 2:
+        if (config.federation.partition.pseudo_sites or 2) < 2:  # null: automatic, at least 2
             raise DataError(f"federation.scenario 'new-sites' on data without site metadata needs at least 2 "
                             f"appearance sites (source sites for the server, the others for the clients); "
                             f"{PSEUDO_SITES_KEY} is {config.federation.partition.pseudo_sites}; allowed: 2 or more")

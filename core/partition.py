@@ -1,10 +1,12 @@
 """Split a data folder into per-client manifests: one hospital and a few phones per site.
 
 A manifest lists exactly the files a client may read (by path and SHA-256), its kind
-and site, its class counts and its own train/val/test split. Partitioning is
-deterministic for a seed. Sites come from the data's metadata.csv (the synthetic set);
-data without it (the real Kaggle set) is clustered into appearance sites over the whole
-Training split (``edgemri.core.data.sited_training``), the sites new-sites splits by too.
+and site, its class counts and its own train/val/test split, plus its site's evaluation
+pool (split ``pool``: held-out scans it never trains on). Partitioning is deterministic for
+a seed. Sites come from the data's metadata.csv (the synthetic set); data without it (the
+real Kaggle set) is clustered into appearance sites over the whole Training split
+(``edgemri.core.data.sited_training``), the sites new-sites splits by too, and its pools are
+each site's share of Testing without any copy of a Training scan (``site_pools``).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
 
+from edgemri.core.audit import audit_dataset
 from edgemri.core.config import Config, TierConfig
 from edgemri.core.data import (
     CLASS_NAMES,
@@ -28,10 +31,14 @@ from edgemri.core.data import (
     ArraySplit,
     BadImageError,
     DataError,
+    Dataset,
     display_path,
     image_uint8,
+    load_pools,
+    pools_from_testing,
     read_image_bytes,
     scenario_split,
+    sited_dataset,
     sited_training,
     split_from_arrays,
     split_to_arrays,
@@ -41,8 +48,8 @@ from edgemri.core.io import ArtefactError, load_npz, save_npz, write_json
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "edgemri.manifest/1"
-LOCAL_SPLITS = ("train", "val", "test")
+MANIFEST_FORMAT = "edgemri.manifest/2"  # 2: the site's evaluation pool, split "pool"
+LOCAL_SPLITS = ("train", "val", "test", "pool")  # pool: the site's held-out evaluation scans, never trained on
 # The client kinds a manifest may name. One constant until the config holds the tiers as data
 # (FederationConfig.tiers); then the allowed kinds are that mapping's keys.
 CLIENT_KINDS: tuple[str, ...] = ("hospital", "phone")
@@ -66,7 +73,7 @@ class ManifestFile:
     path: str  # relative to the data root
     sha256: str
     label: int
-    split: str  # train / val / test (the client's own split)
+    split: str  # train / val / test (the client's own split), or pool (its site's evaluation pool)
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,22 @@ def _draw_phone(pool: list[int], labels: np.ndarray, n: int, alpha: float | None
     return picked
 
 
+def _split_hospitals(pool: list[int], labels: np.ndarray, count: int, alpha: float | None,
+                     rng: np.random.Generator) -> list[list[int]]:
+    """The site's remaining scans among its ``count`` hospitals: in turn, or with alpha, each class cut among them
+    by shares drawn from Dirichlet(alpha) (label skew across hospitals); each share in the pool's order."""
+    if alpha is None:
+        return [pool[h::count] for h in range(count)]
+    position = {i: k for k, i in enumerate(pool)}
+    shares: list[list[int]] = [[] for _ in range(count)]
+    for c in range(len(CLASS_NAMES)):
+        members = [i for i in pool if labels[i] == c]
+        cuts = (np.cumsum(rng.dirichlet([alpha] * count))[:-1] * len(members)).round().astype(int)
+        for h, part in enumerate(np.split(np.array(members, dtype=np.int64), cuts)):
+            shares[h] += part.tolist()
+    return [sorted(share, key=position.__getitem__) for share in shares]
+
+
 def _local_split(indices: list[int], tier: TierConfig, rng: np.random.Generator) -> dict[int, str]:
     """The client's own train/val/test split; at least one train and one test scan."""
     order = [indices[i] for i in rng.permutation(len(indices))]
@@ -125,8 +148,29 @@ def _local_split(indices: list[int], tier: TierConfig, rng: np.random.Generator)
     return {i: ("test" if k < n_test else "val" if k < n_test + n_val else "train") for k, i in enumerate(order)}
 
 
-def partition(split: ArraySplit, root: Path, config: Config) -> list[Manifest]:
-    """Manifests for every client, from the clients' share of Training (files and sites)."""
+def site_pools(dataset: Dataset, config: Config) -> dict[str, ArraySplit]:
+    """Each site's evaluation pool: the folder's ``Pools/<site>/`` (the synthetic set), else the site's share of
+    Testing (each scan at its nearest appearance site) less every scan the duplicate audit finds a copy of in
+    Training, so no pool scores what a client or the server may have trained on."""
+    if pools := load_pools(dataset.root, config.data.cache_dir):
+        return pools
+    kept = audit_dataset(dataset, config.data.cache_dir).kept_test()
+    return pools_from_testing(sited_dataset(replace(dataset, test=dataset.test.subset(kept)), config))
+
+
+def partition(split: ArraySplit, root: Path, config: Config, *,
+              pools: dict[str, ArraySplit] | None = None) -> list[Manifest]:
+    """Manifests for every client, from the clients' share of Training (files and sites), each listing its
+    site's pool from ``pools`` (None: the folder's ``Pools/``, if it has them; ``site_pools`` for any data)."""
+    if pools is None:
+        pools = load_pools(root, config.data.cache_dir)
+    hashes: dict[str, str] = {}
+
+    def sha256(rel: str) -> str:  # a pool file is listed by every client at its site: hashed once
+        if rel not in hashes:
+            hashes[rel] = _sha256(root / rel)
+        return hashes[rel]
+
     fed = config.federation
     # Appearance sites (data without metadata.csv) differ in what the scanner did to the images: feature
     # shift, not random buckets. Clustered once over all of Training: the sites new-sites distills by.
@@ -154,8 +198,9 @@ def partition(split: ArraySplit, root: Path, config: Config) -> list[Manifest]:
             chosen = _draw_phone(pool, labels, n, fed.partition.label_skew_alpha, rng)
             pool = [i for i in pool if i not in set(chosen)]
             clients.append((f"phone-{site}-{p}", chosen))
-        for h in range(hospital.per_site):
-            share = pool[h::hospital.per_site][: hospital.max_examples]
+        for h, share in enumerate(_split_hospitals(pool, labels, hospital.per_site, fed.partition.label_skew_alpha,
+                                                   rng)):
+            share = share[: hospital.max_examples]
             if len(share) < hospital.min_examples:
                 raise DataError(f"site {site!r} leaves {len(share)} scans for hospital {h}; "
                                 f"federation.tiers.hospital.min_examples is {hospital.min_examples}")
@@ -163,11 +208,13 @@ def partition(split: ArraySplit, root: Path, config: Config) -> list[Manifest]:
         for name, indices in clients:
             kind = name.split("-", 1)[0]
             local = _local_split(indices, fed.tier(kind), rng)
+            pool = pools.get(site)
             files = tuple(
-                ManifestFile(path=split.files[i], sha256=_sha256(root / split.files[i]), label=int(labels[i]),
-                             split=local[i])
+                ManifestFile(path=split.files[i], sha256=sha256(split.files[i]), label=int(labels[i]), split=local[i])
                 for i in sorted(indices)
-            )
+            ) + tuple(ManifestFile(path=rel, sha256=sha256(rel), label=int(label), split="pool")
+                      for rel, label in zip(pool.files if pool else [], pool.labels.tolist() if pool else [],
+                                            strict=True))
             manifests.append(Manifest(client=name, kind=kind, site=site, files=files, seed=config.seed,
                                       config=config_dict))
     return manifests
@@ -295,6 +342,7 @@ class LocalData:
     train: ArraySplit
     val: ArraySplit
     test: ArraySplit
+    pool: ArraySplit  # the site's evaluation pool (empty where the data has none)
 
     def num_examples(self) -> int:
         return len(self.train)
@@ -317,14 +365,16 @@ def _to_split(items: list[tuple[np.ndarray, int, str]]) -> ArraySplit:
                       torch.tensor([i[1] for i in items]), [i[2] for i in items])
 
 
-def load_local_data(manifest: Manifest, data_root: Path) -> LocalData:
-    """Decode exactly the manifest's files, each confined to the data root and checked against its hash.
+def _decode(manifest: Manifest, data_root: Path, splits: tuple[str, ...]) -> dict[str, ArraySplit]:
+    """Decode the manifest's files of ``splits``, each confined to the data root and checked against its hash.
 
     Each file is read once: the bytes that are hashed are the bytes that are decoded.
     """
     root = Path(data_root).resolve()
-    rows: dict[str, list[tuple[np.ndarray, int, str]]] = {s: [] for s in LOCAL_SPLITS}
+    rows: dict[str, list[tuple[np.ndarray, int, str]]] = {s: [] for s in splits}
     for f in manifest.files:
+        if f.split not in rows:
+            continue
         path = _confined(root, f.path, manifest.client)
         if not path.is_file():
             raise ManifestError(f"{manifest.client}: file {display_path(path)} listed in its manifest is missing")
@@ -336,7 +386,17 @@ def load_local_data(manifest: Manifest, data_root: Path) -> LocalData:
             rows[f.split].append((image_uint8(data), f.label, f.path))
         except BadImageError as err:
             raise ManifestError(f"{manifest.client}: file {display_path(path)} cannot be used: {err}") from None
-    return LocalData(**{s: _to_split(rows[s]) for s in LOCAL_SPLITS})
+    return {s: _to_split(rows[s]) for s in splits}
+
+
+def load_local_data(manifest: Manifest, data_root: Path) -> LocalData:
+    """Decode exactly the manifest's files (``_decode``): the client's own splits and its site's pool."""
+    return LocalData(**_decode(manifest, data_root, LOCAL_SPLITS))
+
+
+def load_pool(manifest: Manifest, data_root: Path) -> ArraySplit:
+    """Decode only the site pool the manifest lists (empty when it lists none)."""
+    return _decode(manifest, data_root, ("pool",))["pool"]
 
 
 def save_local_data(path: Path, data: LocalData) -> Path:
@@ -379,6 +439,8 @@ def manifest_paths(folder: Path) -> list[Path]:
     return sorted(folder.glob("client-*.json"))
 
 
-def ensure_manifests(folder: Path, train: ArraySplit, data_root: Path, config: Config) -> list[Path]:
-    """The client manifests in ``folder``, written from ``train`` when there are none (a resumed run keeps its own)."""
-    return manifest_paths(folder) or write_manifests(partition(train, data_root, config), folder)
+def ensure_manifests(folder: Path, dataset: Dataset, data_root: Path, config: Config) -> list[Path]:
+    """The client manifests in ``folder``, written from ``dataset`` (Training's clients' share and the site pools)
+    when there are none (a resumed run keeps its own)."""
+    return manifest_paths(folder) or write_manifests(
+        partition(dataset.train, data_root, config, pools=site_pools(dataset, config)), folder)

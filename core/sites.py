@@ -4,10 +4,14 @@ The real set pools three source collections (figshare, SARTAJ, Br35H) that diffe
 size, intensity histogram and JPEG handling. What of that survives the 128 px decode is the
 background (noise floor, zero padding, noise texture), the brain's intensity distribution, the
 scalp's brightness and the sharpness of the slice: ``appearance_features`` measures those per
-image, ``fit_sites`` groups the images by seeded k-means++ over the standardized features,
-so that partitioning can hand clients feature-shifted sites instead of random buckets, and
-keeps the centres so that other images (Testing) go to their nearest site.
-Flower-free and numpy only.
+image. On the real set collection and label are confounded (every notumor scan is Br35H's), so
+clusters of the raw features are mostly label groups, and a site without a class measures a
+missing class, not a new scanner. ``fit_sites`` therefore clusters each image's appearance
+*relative to its class* (features standardized within the class), by seeded k-means++, so that
+every site keeps every class while its scans differ in how they look; it keeps the centres and
+the class statistics so that other images (Testing) go to their nearest site. Without a count,
+the number of sites is the one with the highest silhouette among ``SITE_COUNT_CANDIDATES``.
+Flower-free; numpy and scikit-learn's silhouette score.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from sklearn.metrics import silhouette_score
 
-from edgemri.core.data import ArraySplit, DataError, Dataset
+from edgemri.core.data import CLASS_NAMES, ArraySplit, DataError, Dataset
 
 MAX_SITES = 50  # more clusters than this are no longer sites but noise in the features
 SITE_PREFIX = "appearance-site-"
@@ -29,6 +34,8 @@ _SCALP_PX, _BRAIN_PX = 3, 6  # erosions of the foreground: its outer ring, and t
 _CHUNK = 128  # images per vectorised step: bounds the temporary float arrays to tens of MB
 _RESTARTS = 10
 _MAX_ITERATIONS = 100
+SITE_COUNT_CANDIDATES = range(2, 7)  # the automatic count: more sites than this split the real set into noise
+_SILHOUETTE_SAMPLE = 3000  # images the silhouette is scored on (seeded): its cost grows with the square
 FEATURE_NAMES: tuple[str, ...] = (
     "dark_fraction", "zero_fraction", "background_level", "background_noise", "background_texture",
     "border_level", *(f"foreground_histogram_{k}" for k in range(_HISTOGRAM_BINS)), "brain_median",
@@ -129,6 +136,25 @@ def _standardization(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return raw.mean(axis=0), np.where(spread > 1e-12, spread, 1.0)
 
 
+def _class_standardization(raw: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class (rows: class index), the mean and scale of its images' raw features; a class without
+    images gets mean 0 and scale 1 (it has nothing to standardize)."""
+    classes = int(labels.max()) + 1 if len(labels) else 0
+    means, scales = np.zeros((classes, raw.shape[1])), np.ones((classes, raw.shape[1]))
+    for c in range(classes):
+        if (labels == c).any():
+            means[c], scales[c] = _standardization(raw[labels == c])
+    return means, scales
+
+
+def _within_class(raw: np.ndarray, labels: np.ndarray, means: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Each image's features in its own class's standardized units: how it looks against its class."""
+    if len(labels) and int(labels.max()) >= len(means):
+        raise DataError(f"class index {int(labels.max())} has no appearance statistics: the sites were fitted "
+                        f"on images without that class")
+    return (raw - means[labels]) / scales[labels]
+
+
 def appearance_features(split: ArraySplit) -> np.ndarray:
     """Per-image appearance features (N, len(FEATURE_NAMES)), each standardized to mean 0 and
     standard deviation 1 over the split (a constant feature is 0): deterministic, from the
@@ -195,53 +221,94 @@ def _ranked_names(labels: np.ndarray) -> dict[int, str]:
 
 @dataclass(frozen=True, eq=False)
 class SiteModel:
-    """Appearance sites fitted on one split: their centres in that split's standardized feature units."""
+    """Appearance sites fitted on one split: their centres in within-class standardized feature units."""
 
     names: tuple[str, ...]  # the site of each centre
     centres: np.ndarray  # (sites, len(FEATURE_NAMES))
-    mean: np.ndarray  # the fitting split's raw feature means and scales (its standardization)
-    scale: np.ndarray
+    means: np.ndarray  # (classes, len(FEATURE_NAMES)): the fitting split's raw feature means and scales per class
+    scales: np.ndarray
+    silhouettes: dict[int, float]  # the automatic count's evidence: candidate count -> silhouette ({} when given)
 
     def assign(self, split: ArraySplit) -> list[str]:
-        """Each image's nearest site, its features standardized as the fitting split's were."""
-        points = (_raw_features(split) - self.mean) / self.scale
-        if len(points) == 0:
+        """Each image's nearest site, its features standardized as the fitting split's images of its class were."""
+        if len(split) == 0:
             return []
+        points = _within_class(_raw_features(split), split.labels.numpy(), self.means, self.scales)
         return [self.names[k] for k in _squared_distances(points, self.centres).argmin(axis=1)]
 
 
-def fit_sites(split: ArraySplit, count: int, seed: int, *, setting: str = "count") -> tuple[list[str], SiteModel]:
+def _missing_classes(labels: np.ndarray, sites: np.ndarray) -> list[tuple[int, list[int]]]:
+    """(site, the classes of the split it holds no image of) for each site that lacks one."""
+    classes = np.unique(labels)
+    return [(int(k), [int(c) for c in classes if not ((sites == k) & (labels == c)).any()])
+            for k in np.unique(sites) if not np.isin(classes, labels[sites == k]).all()]
+
+
+def _silhouette(points: np.ndarray, sites: np.ndarray, seed: int) -> float:
+    sample = min(len(points), _SILHOUETTE_SAMPLE)
+    return float(silhouette_score(points, sites, sample_size=sample, random_state=seed))
+
+
+def _choose_count(points: np.ndarray, labels: np.ndarray, distinct: int, seed: int,
+                  setting: str) -> tuple[int, dict[int, float]]:
+    """The candidate count with the highest silhouette among those whose sites all keep every class."""
+    scores: dict[int, float] = {}
+    for count in (k for k in SITE_COUNT_CANDIDATES if k <= min(distinct, len(points) - 1)):
+        sites, _ = _kmeans(points, count, np.random.default_rng(seed))
+        if not _missing_classes(labels, sites):
+            scores[count] = _silhouette(points, sites, seed)
+    if not scores:
+        raise DataError(f"{setting} is null (automatic) but no count from {SITE_COUNT_CANDIDATES.start} to "
+                        f"{SITE_COUNT_CANDIDATES.stop - 1} gives sites that each keep every class of the "
+                        f"{len(points)} images; set {setting} to 1")
+    return max(scores, key=lambda k: (scores[k], -k)), scores  # ties: the fewer sites
+
+
+def fit_sites(split: ArraySplit, count: int | None, seed: int, *,
+              setting: str = "count") -> tuple[list[str], SiteModel]:
     """Each image's site, ``appearance-site-0`` (the largest) to ``appearance-site-<count - 1>``, and the
     model that puts other images at those sites: seeded k-means++ (several restarts, the lowest inertia
-    kept) over ``appearance_features``.
+    kept) over the features standardized within each class. ``count`` None: the candidate count with the
+    highest silhouette whose sites each keep every class (the scores are kept in the model).
 
     ``setting`` names the count in errors (e.g. the config key it came from). Raises DataError when
-    ``count`` is not 1 to min(MAX_SITES, images), or exceeds the number of distinct appearances.
+    ``count`` is not 1 to min(MAX_SITES, images), exceeds the number of distinct appearances, or makes a
+    site that lacks a class.
     """
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise DataError(f"the site-clustering seed must be an integer >= 0, got {seed!r}")
     if len(split) == 0:
         raise DataError("there are no images to cluster into sites")
     allowed = min(MAX_SITES, len(split))
-    if isinstance(count, bool) or not isinstance(count, int | np.integer) or not 1 <= count <= allowed:
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int | np.integer)
+                              or not 1 <= count <= allowed):
         raise DataError(f"{setting} is {count!r}; allowed: an integer from 1 to {allowed} (at most {MAX_SITES} "
-                        f"sites and at most one per image; there are {len(split)} images)")
+                        f"sites and at most one per image; there are {len(split)} images), or null (automatic)")
+    labels = split.labels.numpy()
     raw = _raw_features(split)
-    mean, scale = _standardization(raw)
-    points = (raw - mean) / scale
+    means, scales = _class_standardization(raw, labels)
+    points = _within_class(raw, labels, means, scales)
     distinct = len(np.unique(points, axis=0))
+    silhouettes: dict[int, float] = {}
+    if count is None:
+        count, silhouettes = _choose_count(points, labels, distinct, seed, setting)
     if count > distinct:
         raise DataError(f"{setting} is {count} but the {len(split)} images have only {distinct} distinct "
                         f"appearance(s); allowed: 1 to {distinct}")
-    labels, centres = _kmeans(points, int(count), np.random.default_rng(seed))
-    names = _ranked_names(labels)
+    clusters, centres = _kmeans(points, int(count), np.random.default_rng(seed))
+    names = _ranked_names(clusters)
+    if lacking := _missing_classes(labels, clusters):
+        site, classes = lacking[0]
+        raise DataError(f"{setting} is {count}, but appearance site {names[site]!r} would hold no "
+                        f"{'/'.join(CLASS_NAMES[c] for c in classes)} scan: a site without a class measures the "
+                        f"missing class, not the scanner; choose fewer sites or null (automatic)")
     # A centre left without members (a tie among duplicate images) is no site: Testing never goes there.
     kept = sorted(names)
-    model = SiteModel(tuple(names[k] for k in kept), centres[kept], mean, scale)
-    return [names[int(k)] for k in labels], model
+    model = SiteModel(tuple(names[k] for k in kept), centres[kept], means, scales, silhouettes)
+    return [names[int(k)] for k in clusters], model
 
 
-def cluster_sites(split: ArraySplit, count: int, seed: int, *, setting: str = "count") -> list[str]:
+def cluster_sites(split: ArraySplit, count: int | None, seed: int, *, setting: str = "count") -> list[str]:
     """Each image's site as ``fit_sites`` finds it (without the model)."""
     return fit_sites(split, count, seed, setting=setting)[0]
 
@@ -250,7 +317,7 @@ def _sited(split: ArraySplit, sites: list[str]) -> ArraySplit:
     return ArraySplit(split.images, split.labels, split.files, sites)
 
 
-def with_appearance_sites(dataset: Dataset, count: int, seed: int, *, setting: str = "count") -> Dataset:
+def with_appearance_sites(dataset: Dataset, count: int | None, seed: int, *, setting: str = "count") -> Dataset:
     """``dataset`` as it is when Training has sites (metadata.csv's); else with ``count`` appearance sites
     fitted on Training (``fit_sites``) and each Testing image at its nearest one, so Testing's per-site
     shares are evaluation pools of the very sites the clients are at. Raises DataError as ``fit_sites``.

@@ -63,7 +63,7 @@ def prepare(settings: p.RunSettings, config: Config) -> tuple[Checkpoint, Datase
                            "or pass --run-config \"data-root=''\" for a deployment")
     dataset = load_dataset(settings.data_root, cache_dir=config.data.cache_dir)
     if settings.manifests is not None:
-        ensure_manifests(settings.manifests, dataset.train, settings.data_root, config)
+        ensure_manifests(settings.manifests, dataset, settings.data_root, config)
     return start, dataset
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from edgemri.core.config import Config
-from edgemri.core.data import CLASS_NAMES, POOL_DIR, ArraySplit, Dataset, load_pools
-from edgemri.core.partition import Manifest
+from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset
+from edgemri.core.partition import Manifest, load_pool
 from edgemri.core.personalize import LocalTrainer, State, evaluate_state, student_from
 from edgemri.core.protocol import POOL_PREFIX
 
@@ -60,18 +60,14 @@ def _class_mix(manifest: Manifest) -> torch.Tensor:
     return totals / totals.sum()
 
 
-REFERENCES_VERSION = 1  # bump when _fine_tune or the scoring changes
+REFERENCES_VERSION = 2  # 2: pools from the manifests; bump when _fine_tune or the scoring changes
 
 
-def references_key(manifests: list[Manifest], start: State, config: Config, data_root: str) -> str:
-    """All the references depend on: the clients' files, the start model, the seed, the hospitals'
-    recipe, the label skew (the pool weights) and the pools' files. Runs that share it (several
-    methods on one seed) can share one computation."""
+def references_key(manifests: list[Manifest], start: State, config: Config) -> str:
+    """All the references depend on: the clients' files and pools (by hash), the start model, the seed, the
+    hospitals' recipe, the label skew (the pool weights). Runs that share it (several methods on one seed) can
+    share one computation."""
     digest = hashlib.sha256()
-    pools = Path(data_root) / POOL_DIR
-    for path in sorted(pools.rglob("*")) if pools.is_dir() else ():
-        if path.is_file():
-            digest.update(f"{path.relative_to(pools)}:{path.stat().st_size}".encode())
     clients = [(m.client, m.kind, m.site, [dataclasses.asdict(f) for f in m.files]) for m in manifests]
     digest.update(json.dumps(clients, sort_keys=True).encode())
     for name, tensor in start.items():
@@ -87,7 +83,7 @@ def references_key(manifests: list[Manifest], start: State, config: Config, data
 def reference_accuracies(manifests: list[Manifest], dataset: Dataset, start: State, config: Config,
                          data_root: str) -> dict[str, dict[str, float]]:
     """Per client: the pooled and the site-oracle models' accuracy on its test split and its site pool."""
-    pools = load_pools(data_root, config.data.cache_dir)
+    pools = {site: load_pool(m, Path(data_root)) for site, m in {m.site: m for m in manifests}.items()}  # one per site
     weighted = config.federation.partition.label_skew_alpha is not None
 
     def subset(members: list[Manifest], split: str) -> ArraySplit:
@@ -103,7 +99,7 @@ def reference_accuracies(manifests: list[Manifest], dataset: Dataset, start: Sta
         test = subset([manifest], "test")
         models = {POOLED: pooled, ORACLE: oracles[manifest.site]}
         scores = {key: evaluate_state(model, test)["accuracy"] for key, model in models.items()}
-        if pool := pools.get(manifest.site):
+        if len(pool := pools[manifest.site]):
             weights = _class_mix(manifest) if weighted else None
             for key, model in models.items():
                 result = evaluate_state(model, pool, weights)

@@ -116,13 +116,13 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
     out.mkdir(parents=True, exist_ok=True)
     config_path = write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)
-    manifests = ensure_manifests(out / "manifests", dataset.train, data_root.resolve(), config)
+    manifests = ensure_manifests(out / "manifests", dataset, data_root.resolve(), config)
     log.info("%d clients: %s", len(manifests), ", ".join(read_manifest(m).client for m in manifests))
     write_json(out / "privacy-plan.json", plan_privacy(config, manifests))
     # The pooled and oracle references need the clients' data in one place: only this runner has it, never the
     # apps. ``references_from`` (a run on the same clients, start and seed) saves computing them again.
     clients = [read_manifest(m) for m in manifests]
-    key = references_key(clients, start.state_dict, config, str(data_root))
+    key = references_key(clients, start.state_dict, config)
     references = _cached_references(references_from or out, key)  # a resumed run keeps its own
     if references is None:
         references = reference_accuracies(clients, dataset, start.state_dict, config, str(data_root))

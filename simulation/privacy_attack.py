@@ -52,12 +52,8 @@ from edgemri.core.data import (
     MEAN,
     STD,
     ArraySplit,
-    load_dataset,
-    load_pools,
     normalize,
     parse_preprocessing,
-    pools_from_testing,
-    sited_dataset,
 )
 from edgemri.core.errors import EdgemriError
 from edgemri.core.evaluate import predict_logits
@@ -747,16 +743,6 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _site_pools(run: RunFolder) -> tuple[dict[str, ArraySplit], str]:
-    """Held-out scans per site: the data folder's Pools/, else each site's share of Testing."""
-    cache = run.config.data.cache_dir
-    pools = load_pools(run.data_root, cache)
-    if pools:
-        return pools, "Pools/<site>"
-    return pools_from_testing(sited_dataset(load_dataset(run.data_root, cache_dir=cache), run.config)), \
-        "Testing (the site's share)"
-
-
 def _check_start(run: RunFolder, client: Client) -> None:
     """The start model must be the run's: it reproduces the start accuracy the client reported."""
     recorded = run.result.final.get(client.name, {}).get(START_ACCURACY)
@@ -770,9 +756,8 @@ def _check_start(run: RunFolder, client: Client) -> None:
                                  f"pass --start with the run's start model")
 
 
-def attack_client(run: RunFolder, name: str, settings: AttackSettings, pools: dict[str, ArraySplit],
-                  keep_examples: bool, progress: Callable[[str], None]) -> tuple[dict[str, Any],
-                                                                                  list[ReconstructionExample]]:
+def attack_client(run: RunFolder, name: str, settings: AttackSettings, keep_examples: bool,
+                  progress: Callable[[str], None]) -> tuple[dict[str, Any], list[ReconstructionExample]]:
     """One client's model card: its accuracy gain, its privacy, the attacks on its updates and on its model."""
     client = run.client(name)
     info = run.result.clients[name]
@@ -780,7 +765,7 @@ def attack_client(run: RunFolder, name: str, settings: AttackSettings, pools: di
     seed = (settings.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
     rng = np.random.default_rng(seed)
     train = client.data().train
-    pool = pools.get(client.manifest.site)
+    pool = client.site_pool()  # held-out scans of its site, none a copy of a Training scan
     sample = pool.subset(sorted(rng.choice(len(pool), min(BASELINE_IMAGES, len(pool)), replace=False).tolist())) \
         if pool is not None and len(pool) else None
     rounds = list(settings.rounds) if settings.rounds else run.trained[name][:1]
@@ -929,9 +914,8 @@ def attack_run(run_dir: Path, settings: AttackSettings, progress: Callable[[str]
              f"{len(names)} of {len(run.result.clients)} clients (seed {settings.seed}): {', '.join(names)}")
     cards, examples = {}, []
     with one_thread():
-        pools, pools_from = _site_pools(run)
         for name in names:
-            cards[name], kept = attack_client(run, name, settings, pools, keep_examples, progress)
+            cards[name], kept = attack_client(run, name, settings, keep_examples, progress)
             examples += kept
     report = {
         "kind": REPORT_KIND,
@@ -942,7 +926,8 @@ def attack_run(run_dir: Path, settings: AttackSettings, progress: Callable[[str]
                      "seed": settings.seed, "inversion": {"steps": settings.inversion_steps, "lr": INVERSION_LR,
                                                           "tv_weight": INVERSION_TV, "bounds": list(INPUT_BOUNDS)},
                      "baseline_images": BASELINE_IMAGES, "max_nonmembers": MAX_NONMEMBERS,
-                     "nonmembers_from": pools_from, "torch_threads": 1, "replay_rtol": REPLAY_RTOL,
+                     "nonmembers_from": "the site pool each manifest lists",
+                     "torch_threads": 1, "replay_rtol": REPLAY_RTOL,
                      "psnr_cap_db": PSNR_CAP_DB, "write_reconstructions": settings.write_reconstructions},
         "clients": cards,
         "summary": summarize(cards),

@@ -12,16 +12,17 @@ import torch
 from conftest import make_kaggle_folder, read_metadata
 
 from edgemri.core import synth
+from edgemri.core.config import parse_config
 from edgemri.core.data import (
     CLASS_NAMES,
     POOL_DIR,
     DataError,
-    evaluation_pools,
     load_dataset,
     load_pools,
     pools_from_testing,
 )
 from edgemri.core.errors import EdgemriError
+from edgemri.core.partition import site_pools
 from edgemri.core.synth.planning import plan_jobs, plan_pool_jobs
 
 POOL_SIZE = 8  # images per site: 32 over the quickstart's 4 sites
@@ -101,14 +102,14 @@ def test_load_pools_decodes_each_site_once_and_caches(pooled: tuple[Path, dict],
     assert all(again[s].files == pools[s].files and bool((again[s].images == pools[s].images).all()) for s in pools)
     dataset = load_dataset(root)
     assert not set(dataset.train.files + dataset.test.files) & {f for p in pools.values() for f in p.files}
-    assert evaluation_pools(dataset).keys() == pools.keys()
+    assert site_pools(dataset, parse_config({})).keys() == pools.keys()
 
 
 def test_data_without_pools_uses_each_sites_share_of_testing(tiny_data: Path, sited_data: Path) -> None:
     assert load_pools(tiny_data) == {}
     assert pools_from_testing(load_dataset(tiny_data)) == {}
     dataset = load_dataset(sited_data)
-    pools = evaluation_pools(dataset)
+    pools = site_pools(dataset, parse_config({}))
     assert list(pools) == ["site-a", "site-b"]
     assert sum(len(p) for p in pools.values()) == len(dataset.test)
     assert all(set(p.sites) == {site} for site, p in pools.items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +116,18 @@ def test_folder_without_sites_splits_by_appearance_sites_under_new_sites(tiny_da
     server, clients = scenario_split(dataset.train, _config())
     sites = sited_training(dataset.train, _config()).sites
     assert not {sites[i] for i in server.tolist()} & {sites[i] for i in clients.tolist()}
-    # The tiny set's appearance sites are label groups (notumor has no blob), as on the real Kaggle set: the
-    # server's share then misses a class, and distillation refuses it before any training.
-    missing = sorted({CLASS_NAMES[c] for c in range(len(CLASS_NAMES))} - {CLASS_NAMES[int(dataset.train.labels[i])]
-                                                                           for i in server.tolist()})
-    assert missing
-    with pytest.raises(DataError, match=f"has no {', '.join(missing)} image under federation.scenario 'new-sites'"):
-        Distiller(_config(), dataset, 0, tmp_path / "seed-0", resume=False, progress=False)
+    # Appearance relative to the class: every site keeps every class, so the server's share misses none.
+    assert set(dataset.train.labels[server].tolist()) == set(range(len(CLASS_NAMES)))
+    for site in set(sites):
+        assert {int(dataset.train.labels[i]) for i, s in enumerate(sites) if s == site} == set(range(len(CLASS_NAMES)))
+    # Sites that are label groups (as pooled appearance clusters were on the real set) leave the server without a
+    # class: distillation refuses that before any training, naming the class.
+    label_groups = ["site-a" if label < 2 else "site-b" for label in dataset.train.labels.tolist()]
+    grouped = replace(dataset, train=ArraySplit(dataset.train.images, dataset.train.labels, dataset.train.files,
+                                                label_groups))
+    with pytest.raises(DataError, match="has no (glioma, meningioma|notumor, pituitary) image under "
+                                        "federation.scenario 'new-sites'"):
+        Distiller(_config(), grouped, 0, tmp_path / "seed-0", resume=False, progress=False)
     partly = ArraySplit(dataset.train.images, dataset.train.labels, dataset.train.files,
                         ["site-a", *[""] * (len(dataset.train) - 1)])
     with pytest.raises(DataError, match="Training image .* has none"):

@@ -16,14 +16,13 @@ from edgemri.core.config import Config, ConfigError, parse_config
 from edgemri.core.data import (
     ArraySplit,
     DataError,
-    evaluation_pools,
     load_dataset,
     scenario_split,
     sited_dataset,
     sited_training,
 )
 from edgemri.core.distill import Distiller
-from edgemri.core.partition import partition
+from edgemri.core.partition import partition, site_pools
 from edgemri.core.sites import FEATURE_NAMES, MAX_SITES, appearance_features, cluster_sites, fit_sites
 
 LIMIT = 24  # images per class and split: 96 Training images over 4 sites, about 2 s to draw
@@ -104,7 +103,7 @@ def test_duplicate_images_cluster_together_and_bound_the_count(synthetic_train: 
         cluster_sites(duplicated, 4, seed=0)
 
 
-@pytest.mark.parametrize("count", [0, -1, MAX_SITES + 1, 97, True, 2.5, "3", None])
+@pytest.mark.parametrize("count", [0, -1, MAX_SITES + 1, 97, True, 2.5, "3"])
 def test_bad_counts_name_the_setting_and_the_allowed_range(synthetic_train: ArraySplit, count: object) -> None:
     with pytest.raises(DataError, match=r"^my\.sites is .*; allowed: an integer from 1 to 50 ") as err:
         cluster_sites(_unsited(synthetic_train), count, seed=0, setting="my.sites")  # type: ignore[arg-type]
@@ -185,7 +184,7 @@ def test_new_sites_on_data_without_metadata_keeps_clients_at_unseen_appearance_s
     held = [f.path for m in manifests for f in m.files]
     assert not distilled & set(held) and sorted(held) == sorted(dataset.train.files[i] for i in clients.tolist())
     # Testing's share of each site is that site's evaluation pool, the clients' sites included.
-    pools = evaluation_pools(sited)
+    pools = site_pools(dataset, config)
     assert client_sites <= set(pools) and sum(len(p) for p in pools.values()) == len(dataset.test)
     assert all(set(pool.sites) == {site} for site, pool in pools.items())
     # A second load (from the decoded cache) finds the very same sites.
