@@ -42,7 +42,16 @@ from edgemri.core.personalize import (
     local_only,
     student_from,
 )
-from edgemri.core.privacy import LEDGER_FILE, DevicePolicy, DPPlan, Ledger, check_dp_model, opacus_wrap, plan_dp
+from edgemri.core.privacy import (
+    LEDGER_FILE,
+    DevicePolicy,
+    DPPlan,
+    Ledger,
+    PrivacyError,
+    check_dp_model,
+    opacus_wrap,
+    plan_dp,
+)
 from edgemri.core.protocol import (
     BEST_GLOBAL_ACCURACY,
     EPSILON,
@@ -51,6 +60,8 @@ from edgemri.core.protocol import (
     LEDGER_RECORDS,
     LOCAL_ONLY_ACCURACY,
     PERSONAL_ACCURACY,
+    PERSONAL_DP,
+    PERSONAL_NOISE,
     PERSONAL_VAL_ACCURACY,
     POOL_EXAMPLES,
     POOL_PREFIX,
@@ -194,6 +205,37 @@ class Client:
                        local_epochs=spec.epochs, rounds=instructions.federation.rounds,
                        accountant=instructions.privacy.accountant)
 
+    def personal_dp_plan(self, instructions: RoundInstructions) -> DPPlan | None:
+        """The DP plan of the personal fine-tune (privacy.tiers.<kind>.personal_epsilon), else None: the
+        noise that spends that epsilon in one run of the personal recipe."""
+        tier = instructions.privacy.tier(self.kind, self.name)
+        if not tier.enabled or tier.personal_epsilon is None:
+            return None
+        personal = dataclasses.replace(tier, noise_multiplier=None, target_epsilon=tier.personal_epsilon)
+        recipe = instructions.federation.tier(self.kind).personal
+        return plan_dp(personal, n=self.manifest.num_examples("train"), batch_size=instructions.spec.batch_size,
+                       local_epochs=recipe.epochs, rounds=1, accountant=instructions.privacy.accountant)
+
+    def personal_under_dp(self, method: Method, trainer: LocalTrainer, instructions: RoundInstructions
+                          ) -> dict[str, float]:
+        """Put the personal fine-tune under DP-SGD where the tier asks for it: its ledger entry (stage "personal")
+        is written first, so a crash can only over-count. Returns its metrics; where the plan is infeasible or
+        the budget has no room, the fine-tune does not run (the personal model is the global one) and the
+        metrics say so. Never trains the personal recipe outside DP when DP was asked for."""
+        plan = self.personal_dp_plan(instructions)
+        if plan is None:
+            return {}
+        if not method.fine_tunes:
+            raise PrivacyError(f"privacy.tiers.{self.kind}.personal_epsilon is set, but method {method.name!r} does "
+                               f"not make its personal model by one fine-tune of the student; use fedavg-ft")
+        ledger = Ledger.open(self.ledger_path, self.name)
+        if not plan.feasible or ledger.epsilon_after(plan) > plan.budget_epsilon:
+            return {PERSONAL_DP: 0.0}
+        check_dp_model(Student(), "student")
+        ledger.append(instructions.federation.rounds, plan, plan.steps_per_round, stage="personal")
+        trainer.personal_wrap = opacus_wrap(plan, trainer.seed + 1)
+        return {PERSONAL_DP: 1.0, PERSONAL_NOISE: plan.noise_multiplier}
+
     def privacy_status(self, plan: DPPlan | None) -> dict[str, float]:
         """The ledger's totals as reply metrics (scalars only)."""
         if plan is None:
@@ -271,14 +313,17 @@ class Client:
             check_state_dict(Student(), model, f"the server's {what} model")
         data = self.data()
         trainer = self.trainer(instructions)
-        personal = method.personalize(global_state, state.personal, trainer)
+        personal_dp = self.personal_under_dp(method, trainer, instructions)
+        personal = method.personalize(global_state, state.personal, trainer) if personal_dp.get(PERSONAL_DP, 1.0) \
+            else global_state
+        trainer.personal_wrap = None  # the references below (local-only, compared methods) are the benchmark's
         local = local_only(start, self.trainer(instructions, server_round=0), instructions.federation.rounds)
         models = {START_ACCURACY: start, GLOBAL_ACCURACY: global_state, BEST_GLOBAL_ACCURACY: best,
                   PERSONAL_ACCURACY: personal, LOCAL_ONLY_ACCURACY: local}
         for name in instructions.federation.compare_methods:  # same global model, same images: paired
             models[f"{PERSONAL_ACCURACY}@{name}"] = METHODS[name](instructions.federation).personalize(
                 global_state, state.personal, trainer)
-        metrics = {key: evaluate_state(model, data.test)["accuracy"] for key, model in models.items()}
+        metrics = {key: evaluate_state(model, data.test)["accuracy"] for key, model in models.items()} | personal_dp
         if len(data.val):
             metrics.update({GLOBAL_VAL_ACCURACY: evaluate_state(global_state, data.val)["accuracy"],
                             VAL_EXAMPLES: float(len(data.val))})

@@ -403,9 +403,15 @@ class DPTierConfig:
     budget_epsilon: float = 10.0  # hard cap: a client never trains past it
     delta: float | None = None  # null: min(1e-5, 0.1/n), below 1/n (docs/PRIVACY.md)
     max_grad_norm: float = 1.0  # per-sample clipping norm C
+    # The personal fine-tune under DP-SGD too, at the noise that spends this epsilon on its own (one more ledger
+    # entry, stage "personal"; the ledger's total stays under budget_epsilon); null: it runs outside DP-SGD
+    # (the personal model never leaves the device, but then no epsilon covers it: docs/PRIVACY.md)
+    personal_epsilon: float | None = None
 
     def validate(self, where: str) -> None:
         _in_range(f"{where}.budget_epsilon", self.budget_epsilon, 0, MAX_EPSILON, low_open=True)
+        _in_range(f"{where}.personal_epsilon", self.personal_epsilon, 0, self.budget_epsilon, low_open=True,
+                  nullable=True)
         _in_range(f"{where}.noise_multiplier", self.noise_multiplier, 0, MAX_EPSILON, nullable=True)
         if self.noise_multiplier is None:
             _require(self.target_epsilon is not None, f"{where}.target_epsilon", self.target_epsilon,
@@ -486,6 +492,15 @@ class Config:
         if stray:
             raise ConfigError(f"config key 'privacy.tiers.{stray[0]}' names no federation tier; allowed: "
                               f"{', '.join(self.federation.tier_names)} (the names under federation.tiers)")
+        for name, tier in self.privacy.tiers.items():
+            if tier.enabled and tier.personal_epsilon is not None:
+                select = self.federation.tier(name).personal.select
+                _require(select == "last", f"federation.tiers.{name}.personal.select", select,
+                         f"last while privacy.tiers.{name}.personal_epsilon is set (choosing the personal model on "
+                         f"the validation scans would use scans no epsilon covers)")
+                _require(not self.federation.compare_methods, "federation.compare_methods",
+                         list(self.federation.compare_methods), f"[] while privacy.tiers.{name}.personal_epsilon is "
+                         f"set (each compared fine-tune would spend privacy the ledger does not record)")
         dp_on = any(tier.enabled for tier in self.privacy.tiers.values())
         _require(not (dp_on and self.federation.proximal_mu > 0), "federation.proximal_mu",
                  self.federation.proximal_mu, "0 when DP-SGD is on (the proximal term bypasses per-sample clipping)")

@@ -21,6 +21,7 @@ from edgemri.core.config import FederationConfig, PersonalConfig, TrainSpec
 from edgemri.core.data import CLASS_NAMES, PREPROCESSING, ArraySplit, calibrated_preprocessing, normalize
 from edgemri.core.evaluate import classification_metrics, predict_logits
 from edgemri.core.losses import cross_entropy, make_kd_loss
+from edgemri.core.privacy import PrivacyError
 from edgemri.core.train import Batch, TrainData, Wrap, fit
 from edgemri.models import NormStudent, Student, build_model, fold_norms
 
@@ -83,6 +84,7 @@ class LocalTrainer:
     personal: PersonalConfig = field(default_factory=PersonalConfig)
     val: ArraySplit | None = None  # the client's validation split, for the personal recipe's selection
     wrap: Wrap | None = None  # DP-SGD (Opacus) for training whose result leaves the client
+    personal_wrap: Wrap | None = None  # DP-SGD for the personal recipe too (privacy.tiers.<kind>.personal_epsilon)
 
     def run(self, model: nn.Module, loss: LossFn, spec: TrainSpec | None = None, *, shared: bool = True
             ) -> dict[str, float]:
@@ -118,10 +120,13 @@ class LocalTrainer:
             else:
                 loss = cross_entropy
         select_val = labelled and recipe.select == "val" and self.val is not None and len(self.val) > 0
+        if self.personal_wrap is not None and select_val:
+            raise PrivacyError("a DP personal fine-tune cannot select on the validation scans (no epsilon covers "
+                               "them); set the tier's personal.select to last")
         result = fit(model, TrainData(images, labels, extras, transform=normalize), loss=loss, spec=spec,
                      seed=self.seed, select="val" if select_val else "last",
                      val=TrainData(self.val.images, self.val.labels, transform=normalize) if select_val else None,
-                     keep_start=True)
+                     keep_start=True, wrap=self.personal_wrap)
         return {"personal-epochs": float(result.best_epoch if select_val else spec.epochs),
                 "personal-seconds": result.train_seconds}
 
@@ -206,6 +211,7 @@ class Method:
 
     name: ClassVar[str] = "fedavg"
     keeps_personal_state: ClassVar[bool] = False  # a personal part trained every round (FedPer, Ditto)
+    fine_tunes: ClassVar[bool] = False  # its personal model is one run of the personal recipe (DP-able as one)
     labelled: ClassVar[bool] = True  # False: personalizes from unlabelled scans (reported separately)
     selects_on_validation: ClassVar[bool] = False  # its personal model is chosen on the validation split
 
@@ -243,6 +249,7 @@ class FedAvgFineTune(Method):
 
     name = "fedavg-ft"
     selects_on_validation = True
+    fine_tunes = True
 
     def personalize(self, global_state: State, personal: State | None, trainer: LocalTrainer) -> State:
         model = student_from(global_state)

@@ -29,7 +29,9 @@ from edgemri.core.config import DPTierConfig
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_text
 
-LEDGER_FORMAT = "edgemri.privacy-ledger/2"
+LEDGER_FORMAT = "edgemri.privacy-ledger/3"  # 3: each record's stage
+LEDGER_FORMAT_V2 = "edgemri.privacy-ledger/2"  # read and extended (round records only), never rewritten
+STAGES = ("round", "personal")  # a federated round's training; the personal fine-tune (personal_epsilon)
 HEAD_FORMAT = "edgemri.privacy-ledger-head/1"
 LEDGER_FILE = "privacy-ledger.jsonl"
 # The accountants a plan and a ledger record may name (config.PrivacyConfig.accountant): the ones
@@ -326,7 +328,7 @@ def _digest(v: Any) -> bool:
 
 
 # Every key of a round record, with what its value must be; "seq", "prev", "hash" chain the records.
-_RECORD: dict[str, tuple[Callable[[Any], bool], str]] = {
+_RECORD_V2: dict[str, tuple[Callable[[Any], bool], str]] = {  # a /2 ledger's records: every one a round
     "seq": (_count, "an integer >= 0"),
     "prev": (_digest, "a SHA-256 hex digest"),
     "round": (_count, "an integer >= 0"),
@@ -340,8 +342,9 @@ _RECORD: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epsilon": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "hash": (_digest, "a SHA-256 hex digest"),
 }
+_RECORD = {**_RECORD_V2, "stage": (lambda v: v in STAGES, f"one of {', '.join(STAGES)}")}
 _GENESIS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "format": (lambda v: v == LEDGER_FORMAT, LEDGER_FORMAT),
+    "format": (lambda v: v in (LEDGER_FORMAT, LEDGER_FORMAT_V2), f"{LEDGER_FORMAT} or {LEDGER_FORMAT_V2}"),
     "seq": (lambda v: v == 0, "0"),
     "client": (lambda v: isinstance(v, str) and v != "", "a client name"),
     "ledger_id": (_digest, "a random 256-bit hex id"),
@@ -465,7 +468,7 @@ class Ledger:
                     raise LedgerError(f"{where}: the ledger belongs to client {record['client'][:64]!r}, not "
                                       f"{client!r}; a ledger cannot be copied between clients")
             else:
-                record = _parse(text, _RECORD, where)
+                record = _parse(text, _RECORD if parsed[0]["format"] == LEDGER_FORMAT else _RECORD_V2, where)
                 if record["seq"] != number - 1:
                     raise LedgerError(f"{where} has sequence number {record['seq']}, expected {number - 1}: "
                                       f"records were removed, reordered or duplicated")
@@ -511,6 +514,10 @@ class Ledger:
         last = self.records[-1] if self.records else self.header
         return len(self.records), int(last["hash"][:12], 16)
 
+    @staticmethod
+    def stage(record: dict[str, Any]) -> str:
+        return record.get("stage", "round")  # a /2 ledger's records are all rounds
+
     def history(self) -> list[tuple[float, float, int]]:
         return [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in self.records]
 
@@ -528,10 +535,12 @@ class Ledger:
 
     @property
     def rounds(self) -> list[int]:
-        return [r["round"] for r in self.records]
+        """The federated rounds recorded (not the personal fine-tunes)."""
+        return [r["round"] for r in self.records if self.stage(r) == "round"]
 
-    def append(self, server_round: int, plan: DPPlan, steps: int) -> dict[str, Any]:
-        """Record a trained round: the ledger file atomically, then its head.
+    def append(self, server_round: int, plan: DPPlan, steps: int, stage: str = "round") -> dict[str, Any]:
+        """Record a trained round (or, ``stage`` "personal", the personal fine-tune after round
+        ``server_round``): the ledger file atomically, then its head.
 
         The record is written whatever happens (a ledger may over-count, never under-count);
         then a round that took more steps than planned, or ended above the budget, raises
@@ -540,12 +549,18 @@ class Ledger:
         if not _count(server_round) or not _count(steps):
             raise PrivacyError(f"a ledger record needs a round and steps >= 0, got round {server_round!r}, "
                                f"steps {steps!r}")
+        if stage not in STAGES:
+            raise PrivacyError(f"a ledger record's stage is one of {', '.join(STAGES)}, got {stage!r}")
+        v2 = self.header["format"] == LEDGER_FORMAT_V2
+        if v2 and stage != "round":
+            raise PrivacyError(f"{self.path} is an {LEDGER_FORMAT_V2} ledger, which records rounds only; a DP personal "
+                               f"fine-tune needs a new client name and state folder (an {LEDGER_FORMAT} ledger)")
         previous = self.records[-1] if self.records else self.header
         record: dict[str, Any] = {
             "seq": len(self.records) + 1, "prev": previous["hash"], "round": server_round,
             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": steps,
             "max_grad_norm": plan.max_grad_norm, "delta": plan.delta, "accountant": plan.accountant,
-            "budget_epsilon": plan.budget_epsilon,
+            "budget_epsilon": plan.budget_epsilon, **({} if v2 else {"stage": stage}),
         }
         self.records.append(record)
         record["epsilon"] = self.epsilon(plan.delta, plan.accountant)

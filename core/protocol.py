@@ -78,6 +78,8 @@ GLOBAL_VAL_ACCURACY, VAL_EXAMPLES = "global-val-accuracy", "val-examples"  # on 
 PERSONAL_VAL_ACCURACY = "personal-val-accuracy"
 POOL_PREFIX, POOL_EXAMPLES = "pool-", "pool-examples"  # the same accuracies on the client's site pool
 EPSILON, LEDGER_RECORDS = "epsilon", "rounds-dp"
+# The personal fine-tune ran under DP-SGD (1) or was skipped for want of budget (0), and its noise multiplier.
+PERSONAL_DP, PERSONAL_NOISE = "personal-dp", "personal-noise-multiplier"
 # The runner's references (pooled, site oracle), in the run folder:
 # {"key": what they were computed from, "clients": {client: {metric key: accuracy}}}.
 REFERENCES_FILE = "references.json"

@@ -22,6 +22,7 @@ from edgemri.core.distill import resume_settings
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json, write_text
 from edgemri.core.partition import ensure_manifests, read_manifest
+from edgemri.core.personalize import create_method
 from edgemri.core.privacy import PrivacyError, check_dp_model, plan_dp
 from edgemri.core.protocol import APP_ROOT, REFERENCES_FILE, ProtocolError, parse_references
 from edgemri.models import build_model
@@ -43,6 +44,7 @@ class FederationRun:
 
 def plan_privacy(config: Config, manifests: list[Path]) -> dict[str, dict]:
     """Each DP client's plan, before any training: bad settings fail here, clearly."""
+    method = create_method(config.federation)
     plans = {}
     for path in manifests:
         manifest = read_manifest(path)
@@ -58,6 +60,9 @@ def plan_privacy(config: Config, manifests: list[Path]) -> dict[str, dict]:
                                f"round (one round spends epsilon {plan.one_round_epsilon:.2f} at noise "
                                f"{plan.noise_multiplier})")
         plans[manifest.client] = plan.as_dict()
+        if tier.personal_epsilon is not None and not method.fine_tunes:
+            raise PrivacyError(f"privacy.tiers.{manifest.kind}.personal_epsilon is set, but federation.method "
+                               f"{method.name!r} does not make the personal model by one fine-tune; use fedavg-ft")
         if not plan.feasible:
             log.warning("%s will not train with DP: %s", manifest.client, plan.reason)
     return plans
