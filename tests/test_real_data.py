@@ -67,3 +67,68 @@ def test_the_shipped_student_scores_on_real_scans_what_its_card_says(real_datase
     images, labels = real_dataset.test.images[pick], real_dataset.test.labels[pick]
     accuracy = float((model.logits(model.normalize(images)).argmax(1) == labels).float().mean())
     assert abs(100 * accuracy - 100 * recorded) <= SHIPPED_TOLERANCE_PTS
+
+
+REAL_FEDERATION_SCANS = {"Training": 50, "Testing": 25}  # per class: 300 real scans in all
+
+
+@pytest.fixture(scope="module")
+def real_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few hundred real scans in the Kaggle layout (copies: a client refuses files outside its data root)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("real-subset") / "data"
+    for split, count in REAL_FEDERATION_SCANS.items():
+        for folder in sorted(p for p in (REAL_DATA / split).iterdir() if p.is_dir()):
+            (root / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.glob("*.jpg"))[:count]:
+                shutil.copy(image, root / split / folder.name / image.name)
+    return root
+
+
+def test_a_real_data_federation_from_the_shipped_student(real_subset: Path, tmp_path: Path) -> None:
+    """3 clients, 2 rounds, DP-SGD on the phones: reports, ledgers, pools free of Training copies, no scan sent."""
+    import json
+
+    from edgemri.core.config import parse_config
+    from edgemri.core.partition import manifest_paths, read_manifest
+    from edgemri.core.privacy import LEDGER_FILE, Ledger
+    from edgemri.edge.pretrained import resolve_model
+    from edgemri.simulation.federate import federate
+
+    config = parse_config({"seed": 0, "data": {"dedup": True, "client_fraction": 0.0}, "federation": {
+        "method": "fedavg-ft", "rounds": 2, "scenario": "seen-sites", "partition": {"pseudo_sites": 1},
+        "tiers": {"hospital": {"min_examples": 50, "local_epochs": 1},
+                  "phone": {"per_site": 2, "min_examples": 30, "max_examples": 40, "availability": 1.0}}},
+        "privacy": {"tiers": {"phone": {"enabled": True, "target_epsilon": 8.0, "budget_epsilon": 10.0}}}})
+    run = federate(config, data_root=real_subset, out=tmp_path / "run",
+                   start_checkpoint=resolve_model("kaggle-student"), audit=True)
+    manifests = [read_manifest(m) for m in manifest_paths(tmp_path / "run" / "manifests")]
+    assert sorted(m.kind for m in manifests) == ["hospital", "phone", "phone"]
+    # Every client's evaluation pool is real Testing at its site, with no copy of any Training scan in it.
+    dataset = load_dataset(real_subset)
+    audit = audit_dataset(dataset)
+    leaked = {dataset.test.files[k] for k in audit.leaked_test()}
+    for manifest in manifests:
+        pool = [f.path for f in manifest.files if f.split == "pool"]
+        assert pool and all(f.startswith("Testing/") for f in pool) and not leaked & set(pool)
+    report = run.report
+    assert set(report["pool"]) and all(c["kind"] in ("hospital", "phone") for c in report["clients"])
+    # The phones trained under DP-SGD, each round in its ledger; the hospital has none.
+    for manifest in manifests:
+        ledger_path = tmp_path / "run" / "clients" / manifest.client / LEDGER_FILE
+        if manifest.kind == "phone":
+            ledger = Ledger.open(ledger_path, manifest.client)
+            assert ledger.rounds == [1, 2] and 0 < ledger.records[-1]["epsilon"] <= 10.0
+        else:
+            assert not ledger_path.exists()
+    # Only student arrays and scalar metrics travelled: no scan, no path.
+    for record_file in (tmp_path / "run" / "audit").glob("*.json"):
+        message = json.loads(record_file.read_text())
+        for side in ("in", "out"):
+            for record in message[side].get("records", {}).values():
+                if record["type"] == "arrays":
+                    assert all(len(shape) != 3 and shape[-2:] != [128, 128] for shape in record["arrays"].values())
+                else:
+                    text = json.dumps(record["values"])
+                    assert ".jpg" not in text and "Testing" not in text and "Training" not in text
