@@ -96,6 +96,19 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_sites(args: argparse.Namespace) -> int:
+    from edgemri.core.data import load_dataset
+    from edgemri.reports.sites import build_sites_report, render_sites, write_sites_report
+
+    config = _config(args)
+    dataset = load_dataset(config.data.root, cache_dir=config.data.cache_dir, progress=_progress(args))
+    report = build_sites_report(dataset, config)
+    paths = write_sites_report(report, dataset, Path(args.out))
+    print(render_sites(report), end="")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def cmd_data_partition(args: argparse.Namespace) -> int:
     from edgemri.simulation.pipeline import partition
 
@@ -264,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--cache-dir", default=None,
                       help="decoded-image cache (default: $EDGEMRI_CACHE_DIR or ~/.cache/edgemri)")
     info.add_argument("--json", action="store_true", help="everything as JSON; 'duplicates' lists every group")
+
+    sites = add(data, "sites", cmd_data_sites, "the appearance sites of data without site labels: label mix, "
+                                                "evaluation pools, example grids (sites.md/json/png)")
+    sites.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
+    add_config(sites, "YAML config (federation.partition.pseudo_sites, data.split_seed), e.g. "
+                      "configs/kaggle-federation.yaml")
+    sites.add_argument("--out", required=True, help="folder for sites.md, sites.json and sites.png")
 
     part = add(data, "partition", cmd_data_partition,
                "write one manifest per client (hospital / phone) from the data's scanner sites")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from dataclasses import replace
@@ -205,3 +206,36 @@ def test_new_sites_needs_two_appearance_sites_and_seen_sites_ignores_them(unlabe
     labelled = replace(dataset, train=ArraySplit(unclustered.images, unclustered.labels, unclustered.files,
                                                  ["site-a"] * len(unclustered)))
     assert sited_dataset(labelled, seen) is labelled  # metadata.csv's sites are kept
+
+
+def test_pools_leave_out_every_testing_copy_of_a_training_scan(unlabelled_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(unlabelled_root, root)
+    original = sorted((root / "Training" / "glioma").glob("*.jpg"))[0]
+    shutil.copy(original, root / "Testing" / "glioma" / "copy-of-a-training-scan.jpg")
+    config = parse_config(NEW_SITES)
+    dataset = load_dataset(root, workers=1)
+    pools = site_pools(dataset, config)
+    pooled = {f for pool in pools.values() for f in pool.files}
+    assert "Testing/glioma/copy-of-a-training-scan.jpg" not in pooled
+    assert len(pooled) == len(dataset.test) - 1  # the synthetic Testing has no other copy
+    # Every client at a site lists that site's pool in its manifest, and trains on none of it.
+    for manifest in partition(dataset.train, root, config, pools=pools):
+        listed = [f.path for f in manifest.files if f.split == "pool"]
+        assert listed == pools[manifest.site].files
+        assert not set(listed) & {f.path for f in manifest.files if f.split != "pool"}
+
+
+def test_the_sites_command_writes_the_label_mix_and_the_example_grid(unlabelled_root: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from edgemri.main import main
+
+    config = tmp_path / "sites.yaml"
+    config.write_text("federation: {partition: {pseudo_sites: null}}\n")
+    assert main(["data", "sites", "--config", str(config), "--data-root", str(unlabelled_root),
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "out" / "sites.json").read_text())
+    assert report["count"] == int(max(report["silhouettes"], key=report["silhouettes"].get))
+    assert all(all(mix["training"].values()) for mix in report["sites"].values())  # every site keeps every class
+    assert (tmp_path / "out" / "sites.png").stat().st_size > 10_000
+    assert "silhouette" in capsys.readouterr().out
