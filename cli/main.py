@@ -236,7 +236,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the offline default; an interrupted demo resumes where it stopped."""
     from edgemri.simulation.pipeline import demo
 
-    outcome = demo(Path(args.out), Path(args.config), quiet=args.quiet)
+    data_root = Path(args.data_root) if args.data_root else None
+    outcome = demo(Path(args.out), Path(args.config), quiet=args.quiet, data_root=data_root)
     print("\nReports:")
     print("\n".join(outcome.layout.report_lines()))
     return 0
@@ -365,7 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     register_deploy_commands(commands, add)
     register_edge_commands(commands, add)
 
-    demo = add(commands, "demo", cmd_demo, "run the whole pipeline on the offline synthetic data")
+    demo = add(commands, "demo", cmd_demo, "run the whole pipeline on the offline synthetic data (or on a "
+                                           "Kaggle-layout folder: --data-root)")
+    demo.add_argument("--data-root", default=None,
+                      help="run on this Kaggle-layout folder (e.g. the real set, with --config "
+                           "configs/kaggle-federation.yaml) instead of synthesizing data")
     demo.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
     demo.add_argument("--config", default="configs/quickstart.yaml",
                       help="YAML config (default: configs/quickstart.yaml)")

@@ -91,8 +91,10 @@ def reference_accuracies(manifests: list[Manifest], dataset: Dataset, start: Sta
 
     pooled = _fine_tune(start, subset(manifests, "train"), subset(manifests, "val"), config, config.seed)
     sites = sorted({m.site for m in manifests})
-    oracles = {site: _fine_tune(start, subset([m for m in manifests if m.site == site], "train"),
-                                subset([m for m in manifests if m.site == site], "val"), config, config.seed)
+    # With every client at one site (the real new-sites federation) the site oracle is the pooled model.
+    oracles = {site: pooled if len(sites) == 1 else
+               _fine_tune(start, subset([m for m in manifests if m.site == site], "train"),
+                          subset([m for m in manifests if m.site == site], "val"), config, config.seed)
                for site in sites}
     out: dict[str, dict[str, float]] = {}
     for manifest in manifests:

@@ -184,10 +184,11 @@ class DemoLayout:
     """Where each demo stage writes under ``out`` (README's table; keep it in step)."""
 
     out: Path
+    data_root: Path | None = None  # a Kaggle-layout folder to run on instead of synthesizing one
 
     @property
     def data(self) -> Path:
-        return self.out / "data"
+        return self.data_root or self.out / "data"
 
     @property
     def distill(self) -> Path:
@@ -214,8 +215,10 @@ class DemoLayout:
 
     def report_lines(self) -> list[str]:
         """The closing "Reports:" block: where each report of the demo is."""
+        data = (f"  data:         {self.data} (sites {self.out / 'sites' / 'sites.md'})" if self.data_root else
+                f"  data:         {self.data} (sample grid {sample_grid(self.data)})")
         return [
-            f"  data:         {self.data} (sample grid {sample_grid(self.data)})",
+            data,
             f"  distillation: {self.distill / 'report.md'} (+ report.json, curves.png, confusion.png, "
             "reliability.png, coverage.png)",
             f"  federation:   {self.federation / 'federation.md'} (+ federation.json, federation.png)",
@@ -240,12 +243,14 @@ class DemoOutcome:
     seconds: dict[str, float]  # the stages that ran (not those already done), by title
 
 
-def demo_stages(out: Path, config_path: Path, *, quiet: bool = False) -> list[Stage]:
+def demo_stages(out: Path, config_path: Path, *, quiet: bool = False, data_root: Path | None = None) -> list[Stage]:
     """The demo's stages in order; a stage is done when its last output exists (an interrupted demo resumes).
 
-    The exports and the predictions are cheap and always rerun, as is a stage whose output is missing.
+    With ``data_root`` (a Kaggle-layout folder, e.g. the real set) the first stage audits and maps that folder
+    (duplicates, appearance sites, pools) instead of synthesizing one. The exports and the predictions are cheap
+    and always rerun, as is a stage whose output is missing.
     """
-    layout = DemoLayout(out)
+    layout = DemoLayout(out, data_root)
     config = load_run_config(config_path, data_root=layout.data)
     progress = show_progress(quiet)
     data, student, federation, edge = layout.data, layout.student, layout.federation, layout.edge
@@ -256,6 +261,21 @@ def demo_stages(out: Path, config_path: Path, *, quiet: bool = False) -> list[St
     def run_synth() -> list[str]:
         summary = synthesize(data, preset=config.data.synth_preset, overwrite=True, progress=progress)
         return [f"wrote {summary.get('total', '')} images ({config.data.synth_preset}) to {data}"]
+
+    def run_sites() -> list[str]:
+        from edgemri.core.audit import audit_dataset
+        from edgemri.reports.sites import build_sites_report, write_sites_report
+
+        dataset = load_dataset(data, cache_dir=config.data.cache_dir, progress=progress)
+        leaked = len(audit_dataset(dataset, config.data.cache_dir, progress=progress).leaked_test())
+        lines = [f"{len(dataset.train)} Training and {len(dataset.test)} Testing scans; {leaked} Testing scans are "
+                 f"copies of Training scans (left out of every test metric and pool with data.dedup)"]
+        if dataset.train.sites:
+            return [*lines, f"sites from metadata.csv: {', '.join(sorted(set(dataset.train.sites)))}"]
+        report = build_sites_report(dataset, config)
+        paths = write_sites_report(report, dataset, layout.out / "sites")
+        return [*lines, f"{report['count']} appearance sites ({report['count_rule']}); server sites under "
+                        f"new-sites: {', '.join(report['new_sites_source']) or '-'}; {paths['md']}"]
 
     def run_distill() -> list[str]:
         return distill(config, layout.distill, resume=layout.distill.exists(), progress=progress).lines()
@@ -281,9 +301,13 @@ def demo_stages(out: Path, config_path: Path, *, quiet: bool = False) -> list[St
     distill_cmd = f"edgemri distill --config {config_path} --data-root {data} --out {layout.distill}"
     federate_cmd = (f"edgemri federate --config {config_path} --data-root {data} --start {student} "
                     f"--out {federation}")
+    first = (Stage("audit the data and map its sites", f"edgemri data info {data}; edgemri data sites --config "
+                   f"{config_path} --data-root {data} --out {layout.out / 'sites'}",
+                   (layout.out / "sites" / "sites.json").is_file(), run_sites) if data_root else
+             Stage("synthesize data", f"edgemri data synth --out {data} --preset {config.data.synth_preset} "
+                   f"--overwrite", (data / "metadata.csv").is_file(), run_synth))
     return [
-        Stage("synthesize data", f"edgemri data synth --out {data} --preset {config.data.synth_preset} --overwrite",
-              (data / "metadata.csv").is_file(), run_synth),
+        first,
         Stage("distill", distill_cmd + resume_flag(layout.distill), student.is_file(), run_distill),
         Stage("federate", federate_cmd + resume_flag(federation), (federation / "privacy.md").is_file(),
               run_federate),
@@ -301,10 +325,14 @@ def demo_stages(out: Path, config_path: Path, *, quiet: bool = False) -> list[St
     ]
 
 
-def demo(out: Path, config_path: Path, *, quiet: bool = False) -> DemoOutcome:
-    """The whole pipeline on the offline synthetic data, one progress line per stage with its time."""
+def demo(out: Path, config_path: Path, *, quiet: bool = False, data_root: Path | None = None) -> DemoOutcome:
+    """The whole pipeline on the offline synthetic data (or on ``data_root``), one progress line per stage with
+    its time."""
+    if data_root is not None and not (data_root / "Training").is_dir():
+        raise UsageError(f"--data-root {data_root} has no Training/ folder; expected a Kaggle-layout folder "
+                         f"(Training/<class>/*.jpg and Testing/<class>/*.jpg)")
     seconds: dict[str, float] = {}
-    for stage in demo_stages(out, config_path, quiet=quiet):
+    for stage in demo_stages(out, config_path, quiet=quiet, data_root=data_root):
         if stage.done:
             print(f"== {stage.title}: already done", flush=True)
             continue
@@ -314,4 +342,4 @@ def demo(out: Path, config_path: Path, *, quiet: bool = False) -> DemoOutcome:
             print(line, flush=True)
         seconds[stage.title] = time.perf_counter() - started
         print(f"== {stage.title} took {seconds[stage.title]:.0f} s", flush=True)
-    return DemoOutcome(DemoLayout(out), seconds)
+    return DemoOutcome(DemoLayout(out, data_root), seconds)

@@ -159,6 +159,19 @@ def test_demo_plan_resumes_from_what_exists(tmp_path: Path) -> None:
     assert not any(s.done for s in replanned[3:])  # exports and predictions always rerun
 
 
+def test_demo_on_a_given_folder_audits_and_maps_it_instead_of_synthesizing(tiny_data: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    stages = demo_stages(tmp_path / "out", QUICKSTART, quiet=True, data_root=tiny_data)
+    assert stages[0].title == "audit the data and map its sites" and not stages[0].done
+    assert f"--data-root {tiny_data}" in stages[1].command and f"--data-root {tiny_data}" in stages[2].command
+    lines = stages[0].run()
+    assert "appearance sites" in lines[-1] and (tmp_path / "out" / "sites" / "sites.png").is_file()
+    assert demo_stages(tmp_path / "out", QUICKSTART, quiet=True, data_root=tiny_data)[0].done  # resumes
+    assert str(tiny_data) in DemoLayout(tmp_path / "out", tiny_data).report_lines()[0]
+    assert main(["demo", "--out", str(tmp_path / "x"), "--data-root", str(tmp_path), "--quiet"]) == 2
+    assert "has no Training/ folder" in one_error_line(capsys)
+
+
 def test_demo_layout_and_default_start_model() -> None:
     """runs/demo/... is what README documents and what `federate` starts from by default."""
     layout = DemoLayout(DEMO_OUT)
