@@ -68,6 +68,9 @@ def _summaries(runs: dict[str, dict[int, dict[str, dict[str, Any]]]], values: di
             values[f"{name}.{tier}.mean_accuracy_pct"] = 100 * statistics.fmean(c["accuracy"] for c in members)
             values[f"{name}.{tier}.worst_client_accuracy_pct"] = 100 * min(c["accuracy"] for c in members)
             values[f"{name}.{tier}.max_epsilon"] = max(c["epsilon"] for c in members)
+            if name == "personal-under-dp":  # the share whose fine-tune fitted the budget and ran under DP-SGD
+                values[f"{name}.{tier}.personal_dp_fraction"] = statistics.fmean(
+                    float(c["personal_dp"] or 0.0) for c in members)
     pairs = [(f"epsilon-{e:g}", "no-dp") for e in EPSILONS] + [("personal-under-dp", "personal-outside-dp")]
     for first, second in pairs:
         for tier in TIERS:
