@@ -30,3 +30,11 @@ def quickstart_data(data_root: str | None, preset: str = "quickstart") -> Path:
     root = Path(tempfile.mkdtemp(prefix="edgemri-bench-")) / "data"
     generate(root, preset=preset, seed=0, progress=False)
     return root
+
+
+def real_data_missing(name: str, root: Path) -> bool:
+    """True (and says so) where the real Kaggle folder is absent: a real-data benchmark then measures nothing."""
+    if (Path(root) / "Training").is_dir():
+        return False
+    print(f"{name}: no real data at {root}; nothing to measure (the benchmark needs the Kaggle folder)")
+    return True

@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import write_result
+from benchmarks.common import RESULTS, real_data_missing, write_result
 from edgemri.core.config import Config, apply_overrides, load_config, parse_config
 from edgemri.core.stats import bootstrap_ci_clustered
 from edgemri.simulation.federate import federate
@@ -87,6 +87,28 @@ def _summaries(runs: dict[str, dict[int, dict[str, dict[str, Any]]]], values: di
                 low >= -GOAL_COST_PTS)
 
 
+def table(values: dict[str, Any]) -> str:
+    """The README's table: per run and tier, mean and worst-client pool accuracy, and the paired cost against its
+    reference run with its 95% CI."""
+    references = {**{f"epsilon-{e:g}": "no-dp" for e in EPSILONS}, "personal-under-dp": "personal-outside-dp"}
+    lines = ["| run | tier | clients | max epsilon | mean accuracy | worst client | − reference [95% CI] |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for name in (*(f"epsilon-{e:g}" for e in EPSILONS), "no-dp", "personal-outside-dp", "personal-under-dp"):
+        for tier in TIERS:
+            prefix = f"{name}.{tier}"
+            if f"{prefix}.clients" not in values:
+                continue
+            cost = "—"
+            if name in references:
+                key = f"{name}_minus_{references[name]}.{tier}".replace("-", "_")
+                cost = (f"{values[f'{key}_pts_mean']:+.1f} [{values[f'{key}_pts_low']:+.1f}, "
+                        f"{values[f'{key}_pts_high']:+.1f}] vs {references[name]}")
+            lines.append(f"| {name} | {tier} | {values[f'{prefix}.clients']} | {values[f'{prefix}.max_epsilon']:.2f} | "
+                         f"{values[f'{prefix}.mean_accuracy_pct']:.1f} | "
+                         f"{values[f'{prefix}.worst_client_accuracy_pct']:.1f} | {cost} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/brain-tumor-mri-224")
@@ -95,8 +117,15 @@ def main() -> None:
     parser.add_argument("--students", default="runs/bench/personalization-real",
                         help="where benchmarks.personalization --real distils each seed's student (resumed)")
     parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--table", action="store_true", help="print the table of the last results and stop")
     args = parser.parse_args()
+    if args.table:
+        values = json.loads((RESULTS / "dp_real.json").read_text())
+        print(f"{values['seeds']} seed(s)\n\n{table(values)}")
+        return
     root, out = Path(args.data_root), Path(args.out)
+    if real_data_missing("dp_real", root):
+        return
     base = load_config(args.config, [f"data.root={root}"])
     runs: dict[str, dict[int, dict[str, dict[str, Any]]]] = defaultdict(dict)
     values: dict[str, Any] = {"seeds": 0, "config": str(args.config), "data_root": str(root),

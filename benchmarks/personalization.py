@@ -36,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, quickstart_data, write_result
+from benchmarks.common import RESULTS, quickstart_data, real_data_missing, write_result
 from edgemri.core.config import Config, load_config
 from edgemri.core.io import write_json
 from edgemri.core.partition import manifest_paths, read_manifest
@@ -180,6 +180,8 @@ def main() -> None:
         values = json.loads((RESULTS / f"{args.name}.json").read_text())
         for scenario in ("new-sites", "label-skew"):
             print(f"\n{scenario} ({values['seeds']} seeds)\n\n{table(values, scenario)}")
+        return
+    if args.real and real_data_missing(args.name, Path(args.data_root)):
         return
     root = Path(args.data_root) if args.data_root else quickstart_data(None, preset="clinics")
     out = Path(args.out)

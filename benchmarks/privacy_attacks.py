@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import quickstart_data, write_result
+from benchmarks.common import quickstart_data, real_data_missing, write_result
 from edgemri.core.config import Config, load_config
 from edgemri.core.io import write_json
 from edgemri.reports.privacy_attacks import write_privacy_attack_report
@@ -144,6 +144,8 @@ def main() -> None:
     if args.real:
         args.data_root, args.config, args.start, name, runs = (REAL[k] for k in ("data_root", "config", "start",
                                                                                  "name", "runs"))
+    if args.real and real_data_missing(name, Path(args.data_root)):
+        return
     scale = QUICK if args.quick else FULL
     out = Path(args.out or f"runs/bench/{name}{'-quick' if args.quick else ''}")
     root = Path(args.data_root) if args.data_root else quickstart_data(None, preset="clinics")

@@ -13,6 +13,9 @@ BENCHMARKS = ("kaggle", "train_speed", "dp_speed", "latency", "federation", "dev
 # make their own inputs (personalization and privacy_attacks: clinics; distillation: quickstart and kaggle-size;
 # kaggle: the real scans at ../shared/data, skipped with a message where they are absent)
 OWN_DATA = ("kaggle", "latency", "device_footprint", "personalization", "distillation", "privacy_attacks")
+# The real-data federation benchmarks (issue 23), in order: the personalization run distills the students the
+# others start from. Each says so and skips where ../shared/data is absent.
+REAL = (("personalization", "--real"), ("dp_real",), ("privacy_attacks", "--real"))
 
 
 def main() -> int:
@@ -30,6 +33,10 @@ def main() -> int:
             args += ["--data-root", str(data)]
         if subprocess.run(args, cwd=ROOT).returncode:
             failed.append(name)
+    for name, *flags in REAL:
+        print(f"== {name} {' '.join(flags)} (real data)", flush=True)
+        if subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *flags], cwd=ROOT).returncode:
+            failed.append(f"{name} {' '.join(flags)}")
     if failed:
         print(f"failed: {', '.join(failed)}")
     return 1 if failed else 0
