@@ -33,6 +33,8 @@ from edgemri.core.data import (
 )
 from edgemri.core.io import save_npz
 from edgemri.core.partition import (
+    LOCAL_SPLITS,
+    MANIFEST_FORMAT,
     ManifestError,
     load_local_data,
     load_local_data_cache,
@@ -234,10 +236,10 @@ def _manifest(root: Path, rels: list[str]) -> dict[str, Any]:
     files = [{"path": rel, "sha256": hashlib.sha256((root / rel).read_bytes()).hexdigest(),
               "label": CLASS_NAMES.index(Path(rel).parent.name) if Path(rel).parent.name in CLASS_NAMES else 0,
               "split": "test" if k == len(rels) - 1 else "train"} for k, rel in enumerate(rels)]
-    counts = {split: dict.fromkeys(CLASS_NAMES, 0) for split in ("train", "val", "test")}
+    counts = {split: dict.fromkeys(CLASS_NAMES, 0) for split in LOCAL_SPLITS}
     for f in files:
         counts[f["split"]][CLASS_NAMES[f["label"]]] += 1
-    return {"format": "edgemri.manifest/1", "client": "hospital-site1", "kind": "hospital", "site": "site1",
+    return {"format": MANIFEST_FORMAT, "client": "hospital-site1", "kind": "hospital", "site": "site1",
             "seed": 0, "num_examples": len(files), "class_counts": counts, "files": files, "config": {}}
 
 
