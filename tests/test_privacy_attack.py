@@ -24,7 +24,7 @@ from edgemri.core.checkpoint import Checkpoint, save_checkpoint
 from edgemri.core.config import parse_config
 from edgemri.core.data import ArraySplit, load_dataset
 from edgemri.core.io import write_text
-from edgemri.core.partition import partition, read_manifest, write_manifests
+from edgemri.core.partition import partition, read_manifest, site_pools, write_manifests
 from edgemri.core.personalize import create_method
 from edgemri.core.protocol import ClientInfo, FederationResult, RoundInstructions, RoundRecord, Status
 from edgemri.main import main
@@ -52,7 +52,9 @@ def small_run(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     out = tmp_path_factory.mktemp("attack") / "run"
     config = _config()
     write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    paths = write_manifests(partition(load_dataset(sited_data).train, sited_data, config), out / "manifests")
+    dataset = load_dataset(sited_data)  # its pools: each site's share of Testing (the membership non-members)
+    paths = write_manifests(partition(dataset.train, sited_data, config, pools=site_pools(dataset, config)),
+                            out / "manifests")
     torch.manual_seed(0)
     start = Student().state_dict()
     start_path = out.parent / "student.pt"
@@ -147,7 +149,7 @@ def test_the_cli_writes_the_report_with_a_card_per_client(small_run, tmp_path: P
     for card in report["clients"].values():
         assert {"accuracy", "privacy", "updates", "membership", "not_protected", "n_train"} <= set(card)
         assert card["privacy"]["dp"] == (card["kind"] == "phone")
-        assert card["accuracy"]["where"] == "local test split" and "personalized - start" in \
+        assert card["accuracy"]["where"] == "site pool" and "personalized - start" in \
             card["accuracy"]["tier_paired"]
         (update,) = card["updates"]
         assert update["round"] == 1 and update["replay"]["matches"]
@@ -176,7 +178,7 @@ def _tamper(run_dir: Path, kind: str) -> None:
         (run_dir / "server" / "result.json").write_text(json.dumps(result))
     elif kind == "accuracy out of range":
         report = json.loads((run_dir / "federation.json").read_text())
-        for row in report["clients"]:
+        for row in report["pool"]["clients"]:  # the section the cards read: the site pools
             row["personalized"] = 7.0
         (run_dir / "federation.json").write_text(json.dumps(report))
     elif kind == "manifests outside the run":
