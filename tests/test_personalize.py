@@ -84,6 +84,28 @@ def test_label_skew_makes_phone_class_mixes_uneven(sited_data: Path) -> None:
     assert max(phone_max_share) >= 0.6
 
 
+def test_label_skew_cuts_each_class_unevenly_among_a_sites_hospitals(sited_data: Path) -> None:
+    dataset = load_dataset(sited_data)
+    tiers = {"hospital": {"per_site": 2, "min_examples": 4}, "phone": {"per_site": 1, "min_examples": 4,
+                                                                      "max_examples": 6}}
+
+    def hospitals(alpha: float | None) -> dict[str, list]:
+        manifests = partition(dataset.train, sited_data, _config(tiers=tiers, partition={"label_skew_alpha": alpha}))
+        return {m.client: [sum(split[c] for split in (m.class_counts()[s] for s in ("train", "val", "test")))
+                           for c in m.class_counts()["train"]] for m in manifests if m.kind == "hospital"}
+
+    even, skewed = hospitals(None), hospitals(0.1)
+    assert set(even) == set(skewed) and len(skewed) == 4  # two hospitals at each of the two sites
+    # Dealt in turn, a site's two hospitals share every class; cut by Dirichlet(0.1) shares, one of them holds
+    # (nearly) all of some class.
+    def largest_share(mixes: dict[str, list]) -> float:
+        return max(max(a, b) / (a + b) for h in {c.rsplit("-", 1)[0] for c in mixes}
+                   for a, b in zip(mixes[f"{h}-0"], mixes[f"{h}-1"], strict=True) if a + b)
+
+    assert largest_share(even) < 0.75 and largest_share(skewed) > 0.9
+    assert hospitals(0.1) == skewed  # seeded
+
+
 def test_a_client_reads_only_its_manifest_files_and_checks_hashes(sited_data: Path, tmp_path: Path) -> None:
     dataset = load_dataset(sited_data)
     manifest = partition(dataset.train, sited_data, _config())[0]
