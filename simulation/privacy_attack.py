@@ -63,6 +63,7 @@ from edgemri.core.personalize import Method, RoundOutput, State, create_method, 
 from edgemri.core.privacy import ACCOUNTANTS, DPPlan, Ledger, opacus_wrap
 from edgemri.core.protocol import (
     CLIENT_NAME,
+    PERSONAL_DP,
     START_ACCURACY,
     FederationResult,
     ProtocolError,
@@ -770,7 +771,8 @@ def attack_client(run: RunFolder, name: str, settings: AttackSettings, keep_exam
         if pool is not None and len(pool) else None
     rounds = list(settings.rounds) if settings.rounds else run.trained[name][:1]
     method = create_method(run.config.federation)
-    under_dp = method.name in PERSONAL_MODEL_UNDER_DP
+    # The method's own personal model is DP-SGD's output, or the client fine-tuned it under DP (personal_epsilon).
+    under_dp = method.name in PERSONAL_MODEL_UNDER_DP or run.result.final.get(name, {}).get(PERSONAL_DP) == 1.0
     privacy = _privacy_card(run, client)
     card: dict[str, Any] = {
         "client": name, "kind": info.kind, "site": info.site, "n_train": len(train), "method": method.name,
