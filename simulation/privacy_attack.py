@@ -757,6 +757,13 @@ def _check_start(run: RunFolder, client: Client) -> None:
                                  f"pass --start with the run's start model")
 
 
+def personal_model_under_dp(method: str, final_metrics: dict[str, float]) -> bool:
+    """Whether the ledger's epsilon covers a DP client's personalized model: the method's personal model is
+    DP-SGD's own output (or the global model), or the client's tier has ``personal_epsilon`` (``personal-dp``
+    in its final metrics): 1, fine-tuned under DP-SGD; 0, not fine-tuned at all (the global model)."""
+    return method in PERSONAL_MODEL_UNDER_DP or PERSONAL_DP in final_metrics
+
+
 def attack_client(run: RunFolder, name: str, settings: AttackSettings, keep_examples: bool,
                   progress: Callable[[str], None]) -> tuple[dict[str, Any], list[ReconstructionExample]]:
     """One client's model card: its accuracy gain, its privacy, the attacks on its updates and on its model."""
@@ -771,8 +778,7 @@ def attack_client(run: RunFolder, name: str, settings: AttackSettings, keep_exam
         if pool is not None and len(pool) else None
     rounds = list(settings.rounds) if settings.rounds else run.trained[name][:1]
     method = create_method(run.config.federation)
-    # The method's own personal model is DP-SGD's output, or the client fine-tuned it under DP (personal_epsilon).
-    under_dp = method.name in PERSONAL_MODEL_UNDER_DP or run.result.final.get(name, {}).get(PERSONAL_DP) == 1.0
+    under_dp = personal_model_under_dp(method.name, run.result.final.get(name, {}))
     privacy = _privacy_card(run, client)
     card: dict[str, Any] = {
         "client": name, "kind": info.kind, "site": info.site, "n_train": len(train), "method": method.name,

@@ -103,3 +103,12 @@ def test_a_v2_ledger_still_opens_and_takes_rounds_but_not_a_personal_entry(tmp_p
     assert again.rounds == [1] and Ledger.stage(again.records[0]) == "round"
     with pytest.raises(PrivacyError, match="records rounds only; a DP personal fine-tune needs a new client name"):
         again.append(2, plan, plan.steps_per_round, stage="personal")
+
+
+def test_the_attack_card_counts_a_dp_fine_tuned_personal_model_as_under_dp() -> None:
+    from edgemri.simulation.privacy_attack import personal_model_under_dp
+
+    assert not personal_model_under_dp("fedavg-ft", {p.PERSONAL_ACCURACY: 0.8})  # fine-tuned on raw scans
+    assert personal_model_under_dp("fedavg-ft", {p.PERSONAL_DP: 0.0})  # no budget: the global model, no fine-tune
+    assert personal_model_under_dp("fedavg-ft", {p.PERSONAL_DP: 1.0})
+    assert personal_model_under_dp("fedavg", {})  # the global model itself
