@@ -229,7 +229,9 @@ class Client:
             raise PrivacyError(f"privacy.tiers.{self.kind}.personal_epsilon is set, but method {method.name!r} does "
                                f"not make its personal model by one fine-tune of the student; use fedavg-ft")
         ledger = Ledger.open(self.ledger_path, self.name)
-        if not plan.feasible or ledger.epsilon_after(plan) > plan.budget_epsilon:
+        # The device's own floor binds the fine-tune as it binds every round (budget, noise, clipping, delta).
+        refused = self.policy.check(instructions.privacy.tier(self.kind, self.name), plan)
+        if refused or not plan.feasible or ledger.epsilon_after(plan) > plan.budget_epsilon:
             return {PERSONAL_DP: 0.0}
         check_dp_model(Student(), "student")
         ledger.append(instructions.federation.rounds, plan, plan.steps_per_round, stage="personal")

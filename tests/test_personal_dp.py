@@ -15,7 +15,16 @@ from edgemri.core.config import ConfigError, parse_config
 from edgemri.core.data import load_dataset
 from edgemri.core.partition import partition, read_manifest, write_manifests
 from edgemri.core.personalize import create_method
-from edgemri.core.privacy import LEDGER_FILE, LEDGER_FORMAT_V2, Ledger, PrivacyError, _hash, _line, plan_dp
+from edgemri.core.privacy import (
+    LEDGER_FILE,
+    LEDGER_FORMAT_V2,
+    DevicePolicy,
+    Ledger,
+    PrivacyError,
+    _hash,
+    _line,
+    plan_dp,
+)
 from edgemri.models import Student
 
 PHONE_DP = {"enabled": True, "target_epsilon": 4.0, "budget_epsilon": 10.0, "personal_epsilon": 2.0}
@@ -74,6 +83,17 @@ def test_no_budget_left_means_no_fine_tune_never_one_outside_dp(phone: dict[str,
     assert metrics[p.PERSONAL_DP] == 0.0
     assert metrics[p.PERSONAL_ACCURACY] == metrics[p.GLOBAL_ACCURACY]  # the global model, not a raw fine-tune
     assert [Ledger.stage(r) for r in Ledger.open(client.ledger_path, client.name).records] == ["round"]
+
+
+def test_the_devices_floor_binds_the_personal_fine_tune(phone: dict[str, str]) -> None:
+    config = _config()
+    client = Client(resolve_setup(phone, {}), DevicePolicy.from_node_config({"dp-min-noise-multiplier": 50.0}))
+    torch.manual_seed(0)
+    start = Student().state_dict()
+    metrics = client.final_evaluate(create_method(config.federation), start, start, start, ClientState(),
+                                    p.RoundInstructions.for_tier(config, "phone", 2, final=True))
+    assert metrics[p.PERSONAL_DP] == 0.0 and metrics[p.PERSONAL_ACCURACY] == metrics[p.GLOBAL_ACCURACY]
+    assert not client.ledger_path.exists() or not Ledger.open(client.ledger_path, client.name).records
 
 
 def test_settings_that_would_leak_outside_the_ledger_are_refused(phone: dict[str, str]) -> None:
