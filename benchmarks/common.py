@@ -25,7 +25,7 @@ def quickstart_data(data_root: str | None, preset: str = "quickstart") -> Path:
     """The given Kaggle-layout folder, or a fresh synthetic set of ``preset``."""
     if data_root:
         return Path(data_root)
-    from edgemri.core.synth import generate
+    from edgemri.core.data.synth import generate
 
     root = Path(tempfile.mkdtemp(prefix="edgemri-bench-")) / "data"
     generate(root, preset=preset, seed=0, progress=False)

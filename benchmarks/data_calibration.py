@@ -30,11 +30,14 @@ import torch
 from PIL import Image
 
 from benchmarks.common import quickstart_data, write_result
-from edgemri.core.config import TrainSpec, load_config
-from edgemri.core.data import ArraySplit, load_dataset, normalize, stratified_split
-from edgemri.core.evaluate import predict_logits
-from edgemri.core.losses import cross_entropy
-from edgemri.core.train import TrainData, fit
+from edgemri.core.config import TrainSpec
+from edgemri.core.data.dataset import ArraySplit, load_dataset
+from edgemri.core.data.images import normalize
+from edgemri.core.data.splits import stratified_split
+from edgemri.core.registries import load_config
+from edgemri.core.training.evaluate import predict_logits
+from edgemri.core.training.losses import cross_entropy
+from edgemri.core.training.train import TrainData, fit
 from edgemri.models import build_model
 
 STATISTIC_BINS = 10

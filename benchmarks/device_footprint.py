@@ -51,12 +51,12 @@ import yaml
 from flwr.app import ArrayRecord
 
 from benchmarks.common import write_result
-from edgemri.core.checkpoint import Checkpoint, save_checkpoint
-from edgemri.core.config import parse_config
-from edgemri.core.data import load_dataset
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.partition import partition, read_manifest, write_manifests
+from edgemri.core.data.synth import generate
 from edgemri.core.io import write_text
-from edgemri.core.partition import partition, read_manifest, write_manifests
-from edgemri.core.synth import generate
+from edgemri.core.registries import parse_config
+from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.deploy.launcher import LocalDeployment
 from edgemri.models import Student
 from edgemri.simulation.federate import APP_DIR

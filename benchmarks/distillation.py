@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, quickstart_data, write_result
-from edgemri.core.config import Config, load_config
-from edgemri.core.data import load_dataset
-from edgemri.core.distill import Distiller, run_distillation
+from edgemri.core.config import Config
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.registries import load_config
+from edgemri.core.training.distill import Distiller, run_distillation
 from edgemri.reports.distill import build_report, write_report
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, real_data_missing, write_result
-from edgemri.core.config import Config, apply_overrides, load_config, parse_config
+from edgemri.core.config import Config, apply_overrides
+from edgemri.core.registries import load_config, parse_config
 from edgemri.core.stats import bootstrap_ci_clustered
 from edgemri.simulation.federate import federate
 from edgemri.simulation.pipeline import distill

@@ -11,10 +11,10 @@ import torch
 
 from benchmarks.common import quickstart_data, write_result
 from edgemri.core.config import DPTierConfig, TrainSpec
-from edgemri.core.data import load_dataset
-from edgemri.core.losses import cross_entropy
-from edgemri.core.privacy import opacus_wrap, plan_dp
-from edgemri.core.train import TrainData, fit
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.privacy.dp import opacus_wrap, plan_dp
+from edgemri.core.training.losses import cross_entropy
+from edgemri.core.training.train import TrainData, fit
 from edgemri.models import Student
 
 

@@ -17,8 +17,8 @@ import psutil
 import torch
 
 from benchmarks.common import quickstart_data, write_result
-from edgemri.core.checkpoint import Checkpoint, save_checkpoint
-from edgemri.core.config import load_config
+from edgemri.core.registries import load_config
+from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.models import Student
 from edgemri.simulation.federate import federate
 

@@ -27,15 +27,17 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, write_result
-from edgemri.core.audit import audit_dataset
-from edgemri.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from edgemri.core.config import HEAD_STEPS, AugmentConfig, Config, load_config
-from edgemri.core.data import Dataset, load_dataset, normalize
-from edgemri.core.distill import Distiller, run_distillation
-from edgemri.core.evaluate import predict_logits
+from edgemri.core.config import HEAD_STEPS, AugmentConfig, Config
+from edgemri.core.data.audit import audit_dataset
+from edgemri.core.data.dataset import Dataset, load_dataset
+from edgemri.core.data.images import normalize
 from edgemri.core.io import write_text
-from edgemri.core.shortcut import apply_head_step, background_classifier_probe, shortcut_report
+from edgemri.core.registries import load_config
 from edgemri.core.stats import bootstrap_ci
+from edgemri.core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from edgemri.core.training.distill import Distiller, run_distillation
+from edgemri.core.training.evaluate import predict_logits
+from edgemri.core.training.shortcut import apply_head_step, background_classifier_probe, shortcut_report
 from edgemri.edge.contract import normalize_for
 from edgemri.models.pretrained import PRETRAINED_DIR
 from edgemri.reports.distill import PAPER_TABLE, build_report, write_report

@@ -34,9 +34,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from edgemri.core.checkpoint import Checkpoint
-from edgemri.core.data import IMAGE_SIZE, image_uint8, normalize, read_image_bytes
+from edgemri.core.data.images import IMAGE_SIZE, image_uint8, normalize, read_image_bytes
 from edgemri.core.io import write_json
+from edgemri.core.training.checkpoint import Checkpoint
 from edgemri.edge.contract import INPUT_NAME, load_student
 from edgemri.edge.errors import EdgeError
 from edgemri.edge.executorch import executorch_bytes, load_executorch

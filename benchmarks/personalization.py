@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, quickstart_data, real_data_missing, write_result
-from edgemri.core.config import Config, load_config
+from edgemri.core.config import Config
+from edgemri.core.data.partition import manifest_paths, read_manifest
 from edgemri.core.io import write_json
-from edgemri.core.partition import manifest_paths, read_manifest
+from edgemri.core.registries import load_config
 from edgemri.reports.federation import paired_summary
 from edgemri.simulation.federate import federate
 from edgemri.simulation.pipeline import distill

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import quickstart_data, real_data_missing, write_result
-from edgemri.core.config import Config, load_config
+from edgemri.core.config import Config
 from edgemri.core.io import write_json
+from edgemri.core.registries import load_config
 from edgemri.reports.privacy_attacks import write_privacy_attack_report
 from edgemri.simulation.federate import federate
 from edgemri.simulation.pipeline import distill

@@ -19,7 +19,7 @@ REAL = (("personalization", "--real"), ("dp_real",), ("privacy_attacks", "--real
 
 
 def main() -> int:
-    from edgemri.core.synth import generate
+    from edgemri.core.data.synth import generate
 
     data = Path(tempfile.mkdtemp(prefix="edgemri-bench-")) / "data"
     generate(data, preset="quickstart", seed=0, progress=False)  # one data set for all of them

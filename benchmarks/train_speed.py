@@ -20,9 +20,10 @@ from torchvision import datasets, transforms
 
 from benchmarks.common import quickstart_data, write_result
 from edgemri.core.config import TrainSpec
-from edgemri.core.data import MEAN, STD, load_dataset, normalize
-from edgemri.core.losses import cross_entropy, make_kd_loss
-from edgemri.core.train import TrainData, fit
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.images import MEAN, STD, normalize
+from edgemri.core.training.losses import cross_entropy, make_kd_loss
+from edgemri.core.training.train import TrainData, fit
 from edgemri.models import Student
 
 

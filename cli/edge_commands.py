@@ -30,7 +30,7 @@ def default_output(source: str, fmt: str, int8: bool) -> Path:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from edgemri.core.data import load_dataset
+    from edgemri.core.data.dataset import load_dataset
     from edgemri.edge.contract import load_student
     from edgemri.edge.errors import EdgeError, printable
     from edgemri.edge.executorch import export_executorch

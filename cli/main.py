@@ -45,8 +45,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    from edgemri.core.audit import audit_folder
-    from edgemri.core.data import describe_folder
+    from edgemri.core.data.audit import audit_folder
+    from edgemri.core.data.dataset import describe_folder
 
     info = describe_folder(args.root, args.cache_dir, progress=_progress(args))
     # The decoded cache is current now, so the audit's load costs a read; its hashes are cached beside it.
@@ -97,7 +97,7 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 
 def cmd_data_sites(args: argparse.Namespace) -> int:
-    from edgemri.core.data import load_dataset
+    from edgemri.core.data.dataset import load_dataset
     from edgemri.reports.sites import build_sites_report, render_sites, write_sites_report
 
     config = _config(args)

@@ -31,15 +31,18 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from edgemri.clients.audit import audit_mod
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
-from edgemri.core import protocol as p
-from edgemri.core.checkpoint import CheckpointError
 from edgemri.core.config import ConfigError
-from edgemri.core.data import DataError
+from edgemri.core.data.images import DataError
+from edgemri.core.data.partition import ManifestError
 from edgemri.core.errors import EdgemriError
+from edgemri.core.federation import protocol as p
+from edgemri.core.federation.personalize import State, create_method
 from edgemri.core.io import write_json
-from edgemri.core.partition import ManifestError
-from edgemri.core.personalize import State, create_method
-from edgemri.core.privacy import DevicePolicy, LedgerError, PrivacyError
+from edgemri.core.privacy.dp import PrivacyError
+from edgemri.core.privacy.ledger import LedgerError
+from edgemri.core.privacy.policy import DevicePolicy
+from edgemri.core.registries import REGISTRIES
+from edgemri.core.training.checkpoint import CheckpointError
 
 try:
     import resource
@@ -163,7 +166,7 @@ def _received(msg: Message) -> tuple[p.RoundInstructions, State]:
     config, arrays = msg.content.config_records.get(p.CONFIG), msg.content.array_records.get(p.ARRAYS)
     if config is None or arrays is None:
         raise p.ProtocolError("the server's message lacks its config or arrays")
-    return p.RoundInstructions.from_config(dict(config)), arrays.to_torch_state_dict()
+    return p.RoundInstructions.from_config(dict(config), REGISTRIES), arrays.to_torch_state_dict()
 
 
 @app.query()

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from edgemri.core.checkpoint import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
-from edgemri.core.data import CLASS_NAMES, ArraySplit
-from edgemri.core.partition import (
+from edgemri.core.data.dataset import ArraySplit
+from edgemri.core.data.images import CLASS_NAMES
+from edgemri.core.data.partition import (
     LocalData,
     Manifest,
     ManifestError,
@@ -31,7 +31,7 @@ from edgemri.core.partition import (
     read_manifest,
     save_local_data,
 )
-from edgemri.core.personalize import (
+from edgemri.core.federation.personalize import (
     METHODS,
     LocalTrainer,
     Method,
@@ -42,17 +42,7 @@ from edgemri.core.personalize import (
     local_only,
     student_from,
 )
-from edgemri.core.privacy import (
-    LEDGER_FILE,
-    DevicePolicy,
-    DPPlan,
-    Ledger,
-    PrivacyError,
-    check_dp_model,
-    opacus_wrap,
-    plan_dp,
-)
-from edgemri.core.protocol import (
+from edgemri.core.federation.protocol import (
     BEST_GLOBAL_ACCURACY,
     EPSILON,
     GLOBAL_ACCURACY,
@@ -72,6 +62,10 @@ from edgemri.core.protocol import (
     check_client_name,
     run_path,
 )
+from edgemri.core.privacy.dp import DPPlan, PrivacyError, check_dp_model, opacus_wrap, plan_dp
+from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger
+from edgemri.core.privacy.policy import DevicePolicy
+from edgemri.core.training.checkpoint import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
 from edgemri.models import NormStudent, Student
 
 STATE_FILE = "client-state.pt"  # the one checkpoint format, kind "client"

@@ -2,10 +2,11 @@
 
 Unknown keys and bad values raise ``ConfigError`` naming the key (dotted path) and
 what is allowed, before any work starts. Every number is finite and bounded (the bound
-is in the message); names of teachers, methods, accountants and synthetic presets are
-read from their registries, not listed here. Client tiers are data: a mapping of tier
-name to settings, where a tier not listed keeps its defaults and a listed one changes
-only the keys it gives.
+is in the message); names of teachers, scenarios, client kinds, methods, accountants and
+synthetic presets are checked against the ``Registries`` the caller hands in
+(``edgemri.core.registries`` holds the project's), so this module imports none of them.
+Client tiers are data: a mapping of tier name to settings, where a tier not listed keeps
+its defaults and a listed one changes only the keys it gives.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ MAX_CLIENTS = 100_000
 MAX_EXAMPLES = 10_000_000
 MAX_TEMPERATURE = 100.0
 MAX_LIST = 16
-# The optional step on each decoded scan before normalization (core/data.py, ``preprocessing["head"]``).
+# The optional step on each decoded scan before normalization (core/data/images.py, ``preprocessing["head"]``).
 HEAD_STEPS = ("none", "standardize-crop")
 MAX_VIEWS = 64  # augmented views per image with cached teacher logits: the teacher's cost is images x views
 OPTIMIZERS = ("adam", "sgd")
@@ -46,6 +47,19 @@ SCHEDULES = ("constant", "cosine")
 DISTILL_COMPARISONS = ("none", "paper", "ablation")
 KD_INGREDIENTS = ("views", "transfer", "temperature-alpha", "schedule")
 SELECTIONS = ("val", "last")
+
+
+@dataclass(frozen=True)
+class Registries:
+    """The names a config may use, each the key set of the registry that owns it."""
+
+    teachers: tuple[str, ...]
+    synth_presets: tuple[str, ...]
+    scenarios: tuple[str, ...]  # how Training is shared between the server and the clients
+    client_kinds: tuple[str, ...]  # the tiers the partition carves from each site
+    methods: tuple[str, ...]  # personalization methods
+    after_round_methods: tuple[str, ...]  # those whose personal model is made only after the rounds
+    accountants: tuple[str, ...]
 
 
 class ConfigError(EdgemriError):
@@ -98,12 +112,9 @@ class DataConfig:
     # it reduces the collection shortcut, README §2).
     head: str = "none"
 
-    def validate(self, where: str) -> None:
-        from edgemri.core.synth import PRESETS  # the generator's own registry
-
+    def validate(self, where: str, names: Registries) -> None:
         _one_of(f"{where}.head", self.head, HEAD_STEPS)
-
-        _one_of(f"{where}.synth_preset", self.synth_preset, PRESETS)
+        _one_of(f"{where}.synth_preset", self.synth_preset, names.synth_presets)
         _in_range(f"{where}.val_fraction", self.val_fraction, 0, 0.5, low_open=True, high_open=True)
         _in_range(f"{where}.client_fraction", self.client_fraction, 0, 0.9)
         _in_range(f"{where}.split_seed", self.split_seed, 0, MAX_SEED, integer=True)
@@ -143,10 +154,8 @@ class TeacherConfig:
         """Builder options for the registry (the ImageNet teacher has a fixed width)."""
         return {"width": self.width} if self.name == "vgg16-slim" else {}
 
-    def validate(self, where: str) -> None:
-        from edgemri.models import MODEL_NAMES, model_spec
-
-        _one_of(f"{where}.name", self.name, [n for n in MODEL_NAMES if model_spec(n).role == "teacher"])
+    def validate(self, where: str, names: Registries) -> None:
+        _one_of(f"{where}.name", self.name, names.teachers)
         _in_range(f"{where}.width", self.width, 0, 1, low_open=True)
         self.train.validate(f"{where}.train")
         _in_range(f"{where}.views", self.views, 0, MAX_VIEWS, integer=True)
@@ -195,8 +204,8 @@ class DistillConfig:
     # it changes confidences, never the predicted class.
     calibrate: bool = True
 
-    def validate(self, where: str) -> None:
-        self.teacher.validate(f"{where}.teacher")
+    def validate(self, where: str, names: Registries) -> None:
+        self.teacher.validate(f"{where}.teacher", names)
         self.baseline.validate(f"{where}.baseline")
         self.kd.validate(f"{where}.kd")
         self.paper_kd.validate(f"{where}.paper_kd")
@@ -362,18 +371,13 @@ class FederationConfig:
     def tier(self, kind: str) -> TierConfig:
         return _tier(self.tiers, kind, "federation.tiers")
 
-    def validate(self, where: str) -> None:
-        from edgemri.core.data import SCENARIOS  # the splits the data module knows how to make
-        from edgemri.core.partition import CLIENT_KINDS  # the kinds the partition knows how to carve
-        from edgemri.core.personalize import METHODS  # imported here: personalize imports this module
-
-        _one_of(f"{where}.method", self.method, METHODS)
-        after_rounds = [name for name, m in METHODS.items() if not m.keeps_personal_state]
+    def validate(self, where: str, names: Registries) -> None:
+        _one_of(f"{where}.method", self.method, names.methods)
         for name in self.compare_methods:
-            _one_of(f"{where}.compare_methods", name, after_rounds)
+            _one_of(f"{where}.compare_methods", name, names.after_round_methods)
         _require(len(set(self.compare_methods)) == len(self.compare_methods), f"{where}.compare_methods",
                  list(self.compare_methods), "each method at most once")
-        _one_of(f"{where}.scenario", self.scenario, SCENARIOS)
+        _one_of(f"{where}.scenario", self.scenario, names.scenarios)
         _in_range(f"{where}.source_sites", self.source_sites, 1, 1_000, integer=True, nullable=True)
         _in_range(f"{where}.rounds", self.rounds, 1, MAX_ROUNDS, integer=True)
         _in_range(f"{where}.proximal_mu", self.proximal_mu, 0, MAX_WEIGHT)
@@ -385,9 +389,9 @@ class FederationConfig:
             _in_range(f"{where}.max_update_norm", self.max_update_norm, 0, MAX_WEIGHT, low_open=True)
         self.partition.validate(f"{where}.partition")
         for name, tier in self.tiers.items():
-            if name not in CLIENT_KINDS:
+            if name not in names.client_kinds:
                 raise ConfigError(f"config key '{where}.tiers.{name}' is not a client kind; allowed: "
-                                  f"{', '.join(CLIENT_KINDS)} (the kinds the partition carves from each site)")
+                                  f"{', '.join(names.client_kinds)} (the kinds the partition carves from each site)")
             tier.validate(f"{where}.tiers.{name}")
         _require(sum(t.per_site for t in self.tiers.values()) >= 1, f"{where}.tiers",
                  {k: t.per_site for k, t in self.tiers.items()}, "at least one client per site over all tiers")
@@ -456,10 +460,8 @@ class PrivacyConfig:
     def tier_names(self) -> tuple[str, ...]:
         return tuple(self.tiers)
 
-    def validate(self, where: str) -> None:
-        from edgemri.core.privacy import ACCOUNTANTS  # imported here: privacy imports this module
-
-        _one_of(f"{where}.accountant", self.accountant, ACCOUNTANTS)
+    def validate(self, where: str, names: Registries) -> None:
+        _one_of(f"{where}.accountant", self.accountant, names.accountants)
         for name, tier in self.tiers.items():
             tier.validate(f"{where}.tiers.{name}")
         self.central.validate(f"{where}.central")
@@ -482,12 +484,12 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
-    def validate(self) -> Config:
+    def validate(self, names: Registries) -> Config:
         _in_range("seed", self.seed, 0, MAX_SEED, integer=True)
-        self.data.validate("data")
-        self.distill.validate("distill")
-        self.federation.validate("federation")
-        self.privacy.validate("privacy")
+        self.data.validate("data", names)
+        self.distill.validate("distill", names)
+        self.federation.validate("federation", names)
+        self.privacy.validate("privacy", names)
         stray = [name for name in self.privacy.tiers if name not in self.federation.tiers]
         if stray:
             raise ConfigError(f"config key 'privacy.tiers.{stray[0]}' names no federation tier; allowed: "
@@ -622,8 +624,9 @@ def from_dict(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
     return dataclasses.replace(base, **kwargs)
 
 
-def parse_config(data: Any) -> Config:
-    return from_dict(Config, data).validate()
+def parse_config(data: Any, names: Registries) -> Config:
+    """A validated Config from plain data (parsed YAML or JSON), its names checked against ``names``."""
+    return from_dict(Config, data).validate(names)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -681,7 +684,7 @@ def apply_overrides(data: dict[str, Any] | None, overrides: typing.Sequence[str]
     return data
 
 
-def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | Path, names: Registries, overrides: typing.Sequence[str] = ()) -> Config:
     """Read and validate a YAML config, then ``overrides``; errors name the file and the key."""
     path = Path(path)
     try:
@@ -701,6 +704,6 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         if not isinstance(data, dict):
             raise ConfigError(f"the top level is a {type(data).__name__}; it must be a mapping of sections "
                               f"({', '.join(f.name for f in dataclasses.fields(Config))})")
-        return parse_config(apply_overrides(data, overrides))
+        return parse_config(apply_overrides(data, overrides), names)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

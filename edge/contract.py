@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from edgemri.core.checkpoint import check_temperature as check_checkpoint_temperature
-from edgemri.core.data import HEAD_KEY, IMAGE_SIZE, PreprocessingError, normalize, parse_preprocessing
+from edgemri.core.data.images import HEAD_KEY, IMAGE_SIZE, PreprocessingError, normalize, parse_preprocessing
 from edgemri.core.errors import version
 from edgemri.core.io import write_bytes
-from edgemri.core.shortcut import apply_head_step
+from edgemri.core.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from edgemri.core.training.checkpoint import check_temperature as check_checkpoint_temperature
+from edgemri.core.training.shortcut import apply_head_step
 from edgemri.edge.errors import EdgeError, first_line, printable
 from edgemri.models import build_model, fold_norms
 

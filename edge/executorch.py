@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgemri.core.checkpoint import Checkpoint
-from edgemri.core.data import IMAGE_SIZE
+from edgemri.core.data.images import IMAGE_SIZE
+from edgemri.core.training.checkpoint import Checkpoint
 from edgemri.edge.contract import (
     INPUT_NAME,
     check_output,

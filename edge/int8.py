@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edgemri.core.checkpoint import Checkpoint
-from edgemri.core.data import PREPROCESSING
+from edgemri.core.data.images import PREPROCESSING
+from edgemri.core.training.checkpoint import Checkpoint
 from edgemri.edge.contract import (
     INPUT_NAME,
     check_output,

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from edgemri.core.checkpoint import Checkpoint
 from edgemri.core.errors import version
+from edgemri.core.training.checkpoint import Checkpoint
 from edgemri.edge.contract import (
     INPUT_NAME,
     OUTPUT_NAME,

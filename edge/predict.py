@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgemri.core.data import IMAGE_EXTENSIONS, BadImageError, load_image_uint8
+from edgemri.core.data.dataset import IMAGE_EXTENSIONS
+from edgemri.core.data.images import BadImageError, load_image_uint8
 from edgemri.edge.errors import EdgeError, printable
 from edgemri.edge.runtime import LoadedModel
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edgemri.core.checkpoint import calibrated_probabilities, load_checkpoint
-from edgemri.core.data import IMAGE_SIZE
+from edgemri.core.data.images import IMAGE_SIZE
+from edgemri.core.training.checkpoint import calibrated_probabilities, load_checkpoint
 from edgemri.edge.contract import (
     INPUT_NAME,
     METADATA_FILE,

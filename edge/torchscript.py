@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from edgemri.core.checkpoint import Checkpoint
+from edgemri.core.training.checkpoint import Checkpoint
 from edgemri.edge.contract import (
     METADATA_FILE,
     check_output,

@@ -1,10 +1,11 @@
-"""What every report shares: the machine and package versions it ran on, and the JSON/MD/PNG writer."""
+"""What every report shares: the machine and package versions it ran on, Markdown tables, and the JSON/MD/PNG
+writer."""
 
 from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -39,3 +40,23 @@ def write_report_files(out: Path, stem: str, report: dict[str, Any], render: Cal
     write_text(paths["md"], render(report))
     plot(report, paths["png"])
     return paths
+
+
+def _cell(value: Any) -> str:
+    """One table cell: a run's names and numbers on one line, a '|' escaped so it cannot open a column."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def markdown_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], align: str = "") -> str:
+    """A Markdown table (no trailing newline). ``align``: one letter per column, l or r (default: l, then r)."""
+    headers = [_cell(h) for h in headers]
+    align = align or "l" + "r" * (len(headers) - 1)
+    if len(align) != len(headers) or set(align) - {"l", "r"}:
+        raise ValueError(f"align {align!r} needs one of l/r per column ({len(headers)})")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    for row in rows:
+        cells = [_cell(c) for c in row]
+        if len(cells) != len(headers):
+            raise ValueError(f"a row has {len(cells)} cells for {len(headers)} columns")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

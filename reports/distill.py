@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from edgemri.core.config import Config
-from edgemri.core.data import CLASS_NAMES, Dataset
-from edgemri.core.distill import SeedResult
+from edgemri.core.data.dataset import Dataset
+from edgemri.core.data.images import CLASS_NAMES
 from edgemri.core.io import save_figure, write_json, write_text
 from edgemri.core.stats import bootstrap_ci_clustered
+from edgemri.core.training.distill import SeedResult
 from edgemri.models import build_model, summarize
 from edgemri.reports.common import machine, package_versions
 

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemri.core.config import Config
-from edgemri.core.io import save_figure
-from edgemri.core.protocol import (
+from edgemri.core.federation.protocol import (
     BEST_GLOBAL_ACCURACY,
     GLOBAL_ACCURACY,
     LOCAL_ONLY_ACCURACY,
@@ -22,6 +21,7 @@ from edgemri.core.protocol import (
     START_ACCURACY,
     FederationResult,
 )
+from edgemri.core.io import save_figure
 from edgemri.core.stats import bootstrap_ci_clustered, paired_differences
 from edgemri.reports.common import machine, package_versions, write_report_files
 

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
-from edgemri.core.checkpoint import Checkpoint, calibrated_probabilities
-from edgemri.core.data import CLASS_NAMES, Dataset, normalize
-from edgemri.core.evaluate import classification_metrics, predict_logits
+from edgemri.core.data.dataset import Dataset
+from edgemri.core.data.images import CLASS_NAMES, normalize
 from edgemri.core.stats import bootstrap_ci
+from edgemri.core.training.checkpoint import Checkpoint, calibrated_probabilities
+from edgemri.core.training.evaluate import classification_metrics, predict_logits
 from edgemri.models import summarize
 
 DISCLAIMER = ("**Not a medical device.** A research model for benchmarking on-device federated learning; it must "

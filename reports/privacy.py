@@ -15,10 +15,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edgemri.core.config import Config, load_config
+from edgemri.core.config import Config
 from edgemri.core.errors import EdgemriError
+from edgemri.core.federation.protocol import EPSILON, FederationResult
 from edgemri.core.io import save_figure
-from edgemri.core.protocol import EPSILON, FederationResult
+from edgemri.core.registries import load_config
 from edgemri.reports.common import write_report_files
 
 NOT_PROTECTED = ("the metrics each client reports (accuracies, losses, epsilon itself), its number of "

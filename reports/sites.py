@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from edgemri.core.config import Config
-from edgemri.core.data import CLASS_NAMES, ArraySplit, DataError, Dataset, pick_source_sites, sited_dataset
-from edgemri.core.partition import site_pools
-from edgemri.core.sites import SITE_COUNT_CANDIDATES, fit_sites
+from edgemri.core.data.dataset import ArraySplit, Dataset
+from edgemri.core.data.images import CLASS_NAMES, DataError
+from edgemri.core.data.partition import site_pools
+from edgemri.core.data.sites import SITE_COUNT_CANDIDATES, fit_sites
+from edgemri.core.data.splits import pick_source_sites, sited_dataset
 from edgemri.reports.common import write_report_files
 
 EXAMPLES_PER_CLASS = 4

@@ -16,14 +16,15 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from edgemri.core import protocol as p
-from edgemri.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from edgemri.core.config import Config, load_config
-from edgemri.core.data import ArraySplit, Dataset, load_dataset
+from edgemri.core.config import Config
+from edgemri.core.data.dataset import ArraySplit, Dataset, load_dataset
+from edgemri.core.data.partition import ensure_manifests
 from edgemri.core.errors import EdgemriError
+from edgemri.core.federation import protocol as p
+from edgemri.core.federation.personalize import State, evaluate_state
 from edgemri.core.io import write_json
-from edgemri.core.partition import ensure_manifests
-from edgemri.core.personalize import State, evaluate_state
+from edgemri.core.registries import load_config
+from edgemri.core.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.reports.federation import build_federation_report, write_federation_report
 from edgemri.reports.privacy import build_privacy_report, write_privacy_report
 from edgemri.server.strategy import CentralAccountant, FederationStrategy, RoundState, with_central_dp

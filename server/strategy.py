@@ -41,9 +41,9 @@ from flwr.serverapp.strategy import (
     FedAvg,
 )
 
-from edgemri.core import protocol as p
 from edgemri.core.config import CentralDPConfig, Config, ConfigError
-from edgemri.core.personalize import State, create_method, merge_shared
+from edgemri.core.federation import protocol as p
+from edgemri.core.federation.personalize import State, create_method, merge_shared
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from edgemri.core.config import Config
-from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset
-from edgemri.core.partition import Manifest, load_pool
-from edgemri.core.personalize import LocalTrainer, State, evaluate_state, student_from
-from edgemri.core.protocol import POOL_PREFIX
+from edgemri.core.data.dataset import ArraySplit, Dataset
+from edgemri.core.data.images import CLASS_NAMES
+from edgemri.core.data.partition import Manifest, load_pool
+from edgemri.core.federation.personalize import LocalTrainer, State, evaluate_state, student_from
+from edgemri.core.federation.protocol import POOL_PREFIX
 
 POOLED, ORACLE = "pooled-accuracy", "oracle-accuracy"
 ORACLE_EPOCHS = 30  # an upper bound on the budget; selection on validation stops it where it peaks

@@ -15,16 +15,17 @@ from typing import TextIO
 
 import yaml
 
-from edgemri.core.checkpoint import load_checkpoint
 from edgemri.core.config import Config, ConfigError
-from edgemri.core.data import HEAD_KEY, load_dataset
-from edgemri.core.distill import resume_settings
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.images import HEAD_KEY
+from edgemri.core.data.partition import ensure_manifests, read_manifest
 from edgemri.core.errors import EdgemriError
+from edgemri.core.federation.personalize import create_method
+from edgemri.core.federation.protocol import APP_ROOT, REFERENCES_FILE, ProtocolError, parse_references
 from edgemri.core.io import write_json, write_text
-from edgemri.core.partition import ensure_manifests, read_manifest
-from edgemri.core.personalize import create_method
-from edgemri.core.privacy import PrivacyError, check_dp_model, plan_dp
-from edgemri.core.protocol import APP_ROOT, REFERENCES_FILE, ProtocolError, parse_references
+from edgemri.core.privacy.dp import PrivacyError, check_dp_model, plan_dp
+from edgemri.core.training.checkpoint import load_checkpoint
+from edgemri.core.training.distill import resume_settings
 from edgemri.models import build_model
 from edgemri.simulation.baselines import reference_accuracies, references_key
 from edgemri.simulation.flower_run import FlowerRunError, run_simulation

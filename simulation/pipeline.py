@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgemri.core.checkpoint import load_checkpoint, save_checkpoint
-from edgemri.core.config import Config, load_config
-from edgemri.core.data import load_dataset
+from edgemri.core.config import Config
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.partition import Manifest, write_manifests
+from edgemri.core.data.partition import partition as split_clients
 from edgemri.core.errors import EdgemriError
-from edgemri.core.partition import Manifest, write_manifests
-from edgemri.core.partition import partition as split_clients
+from edgemri.core.registries import load_config
+from edgemri.core.training.checkpoint import load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:  # the federation (Flower, Opacus, reports) loads only for the stages that use it
     from edgemri.simulation.federate import FederationRun
@@ -74,7 +75,7 @@ def start_model(config: Config, start: str | Path | None = None) -> Path:
 def synthesize(out: Path, *, preset: str = DEMO_PRESET, seed: int = 0, overwrite: bool = False,
                progress: bool = False) -> dict[str, Any]:
     """The offline synthetic set in the Kaggle layout plus its sample grid; returns the generator's summary."""
-    from edgemri.core.synth import generate, write_sample_grid
+    from edgemri.core.data.synth import generate, write_sample_grid
 
     summary = generate(out, preset=preset, seed=seed, overwrite=overwrite, progress=progress)
     write_sample_grid(out, sample_grid(out))
@@ -104,7 +105,7 @@ class DistillOutcome:
 def distill(config: Config, out: Path, *, seeds: int = 1, resume: bool = False, progress: bool = False
             ) -> DistillOutcome:
     """Teacher, baseline student and KD student for each seed; the report; ``out/student.pt`` to federate."""
-    from edgemri.core.distill import run_distillation
+    from edgemri.core.training.distill import run_distillation
     from edgemri.reports.distill import build_report, write_report
 
     if seeds < 1:
@@ -263,7 +264,7 @@ def demo_stages(out: Path, config_path: Path, *, quiet: bool = False, data_root:
         return [f"wrote {summary.get('total', '')} images ({config.data.synth_preset}) to {data}"]
 
     def run_sites() -> list[str]:
-        from edgemri.core.audit import audit_dataset
+        from edgemri.core.data.audit import audit_dataset
         from edgemri.reports.sites import build_sites_report, write_sites_report
 
         dataset = load_dataset(data, cache_dir=config.data.cache_dir, progress=progress)

@@ -43,25 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edgemri.clients.runtime import Client, ClientSetup
-from edgemri.core import attacks
-from edgemri.core.checkpoint import check_state_dict, load_checkpoint
-from edgemri.core.config import Config, ConfigError, TrainSpec, load_config
-from edgemri.core.data import (
-    CLASS_NAMES,
-    IMAGE_SIZE,
-    MEAN,
-    STD,
-    ArraySplit,
-    normalize,
-    parse_preprocessing,
-)
+from edgemri.core.config import Config, ConfigError, TrainSpec
+from edgemri.core.data.dataset import ArraySplit
+from edgemri.core.data.images import CLASS_NAMES, IMAGE_SIZE, MEAN, STD, normalize, parse_preprocessing
+from edgemri.core.data.partition import manifest_paths, read_manifest
 from edgemri.core.errors import EdgemriError
-from edgemri.core.evaluate import predict_logits
-from edgemri.core.losses import cross_entropy
-from edgemri.core.partition import manifest_paths, read_manifest
-from edgemri.core.personalize import Method, RoundOutput, State, create_method, evaluate_state, student_from
-from edgemri.core.privacy import ACCOUNTANTS, DPPlan, Ledger, opacus_wrap
-from edgemri.core.protocol import (
+from edgemri.core.federation.personalize import Method, RoundOutput, State, create_method, evaluate_state, student_from
+from edgemri.core.federation.protocol import (
     CLIENT_NAME,
     PERSONAL_DP,
     START_ACCURACY,
@@ -70,7 +58,14 @@ from edgemri.core.protocol import (
     RoundInstructions,
     check_client_name,
 )
-from edgemri.core.train import TrainData, fit
+from edgemri.core.privacy import attacks
+from edgemri.core.privacy.dp import ACCOUNTANTS, DPPlan, opacus_wrap
+from edgemri.core.privacy.ledger import Ledger
+from edgemri.core.registries import load_config
+from edgemri.core.training.checkpoint import check_state_dict, load_checkpoint
+from edgemri.core.training.evaluate import predict_logits
+from edgemri.core.training.losses import cross_entropy
+from edgemri.core.training.train import TrainData, fit
 from edgemri.models import Student
 from edgemri.reports.common import machine, package_versions
 

@@ -36,17 +36,18 @@ from typing import Any
 
 import torch
 
-from edgemri.core import attacks
-from edgemri.core.checkpoint import check_state_dict, load_checkpoint
 from edgemri.core.config import Config, DPTierConfig, TrainSpec
-from edgemri.core.data import CLASS_NAMES, ArraySplit, load_dataset, normalize
+from edgemri.core.data.dataset import ArraySplit, load_dataset
+from edgemri.core.data.images import CLASS_NAMES, normalize
+from edgemri.core.data.partition import Manifest, load_local_data, partition
 from edgemri.core.errors import EdgemriError
-from edgemri.core.evaluate import predict_logits
+from edgemri.core.federation.personalize import LocalTrainer, State, student_from
 from edgemri.core.io import write_json, write_text
-from edgemri.core.losses import cross_entropy
-from edgemri.core.partition import Manifest, load_local_data, partition
-from edgemri.core.personalize import LocalTrainer, State, student_from
-from edgemri.core.privacy import DPPlan, epsilon_of, opacus_wrap, plan_dp
+from edgemri.core.privacy import attacks
+from edgemri.core.privacy.dp import DPPlan, epsilon_of, opacus_wrap, plan_dp
+from edgemri.core.training.checkpoint import check_state_dict, load_checkpoint
+from edgemri.core.training.evaluate import predict_logits
+from edgemri.core.training.losses import cross_entropy
 from edgemri.models import Student
 from edgemri.reports.common import machine, package_versions
 from edgemri.simulation.privacy_attack import one_thread

@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edgemri.core.config import Config, load_config
+from edgemri.core.config import Config
+from edgemri.core.federation.protocol import FederationResult
 from edgemri.core.io import write_json
-from edgemri.core.protocol import FederationResult
+from edgemri.core.registries import load_config
 from edgemri.reports.privacy import build_privacy_report, read_json, write_privacy_report
 from edgemri.simulation.federate import federate
 from edgemri.simulation.pipeline import UsageError

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgemri.core.data import CLASS_NAMES
+from edgemri.core.data.images import CLASS_NAMES
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -26,7 +26,7 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.fixture()
 def distill_fits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
     """Every call distillation makes to the training loop, as (training data, keyword arguments), passed through."""
-    from edgemri.core import distill
+    from edgemri.core.training import distill
 
     calls: list[tuple[Any, dict[str, Any]]] = []
     real_fit = distill.fit

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgemri.core.attacks import (
+from edgemri.core.errors import EdgemriError
+from edgemri.core.privacy.attacks import (
     AttackError,
     audit_guesses,
     best_match,
@@ -25,7 +26,6 @@ from edgemri.core.attacks import (
     psnr,
     ssim,
 )
-from edgemri.core.errors import EdgemriError
 from edgemri.models import build_model
 
 # --- the analytic attack on the real student ---------------------------------------------------------------

@@ -11,9 +11,9 @@ import pytest
 from conftest import make_kaggle_folder
 from PIL import Image, ImageDraw, ImageFilter
 
-from edgemri.core import audit
-from edgemri.core.audit import AuditError, audit_dataset, hamming, near_pairs
-from edgemri.core.data import load_dataset
+from edgemri.core.data import audit
+from edgemri.core.data.audit import AuditError, audit_dataset, hamming, near_pairs
+from edgemri.core.data.dataset import load_dataset
 from edgemri.core.io import load_npz, save_npz
 from edgemri.main import main
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from edgemri.core.checkpoint import (
+from edgemri.core.training.checkpoint import (
     FORMAT,
     KINDS,
     LEGACY_FORMAT,

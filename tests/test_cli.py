@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import edgemri.main as cli
-from edgemri.core.checkpoint import Checkpoint, save_checkpoint
 from edgemri.core.errors import EdgemriError
+from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.main import build_parser, main
 from edgemri.models import Student
 from edgemri.simulation.pipeline import DEMO_OUT, DemoLayout, demo, demo_stages, load_run_config, start_model

@@ -10,13 +10,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 
 from edgemri.clients.client_app import coded_failures
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
-from edgemri.core import protocol as p
-from edgemri.core.config import parse_config
-from edgemri.core.data import load_dataset
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.partition import ManifestError, partition, read_manifest, write_manifests
 from edgemri.core.errors import EdgemriError
-from edgemri.core.partition import ManifestError, partition, read_manifest, write_manifests
-from edgemri.core.personalize import create_method
-from edgemri.core.privacy import LEDGER_FILE, DevicePolicy
+from edgemri.core.federation import protocol as p
+from edgemri.core.federation.personalize import create_method
+from edgemri.core.privacy.ledger import LEDGER_FILE
+from edgemri.core.privacy.policy import DevicePolicy
+from edgemri.core.registries import REGISTRIES, parse_config
 from edgemri.models import Student
 
 CONFIG = parse_config({"seed": 0, "data": {"client_fraction": 0.0}, "federation": {"method": "fedavg", "tiers": {
@@ -49,11 +50,11 @@ def test_a_malformed_global_model_from_the_server_is_refused(hospital: dict[str,
 
 def test_malformed_round_instructions_are_a_protocol_error() -> None:
     good = p.RoundInstructions.for_tier(CONFIG, "phone", 2).to_config()
-    assert p.RoundInstructions.from_config(good).server_round == 2
+    assert p.RoundInstructions.from_config(good, REGISTRIES).server_round == 2
     for broken in ({**good, "federation-json": "{not json"}, {**good, "server-round": -1},
                    {**good, "spec-json": '{"epochs": 1e20}'}, {k: v for k, v in good.items() if k != "seed"}):
         with pytest.raises(p.ProtocolError):
-            p.RoundInstructions.from_config(broken)
+            p.RoundInstructions.from_config(broken, REGISTRIES)
 
 
 def _message() -> Message:

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from edgemri.core import personalize, privacy, synth
-from edgemri.core.config import ConfigError, load_config, parse_config
+from edgemri.core import config as config_module
+from edgemri.core.config import ConfigError
+from edgemri.core.data import synth
+from edgemri.core.federation import personalize
+from edgemri.core.privacy import dp
+from edgemri.core.registries import REGISTRIES, load_config, parse_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -111,12 +116,21 @@ def test_unknown_client_kinds_are_config_errors() -> None:
         config.privacy.tier("clinic", "clinic-1")
 
 
-def test_allowed_names_come_from_the_registries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(personalize.METHODS, "fedfoo", personalize.Method)
-    monkeypatch.setattr(privacy, "ACCOUNTANTS", (*privacy.ACCOUNTANTS, "pld"))
-    monkeypatch.setitem(synth.PRESETS, "tiny", synth.PRESETS["quickstart"])
-    config = parse_config({"federation": {"method": "fedfoo"}, "privacy": {"accountant": "pld"},
-                           "data": {"synth_preset": "tiny"}})
+def test_the_project_registries_are_the_owners_key_sets() -> None:
+    assert REGISTRIES.methods == tuple(personalize.METHODS)
+    assert REGISTRIES.accountants == dp.ACCOUNTANTS
+    assert REGISTRIES.synth_presets == tuple(synth.PRESETS)
+    assert "fedavg-ft" in REGISTRIES.after_round_methods and "ditto" not in REGISTRIES.after_round_methods
+
+
+def test_allowed_names_are_the_registries_handed_in() -> None:
+    data = {"federation": {"method": "fedfoo"}, "privacy": {"accountant": "pld"}, "data": {"synth_preset": "tiny"}}
+    with pytest.raises(ConfigError, match="fedfoo"):
+        config_module.parse_config(data, REGISTRIES)
+    names = dataclasses.replace(REGISTRIES, methods=(*REGISTRIES.methods, "fedfoo"),
+                                accountants=(*REGISTRIES.accountants, "pld"),
+                                synth_presets=(*REGISTRIES.synth_presets, "tiny"))
+    config = config_module.parse_config(data, names)
     assert (config.federation.method, config.privacy.accountant, config.data.synth_preset) == ("fedfoo", "pld", "tiny")
 
 

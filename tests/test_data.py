@@ -13,23 +13,19 @@ from conftest import make_kaggle_folder
 from PIL import Image
 from torchvision import transforms
 
-from edgemri.core import data as data_module
-from edgemri.core.data import (
-    CLASS_NAMES,
+from edgemri.core.data import dataset as data_module
+from edgemri.core.data.dataset import (
     UNKNOWN_LABEL,
     UNLABELED_DIR,
-    DataError,
     cache_status,
     describe_folder,
     load_dataset,
-    load_image_uint8,
     load_pools,
     load_unlabeled,
-    normalize,
-    open_image,
     scan_folder,
-    stratified_split,
 )
+from edgemri.core.data.images import CLASS_NAMES, DataError, load_image_uint8, normalize, open_image
+from edgemri.core.data.splits import stratified_split
 
 pytestmark = pytest.mark.usefixtures("user_cache")  # each test decodes into its own cache folder
 

@@ -21,18 +21,10 @@ import pytest
 import torch
 from conftest import make_kaggle_folder
 
-from edgemri.core import partition as partition_module
-from edgemri.core.data import (
-    CLASS_NAMES,
-    DataError,
-    cache_path,
-    describe_folder,
-    load_dataset,
-    load_unlabeled,
-    scan_folder,
-)
-from edgemri.core.io import save_npz
-from edgemri.core.partition import (
+from edgemri.core.data import partition as partition_module
+from edgemri.core.data.dataset import cache_path, describe_folder, load_dataset, load_unlabeled, scan_folder
+from edgemri.core.data.images import CLASS_NAMES, DataError
+from edgemri.core.data.partition import (
     LOCAL_SPLITS,
     MANIFEST_FORMAT,
     ManifestError,
@@ -41,6 +33,7 @@ from edgemri.core.partition import (
     read_manifest,
     save_local_data,
 )
+from edgemri.core.io import save_npz
 
 pytestmark = pytest.mark.usefixtures("user_cache")  # each test decodes into its own cache folder
 

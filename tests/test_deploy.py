@@ -29,11 +29,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edgemri.clients.runtime import STATE_FILE, Client, resolve_setup
-from edgemri.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from edgemri.core.config import parse_config
-from edgemri.core.data import load_dataset
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.partition import partition, read_manifest, write_manifests
 from edgemri.core.io import write_text
-from edgemri.core.partition import partition, read_manifest, write_manifests
+from edgemri.core.registries import parse_config
+from edgemri.core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgemri.deploy import certs as certs_module
 from edgemri.deploy.certs import MAX_DAYS, make_certs
 from edgemri.deploy.errors import DeployError

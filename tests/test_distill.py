@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 
-from edgemri.core import distill as distill_module
-from edgemri.core.checkpoint import load_checkpoint
-from edgemri.core.config import parse_config
-from edgemri.core.data import load_dataset, server_client_split, stratified_split
-from edgemri.core.distill import TeacherUnavailableError, run_distillation
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.splits import server_client_split, stratified_split
 from edgemri.core.errors import EdgemriError
-from edgemri.core.train import ResumeMismatchError, shuffled_batches
+from edgemri.core.registries import parse_config
+from edgemri.core.training import distill as distill_module
+from edgemri.core.training.checkpoint import load_checkpoint
+from edgemri.core.training.distill import TeacherUnavailableError, run_distillation
+from edgemri.core.training.train import ResumeMismatchError, shuffled_batches
 
 FAST = {
     "seed": 0,

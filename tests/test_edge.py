@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from conftest import make_kaggle_folder
 from PIL import Image
 
-from edgemri.core.checkpoint import FORMAT, Checkpoint, save_checkpoint
 from edgemri.core.config import TrainSpec
-from edgemri.core.data import CLASS_NAMES, PREPROCESSING, Dataset, load_dataset, load_image_uint8, normalize
+from edgemri.core.data.dataset import Dataset, load_dataset
+from edgemri.core.data.images import CLASS_NAMES, PREPROCESSING, load_image_uint8, normalize
 from edgemri.core.errors import EdgemriError
-from edgemri.core.train import TrainData, fit
+from edgemri.core.training.checkpoint import FORMAT, Checkpoint, save_checkpoint
+from edgemri.core.training.train import TrainData, fit
 from edgemri.edge.contract import METADATA_FILE
 from edgemri.edge.errors import INSTALL_HINT, EdgeDependencyError, EdgeError
 from edgemri.edge.int8 import export_onnx_int8

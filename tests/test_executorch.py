@@ -14,8 +14,8 @@ from PIL import Image
 
 pytest.importorskip("executorch")
 
-from edgemri.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from edgemri.core.data import CLASS_NAMES, PREPROCESSING, calibrated_preprocessing, load_image_uint8  # noqa: E402
+from edgemri.core.data.images import CLASS_NAMES, PREPROCESSING, calibrated_preprocessing, load_image_uint8  # noqa: E402
+from edgemri.core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from edgemri.edge.contract import edge_metadata  # noqa: E402
 from edgemri.edge.errors import INSTALL_HINT, EdgeDependencyError, EdgeError  # noqa: E402
 from edgemri.edge.executorch import METADATA_METHOD, export_executorch, load_executorch  # noqa: E402

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
-from edgemri.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from edgemri.core.config import parse_config
-from edgemri.core.data import load_dataset
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.partition import partition, read_manifest, write_manifests
 from edgemri.core.errors import EdgemriError
-from edgemri.core.partition import partition, read_manifest, write_manifests
-from edgemri.core.personalize import create_method
-from edgemri.core.privacy import LEDGER_FILE, Ledger
-from edgemri.core.protocol import FailureCode, RoundInstructions
+from edgemri.core.federation.personalize import create_method
+from edgemri.core.federation.protocol import FailureCode, RoundInstructions
+from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger
+from edgemri.core.registries import parse_config
+from edgemri.core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgemri.models import Student
 from edgemri.simulation.federate import federate
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edgemri.core import protocol as p
-from edgemri.core.config import parse_config
+from edgemri.core.federation import protocol as p
+from edgemri.core.registries import parse_config
 from edgemri.core.stats import bootstrap_ci
 from edgemri.reports.federation import build_federation_report, paired_summary, write_federation_report
 

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from edgemri.core.checkpoint import FORMAT, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from edgemri.core.data import (
+from edgemri.core.data.images import (
     MEAN,
     PREPROCESSING,
     STD,
@@ -24,6 +23,7 @@ from edgemri.core.data import (
     normalize,
     parse_preprocessing,
 )
+from edgemri.core.training.checkpoint import FORMAT, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.edge.errors import EdgeError
 from edgemri.edge.int8 import export_onnx_int8
 from edgemri.edge.onnx import export_onnx

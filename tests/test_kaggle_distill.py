@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgemri.core import distill as distill_module
-from edgemri.core.augment import ViewData
-from edgemri.core.config import ConfigError, load_config, parse_config
-from edgemri.core.data import DataError, load_dataset, stratified_split
-from edgemri.core.distill import Distiller, run_distillation
+from edgemri.core.config import ConfigError
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.images import DataError
+from edgemri.core.data.splits import stratified_split
+from edgemri.core.registries import load_config, parse_config
+from edgemri.core.training import distill as distill_module
+from edgemri.core.training.augment import ViewData
+from edgemri.core.training.distill import Distiller, run_distillation
 from edgemri.reports.distill import build_report, render_markdown
 from tests.conftest import make_kaggle_folder
 
@@ -116,10 +119,10 @@ def test_kaggle_config_loads_and_teacher_views_are_bounded() -> None:
 
 def test_head_step_is_recorded_applied_by_edge_and_refused_by_the_federation(
         tiny_data: Path, tmp_path: Path) -> None:
-    from edgemri.core.checkpoint import load_checkpoint
     from edgemri.core.config import ConfigError
-    from edgemri.core.data import PREPROCESSING, PreprocessingError, normalize, parse_preprocessing
-    from edgemri.core.shortcut import apply_head_step
+    from edgemri.core.data.images import PREPROCESSING, PreprocessingError, normalize, parse_preprocessing
+    from edgemri.core.training.checkpoint import load_checkpoint
+    from edgemri.core.training.shortcut import apply_head_step
     from edgemri.edge.contract import normalize_for
     from edgemri.edge.onnx import export_onnx
     from edgemri.edge.runtime import load_model

@@ -10,13 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from edgemri.core.augment import ViewData, apply_views, draw_views, view_logits
-from edgemri.core.config import AugmentConfig, ConfigError, DistillConfig, KDConfig, TrainSpec, parse_config
-from edgemri.core.data import UNKNOWN_LABEL, load_dataset, normalize
-from edgemri.core.distill import ForwardCounter, run_distillation
-from edgemri.core.evaluate import coverage_curve, fit_temperature, refer_threshold, selective_accuracy
-from edgemri.core.losses import kd_loss
-from edgemri.core.train import TrainData
+from edgemri.core.config import AugmentConfig, ConfigError, DistillConfig, KDConfig, TrainSpec
+from edgemri.core.data.dataset import UNKNOWN_LABEL, load_dataset
+from edgemri.core.data.images import normalize
+from edgemri.core.registries import parse_config
+from edgemri.core.training.augment import ViewData, apply_views, draw_views, view_logits
+from edgemri.core.training.distill import ForwardCounter, run_distillation
+from edgemri.core.training.evaluate import coverage_curve, fit_temperature, refer_threshold, selective_accuracy
+from edgemri.core.training.losses import kd_loss
+from edgemri.core.training.train import TrainData
 
 
 def _images(n: int = 6, size: int = 32) -> torch.Tensor:
@@ -156,7 +158,7 @@ def test_distillation_with_views_transfer_and_ablation_reports_every_student(tin
     assert kd.test["temperature"] > 0 and 0 <= kd.test["ece"] <= 1
     assert len(kd.test["correct"]) == len(dataset.test)
     assert math.isclose(kd.test["accuracy"], sum(kd.test["correct"]) / len(dataset.test))
-    from edgemri.core.checkpoint import load_checkpoint
+    from edgemri.core.training.checkpoint import load_checkpoint
 
     saved = load_checkpoint(kd.checkpoint)
     assert saved.temperature == pytest.approx(kd.test["temperature"])
@@ -181,8 +183,8 @@ def test_distillation_with_views_transfer_and_ablation_reports_every_student(tin
 
 
 def test_a_missing_transfer_folder_names_the_setting(tiny_data: Path, tmp_path: Path) -> None:
-    from edgemri.core.data import DataError
-    from edgemri.core.distill import Distiller
+    from edgemri.core.data.images import DataError
+    from edgemri.core.training.distill import Distiller
 
     config = parse_config({"distill": {"kd": {"transfer_root": "Unlabeled", "views": 2}}})
     distiller = Distiller(config, load_dataset(tiny_data), 0, tmp_path, resume=False, progress=False)
@@ -192,7 +194,7 @@ def test_a_missing_transfer_folder_names_the_setting(tiny_data: Path, tmp_path: 
 
 
 def test_ece_noise_floor_shrinks_with_more_images() -> None:
-    from edgemri.core.evaluate import ece_noise_floor
+    from edgemri.core.training.evaluate import ece_noise_floor
 
     one = torch.tensor([[0.7, 0.1, 0.1, 0.1]])
     small, large = ece_noise_floor(one.repeat(100, 1)), ece_noise_floor(one.repeat(2000, 1))

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from edgemri.core.checkpoint import Checkpoint
+from edgemri.core.training.checkpoint import Checkpoint
 from edgemri.edge.errors import EdgeError
 from edgemri.edge.onnx import onnx_bytes
 from edgemri.models import Student

@@ -19,7 +19,7 @@ def test_the_client_app_imports_no_plotting_torchvision_teacher_stack_or_opacus(
 def test_the_accountant_names_are_opacus_own() -> None:
     from opacus.accountants import create_accountant
 
-    from edgemri.core.privacy import ACCOUNTANTS
+    from edgemri.core.privacy.dp import ACCOUNTANTS
 
     for name in ACCOUNTANTS:
         assert create_accountant(name).mechanism() == name

@@ -10,22 +10,16 @@ import pytest
 import torch
 
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
-from edgemri.core import protocol as p
-from edgemri.core.checkpoint import load_checkpoint
-from edgemri.core.config import ConfigError, parse_config
-from edgemri.core.data import load_dataset
-from edgemri.core.partition import partition, read_manifest, write_manifests
-from edgemri.core.personalize import create_method
-from edgemri.core.privacy import (
-    LEDGER_FILE,
-    LEDGER_FORMAT_V2,
-    DevicePolicy,
-    Ledger,
-    PrivacyError,
-    _hash,
-    _line,
-    plan_dp,
-)
+from edgemri.core.config import ConfigError
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.partition import partition, read_manifest, write_manifests
+from edgemri.core.federation import protocol as p
+from edgemri.core.federation.personalize import create_method
+from edgemri.core.privacy.dp import PrivacyError, plan_dp
+from edgemri.core.privacy.ledger import LEDGER_FILE, LEDGER_FORMAT_V2, Ledger, _hash, _line
+from edgemri.core.privacy.policy import DevicePolicy
+from edgemri.core.registries import parse_config
+from edgemri.core.training.checkpoint import load_checkpoint
 from edgemri.models import Student
 
 PHONE_DP = {"enabled": True, "target_epsilon": 4.0, "budget_epsilon": 10.0, "personal_epsilon": 2.0}

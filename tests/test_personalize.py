@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgemri.core.config import PersonalConfig, TrainSpec, parse_config
-from edgemri.core.data import load_dataset, normalize, server_client_split
-from edgemri.core.evaluate import predict_logits
-from edgemri.core.partition import ManifestError, load_local_data, partition, read_manifest, write_manifests
-from edgemri.core.personalize import (
+from edgemri.core.config import PersonalConfig, TrainSpec
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.images import normalize
+from edgemri.core.data.partition import ManifestError, load_local_data, partition, read_manifest, write_manifests
+from edgemri.core.data.splits import server_client_split
+from edgemri.core.federation.personalize import (
     INPUT_SCALE,
     INPUT_SHIFT,
     METHODS,
@@ -28,6 +29,8 @@ from edgemri.core.personalize import (
     start_preserving_norms,
     student_from,
 )
+from edgemri.core.registries import parse_config
+from edgemri.core.training.evaluate import predict_logits
 from edgemri.models import NormStudent, Student
 
 

@@ -11,19 +11,13 @@ import pytest
 import torch
 from conftest import make_kaggle_folder, read_metadata
 
-from edgemri.core import synth
-from edgemri.core.config import parse_config
-from edgemri.core.data import (
-    CLASS_NAMES,
-    POOL_DIR,
-    DataError,
-    load_dataset,
-    load_pools,
-    pools_from_testing,
-)
+from edgemri.core.data import synth
+from edgemri.core.data.dataset import POOL_DIR, load_dataset, load_pools, pools_from_testing
+from edgemri.core.data.images import CLASS_NAMES, DataError
+from edgemri.core.data.partition import site_pools
+from edgemri.core.data.synth.planning import plan_jobs, plan_pool_jobs
 from edgemri.core.errors import EdgemriError
-from edgemri.core.partition import site_pools
-from edgemri.core.synth.planning import plan_jobs, plan_pool_jobs
+from edgemri.core.registries import parse_config
 
 POOL_SIZE = 8  # images per site: 32 over the quickstart's 4 sites
 LIMIT = 2  # Training/Testing images per class

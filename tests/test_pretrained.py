@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgemri.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from edgemri.core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgemri.edge.pretrained import PretrainedModelError, resolve_model
 from edgemri.main import main
 from edgemri.models import (

@@ -12,24 +12,17 @@ import torch
 from opacus.accountants.rdp import RDPAccountant
 
 from edgemri.clients.runtime import Client, ClientSetup, ClientState
-from edgemri.core.config import ConfigError, DPTierConfig, TrainSpec, parse_config
-from edgemri.core.data import load_dataset
-from edgemri.core.losses import cross_entropy
-from edgemri.core.partition import partition, write_manifests
-from edgemri.core.personalize import create_method
-from edgemri.core.privacy import (
-    LEDGER_FILE,
-    DevicePolicy,
-    Ledger,
-    LedgerError,
-    PrivacyError,
-    check_dp_model,
-    epsilon_of,
-    opacus_wrap,
-    plan_dp,
-)
-from edgemri.core.protocol import RoundInstructions, Status
-from edgemri.core.train import TrainData, fit
+from edgemri.core.config import ConfigError, DPTierConfig, TrainSpec
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.partition import partition, write_manifests
+from edgemri.core.federation.personalize import create_method
+from edgemri.core.federation.protocol import RoundInstructions, Status
+from edgemri.core.privacy.dp import PrivacyError, check_dp_model, epsilon_of, opacus_wrap, plan_dp
+from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger, LedgerError
+from edgemri.core.privacy.policy import DevicePolicy
+from edgemri.core.registries import parse_config
+from edgemri.core.training.losses import cross_entropy
+from edgemri.core.training.train import TrainData, fit
 from edgemri.models import Student, build_model
 from edgemri.simulation.federate import plan_privacy
 

@@ -19,14 +19,14 @@ import torch
 import yaml
 
 from edgemri.clients.runtime import Client, ClientSetup, ClientState
-from edgemri.core import attacks
-from edgemri.core.checkpoint import Checkpoint, save_checkpoint
-from edgemri.core.config import parse_config
-from edgemri.core.data import ArraySplit, load_dataset
+from edgemri.core.data.dataset import ArraySplit, load_dataset
+from edgemri.core.data.partition import partition, read_manifest, site_pools, write_manifests
+from edgemri.core.federation.personalize import create_method
+from edgemri.core.federation.protocol import ClientInfo, FederationResult, RoundInstructions, RoundRecord, Status
 from edgemri.core.io import write_text
-from edgemri.core.partition import partition, read_manifest, site_pools, write_manifests
-from edgemri.core.personalize import create_method
-from edgemri.core.protocol import ClientInfo, FederationResult, RoundInstructions, RoundRecord, Status
+from edgemri.core.privacy import attacks
+from edgemri.core.registries import parse_config
+from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.main import main
 from edgemri.models import Student
 from edgemri.server.app import write_reports

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from edgemri.core import attacks
 from edgemri.core.config import DPTierConfig, TrainSpec
-from edgemri.core.data import load_dataset
-from edgemri.core.privacy import plan_dp
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.privacy import attacks
+from edgemri.core.privacy.dp import plan_dp
 from edgemri.main import main
 from edgemri.models import Student
 from edgemri.simulation import privacy_audit as pa

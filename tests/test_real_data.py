@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgemri.core.audit import DuplicateAudit, audit_dataset
-from edgemri.core.data import Dataset, load_dataset
+from edgemri.core.data.audit import DuplicateAudit, audit_dataset
+from edgemri.core.data.dataset import Dataset, load_dataset
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/brain-tumor-mri-224"
 
@@ -55,7 +55,7 @@ SHIPPED_TOLERANCE_PTS = 6.0  # about 4 standard errors at n = 300: a broken mode
 def test_the_shipped_student_scores_on_real_scans_what_its_card_says(real_dataset: Dataset) -> None:
     import torch
 
-    from edgemri.core.checkpoint import load_checkpoint
+    from edgemri.core.training.checkpoint import load_checkpoint
     from edgemri.edge.pretrained import resolve_model
     from edgemri.edge.runtime import load_model
 
@@ -90,9 +90,9 @@ def test_a_real_data_federation_from_the_shipped_student(real_subset: Path, tmp_
     """3 clients, 2 rounds, DP-SGD on the phones: reports, ledgers, pools free of Training copies, no scan sent."""
     import json
 
-    from edgemri.core.config import parse_config
-    from edgemri.core.partition import manifest_paths, read_manifest
-    from edgemri.core.privacy import LEDGER_FILE, Ledger
+    from edgemri.core.data.partition import manifest_paths, read_manifest
+    from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger
+    from edgemri.core.registries import parse_config
     from edgemri.edge.pretrained import resolve_model
     from edgemri.simulation.federate import federate
 
@@ -135,8 +135,8 @@ def test_a_real_data_federation_from_the_shipped_student(real_subset: Path, tmp_
 
 
 def test_the_real_sites_keep_every_class_and_no_client_site_is_distilled(real_dataset: Dataset) -> None:
-    from edgemri.core.config import load_config
-    from edgemri.core.data import scenario_split, sited_training
+    from edgemri.core.data.splits import scenario_split, sited_training
+    from edgemri.core.registries import load_config
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "kaggle-federation.yaml",
                          [f"data.root={REAL_DATA}"])

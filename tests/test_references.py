@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from edgemri.core.config import parse_config
-from edgemri.core.data import load_dataset
-from edgemri.core.partition import partition
+from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.partition import partition
+from edgemri.core.registries import parse_config
 from edgemri.models import Student
 from edgemri.simulation.baselines import references_key
 from edgemri.simulation.federate import _cached_references

@@ -11,21 +11,14 @@ import pytest
 import torch
 from conftest import add_sites, make_kaggle_folder
 
-from edgemri.core.config import Config, ConfigError, parse_config
-from edgemri.core.data import (
-    CLASS_NAMES,
-    IMAGE_SIZE,
-    ArraySplit,
-    DataError,
-    load_dataset,
-    pick_source_sites,
-    scenario_split,
-    server_client_split,
-    sited_training,
-)
-from edgemri.core.distill import Distiller, resume_settings
+from edgemri.core.config import Config, ConfigError
+from edgemri.core.data.dataset import ArraySplit, load_dataset
+from edgemri.core.data.images import CLASS_NAMES, IMAGE_SIZE, DataError
+from edgemri.core.data.partition import partition
+from edgemri.core.data.splits import pick_source_sites, scenario_split, server_client_split, sited_training
 from edgemri.core.errors import EdgemriError
-from edgemri.core.partition import partition
+from edgemri.core.registries import parse_config
+from edgemri.core.training.distill import Distiller, resume_settings
 
 # Small tiers, so a 16-image site holds one phone and one hospital.
 TIERS = {"hospital": {"min_examples": 4, "test_fraction": 0.25}, "phone": {"per_site": 1, "min_examples": 2,

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgemri.core import protocol as p
-from edgemri.core.checkpoint import Checkpoint, save_checkpoint
-from edgemri.core.config import parse_config
+from edgemri.core.data.partition import manifest_paths
 from edgemri.core.errors import EdgemriError
-from edgemri.core.partition import manifest_paths
+from edgemri.core.federation import protocol as p
+from edgemri.core.registries import parse_config
+from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.models import Student
 from edgemri.server.app import prepare
 from edgemri.simulation.federate import APP_DIR

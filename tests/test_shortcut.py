@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgemri.core.data import MEAN, STD, ArraySplit, Dataset
-from edgemri.core.shortcut import (
+from edgemri.core.data.dataset import ArraySplit, Dataset
+from edgemri.core.data.images import MEAN, STD
+from edgemri.core.training.shortcut import (
     NOTUMOR,
     ShortcutError,
     _dilate,

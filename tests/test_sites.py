@@ -12,19 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from edgemri.core import synth
-from edgemri.core.config import Config, ConfigError, parse_config
-from edgemri.core.data import (
-    ArraySplit,
-    DataError,
-    load_dataset,
-    scenario_split,
-    sited_dataset,
-    sited_training,
-)
-from edgemri.core.distill import Distiller
-from edgemri.core.partition import partition, site_pools
-from edgemri.core.sites import FEATURE_NAMES, MAX_SITES, appearance_features, cluster_sites, fit_sites
+from edgemri.core.config import Config, ConfigError
+from edgemri.core.data import synth
+from edgemri.core.data.dataset import ArraySplit, load_dataset
+from edgemri.core.data.images import DataError
+from edgemri.core.data.partition import partition, site_pools
+from edgemri.core.data.sites import FEATURE_NAMES, MAX_SITES, appearance_features, cluster_sites, fit_sites
+from edgemri.core.data.splits import scenario_split, sited_dataset, sited_training
+from edgemri.core.registries import parse_config
+from edgemri.core.training.distill import Distiller
 
 LIMIT = 24  # images per class and split: 96 Training images over 4 sites, about 2 s to draw
 # Measured 0.62-0.76 over generator seeds 0-3; random buckets of 4 reach at most 0.47 on 96 images.

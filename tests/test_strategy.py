@@ -13,9 +13,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, 
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
-from edgemri.core import protocol as p
-from edgemri.core.config import ConfigError, parse_config
-from edgemri.core.personalize import State
+from edgemri.core.config import ConfigError
+from edgemri.core.federation import protocol as p
+from edgemri.core.federation.personalize import State
+from edgemri.core.registries import REGISTRIES, parse_config
 from edgemri.models import Student
 from edgemri.server.app import discover
 from edgemri.server.strategy import (
@@ -89,7 +90,7 @@ def test_sampling_skips_retired_and_offline_clients_and_sends_each_tier_its_spec
         names = [NODES[m.metadata.dst_node_id].client for m in sent]
         assert names == ["hospital-a"] + (["phone-a"] if online[server_round] else [])
         for message in sent:
-            spec = p.RoundInstructions.from_config(dict(message.content[p.CONFIG])).spec
+            spec = p.RoundInstructions.from_config(dict(message.content[p.CONFIG]), REGISTRIES).spec
             assert spec == config.federation.tier(NODES[message.metadata.dst_node_id].kind).train_spec()
 
 
@@ -246,7 +247,8 @@ def test_client_side_mode_asks_clients_to_clip_and_refuses_an_unclipped_update()
     wrapper, strategy, _, start = _central_dp(side="client", clipping_norm=0.3)
     clipped = {k: start[k] + (v - start[k]) * (0.3 / 2.0) for k, v in _moved(start, 2.0, 3).items()}
     sent, _ = _round(wrapper, [_reply(1, arrays=clipped), _reply(2, arrays=_moved(start, 2.0, 4))])
-    assert all(p.RoundInstructions.from_config(dict(m.content[p.CONFIG])).clipping_norm == 0.3 for m in sent)
+    sent_norms = [p.RoundInstructions.from_config(dict(m.content[p.CONFIG]), REGISTRIES).clipping_norm for m in sent]
+    assert sent_norms and all(norm == 0.3 for norm in sent_norms)
     assert strategy.record.trained == ["hospital-a"]
     assert strategy.record.failed["hospital-b"] == p.FailureCode.NOT_CLIPPED.value
 

@@ -13,8 +13,9 @@ import torch
 from conftest import read_metadata
 from PIL import Image
 
-from edgemri.core import synth
-from edgemri.core.data import UNKNOWN_LABEL, UNLABELED_DIR, ArraySplit, load_unlabeled, pick_source_sites
+from edgemri.core.data import synth
+from edgemri.core.data.dataset import UNKNOWN_LABEL, UNLABELED_DIR, ArraySplit, load_unlabeled
+from edgemri.core.data.splits import pick_source_sites
 
 LIMIT = 8  # images per class and split: 64 in all, a couple of seconds
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgemri.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.core.config import TrainSpec
-from edgemri.core.losses import cross_entropy, kd_loss, make_kd_loss
-from edgemri.core.train import (
+from edgemri.core.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from edgemri.core.training.losses import cross_entropy, kd_loss, make_kd_loss
+from edgemri.core.training.train import (
     Checkpointing,
     ResumeMismatchError,
     TrainData,
@@ -142,7 +142,7 @@ def test_a_crafted_resume_state_is_never_executed(tmp_path: Path) -> None:
 
 
 def test_a_model_checkpoint_is_not_a_resume_state(tmp_path: Path) -> None:
-    from edgemri.core.checkpoint import Checkpoint
+    from edgemri.core.training.checkpoint import Checkpoint
 
     state = save_checkpoint(tmp_path / "s.pt", Checkpoint(model="student", state_dict=Student().state_dict()))
     data = _separable_data(16, 0)

@@ -55,19 +55,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from edgemri.core.data import (
-    CLASS_NAMES,
-    BadImageError,
-    DataError,
-    Dataset,
-    FolderScan,
-    cache_path,
-    display_path,
-    load_dataset,
-    read_image_bytes,
-    scan_folder,
-    write_cache_file,
-)
+from edgemri.core.data.dataset import Dataset, FolderScan, cache_path, load_dataset, scan_folder, write_cache_file
+from edgemri.core.data.images import CLASS_NAMES, BadImageError, DataError, display_path, read_image_bytes
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import ArtefactError, load_npz
 

@@ -27,10 +27,10 @@ index), so the pools never change a Training or Testing image; unlabeled images 
 site, index), their classes from a stream of their own, so they change nothing else either.
 """
 
-from edgemri.core.synth.anatomy import VIEWS
-from edgemri.core.synth.grid import write_sample_grid
-from edgemri.core.synth.planning import ABBREVIATIONS, POOL_DIR, POOL_SPLIT, PREFIXES, SPLITS, UNLABELED_DIR
-from edgemri.core.synth.presets import (
+from edgemri.core.data.synth.anatomy import VIEWS
+from edgemri.core.data.synth.grid import write_sample_grid
+from edgemri.core.data.synth.planning import ABBREVIATIONS, POOL_DIR, POOL_SPLIT, PREFIXES, SPLITS, UNLABELED_DIR
+from edgemri.core.data.synth.presets import (
     CLASS_NAMES,
     MAX_UNLABELED_PER_SITE,
     PRESETS,
@@ -38,8 +38,8 @@ from edgemri.core.synth.presets import (
     SynthPreset,
     get_preset,
 )
-from edgemri.core.synth.scanner import SEQUENCES, SITE_PROFILES, SiteProfile
-from edgemri.core.synth.writer import GENERATOR_VERSION, METADATA_COLUMNS, generate
+from edgemri.core.data.synth.scanner import SEQUENCES, SITE_PROFILES, SiteProfile
+from edgemri.core.data.synth.writer import GENERATOR_VERSION, METADATA_COLUMNS, generate
 
 __all__ = [
     "ABBREVIATIONS", "CLASS_NAMES", "GENERATOR_VERSION", "MAX_UNLABELED_PER_SITE", "METADATA_COLUMNS", "POOL_DIR",

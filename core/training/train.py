@@ -20,11 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgemri.core.checkpoint import Checkpoint, CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
 from edgemri.core.config import TrainSpec
-from edgemri.core.data import UNKNOWN_LABEL, ArraySplit, normalize
+from edgemri.core.data.dataset import UNKNOWN_LABEL, ArraySplit
+from edgemri.core.data.images import normalize
 from edgemri.core.errors import EdgemriError
-from edgemri.core.evaluate import predict_logits
+from edgemri.core.training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
+from edgemri.core.training.evaluate import predict_logits
 
 Transform = Callable[[Tensor], Tensor]
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgemri.core.data import CLASS_NAMES, PREPROCESSING, PreprocessingError, parse_preprocessing
+from edgemri.core.data.images import CLASS_NAMES, PREPROCESSING, PreprocessingError, parse_preprocessing
 from edgemri.core.errors import EdgemriError, version
 from edgemri.core.io import save_torch
 from edgemri.models import MODEL_NAMES, Student, build_model, model_spec

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemri.core.synth.presets import CLASS_NAMES, SynthPreset
-from edgemri.core.synth.scanner import SiteProfile
+from edgemri.core.data.synth.presets import CLASS_NAMES, SynthPreset
+from edgemri.core.data.synth.scanner import SiteProfile
 
 ABBREVIATIONS = {"glioma": "gl", "meningioma": "me", "notumor": "no", "pituitary": "pi"}
 SPLITS = ("Training", "Testing")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edgemri.core.data.synth.presets import CLASS_NAMES
 from edgemri.core.io import write_bytes
-from edgemri.core.synth.presets import CLASS_NAMES
 
 
 def write_sample_grid(out_dir: Path, png_path: Path, thumb: int = 140) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from edgemri.core.synth.fields import N, smooth
+from edgemri.core.data.synth.fields import N, smooth
 
 SEQUENCES = ("t1c", "t1", "t2", "flair")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgemri.core.data.synth.scanner import SITE_PROFILES, SiteProfile
 from edgemri.core.errors import EdgemriError
-from edgemri.core.synth.scanner import SITE_PROFILES, SiteProfile
 
 CLASS_NAMES: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitary")
 MAX_UNLABELED_PER_SITE = 10_000  # file names hold 4 digits; 6 sites stay far below data.MAX_UNLABELED_IMAGES

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edgemri.core.data import UNKNOWN_LABEL
-from edgemri.core.train import Batch
+from edgemri.core.data.dataset import UNKNOWN_LABEL
+from edgemri.core.training.train import Batch
 
 LossFn = Callable[[Tensor, Batch], Tensor]
 KLReduction = Literal["batchmean", "mean"]

@@ -16,7 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from edgemri.core.config import Config, FederationConfig, PrivacyConfig, TrainSpec, from_dict
+from edgemri.core.config import Config, FederationConfig, PrivacyConfig, Registries, TrainSpec, from_dict
 from edgemri.core.errors import EdgemriError
 
 
@@ -26,7 +26,7 @@ class ProtocolError(EdgemriError):
 
 # The folder holding pyproject.toml's [tool.flwr.app] (the checkout): relative paths of the run config
 # are taken from here, whatever the working directory of the process Flower starts an app in.
-APP_ROOT = Path(__file__).resolve().parents[1]
+APP_ROOT = Path(__file__).resolve().parents[2]
 
 # Records inside a message's RecordDict.
 ARRAYS, CONFIG, METRICS, INFO, START, BEST = "arrays", "config", "metrics", "info", "start", "best"
@@ -200,14 +200,14 @@ class RoundInstructions:
         return record
 
     @classmethod
-    def from_config(cls, record: dict[str, Any]) -> RoundInstructions:
-        """Parse (and validate, with the config's own rules) what a server sent."""
+    def from_config(cls, record: dict[str, Any], names: Registries) -> RoundInstructions:
+        """Parse (and validate, with the config's own rules and the registries' ``names``) what a server sent."""
         try:
             federation = from_dict(FederationConfig, json.loads(str(record["federation-json"])), "federation")
             privacy = from_dict(PrivacyConfig, json.loads(str(record["privacy-json"])), "privacy")
             spec = from_dict(TrainSpec, json.loads(str(record["spec-json"])), "spec")
-            federation.validate("federation")
-            privacy.validate("privacy")
+            federation.validate("federation", names)
+            privacy.validate("privacy", names)
             spec.validate("spec")
             server_round, seed = record["server-round"], record["seed"]
             clipping = record.get(CLIPPING_NORM_KEY)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgemri.core.synth.fields import Ellipse
+from edgemri.core.data.synth.fields import Ellipse
 
 VIEWS = ("axial", "coronal", "sagittal")
 

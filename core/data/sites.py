@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from sklearn.metrics import silhouette_score
 
-from edgemri.core.data import CLASS_NAMES, ArraySplit, DataError, Dataset
+from edgemri.core.data.dataset import ArraySplit, Dataset
+from edgemri.core.data.images import CLASS_NAMES, DataError
 
 MAX_SITES = 50  # more clusters than this are no longer sites but noise in the features
 SITE_PREFIX = "appearance-site-"

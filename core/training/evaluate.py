@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgemri.core.checkpoint import MAX_CALIBRATION_TEMPERATURE, MIN_CALIBRATION_TEMPERATURE
+from edgemri.core.training.checkpoint import MAX_CALIBRATION_TEMPERATURE, MIN_CALIBRATION_TEMPERATURE
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Images in, uint8 tensors out: the paper's preprocessing and the Kaggle-layout loader.
+"""A Kaggle-layout folder in, uint8 arrays out: the folder scan, the decoded cache and the loaders.
 
 Every image is decoded once, resized to 128 x 128 (bilinear) and stored as uint8 in an
 on-disk cache keyed by the data folder, its file list, sizes, mtimes and the preprocessing;
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,272 +31,38 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from edgemri.core.config import HEAD_STEPS, Config
-from edgemri.core.errors import EdgemriError
+from edgemri.core.data.images import (
+    CLASS_NAMES,
+    IMAGE_SIZE,
+    PREPROCESSING,
+    BadImageError,
+    DataError,
+    UnreadableFileError,
+    display_path,
+    is_utf8,
+    load_image_uint8,
+)
 from edgemri.core.io import ArtefactError, load_npz, save_npz
 
 log = logging.getLogger(__name__)
-
-CLASS_NAMES: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitary")
-IMAGE_SIZE = 128
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 SPLITS = ("Training", "Testing")
 POOL_DIR = "Pools"  # per-site evaluation pools, Pools/<site>/<class>/*.jpg (edgemri.core.synth.POOL_DIR)
 UNLABELED_DIR = "Unlabeled"  # per-site transfer images, Unlabeled/<site>/*.jpg (edgemri.core.synth.UNLABELED_DIR)
 UNKNOWN_LABEL = -1  # the label of every image load_unlabeled returns
 MAX_UNLABELED_IMAGES = 200_000  # more is a wrong folder (a home folder?), and would not fit in memory decoded
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
-MIN_SIDE_PX = 16  # smaller than this is no MRI slice: a thumbnail or an icon
-MAX_PIXELS = 64_000_000  # larger is treated as a decompression bomb, before decoding
-MAX_FILE_BYTES = 256 * 2**20  # an MRI slice is kilobytes; a bigger file is not read into memory
 # Site names end up in client names, file names and reports: a short, path-safe token (or empty).
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")
 CACHE_ENV = "EDGEMRI_CACHE_DIR"
-PREPROCESSING = {
-    "resize": [IMAGE_SIZE, IMAGE_SIZE],
-    "interpolation": "bilinear",
-    "color": "RGB",
-    "scale": "1/255",
-    "mean": list(MEAN),
-    "std": list(STD),
-}
 _PREPROCESSING_JSON = json.dumps(PREPROCESSING, sort_keys=True)
 _PREPROCESSING_VERSION = hashlib.sha256(_PREPROCESSING_JSON.encode()).hexdigest()[:12]
 _CACHE_FORMAT = "edgemri.decoded/1"
-# How Training is shared between the server's distillation and the clients (federation.scenario):
-# seen-sites, a share of every site each; new-sites, the clients are at sites the server never saw.
-SCENARIOS: tuple[str, ...] = ("seen-sites", "new-sites")
-PSEUDO_SITES_KEY = "federation.partition.pseudo_sites"  # the count of appearance sites for data without sites
-
-
-class DataError(EdgemriError):
-    """A data folder cannot be used as given; the message names the path."""
-
-
-class BadImageError(EdgemriError):
-    """One file cannot be used as an image; the message says why."""
-
-
-class UnreadableFileError(BadImageError):
-    """The file could not be read (permissions, I/O): a property of the moment, not of its content."""
-
-
-def display_path(path: str | Path) -> str:
-    """A path as printable text: bytes that are not UTF-8 (possible on Linux) shown as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates
-        return False
-    return True
-
-
-# ---------------------------------------------------------------- one image
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit grey (single-channel sources) or RGB, without clipping or inventing colour.
-
-    Grey stays one channel until after the resize (``preprocess``): resizing one channel and copying it is
-    bit-identical to resizing three equal ones, and a third of the work."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit and float images: scale the full range down, never clip at 255.
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        if image.mode == "F" and array.max() <= 1.0:
-            top = 1.0
-        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(array, mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        # Transparent areas become black, the background of an MRI slice.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("L", "1"):
-        return image.convert("L")
-    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGB
-
-
-def read_image_bytes(path: str | Path) -> bytes:
-    """The raw bytes of one image file.
-
-    I/O failures raise UnreadableFileError (worth retrying later); an empty or oversized
-    file raises BadImageError (a property of the file).
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            raise BadImageError("empty file (0 bytes)")
-        if size > MAX_FILE_BYTES:
-            raise BadImageError(f"file of {size:,} bytes exceeds the {MAX_FILE_BYTES:,}-byte limit")
-        return path.read_bytes()
-    except OSError as err:
-        raise UnreadableFileError(f"cannot read the file: {err.strerror or err}") from None
-
-
-def _decode(data: bytes) -> Image.Image:
-    """Decode one image file's bytes as upright 8-bit grey or RGB, or raise BadImageError with the reason."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise BadImageError(
-                    f"{width}x{height} pixels exceeds the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
-                )
-            if min(width, height) < MIN_SIDE_PX:
-                raise BadImageError(f"too small: {width}x{height} px (minimum side {MIN_SIDE_PX} px)")
-            image.load()
-            upright = ImageOps.exif_transpose(image)
-            return _to_8bit(upright)
-    except BadImageError:
-        raise
-    except UnidentifiedImageError:
-        raise BadImageError("not an image (unrecognized format)") from None
-    except Image.DecompressionBombError as err:
-        raise BadImageError(f"decompression bomb: {err}") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        # The bytes are in memory: PIL's OSError here means truncated data, SyntaxError a broken header.
-        raise BadImageError(f"corrupt or truncated image: {err}") from None
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Open one image file as upright 8-bit RGB (as training decodes it), or raise BadImageError with the reason."""
-    image = _decode(read_image_bytes(path))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def preprocess(image: Image.Image) -> np.ndarray:
-    """Resize to 128 x 128 bilinear (as torchvision's Resize on PIL) -> uint8 (3, H, W); grey: 3 equal channels."""
-    resized = np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
-    if resized.ndim == 2:
-        return np.ascontiguousarray(np.broadcast_to(resized, (3, IMAGE_SIZE, IMAGE_SIZE)))
-    return np.ascontiguousarray(resized.transpose(2, 0, 1))
-
-
-def image_uint8(data: bytes) -> np.ndarray:
-    """Decode and preprocess one file's bytes: what train, predict and export all use."""
-    return preprocess(_decode(data))
-
-
-def load_image_uint8(path: str | Path) -> np.ndarray:
-    """Decode and preprocess one file: the single entry point for train, predict, export."""
-    return image_uint8(read_image_bytes(path))
-
-
-def _per_channel_255(values: Sequence[float]) -> Tensor:
-    return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-
-
-_MEAN_T = _per_channel_255(MEAN)
-_STD_T = _per_channel_255(STD)
-
-
-def normalize(images: Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> Tensor:
-    """uint8 (N, 3, H, W) -> float32 ``(images / 255 - mean) / std`` per channel; by default the ImageNet mean/std.
-
-    A model may carry its own per-channel constants (``parse_preprocessing``, ``calibrated_preprocessing``);
-    the defaults use tensors built once, as this runs on every training batch.
-    """
-    mean_t = _MEAN_T if mean is MEAN else _per_channel_255(mean)
-    std_t = _STD_T if std is STD else _per_channel_255(std)
-    return (images.float() - mean_t) / std_t
-
-
-NORMALIZATION_BOUND = 10.0  # a model's own |mean| and std: far beyond any calibration, and no overflow
-_PER_MODEL_KEYS = ("mean", "std")  # the preprocessing a model may carry its own of; the rest is edgemri's
-# An optional step on the decoded 128 px scan, before normalization (``preprocessing["head"]``, ``data.head``):
-# standardize-crop stretches the head's intensities to a fixed range on a black background and crops the frame
-# to the head (core/shortcut.py), which takes away what identifies a scan's source collection. Absent: none.
-HEAD_KEY = "head"
-
-
-class PreprocessingError(EdgemriError):
-    """Preprocessing constants that edgemri cannot apply; the message names the bad value."""
-
-
-def _channel_values(preprocessing: Mapping[str, Any], name: str, where: str) -> list[float]:
-    """3 finite numbers within the bounds of ``name`` (mean: [-B, B], std: (0, B]), as floats."""
-    values = preprocessing[name]
-    allowed = (f"[{-NORMALIZATION_BOUND:g}, {NORMALIZATION_BOUND:g}]" if name == "mean"
-               else f"(0, {NORMALIZATION_BOUND:g}]")
-    if not (isinstance(values, list | tuple) and len(values) == 3
-            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)):
-        raise PreprocessingError(f"{where}: preprocessing {name} is {repr(values)[:120]}; "
-                                 f"allowed: 3 numbers in {allowed}, one per RGB channel")
-    low = -NORMALIZATION_BOUND if name == "mean" else 0.0
-    # Chained comparisons are False for NaN; infinities and huge ints fail the bound before float() sees them.
-    fits = all((low <= v if name == "mean" else low < v) and v <= NORMALIZATION_BOUND for v in values)
-    if not fits:
-        raise PreprocessingError(f"{where}: preprocessing {name} {list(values)} is not allowed; "
-                                 f"allowed: 3 finite numbers in {allowed}")
-    return [float(v) for v in values]
-
-
-def parse_preprocessing(preprocessing: object, where: str) -> dict[str, Any]:
-    """``preprocessing`` as a fresh dict if edgemri can apply it: ``PREPROCESSING`` up to its own per-channel
-    ``mean`` and ``std`` (3 finite numbers each, mean in [-10, 10], std in (0, 10]); the decoder and the
-    decoded cache apply only ``PREPROCESSING``'s size, resize and colour, so those must match exactly.
-
-    Raises PreprocessingError (message starting with ``where``).
-    """
-    fixed = {k: v for k, v in PREPROCESSING.items() if k not in _PER_MODEL_KEYS}
-    if not isinstance(preprocessing, Mapping):
-        raise PreprocessingError(f"{where}: preprocessing is a {type(preprocessing).__name__}, "
-                                 f"expected a mapping such as {PREPROCESSING}")
-    rest = {k: v for k, v in preprocessing.items() if k not in (*_PER_MODEL_KEYS, HEAD_KEY)}
-    head = preprocessing.get(HEAD_KEY, "none")
-    if not (isinstance(head, str) and head in HEAD_STEPS):
-        raise PreprocessingError(f"{where}: preprocessing head {repr(head)[:80]} is not allowed; allowed: "
-                                 f"{', '.join(HEAD_STEPS)}")
-    try:
-        same = json.dumps(rest, sort_keys=True) == json.dumps(fixed, sort_keys=True)
-    except (TypeError, ValueError):  # tensors, objects, circular data: nothing edgemri wrote
-        same = False
-    if not same or any(k not in preprocessing for k in _PER_MODEL_KEYS):
-        raise PreprocessingError(f"{where} expects preprocessing {repr(dict(preprocessing))[:300]}, but edgemri "
-                                 f"applies {fixed} with a per-channel mean and std")
-    return {**fixed, **{name: _channel_values(preprocessing, name, where) for name in _PER_MODEL_KEYS},
-            **({HEAD_KEY: head} if head != "none" else {})}
-
-
-def calibrated_preprocessing(scale: Sequence[float] | Tensor, shift: Sequence[float] | Tensor,
-                             base: Mapping[str, Any] = PREPROCESSING) -> dict[str, Any]:
-    """The preprocessing whose normalized input is ``scale * x + shift`` per channel, ``x`` normalized by ``base``.
-
-    With x = (u / 255 - mean) / std, scale * x + shift = (u / 255 - mean') / std' for std' = std / scale and
-    mean' = mean - shift * std / scale: an input calibration trained on normalized images folds into the
-    constants exactly, and the model that uses them stays the plain student. ``scale`` and ``shift`` hold 3
-    values each (a tensor of any shape with 3 elements, e.g. (1, 3, 1, 1)); ``scale`` must be > 0.
-
-    Raises PreprocessingError for a bad scale or shift, or constants out of ``parse_preprocessing``'s bounds.
-    """
-    factors = []
-    for name, values, rule in (("scale", scale, " > 0"), ("shift", shift, "")):
-        flat = torch.as_tensor(values, dtype=torch.float64).detach().cpu().flatten()
-        fits = flat.numel() == 3 and bool(torch.isfinite(flat).all()) and (not rule or bool((flat > 0).all()))
-        if not fits:
-            raise PreprocessingError(f"calibration {name} {flat.tolist()[:6]} is not allowed; allowed: 3 finite "
-                                     f"numbers{rule}, one per RGB channel")
-        factors.append(flat)
-    scale_64, shift_64 = factors
-    start = parse_preprocessing(base, "the base preprocessing")
-    mean, std = (torch.tensor(start[k], dtype=torch.float64) for k in _PER_MODEL_KEYS)
-    calibrated = {**start, "mean": (mean - shift_64 * std / scale_64).tolist(), "std": (std / scale_64).tolist()}
-    return parse_preprocessing(calibrated, f"calibration scale {scale_64.tolist()}, shift {shift_64.tolist()}")
 
 
 # ---------------------------------------------------------------- a folder
@@ -488,7 +253,7 @@ def _scan_unlabeled(root: Path, excluded: frozenset[str]) -> FolderScan:
         for path in sorted(folder.iterdir()):
             if path.name.startswith("."):
                 continue
-            if not _is_utf8(path.name):
+            if not is_utf8(path.name):
                 ignored.append(SkippedFile(display_path(path), "name is not valid UTF-8; rename it"))
                 continue
             is_dir = path.is_dir()
@@ -533,7 +298,7 @@ def _scan_classes(split_dir: Path, expected: str, ignored: list[SkippedFile]) ->
         for path in sorted(class_dir.iterdir()):
             if path.name.startswith(".") or not path.is_file():
                 continue
-            if not _is_utf8(path.name):
+            if not is_utf8(path.name):
                 ignored.append(SkippedFile(display_path(path), "file name is not valid UTF-8; rename the file"))
                 continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -872,54 +637,6 @@ def pools_from_testing(dataset: Dataset) -> dict[str, ArraySplit]:
             for site in sorted(set(sites) - {""})}
 
 
-def stratified_split(labels: Tensor, fraction: float, seed: int,
-                     groups: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """Indices (train, val): ``fraction`` of each class goes to val, seeded.
-
-    ``groups`` (one id per row, e.g. the duplicate audit's groups of one scan): every group goes whole to one
-    side, so no copy of a validation scan is trained on; a group counts toward the class of its first row.
-    """
-    if groups is not None:
-        return _grouped_split(labels, fraction, seed, groups)
-    generator = torch.Generator().manual_seed(seed)
-    train_idx, val_idx = [], []
-    for label in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        n_val = int(round(len(members) * fraction))
-        n_val = min(max(n_val, 1), len(members) - 1) if len(members) > 1 else 0
-        val_idx.append(members[:n_val])
-        train_idx.append(members[n_val:])
-    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
-
-
-def _grouped_split(labels: Tensor, fraction: float, seed: int, groups: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """``stratified_split`` over whole groups: per class, groups in seeded order go to val until it holds
-    ``fraction`` of the class's rows (at least one group, never every group of a class)."""
-    if len(groups) != len(labels):
-        raise ValueError(f"groups has {len(groups)} ids for {len(labels)} labels")
-    members: dict[int, list[int]] = {}
-    for row, group in enumerate(groups):
-        members.setdefault(int(group), []).append(row)
-    by_class: dict[int, list[list[int]]] = {}
-    for rows in members.values():
-        by_class.setdefault(int(labels[rows[0]]), []).append(rows)
-    generator = torch.Generator().manual_seed(seed)
-    val: list[int] = []
-    for label in sorted(by_class):
-        class_groups = by_class[label]
-        quota = round(sum(len(g) for g in class_groups) * fraction)
-        taken = 0
-        for k in torch.randperm(len(class_groups), generator=generator).tolist()[: max(len(class_groups) - 1, 0)]:
-            if taken >= max(quota, 1):
-                break
-            val += class_groups[k]
-            taken += len(class_groups[k])
-    in_val = torch.zeros(len(labels), dtype=torch.bool)
-    in_val[torch.tensor(val, dtype=torch.long)] = True
-    return torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
-
-
 def _stored_size(path: Path) -> tuple[int, int] | None:
     """Width and height from the header; None when the file cannot be opened now."""
     try:
@@ -948,95 +665,3 @@ def describe_folder(root: str | Path, cache_dir: str | Path | None = None,
         "cache_was_current": was_current,
         "fingerprint": dataset.fingerprint,
     }
-
-
-def pick_source_sites(split: ArraySplit, count: int | None, seed: int) -> tuple[str, ...]:
-    """The sites the server distills on under new-sites (sorted names): ``count`` of them (None: half, rounded
-    down, at least 1), a seeded choice over the sorted site names, so every run seed keeps the same split.
-
-    Raises DataError when an image has no site or too few sites are left for the clients.
-    """
-    unsited = next((f for f, s in zip(split.files, split.sites or [""] * len(split), strict=True) if not s), None)
-    if unsited is not None:
-        what = "this data has no site metadata" if not split.sites else f"Training image {unsited} has none"
-        raise DataError(f"federation.scenario 'new-sites' needs a scanner site for every Training image (the data "
-                        f"folder's metadata.csv, columns 'file' and 'site'); {what}; use federation.scenario "
-                        f"seen-sites")
-    names = sorted(set(split.sites))
-    if len(names) < 2:
-        raise DataError(f"federation.scenario 'new-sites' needs at least 2 sites in Training (source sites for "
-                        f"the server, the others for the clients); this data has 1 ({names[0]}); use "
-                        f"federation.scenario seen-sites")
-    count = max(1, len(names) // 2) if count is None else count
-    if not 1 <= count < len(names):
-        raise DataError(f"federation.source_sites is {count} but Training has {len(names)} sites "
-                        f"({', '.join(names)}); allowed: 1 to {len(names) - 1} (at least one site is left for the "
-                        f"clients), or null for half of them")
-    picked = np.random.default_rng(seed).choice(len(names), size=count, replace=False)
-    return tuple(sorted(names[i] for i in picked))
-
-
-def server_client_split(split: ArraySplit, client_fraction: float, seed: int, *, scenario: str = "seen-sites",
-                        source_sites: int | None = None) -> tuple[Tensor, Tensor]:
-    """Indices (server, clients) of Training, disjoint, fixed by ``seed`` (data.split_seed) alone.
-
-    The server distills on its share; the federation's clients hold the rest, so every
-    client's local test is data the distilled student never saw. seen-sites: stratified by
-    site and class, ``client_fraction`` of every site goes to the clients (0: they reuse the
-    server's data). new-sites: by site, the server takes every image of the source sites
-    (``pick_source_sites``) and the clients every image of the others, so no client is at a
-    site the student has seen; ``client_fraction`` is not used.
-    """
-    if scenario not in SCENARIOS:
-        raise DataError(f"federation.scenario {scenario!r} is not allowed; allowed: {', '.join(SCENARIOS)}")
-    if scenario == "new-sites":
-        source = set(pick_source_sites(split, source_sites, seed))
-        at_source = torch.tensor([site in source for site in split.sites])
-        return torch.nonzero(at_source).flatten(), torch.nonzero(~at_source).flatten()
-    everything = torch.arange(len(split))
-    if client_fraction == 0:
-        return everything, everything
-    site_ids = {site: k for k, site in enumerate(sorted(set(split.sites)))} if split.sites else {}
-    strata = split.labels + len(CLASS_NAMES) * torch.tensor([site_ids.get(s, 0) for s in split.sites]
-                                                           if split.sites else [0] * len(split))
-    return stratified_split(strata, client_fraction, seed)
-
-
-def sited_training(split: ArraySplit, config: Config) -> ArraySplit:
-    """Training with metadata.csv's sites, else with ``federation.partition.pseudo_sites`` appearance sites
-    (``edgemri.core.sites``) clustered over the whole split and seeded by ``data.split_seed`` alone, so the
-    server's distillation and the clients' partition find the same sites. Raises DataError for a bad count.
-    """
-    if split.sites:
-        return split
-    from edgemri.core.sites import cluster_sites  # not at the top: edgemri.core.sites builds on this module
-
-    sites = cluster_sites(split, config.federation.partition.pseudo_sites, config.data.split_seed,
-                          setting=PSEUDO_SITES_KEY)
-    return ArraySplit(split.images, split.labels, split.files, sites)
-
-
-def sited_dataset(dataset: Dataset, config: Config) -> Dataset:
-    """Both splits with sites: metadata.csv's, else Training's appearance sites as ``sited_training`` finds
-    them and each Testing image at its nearest one (``pools_from_testing`` then has per-site pools)."""
-    from edgemri.core.sites import with_appearance_sites  # not at the top: it builds on this module
-
-    return with_appearance_sites(dataset, config.federation.partition.pseudo_sites, config.data.split_seed,
-                                 setting=PSEUDO_SITES_KEY)
-
-
-def scenario_split(split: ArraySplit, config: Config) -> tuple[Tensor, Tensor]:
-    """``server_client_split`` under the config's scenario: the one call distillation and partitioning make,
-    so the server and the clients can never disagree on who holds which image.
-
-    new-sites splits data without metadata.csv by its appearance sites (``sited_training``); seen-sites
-    splits it by class alone, as it always has, so appearance sites never move the distillation share.
-    """
-    if config.federation.scenario == "new-sites" and not split.sites:
-        if (config.federation.partition.pseudo_sites or 2) < 2:  # null: automatic, at least 2
-            raise DataError(f"federation.scenario 'new-sites' on data without site metadata needs at least 2 "
-                            f"appearance sites (source sites for the server, the others for the clients); "
-                            f"{PSEUDO_SITES_KEY} is {config.federation.partition.pseudo_sites}; allowed: 2 or more")
-        split = sited_training(split, config)
-    return server_client_split(split, config.data.client_fraction, config.data.split_seed,
-                               scenario=config.federation.scenario, source_sites=config.federation.source_sites)

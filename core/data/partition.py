@@ -22,27 +22,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgemri.core.audit import audit_dataset
 from edgemri.core.config import Config, TierConfig
-from edgemri.core.data import (
-    CLASS_NAMES,
-    IMAGE_SIZE,
+from edgemri.core.data.audit import audit_dataset
+from edgemri.core.data.dataset import (
     SITE_NAME,
     ArraySplit,
-    BadImageError,
-    DataError,
     Dataset,
-    display_path,
-    image_uint8,
     load_pools,
     pools_from_testing,
-    read_image_bytes,
-    scenario_split,
-    sited_dataset,
-    sited_training,
     split_from_arrays,
     split_to_arrays,
 )
+from edgemri.core.data.images import (
+    CLASS_NAMES,
+    IMAGE_SIZE,
+    BadImageError,
+    DataError,
+    display_path,
+    image_uint8,
+    read_image_bytes,
+)
+from edgemri.core.data.splits import scenario_split, sited_dataset, sited_training
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import ArtefactError, load_npz, save_npz, write_json
 

@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgemri.core.data import CLASS_NAMES, ArraySplit, Dataset, normalize
+from edgemri.core.data.dataset import ArraySplit, Dataset
+from edgemri.core.data.images import CLASS_NAMES, normalize
 from edgemri.core.errors import EdgemriError
-from edgemri.core.evaluate import predict_logits
+from edgemri.core.training.evaluate import predict_logits
 
 NOTUMOR = CLASS_NAMES.index("notumor")
 LEVELS = 256  # uint8 grey levels

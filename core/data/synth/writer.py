@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from edgemri.core.io import write_bytes
-from edgemri.core.synth.phantom import make_image
-from edgemri.core.synth.planning import (
+from edgemri.core.data.synth.phantom import make_image
+from edgemri.core.data.synth.planning import (
     POOL_DIR,
     POOL_SPLIT,
     SPLITS,
@@ -36,8 +35,9 @@ from edgemri.core.synth.planning import (
     plan_pool_jobs,
     plan_unlabeled_jobs,
 )
-from edgemri.core.synth.presets import CLASS_NAMES, SynthError, check_pool_size, check_unlabeled_size, get_preset
-from edgemri.core.synth.scanner import SEQUENCES, TISSUE
+from edgemri.core.data.synth.presets import CLASS_NAMES, SynthError, check_pool_size, check_unlabeled_size, get_preset
+from edgemri.core.data.synth.scanner import SEQUENCES, TISSUE
+from edgemri.core.io import write_bytes
 
 # 1.2: per-site evaluation pools; Training/Testing as in 1.1. Unlabeled/ came later with the same Training, Testing,
 # Pools and metadata.csv bytes (from seed streams of its own), so the version stayed.

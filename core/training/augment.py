@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgemri.core.config import AugmentConfig
-from edgemri.core.evaluate import predict_logits
-from edgemri.core.train import Batch, TrainData, Transform
+from edgemri.core.training.evaluate import predict_logits
+from edgemri.core.training.train import Batch, TrainData, Transform
 
 # Columns of a view's parameter row.
 FLIP, ANGLE, ZOOM, SHIFT_X, SHIFT_Y, CONTRAST, GAMMA = range(7)

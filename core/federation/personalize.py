@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgemri.core.config import FederationConfig, PersonalConfig, TrainSpec
-from edgemri.core.data import CLASS_NAMES, PREPROCESSING, ArraySplit, calibrated_preprocessing, normalize
-from edgemri.core.evaluate import classification_metrics, predict_logits
-from edgemri.core.losses import cross_entropy, make_kd_loss
-from edgemri.core.privacy import PrivacyError
-from edgemri.core.train import Batch, TrainData, Wrap, fit
+from edgemri.core.data.dataset import ArraySplit
+from edgemri.core.data.images import CLASS_NAMES, PREPROCESSING, calibrated_preprocessing, normalize
+from edgemri.core.privacy.dp import PrivacyError
+from edgemri.core.training.evaluate import classification_metrics, predict_logits
+from edgemri.core.training.losses import cross_entropy, make_kd_loss
+from edgemri.core.training.train import Batch, TrainData, Wrap, fit
 from edgemri.models import NormStudent, Student, build_model, fold_norms
 
 State = dict[str, Tensor]

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from edgemri.core.synth.anatomy import VIEWS, lay_out
-from edgemri.core.synth.fields import Frame, N, inside, paint, polar_texture, smooth
-from edgemri.core.synth.scanner import SEQUENCES, SiteProfile, acquire, choice, tissue_signal
-from edgemri.core.synth.tumours import Tumour, draw_lesion, draw_tumour, mass_effect, place
+from edgemri.core.data.synth.anatomy import VIEWS, lay_out
+from edgemri.core.data.synth.fields import Frame, N, inside, paint, polar_texture, smooth
+from edgemri.core.data.synth.scanner import SEQUENCES, SiteProfile, acquire, choice, tissue_signal
+from edgemri.core.data.synth.tumours import Tumour, draw_lesion, draw_tumour, mass_effect, place
 
 
 def render(rng: np.random.Generator, view: str, level: float, tissue: dict[str, float], frame: Frame,

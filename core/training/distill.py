@@ -25,31 +25,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from edgemri.core.audit import audit_dataset
-from edgemri.core.augment import ViewData, draw_views, view_logits
-from edgemri.core.checkpoint import (
+from edgemri.core.config import Config, KDConfig, TrainSpec, from_dict
+from edgemri.core.data.audit import audit_dataset
+from edgemri.core.data.dataset import UNKNOWN_LABEL, ArraySplit, Dataset, load_unlabeled
+from edgemri.core.data.images import CLASS_NAMES, HEAD_KEY, PREPROCESSING, DataError, normalize
+from edgemri.core.data.splits import scenario_split, stratified_split
+from edgemri.core.errors import EdgemriError
+from edgemri.core.io import ArtefactError, load_npz, save_npz
+from edgemri.core.training.augment import ViewData, draw_views, view_logits
+from edgemri.core.training.checkpoint import (
     Checkpoint,
     CheckpointError,
     calibrated_probabilities,
     load_checkpoint,
     save_checkpoint,
 )
-from edgemri.core.config import Config, KDConfig, TrainSpec, parse_config
-from edgemri.core.data import (
-    CLASS_NAMES,
-    HEAD_KEY,
-    PREPROCESSING,
-    UNKNOWN_LABEL,
-    ArraySplit,
-    DataError,
-    Dataset,
-    load_unlabeled,
-    normalize,
-    scenario_split,
-    stratified_split,
-)
-from edgemri.core.errors import EdgemriError
-from edgemri.core.evaluate import (
+from edgemri.core.training.evaluate import (
     classification_metrics,
     coverage_curve,
     ece_noise_floor,
@@ -58,10 +49,9 @@ from edgemri.core.evaluate import (
     refer_threshold,
     selective_accuracy,
 )
-from edgemri.core.io import ArtefactError, load_npz, save_npz
-from edgemri.core.losses import cross_entropy, make_kd_loss
-from edgemri.core.shortcut import apply_head_step
-from edgemri.core.train import Checkpointing, FitResult, TrainData, as_float, check_same_settings, fit
+from edgemri.core.training.losses import cross_entropy, make_kd_loss
+from edgemri.core.training.shortcut import apply_head_step
+from edgemri.core.training.train import Checkpointing, FitResult, TrainData, as_float, check_same_settings, fit
 from edgemri.models import Teacher, WeightsUnavailableError, build_model, model_spec
 
 log = logging.getLogger(__name__)
@@ -484,7 +474,7 @@ def with_head_step(dataset: Dataset, step: str) -> Dataset:
 def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """A saved config with the defaults of settings added since (so they compare equal), if it still parses."""
     try:
-        return parse_config(config).to_dict()
+        return from_dict(Config, config).to_dict()
     except EdgemriError:
         return config
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgemri.core.synth.anatomy import Anatomy
-from edgemri.core.synth.fields import Frame, inside, paint, smooth
+from edgemri.core.data.synth.anatomy import Anatomy
+from edgemri.core.data.synth.fields import Frame, inside, paint, smooth
 
 # Tumour radius ranges in head units (head half-width ~0.8): (typical, subtle).
 SIZES = {

@@ -1,0 +1,1 @@
+"""Federation without Flower: the server/client protocol both sides import, and the personalization methods."""
