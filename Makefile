@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench report lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m benchmarks.report
+
+# docs/RESULTS.md and the README's results table, from benchmarks/results/*.json
+report: $(STAMP)
+	$(BIN)/python -m benchmarks.report
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edgemri.reports.common import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path("benchmarks") / "results"
 RESULTS_DOC = Path("docs") / "RESULTS.md"
@@ -37,27 +39,6 @@ DASH = "—"
 TIERS = ("hospital", "phone", "all")
 T = TypeVar("T")
 Values = Mapping[str, Any]
-
-
-# ---------------------------------------------------------------------------------------------- markdown helper
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
-    """A GitHub markdown table. ``align`` has one letter per column, ``l`` or ``r`` (default: the first column
-    left, the others right). Cells are ``str()``-ed; a ``|`` in a cell is escaped and a line break becomes a
-    space, so no cell can break the table."""
-    def cell(value: Any) -> str:
-        return " ".join(str(value).replace("|", "\\|").split())
-
-    align = align or "l" + "r" * (len(headers) - 1)
-    if len(align) != len(headers):
-        raise ValueError(f"align {align!r} has {len(align)} letters for {len(headers)} columns")
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
-             "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
-    for row in rows:
-        if len(row) != len(headers):
-            raise ValueError(f"a row has {len(row)} cells for {len(headers)} columns: {row!r}")
-        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- number formats
@@ -815,8 +796,8 @@ def _headline_rows(results: Mapping[str, Values]) -> list[list[str]]:
     link = {name: f"[{name}]({results_link(name)})" for name in BY_NAME}
 
     def table1(stage: str, label: str, paper: str | None) -> list[str]:
-        paper_text = f" (paper {kaggle_v[f'paper_table1.{paper}_pct']:.2f} full)" if paper else ""
-        return [label, f"{mean_std(kaggle_v[f'{stage}.full_testing_accuracy_pct_values'])} / "
+        paper_text = f"; the paper, full: {kaggle_v[f'paper_table1.{paper}_pct']:.2f}" if paper else ""
+        return [label, f"full {mean_std(kaggle_v[f'{stage}.full_testing_accuracy_pct_values'])}, deduplicated "
                        f"{mean_std(kaggle_v[f'{stage}.dedup_testing_accuracy_pct_values'])} %{paper_text}",
                 str(kaggle_v["seeds_run"]), link["kaggle"]]
 
@@ -830,7 +811,7 @@ def _headline_rows(results: Mapping[str, Values]) -> list[list[str]]:
 
     teacher = kaggle_v.get("teacher", "trained from scratch")
     builders: list[Callable[[], list[str]]] = [
-        lambda: table1("teacher", f"teacher: {teacher}; full / deduplicated Testing", "teacher"),
+        lambda: table1("teacher", f"teacher: {teacher}", "teacher"),
         lambda: table1("baseline", "baseline student, 12,628 parameters", "baseline"),
         lambda: table1("paper-kd", "KD student, the paper's recipe", "kd"),
         lambda: table1("kd", "KD student, the shipped recipe", None),

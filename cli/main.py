@@ -196,7 +196,8 @@ def cmd_privacy_attack(args: argparse.Namespace) -> int:
 def cmd_privacy_audit(args: argparse.Namespace) -> int:
     import time
 
-    from edgemri.simulation.privacy_audit import AuditSettings, audit, write_audit_report
+    from edgemri.reports.privacy_audit import write_audit_report
+    from edgemri.simulation.privacy_audit import AuditSettings, audit
 
     started = time.perf_counter()
     settings = AuditSettings(tiers=(args.tier,) if args.tier else None, canaries=args.canaries, seed=args.seed,
@@ -246,66 +247,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgemri", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"edgemri {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_command(group: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
+                help_text: str) -> argparse.ArgumentParser:
+    """A subcommand that runs ``func``, with the --quiet every command takes."""
+    sub = group.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(func=func)
+    sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    return sub
 
-    def add(group: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
-            help_text: str) -> argparse.ArgumentParser:
-        sub = group.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(func=func)
-        sub.add_argument("--quiet", action="store_true", help="no progress bars")
-        return sub
 
-    def add_config(sub: argparse.ArgumentParser, text: str = "YAML config, e.g. configs/quickstart.yaml") -> None:
-        sub.add_argument("--config", required=True, help=text)
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override one config key (value in YAML), e.g. --set federation.method=fedper; "
-                              "repeatable")
+def add_config(sub: argparse.ArgumentParser, text: str = "YAML config, e.g. configs/quickstart.yaml") -> None:
+    sub.add_argument("--config", required=True, help=text)
+    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config key (value in YAML), e.g. --set federation.method=fedper; "
+                          "repeatable")
 
+
+def _data_commands(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="make, inspect and partition data").add_subparsers(
         dest="data_command", required=True, metavar="SUBCOMMAND")
-    synth = add(data, "synth", cmd_data_synth, "generate the offline synthetic brain-MRI set (Kaggle layout)")
+    synth = add_command(data, "synth", cmd_data_synth, "generate the offline synthetic brain-MRI set (Kaggle layout)")
     synth.add_argument("--out", required=True, help="folder to create")
     synth.add_argument("--preset", default="quickstart",
                        help="quickstart (2,000 images, 4 sites), clinics (the same size; two sites mix T2/FLAIR "
                             "into T1c: the new-sites benchmark) or kaggle (the real set's 7,023); default quickstart")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
-    info = add(data, "info", cmd_data_info, "what the loader sees in a Kaggle-layout folder, and its duplicates")
+    info = add_command(data, "info", cmd_data_info,
+                       "what the loader sees in a Kaggle-layout folder, and its duplicates")
     info.add_argument("root", help="data folder (Training/ and Testing/ inside)")
     info.add_argument("--cache-dir", default=None,
                       help="decoded-image cache (default: $EDGEMRI_CACHE_DIR or ~/.cache/edgemri)")
     info.add_argument("--json", action="store_true", help="everything as JSON; 'duplicates' lists every group")
 
-    sites = add(data, "sites", cmd_data_sites, "the appearance sites of data without site labels: label mix, "
+    sites = add_command(data, "sites", cmd_data_sites, "the appearance sites of data without site labels: label mix, "
                                                 "evaluation pools, example grids (sites.md/json/png)")
     sites.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
     add_config(sites, "YAML config (federation.partition.pseudo_sites, data.split_seed), e.g. "
                       "configs/kaggle-federation.yaml")
     sites.add_argument("--out", required=True, help="folder for sites.md, sites.json and sites.png")
 
-    part = add(data, "partition", cmd_data_partition,
+    part = add_command(data, "partition", cmd_data_partition,
                "write one manifest per client (hospital / phone) from the data's scanner sites")
     part.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
     add_config(part, "YAML config (its federation section)")
     part.add_argument("--out", required=True, help="folder for client-NNN.json manifests")
 
+
+def _model_commands(commands: argparse._SubParsersAction) -> None:
+    """models summary, distill and federate."""
     models = commands.add_parser("models", help="the registered models").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")
-    summary = add(models, "summary", cmd_models_summary,
+    summary = add_command(models, "summary", cmd_models_summary,
                   "parameters, MFLOPs, state-dict bytes and the paper's estimated size per model")
     summary.add_argument("--json", action="store_true")
 
-    distill = add(commands, "distill", cmd_distill,
+    distill = add_command(commands, "distill", cmd_distill,
                   "train the teacher, the baseline student and the KD student; write the report")
     add_config(distill)
     distill.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
     distill.add_argument("--out", default="runs/distill", help="run folder (default: runs/distill)")
     distill.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1")
     distill.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    fed = add(commands, "federate", cmd_federate,
+    fed = add_command(commands, "federate", cmd_federate,
               "personalize the distilled student with a Flower federation (simulation)")
     add_config(fed)
     fed.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
@@ -315,11 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--out", default="runs/federation", help="run folder (default: runs/federation)")
     fed.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
 
+
+def _privacy_commands(commands: argparse._SubParsersAction) -> None:
     privacy = commands.add_parser("privacy", help="privacy-budget reports and the privacy/accuracy sweep"
                                   ).add_subparsers(dest="privacy_command", required=True, metavar="SUBCOMMAND")
-    report = add(privacy, "report", cmd_privacy_report, "write privacy.json/.md/.png for a federation run")
+    report = add_command(privacy, "report", cmd_privacy_report, "write privacy.json/.md/.png for a federation run")
     report.add_argument("run_dir", help="a federation run folder")
-    attack = add(privacy, "attack", cmd_privacy_attack,
+    attack = add_command(privacy, "attack", cmd_privacy_attack,
                  "replay sampled clients' updates of a finished federation run and attack them (reconstruction, "
                  "membership); write privacy-attacks.json/.md/.png with a model card per client")
     attack.add_argument("run_dir", help="a finished federation run folder (untrusted: every file is checked)")
@@ -333,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--start", default=None, help="the run's start model (default: the one it recorded)")
     attack.add_argument("--write-reconstructions", action="store_true",
                         help="write the grid of reconstructed scans for real data too (always on synthetic data)")
-    audit = add(privacy, "audit", cmd_privacy_audit,
+    audit = add_command(privacy, "audit", cmd_privacy_audit,
                 "the one-run DP audit (Steinke, Nasr, Jagielski 2023): train each tier's largest client with DP-SGD as "
                 "configured, at a weak setting and without DP, on its scans plus coin-included canaries; write "
                 "privacy-audit.json/.md with the empirical epsilon lower bound beside the accounted epsilon")
@@ -350,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "seeded student)")
     audit.add_argument("--out", default="runs/privacy-audit",
                        help="folder for the report (default: runs/privacy-audit)")
-    sweep = add(privacy, "sweep", cmd_privacy_sweep,
+    sweep = add_command(privacy, "sweep", cmd_privacy_sweep,
                 "run the federation at several target epsilons and without DP; tabulate accuracy")
     add_config(sweep)
     sweep.add_argument("--data-root", default=None)
@@ -360,13 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="runs/privacy-sweep")
     sweep.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgemri", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgemri {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _data_commands(commands)
+    _model_commands(commands)
+    _privacy_commands(commands)
     from edgemri.deploy_commands import register as register_deploy_commands
     from edgemri.edge_commands import register as register_edge_commands
 
-    register_deploy_commands(commands, add)
-    register_edge_commands(commands, add)
+    register_deploy_commands(commands, add_command)
+    register_edge_commands(commands, add_command)
 
-    demo = add(commands, "demo", cmd_demo, "run the whole pipeline on the offline synthetic data (or on a "
+    demo = add_command(commands, "demo", cmd_demo, "run the whole pipeline on the offline synthetic data (or on a "
                                            "Kaggle-layout folder: --data-root)")
     demo.add_argument("--data-root", default=None,
                       help="run on this Kaggle-layout folder (e.g. the real set, with --config "

@@ -47,7 +47,7 @@ def _cell(value: Any) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
-def markdown_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], align: str = "") -> str:
+def markdown_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
     """A Markdown table (no trailing newline). ``align``: one letter per column, l or r (default: l, then r)."""
     headers = [_cell(h) for h in headers]
     align = align or "l" + "r" * (len(headers) - 1)

@@ -167,7 +167,7 @@ def test_hashes_are_cached_and_a_corrupt_or_stale_cache_is_rebuilt(folder: Path,
     monkeypatch.setattr(audit, "perceptual_hash", real_hash)
     training = next(p for p in caches if p.name.startswith("audit-training-"))
     training.write_bytes(b"not an npz")
-    with caplog.at_level(logging.WARNING, logger="edgemri.core.audit"):
+    with caplog.at_level(logging.WARNING, logger="edgemri.core.data.audit"):
         rebuilt = audit_dataset(dataset)
     assert rebuilt.hashes_cached == {"Training": False, "Testing": True}
     assert "ignoring the duplicate-audit cache" in caplog.text and rebuilt.groups() == first.groups()
@@ -176,7 +176,7 @@ def test_hashes_are_cached_and_a_corrupt_or_stale_cache_is_rebuilt(folder: Path,
     arrays = load_npz(training)
     save_npz(training, {**arrays, "phash": arrays["phash"].astype(np.int64)})
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="edgemri.core.audit"):
+    with caplog.at_level(logging.WARNING, logger="edgemri.core.data.audit"):
         assert audit_dataset(dataset).hashes_cached["Training"] is False
     assert "phash must be" in caplog.text
 

@@ -61,14 +61,14 @@ def test_check_names_the_stale_file_and_write_makes_it_current(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "benchmarks").mkdir()
     shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
-    (tmp_path / "README.md").write_text(f"# x\n\n{report.README_START}\nold\n{report.README_END}\n\nafter\n")
+    (tmp_path / "README.md").write_text(f"# x\n\n{report.README_START}\nstale block\n{report.README_END}\n\nafter\n")
     assert report.main(["--check"], root=tmp_path) == 1
     assert "docs/RESULTS.md, README.md" in capsys.readouterr().out
 
     assert report.main([], root=tmp_path) == 0
     assert report.main(["--check"], root=tmp_path) == 0
     readme = (tmp_path / "README.md").read_text()
-    assert readme.startswith("# x\n\n") and readme.endswith("\n\nafter\n") and "old" not in readme
+    assert readme.startswith("# x\n\n") and readme.endswith("\n\nafter\n") and "stale block" not in readme
 
     results = tmp_path / "benchmarks" / "results" / "dp_speed.json"
     values = json.loads(results.read_text())

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +247,44 @@ def make_optimizer(spec: TrainSpec, params: list[nn.Parameter]) -> torch.optim.O
     return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
+class _EpochTotals(NamedTuple):
+    loss: float  # summed over the labelled and unlabelled rows seen
+    correct: int
+    seen: int
+    labelled: int
+    steps: int  # optimizer steps, an empty (Poisson) batch included
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainData,
+                 loss: Callable[[Tensor, Batch], Tensor], spec: TrainSpec, steps: Any, generator: torch.Generator,
+                 desc: str, epoch: int, total_batches: int) -> _EpochTotals:
+    """One epoch over ``steps`` (a progress bar over the epoch's batch indices)."""
+    total_loss, correct, seen, labelled, optimizer_steps = 0.0, 0, 0, 0, 0
+    for number, index in enumerate(steps, start=1):
+        batch = train.batch(index, generator)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(batch.inputs.contiguous(memory_format=torch.channels_last) if spec.channels_last
+                       else batch.inputs)
+        # Poisson sampling (DP-SGD) can draw an empty batch: a zero loss still lets
+        # Opacus take its noisy step, which the accounting counts.
+        batch_loss = loss(logits, batch) if len(index) else logits.sum() * 0.0
+        value = batch_loss.item()
+        if not math.isfinite(value):  # checked before the step: the weights stay as they were
+            raise TrainingDivergedError(
+                f"{desc}: the loss became {value} in epoch {epoch}, batch {number} of {total_batches}; "
+                f"lower the learning rate (or kd.temperature) or check the data for NaN values")
+        batch_loss.backward()
+        optimizer.step()
+        optimizer_steps += 1
+        if len(index):
+            total_loss += value * len(index)
+            correct += int((logits.argmax(1) == batch.labels).sum())  # never true for UNKNOWN_LABEL rows
+            seen += len(index)
+            labelled += int((batch.labels != UNKNOWN_LABEL).sum())
+            steps.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / max(labelled, 1):.3f}")
+    return _EpochTotals(total_loss, correct, seen, labelled, optimizer_steps)
+
+
 def fit(
     model: nn.Module,
     train: TrainData,
@@ -305,7 +343,6 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / spec.epochs))
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        total_loss, correct, seen, labelled = 0.0, 0, 0, 0
         steps = tqdm(
             batches(len(train), spec.batch_size, generator),
             total=total_batches,
@@ -313,28 +350,10 @@ def fit(
             disable=not progress,
             leave=False,
         )
-        for number, index in enumerate(steps, start=1):
-            batch = train.batch(index, generator)
-            optimizer.zero_grad(set_to_none=True)
-            logits = trained_model(batch.inputs.contiguous(memory_format=torch.channels_last) if spec.channels_last
-                                   else batch.inputs)
-            # Poisson sampling (DP-SGD) can draw an empty batch: a zero loss still lets
-            # Opacus take its noisy step, which the accounting counts.
-            batch_loss = loss(logits, batch) if len(index) else logits.sum() * 0.0
-            value = batch_loss.item()
-            if not math.isfinite(value):  # checked before the step: the weights stay as they were
-                raise TrainingDivergedError(
-                    f"{desc}: the loss became {value} in epoch {epoch}, batch {number} of {total_batches}; "
-                    f"lower the learning rate (or kd.temperature) or check the data for NaN values")
-            batch_loss.backward()
-            optimizer.step()
-            state.optimizer_steps += 1
-            if len(index):
-                total_loss += value * len(index)
-                correct += int((logits.argmax(1) == batch.labels).sum())  # never true for UNKNOWN_LABEL rows
-                seen += len(index)
-                labelled += int((batch.labels != UNKNOWN_LABEL).sum())
-                steps.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / max(labelled, 1):.3f}")
+        totals = _train_epoch(trained_model, optimizer, train, loss, spec, steps, generator, desc, epoch,
+                              total_batches)
+        total_loss, correct, seen, labelled = totals
+        state.optimizer_steps += totals.steps
         _check_weights(model, desc, epoch)
         state.images_seen += seen
         val_loss = val_accuracy = None

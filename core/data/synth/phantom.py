@@ -17,6 +17,24 @@ from edgemri.core.data.synth.scanner import SEQUENCES, SiteProfile, acquire, cho
 from edgemri.core.data.synth.tumours import Tumour, draw_lesion, draw_tumour, mass_effect, place
 
 
+def _cerebellum(rng: np.random.Generator, frame: Frame, e: Any, view: str, tissue: dict[str, float],
+                cb_d2: np.ndarray, parenchyma: np.ndarray, grey: np.ndarray) -> None:
+    """Cerebellar folia painted into ``parenchyma`` and ``grey``: wavy stripes parallel to the surface around a
+    white core, split by the vermis (``e``: the cerebellum's ellipse)."""
+    box = frame.box(e[0], e[1], max(e[2], e[3]))
+    r = np.sqrt(cb_d2[box])
+    rows, cols = r.shape
+    folia = np.sin(r * 34 + 2.5 * smooth(rng, 9, rows, cols))
+    cb_tissue = np.where(folia > 0.6, tissue["csf"], tissue["gm"])
+    cb_tissue = np.where(r < 0.4 + 0.12 * folia, tissue["wm"], cb_tissue)
+    if view != "sagittal":
+        vermis = np.clip(1 - np.abs(frame.u[box] - e[0]) / 0.02, 0, 1) * (frame.v[box] > e[1])
+        cb_tissue = cb_tissue + vermis * (tissue["csf"] - cb_tissue)
+    cb = inside(cb_d2[box], e[2], 0.02)
+    parenchyma[box] += cb * (cb_tissue - parenchyma[box])
+    grey[box] = np.maximum(grey[box], cb * (r >= 0.4))
+
+
 def render(rng: np.random.Generator, view: str, level: float, tissue: dict[str, float], frame: Frame,
             tumour: Tumour | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The noise-free normal slice on the working grid in tissue signal units, its brain mask and grey-matter map."""
@@ -68,20 +86,7 @@ def render(rng: np.random.Generator, view: str, level: float, tissue: dict[str, 
     sulci = np.clip(1 - np.abs(folds) / 0.12, 0, 1) * np.clip((gyri - 0.04 - depth) / 0.04, 0, 1)
     parenchyma += sulci * (tissue["csf"] - parenchyma)
     if anat.cerebellum is not None and cb_d2 is not None:
-        # Cerebellar folia: wavy stripes parallel to the surface around a white core, split by the vermis.
-        e = anat.cerebellum
-        box = frame.box(e[0], e[1], max(e[2], e[3]))
-        r = np.sqrt(cb_d2[box])
-        rows, cols = r.shape
-        folia = np.sin(r * 34 + 2.5 * smooth(rng, 9, rows, cols))
-        cb_tissue = np.where(folia > 0.6, tissue["csf"], tissue["gm"])
-        cb_tissue = np.where(r < 0.4 + 0.12 * folia, tissue["wm"], cb_tissue)
-        if view != "sagittal":
-            vermis = np.clip(1 - np.abs(frame.u[box] - e[0]) / 0.02, 0, 1) * (frame.v[box] > e[1])
-            cb_tissue = cb_tissue + vermis * (tissue["csf"] - cb_tissue)
-        cb = inside(cb_d2[box], e[2], 0.02)
-        parenchyma[box] += cb * (cb_tissue - parenchyma[box])
-        grey[box] = np.maximum(grey[box], cb * (r >= 0.4))
+        _cerebellum(rng, frame, anat.cerebellum, view, tissue, cb_d2, parenchyma, grey)
     paint(img, brain, parenchyma)
     for e in anat.deep_gm:
         box = frame.box(e[0], e[1], max(e[2], e[3]))
