@@ -11,8 +11,8 @@ scalar values as JSON. Flower's framing, HTTP and TLS are not counted.
 
 Where a phone round goes, per step (``phone_train_step_*_s``, ``phone_evaluate_step_*_s``): each
 ClientApp process's start comes from the kernel (/proc), its exit from the sampler (within 50 ms),
-and the steps in between from the timeline the ClientApp writes when auditing
-(``clients/client_app.py``, ``timeline_mod``); the training inside a round from its reply's
+and the steps in between from the timeline the ClientApp's outermost mod writes when auditing
+(``clients/timeline.py``, ``timeline_mod``); the training inside a round from its reply's
 ``train-seconds``. What the ClientApp cannot time itself (Python start, Flower's imports) is
 measured in fresh interpreters on the same machine (``fresh_*``), as is the import of the app
 alone (``python -X importtime``) and the steps a round repeats from disk: manifest, cached
@@ -191,9 +191,12 @@ def prepare(work: Path, rounds: int) -> tuple[Path, dict[str, Path], Path, Path]
     data = work / "data"
     generate(data, preset="quickstart", seed=0, progress=False, limit=100)
     config = {"seed": 0, "federation": {
-        "rounds": rounds, "method": "ditto", "min_clients": 2, "round_timeout_s": 120,
-        "tiers": {"hospital": {"min_examples": 8, "local_epochs": 1},
-                  "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}},
+        # the settings this benchmark was first measured with, pinned against later changes of the code defaults
+        "rounds": rounds, "method": "ditto", "ditto_lambda": 0.1, "min_clients": 2, "round_timeout_s": 120,
+        "tiers": {"hospital": {"min_examples": 8, "local_epochs": 1, "val_fraction": 0.1,
+                               "personal": {"distill_weight": 0.5}},
+                  "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0,
+                            "personal": {"epochs": 5}}}},
         "privacy": {"tiers": {"phone": PHONE_DP}}}
     manifests = write_manifests(partition(load_dataset(data).train, data, parse_config(config)), work / "manifests")
     by_client = {read_manifest(p).client: p for p in manifests}
@@ -211,8 +214,8 @@ def clientapp_steps(audit: Path, node_id: int, traces: dict[int, ProcessTrace]) 
     previous mark to its own: ``flower_start`` is everything Flower does from the process's start
     (or fork) to handing the message to the app, less the app's import: Python's start and Flower's
     imports (inherited from a warm launcher), the connection to the SuperNode, the task pull, the
-    FAB install; ``app_import`` is 0 in a child of the warm launcher (imported before it existed);
-    ``reply_push_and_exit`` is pushing the reply and exiting.
+    FAB install; ``app_import`` is from the import of the app's stack to the handoff, 0 in a child of
+    the warm launcher (imported before it existed); ``reply_push_and_exit`` is pushing the reply and exiting.
     """
     audited = {int(p.stem.rsplit("-", 1)[1]): json.loads(p.read_text()) for p in audit.glob(f"node-{node_id}-*.json")}
     steps: dict[str, dict[str, list[float]]] = {}
@@ -223,9 +226,9 @@ def clientapp_steps(audit: Path, node_id: int, traces: dict[int, ProcessTrace]) 
         values = record["in"]["records"].get("config", {}).get("values", {}) if record else {}
         if kind not in ("train", "evaluate") or values.get("final", False) or trace is None:
             continue
-        handoff = timeline["marks"][0]["time"]  # "app-called": Flower handed the message to the app
-        inherited = timeline["app_imported"] < trace.started
-        app_import = 0.0 if inherited else timeline["app_imported"] - timeline["app_import_started"]
+        handoff = timeline["marks"][0]["time"]  # "app-called": Flower loaded the app and handed it the message
+        inherited = timeline["app_import_started"] < trace.started
+        app_import = 0.0 if inherited else handoff - timeline["app_import_started"]
         row = {"flower_start": handoff - trace.started - app_import, "app_import": app_import}
         previous = handoff
         for mark in timeline["marks"][1:]:
@@ -255,8 +258,8 @@ import edgemri.clients.client_app
 mark("app_import")
 unneeded = [name for name in args["unneeded"] if name in sys.modules]
 from edgemri.clients.runtime import Client, resolve_setup
-from edgemri.core import protocol as p
-from edgemri.core.config import load_config
+from edgemri.core.federation import protocol as p
+from edgemri.core.registries import load_config
 instructions = p.RoundInstructions.for_tier(load_config(args["config"]), "phone", 1)
 mark("setup")
 client = Client(resolve_setup(args["node_config"], {}))

@@ -25,6 +25,7 @@ from edgemri.core.config import Config
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.registries import load_config
 from edgemri.core.training.distill import Distiller, run_distillation
+from edgemri.reports.common import markdown_table
 from edgemri.reports.distill import build_report, write_report
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -112,31 +113,30 @@ def table(values: dict[str, Any], preset: str) -> str:
         mean, low, high = (values[f"{key}_pts_{p}"] for p in ("mean", "low", "high"))
         return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
 
-    lines = ["| student | test accuracy % | − baseline (paired) | gap closed (worst seed) | seeds > baseline "
-             "| ECE raw → calibrated (floor) | accepted at 90% coverage | teacher passes | what it gave the recipe |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     stages = sorted({k.split(".")[1] for k in values if k.startswith(f"{preset}.") and k.endswith("_pct_mean")},
                     key=lambda s: (s != "teacher", s != "baseline", s != "paper-kd", s != "kd", s))
     for stage in stages:
         key = f"{preset}.{stage}"
         accuracy = f"{values[f'{key}.test_accuracy_pct_mean']:.1f} ± {values[f'{key}.test_accuracy_pct_std']:.1f}"
         if stage == "teacher":
-            lines.append(f"| teacher | {accuracy} | | | | | | | |")
+            rows.append(["teacher", accuracy, "", "", "", "", "", "", ""])
             continue
         ece = (f"{values[f'{key}.ece_uncalibrated_mean']:.3f} → {values[f'{key}.ece_calibrated_mean']:.3f} "
                f"({values[f'{key}.ece_noise_floor_mean']:.3f})")
         accepted = (f"{values[f'{key}.accuracy_at_90_coverage_pct_mean']:.1f} "
                     f"({values[f'{key}.coverage_gain_at_90_pts_mean']:+.1f})")
         if stage == "baseline":
-            lines.append(f"| baseline (CE) | {accuracy} | | | | {ece} | {accepted} | 0 | |")
+            rows.append(["baseline (CE)", accuracy, "", "", "", ece, accepted, 0, ""])
             continue
         gap, worst = values[f"{key}.gap_closed_fraction"], values[f"{key}.gap_closed_fraction_min_seed"]
-        gap = f"{100 * gap:.0f}% ({100 * worst:.0f}%)"
-        gave = ci(f"{key}.ingredient_gain") if f"{key}.ingredient_gain_pts_mean" in values else ""
-        lines.append(f"| {stage} | {accuracy} | {ci(f'{key}.minus_baseline')} | {gap} | "
-                     f"{values[f'{key}.seeds_above_baseline']}/{values[f'{preset}.seeds_run']} | {ece} | {accepted} | "
-                     f"{values[f'{key}.teacher_passes_per_seed']:,} | {gave} |")
-    return "\n".join(lines)
+        rows.append([stage, accuracy, ci(f"{key}.minus_baseline"), f"{100 * gap:.0f}% ({100 * worst:.0f}%)",
+                     f"{values[f'{key}.seeds_above_baseline']}/{values[f'{preset}.seeds_run']}", ece, accepted,
+                     f"{values[f'{key}.teacher_passes_per_seed']:,}",
+                     ci(f"{key}.ingredient_gain") if f"{key}.ingredient_gain_pts_mean" in values else ""])
+    return markdown_table(["student", "test accuracy %", "− baseline (paired)", "gap closed (worst seed)",
+                           "seeds > baseline", "ECE raw → calibrated (floor)", "accepted at 90% coverage",
+                           "teacher passes", "what it gave the recipe"], rows)
 
 
 def main() -> None:

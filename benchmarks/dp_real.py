@@ -30,6 +30,7 @@ from benchmarks.common import RESULTS, real_data_missing, write_result
 from edgemri.core.config import Config, apply_overrides
 from edgemri.core.registries import load_config, parse_config
 from edgemri.core.stats import bootstrap_ci_clustered
+from edgemri.reports.common import markdown_table
 from edgemri.simulation.federate import federate
 from edgemri.simulation.pipeline import distill
 from edgemri.simulation.sweep import with_target_epsilon
@@ -92,8 +93,7 @@ def table(values: dict[str, Any]) -> str:
     """The README's table: per run and tier, mean and worst-client pool accuracy, and the paired cost against its
     reference run with its 95% CI."""
     references = {**{f"epsilon-{e:g}": "no-dp" for e in EPSILONS}, "personal-under-dp": "personal-outside-dp"}
-    lines = ["| run | tier | clients | max epsilon | mean accuracy | worst client | − reference [95% CI] |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    rows = []
     for name in (*(f"epsilon-{e:g}" for e in EPSILONS), "no-dp", "personal-outside-dp", "personal-under-dp"):
         for tier in TIERS:
             prefix = f"{name}.{tier}"
@@ -104,10 +104,11 @@ def table(values: dict[str, Any]) -> str:
                 key = f"{name}_minus_{references[name]}.{tier}".replace("-", "_")
                 cost = (f"{values[f'{key}_pts_mean']:+.1f} [{values[f'{key}_pts_low']:+.1f}, "
                         f"{values[f'{key}_pts_high']:+.1f}] vs {references[name]}")
-            lines.append(f"| {name} | {tier} | {values[f'{prefix}.clients']} | {values[f'{prefix}.max_epsilon']:.2f} | "
-                         f"{values[f'{prefix}.mean_accuracy_pct']:.1f} | "
-                         f"{values[f'{prefix}.worst_client_accuracy_pct']:.1f} | {cost} |")
-    return "\n".join(lines)
+            rows.append([name, tier, values[f"{prefix}.clients"], f"{values[f'{prefix}.max_epsilon']:.2f}",
+                         f"{values[f'{prefix}.mean_accuracy_pct']:.1f}",
+                         f"{values[f'{prefix}.worst_client_accuracy_pct']:.1f}", cost])
+    return markdown_table(["run", "tier", "clients", "max epsilon", "mean accuracy", "worst client",
+                           "− reference [95% CI]"], rows, align="llrrrrl")
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from edgemri.core.training.evaluate import predict_logits
 from edgemri.core.training.shortcut import apply_head_step, background_classifier_probe, shortcut_report
 from edgemri.edge.contract import normalize_for
 from edgemri.models.pretrained import PRETRAINED_DIR
+from edgemri.reports.common import markdown_table
 from edgemri.reports.distill import PAPER_TABLE, build_report, write_report
 from edgemri.reports.model_card import card_metrics, render_card
 
@@ -229,37 +230,34 @@ def table(values: dict[str, Any], head: dict[str, Any] | None) -> str:
     rows = [("teacher", "teacher (`vgg16-slim` 1/8, from scratch)", "teacher"),
             ("baseline", "baseline student (CE)", "baseline"), ("paper-kd", "paper's KD (T=1, alpha=0.5)", "kd"),
             ("kd", "**KD, our recipe (T=4, alpha=0.9)**", None)]
-    lines = ["| model | paper (Table 1, full Testing) | ours, full Testing | ours, deduplicated Testing "
-             "| − baseline, deduplicated (paired) | gap closed | ECE calibrated (dedup) "
-             "| stage wall time (mean of seeds) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    table1 = []
     for stage, name, paper in rows:
-        paper_pct = f"{values[f'paper_table1.{paper}_pct']:.2f}" if paper else "—"
-        versus = (_ci(values, f"{stage}.dedup_minus_baseline_pts") if f"{stage}.dedup_minus_baseline_pts_mean"
-                  in values else "")
-        gap = f"{100 * values[f'{stage}.gap_closed_fraction']:.0f}%" if f"{stage}.gap_closed_fraction" in values else ""
-        ece = f"{values[f'{stage}.ece_calibrated_mean']:.3f}" if f"{stage}.ece_calibrated_mean" in values else ""
         minutes = sum(values[f"{stage}.wall_seconds_per_seed"]) / len(values[f"{stage}.wall_seconds_per_seed"]) / 60
-        lines.append(f"| {name} | {paper_pct} | {_pct(values, f'{stage}.full_testing_accuracy_pct_values')} | "
-                     f"{_pct(values, f'{stage}.dedup_testing_accuracy_pct_values')} | {versus} | {gap} | {ece} | "
-                     f"{minutes:.1f} min |")
+        table1.append([
+            name, f"{values[f'paper_table1.{paper}_pct']:.2f}" if paper else "—",
+            _pct(values, f"{stage}.full_testing_accuracy_pct_values"),
+            _pct(values, f"{stage}.dedup_testing_accuracy_pct_values"),
+            _ci(values, f"{stage}.dedup_minus_baseline_pts") if f"{stage}.dedup_minus_baseline_pts_mean" in values
+            else "",
+            f"{100 * values[f'{stage}.gap_closed_fraction']:.0f}%" if f"{stage}.gap_closed_fraction" in values else "",
+            f"{values[f'{stage}.ece_calibrated_mean']:.3f}" if f"{stage}.ece_calibrated_mean" in values else "",
+            f"{minutes:.1f} min"])
     for name in PAPER_CHECKPOINTS:
         if f"{name}.full_testing_accuracy_pct" in values:
-            lines.append(f"| the paper's published `{PAPER_CHECKPOINTS[name]}`, scored here | | "
-                         f"{values[f'{name}.full_testing_accuracy_pct']:.1f} | "
-                         f"{values[f'{name}.dedup_testing_accuracy_pct']:.1f} | "
-                         f"ours − it: {_ci(values, f'kd_seed0_minus_{name}.dedup_pts')} | | | |")
-    probes = ["", "| model | tumour scans re-styled to notumor's profile: flipped to notumor (control) "
-              "| notumor scans re-styled to tumour's: flipped away (control) | head blanked: notumor separation AUC |",
-              "|---|---:|---:|---:|"]
-    def probe_row(label: str, percent: Callable[[str], float]) -> str:
-        """One model's probe row; ``percent(key)`` is the probe value in percent."""
-        return (f"| {label} | {percent('restyle.tumour_flipped_to_notumor'):.1f}% "
-                f"({percent('restyle.tumour_flipped_to_notumor_control'):.1f}%) | "
-                f"{percent('restyle.notumor_flipped_from_notumor'):.1f}% "
-                f"({percent('restyle.notumor_flipped_from_notumor_control'):.1f}%) | "
-                f"{percent('blanked_head.notumor_separation') / 100:.2f} |")
+            table1.append([f"the paper's published `{PAPER_CHECKPOINTS[name]}`, scored here", "",
+                           f"{values[f'{name}.full_testing_accuracy_pct']:.1f}",
+                           f"{values[f'{name}.dedup_testing_accuracy_pct']:.1f}",
+                           f"ours − it: {_ci(values, f'kd_seed0_minus_{name}.dedup_pts')}", "", "", ""])
 
+    def probe_row(label: str, percent: Callable[[str], float]) -> list[str]:
+        """One model's probe row; ``percent(key)`` is the probe value in percent."""
+        return [label, f"{percent('restyle.tumour_flipped_to_notumor'):.1f}% "
+                       f"({percent('restyle.tumour_flipped_to_notumor_control'):.1f}%)",
+                f"{percent('restyle.notumor_flipped_from_notumor'):.1f}% "
+                f"({percent('restyle.notumor_flipped_from_notumor_control'):.1f}%)",
+                f"{percent('blanked_head.notumor_separation') / 100:.2f}"]
+
+    probes = []
     variants = [("", values)] + ([(" + head step", head)] if head else [])
     for suffix, source in variants:
         seeds = sorted({int(k.split(".")[0][4:]) for k in source if k.startswith("seed") and ".shortcut." in k})
@@ -270,11 +268,18 @@ def table(values: dict[str, Any], head: dict[str, Any] | None) -> str:
         if f"{name}.shortcut.restyle.tumour_flipped_to_notumor" in values:
             probes.append(probe_row(f"published `{PAPER_CHECKPOINTS[name]}`",
                                     lambda key, name=name: 100 * values[f"{name}.shortcut.{key}"]))
-    data = [f"| background-only classifier, notumor vs tumour ({step}) | AUC "
-            f"{values[f'data_probe.{step}.test_auc']:.2f}, accuracy "
-            f"{100 * values[f'data_probe.{step}.test_accuracy']:.1f}% (majority "
-            f"{100 * values[f'data_probe.{step}.majority_accuracy']:.1f}%) | | |" for step in HEAD_STEPS]
-    return "\n".join(lines + probes + data)
+    probes += [[f"background-only classifier, notumor vs tumour ({step})",
+                f"AUC {values[f'data_probe.{step}.test_auc']:.2f}, accuracy "
+                f"{100 * values[f'data_probe.{step}.test_accuracy']:.1f}% (majority "
+                f"{100 * values[f'data_probe.{step}.majority_accuracy']:.1f}%)", "", ""] for step in HEAD_STEPS]
+    return "\n".join([
+        markdown_table(["model", "paper (Table 1, full Testing)", "ours, full Testing", "ours, deduplicated Testing",
+                        "− baseline, deduplicated (paired)", "gap closed", "ECE calibrated (dedup)",
+                        "stage wall time (mean of seeds)"], table1),
+        "",
+        markdown_table(["model", "tumour scans re-styled to notumor's profile: flipped to notumor (control)",
+                        "notumor scans re-styled to tumour's: flipped away (control)",
+                        "head blanked: notumor separation AUC"], probes)])
 
 
 def _results(name: str) -> dict[str, Any] | None:

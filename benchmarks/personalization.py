@@ -41,6 +41,7 @@ from edgemri.core.config import Config
 from edgemri.core.data.partition import manifest_paths, read_manifest
 from edgemri.core.io import write_json
 from edgemri.core.registries import load_config
+from edgemri.reports.common import markdown_table
 from edgemri.reports.federation import paired_summary
 from edgemri.simulation.federate import federate
 from edgemri.simulation.pipeline import distill
@@ -145,20 +146,20 @@ def table(values: dict[str, Any], scenario: str) -> str:
         return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
 
     methods = sorted({k.split(".")[1] for k in values if k.startswith(f"{scenario}.") and k.endswith(".clients")})
-    lines = ["| method | tier | clients | personalized | − start | − global | − best-global | − local-only "
-             "| oracle − start | captured |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for method in methods:
         for tier in ("hospital", "phone", "all"):
             prefix = f"{scenario}.{method}.{tier}"
             if f"{prefix}.clients" not in values:
                 continue
-            lines.append(f"| {method} | {tier} | {values[f'{prefix}.clients']} | "
-                         f"{values[f'{prefix}.personalized_accuracy_pct']:.1f} | "
-                         + " | ".join(ci(prefix, n) for n in ("personalized_minus_start", "personalized_minus_global",
-                                                              "personalized_minus_best_global",
-                                                              "personalized_minus_local_only", "oracle_minus_start"))
-                         + f" | {100 * values[f'{prefix}.headroom_captured_fraction']:.0f}% |")
-    return "\n".join(lines)
+            rows.append([method, tier, values[f"{prefix}.clients"],
+                         f"{values[f'{prefix}.personalized_accuracy_pct']:.1f}",
+                         *(ci(prefix, n) for n in ("personalized_minus_start", "personalized_minus_global",
+                                                   "personalized_minus_best_global", "personalized_minus_local_only",
+                                                   "oracle_minus_start")),
+                         f"{100 * values[f'{prefix}.headroom_captured_fraction']:.0f}%"])
+    return markdown_table(["method", "tier", "clients", "personalized", "− start", "− global", "− best-global",
+                           "− local-only", "oracle − start", "captured"], rows, align="ll" + "r" * 8)
 
 
 def main() -> None:

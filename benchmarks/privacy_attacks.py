@@ -35,10 +35,11 @@ from edgemri.core.config import Config
 from edgemri.core.io import write_json
 from edgemri.core.registries import load_config
 from edgemri.reports.privacy_attacks import write_privacy_attack_report
+from edgemri.reports.privacy_audit import write_audit_report
 from edgemri.simulation.federate import federate
 from edgemri.simulation.pipeline import distill
 from edgemri.simulation.privacy_attack import AttackSettings, attack_run
-from edgemri.simulation.privacy_audit import AuditSettings, audit, write_audit_report
+from edgemri.simulation.privacy_audit import AuditSettings, audit
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 RUNS = {"dp": [], "no_dp": ["privacy.tiers.phone.enabled=false"]}  # config overrides of each federation

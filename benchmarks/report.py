@@ -47,19 +47,22 @@ def _absent(value: Any) -> bool:
     return value is None or (isinstance(value, float) and not math.isfinite(value))
 
 
-def pct(value: float | None) -> str:
-    """An accuracy (or any share) already in percent: 1 decimal."""
-    return DASH if _absent(value) else f"{value:.1f}"
+def _number_format(spec: str, scale: float = 1.0, suffix: str = "") -> Callable[[float | None], str]:
+    """A formatter for one unit: ``scale * value`` in format ``spec`` then ``suffix``; a missing value is a dash."""
+    def formatted(value: float | None) -> str:
+        return DASH if _absent(value) else f"{scale * value:{spec}}{suffix}"
+    return formatted
 
 
-def pct_of(fraction: float | None) -> str:
-    """A fraction in [0, 1] shown in percent: 1 decimal."""
-    return DASH if _absent(fraction) else f"{100 * fraction:.1f}"
-
-
-def pts(value: float | None) -> str:
-    """A difference in percentage points: signed, 1 decimal."""
-    return DASH if _absent(value) else f"{value:+.1f}"
+# One rule per unit (RESULTS.md's header lists them).
+pct = _number_format(".1f")  # an accuracy (or any share) already in percent
+pct_of = _number_format(".1f", 100)  # a fraction in [0, 1] shown in percent
+pts = _number_format("+.1f")  # a difference in percentage points; also a PSNR margin in dB
+db = pts
+whole = _number_format(",.0f")  # a count, byte size, rate (img/s) or memory size
+auc = _number_format(".3f")  # a ROC AUC or an ECE
+share = _number_format(".0f", 100, "%")  # a fraction shown as a whole percentage (gap closed, headroom captured)
+ratio = _number_format(".2f", suffix="x")  # a speed ratio
 
 
 def sig(value: float | None, digits: int = 2) -> str:
@@ -77,36 +80,11 @@ def sig(value: float | None, digits: int = 2) -> str:
     return f"{value:.{decimals}f}"
 
 
-def whole(value: float | None) -> str:
-    """A count, byte size, rate (img/s) or memory size: a whole number with thousands separators."""
-    return DASH if _absent(value) else f"{value:,.0f}"
-
-
-def auc(value: float | None) -> str:
-    """A ROC AUC or an ECE: 3 decimals."""
-    return DASH if _absent(value) else f"{value:.3f}"
-
-
 def eps(value: float | None) -> str:
     """A privacy epsilon: 2 decimals (``None``, no noise at all: infinite)."""
     if value is None:
         return "∞"
     return DASH if _absent(value) else f"{value:,.2f}"
-
-
-def db(value: float | None) -> str:
-    """A PSNR margin in dB: signed, 1 decimal."""
-    return DASH if _absent(value) else f"{value:+.1f}"
-
-
-def share(fraction: float | None) -> str:
-    """A fraction shown as a whole percentage (gap closed, headroom captured)."""
-    return DASH if _absent(fraction) else f"{100 * fraction:.0f}%"
-
-
-def ratio(value: float | None) -> str:
-    """A speed ratio: 2 decimals and an x."""
-    return DASH if _absent(value) else f"{value:.2f}x"
 
 
 def ci(v: Values, prefix: str) -> str:

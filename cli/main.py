@@ -207,7 +207,8 @@ def cmd_privacy_audit(args: argparse.Namespace) -> int:
     for kind, tier in report["tiers"].items():
         print(f"{kind}: {tier['reading']}")
     paths = write_audit_report(report, Path(args.out))
-    print(f"privacy audit: {paths['md']} (+ {paths['json'].name}) in {time.perf_counter() - started:.0f} s")
+    print(f"privacy audit: {paths['md']} (+ {paths['json'].name}, {paths['png'].name}) in "
+          f"{time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -342,7 +343,7 @@ def _privacy_commands(commands: argparse._SubParsersAction) -> None:
     audit = add_command(privacy, "audit", cmd_privacy_audit,
                 "the one-run DP audit (Steinke, Nasr, Jagielski 2023): train each tier's largest client with DP-SGD as "
                 "configured, at a weak setting and without DP, on its scans plus coin-included canaries; write "
-                "privacy-audit.json/.md with the empirical epsilon lower bound beside the accounted epsilon")
+                "privacy-audit.json/.md/.png with the empirical epsilon lower bound beside the accounted epsilon")
     audit.add_argument("--config", default="configs/quickstart.yaml",
                        help="YAML config (default: configs/quickstart.yaml)")
     audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -6,29 +6,23 @@ and its details stay in the device's own log. What the server sends is parsed an
 (``protocol.RoundInstructions``) before use, and the device's own privacy floor (node config
 ``dp-required``, ``dp-max-epsilon``, ...) overrides any weaker instruction.
 
-When the run config names an ``audit-dir``, ``timeline_mod`` also writes when each step of the
-message ended (``audit-dir/timings/``, wall-clock times only), for ``benchmarks/device_footprint.py``.
+Each step of a message is logged when it ends, at DEBUG, with its name in the record's ``step``
+(``clients/timeline.py`` times the steps when the run config names an ``audit-dir``).
 """
 
-# ruff: noqa: E402 - the import clock starts before the imports it times
 from __future__ import annotations
-
-import time
-
-APP_IMPORT_STARTED = time.time()  # when this process began loading the app: the first mark of its timeline
 
 import functools
 import logging
-import os
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
+from edgemri.clients import timeline
 from edgemri.clients.audit import audit_mod
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
 from edgemri.core.config import ConfigError
@@ -36,59 +30,14 @@ from edgemri.core.data.images import DataError
 from edgemri.core.data.partition import ManifestError
 from edgemri.core.errors import EdgemriError
 from edgemri.core.federation import protocol as p
-from edgemri.core.federation.personalize import State, create_method
-from edgemri.core.io import write_json
+from edgemri.core.federation.personalize import Method, State, create_method
 from edgemri.core.privacy.dp import PrivacyError
 from edgemri.core.privacy.ledger import LedgerError
 from edgemri.core.privacy.policy import DevicePolicy
 from edgemri.core.registries import REGISTRIES
 from edgemri.core.training.checkpoint import CheckpointError
 
-try:
-    import resource
-except ImportError:  # Windows: the timeline then has no memory figures
-    resource = None
-
-APP_IMPORTED = time.time()
 log = logging.getLogger("edgemri.client")
-
-
-class Timeline:
-    """When each step of the message being handled ended, and this process's peak RSS then.
-
-    Flower starts a fresh ClientApp process per message on a SuperNode, so one message's
-    timeline starts at the app's import; ``timeline_mod`` resets it per message (a simulation
-    process handles many) and writes it when auditing. A mark costs a clock read and a getrusage.
-    """
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[str, float, float]] = []
-
-    def reset(self) -> None:
-        self.marks.clear()
-
-    def mark(self, step: str) -> None:
-        """``step`` ended now."""
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if resource is not None else 0  # Linux: KiB
-        self.marks.append((step, time.time(), round(peak_kib / 1024, 1)))
-
-
-TIMELINE = Timeline()
-
-
-def timeline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Outermost mod: marks the handler's start and end around every other mod, and writes the timeline."""
-    TIMELINE.reset()
-    TIMELINE.mark("app-called")  # Flower loaded the app and handed it the message
-    reply = call_next(msg, context)
-    TIMELINE.mark("reply-and-audit")
-    audit_dir = str(context.run_config.get("audit-dir", ""))
-    if audit_dir:
-        write_json(Path(audit_dir) / "timings" / f"node-{context.node_id}-{time.time_ns()}-{os.getpid()}.json", {
-            "message_type": msg.metadata.message_type, "pid": os.getpid(),
-            "app_import_started": APP_IMPORT_STARTED, "app_imported": APP_IMPORTED,
-            "marks": [{"step": step, "time": at, "peak_rss_mb": peak} for step, at, peak in TIMELINE.marks]})
-    return reply
 
 
 def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -99,7 +48,7 @@ def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCal
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[timeline_mod, audit_mod, central_clipping_mod])
+app = ClientApp(mods=[timeline.timeline_mod, audit_mod, central_clipping_mod])
 
 _CODES: tuple[tuple[type[Exception], p.FailureCode], ...] = (
     ((ManifestError, DataError, OSError), p.FailureCode.DATA),
@@ -133,7 +82,9 @@ def coded_failures(handler: Callable[[Message, Context], Message]) -> Callable[[
 
 def _client(context: Context) -> Client:
     node_config = dict(context.node_config)
-    return Client(resolve_setup(node_config, dict(context.run_config)), DevicePolicy.from_node_config(node_config))
+    client = Client(resolve_setup(node_config, dict(context.run_config)), DevicePolicy.from_node_config(node_config))
+    log.debug("manifest of %s read", client.name, extra={"step": "manifest"})
+    return client
 
 
 def _state(client: Client, context: Context) -> ClientState:
@@ -169,6 +120,27 @@ def _received(msg: Message) -> tuple[p.RoundInstructions, State]:
     return p.RoundInstructions.from_config(dict(config), REGISTRIES), arrays.to_torch_state_dict()
 
 
+class RoundStart(NamedTuple):
+    """What a train or evaluate message starts from."""
+
+    client: Client
+    instructions: p.RoundInstructions
+    global_state: State
+    method: Method
+    state: ClientState
+
+
+def _round_start(msg: Message, context: Context) -> RoundStart:
+    """The preamble train and evaluate share: the client (its manifest), the server's instructions and global
+    model, the personalization method they name, and this client's state."""
+    client = _client(context)
+    instructions, global_state = _received(msg)
+    start = RoundStart(client, instructions, global_state, create_method(instructions.federation),
+                       _state(client, context))
+    log.debug("round %d: message and state read", instructions.server_round, extra={"step": "message-and-state"})
+    return start
+
+
 @app.query()
 @coded_failures
 def describe(msg: Message, context: Context) -> Message:
@@ -178,7 +150,6 @@ def describe(msg: Message, context: Context) -> Message:
     is, and then fails (reported, skipped) in the rounds that need the data.
     """
     client = _client(context)
-    TIMELINE.mark("manifest")
     info, metrics = p.ClientInfo(client.name, client.kind, client.manifest.site,
                                  client.manifest.num_examples("train")).to_record()
     return _reply(msg, metrics={**metrics, p.ROUNDS_TRAINED: _state(client, context).rounds_trained}, info=info)
@@ -187,14 +158,9 @@ def describe(msg: Message, context: Context) -> Message:
 @app.train()
 @coded_failures
 def train(msg: Message, context: Context) -> Message:
-    client = _client(context)
-    TIMELINE.mark("manifest")
-    instructions, global_state = _received(msg)
-    method = create_method(instructions.federation)
-    state = _state(client, context)
-    TIMELINE.mark("message-and-state")
+    client, instructions, global_state, method, state = _round_start(msg, context)
     reply = client.train_round(method, global_state, state, instructions)
-    TIMELINE.mark("train-round")
+    log.debug("round %d: train round done", instructions.server_round, extra={"step": "train-round"})
     _remember(context, reply.state)
     if reply.status is not p.Status.TRAINED:
         log.info("round %d: %s (%s)", instructions.server_round, reply.status.value, reply.reason)
@@ -210,12 +176,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @coded_failures
 def evaluate(msg: Message, context: Context) -> Message:
-    client = _client(context)
-    TIMELINE.mark("manifest")
-    instructions, global_state = _received(msg)
-    method = create_method(instructions.federation)
-    state = _state(client, context)
-    TIMELINE.mark("message-and-state")
+    client, instructions, global_state, method, state = _round_start(msg, context)
     if instructions.final:
         start, best = msg.content.array_records.get(p.START), msg.content.array_records.get(p.BEST)
         if start is None or best is None:
@@ -224,8 +185,8 @@ def evaluate(msg: Message, context: Context) -> Message:
                                         global_state, state, instructions)
     else:
         metrics = client.evaluate(method, global_state, state, instructions)
-    TIMELINE.mark("evaluate")
+    log.debug("round %d: evaluated", instructions.server_round, extra={"step": "evaluate"})
     privacy_status = client.privacy_status(client.dp_plan(instructions))
-    TIMELINE.mark("privacy-status")
+    log.debug("round %d: privacy status read", instructions.server_round, extra={"step": "privacy-status"})
     return _reply(msg, metrics={**metrics, **privacy_status, p.NUM_EXAMPLES: len(client.data().test),
                                 p.ROUNDS_TRAINED: state.rounds_trained})

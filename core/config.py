@@ -70,7 +70,8 @@ class ConfigError(EdgemriError):
 class TrainSpec:
     """One run of the training loop."""
 
-    epochs: int = 10
+    # The students' spec in the quickstart and Kaggle configs: 15 epochs at batch 16, Adam at 1e-3, constant.
+    epochs: int = 15
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -94,7 +95,7 @@ class TrainSpec:
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = None  # a folder in the Kaggle layout; None: the synthetic set of the run
-    synth_preset: str = "quickstart"  # a name in edgemri.core.synth.PRESETS
+    synth_preset: str = "quickstart"  # a name in edgemri.core.data.synth.PRESETS
     val_fraction: float = 0.15  # carved from Training, stratified; Testing is for final reports
     # Share of Training held by the federation's clients and never seen by distillation, so
     # the clients' local tests measure new data (0: clients reuse the distillation data).
@@ -102,14 +103,16 @@ class DataConfig:
     # Seed of that server/client split alone: runs with other seeds (training, partition
     # among clients) keep the same split, so no seed's clients test on distillation data.
     split_seed: int = 0
-    cache_dir: str | None = None  # decoded-image cache; None: <root>/.edgemri-cache
-    # Leakage control (core/audit.py): duplicate groups (exact and near) never straddle the train/validation
+    # Decoded-image cache; None: the user's cache folder ($EDGEMRI_CACHE_DIR, else $XDG_CACHE_HOME/edgemri, else
+    # ~/.cache/edgemri), never inside the data folder, which may be read-only or shared.
+    cache_dir: str | None = None
+    # Leakage control (core/data/audit.py): duplicate groups (exact and near) never straddle the train/validation
     # split, and Testing images that duplicate a Training image are left out of the primary test metrics (the
     # full Testing numbers, the paper's protocol, are reported beside them).
     dedup: bool = False
     # A step on every decoded scan before normalization, recorded in each checkpoint and export and applied by
     # predict: none, or standardize-crop (the head's intensities standardized, the frame cropped to the head;
-    # it reduces the collection shortcut, README §2).
+    # it reduces the collection shortcut at a few points of accuracy: docs/REAL-DATA.md, docs/DECISIONS.md).
     head: str = "none"
 
     def validate(self, where: str, names: Registries) -> None:
@@ -144,9 +147,10 @@ class TeacherConfig:
     name: str = "vgg16-slim"  # a teacher in edgemri.models' registry
     width: float = 0.125  # vgg16-slim only: channel width relative to VGG16
     checkpoint: str | None = None  # a trained teacher to load instead of training one
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=8, batch_size=32, weight_decay=0.01))
+    # Weight decay 1e-4: the shipped configs' slim teacher (the real-data teacher sweep's spec).
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=8, batch_size=32, weight_decay=1e-4))
     # Augmented training (a teacher trained from scratch): each epoch an image is one of `views` seeded random
-    # views (core/augment.py; view 0 is the image itself). 0: the images as they are (the paper's).
+    # views (core/training/augment.py; view 0 is the image itself). 0: the images as they are (the paper's).
     views: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -164,6 +168,8 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class KDConfig:
+    # The defaults are the paper's recipe; the recipe that wins depends on the data (the shipped configs give
+    # the synthetic sets' and the real set's, each chosen on validation).
     temperature: float = 1.0
     alpha: float = 0.5  # weight of the soft (teacher) term, the paper's Eq. 1
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -195,7 +201,7 @@ class DistillConfig:
     baseline: TrainSpec = field(default_factory=lambda: TrainSpec(weight_decay=0.01))
     kd: KDConfig = field(default_factory=KDConfig)
     # The paper's KD recipe (T=1, alpha=0.5, no views, no transfer set), what `compare` trains beside `kd`.
-    paper_kd: KDConfig = field(default_factory=lambda: KDConfig(train=TrainSpec(epochs=15)))
+    paper_kd: KDConfig = field(default_factory=KDConfig)
     compare: str = "none"  # none | paper | ablation (DISTILL_COMPARISONS)
     # Reproduce the paper code's choices: KL with 'mean' reduction and checkpoint
     # selection on the Testing split. Every number it produces is marked as such.
@@ -303,13 +309,18 @@ class TierConfig:
 
 
 def _default_tiers() -> dict[str, TierConfig]:
-    """A hospital keeps what is left of its site; phones hold a handful of scans and are often offline."""
+    """A hospital keeps what is left of its site; phones hold a handful of scans and are often offline.
+
+    The personal recipes are the ones chosen on the hospitals' validation splits (docs/DECISIONS.md): a hospital
+    fine-tunes without the pull toward its start (distill_weight 0) and keeps its best epoch; a phone, with no
+    validation split, keeps the pull and a fixed 3-epoch budget.
+    """
     return {
         "hospital": TierConfig(per_site=1, min_examples=100, max_examples=100_000, local_epochs=2, batch_size=16,
-                               availability=1.0, test_fraction=0.2, val_fraction=0.1,
-                               personal=PersonalConfig(select="val")),
-        "phone": TierConfig(per_site=2, min_examples=8, max_examples=40, local_epochs=1, batch_size=8,
-                            availability=0.7, test_fraction=0.4),
+                               availability=1.0, test_fraction=0.2, val_fraction=0.2,
+                               personal=PersonalConfig(distill_weight=0.0, select="val")),
+        "phone": TierConfig(per_site=4, min_examples=8, max_examples=40, local_epochs=1, batch_size=8,
+                            availability=0.7, test_fraction=0.4, personal=PersonalConfig(epochs=3, select="last")),
     }
 
 
@@ -319,13 +330,14 @@ class PartitionConfig:
     # skew); None: every client has its site's mix
     label_skew_alpha: float | None = None
     quantity_skew: bool = True  # phone sizes drawn in [min, max]; False: all at the midpoint
-    # Data without metadata.csv (the real Kaggle set): appearance sites, each keeping every class (core/sites.py);
-    # null: the count with the highest silhouette (2 on the real set; docs/DATA.md "Real sites")
+    # Data without metadata.csv (the real Kaggle set): appearance sites, each keeping every class
+    # (core/data/sites.py); null: the count with the highest silhouette (2 on the real set; docs/DATA.md
+    # "The real sites")
     pseudo_sites: int | None = None
 
     def validate(self, where: str) -> None:
         _in_range(f"{where}.label_skew_alpha", self.label_skew_alpha, 0, MAX_WEIGHT, low_open=True, nullable=True)
-        # 50: core.sites.MAX_SITES
+        # 50: core.data.sites.MAX_SITES
         _in_range(f"{where}.pseudo_sites", self.pseudo_sites, 1, 50, integer=True, nullable=True)
 
 
@@ -338,19 +350,22 @@ def _tier(tiers: dict[str, Any], kind: str, where: str) -> Any:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    method: str = "ditto"  # a name in edgemri.core.personalize.METHODS
+    # A name in edgemri.core.federation.personalize.METHODS; fedavg-ft: the one that helped at sites the server
+    # never saw on the real scans (docs/DECISIONS.md)
+    method: str = "fedavg-ft"
     rounds: int = 5
     proximal_mu: float = 0.0  # > 0: FedProx term on the global part
-    ditto_lambda: float = 0.1  # pull of a Ditto personal model toward the global one
+    ditto_lambda: float = 1.0  # pull of a Ditto personal model toward the global one (the sweep's best)
     ditto_lr: float = 0.01  # the learning rate of a Ditto personal model's own SGD
     min_clients: int = 2  # a round needs at least this many replies to aggregate
     round_timeout_s: float = 600.0  # a client that has not answered by then is skipped
     start_checkpoint: str | None = None  # None: the distilled student of the run
-    # How Training is shared between distillation and the clients (edgemri.core.data.SCENARIOS):
+    # How Training is shared between distillation and the clients (edgemri.core.data.splits.SCENARIOS):
     # "seen-sites": the server distills on a share of every site, the clients hold data.client_fraction of it;
-    # "new-sites": the server distills only on source sites, every client is at a site it never saw (needs
-    # site metadata; data.client_fraction is not used). seen-sites stays the default until the new-sites
-    # benchmark exists (issue 13).
+    # "new-sites": the server distills only on source sites, every client is at a site it never saw (sites from
+    # metadata.csv, else appearance sites; data.client_fraction is not used). seen-sites is the default: it is
+    # distillation as the paper does it, on every site (configs/kaggle.yaml, paper.yaml); the federation configs
+    # choose new-sites.
     scenario: str = "seen-sites"
     # new-sites: how many sites are source sites, chosen with data.split_seed; None: half, rounded down, at least 1.
     source_sites: int | None = None
@@ -451,7 +466,7 @@ def _default_dp_tiers() -> dict[str, DPTierConfig]:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    accountant: str = "rdp"  # a name in edgemri.core.privacy.ACCOUNTANTS
+    accountant: str = "rdp"  # a name in edgemri.core.privacy.dp.ACCOUNTANTS
     tiers: dict[str, DPTierConfig] = field(default_factory=_default_dp_tiers)  # client kind -> DP-SGD settings
     budget_overrides: dict[str, float] = field(default_factory=dict)  # client name -> budget epsilon
     central: CentralDPConfig = field(default_factory=CentralDPConfig)

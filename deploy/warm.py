@@ -7,10 +7,10 @@ changes only who answers the command:
 
 - ``serve`` imports the modules a task needs (``DEFAULT_PRELOAD``) and Flower's ``flwr-clientapp``
   command itself, found by its console-script name, then listens on a Unix socket.
-- ``write_shim`` puts a small ``flwr-clientapp`` (stdlib only) into a folder that goes first on the
-  SuperNode's ``PATH``. The SuperExec starts it as it would the real command; it hands its
-  arguments, working folder, environment and standard streams (file descriptors) to the launcher
-  and exits with the task's exit code. When no launcher answers, it runs the real command.
+- ``write_shim`` puts a small ``flwr-clientapp`` (``deploy/warm_shim.py``, stdlib only) into a folder
+  that goes first on the SuperNode's ``PATH``. The SuperExec starts it as it would the real command;
+  it hands its arguments, working folder, environment and standard streams (file descriptors) to the
+  launcher and exits with the task's exit code. When no launcher answers, it runs the real command.
 - For each task the launcher forks a child that runs Flower's ``flwr-clientapp`` with exactly those
   arguments, environment and streams: the child pulls its task, runs the ClientApp and pushes the
   reply as a cold process would, then ends without Python's teardown.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import importlib.resources
 import json
 import logging
 import os
@@ -45,17 +46,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgemri.core.io import write_bytes
+from edgemri.core.io import write_bytes, write_json
 from edgemri.deploy.errors import DeployError
+from edgemri.deploy.warm_shim import COMMAND, HEADER, MAGIC, SETTINGS_SUFFIX
 
 log = logging.getLogger("edgemri.launcher")
 
-COMMAND = "flwr-clientapp"
 # What a ClientApp task imports: this project's ClientApp (torch with it) and Opacus, which a client imports
 # only when it trains with DP-SGD, as a phone does. Flower's command is always loaded.
 DEFAULT_PRELOAD = ("edgemri.clients.client_app", "opacus")
-MAGIC = b"EDGEMRI-WARM-1\n"
-HEADER = struct.Struct(">I")  # the request's length, after MAGIC
 MAX_REQUEST_BYTES = 1 << 20
 MAX_ARGS, MAX_ARG_CHARS, MAX_ENV_ENTRIES = 64, 4096, 4096
 REQUEST_TIMEOUT_S = 5.0  # the shim sends its request at once; a silent peer is dropped
@@ -88,57 +87,14 @@ def real_command(bin_dir: Path) -> Path:
     return Path(found)
 
 
-SHIM = '''#!{python} -IS
-# flwr-clientapp, answered by the edgemri warm launcher (deploy/warm.py); the real command when no launcher
-# takes the task. The launcher answers one line: "error ..." (nothing ran) or "started PID", then "exit CODE".
-import json, os, socket, sys
-
-REAL = {real!r}
-
-
-def cold():
-    os.execv(REAL, [REAL, *sys.argv[1:]])
-
-
-def main():
-    body = json.dumps({{"argv": [{command!r}, *sys.argv[1:]], "cwd": os.getcwd(), "env": dict(os.environ)}})
-    try:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect({socket!r})
-        socket.send_fds(s, [{magic!r} + len(body.encode()).to_bytes(4, "big")], [0, 1, 2])
-        s.sendall(body.encode())
-        reply = s.makefile("rb")
-        first = reply.readline(4096)
-    except OSError:
-        cold()
-    if not first.startswith(b"started "):
-        if first:
-            print("flwr-clientapp (edgemri warm launcher): " + first.decode("utf-8", "replace").strip()
-                  + "; running the task cold", file=sys.stderr)
-        cold()
-    try:
-        last = reply.readline(4096).decode("ascii", "replace").strip()
-    except OSError:
-        last = ""
-    if last.startswith("exit ") and last[5:].lstrip("-").isdigit():
-        code = int(last[5:])
-        sys.exit(code if code >= 0 else 128 - code)
-    print("flwr-clientapp (edgemri warm launcher): the launcher went away during the task ("
-          + first.decode("ascii", "replace").strip() + ")", file=sys.stderr)
-    sys.exit(2)
-
-
-main()
-'''
-
-
 def write_shim(bin_dir: Path, socket_path: Path) -> Path:
-    """Write ``bin_dir/flwr-clientapp``, which hands each task to the launcher at ``socket_path``."""
+    """Install ``bin_dir/flwr-clientapp`` (deploy/warm_shim.py, run by this interpreter) and its settings beside
+    it: it hands each task to the launcher at ``socket_path``, or runs the real command when none answers."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     shim = bin_dir / COMMAND
-    text = SHIM.format(python=sys.executable, socket=str(socket_path), real=str(real_command(bin_dir)),
-                       command=COMMAND, magic=MAGIC)
-    return write_bytes(shim, text.encode(), mode=0o755)
+    write_json(Path(f"{shim}{SETTINGS_SUFFIX}"), {"socket": str(socket_path), "real": str(real_command(bin_dir))})
+    source = importlib.resources.files(__package__).joinpath("warm_shim.py").read_bytes()
+    return write_bytes(shim, f"#!{sys.executable} -IS\n".encode() + source, mode=0o755)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ from edgemri.core.io import save_figure, write_json, write_text
 from edgemri.core.stats import bootstrap_ci_clustered
 from edgemri.core.training.distill import SeedResult
 from edgemri.models import build_model, summarize
-from edgemri.reports.common import machine, package_versions
+from edgemri.reports.common import machine, markdown_table, package_versions
 
-# The paper's Table 1 (seed/paper.txt): test accuracy, trainable params, estimated size.
+# Table 1 of the paper (On Edge MRI Abnormality Detection using Teacher-Knowledge Distillation): test accuracy,
+# trainable params, estimated size.
 PAPER_TABLE = {
     "teacher": {"accuracy": 0.9567, "trainable_params": 100_356, "estimated_size_mb": 128.14},
     "baseline": {"accuracy": 0.9098, "trainable_params": 12_628, "estimated_size_mb": 2.25},
@@ -140,6 +141,44 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
+def _models_table(report: dict[str, Any], full_testing: bool) -> str:
+    """Each model beside the paper's Table 1 (with the full Testing column when Testing is deduplicated)."""
+    rows = []
+    for stage in report["stages"]:
+        m = report["models"][stage]
+        paper = report["paper"].get("kd" if stage == "paper-kd" else stage)
+        ece = (f"{m['test_ece_uncalibrated']['mean']:.3f} → {m['test_ece']['mean']:.3f} "
+               f"(floor {m['test_ece_noise_floor']['mean']:.3f})"
+               if "test_ece_uncalibrated" in m else f"{m['test_ece']['mean']:.3f}")
+        full = [_fmt_acc(m["test_full_testing_accuracy"]) if "test_full_testing_accuracy" in m else "—"]
+        rows.append([label(stage), f"{100 * paper['accuracy']:.2f}" if paper else "—", _fmt_acc(m["test_accuracy"]),
+                     *(full if full_testing else []), f"{m['trainable_params']:,}", f"{m['estimated_size_mb']:.2f}",
+                     f"{m['state_dict_bytes']:,}", f"{m['test_macro_f1']['mean']:.3f}", ece,
+                     f"{m['test_temperature']['mean']:.2f}" if "test_temperature" in m else "—"])
+    headers = ["model", "paper test acc", "ours test acc (mean ± std, %)",
+               *(["full Testing acc (%)"] if full_testing else []), "trainable params", "estimated size (MB)",
+               "state-dict bytes", "macro-F1", "ECE before → after calibration", "temperature"]
+    return markdown_table(headers, rows, align="l" * len(headers))
+
+
+def _comparisons_table(report: dict[str, Any]) -> str:
+    """Each KD student against the baseline (and, for an ablation, what its left-out ingredient gave the recipe)."""
+    rows = []
+    for stage, c in report["comparisons"].items():
+        m = report["models"][stage]
+        per_seed = ", ".join(_pct(g) for g in c["gap_closed_per_seed"])
+        rows.append([label(stage), _fmt_ci(c["minus_baseline"]), f"{_pct(c['gap_closed'])} ({per_seed})",
+                     f"{c['seeds_above_baseline']}/{len(report['seeds'])}", f"{m['teacher_passes'][0]:,}",
+                     f"{m['transfer_images'][0]:,}",
+                     f"{100 * m['test_accuracy']['mean']:.1f} → {100 * m['test_accuracy_at_90_coverage']['mean']:.1f}",
+                     f"{100 * m['test_refer_coverage']['mean']:.0f}%, {100 * m['test_refer_accuracy']['mean']:.1f}",
+                     _fmt_ci(c["kd_minus_this"]) if "kd_minus_this" in c else "—"])
+    headers = ["student", "− baseline", "gap closed (per seed)", "seeds above baseline", "teacher passes",
+               "transfer images", "acc. all scans → at 90% coverage",
+               "referred at the validation threshold (coverage, acc.)", "recipe − this"]
+    return markdown_table(headers, rows, align="l" * len(headers))
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     models, stages = report["models"], report["stages"]
     compat = " (paper-compat: selected on Testing, KL 'mean')" if report["paper_compat"] else ""
@@ -153,30 +192,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Calibration temperature fitted on the {report['calibrated_on']}.",
         "",
     ]
-    full_column = ""
-    if report["data"].get("deduplicated"):
-        full_column = " full Testing acc (%) |"
+    recall = {stage: models[stage]["per_seed"][0]["test"]["per_class_recall"] for stage in stages}  # first seed
+    full_testing = bool(report["data"].get("deduplicated"))
+    if full_testing:
         lines += [f"Testing is deduplicated ({report['data']['testing_images']:,} images: Testing scans that duplicate "
                   f"a Training scan are left out, `data.dedup`); the full Testing column is the paper's protocol.", ""]
-    lines += [
-        f"| model | paper test acc | ours test acc (mean ± std, %) |{full_column} trainable params "
-        "| estimated size (MB) | state-dict bytes | macro-F1 | ECE before → after calibration | temperature |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if full_column else ""),
-    ]
-    for stage in stages:
-        m = models[stage]
-        paper = report["paper"].get("kd" if stage == "paper-kd" else stage)
-        ece = (f"{m['test_ece_uncalibrated']['mean']:.3f} → {m['test_ece']['mean']:.3f} "
-               f"(floor {m['test_ece_noise_floor']['mean']:.3f})"
-               if "test_ece_uncalibrated" in m else f"{m['test_ece']['mean']:.3f}")
-        temperature = f"{m['test_temperature']['mean']:.2f}" if "test_temperature" in m else "—"
-        paper_accuracy = f"{100 * paper['accuracy']:.2f}" if paper else "—"
-        full = f"{_fmt_acc(m['test_full_testing_accuracy'])} | " if "test_full_testing_accuracy" in m else ""
-        lines.append(
-            f"| {label(stage)} | {paper_accuracy} | {_fmt_acc(m['test_accuracy'])} | {full}"
-            f"{m['trainable_params']:,} | {m['estimated_size_mb']:.2f} | "
-            f"{m['state_dict_bytes']:,} | {m['test_macro_f1']['mean']:.3f} | {ece} | {temperature} |"
-        )
+    lines.append(_models_table(report, full_testing))
     paper_gap = gap_closed(0.9567, 0.9098, 0.9215)
     lines += [
         "",
@@ -189,31 +210,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "KD students against the baseline, paired on the same Testing images (mean [95% CI] in points, images "
         "resampled within seeds); an ablation row's last column is what its left-out ingredient gave the recipe:",
         "",
-        "| student | − baseline | gap closed (per seed) | seeds above baseline | teacher passes | transfer images "
-        "| acc. all scans → at 90% coverage | referred at the validation threshold (coverage, acc.) "
-        "| recipe − this |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for stage, c in report["comparisons"].items():
-        m = models[stage]
-        per_seed = ", ".join(_pct(g) for g in c["gap_closed_per_seed"])
-        lines.append(
-            f"| {label(stage)} | {_fmt_ci(c['minus_baseline'])} | {_pct(c['gap_closed'])} ({per_seed}) | "
-            f"{c['seeds_above_baseline']}/{len(report['seeds'])} | {m['teacher_passes'][0]:,} | "
-            f"{m['transfer_images'][0]:,} | {100 * m['test_accuracy']['mean']:.1f} → "
-            f"{100 * m['test_accuracy_at_90_coverage']['mean']:.1f} | "
-            f"{100 * m['test_refer_coverage']['mean']:.0f}%, {100 * m['test_refer_accuracy']['mean']:.1f} | "
-            f"{_fmt_ci(c['kd_minus_this']) if 'kd_minus_this' in c else '—'} |")
-    lines += [
+        _comparisons_table(report),
         "",
         "Per-class test recall (first seed):",
         "",
-        "| model | " + " | ".join(CLASS_NAMES) + " |",
-        "|---|" + "---|" * len(CLASS_NAMES),
+        markdown_table(["model", *CLASS_NAMES],
+                       [[label(stage), *(f"{100 * recall[stage][c]:.1f}" for c in CLASS_NAMES)] for stage in stages],
+                       align="l" * (1 + len(CLASS_NAMES))),
     ]
-    for stage in stages:
-        recall = models[stage]["per_seed"][0]["test"]["per_class_recall"]
-        lines.append(f"| {label(stage)} | " + " | ".join(f"{100 * recall[c]:.1f}" for c in CLASS_NAMES) + " |")
     lines += ["", "![curves](curves.png)", "", "![confusion](confusion.png)", "",
               "![reliability](reliability.png)", "", "![coverage](coverage.png)", "",
               "Results on synthetic data are not clinical results.", ""]

@@ -23,7 +23,7 @@ from edgemri.core.federation.protocol import (
 )
 from edgemri.core.io import save_figure
 from edgemri.core.stats import bootstrap_ci_clustered, paired_differences
-from edgemri.reports.common import machine, package_versions, write_report_files
+from edgemri.reports.common import machine, markdown_table, package_versions, write_report_files
 
 COLUMNS = (("start", START_ACCURACY), ("global", GLOBAL_ACCURACY), ("best-global", BEST_GLOBAL_ACCURACY),
            ("personalized", PERSONAL_ACCURACY), ("local-only", LOCAL_ONLY_ACCURACY), ("pooled", "pooled-accuracy"),
@@ -181,25 +181,20 @@ def _paired_markdown(report: dict[str, Any]) -> list[str]:
                  f"benchmark pools clients × seeds); with only a few clients in "
                  f"a tier the bootstrap cannot reach beyond the differences observed, so read such an interval as "
                  f"the range of the clients, not a guarantee.", "",
-             "| group | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    for group, intervals in paired["groups"].items():
-        lines.append(f"| {group} | " + " | ".join(_pp(intervals[k]) for k in keys) + " |")
+             markdown_table(["group", *keys], [[group, *(_pp(intervals[k]) for k in keys)]
+                                               for group, intervals in paired["groups"].items()])]
     return lines
 
 
 def _tables(section: dict[str, Any], headers: list[str]) -> list[str]:
     """The per-client table and the per-group mean / worst table of one section (local test or site pool)."""
-    lines = ["| client | kind | site | train n | test n | " + " | ".join(headers) + " |",
-             "|---|---|---|---|---|" + "---|" * len(headers)]
-    for r in section["clients"]:
-        flag = " (failed)" if r["failed"] else ""
-        lines.append(f"| {r['client']}{flag} | {r['kind']} | {r['site']} | {r['num_train']} | {r['num_test']} | "
-                     + " | ".join(_pct(r[c]) for c in headers) + " |")
-    lines += ["", "| group | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
-    for group, stats in section["summary"].items():
-        for which in ("mean", "worst"):
-            lines.append(f"| {group} {which} | " + " | ".join(_pct(stats[c][which]) for c in headers) + " |")
-    return lines
+    clients = [[r["client"] + (" (failed)" if r["failed"] else ""), r["kind"], r["site"], r["num_train"], r["num_test"],
+                *(_pct(r[c]) for c in headers)] for r in section["clients"]]
+    groups = [[f"{group} {which}", *(_pct(stats[c][which]) for c in headers)]
+              for group, stats in section["summary"].items() for which in ("mean", "worst")]
+    return [markdown_table(["client", "kind", "site", "train n", "test n", *headers], clients,
+                           align="l" * (5 + len(headers))), "",
+            markdown_table(["group", *headers], groups, align="l" * (1 + len(headers)))]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -226,11 +221,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if central["final"]:
         lines += ["", f"Global model on the Testing split: {_pct(central['start'].get('accuracy', math.nan))}% "
                       f"at the start, {_pct(central['final'].get('accuracy', math.nan))}% at the end."]
-    lines += ["", "Participation per round:", "", "| round | sampled | trained | failed | seconds |",
-              "|---|---|---|---|---|"]
-    for p in report["participation"]:
-        failed = "; ".join(f"{k}: {v}" for k, v in p["failed"].items()) or "—"
-        lines.append(f"| {p['round']} | {len(p['sampled'])} | {len(p['trained'])} | {failed} | {p['seconds']:.1f} |")
+    participation = [[p["round"], len(p["sampled"]), len(p["trained"]),
+                      "; ".join(f"{k}: {v}" for k, v in p["failed"].items()) or "—", f"{p['seconds']:.1f}"]
+                     for p in report["participation"]]
+    lines += ["", "Participation per round:", "",
+              markdown_table(["round", "sampled", "trained", "failed", "seconds"], participation, align="lllll")]
     lines += ["", "![federation](federation.png)", "", "Results on synthetic data are not clinical results.", ""]
     return "\n".join(lines)
 

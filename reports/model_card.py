@@ -13,6 +13,7 @@ from edgemri.core.stats import bootstrap_ci
 from edgemri.core.training.checkpoint import Checkpoint, calibrated_probabilities
 from edgemri.core.training.evaluate import classification_metrics, predict_logits
 from edgemri.models import summarize
+from edgemri.reports.common import markdown_table
 
 DISCLAIMER = ("**Not a medical device.** A research model for benchmarking on-device federated learning; it must "
               "not be used to diagnose, triage or treat anyone.")
@@ -58,22 +59,21 @@ def render_card(name: str, path: Path, checkpoint: Checkpoint, metrics: dict[str
         "",
         DISCLAIMER,
         "",
-        "| | |",
-        "|---|---|",
-        f"| file | `{path.name}` ({path.stat().st_size:,} bytes), an edgemri checkpoint (`edgemri predict --model "
-        f"{name} scan.jpg`) |",
-        f"| architecture | the paper's student: 2 conv blocks + Linear, {size.trainable_params:,} parameters, "
-        f"{size.mflops:.1f} MFLOPs per 128 px scan |",
-        f"| classes | {', '.join(CLASS_NAMES)} |",
-        f"| trained with | {config_file}, the improved KD recipe "
-        f"(role `{checkpoint.role}`) |",
-        f"| teacher | `vgg16-slim` (width {checkpoint.config['distill']['teacher']['width']}) trained from scratch "
-        f"on the same scans (ImageNet weights cannot be fetched offline): not the paper's teacher |",
-        "| data | Kaggle Brain Tumor MRI (Nickparvar; figshare, SARTAJ, Br35H), the 224 px copy, all of Training "
-        "less a validation split (copies of one scan kept on one side) |",
-        f"| preprocessing | {checkpoint.preprocessing} (applied by `predict` and stored in every export) |",
-        f"| calibration | temperature {checkpoint.temperature:.3f}, fitted on validation; refer below top "
-        f"probability {refer.get('threshold', float('nan')):.3f} to keep 90% of scans |",
+        markdown_table(["", ""], [
+            ["file", f"`{path.name}` ({path.stat().st_size:,} bytes), an edgemri checkpoint (`edgemri predict --model "
+                     f"{name} scan.jpg`)"],
+            ["architecture", f"the paper's student: 2 conv blocks + Linear, {size.trainable_params:,} parameters, "
+                             f"{size.mflops:.1f} MFLOPs per 128 px scan"],
+            ["classes", ", ".join(CLASS_NAMES)],
+            ["trained with", f"{config_file}, the improved KD recipe (role `{checkpoint.role}`)"],
+            ["teacher", f"`vgg16-slim` (width {checkpoint.config['distill']['teacher']['width']}) trained from scratch "
+                        f"on the same scans (ImageNet weights cannot be fetched offline): not the paper's teacher"],
+            ["data", "Kaggle Brain Tumor MRI (Nickparvar; figshare, SARTAJ, Br35H), the 224 px copy, all of Training "
+                     "less a validation split (copies of one scan kept on one side)"],
+            ["preprocessing", f"{checkpoint.preprocessing} (applied by `predict` and stored in every export)"],
+            ["calibration", f"temperature {checkpoint.temperature:.3f}, fitted on validation; refer below top "
+                            f"probability {refer.get('threshold', float('nan')):.3f} to keep 90% of scans"],
+        ], align="ll"),
         "",
         "## Metrics on Testing (95% CI over images)",
         "",

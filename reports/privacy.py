@@ -10,17 +10,17 @@ delta, over which rounds, and what is not protected.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from edgemri.core import untrusted
 from edgemri.core.config import Config
 from edgemri.core.errors import EdgemriError
 from edgemri.core.federation.protocol import EPSILON, FederationResult
 from edgemri.core.io import save_figure
 from edgemri.core.registries import load_config
-from edgemri.reports.common import write_report_files
+from edgemri.reports.common import markdown_table, write_report_files
 
 NOT_PROTECTED = ("the metrics each client reports (accuracies, losses, epsilon itself), its number of "
                  "examples, which rounds it took part in, and the personal model kept on the device "
@@ -123,13 +123,14 @@ def render_markdown(report: dict[str, Any]) -> str:
               "## Client-level (central) DP (unit: one whole client)", ""]
     lines += _client_level(report["client_level"])
     if report["sweep"]:
-        lines += ["", "## Privacy against accuracy (sweep)", "",
-                  "| target epsilon | tier | mean personalized acc (%) | worst personalized acc (%) |",
-                  "|---|---|---|---|"]
+        rows = []
         for row in report["sweep"]:
-            for tier in row["summary"]:
-                s = row["summary"][tier]["personalized"]
-                lines.append(f"| {row['label']} | {tier} | {100 * s['mean']:.1f} | {100 * s['worst']:.1f} |")
+            for tier, summary in row["summary"].items():
+                s = summary["personalized"]
+                rows.append([row["label"], tier, f"{100 * s['mean']:.1f}", f"{100 * s['worst']:.1f}"])
+        lines += ["", "## Privacy against accuracy (sweep)", "",
+                  markdown_table(["target epsilon", "tier", "mean personalized acc (%)", "worst personalized acc (%)"],
+                                 rows, align="llll")]
     lines += ["", "![privacy](privacy.png)", ""]
     return "\n".join(lines)
 
@@ -204,8 +205,6 @@ class ReportError(EdgemriError):
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file from a run folder (untrusted: one clear error for unreadable or invalid files)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path} is not readable JSON ({err.__class__.__name__})") from None
+    """A JSON file from a run folder (untrusted: one clear error for unreadable or invalid files). NaN and
+    Infinity are accepted: the reports write them for a missing accuracy and an unbounded epsilon."""
+    return untrusted.read_json(path, ReportError, nonfinite=True)

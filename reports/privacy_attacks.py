@@ -1,10 +1,10 @@
 """Privacy-attack reports with a model card per client: privacy-attacks.json, .md, .png (and the reconstructions).
 
-Built from ``simulation.privacy_attack.attack_run``'s report: for each attacked client its tier and data size,
-its personalized model's gain with the federation report's interval, its cumulative (epsilon, delta) with
-the unit and the accountant, what the attacks got out of its updates and its model, and what is not
-protected. The reconstructions' grid is written only when the attack kept them (synthetic data, or the
-user's explicit flag): it shows pictures of a client's scans.
+Built from ``simulation.privacy_attack.attack_run``'s report (whose summary ``summarize`` makes from the cards):
+for each attacked client its tier and data size, its personalized model's gain with the federation report's
+interval, its cumulative (epsilon, delta) with the unit and the accountant, what the attacks got out of its
+updates and its model, and what is not protected. The reconstructions' grid is written only when the attack
+kept them (synthetic data, or the user's explicit flag): it shows pictures of a client's scans.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from torch import Tensor
 
 from edgemri.core.io import save_figure
-from edgemri.reports.common import write_report_files
+from edgemri.reports.common import markdown_table, write_report_files
 
 STEM = "privacy-attacks"
 RECONSTRUCTIONS_FILE = f"{STEM}-reconstructions.png"
@@ -32,6 +32,46 @@ def finite(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [finite(v) for v in obj]
     return obj
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _steps_summary(steps: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
+    """How often the single-image attacks single out the attacked scan among the client's (chance: 1/n each),
+    recover its label, and their mean margins over the site baseline."""
+    return {"steps": len(steps),
+            "analytic_identified": sum(bool(s["analytic"].get("matches_true_image")) for s, _ in steps),
+            "inversion_identified": sum(bool(s["inversion"]["matches_true_image"]) for s, _ in steps),
+            "identified_by_chance": sum(1 / n for _, n in steps),
+            "inversion_label_recovered": sum(bool(s["inversion"].get("label_recovered")) for s, _ in steps),
+            "inversion_margin_db": _mean([s["inversion"].get("margin_db") for s, _ in steps]),
+            "analytic_margin_db": _mean([s["analytic"].get("margin_db") for s, _ in steps])}
+
+
+def summarize(cards: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report's summary of its model cards, per tier and overall: the single-image attacks as configured and,
+    for DP clients, without DP; the analytic attack on the sent updates; membership AUCs; how many replays matched
+    what the clients reported."""
+    out = {}
+    for group in ("all", *sorted({c["kind"] for c in cards.values()})):
+        members = [c for c in cards.values() if group in ("all", c["kind"])]
+        updates = [(u, c["n_train"]) for c in members for u in c["updates"]]
+        models = [c["membership"] for c in members if "skipped" not in c["membership"]]
+        single = {variant: _steps_summary([(u["single_image"][variant], n) for u, n in updates
+                                           if variant in u["single_image"]])
+                  for variant in ("as_configured", "without_dp")}
+        out[group] = {
+            "clients": len(members), "updates": len(updates),
+            "single_image": {k: v for k, v in single.items() if v["steps"]},
+            "analytic_sent_margin_db": _mean([u["sent_update"]["analytic"].get("margin_db") for u, _ in updates]),
+            "membership_auc": _mean([m["loss_threshold"]["auc"] for m in models]),
+            "calibrated_membership_auc": _mean([m["calibrated"]["auc"] for m in models]),
+            "learned_membership_auc": _mean([m["learned"].get("auc") for m in models]),
+            "replays_matching": sum(bool(u["replay"]["matches"]) for u, _ in updates)}
+    return out
 
 
 def _db(value: float | None, signed: bool = False) -> str:
@@ -152,7 +192,25 @@ def _card(card: dict[str, Any]) -> list[str]:
         rows.append((f"round {r}", why))
     rows += [("membership inference on its personalized model", _membership_line(card["membership"])),
              ("not protected", card["not_protected"])]
-    return [f"### {card['client']}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    return [f"### {card['client']}", "", markdown_table(["", ""], rows, align="ll"), ""]
+
+
+def _single_image_table(summary: dict[str, Any]) -> str:
+    rows = [(group if variant == "as_configured" else f"{group}: its DP clients, DP left out", single["steps"],
+             single["analytic_identified"], single["inversion_identified"], f"{single['identified_by_chance']:.2f}",
+             single["inversion_label_recovered"], _db(single["inversion_margin_db"], True),
+             _db(single["analytic_margin_db"], True))
+            for group, groups in summary.items() for variant, single in groups["single_image"].items()]
+    return markdown_table(["group", "steps", "identified, analytic", "identified, inversion", "by chance",
+                           "labels recovered (inversion)", "inversion − random (dB)", "analytic − random (dB)"], rows)
+
+
+def _sent_and_kept_table(summary: dict[str, Any]) -> str:
+    rows = [(group, s["clients"], _db(s["analytic_sent_margin_db"], True), _num(s["membership_auc"], ".2f"),
+             _num(s["calibrated_membership_auc"], ".2f"), _num(s.get("learned_membership_auc"), ".2f"),
+             f"{s['replays_matching']}/{s['updates']}") for group, s in summary.items()]
+    return markdown_table(["group", "clients", "sent update, analytic − random (dB)", "membership AUC (loss)",
+                           "membership AUC (calibrated)", "membership AUC (learned, ART)", "replays exact"], rows)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -181,24 +239,10 @@ def render_markdown(report: dict[str, Any]) -> str:
              "attacked scan itself; *by chance*: the expected count if it were a random pick. PSNR alone flatters "
              "smooth or near-constant images (noise can out-score a real scan), so read the margins with SSIM "
              "and identification. *without DP*: the same scans and models, DP-SGD's clipping and noise left out.",
-             "", "| group | steps | identified, analytic | identified, inversion | by chance | labels recovered "
-             "(inversion) | inversion − random (dB) | analytic − random (dB) |", "|---|" + "---:|" * 7]
-    for group, summary in report["summary"].items():
-        for variant, single in summary["single_image"].items():
-            name = group if variant == "as_configured" else f"{group}: its DP clients, DP left out"
-            lines.append(f"| {name} | {single['steps']} | {single['analytic_identified']} | "
-                         f"{single['inversion_identified']} | {single['identified_by_chance']:.2f} | "
-                         f"{single['inversion_label_recovered']} | {_db(single['inversion_margin_db'], True)} | "
-                         f"{_db(single['analytic_margin_db'], True)} |")
-    lines += ["", "What the clients sent and kept: the analytic attack on their real updates, membership inference "
-                  "on their personalized models, and how many replays reproduced the reported training exactly.", "",
-              "| group | clients | sent update, analytic − random (dB) | membership AUC (loss) | "
-              "membership AUC (calibrated) | membership AUC (learned, ART) | replays exact |", "|---|" + "---:|" * 6]
-    for group, summary in report["summary"].items():
-        lines.append(f"| {group} | {summary['clients']} | {_db(summary['analytic_sent_margin_db'], True)} | "
-                     f"{_num(summary['membership_auc'], '.2f')} | {_num(summary['calibrated_membership_auc'], '.2f')} "
-                     f"| {_num(summary.get('learned_membership_auc'), '.2f')} "
-                     f"| {summary['replays_matching']}/{summary['updates']} |")
+             "", _single_image_table(report["summary"]),
+             "", "What the clients sent and kept: the analytic attack on their real updates, membership inference "
+                 "on their personalized models, and how many replays reproduced the reported training exactly.", "",
+             _sent_and_kept_table(report["summary"])]
     central = report["client_level"]
     lines += ["", "Client-level (central) DP: " + (
         f"({_num(central['epsilon'], '.2f')}, {_num(central['delta'], '.1e')})-DP for one whole client, in the "

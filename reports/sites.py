@@ -19,7 +19,7 @@ from edgemri.core.data.images import CLASS_NAMES, DataError
 from edgemri.core.data.partition import site_pools
 from edgemri.core.data.sites import SITE_COUNT_CANDIDATES, fit_sites
 from edgemri.core.data.splits import pick_source_sites, sited_dataset
-from edgemri.reports.common import write_report_files
+from edgemri.reports.common import markdown_table, write_report_files
 
 EXAMPLES_PER_CLASS = 4
 
@@ -60,16 +60,15 @@ def render_sites(report: dict[str, Any]) -> str:
     lines = [f"# Appearance sites of {report['root']}", "",
              f"{report['count']} sites ({report['count_rule']}; split seed {report['seed']}).", ""]
     if report["silhouettes"]:
-        lines += ["| sites | silhouette |", "|---:|---:|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in report["silhouettes"].items()] + [""]
+        lines += [markdown_table(["sites", "silhouette"], [[k, f"{v:.3f}"] for k, v in report["silhouettes"].items()],
+                                 align="rr"), ""]
     if report["new_sites_source"]:
         lines += [f"Under new-sites the server distills on {', '.join(report['new_sites_source'])}; the clients "
                   f"are at the others.", ""]
-    lines += ["| site | split | " + " | ".join(CLASS_NAMES) + " | all |", "|---|---|" + "---:|" * 5]
-    for site, mixes in report["sites"].items():
-        for split, mix in mixes.items():
-            lines.append(f"| {site} | {split} | " + " | ".join(str(mix[c]) for c in CLASS_NAMES)
-                         + f" | {sum(mix.values())} |")
+    lines.append(markdown_table(["site", "split", *CLASS_NAMES, "all"],
+                                [[site, split, *(mix[c] for c in CLASS_NAMES), sum(mix.values())]
+                                 for site, mixes in report["sites"].items() for split, mix in mixes.items()],
+                                align="ll" + "r" * (len(CLASS_NAMES) + 1)))
     lines += ["", "pool: the site's share of Testing less every scan with a copy in Training (the duplicate audit): "
               "the clients' evaluation pool."]
     return "\n".join(lines) + "\n"

@@ -7,7 +7,6 @@ distilled start model) stops the run at once with a one-line message naming the 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from edgemri.core.federation.personalize import State, evaluate_state
 from edgemri.core.io import write_json
 from edgemri.core.registries import load_config
 from edgemri.core.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from edgemri.core.untrusted import check_record, mapping_of, number, text
 from edgemri.reports.federation import build_federation_report, write_federation_report
 from edgemri.reports.privacy import build_privacy_report, write_privacy_report
 from edgemri.server.strategy import CentralAccountant, FederationStrategy, RoundState, with_central_dp
@@ -174,9 +174,7 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
 def final_evaluate(grid: Grid, strategy: FederationStrategy, start: State, best: State, config: Config
                    ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """Every client's report columns: start, global, best global, personalized and local-only accuracy."""
-    messages = strategy._messages(sorted(strategy.nodes), config.federation.rounds, MessageType.EVALUATE,
-                                  ConfigRecord({"final": True}),
-                                  **{p.START: ArrayRecord(start), p.BEST: ArrayRecord(best)})
+    messages = strategy.configure_final_evaluate(start, best)
     return strategy.collect_evaluate(grid.send_and_receive(messages, timeout=config.federation.round_timeout_s))
 
 
@@ -197,20 +195,28 @@ def _save_state(server_dir: Path, config: Config, state: State, rounds: RoundSta
         seed=config.seed, metrics=last.central))
 
 
+# What the strategy knew about the clients, as _save_state writes it (each key may be missing: older runs).
+_CLIENT_STATE = {
+    "retired": mapping_of(p.VALID_CLIENT_NAME, text()),
+    "epsilon": mapping_of(p.VALID_CLIENT_NAME, number(0, p.MAX_EPSILON_REPORTED)),
+    "ledger_records": mapping_of(p.VALID_CLIENT_NAME, number(0, p.MAX_EPSILON_REPORTED)),
+    "best_round": number(0, integer=True).nullable(),
+    "best_val": number().nullable(),
+}
+
+
 def _round_state(saved: Checkpoint) -> RoundState:
     """What the strategy knew after the saved round (a run folder is untrusted: any oddity is one clear error)."""
+    where = "the server state of this run"
     try:
-        clients = dict(saved.extra["clients"])
-        state = RoundState(history=[p.RoundRecord(**h) for h in saved.history], **clients)
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"the server state of this run is malformed ({err.__class__.__name__}); "
-                              "start a new run folder") from None
-    typed = (all(isinstance(k, str) and isinstance(v, str) for k, v in state.retired.items())
-             and all(isinstance(v, float | int) for v in [*state.epsilon.values(), *state.ledger_records.values()])
-             and (state.best_round is None or isinstance(state.best_round, int)))
-    if not typed:
-        raise CheckpointError("the server state of this run holds values of the wrong type; start a new run folder")
-    return state
+        clients = check_record(saved.extra.get("clients"), _CLIENT_STATE, where, CheckpointError,
+                               optional=tuple(_CLIENT_STATE))
+        history = [p.RoundRecord(**h) for h in saved.history]
+    except TypeError as err:  # a history record that is not one
+        raise CheckpointError(f"{where} is malformed ({err.__class__.__name__}); start a new run folder") from None
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; start a new run folder") from None
+    return RoundState(history=history, **clients)
 
 
 def _load_state(path: Path) -> Checkpoint | None:
@@ -221,12 +227,7 @@ def write_reports(result: p.FederationResult, config: Config, run_dir: Path) -> 
     """result.json and the federation and privacy reports, once per run (with the runner's references, if any)."""
     write_json(run_dir / "server" / "result.json", result.to_dict())
     references_file = run_dir / p.REFERENCES_FILE
-    references = None
-    if references_file.is_file():
-        try:
-            references = p.parse_references(json.loads(references_file.read_text(encoding="utf-8")))
-        except (OSError, ValueError, p.ProtocolError) as err:
-            raise p.ProtocolError(f"{references_file}: {err.__class__.__name__}: {str(err)[:200]}") from None
+    references = p.read_references(references_file) if references_file.is_file() else None
     paths = write_federation_report(build_federation_report(result, config, references), run_dir)
     paths.update({f"privacy_{k}": v for k, v in
                   write_privacy_report(build_privacy_report(result, config), run_dir).items()})

@@ -251,8 +251,18 @@ class FederationStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        good = replies if self._screened == server_round else self.screen_train(replies)
-        self._screened = None
+        screened, self._screened = self._screened == server_round, None
+        return self.aggregate_screened(server_round, replies if screened else self.screen_train(replies))
+
+    def mark_screened(self, server_round: int) -> None:
+        """The replies of ``server_round`` that reach ``aggregate_train`` next passed ``screen_train`` already.
+
+        The DP wrapper screens the replies before Flower clips them, then Flower hands them to this strategy."""
+        self._screened = server_round
+
+    def aggregate_screened(self, server_round: int, good: list[Message]
+                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg over replies that passed ``screen_train``; only the method's shared keys enter the global model."""
         record = self.record
         if len(good) < self.config.federation.min_clients:
             log.warning("round %d: %d good replies < federation.min_clients=%d; global model unchanged",
@@ -279,6 +289,11 @@ class FederationStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         return self._messages(sorted(self.nodes), server_round + self.round_offset, MessageType.EVALUATE, config)
+
+    def configure_final_evaluate(self, start: State, best: State) -> list[Message]:
+        """The final evaluation: every known client gets the final global model, the start and the best one."""
+        return self._messages(sorted(self.nodes), self.config.federation.rounds, MessageType.EVALUATE,
+                              ConfigRecord({"final": True}), **{p.START: ArrayRecord(start), p.BEST: ArrayRecord(best)})
 
     def collect_evaluate(self, replies: Iterable[Message]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
         """Per-client metrics from evaluation replies (validated), and who failed."""
@@ -442,10 +457,9 @@ class _ScreenedCentralDP:
         record = inner.record
         record.central_epsilon = self.central.epsilon
         if len(good) < inner.config.federation.min_clients:
-            inner._screened = server_round
-            return inner.aggregate_train(server_round, good)
+            return inner.aggregate_screened(server_round, good)
         self.num_sampled_clients = len(good)
-        inner._screened = server_round
+        inner.mark_screened(server_round)
         previous = inner.global_state
         noisy, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
         if noisy is None:

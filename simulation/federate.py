@@ -26,6 +26,7 @@ from edgemri.core.io import write_json, write_text
 from edgemri.core.privacy.dp import PrivacyError, check_dp_model, plan_dp
 from edgemri.core.training.checkpoint import load_checkpoint
 from edgemri.core.training.distill import resume_settings
+from edgemri.core.untrusted import read_json
 from edgemri.models import build_model
 from edgemri.simulation.baselines import reference_accuracies, references_key
 from edgemri.simulation.flower_run import FlowerRunError, run_simulation
@@ -159,9 +160,9 @@ def _cached_references(run_dir: Path | None, key: str) -> dict[str, dict[str, fl
     if path is None or not path.is_file():
         return None
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        return parse_references(saved) if isinstance(saved, dict) and saved.get("key") == key else None
-    except (OSError, ValueError, ProtocolError):  # unreadable: compute them again
+        saved = read_json(path, ProtocolError, nonfinite=True)
+        return parse_references(saved, str(path)) if isinstance(saved, dict) and saved.get("key") == key else None
+    except ProtocolError:  # unreadable or malformed: compute them again
         return None
 
 

@@ -3,17 +3,17 @@
 The one-run audit of Steinke, Nasr and Jagielski (2023, arXiv:2305.08846). For each audited tier:
 
 - **the client**: the tier's client with the most training scans, from the partition a federation makes of the
-  config (``core.partition.partition``), its scans read through its manifest as the client reads them;
+  config (``core.data.partition.partition``), its scans read through its manifest as the client reads them;
 - **the mechanism**: that client's DP-SGD plan as ``Client.dp_plan`` makes it (``plan_dp`` for its n, its tier's
   batch size and local epochs, the config's rounds and accountant) and its local training as
   ``Client.local_training`` runs it for the FedAvg family (``LocalTrainer.run`` with ``opacus_wrap``: Poisson
   sampling at the plan's rate for the plan's steps, per-sample clipping at max_grad_norm, Gaussian noise of the
   planned multiplier, Adam at the tier's rate), round after round for the planned rounds, each from the model the
   last one left (one client alone: the server's averaging in between is post-processing for its data);
-- **the canaries**: m uniform-noise images with random labels (``core.attacks.noise_canaries``), each added to the
-  client's training scans by a seeded fair coin (``canary_coins``). The plan stays the client's own (its rate and
-  steps from its real n): Poisson sampling at rate q protects every record, canaries too, whatever the number of
-  records, so each canary is covered by exactly the plan's epsilon;
+- **the canaries**: m uniform-noise images with random labels (``core.privacy.attacks.noise_canaries``), each
+  added to the client's training scans by a seeded fair coin (``canary_coins``). The plan stays the client's own
+  (its rate and steps from its real n): Poisson sampling at rate q protects every record, canaries too, whatever
+  the number of records, so each canary is covered by exactly the plan's epsilon;
 - **the guesses**: each canary's score is how far training raised its logit margin, centred per label
   (``margin_gain_scores``); "in" for the m/4 highest, "out" for the m/4 lowest, fixed before any run;
 - **the bound**: ``one_run_epsilon_lower_bound`` at beta = 0.05 beside the accountant's epsilon for the same
@@ -22,6 +22,7 @@ The one-run audit of Steinke, Nasr and Jagielski (2023, arXiv:2305.08846). For e
 Each tier is audited as configured, at a weak setting (noise multiplier 0.1) and with DP off (noise 0, clipping at
 a norm no gradient reaches; the same sampling and steps), so that the bound's response to the noise is visible.
 A tier whose DP is off in the config is audited with its DP settings switched on, and the report says so.
+reports/privacy_audit.py writes the report.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from edgemri.core.data.images import CLASS_NAMES, normalize
 from edgemri.core.data.partition import Manifest, load_local_data, partition
 from edgemri.core.errors import EdgemriError
 from edgemri.core.federation.personalize import LocalTrainer, State, student_from
-from edgemri.core.io import write_json, write_text
 from edgemri.core.privacy import attacks
 from edgemri.core.privacy.dp import DPPlan, epsilon_of, opacus_wrap, plan_dp
 from edgemri.core.training.checkpoint import check_state_dict, load_checkpoint
@@ -50,10 +50,10 @@ from edgemri.core.training.evaluate import predict_logits
 from edgemri.core.training.losses import cross_entropy
 from edgemri.models import Student
 from edgemri.reports.common import machine, package_versions
-from edgemri.simulation.privacy_attack import one_thread
+from edgemri.reports.privacy_audit import clipping_text, noise_text
+from edgemri.simulation.replay import one_thread
 
 REPORT_KIND = "edgemri.privacy-audit/1"
-STEM = "privacy-audit"
 DEFAULT_CANARIES = 500
 MIN_CANARIES, MAX_CANARIES = 20, 2000  # fewer than 20 leaves 5 guesses a side: no bound above 0 at beta 0.05
 BETA = 0.05
@@ -64,9 +64,9 @@ CANARY_STREAM = 2**31  # the canaries' generator seed is the audit's seed plus t
 UNINFORMATIVE_BOUND = 0.5  # a DP-off bound below this: the training leaves too little trace for the audit to read
 SETTINGS = ("as_configured", "weak", "dp_off")
 CANARIES = ("uniform-noise uint8 images of the scans' shape, each with a uniformly random label, each included "
-            "by a seeded fair coin (core.attacks.noise_canaries, canary_coins)")
+            "by a seeded fair coin (core.privacy.attacks.noise_canaries, canary_coins)")
 SCORE = ("gain of the canary's logit margin (its label's logit minus the mean of the others) from the start model "
-         "to the trained one, centred per label (core.attacks.margin_gain_scores)")
+         "to the trained one, centred per label (core.privacy.attacks.margin_gain_scores)")
 
 
 class PrivacyAuditError(EdgemriError):
@@ -197,12 +197,8 @@ def audit_client(train: ArraySplit, tier: DPTierConfig, spec: TrainSpec, *, roun
     return results
 
 
-def _noise(result: dict[str, Any]) -> str:
-    return "∞" if result["noise_multiplier"] is None else f"{result['noise_multiplier']:.3g}"
-
-
 def _setting_line(name: str, result: dict[str, Any]) -> str:
-    noise = f"noise {_noise(result)}, clipping {_clipping(result)}"
+    noise = f"noise {noise_text(result)}, clipping {clipping_text(result)}"
     if not result["trained"]:
         return f"  {name} ({noise}): the client would not train ({result['why']})"
     accounted = result["accounted_epsilon"]
@@ -293,48 +289,3 @@ def reading(results: dict[str, dict[str, Any]]) -> str:
              "within their own noise")
     return (f"every empirical bound is at or below its accounted epsilon ({bounds}; {ceiling:.2f} if every guess were "
             f"right); {trend}")
-
-
-def _clipping(result: dict[str, Any]) -> str:
-    return "off" if result["max_grad_norm"] is None else f"{result['max_grad_norm']:.3g}"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    lines = ["# Privacy audit: an empirical lower bound on epsilon", "",
-             f"{report['method']}; {report['canaries']} canaries ({report['canary_kind']}); score: "
-             f"{report['score']}; guesses: {report['guesses']}; beta {report['beta']} (95% confidence); "
-             f"seed {report['seed']}; start model: {report['start_model']}; data: {report['data_root']}.", "",
-             "With probability at least 95% over the coins, DP-SGD that really meets (epsilon, delta) gives an "
-             "empirical bound no larger than epsilon. A bound above the accounted epsilon means the implementation "
-             "or the accounting is wrong; a bound far below it does not mean the accounting is loose (one run, the "
-             "final model only, m canaries: the method cannot show more than a few units of epsilon).", ""]
-    for kind, tier in report["tiers"].items():
-        dp = "on" if tier["dp_enabled_in_config"] else "off in the config, audited with its DP settings switched on"
-        lines += [f"## {kind}: {tier['client']} ({tier['n_train']} training scans; DP {dp})", "",
-                  "| setting | noise multiplier | clipping | sample rate | steps | delta | accounted epsilon | "
-                  "empirical epsilon (95% lower bound) | right guesses | score AUC (in vs out) | seconds |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, r in tier["settings"].items():
-            if not r["trained"]:
-                lines.append(f"| {name} | {_noise(r)} | {_clipping(r)} | "
-                             f"{r['sample_rate']:.3g} | — | {r['delta']:.1e} | — | not trained: {r['why']} "
-                             f"| — | — | — |")
-                continue
-            accounted = "∞ (no noise)" if r["accounted_epsilon"] is None else \
-                f"{r['accounted_epsilon']:.3g} ({r['accountant']})"
-            lines.append(f"| {name} | {_noise(r)} | {_clipping(r)} | "
-                         f"{r['sample_rate']:.3g} | {r['steps']} | {r['delta']:.1e} | "
-                         f"{accounted} | {r['empirical_epsilon']:.2f} | "
-                         f"{r['correct']}/{r['guesses']} | {r['scores_auc']:.2f} | {r['seconds']:.0f} |")
-        lines += ["", f"Reading: {tier['reading']}.", ""]
-    lines.append(f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}; "
-                 f"{report['seconds']:.0f} s.")
-    return "\n".join(lines) + "\n"
-
-
-def write_audit_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    """privacy-audit.json and privacy-audit.md in ``out``, each written atomically."""
-    paths = {"json": Path(out) / f"{STEM}.json", "md": Path(out) / f"{STEM}.md"}
-    write_json(paths["json"], report)
-    write_text(paths["md"], render_markdown(report))
-    return paths

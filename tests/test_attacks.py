@@ -1,4 +1,4 @@
-"""Attacks and audits on real and tiny models and on hand-built outcomes (core/attacks.py)."""
+"""Attacks and audits on real and tiny models and on hand-built outcomes (core/privacy/attacks.py)."""
 
 from __future__ import annotations
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from edgemri.clients.client_app import coded_failures
+from edgemri.clients.client_app import app, coded_failures
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.partition import ManifestError, partition, read_manifest, write_manifests
@@ -57,10 +61,10 @@ def test_malformed_round_instructions_are_a_protocol_error() -> None:
             p.RoundInstructions.from_config(broken, REGISTRIES)
 
 
-def _message() -> Message:
+def _message(message_type: str = MessageType.TRAIN, config: ConfigRecord | None = None) -> Message:
     metadata = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=5, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
-    return Message(RecordDict({p.CONFIG: ConfigRecord({}), p.ARRAYS: ArrayRecord(Student().state_dict())}),
+                        group_id="", created_at=time.time(), ttl=600.0, message_type=message_type)
+    return Message(RecordDict({p.CONFIG: config or ConfigRecord({}), p.ARRAYS: ArrayRecord(Student().state_dict())}),
                    metadata=metadata)
 
 
@@ -102,3 +106,39 @@ def test_the_final_evaluation_scores_every_model_on_the_clients_site_pool(
     assert metrics[p.POOL_PREFIX + p.START_ACCURACY] == metrics[p.POOL_PREFIX + p.BEST_GLOBAL_ACCURACY]
     assert all(0 <= metrics[p.POOL_PREFIX + k] <= 1 for k in (p.GLOBAL_ACCURACY, p.PERSONAL_ACCURACY,
                                                               p.LOCAL_ONLY_ACCURACY))
+
+
+@pytest.mark.parametrize(("message_type", "steps"), [
+    (MessageType.TRAIN, ["train-round"]),
+    (MessageType.EVALUATE, ["evaluate", "privacy-status"]),
+])
+def test_an_audited_round_message_writes_when_each_step_ended(
+        message_type: str, steps: list[str], hospital: dict[str, str], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    instructions = ConfigRecord(p.RoundInstructions.for_tier(CONFIG, "hospital", 1).to_config())
+    context = Context(run_id=1, node_id=5, node_config={**hospital, "state-dir": str(tmp_path / "state")},
+                      state=RecordDict(), run_config={"audit-dir": str(tmp_path)})
+    caplog.handler.setLevel(logging.NOTSET)  # whatever reaches the root logger's handlers is captured
+    reply = app(_message(message_type, instructions), context)
+    assert p.INFO not in reply.content or reply.content[p.INFO]["status"] != p.Status.FAILED.value
+    (written,) = (tmp_path / "timings").glob("node-5-*.json")
+    timeline = json.loads(written.read_text())
+    assert timeline["message_type"] == message_type
+    assert [mark["step"] for mark in timeline["marks"]] == [
+        "app-called", "manifest", "message-and-state", *steps, "reply-and-audit"]
+    times = [mark["time"] for mark in timeline["marks"]]
+    assert timeline["app_import_started"] <= times[0] and times == sorted(times)
+    assert not [r for r in caplog.records if hasattr(r, "step")]  # the device's log stays at its own level
+    assert logging.getLogger("edgemri.client").level == logging.NOTSET  # the timeline restored the logger
+
+
+def test_the_timeline_clock_starts_before_the_client_app_loads_its_stack() -> None:
+    """The timeline's import time is when the app's import began: client_app imports it before torch."""
+    code = ("import json, sys\n"
+            "order = []\n"
+            "sys.addaudithook(lambda event, args: order.append(args[0]) if event == 'import' else None)\n"
+            "import edgemri.clients.client_app\n"
+            "print(json.dumps(order))")
+    order = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout)
+    assert order.index("edgemri.clients.timeline") < order.index("torch")

@@ -24,6 +24,19 @@ def test_shipped_configs_load(name: str) -> None:
     assert distill.calibrate == (name != "paper.yaml")
 
 
+def test_code_defaults_are_the_recommended_federation_settings() -> None:
+    """A config without a federation section (paper.yaml) federates as the shipped federation configs do."""
+    defaults = parse_config({}).federation
+    assert load_config(CONFIGS / "paper.yaml").federation == defaults
+    for name in ("quickstart.yaml", "kaggle-federation.yaml"):
+        shipped = load_config(CONFIGS / name).federation
+        assert (defaults.method, defaults.ditto_lambda, defaults.ditto_lr) == (
+            shipped.method, shipped.ditto_lambda, shipped.ditto_lr)
+        for kind in ("hospital", "phone"):
+            assert defaults.tier(kind).personal == shipped.tier(kind).personal
+            assert defaults.tier(kind).val_fraction == shipped.tier(kind).val_fraction
+
+
 def test_paper_config_is_the_papers_setting() -> None:
     distill = load_config(CONFIGS / "paper.yaml").distill
     assert distill.teacher.name == "vgg16-imagenet"
@@ -125,7 +138,7 @@ def test_the_project_registries_are_the_owners_key_sets() -> None:
 
 def test_allowed_names_are_the_registries_handed_in() -> None:
     data = {"federation": {"method": "fedfoo"}, "privacy": {"accountant": "pld"}, "data": {"synth_preset": "tiny"}}
-    with pytest.raises(ConfigError, match="fedfoo"):
+    with pytest.raises(ConfigError, match="'tiny'; allowed: 'quickstart'"):
         config_module.parse_config(data, REGISTRIES)
     names = dataclasses.replace(REGISTRIES, methods=(*REGISTRIES.methods, "fedfoo"),
                                 accountants=(*REGISTRIES.accountants, "pld"),

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,8 +23,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from edgemri.deploy import warm_shim
 from edgemri.deploy.errors import DeployError
-from edgemri.deploy.warm import COMMAND, MAGIC, listen, parse_request, warm_paths
+from edgemri.deploy.warm import COMMAND, MAGIC, listen, parse_request, warm_paths, write_shim
 from edgemri.simulation.flower_run import VENV_BIN
 
 TOKEN = "ab" * 32
@@ -171,6 +173,31 @@ def test_the_socket_needs_a_private_folder_and_one_launcher(tmp_path: Path) -> N
         listen(private / "launcher.sock").close()  # a stale socket file of a dead launcher is replaced
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+def test_the_shim_is_the_packages_file_run_by_this_interpreter_with_its_settings_beside(tmp_path: Path) -> None:
+    shim = write_shim(tmp_path / "bin", tmp_path / "launcher.sock")
+    first, source = shim.read_bytes().split(b"\n", 1)
+    assert first == f"#!{sys.executable} -IS".encode() and source == Path(warm_shim.__file__).read_bytes()
+    assert os.access(shim, os.X_OK)
+    settings = json.loads(Path(f"{shim}{warm_shim.SETTINGS_SUFFIX}").read_text())
+    assert settings["socket"] == str(tmp_path / "launcher.sock") and Path(settings["real"]).name == COMMAND
+
+
+def test_a_shim_that_finds_no_launcher_runs_the_real_command_and_one_without_settings_says_so(tmp_path: Path) -> None:
+    shim = write_shim(tmp_path / "bin", tmp_path / "nobody.sock")
+    done = subprocess.run([str(shim), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "usage: flwr-clientapp" in done.stdout
+    Path(f"{shim}{warm_shim.SETTINGS_SUFFIX}").unlink()
+    broken = subprocess.run([str(shim), "--help"], capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 2 and broken.stdout == "" and broken.stderr.count("\n") == 1
+    assert "cannot read" in broken.stderr
+
+
+@pytest.mark.parametrize("line, code", [("exit 0", 0), ("exit 3", 3), ("exit -11", 139), ("exit", None),
+                                        ("exit x", None), ("started 12", None), ("", None)])
+def test_the_shim_exits_with_the_tasks_code_as_a_cold_process_would(line: str, code: int | None) -> None:
+    assert warm_shim.task_exit_code(line) == code
 
 
 def test_without_a_launcher_the_shim_runs_the_real_command(served: Served) -> None:

@@ -258,7 +258,7 @@ def _record_line(text: str, **changes: object) -> str:
     ("write", "message"),
     [
         (lambda path, text: path.write_text(json.dumps([json.loads(x) for x in text.splitlines()]) + "\n"),
-         "line 1 is a JSON list, not a record"),
+         "line 1 is a JSON list, not an object"),
         (lambda path, text: path.write_text(_record_line(text, steps=None)), "line 2 has the wrong keys .*steps"),
         (lambda path, text: path.write_text(_record_line(text, steps=-3)), "line 2: key 'steps' has value '-3'"),
         (lambda path, text: path.write_text(_record_line(text, noise_multiplier=-1.0)),

@@ -21,16 +21,20 @@ import yaml
 from edgemri.clients.runtime import Client, ClientSetup, ClientState
 from edgemri.core.data.dataset import ArraySplit, load_dataset
 from edgemri.core.data.partition import partition, read_manifest, site_pools, write_manifests
-from edgemri.core.federation.personalize import create_method
+from edgemri.core.federation.personalize import create_method, student_from
 from edgemri.core.federation.protocol import ClientInfo, FederationResult, RoundInstructions, RoundRecord, Status
 from edgemri.core.io import write_text
 from edgemri.core.privacy import attacks
+from edgemri.core.privacy.membership import learned_attack
+from edgemri.core.privacy.reconstruction import analytic_attack, feature_maps, single_image_step
 from edgemri.core.registries import parse_config
 from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.main import main
 from edgemri.models import Student
 from edgemri.server.app import write_reports
-from edgemri.simulation import privacy_attack as pa
+from edgemri.simulation.privacy_attack import REPORT_KIND
+from edgemri.simulation.replay import one_thread, replay_check, replay_client, round_instructions
+from edgemri.simulation.run_folder import read_run
 
 ROUNDS = 2
 
@@ -103,33 +107,33 @@ def _client(run_dir: Path, kind: str) -> str:
 @pytest.mark.parametrize("kind", ["hospital", "phone"])
 def test_the_replayed_update_is_the_one_the_client_sent(small_run, kind: str) -> None:
     run_dir, sent = small_run
-    run = pa.read_run(run_dir)
+    run = read_run(run_dir)
     name = _client(run_dir, kind)
-    with pa.one_thread():
-        replay = pa.replay_client(run, name, [ROUNDS])[ROUNDS]
+    with one_thread():
+        replay = replay_client(run, name, [ROUNDS])[ROUNDS]
     assert (replay.plan is not None) == (kind == "phone")  # the phone's DP-SGD noise is seeded: exact too
     assert set(replay.update) == set(sent[(name, ROUNDS)])
     assert all(torch.equal(replay.update[k], sent[(name, ROUNDS)][k]) for k in replay.update)
-    assert pa.replay_check(replay, run.reported(name, ROUNDS))["matches"]
+    assert replay_check(replay, run.reported(name, ROUNDS))["matches"]
 
 
 def test_the_analytic_attack_reads_a_single_scans_feature_map_and_dp_noise_hides_it(small_run) -> None:
     run_dir, _ = small_run
-    run = pa.read_run(run_dir)
+    run = read_run(run_dir)
     phone = run.client(_client(run_dir, "phone"))
     train = phone.data().train
-    features = pa.feature_maps(run.start, train.images)
+    features = feature_maps(student_from(run.start), train.images)
     target, label = 1, int(train.labels[1])
-    plan = phone.dp_plan(pa.round_instructions(run.config, "phone", 1))
+    plan = phone.dp_plan(round_instructions(run.config, "phone", 1))
     results = {}
     for variant, dp in (("plain", None), ("dp", plan)):
-        step = pa.single_image_step(run.start, train.images[target], label, dp, seed=0)
+        step = single_image_step(student_from(run.start), train.images[target], label, dp, seed=0)
         grads = {k: -v for k, v in step.items()}
         flat, recovered = attacks.linear_leakage(grads["classifier.1.weight"], grads["classifier.1.bias"])
         results[variant] = (torch.corrcoef(torch.stack([flat, features[target].flatten()]))[0, 1], recovered)
         if dp is None:
             assert torch.allclose(flat, features[target].flatten(), rtol=1e-3, atol=1e-5)
-            scored, _ = pa.analytic_attack(grads, features, None, update=False, true_index=target, true_label=label)
+            scored, _ = analytic_attack(grads, features, None, update=False, true_index=target, true_label=label)
             assert scored["matches_true_image"] and scored["label_recovered"] and scored["psnr"] > 60
     assert results["plain"][0] > 0.9999 and results["plain"][1] == label
     assert abs(results["dp"][0]) < 0.5  # sigma x C per coordinate swamps one scan's clipped gradient
@@ -143,7 +147,7 @@ def test_the_cli_writes_the_report_with_a_card_per_client(small_run, tmp_path: P
     printed = capsys.readouterr().out
     assert "round 1" in printed and "membership AUC" in printed  # progress lines
     report = json.loads((run_dir / "privacy-attacks.json").read_text())
-    assert report["kind"] == pa.REPORT_KIND and report["settings"]["seed"] == 0
+    assert report["kind"] == REPORT_KIND and report["settings"]["seed"] == 0
     assert {"run", "settings", "clients", "summary", "client_level", "versions", "seconds"} <= set(report)
     assert {c["kind"] for c in report["clients"].values()} == {"hospital", "phone"}  # sampled across tiers
     for card in report["clients"].values():
@@ -188,9 +192,9 @@ def _tamper(run_dir: Path, kind: str) -> None:
 
 @pytest.mark.parametrize(("kind", "expected"), [
     ("missing", "is not a folder"), ("not a run", "it has no server/result.json"),
-    ("result not JSON", "result.json is not readable JSON"),
+    ("result not JSON", "result.json is not valid JSON"),
     ("trained client unknown", "that is not one of the run's clients"),
-    ("accuracy out of range", "personalized accuracy is '7.0'; allowed: a finite number in [0, 1]"),
+    ("accuracy out of range", "row: key 'personalized' has value '7.0'; allowed: NaN or a finite number in [0, 1]"),
     ("manifests outside the run", "manifests resolves outside the run folder")])
 def test_a_bad_run_folder_is_one_line_and_exit_2(small_run, kind: str, expected: str, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,12 +220,12 @@ def test_the_learned_attack_of_art_separates_memorized_members_and_not_lookalike
     noise = torch.randn(120, 4, generator=generator)
     memorized = noise + 6.0 * torch.nn.functional.one_hot(labels, 4)  # confident on the true class: members
     members, nonmembers = _split(labels[:60]), _split(labels[60:])
-    result = pa.learned_attack(Student(), memorized[:60], members, noise[60:], nonmembers, seed=0)
+    result = learned_attack(Student(), memorized[:60], members, noise[60:], nonmembers, seed=0)
     assert result["auc"] > 0.9 and result["members"] == 30 and result["nonmembers"] == 30  # scored on the unseen half
-    alike = pa.learned_attack(Student(), noise[:60], members, noise[60:], nonmembers, seed=0)
+    alike = learned_attack(Student(), noise[:60], members, noise[60:], nonmembers, seed=0)
     assert abs(alike["auc"] - 0.5) < 0.2
-    assert pa.learned_attack(Student(), noise[:60], members, noise[60:], nonmembers, seed=0) == alike  # seeded
-    few = pa.learned_attack(Student(), noise[:7], members.subset(range(7)), noise[60:], nonmembers, seed=0)
+    assert learned_attack(Student(), noise[:60], members, noise[60:], nonmembers, seed=0) == alike  # seeded
+    few = learned_attack(Student(), noise[:7], members.subset(range(7)), noise[60:], nonmembers, seed=0)
     assert "7 members" in few["skipped"]
 
 
@@ -237,7 +241,7 @@ def test_importing_art_closes_none_of_the_processs_log_handlers() -> None:
               "        Recording.closed = True\n"
               "        super().close()\n"
               "logging.getLogger().addHandler(Recording())\n"
-              "from edgemri.simulation.privacy_attack import art_membership_classes\n"
+              "from edgemri.core.privacy.membership import art_membership_classes\n"
               "art_membership_classes()\n"
               "print('closed' if Recording.closed else 'open')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

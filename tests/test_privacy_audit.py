@@ -95,6 +95,7 @@ def test_the_cli_writes_the_report_with_both_epsilons(sited_data: Path, tmp_path
     for result in phone["settings"].values():
         assert result["empirical_epsilon"] <= (result["accounted_epsilon"] or float("inf"))
     assert "empirical epsilon (95% lower bound)" in (out / "privacy-audit.md").read_text()
+    assert (out / "privacy-audit.png").read_bytes()[:4] == b"\x89PNG"
     assert "privacy audit, phone:" in capsys.readouterr().out
 
 

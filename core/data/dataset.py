@@ -52,8 +52,8 @@ from edgemri.core.io import ArtefactError, load_npz, save_npz
 
 log = logging.getLogger(__name__)
 SPLITS = ("Training", "Testing")
-POOL_DIR = "Pools"  # per-site evaluation pools, Pools/<site>/<class>/*.jpg (edgemri.core.synth.POOL_DIR)
-UNLABELED_DIR = "Unlabeled"  # per-site transfer images, Unlabeled/<site>/*.jpg (edgemri.core.synth.UNLABELED_DIR)
+POOL_DIR = "Pools"  # per-site evaluation pools, Pools/<site>/<class>/*.jpg (core/data/synth)
+UNLABELED_DIR = "Unlabeled"  # per-site transfer images, Unlabeled/<site>/*.jpg (core/data/synth)
 UNKNOWN_LABEL = -1  # the label of every image load_unlabeled returns
 MAX_UNLABELED_IMAGES = 200_000  # more is a wrong folder (a home folder?), and would not fit in memory decoded
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})

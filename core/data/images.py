@@ -182,7 +182,7 @@ NORMALIZATION_BOUND = 10.0  # a model's own |mean| and std: far beyond any calib
 _PER_MODEL_KEYS = ("mean", "std")  # the preprocessing a model may carry its own of; the rest is edgemri's
 # An optional step on the decoded 128 px scan, before normalization (``preprocessing["head"]``, ``data.head``):
 # standardize-crop stretches the head's intensities to a fixed range on a black background and crops the frame
-# to the head (core/shortcut.py), which takes away what identifies a scan's source collection. Absent: none.
+# to the head (core/training/shortcut.py), which takes away what identifies a scan's source collection. Absent: none.
 HEAD_KEY = "head"
 
 

@@ -5,14 +5,13 @@ and site, its class counts and its own train/val/test split, plus its site's eva
 pool (split ``pool``: held-out scans it never trains on). Partitioning is deterministic for
 a seed. Sites come from the data's metadata.csv (the synthetic set); data without it (the
 real Kaggle set) is clustered into appearance sites over the whole Training split
-(``edgemri.core.data.sited_training``), the sites new-sites splits by too, and its pools are
+(``edgemri.core.data.splits.sited_training``), the sites new-sites splits by too, and its pools are
 each site's share of Testing without any copy of a Training scan (``site_pools``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass, replace
@@ -45,22 +44,29 @@ from edgemri.core.data.images import (
 from edgemri.core.data.splits import scenario_split, sited_dataset, sited_training
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import ArtefactError, load_npz, save_npz, write_json
+from edgemri.core.untrusted import (
+    OBJECT,
+    SHA256,
+    Check,
+    check_record,
+    list_of,
+    number,
+    one_of,
+    read_json,
+    text,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "edgemri.manifest/2"  # 2: the site's evaluation pool, split "pool"
 LOCAL_SPLITS = ("train", "val", "test", "pool")  # pool: the site's held-out evaluation scans, never trained on
-# The client kinds a manifest may name. One constant until the config holds the tiers as data
-# (FederationConfig.tiers); then the allowed kinds are that mapping's keys.
+# The client kinds a manifest may name and federation.tiers may list (Registries.client_kinds): the partition
+# carves exactly these from each site.
 CLIENT_KINDS: tuple[str, ...] = ("hospital", "phone")
 # A client name becomes a folder name, a log field and a Flower metric prefix: a short, path-safe token.
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_MANIFEST_BYTES = 16 * 2**20  # the whole Kaggle set in one manifest is about 1.5 MB
 MAX_MANIFEST_FILES = 100_000
-_MANIFEST_KEYS = frozenset({"format", "client", "kind", "site", "seed", "num_examples", "class_counts", "files",
-                            "config"})
-_FILE_KEYS = frozenset({"path", "sha256", "label", "split"})
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _LOCAL_DATA_FORMAT = "edgemri.local-data/1"
 
 
@@ -233,22 +239,6 @@ def write_manifests(manifests: list[Manifest], out: Path) -> list[Path]:
     return paths
 
 
-def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    duplicate = next((k for k in keys if keys.count(k) > 1), None)
-    if duplicate is not None:
-        raise ValueError(f"duplicate key {duplicate!r}")
-    return dict(pairs)
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _is_int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
 def _is_safe_relative(path: Any) -> bool:
     """A normalised relative POSIX path: no '..', not absolute, no NUL, valid UTF-8 (resolving comes later)."""
     if not isinstance(path, str) or not 0 < len(path) <= 1024 or "\0" in path:
@@ -261,78 +251,48 @@ def _is_safe_relative(path: Any) -> bool:
     return not pure.is_absolute() and pure.as_posix() == path and ".." not in pure.parts
 
 
+_MANIFEST_SCHEMA = {
+    "format": Check(one_of((MANIFEST_FORMAT,)), f"{MANIFEST_FORMAT} (write it with `edgemri partition`)"),
+    "client": text(64, CLIENT_NAME, allowed="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+    "kind": one_of(CLIENT_KINDS),
+    "site": text(48, re.compile(f"|{SITE_NAME.pattern}"), allowed="empty or 1-48 letters, digits, '.', '_' or '-'"),
+    "seed": number(0, 2**63 - 1, integer=True),
+    "num_examples": number(1, MAX_MANIFEST_FILES, integer=True),
+    "class_counts": OBJECT,
+    "files": list_of(OBJECT, 1, MAX_MANIFEST_FILES),
+    "config": Check(OBJECT, "a JSON object (the configuration the manifest was made with)"),
+}
+_FILE_SCHEMA = {
+    "path": Check(_is_safe_relative, "a relative path inside the data root (no '..', no leading '/')"),
+    "sha256": SHA256,
+    "label": Check(number(0, len(CLASS_NAMES) - 1, integer=True),
+                   f"a class index 0..{len(CLASS_NAMES) - 1} ({', '.join(CLASS_NAMES)})"),
+    "split": one_of(LOCAL_SPLITS),
+}
+
+
 def _parse_manifest(obj: Any, where: str) -> Manifest:
     """The manifest in ``obj``, every field checked; ManifestError names the file and the field."""
-    def bad(field: str, allowed: str) -> ManifestError:
-        return ManifestError(f"{where}: field {field!r} is invalid; {allowed}")
-
-    if not isinstance(obj, dict):
-        raise ManifestError(f"{where}: a manifest is a JSON object, got {type(obj).__name__}")
-    if set(obj) != _MANIFEST_KEYS:
-        extra, missing = sorted(set(obj) - _MANIFEST_KEYS), sorted(_MANIFEST_KEYS - set(obj))
-        raise ManifestError(f"{where}: unknown fields {extra} / missing fields {missing}; a manifest has exactly "
-                            f"{', '.join(sorted(_MANIFEST_KEYS))}")
-    if obj["format"] != MANIFEST_FORMAT:
-        raise bad("format", f"expected {MANIFEST_FORMAT!r} (write it with `edgemri partition`)")
-    if not isinstance(obj["client"], str) or not CLIENT_NAME.fullmatch(obj["client"]):
-        raise bad("client", "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    if obj["kind"] not in CLIENT_KINDS:
-        raise bad("kind", f"allowed: {', '.join(CLIENT_KINDS)}")
-    if not isinstance(obj["site"], str) or not (obj["site"] == "" or SITE_NAME.fullmatch(obj["site"])):
-        raise bad("site", "empty or 1-48 letters, digits, '.', '_' or '-'")
-    if not _is_int(obj["seed"], 0, 2**63 - 1):
-        raise bad("seed", "an integer >= 0")
-    if not isinstance(obj["config"], dict):
-        raise bad("config", "a JSON object (the configuration the manifest was made with)")
-    entries = obj["files"]
-    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_MANIFEST_FILES:
-        raise bad("files", f"a list of 1 to {MAX_MANIFEST_FILES:,} files")
-    files = []
-    for k, entry in enumerate(entries):
-        if not isinstance(entry, dict) or set(entry) != _FILE_KEYS:
-            raise bad(f"files[{k}]", f"an object with exactly {', '.join(sorted(_FILE_KEYS))}")
-        if not _is_safe_relative(entry["path"]):
-            raise bad(f"files[{k}].path", "a relative path inside the data root (no '..', no leading '/')")
-        if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
-            raise bad(f"files[{k}].sha256", "64 lowercase hex digits")
-        if not _is_int(entry["label"], 0, len(CLASS_NAMES) - 1):
-            raise bad(f"files[{k}].label", f"a class index 0..{len(CLASS_NAMES) - 1} ({', '.join(CLASS_NAMES)})")
-        if entry["split"] not in LOCAL_SPLITS:
-            raise bad(f"files[{k}].split", f"allowed: {', '.join(LOCAL_SPLITS)}")
-        files.append(ManifestFile(**entry))
-    if len({f.path for f in files}) != len(files):
-        raise bad("files", "each path at most once")
-    manifest = Manifest(client=obj["client"], kind=obj["kind"], site=obj["site"], files=tuple(files),
-                        seed=obj["seed"], config=obj["config"])
-    if not manifest.num_examples("train"):
-        raise bad("files", "at least one file in the train split")
-    if obj["num_examples"] != len(files) or isinstance(obj["num_examples"], bool):
-        raise bad("num_examples", f"the number of files ({len(files)})")
-    if obj["class_counts"] != manifest.class_counts():
-        raise bad("class_counts", "the per-split class counts of the files listed")
+    check_record(obj, _MANIFEST_SCHEMA, where, ManifestError)
+    files = tuple(ManifestFile(**check_record(entry, _FILE_SCHEMA, where, ManifestError, within=f"files[{k}]"))
+                  for k, entry in enumerate(obj["files"]))
+    manifest = Manifest(client=obj["client"], kind=obj["kind"], site=obj["site"], files=files, seed=obj["seed"],
+                        config=obj["config"])
+    # What the manifest claims about its files, against the files.
+    paths = {f.path for f in files}
+    check_record(obj, {
+        "files": Check(lambda _: len(paths) == len(files) and manifest.num_examples("train") > 0,
+                       "each path at most once, at least one of them in the train split"),
+        "num_examples": Check(lambda n: n == len(files), f"the number of files ({len(files)})"),
+        "class_counts": Check(lambda c: c == manifest.class_counts(), "the per-split class counts of the files listed"),
+    }, where, ManifestError, extra=True)
     return manifest
 
 
 def read_manifest(path: str | Path) -> Manifest:
     """Read and check one manifest: untrusted input, so every field is validated (ManifestError)."""
-    path = Path(path)
-    where = display_path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {where}")
-    try:
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{where}: {size:,} bytes is over the {MAX_MANIFEST_BYTES:,}-byte manifest limit")
-        text = path.read_bytes().decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
-    except OSError as err:
-        raise ManifestError(f"cannot read manifest {where}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ManifestError(f"{where} is not UTF-8 text; a manifest is JSON written by `edgemri partition`") \
-            from None
-    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
-        raise ManifestError(f"{where} is not valid JSON: {err}") from None
-    return _parse_manifest(obj, where)
+    where = display_path(Path(path))
+    return _parse_manifest(read_json(path, ManifestError, max_bytes=MAX_MANIFEST_BYTES, where=where), where)
 
 
 @dataclass

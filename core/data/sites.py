@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from sklearn.metrics import silhouette_score
 
 from edgemri.core.data.dataset import ArraySplit, Dataset
 from edgemri.core.data.images import CLASS_NAMES, DataError
@@ -246,6 +245,10 @@ def _missing_classes(labels: np.ndarray, sites: np.ndarray) -> list[tuple[int, l
 
 
 def _silhouette(points: np.ndarray, sites: np.ndarray, seed: int) -> float:
+    # Imported here: scikit-learn (and SciPy) would otherwise load in every device's ClientApp process, which
+    # imports this module through the config's registries but never clusters.
+    from sklearn.metrics import silhouette_score
+
     sample = min(len(points), _SILHOUETTE_SAMPLE)
     return float(silhouette_score(points, sites, sample_size=sample, random_state=seed))
 

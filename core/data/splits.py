@@ -124,7 +124,7 @@ def server_client_split(split: ArraySplit, client_fraction: float, seed: int, *,
 
 def sited_training(split: ArraySplit, config: Config) -> ArraySplit:
     """Training with metadata.csv's sites, else with ``federation.partition.pseudo_sites`` appearance sites
-    (``edgemri.core.sites``) clustered over the whole split and seeded by ``data.split_seed`` alone, so the
+    (``edgemri.core.data.sites``) clustered over the whole split and seeded by ``data.split_seed`` alone, so the
     server's distillation and the clients' partition find the same sites. Raises DataError for a bad count.
     """
     if split.sites:

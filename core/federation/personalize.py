@@ -133,7 +133,7 @@ class LocalTrainer:
 
 
 # -- a per-client input calibration: a per-channel affine on the normalized input ----------------------
-# It folds exactly into the exported model's preprocessing constants (core.data.calibrated_preprocessing),
+# It folds exactly into the exported model's preprocessing constants (core.data.images.calibrated_preprocessing),
 # so the exported model stays the paper's student.
 INPUT_SCALE, INPUT_SHIFT = "input.scale", "input.shift"
 

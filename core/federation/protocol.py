@@ -18,6 +18,17 @@ from typing import Any
 
 from edgemri.core.config import Config, FederationConfig, PrivacyConfig, Registries, TrainSpec, from_dict
 from edgemri.core.errors import EdgemriError
+from edgemri.core.untrusted import (
+    Check,
+    check_record,
+    check_value,
+    mapping_of,
+    number,
+    one_of,
+    parse_json,
+    read_json,
+    text,
+)
 
 
 class ProtocolError(EdgemriError):
@@ -85,36 +96,34 @@ PERSONAL_DP, PERSONAL_NOISE = "personal-dp", "personal-noise-multiplier"
 REFERENCES_FILE = "references.json"
 
 
-def parse_references(raw: Any) -> dict[str, dict[str, float]]:
-    """The clients' references from a references file's JSON; ProtocolError when it is not one."""
-    try:
-        clients = raw["clients"]
-        parsed = {check_client_name(client): {str(k): float(v) for k, v in values.items()}
-                  for client, values in clients.items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ProtocolError(f"not a references file ({err.__class__.__name__})") from None
-    if not all(0.0 <= v <= 1.0 or math.isnan(v) for values in parsed.values() for v in values.values()):
-        raise ProtocolError("not a references file (an accuracy outside [0, 1])")
-    return parsed
-
 # Bounds on what a reply may claim; anything outside is a bad reply.
 MAX_EXAMPLES = 10_000_000
 MAX_EPSILON_REPORTED = 1e6
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+VALID_CLIENT_NAME = text(64, CLIENT_NAME, allowed="1-64 letters, digits, '-', '_', '.'")
+# A references file: what they were computed from, and per client its metric keys' accuracies (NaN where a
+# reference had nothing to score, as the runner writes it).
+_REFERENCES = {"key": text(), "clients": mapping_of(VALID_CLIENT_NAME, mapping_of(text(), number(0, 1).or_nan()))}
+
+
+def parse_references(raw: Any, where: str = REFERENCES_FILE) -> dict[str, dict[str, float]]:
+    """The clients' references from a references file's JSON (read with ``nonfinite=True``); else ProtocolError."""
+    clients = check_record(raw, _REFERENCES, where, ProtocolError, optional=("key",))["clients"]
+    return {client: {key: float(v) for key, v in values.items()} for client, values in clients.items()}
+
+
+def read_references(path: Path) -> dict[str, dict[str, float]]:
+    """``parse_references`` of a references file."""
+    return parse_references(read_json(path, ProtocolError, nonfinite=True), str(path))
 
 
 def check_client_name(name: object) -> str:
-    if not isinstance(name, str) or not CLIENT_NAME.fullmatch(name):
-        raise ProtocolError(f"client name {str(name)[:80]!r} is not allowed: 1-64 letters, digits, '-', '_', '.'")
-    return name
+    return check_value(name, VALID_CLIENT_NAME, "client name", ProtocolError)
 
 
 def check_metric(key: str, value: object, low: float = -math.inf, high: float = math.inf) -> float:
     """A finite number in [low, high] (bools are not numbers here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise ProtocolError(f"metric '{key}' is {value!r}; expected a finite number in [{low}, {high}]")
-    return float(value)
+    return float(check_value(value, number(low, high), f"metric {key!r}", ProtocolError))
 
 
 # -- the run's settings ([tool.flwr.app.config] -> context.run_config) --------------------------
@@ -202,20 +211,22 @@ class RoundInstructions:
     @classmethod
     def from_config(cls, record: dict[str, Any], names: Registries) -> RoundInstructions:
         """Parse (and validate, with the config's own rules and the registries' ``names``) what a server sent."""
+        def settings(key: str) -> Any:
+            return parse_json(str(record[key]), f"'{key}'", ProtocolError)
+
         try:
-            federation = from_dict(FederationConfig, json.loads(str(record["federation-json"])), "federation")
-            privacy = from_dict(PrivacyConfig, json.loads(str(record["privacy-json"])), "privacy")
-            spec = from_dict(TrainSpec, json.loads(str(record["spec-json"])), "spec")
+            federation = from_dict(FederationConfig, settings("federation-json"), "federation")
+            privacy = from_dict(PrivacyConfig, settings("privacy-json"), "privacy")
+            spec = from_dict(TrainSpec, settings("spec-json"), "spec")
             federation.validate("federation", names)
             privacy.validate("privacy", names)
             spec.validate("spec")
             server_round, seed = record["server-round"], record["seed"]
             clipping = record.get(CLIPPING_NORM_KEY)
-        except (KeyError, json.JSONDecodeError, EdgemriError) as err:
+        except (KeyError, EdgemriError) as err:
             raise ProtocolError(f"the server's round config is malformed: {str(err).splitlines()[0][:200]}") from None
         for key, value in (("server-round", server_round), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
-                raise ProtocolError(f"the server's '{key}' is {value!r}; expected an integer in [0, 2^31)")
+            check_value(value, number(0, 2**31 - 1, integer=True), f"the server's {key!r}", ProtocolError)
         if clipping is not None:
             clipping = check_metric(CLIPPING_NORM_KEY, clipping, 1e-12, 1e6)
         return cls(server_round, seed, federation, privacy, spec, bool(record.get("final", False)), clipping)
@@ -238,14 +249,10 @@ class ClientInfo:
 
     @classmethod
     def from_record(cls, info: dict[str, Any], metrics: dict[str, Any], kinds: tuple[str, ...]) -> ClientInfo:
-        kind, site = info.get("kind"), info.get("site")
-        if kind not in kinds:
-            raise ProtocolError(f"client kind {str(kind)[:40]!r} is unknown; allowed: {', '.join(kinds)}")
-        if not isinstance(site, str) or not CLIENT_NAME.fullmatch(site):
-            raise ProtocolError(f"site {str(site)[:40]!r} is not a plain name")
+        kind = check_value(info.get("kind"), one_of(kinds), "client kind", ProtocolError)
+        site = check_value(info.get("site"), VALID_CLIENT_NAME, "site", ProtocolError)
         n = check_metric(NUM_EXAMPLES, metrics.get(NUM_EXAMPLES), 1, MAX_EXAMPLES)
-        if n != int(n):
-            raise ProtocolError(f"metric '{NUM_EXAMPLES}' is {n!r}; expected an integer")
+        check_value(n, Check(float.is_integer, "a whole number"), f"metric {NUM_EXAMPLES!r}", ProtocolError)
         return cls(check_client_name(info.get("client")), str(kind), site, int(n))
 
 
@@ -282,7 +289,6 @@ class FederationResult:
     central_dp: dict[str, Any]
     excluded: dict[str, str] = field(default_factory=dict)  # nodes refused at discovery -> why
     best_round: int | None = None  # the round whose global model federated validation preferred
-    best_round: int | None = None  # the round whose global model central validation preferred
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,7 +14,9 @@ Three families, each the standard one from the literature, so a privacy reviewer
   ``canary_coins``, ``audit_guesses``, ``one_run_epsilon_lower_bound``; ``noise_canaries`` and
   ``margin_gain_scores`` make and score the canaries of ``edgemri privacy audit``.
 
-These measure what *one* attack achieves; a weak result bounds nothing about a stronger attack.
+``core.privacy.reconstruction`` aims the reconstruction attacks at the student and scores them;
+``core.privacy.membership`` runs the membership attacks on a model. These measure what *one* attack achieves;
+a weak result bounds nothing about a stronger attack.
 Only the audit's epsilon is a statement with a confidence level (docs/PRIVACY.md, "Attacks and audits").
 """
 

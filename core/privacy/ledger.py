@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_text
 from edgemri.core.privacy.dp import ACCOUNTANTS, DPPlan, PrivacyError, epsilon_of
+from edgemri.core.untrusted import SHA256, Check, check_record, number, one_of, parse_json, text
 
 LEDGER_FORMAT = "edgemri.privacy-ledger/3"  # 3: each record's stage
 LEDGER_FORMAT_V2 = "edgemri.privacy-ledger/2"  # read and extended (round records only), never rewritten
@@ -31,47 +32,35 @@ class LedgerError(EdgemriError):
 
 # ---------------------------------------------------------------- the ledger
 
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _digest(v: Any) -> bool:
-    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
-
-
+_COUNT = number(0, integer=True)
 # Every key of a round record, with what its value must be; "seq", "prev", "hash" chain the records.
-_RECORD_V2: dict[str, tuple[Callable[[Any], bool], str]] = {  # a /2 ledger's records: every one a round
-    "seq": (_count, "an integer >= 0"),
-    "prev": (_digest, "a SHA-256 hex digest"),
-    "round": (_count, "an integer >= 0"),
-    "noise_multiplier": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "sample_rate": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "steps": (_count, "an integer >= 0"),
-    "max_grad_norm": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "delta": (lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
-    "accountant": (lambda v: v in ACCOUNTANTS, f"one of {', '.join(ACCOUNTANTS)}"),
-    "budget_epsilon": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "epsilon": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "hash": (_digest, "a SHA-256 hex digest"),
+_RECORD_V2 = {  # a /2 ledger's records: every one a round
+    "seq": _COUNT,
+    "prev": SHA256,
+    "round": _COUNT,
+    "noise_multiplier": number(0),
+    "sample_rate": number(0, 1, open_low=True),
+    "steps": _COUNT,
+    "max_grad_norm": number(0, open_low=True),
+    "delta": number(0, 1, open_low=True, open_high=True),
+    "accountant": one_of(ACCOUNTANTS),
+    "budget_epsilon": number(0, open_low=True),
+    "epsilon": number(0),
+    "hash": SHA256,
 }
-_RECORD = {**_RECORD_V2, "stage": (lambda v: v in STAGES, f"one of {', '.join(STAGES)}")}
-_GENESIS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "format": (lambda v: v in (LEDGER_FORMAT, LEDGER_FORMAT_V2), f"{LEDGER_FORMAT} or {LEDGER_FORMAT_V2}"),
-    "seq": (lambda v: v == 0, "0"),
-    "client": (lambda v: isinstance(v, str) and v != "", "a client name"),
-    "ledger_id": (_digest, "a random 256-bit hex id"),
-    "hash": (_digest, "a SHA-256 hex digest"),
+_RECORD = {**_RECORD_V2, "stage": one_of(STAGES)}
+_GENESIS = {
+    "format": one_of((LEDGER_FORMAT, LEDGER_FORMAT_V2)),
+    "seq": Check(number(0, 0, integer=True), "0"),
+    "client": text(200, re.compile(r".+"), allowed="a client name"),
+    "ledger_id": Check(SHA256, "a random 256-bit hex id"),
+    "hash": SHA256,
 }
-_HEAD: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "format": (lambda v: v == HEAD_FORMAT, HEAD_FORMAT),
-    "ledger_id": (_digest, "the ledger's id"),
-    "count": (_count, "an integer >= 0"),
-    "head": (_digest, "a SHA-256 hex digest"),
+_HEAD = {
+    "format": one_of((HEAD_FORMAT,)),
+    "ledger_id": Check(SHA256, "the ledger's id"),
+    "count": _COUNT,
+    "head": SHA256,
 }
 
 
@@ -86,34 +75,19 @@ def _line(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
-
-
-def _parse(text: str, schema: dict[str, tuple[Callable[[Any], bool], str]], where: str) -> dict[str, Any]:
+def _parse(raw: bytes, schema: Mapping[str, Check], where: str) -> dict[str, Any]:
     """One JSON object with exactly ``schema``'s keys, each value allowed; else LedgerError naming ``where``."""
     try:
-        record = json.loads(text, parse_constant=_no_constants)
-    except (ValueError, RecursionError) as err:
-        raise LedgerError(f"{where} is not valid JSON ({str(err)[:80]}); the ledger is corrupt, "
-                          f"restore it from a backup") from None
-    if not isinstance(record, dict):
-        raise LedgerError(f"{where} is a JSON {type(record).__name__}, not a record; the ledger is corrupt")
-    if set(record) != set(schema):
-        missing, extra = sorted(set(schema) - set(record)), sorted(set(record) - set(schema))
-        raise LedgerError(f"{where} has the wrong keys (missing: {', '.join(missing) or '-'}; "
-                          f"unexpected: {', '.join(extra)[:80] or '-'}); the ledger is corrupt")
-    for key, (ok, allowed) in schema.items():
-        if not ok(record[key]):
-            raise LedgerError(f"{where}: key {key!r} has value {str(record[key])[:40]!r}; allowed: {allowed}")
-    return record
+        return check_record(parse_json(raw, where, LedgerError), schema, where, LedgerError)
+    except LedgerError as err:
+        raise LedgerError(f"{err}; the ledger is corrupt, restore it from a backup") from None
 
 
-def _refuse_old_format(path: Path, first_line: str) -> None:
+def _refuse_old_format(path: Path, first_line: bytes) -> None:
     """A /1 ledger (CRC lines anyone can recompute) is refused, not migrated: nothing proves it was never cut."""
     try:
-        header = json.loads(first_line)
-    except (ValueError, RecursionError):
+        header = parse_json(first_line, str(path), LedgerError)
+    except LedgerError:
         return  # not JSON at all: _parse says so
     if isinstance(header, dict) and header.get("format") == "edgemri.privacy-ledger/1":
         raise LedgerError(f"{path} is an edgemri.privacy-ledger/1 ledger (no hash chain, cannot be verified against "
@@ -172,25 +146,21 @@ class Ledger:
             raise LedgerError(f"{path}: line {len(lines)} is torn (no line end: an interrupted write or a "
                               f"truncated copy); refusing to guess, restore the ledger from a backup")
         parsed: list[dict[str, Any]] = []
-        for number, raw in enumerate(lines[:-1], start=1):
-            where = f"{path}: line {number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise LedgerError(f"{where} is not UTF-8 text; the ledger is corrupt") from None
-            if number == 1:
-                _refuse_old_format(path, text)
-                record = _parse(text, _GENESIS, where)
+        for line_number, raw in enumerate(lines[:-1], start=1):
+            where = f"{path}: line {line_number}"
+            if line_number == 1:
+                _refuse_old_format(path, raw)
+                record = _parse(raw, _GENESIS, where)
                 if record["client"] != client:
                     raise LedgerError(f"{where}: the ledger belongs to client {record['client'][:64]!r}, not "
                                       f"{client!r}; a ledger cannot be copied between clients")
             else:
-                record = _parse(text, _RECORD if parsed[0]["format"] == LEDGER_FORMAT else _RECORD_V2, where)
-                if record["seq"] != number - 1:
-                    raise LedgerError(f"{where} has sequence number {record['seq']}, expected {number - 1}: "
+                record = _parse(raw, _RECORD if parsed[0]["format"] == LEDGER_FORMAT else _RECORD_V2, where)
+                if record["seq"] != line_number - 1:
+                    raise LedgerError(f"{where} has sequence number {record['seq']}, expected {line_number - 1}: "
                                       f"records were removed, reordered or duplicated")
                 if record["prev"] != parsed[-1]["hash"]:
-                    raise LedgerError(f"{where} does not chain to line {number - 1}: a record before it was "
+                    raise LedgerError(f"{where} does not chain to line {line_number - 1}: a record before it was "
                                       f"changed or removed")
             if record["hash"] != _hash(record):
                 raise LedgerError(f"{where} fails its hash: the record was changed; the ledger is corrupt")
@@ -201,16 +171,16 @@ class Ledger:
         """The head file must agree, or lag by the one record a crash between the two writes leaves."""
         count = len(self.records)
         try:
-            text = self.head_path.read_bytes().decode("utf-8")
+            raw = self.head_path.read_bytes()
         except FileNotFoundError:
             if count > 1:
                 raise LedgerError(f"{self.head_path} is missing while {self.path.name} has {count} records: the "
                                   f"ledger may have been truncated with it; restore both from a backup") from None
             return  # a crash after the first round's ledger write, before its head
-        except (OSError, UnicodeDecodeError) as err:
-            raise LedgerError(f"{self.head_path}: cannot read the ledger head ({err}); it must be a readable "
-                              f"UTF-8 file") from None
-        head = _parse(text, _HEAD, str(self.head_path))
+        except OSError as err:
+            raise LedgerError(f"{self.head_path}: cannot read the ledger head ({err.strerror or err}); it must be a "
+                              f"readable file") from None
+        head = _parse(raw, _HEAD, str(self.head_path))
         chain = [self.header, *self.records]
         if head["ledger_id"] != self.header["ledger_id"]:
             raise LedgerError(f"{self.path} is not the ledger its head {self.head_path.name} records (another "
@@ -263,7 +233,7 @@ class Ledger:
         then a round that took more steps than planned, or ended above the budget, raises
         PrivacyError so that its update never leaves the device.
         """
-        if not _count(server_round) or not _count(steps):
+        if not _COUNT(server_round) or not _COUNT(steps):
             raise PrivacyError(f"a ledger record needs a round and steps >= 0, got round {server_round!r}, "
                                f"steps {steps!r}")
         if stage not in STAGES:

@@ -7,7 +7,7 @@ federation server's state) or "client" (a client's state). Files are read with
 ``torch.load(weights_only=True)``, so a crafted file can hold tensors, numbers, strings, lists
 and dicts but never run code, and then validated field by field: registered model, known
 options, exact state-dict keys and shapes, finite values, bounded size, a preprocessing
-edgemri can apply (its own, up to a per-channel mean and std: ``core.data.parse_preprocessing``)
+edgemri can apply (its own, up to a per-channel mean and std: ``core.data.images.parse_preprocessing``)
 and a calibration temperature in bounds (``check_temperature``).
 Model files of the previous format ("edgemri.checkpoint/1") and bare state dicts in the paper's
 student layout load too, as kind "model".

@@ -474,7 +474,7 @@ def shortcut_report(model: nn.Module, dataset: Dataset, *,
 
 
 def apply_head_step(images: Tensor, step: str) -> Tensor:
-    """A model's head step (``preprocessing["head"]``, core.data.HEAD_STEPS) on decoded uint8 scans: ``none`` returns
+    """A model's head step (``preprocessing["head"]``, core.config.HEAD_STEPS) on decoded uint8 scans: ``none`` returns
     them as they are; ``standardize-crop`` standardizes the head's intensities, then crops the frame to the head."""
     if step == "none":
         return images

@@ -352,7 +352,7 @@ def fit(
         )
         totals = _train_epoch(trained_model, optimizer, train, loss, spec, steps, generator, desc, epoch,
                               total_batches)
-        total_loss, correct, seen, labelled = totals
+        total_loss, correct, seen, labelled, _ = totals
         state.optimizer_steps += totals.steps
         _check_weights(model, desc, epoch)
         state.images_seen += seen
