@@ -343,30 +343,20 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / spec.epochs))
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        steps = tqdm(
-            batches(len(train), spec.batch_size, generator),
-            total=total_batches,
-            desc=f"{desc} {epoch}/{spec.epochs}",
-            disable=not progress,
-            leave=False,
-        )
+        steps = tqdm(batches(len(train), spec.batch_size, generator), total=total_batches,
+                     desc=f"{desc} {epoch}/{spec.epochs}", disable=not progress, leave=False)
         totals = _train_epoch(trained_model, optimizer, train, loss, spec, steps, generator, desc, epoch,
                               total_batches)
-        total_loss, correct, seen, labelled, _ = totals
-        state.optimizer_steps += totals.steps
+        total_loss, correct, seen, labelled, steps_taken = totals
+        state.optimizer_steps += steps_taken
         _check_weights(model, desc, epoch)
         state.images_seen += seen
         val_loss = val_accuracy = None
         if val is not None:
             val_loss, val_accuracy = _evaluate(model, val)
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=total_loss / max(seen, 1),
-            train_accuracy=correct / max(labelled, 1),
-            val_loss=val_loss,
-            val_accuracy=val_accuracy,
-            seconds=time.perf_counter() - epoch_start,
-        )
+        record = EpochRecord(epoch=epoch, train_loss=total_loss / max(seen, 1),
+                             train_accuracy=correct / max(labelled, 1), val_loss=val_loss,
+                             val_accuracy=val_accuracy, seconds=time.perf_counter() - epoch_start)
         state.history.append(record)
         key = _selection_key(record, select)
         if key > state.best_key:
