@@ -28,7 +28,6 @@ import contextlib
 import importlib
 import importlib.metadata
 import importlib.resources
-import json
 import logging
 import os
 import selectors
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemri.core.io import write_bytes, write_json
+from edgemri.core.untrusted import Check, check_record, list_of, mapping_of, parse_json
 from edgemri.deploy.errors import DeployError
 from edgemri.deploy.warm_shim import COMMAND, HEADER, MAGIC, SETTINGS_SUFFIX
 
@@ -106,31 +106,25 @@ class TaskRequest:
     env: dict[str, str]
 
 
-def _text(value: object, what: str, limit: int = MAX_ARG_CHARS) -> str:
-    if not isinstance(value, str) or "\0" in value or len(value) > limit:
-        raise DeployError(f"{what} must be a string without NUL bytes, at most {limit} characters")
-    return value
+def _string(limit: int) -> Check:
+    """Any string a shell could pass (not only printable text), without NUL bytes, at most ``limit`` characters."""
+    return Check(lambda v: isinstance(v, str) and "\0" not in v and len(v) <= limit,
+                 f"a string without NUL bytes, at most {limit:,} characters")
+
+
+_ARGUMENT = _string(MAX_ARG_CHARS)
+_REQUEST = {  # what a shim sends: its command line, working folder and environment
+    "argv": Check(lambda v: list_of(_ARGUMENT, 1, MAX_ARGS)(v) and v[0] == COMMAND,
+                  f"a list of 1 to {MAX_ARGS} strings starting with {COMMAND!r}, each {_ARGUMENT.allowed}"),
+    "cwd": Check(lambda v: _ARGUMENT(v) and Path(v).is_absolute(), "an absolute path"),
+    "env": mapping_of(_string(256), _string(65_536), MAX_ENV_ENTRIES),
+}
 
 
 def parse_request(body: bytes) -> TaskRequest:
     """Validate a shim's request: JSON with exactly argv (``flwr-clientapp`` first), cwd and env."""
-    try:
-        obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DeployError(f"the request is not UTF-8 JSON ({err.__class__.__name__})") from err
-    if not isinstance(obj, dict) or set(obj) != {"argv", "cwd", "env"}:
-        raise DeployError("the request must be a JSON object with exactly the keys argv, cwd and env")
-    argv, env = obj["argv"], obj["env"]
-    if not isinstance(argv, list) or not 1 <= len(argv) <= MAX_ARGS or argv[0] != COMMAND:
-        raise DeployError(f"argv must be a list of 1 to {MAX_ARGS} strings starting with {COMMAND!r}")
-    cwd = _text(obj["cwd"], "cwd")
-    if not Path(cwd).is_absolute():
-        raise DeployError("cwd must be an absolute path")
-    if not isinstance(env, dict) or len(env) > MAX_ENV_ENTRIES:
-        raise DeployError(f"env must be an object of at most {MAX_ENV_ENTRIES} entries")
-    return TaskRequest([_text(a, "every argument") for a in argv], cwd,
-                       {_text(k, "every environment name", 256): _text(v, "every environment value", 65536)
-                        for k, v in env.items()})
+    request = check_record(parse_json(body, "the request", DeployError), _REQUEST, "the request", DeployError)
+    return TaskRequest(list(request["argv"]), request["cwd"], dict(request["env"]))
 
 
 def _exit_code(code: object) -> int:

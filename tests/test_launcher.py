@@ -145,13 +145,14 @@ def test_a_bad_request_is_refused_in_one_line_and_the_launcher_keeps_serving(ser
 
 
 @pytest.mark.parametrize("body, message", [
-    (b"\xff", "not UTF-8 JSON"),
-    (b"[]", "exactly the keys argv, cwd and env"),
-    (json.dumps({"argv": [COMMAND], "cwd": "/", "env": {}, "more": 1}).encode(), "exactly the keys"),
+    (b"\xff", "the request is not UTF-8"),
+    (b'{"argv": ["flwr-clientapp"], "argv": ["sh"], "cwd": "/", "env": {}}', "duplicate key 'argv'"),
+    (b"[]", "the request is a JSON list, not an object"),
+    (json.dumps({"argv": [COMMAND], "cwd": "/", "env": {}, "more": 1}).encode(), "unexpected: more"),
     (json.dumps({"argv": [], "cwd": "/", "env": {}}).encode(), "starting with 'flwr-clientapp'"),
     (json.dumps({"argv": [COMMAND, "a\0b"], "cwd": "/", "env": {}}).encode(), "without NUL bytes"),
     (json.dumps({"argv": [COMMAND], "cwd": "relative", "env": {}}).encode(), "absolute path"),
-    (json.dumps({"argv": [COMMAND], "cwd": "/", "env": {"A": 1}}).encode(), "every environment value"),
+    (json.dumps({"argv": [COMMAND], "cwd": "/", "env": {"A": 1}}).encode(), "key 'env' has value"),
 ])
 def test_requests_are_validated_before_anything_runs(body: bytes, message: str) -> None:
     with pytest.raises(DeployError, match=re.escape(message)):
