@@ -644,8 +644,39 @@ def parse_config(data: Any, names: Registries) -> Config:
     return from_dict(Config, data).validate(names)
 
 
+# Bounds on a config's YAML, checked while it is read: a small file must not make the loader recurse,
+# allocate or compute without bound (deep nesting, alias expansion, integers of thousands of digits).
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_DEPTH = 32  # a config nests 5 levels; anything this deep is an attack or a mistake
+MAX_INT_DIGITS = 30  # every bounded number of a config fits, with room
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last), aliases
+    (``*name``: the "billion laughs" expansion), nesting deeper than MAX_YAML_DEPTH and huge integers."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"YAML aliases (*name) are not allowed in a config (line {mark.line + 1}); "
+                              f"write the value out")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"YAML nested deeper than {MAX_YAML_DEPTH} levels at line {mark.line + 1}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        digits = sum(c.isdigit() for c in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise ConfigError(f"an integer of {digits} digits at line {node.start_mark.line + 1}; "
+                              f"allowed: at most {MAX_INT_DIGITS} digits")
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_line: dict[Any, int] = {}
@@ -664,8 +695,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
+
 def _yaml(text: str) -> Any:
     """Parsed YAML; errors as one line (PyYAML's span several)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{len(text):,} characters of YAML; allowed: at most {MAX_CONFIG_BYTES:,}")
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as err:
@@ -705,6 +741,8 @@ def load_config(path: str | Path, names: Registries, overrides: typing.Sequence[
     try:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a config may have at most {MAX_CONFIG_BYTES:,}")
         text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None

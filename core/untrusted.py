@@ -117,14 +117,35 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_json(raw: str | bytes, where: str, error: type[EdgemriError], *, nonfinite: bool = False) -> Any:
-    """JSON from untrusted text: UTF-8, no key twice, no NaN/Infinity, bounded nesting; else one-line ``error``.
+MAX_INT_DIGITS = 30  # no count, seed or size this project reads needs more; Python's own cap is 4,300
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits (allowed: at most {MAX_INT_DIGITS})")
+    return int(digits)
+
+
+def _finite_float(text_: str) -> float:
+    value = float(text_)
+    if not math.isfinite(value):
+        raise ValueError(f"{text_[:40]} overflows a float")
+    return value
+
+
+def parse_json(raw: str | bytes, where: str, error: type[EdgemriError], *, nonfinite: bool = False,
+               max_chars: int = MAX_JSON_BYTES) -> Any:
+    """JSON from untrusted text: at most ``max_chars``, UTF-8, no key twice, no NaN/Infinity, integers of at most
+    MAX_INT_DIGITS digits, nesting within Python's recursion limit; else one-line ``error``.
 
     ``nonfinite``: accept NaN and Infinity, which the project's own reports write (Python's ``json`` default) for
     a missing accuracy or an unbounded epsilon; the schema's checks then say where they are allowed."""
+    if len(raw) > max_chars:
+        raise error(f"{where}: {len(raw):,} characters of JSON; allowed: at most {max_chars:,}")
     try:
         text_ = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return json.loads(text_, object_pairs_hook=_refuse_duplicates,
+        return json.loads(text_, object_pairs_hook=_refuse_duplicates, parse_int=_bounded_int,
+                          parse_float=float if nonfinite else _finite_float,
                           parse_constant=float if nonfinite else _refuse_constant)
     except UnicodeDecodeError:
         raise error(f"{where} is not UTF-8 text") from None

@@ -29,6 +29,7 @@ from edgemri.core.training.shortcut import apply_head_step
 from edgemri.edge.errors import EdgeError, first_line, printable
 from edgemri.models import build_model, fold_norms
 
+MAX_METADATA_CHARS = 1_000_000  # an exported model's edgemri metadata is a few kB of JSON
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 METADATA_FILE = "edgemri.json"  # TorchScript extra file holding the same metadata as the ONNX file

@@ -24,8 +24,10 @@ from torch import Tensor, nn
 
 from edgemri.core.data.images import IMAGE_SIZE
 from edgemri.core.training.checkpoint import Checkpoint
+from edgemri.core.untrusted import parse_json
 from edgemri.edge.contract import (
     INPUT_NAME,
+    MAX_METADATA_CHARS,
     check_output,
     check_parity,
     edge_metadata,
@@ -127,10 +129,8 @@ def load_executorch(data: bytes, source: str) -> tuple[Callable[[Tensor], Tensor
         raise
     except Exception as err:  # the runtime raises RuntimeError with an error code, and logs the cause on stderr
         raise EdgeError(f"{source} is not a loadable ExecuTorch program: {first_line(err)}") from None
-    try:
-        meta = json.loads(values[0]) if len(values) == 1 and isinstance(values[0], str) else None
-    except json.JSONDecodeError:
-        meta = None
+    meta = parse_json(values[0], f"{source}'s edgemri metadata", EdgeError, nonfinite=True,
+                      max_chars=MAX_METADATA_CHARS) if len(values) == 1 and isinstance(values[0], str) else None
     if not isinstance(meta, dict):
         raise EdgeError(f"{source} has no readable edgemri metadata ({METADATA_METHOD}); "
                         f"export it with `edgemri export CHECKPOINT --format executorch`")

@@ -12,7 +12,6 @@ only load your own.
 
 from __future__ import annotations
 
-import json
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +24,10 @@ from torch import Tensor
 
 from edgemri.core.data.images import IMAGE_SIZE
 from edgemri.core.training.checkpoint import calibrated_probabilities, load_checkpoint
+from edgemri.core.untrusted import parse_json
 from edgemri.edge.contract import (
     INPUT_NAME,
+    MAX_METADATA_CHARS,
     METADATA_FILE,
     OUTPUT_NAME,
     check_finite,
@@ -119,11 +120,10 @@ def _onnx_model(path: Path) -> LoadedModel:
         raise EdgeError(f"{source} keeps weights in external files; give a self-contained ONNX model")
     session = onnx_session(data)
     meta = session.get_modelmeta().custom_metadata_map
-    try:
-        parsed = {key: json.loads(meta[key]) for key in ("class_names", "preprocessing", "temperature")
-                  if key in meta}
-    except json.JSONDecodeError as err:
-        raise EdgeError(f"{source} has unreadable edgemri metadata ({err.msg})") from None
+    # NaN passes the parser so that the temperature check can name it; every other bound is parse_json's.
+    parsed = {key: parse_json(meta[key], f"{source}'s edgemri metadata {key!r}", EdgeError, nonfinite=True,
+                              max_chars=MAX_METADATA_CHARS)
+              for key in ("class_names", "preprocessing", "temperature") if key in meta}
     class_names, preprocessing, temperature = check_metadata(parsed, source)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME or list(inputs[0].shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:

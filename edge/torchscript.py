@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from edgemri.core.training.checkpoint import Checkpoint
+from edgemri.core.untrusted import parse_json
 from edgemri.edge.contract import (
+    MAX_METADATA_CHARS,
     METADATA_FILE,
     check_output,
     check_parity,
@@ -70,10 +72,8 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
     # torch.jit.load raises RuntimeError, torch.jit.Error or OSError for damaged or foreign files.
     except Exception as err:
         raise EdgeError(f"{source} is not a loadable TorchScript file: {first_line(err)}") from None
-    try:
-        meta = json.loads(files[METADATA_FILE])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        meta = None
+    meta = parse_json(files[METADATA_FILE], f"{source}'s edgemri metadata", EdgeError, nonfinite=True,
+                      max_chars=MAX_METADATA_CHARS) if files[METADATA_FILE] else None
     if not isinstance(meta, dict):
         raise EdgeError(f"{source} has no readable edgemri metadata ({METADATA_FILE}); "
                         f"export it with `edgemri export CHECKPOINT --format torchscript`")

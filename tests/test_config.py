@@ -239,3 +239,27 @@ def test_a_list_setting_round_trips_through_yaml() -> None:
     data = yaml.safe_load(yaml.safe_dump(config.to_dict()))
     assert data["federation"]["compare_methods"] == ["fedavg-ft", "label-free"]
     assert parse_config(data) == config
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("distill: {compare: " + "[" * 10_000 + "]" * 10_000 + "}", "nested deeper than 32 levels"),
+    ("seed: " + "9" * 5_000, "an integer of 5000 digits"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n", "YAML aliases"),
+])
+def test_a_small_config_cannot_make_the_loader_recurse_or_allocate_without_bound(tmp_path: Path, text: str,
+                                                                                   message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    key, _, value = text.partition(": ")
+    if "\n" not in text:  # the same value through --set
+        with pytest.raises(ConfigError, match=message):
+            load_config(CONFIGS / "quickstart.yaml", [f"{key}={value}"])
+
+
+def test_a_config_larger_than_the_bound_is_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text("# " + "x" * 1_000_001 + "\nseed: 1\n")
+    with pytest.raises(ConfigError, match="a config may have at most 1,000,000"):
+        load_config(path)

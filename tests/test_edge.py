@@ -358,6 +358,12 @@ def _three_class_names(model: onnx.ModelProto) -> None:
     next(p for p in model.metadata_props if p.key == "class_names").value = json.dumps(["a", "b", "c"])
 
 
+def _metadata(key: str, value: str) -> Callable[[onnx.ModelProto], None]:
+    def edit(model: onnx.ModelProto) -> None:
+        next(p for p in model.metadata_props if p.key == key).value = value
+    return edit
+
+
 def _second_output(model: onnx.ModelProto) -> None:
     model.graph.output.append(onnx.helper.make_tensor_value_info(model.graph.node[0].output[0],
                                                                  onnx.TensorProto.FLOAT, None))
@@ -379,6 +385,9 @@ def _external_weight(model: onnx.ModelProto) -> None:
 
 @pytest.mark.parametrize(("edit", "reason"), [
     (_three_class_names, "3 class_names need one output logits"),
+    (_metadata("class_names", "[" * 10_000 + "]" * 10_000), "class_names' is not valid JSON"),
+    (_metadata("temperature", "9" * 5_000), "an integer of 5000 digits"),
+    (_metadata("preprocessing", "{}" + " " * 1_000_000), "allowed: at most 1,000,000"),
     (_second_output, "need one output logits"),
     (_nan_weight, "non-finite"),
     (_external_weight, "external files"),

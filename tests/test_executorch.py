@@ -174,7 +174,7 @@ TAMPERED = {  # metadata as someone could edit it in a .pte: each must be refuse
     "duplicate-class": ('"meningioma"', '"notumor"   ', "expected a list of distinct"),
     "three-classes": ('"notumor", "pituitary"]', '"notumor"]             ', "its 3 class_names need [2, 3]"),
     "std": ('"std": [0.229', '"std": [0.000', "std [0.0, 0.224, 0.225] is not allowed"),
-    "not-json": ('{"class_names"', '["class_names"', f"no readable edgemri metadata ({METADATA_METHOD})"),
+    "not-json": ('{"class_names"', '["class_names"', "edgemri metadata is not valid JSON"),
     "no-metadata": (METADATA_METHOD, "edgemri_metadatx", f"has no {METADATA_METHOD} method"),
 }
 
