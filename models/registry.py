@@ -34,20 +34,40 @@ class ModelSpec:
     description: str
 
 
+# The options a model may be built with, bounded before anything is allocated: they also come from checkpoints,
+# which are untrusted input (a negative or huge size would fail deep in torch or exhaust memory).
+MAX_CLASSES = 1_000
+IMAGE_SIZES = (16, 1_024)  # smallest and largest side, in pixels
+
+
+def _integer_in(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {str(value)[:40]}")
+    return value
+
+
+def _student_options(num_classes: object, image_size: object) -> dict[str, int]:
+    return {"num_classes": _integer_in("num_classes", num_classes, 2, MAX_CLASSES),
+            "image_size": _integer_in("image_size", image_size, *IMAGE_SIZES)}
+
+
 def _build_student(*, num_classes: int = 4, image_size: int = 128) -> Student:
-    return Student(num_classes=num_classes, image_size=image_size)
+    return Student(**_student_options(num_classes, image_size))
 
 
 def _build_norm_student(*, num_classes: int = 4, image_size: int = 128) -> NormStudent:
-    return NormStudent(num_classes=num_classes, image_size=image_size)
+    return NormStudent(**_student_options(num_classes, image_size))
 
 
 def _build_vgg16_slim(
     *, num_classes: int = 4, width: float = 0.125, batch_norm: bool = True
 ) -> Teacher:
-    if not 0 < width <= 1:
-        raise ValueError(f"vgg16-slim width must be in (0, 1], got {width}")
-    return Teacher(width=width, batch_norm=batch_norm, num_classes=num_classes)
+    if isinstance(width, bool) or not isinstance(width, int | float) or not 0 < width <= 1:
+        raise ValueError(f"vgg16-slim width must be in (0, 1], got {str(width)[:40]}")
+    if not isinstance(batch_norm, bool):
+        raise ValueError(f"batch_norm must be true or false, got {str(batch_norm)[:40]}")
+    return Teacher(width=width, batch_norm=batch_norm, num_classes=_integer_in("num_classes", num_classes, 2,
+                                                                                MAX_CLASSES))
 
 
 def imagenet_weights_path() -> Path:
@@ -64,7 +84,7 @@ def _build_vgg16_imagenet(*, num_classes: int = 4, pretrained: bool = True) -> T
     ``pretrained=False`` builds the architecture only, for checkpoints that carry
     their own weights (a trained teacher needs no ImageNet download to be loaded).
     """
-    teacher = Teacher(width=1.0, batch_norm=False, num_classes=num_classes)
+    teacher = Teacher(width=1.0, batch_norm=False, num_classes=_integer_in("num_classes", num_classes, 2, MAX_CLASSES))
     teacher.freeze_features()
     if not pretrained:
         return teacher

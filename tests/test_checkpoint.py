@@ -134,6 +134,10 @@ def _nested(depth: int) -> list:
         ({"model": "resnet18"}, "unknown model 'resnet18'; known models: student, vgg16-slim, vgg16-imagenet"),
         ({"model_options": {"depth": 3}}, "model option 'depth' is unknown to 'student'; allowed options: "
                                           "num_classes, image_size"),
+        ({"model_options": {"num_classes": -1}}, r"num_classes must be an integer in \[2, 1000\], got -1"),
+        ({"model_options": {"image_size": -128}}, r"image_size must be an integer in \[16, 1024\], got -128"),
+        ({"model_options": {"image_size": 10**9}}, r"image_size must be an integer in \[16, 1024\]"),
+        ({"model_options": {"image_size": True}}, r"image_size must be an integer"),
         ({"kind": "optimizer"}, "unknown checkpoint kind 'optimizer'; allowed: model, training, server, client"),
         ({"state_dict": _bad_shape()},
          r"'classifier.1.weight' has shape \(4, 3\), the model needs \(4, 3072\)"),
