@@ -88,12 +88,41 @@ def save_npz(path: Path, arrays: Mapping[str, np.ndarray], mode: int = 0o666) ->
     return write_bytes(path, buffer.getvalue(), mode)
 
 
+MAX_NPZ_MEMBERS = 1_000  # an edgemri .npz holds a few arrays
+
+
+def _check_npz_members(path: Path) -> None:
+    """Refuse, before numpy allocates anything, an .npz whose arrays could need more memory than its own bytes:
+    members that are compressed (a zip bomb; ``save_npz`` never compresses) or whose header declares a shape
+    larger than the data stored behind it (numpy would allocate the declared size first)."""
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        if len(members) > MAX_NPZ_MEMBERS:
+            raise ValueError(f"{len(members):,} members; allowed: at most {MAX_NPZ_MEMBERS:,}")
+        for info in members:
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise ValueError(f"member {info.filename[:60]!r} is compressed; edgemri writes stored arrays only")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f"member {info.filename[:60]!r} has .npy format version {version}")
+                shape, _, dtype = read_header(member, max_header_size=10_000)
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > info.file_size:
+                    raise ValueError(f"member {info.filename[:60]!r} declares {declared:,} bytes of data but "
+                                     f"stores {info.file_size:,}")
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz, read with ``allow_pickle=False``: a planted pickle is an error, never code.
 
-    Raises ArtefactError naming the file when it is missing, truncated, not an npz or holds objects.
+    Raises ArtefactError naming the file when it is missing, truncated, not an npz, holds objects, or declares
+    arrays larger than the bytes it stores (checked before any array is allocated).
     """
     try:
+        _check_npz_members(path)
         with np.load(path, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise ValueError("a single .npy array, not an .npz archive")

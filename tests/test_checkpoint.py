@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
@@ -9,9 +10,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
+from edgemri.core.io import ArtefactError, load_npz, save_npz
 from edgemri.core.training.checkpoint import (
     FORMAT,
     KINDS,
@@ -241,3 +244,22 @@ def test_check_state_dict_for_federation_states() -> None:
                          partial=True)
     with pytest.raises(CheckpointError, match="not a mapping"):
         check_state_dict(model.state_dict(), [1, 2], "client reply")
+
+
+def _forged_npz(path: Path, member: bytes, compression: int = zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        archive.writestr("images.npy", member)
+    return path
+
+
+def test_an_npz_declaring_more_than_it_stores_is_refused_before_allocating(tmp_path: Path) -> None:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**6, 750)})
+    huge = _forged_npz(tmp_path / "state.npz", header.getvalue() + bytes(64))  # declares 6 GB, stores 64 bytes
+    with pytest.raises(ArtefactError, match="declares 6,000,000,000 bytes of data but stores"):
+        load_npz(huge)
+    bomb = _forged_npz(tmp_path / "bomb.npz", bytes(10**6), zipfile.ZIP_DEFLATED)
+    with pytest.raises(ArtefactError, match="is compressed"):
+        load_npz(bomb)
+    save_npz(tmp_path / "fine.npz", {"images": np.zeros((2, 3), np.uint8)})
+    assert load_npz(tmp_path / "fine.npz")["images"].shape == (2, 3)
