@@ -1,7 +1,5 @@
 """``python -m edgemri``: the same command line as ``edgemri``."""
 
-import sys
+from edgemri.entry import run
 
-from edgemri.main import main
-
-sys.exit(main())
+run()

@@ -419,10 +419,5 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err) or type(err).__name__)
     except OSError as err:  # disk full, permission denied: the system's doing, not a bug
         return _fail(system_error_message(err))
-    except KeyboardInterrupt:
-        print("edgemri: interrupted; completed epochs are saved, continue with --resume", file=sys.stderr)
-        return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,8 +6,10 @@ import argparse
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,30 @@ def test_missing_config_file_from_a_real_process(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"edgemri: error: config file not found: {tmp_path / 'nope.yaml'}"]
+
+
+@pytest.mark.parametrize(("signum", "code", "after_s"), [
+    (signal.SIGINT, 130, 0.05),  # while Python imports the package
+    (signal.SIGINT, 130, 4.0),  # while the command works
+    (signal.SIGTERM, 143, 0.05),
+    (signal.SIGTERM, 143, 4.0),
+])
+def test_a_signal_ends_a_command_with_its_code_and_one_line(tmp_path: Path, signum: int, code: int,
+                                                            after_s: float) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "edgemri", "data", "synth", "--out", str(tmp_path / "data"),
+                                "--preset", "kaggle"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               # as from a terminal: a shell without job control starts children with SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(after_s)
+    process.send_signal(signum)
+    time.sleep(0.05)
+    process.send_signal(signum)  # a second one while it stops is not a traceback either
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("edgemri: ")][-1:] == [
+        f"edgemri: {'interrupted' if code == 130 else 'terminated'}; what was saved stays, continue with --resume "
+        f"where the command has it"]
 
 
 def test_config_with_an_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

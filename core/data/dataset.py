@@ -27,7 +27,6 @@ import logging
 import os
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,6 +48,7 @@ from edgemri.core.data.images import (
     load_image_uint8,
 )
 from edgemri.core.io import ArtefactError, load_npz, save_npz
+from edgemri.core.workers import worker_pool
 
 log = logging.getLogger(__name__)
 SPLITS = ("Training", "Testing")
@@ -461,7 +461,7 @@ def _decode_split(
     entries = scan.files[split]
     paths = [p for p, _ in entries]
     if workers > 1 and len(paths) > 64:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with worker_pool(workers) as pool:
             results: Iterable = pool.map(_decode_one, paths, chunksize=32)
             results = list(tqdm(results, total=len(paths), desc=f"decode {split}", disable=not progress))
     else:

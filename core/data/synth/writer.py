@@ -13,7 +13,6 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -38,6 +37,7 @@ from edgemri.core.data.synth.planning import (
 from edgemri.core.data.synth.presets import CLASS_NAMES, SynthError, check_pool_size, check_unlabeled_size, get_preset
 from edgemri.core.data.synth.scanner import SEQUENCES, TISSUE
 from edgemri.core.io import write_bytes
+from edgemri.core.workers import worker_pool
 
 # 1.2: per-site evaluation pools; Training/Testing as in 1.1. Unlabeled/ came later with the same Training, Testing,
 # Pools and metadata.csv bytes (from seed streams of its own), so the version stayed.
@@ -82,7 +82,7 @@ def _draw_all(jobs: list[Job], subtle_share: float, workers: int, bar: Any) -> l
             if bar is not None:
                 bar.update(len(part))
         return rows
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         for part in pool.map(run, _chunks(jobs, _CHUNK)):
             rows += part
             if bar is not None:
