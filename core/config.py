@@ -716,13 +716,14 @@ def apply_overrides(data: dict[str, Any] | None, overrides: typing.Sequence[str]
     """``data`` with each ``dotted.key=value`` set (value parsed as YAML), e.g. ``federation.method=fedper``."""
     data = {} if data is None else data
     for item in overrides:
+        shown = item if len(item) <= 100 else item[:100] + "..."  # an override is echoed, not reproduced
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like dotted.key=value, e.g. federation.method=fedper")
+            raise ConfigError(f"override {shown!r} must look like dotted.key=value, e.g. federation.method=fedper")
         try:
             value = _yaml(text)
         except ConfigError as err:
-            raise ConfigError(f"override {item!r}: value is {err}") from None
+            raise ConfigError(f"override {shown!r}: value is {err}") from None
         *sections, leaf = key.strip().split(".")
         node = data
         for depth, name in enumerate(sections):
@@ -730,7 +731,7 @@ def apply_overrides(data: dict[str, Any] | None, overrides: typing.Sequence[str]
                 node[name] = {}
             node = node[name]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: '{'.'.join(sections[:depth + 1])}' is not a section")
+                raise ConfigError(f"override {shown!r}: '{'.'.join(sections[:depth + 1])}' is not a section")
         node[leaf] = value
     return data
 
