@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -178,3 +181,33 @@ def test_config_with_unknown_key_fails_before_training(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "unknown config key 'distill.kd.temprature'" in result.stderr
     assert "temperature, alpha, train" in result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_gives_the_students_of_an_uninterrupted_run(tiny_data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(FAST))
+
+    def distill(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edgemri", "distill", "--config", str(config), "--data-root", str(tiny_data),
+             "--out", str(out), "--quiet", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+
+    assert distill(tmp_path / "reference").wait(timeout=600) == 0
+    out = tmp_path / "run"
+    process = distill(out)
+    deadline = time.monotonic() + 600
+    while not (out / "seed-0" / "teacher.pt").exists():  # Ctrl-C once the teacher is saved: mid-baseline
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert not (out / "seed-0" / "kd.pt").exists()
+    assert distill(out, "--resume").wait(timeout=600) == 0
+    for student in ("baseline", "kd"):
+        resumed = load_checkpoint(out / "seed-0" / f"{student}.pt").state_dict
+        reference = load_checkpoint(tmp_path / "reference" / "seed-0" / f"{student}.pt").state_dict
+        assert all(torch.equal(resumed[k], reference[k]) for k in reference), student
