@@ -264,7 +264,7 @@ def _record_line(text: str, **changes: object) -> str:
         (lambda path, text: path.write_text(_record_line(text, noise_multiplier=-1.0)),
          "key 'noise_multiplier' has value '-1.0'"),
         (lambda path, text: path.write_text(_record_line(text, epsilon=float("nan"))), "line 2 is not valid JSON"),
-        (lambda path, text: path.write_text(_record_line(text).replace('"epsilon": ', '"epsilon": 1e999, "x": ')),
+        (lambda path, text: path.write_text(_record_line(text).replace('"epsilon": ', '"epsilon": 0.5, "x": ')),
          "line 2 has the wrong keys"),
         (lambda path, text: path.write_text(_record_line(text, accountant="moments")), "key 'accountant'"),
         (lambda path, text: path.write_bytes(text.encode().replace(b"phone-a", b"phone-\xff", 1)),
@@ -290,7 +290,7 @@ def test_an_infinite_epsilon_is_refused(tmp_path: Path) -> None:
     line = text.splitlines()[1]
     epsilon = json.dumps(json.loads(line)["epsilon"])
     path.write_text(text.replace(line, line.replace(f'"epsilon": {epsilon}', '"epsilon": 1e999')))
-    with pytest.raises(LedgerError, match="line 2: key 'epsilon' has value 'inf'; allowed: a finite number"):
+    with pytest.raises(LedgerError, match=r"line 2 is not valid JSON \(1e999 overflows a float\)"):
         Ledger.open(path, "phone-a")
 
 
