@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from edgemri.core.errors import EdgemriError
+from edgemri.core.untrusted import MAX_INT_DIGITS  # one bound on integer digits for YAML and JSON
 
 MAX_SEED = 2**31 - 1  # every seed derived from it stays within torch's and numpy's ranges
 MAX_EPOCHS = 10_000
@@ -648,7 +649,6 @@ def parse_config(data: Any, names: Registries) -> Config:
 # allocate or compute without bound (deep nesting, alias expansion, integers of thousands of digits).
 MAX_CONFIG_BYTES = 1_000_000
 MAX_YAML_DEPTH = 32  # a config nests 5 levels; anything this deep is an attack or a mistake
-MAX_INT_DIGITS = 30  # every bounded number of a config fits, with room
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -43,7 +43,7 @@ class Check:
         return Check(lambda v: (isinstance(v, float) and math.isnan(v)) or self(v), f"NaN or {self.allowed}")
 
 
-def is_number(value: Any) -> bool:
+def _is_number(value: Any) -> bool:
     """A JSON number, not a bool (True is an int in Python)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -61,7 +61,7 @@ def number(low: float = -math.inf, high: float = math.inf, *, integer: bool = Fa
     def ok(v: Any) -> bool:
         if integer and not (isinstance(v, int) and not isinstance(v, bool)):
             return False
-        return is_number(v) and (math.isfinite(v) or not finite) and (low < v if open_low else low <= v) \
+        return _is_number(v) and (math.isfinite(v) or not finite) and (low < v if open_low else low <= v) \
             and (v < high if open_high else v <= high)
     if math.isfinite(low) and math.isfinite(high):
         bounds = f" in {'(' if open_low else '['}{_bound(low)}, {_bound(high)}{')' if open_high else ']'}"

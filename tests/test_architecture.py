@@ -97,7 +97,8 @@ def test_no_cycle_between_subpackages_or_folders() -> None:
 
 
 def test_config_is_a_leaf() -> None:
-    assert _graph()["edgemri.core.config"] <= {"edgemri.core.errors"}
+    assert _graph()["edgemri.core.config"] <= {"edgemri.core.errors", "edgemri.core.untrusted"}
+    assert _graph()["edgemri.core.untrusted"] <= {"edgemri.core.errors"}
 
 
 @pytest.mark.parametrize(("folder", "allowed"), [
