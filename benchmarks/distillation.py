@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, quickstart_data, write_result
+from edgemri.arguments import SEEDS
 from edgemri.core.config import Config
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.registries import load_config
@@ -141,7 +142,7 @@ def table(values: dict[str, Any], preset: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=SEEDS, default=3, help=f"seeds to run ({SEEDS}, default 3)")
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
     parser.add_argument("--out", default="runs/bench/distillation")
     parser.add_argument("--data-quickstart", default=None, help="a synthetic quickstart set (default: generate one)")

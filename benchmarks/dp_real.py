@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, real_data_missing, write_result
+from edgemri.arguments import SEEDS
 from edgemri.core.config import Config, apply_overrides
 from edgemri.core.registries import load_config, parse_config
 from edgemri.core.stats import bootstrap_ci_clustered
@@ -114,7 +115,7 @@ def table(values: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/brain-tumor-mri-224")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=SEEDS, default=3, help=f"seeds to run ({SEEDS}, default 3)")
     parser.add_argument("--out", default="runs/bench/dp-real")
     parser.add_argument("--students", default="runs/bench/personalization-real",
                         help="where benchmarks.personalization --real distils each seed's student (resumed)")

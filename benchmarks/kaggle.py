@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, write_result
+from edgemri.arguments import SEEDS
 from edgemri.core.config import HEAD_STEPS, AugmentConfig, Config
 from edgemri.core.data.audit import audit_dataset
 from edgemri.core.data.dataset import Dataset, load_dataset
@@ -290,7 +291,7 @@ def _results(name: str) -> dict[str, Any] | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(DEFAULT_DATA))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=SEEDS, default=3, help=f"seeds to run ({SEEDS}, default 3)")
     parser.add_argument("--paper-checkpoints", default=None, help="folder with the paper's two .pth files")
     parser.add_argument("--sweep", action="store_true", help="the teacher sweep on validation first")
     parser.add_argument("--sweep-only", action="store_true", help="only the teacher sweep")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, quickstart_data, real_data_missing, write_result
+from edgemri.arguments import SEEDS
 from edgemri.core.config import Config
 from edgemri.core.data.partition import manifest_paths, read_manifest
 from edgemri.core.io import write_json
@@ -168,7 +169,7 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="the real Kaggle scans: " + ", ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in REAL.items()))
     parser.add_argument("--name", default="personalization", help="the results file, benchmarks/results/NAME.json")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=SEEDS, default=5, help=f"seeds to run ({SEEDS}, default 5)")
     parser.add_argument("--out", default="runs/bench/personalization")
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--skip-sweeps", action="store_true", help="only the seeds' runs, no seed-0 sweeps")

@@ -8,16 +8,24 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from edgemri.arguments import AtMost, BoundedInt, CommaList
+
 Command = Callable[[argparse.Namespace], int]
 AddCommand = Callable[[argparse._SubParsersAction, str, Command, str], argparse.ArgumentParser]
+
+# The range of every count these commands take (edgemri.arguments); DAYS restates deploy.certs.MAX_DAYS (that
+# module imports torch, too slow for --help; tests/test_cli.py checks they agree).
+DAYS = BoundedInt(1, 3650)
+MAX_HOSTS = 64  # names in the SuperLink's certificate
+MAX_NODES = 1000  # devices a command makes keys for or registers
+MAX_PRELOADS = 32  # modules the warm launcher imports
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
     from edgemri.deploy.certs import make_certs, parse_hosts
 
-    hosts = [h.strip() for h in args.hosts.split(",")]
-    paths = make_certs(Path(args.out), hosts, days=args.days)
-    names = ", ".join(str(name.value) for name in parse_hosts(hosts))
+    paths = make_certs(Path(args.out), args.hosts, days=args.days)
+    names = ", ".join(str(name.value) for name in parse_hosts(args.hosts))
     print(f"CA certificate  {paths['ca_cert']}  (copy to every SuperNode device and to the `flwr` user)")
     print(f"CA private key  {paths['ca_key']}  (0600; keep it off the SuperLink, it signs certificates)")
     print(f"SuperLink cert  {paths['server_cert']}  valid {args.days} days for {names}")
@@ -71,22 +79,24 @@ def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
     certs = add(deploy, "certs", cmd_certs,
                 "make a private CA and the SuperLink's TLS certificate and key (EC P-384)")
     certs.add_argument("--out", required=True, help="new or empty folder for ca.pem, ca.key, server.pem, server.key")
-    certs.add_argument("--hosts", required=True,
-                       help="comma-separated IP addresses and DNS names SuperNodes use to reach the SuperLink, "
-                            "e.g. 192.0.2.10,superlink.example.org")
-    certs.add_argument("--days", type=int, default=825,
-                       help="validity of the SuperLink certificate in days (default: 825)")
+    certs.add_argument("--hosts", required=True, type=CommaList(str, MAX_HOSTS, "192.0.2.10,superlink.example.org"),
+                       help=f"comma-separated IP addresses and DNS names SuperNodes use to reach the SuperLink, "
+                            f"at most {MAX_HOSTS}, e.g. 192.0.2.10,superlink.example.org")
+    certs.add_argument("--days", type=DAYS, default=825,
+                       help=f"validity of the SuperLink certificate in days ({DAYS}, default 825)")
 
     keys = add(deploy, "keys", cmd_keys, "make one SuperNode authentication key pair per device (EC P-384, OpenSSH)")
     keys.add_argument("--out", required=True, help="folder for NAME.key (private) and NAME.pub (public)")
-    keys.add_argument("--nodes", required=True, nargs="+", metavar="NAME",
-                      help="device names: 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit")
+    keys.add_argument("--nodes", required=True, nargs="+", action=AtMost, most=MAX_NODES, metavar="NAME",
+                      help=f"device names, at most {MAX_NODES}: 1-64 letters, digits, '.', '-' or '_', starting with "
+                           f"a letter or digit")
 
     reg = add(deploy, "register", cmd_register,
               "register SuperNode public keys with the SuperLink (`flwr supernode register`)")
     reg.add_argument("--keys", required=True, help="folder holding NAME.pub files (from `edgemri deploy keys`)")
     reg.add_argument("--connection", required=True, help="connection name in FLWR_HOME/config.toml")
-    reg.add_argument("--nodes", nargs="+", metavar="NAME", default=None, help="only these nodes (default: every .pub)")
+    reg.add_argument("--nodes", nargs="+", action=AtMost, most=MAX_NODES, metavar="NAME", default=None,
+                     help=f"only these nodes, at most {MAX_NODES} (default: every .pub)")
     reg.add_argument("--flwr-home", default=None, help="Flower config folder (default: $FLWR_HOME or ~/.flwr)")
 
     client = commands.add_parser("client", help="run this device's ClientApps (docs/DEPLOY.md)").add_subparsers(
@@ -98,6 +108,7 @@ def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
                        help="private folder for the launcher's socket and bin/flwr-clientapp (default: "
                             "$FLWR_HOME/edgemri-warm, else ~/.flwr/edgemri-warm); start the SuperNode with "
                             "DIR/bin first on its PATH")
-    serve.add_argument("--preload", action="append", default=[], metavar="MODULE",
-                       help="module to import before the first task, repeatable (default: "
-                            "edgemri.clients.client_app and opacus; Flower's flwr-clientapp is always loaded)")
+    serve.add_argument("--preload", action=AtMost, most=MAX_PRELOADS, default=[], metavar="MODULE",
+                       help=f"module to import before the first task, repeatable, at most {MAX_PRELOADS} times "
+                            f"(default: edgemri.clients.client_app and opacus; Flower's flwr-clientapp is always "
+                            f"loaded)")

@@ -8,9 +8,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from edgemri.arguments import BoundedInt
+
 Command = Callable[[argparse.Namespace], int]
 AddCommand = Callable[[argparse._SubParsersAction, str, Command, str], argparse.ArgumentParser]
 
+TOP_K = BoundedInt(1, 100)  # more than the model has classes lists them all
+BATCH_SIZE = BoundedInt(1, 1024)  # 1024 images are 200 MB as float32: more only costs memory
 _SUFFIXES = {("onnx", False): ".onnx", ("onnx", True): ".int8.onnx", ("executorch", False): ".pte",
              ("torchscript", False): ".torchscript.pt"}
 
@@ -31,10 +35,11 @@ def default_output(source: str, fmt: str, int8: bool) -> Path:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edgemri.core.data.dataset import load_dataset
+    from edgemri.core.errors import printable
     from edgemri.edge.contract import load_student
-    from edgemri.edge.errors import EdgeError, printable
+    from edgemri.edge.errors import EdgeError
     from edgemri.edge.executorch import export_executorch
-    from edgemri.edge.int8 import export_onnx_int8
+    from edgemri.edge.int8 import check_data_classes, export_onnx_int8
     from edgemri.edge.onnx import ONNX_OPSET, export_onnx
     from edgemri.edge.pretrained import resolve_model
     from edgemri.edge.torchscript import export_torchscript
@@ -49,6 +54,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.resolve() == source.resolve():
         raise EdgeError(f"--out {printable(str(out))} is the checkpoint itself; choose another file")
     checkpoint = load_student(source)
+    if args.int8:  # before the data is decoded
+        check_data_classes(checkpoint.class_names)
     shown = printable(str(out))
     if args.format == "torchscript":
         export_torchscript(checkpoint, out, overwrite=args.overwrite)
@@ -73,7 +80,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from edgemri.edge.errors import EdgeError, printable
+    from edgemri.core.errors import printable
+    from edgemri.edge.errors import EdgeError
     from edgemri.edge.predict import check_refer_below, predict_paths
     from edgemri.edge.pretrained import resolve_model
     from edgemri.edge.runtime import load_model, model_kind
@@ -143,8 +151,10 @@ def register(commands: argparse._SubParsersAction, add: AddCommand) -> None:
                               f"(searched recursively)")
     predict.add_argument("--model", default=None, metavar="NAME_OR_FILE", help=f"the MODEL: {model_help}")
     predict.add_argument("--json", action="store_true", help="one JSON document instead of one line per image")
-    predict.add_argument("--top-k", type=int, default=1, help="also list the K most probable classes")
-    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    predict.add_argument("--top-k", type=TOP_K, default=1, metavar="K",
+                         help=f"also list the K most probable classes ({TOP_K}, default 1)")
+    predict.add_argument("--batch-size", type=BATCH_SIZE, default=64,
+                         help=f"images per forward pass ({BATCH_SIZE}, default 64)")
     predict.add_argument("--refer-below", type=float, default=None, metavar="P",
                          help="selective prediction: mark every scan whose top (calibrated) probability is below P "
                               "(0 < P < 1) as REFER, to send to a doctor, and say how many were")

@@ -11,12 +11,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgemri import __version__
-from edgemri.core.errors import EdgemriError
+from edgemri.arguments import SEEDS, AtMost, BoundedInt, CommaList
+from edgemri.core.config import MAX_ROUNDS, MAX_SEED
+from edgemri.core.errors import EdgemriError, printable
 
 if TYPE_CHECKING:
     from edgemri.core.config import Config
 
 log = logging.getLogger("edgemri")
+
+# The range of every count the commands take (edgemri.arguments). Those restated from a module that imports
+# torch (too slow for --help) are checked against it in tests/test_cli.py.
+SEED = BoundedInt(0, MAX_SEED)
+ROUND = BoundedInt(1, MAX_ROUNDS)
+ATTACK_CLIENTS = BoundedInt(1, 1000)  # simulation.privacy_attack.MAX_CLIENTS
+INVERSION_STEPS = BoundedInt(1, 5000)  # simulation.privacy_attack.MAX_INVERSION_STEPS
+CANARIES = BoundedInt(20, 2000)  # simulation.privacy_audit.MIN_CANARIES, MAX_CANARIES
+MAX_REPLAYED_ROUNDS = 100  # each round replayed is an inversion (about 4 s) per attacked client
+MAX_EPSILONS = 10  # each target epsilon is a whole federation
+MAX_OVERRIDES = 100  # --set options; the config has fewer keys
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -83,7 +96,7 @@ def cmd_data_info(args: argparse.Namespace) -> int:
               f"{st['exact']:5d}/{st['near']}/{st['grouped']}")
     print(f"    label conflicts: {len(dup['label_conflicts']) or 'none'}")
     for conflict in dup["label_conflicts"]:
-        members = ", ".join(f"{m['file']} ({m['class']})" for m in conflict["members"])
+        members = ", ".join(f"{printable(m['file'])} ({m['class']})" for m in conflict["members"])
         print(f"      group {conflict['group']} ({'byte-identical' if conflict['exact'] else 'near'}): {members}")
     n_test = dup["images"]["Testing"]
     if dup["leaked_test"] or dup["label_conflicts"]:
@@ -223,12 +236,11 @@ def cmd_privacy_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _epsilon_list(text: str) -> list[float]:
-    """``--epsilons 1,3,8`` as numbers (range checks are the sweep's)."""
-    try:
-        return [float(e) for e in text.split(",") if e.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,3,8, got {text!r}") from None
+def _check_epsilons(epsilons: list[float]) -> None:
+    """The sweep's own range check, at parse time (imported then: building the parser imports no torch)."""
+    from edgemri.simulation.sweep import check_epsilons
+
+    check_epsilons(epsilons)
 
 
 # ---------------------------------------------------------------- demo
@@ -259,9 +271,13 @@ def add_command(group: argparse._SubParsersAction, name: str, func: Callable[[ar
 
 def add_config(sub: argparse.ArgumentParser, text: str = "YAML config, e.g. configs/quickstart.yaml") -> None:
     sub.add_argument("--config", required=True, help=text)
-    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one config key (value in YAML), e.g. --set federation.method=fedper; "
-                          "repeatable")
+    add_overrides(sub)
+
+
+def add_overrides(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--set", dest="overrides", action=AtMost, most=MAX_OVERRIDES, default=[], metavar="KEY=VALUE",
+                     help=f"override one config key (value in YAML), e.g. --set federation.method=fedper; "
+                          f"repeatable, at most {MAX_OVERRIDES} times")
 
 
 def _data_commands(commands: argparse._SubParsersAction) -> None:
@@ -272,7 +288,7 @@ def _data_commands(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--preset", default="quickstart",
                        help="quickstart (2,000 images, 4 sites), clinics (the same size; two sites mix T2/FLAIR "
                             "into T1c: the new-sites benchmark) or kaggle (the real set's 7,023); default quickstart")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=SEED, default=0, help=f"seed of the generator ({SEED}, default 0)")
     synth.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
     info = add_command(data, "info", cmd_data_info,
                        "what the loader sees in a Kaggle-layout folder, and its duplicates")
@@ -308,7 +324,8 @@ def _model_commands(commands: argparse._SubParsersAction) -> None:
     add_config(distill)
     distill.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
     distill.add_argument("--out", default="runs/distill", help="run folder (default: runs/distill)")
-    distill.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1")
+    distill.add_argument("--seeds", type=SEEDS, default=1, metavar="N",
+                         help=f"repeat with seeds seed..seed+N-1 (N: {SEEDS}, default 1)")
     distill.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     fed = add_command(commands, "federate", cmd_federate,
               "personalize the distilled student with a Flower federation (simulation)")
@@ -330,12 +347,15 @@ def _privacy_commands(commands: argparse._SubParsersAction) -> None:
                  "replay sampled clients' updates of a finished federation run and attack them (reconstruction, "
                  "membership); write privacy-attacks.json/.md/.png with a model card per client")
     attack.add_argument("run_dir", help="a finished federation run folder (untrusted: every file is checked)")
-    attack.add_argument("--clients", type=int, default=4, help="clients to attack, sampled by tier (default 4)")
-    attack.add_argument("--rounds", type=int, nargs="+", default=None, metavar="R",
-                        help="rounds to replay (default: each client's first trained round)")
-    attack.add_argument("--seed", type=int, default=0, help="seed of the sampling and the attacks (default 0)")
-    attack.add_argument("--inversion-steps", type=int, default=300,
-                        help="gradient-inversion steps per attack (default 300, about 4 s each)")
+    attack.add_argument("--clients", type=ATTACK_CLIENTS, default=4,
+                        help=f"clients to attack, sampled by tier ({ATTACK_CLIENTS}, default 4)")
+    attack.add_argument("--rounds", type=ROUND, nargs="+", action=AtMost, most=MAX_REPLAYED_ROUNDS, default=None,
+                        metavar="R", help=f"rounds to replay, at most {MAX_REPLAYED_ROUNDS} (default: each client's "
+                                          f"first trained round)")
+    attack.add_argument("--seed", type=SEED, default=0,
+                        help=f"seed of the sampling and the attacks ({SEED}, default 0)")
+    attack.add_argument("--inversion-steps", type=INVERSION_STEPS, default=300,
+                        help=f"gradient-inversion steps per attack ({INVERSION_STEPS}, default 300, about 4 s each)")
     attack.add_argument("--data-root", default=None, help="the run's data folder (default: the one it recorded)")
     attack.add_argument("--start", default=None, help="the run's start model (default: the one it recorded)")
     attack.add_argument("--write-reconstructions", action="store_true",
@@ -346,12 +366,12 @@ def _privacy_commands(commands: argparse._SubParsersAction) -> None:
                 "privacy-audit.json/.md/.png with the empirical epsilon lower bound beside the accounted epsilon")
     audit.add_argument("--config", default="configs/quickstart.yaml",
                        help="YAML config (default: configs/quickstart.yaml)")
-    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one config key (value in YAML); repeatable")
+    add_overrides(audit)
     audit.add_argument("--data-root", default=None, help="Kaggle-layout folder (overrides data.root)")
     audit.add_argument("--tier", default=None, help="the tier to audit, e.g. phone or hospital (default: every tier)")
-    audit.add_argument("--canaries", type=int, default=500, help="canaries m (default 500; 20-2000)")
-    audit.add_argument("--seed", type=int, default=0, help="seed of the canaries, the coins and the noise (default 0)")
+    audit.add_argument("--canaries", type=CANARIES, default=500, help=f"canaries m ({CANARIES}, default 500)")
+    audit.add_argument("--seed", type=SEED, default=0,
+                       help=f"seed of the canaries, the coins and the noise ({SEED}, default 0)")
     audit.add_argument("--start", default=None,
                        help="the model the clients start from (default: federation.start_checkpoint, else a fresh "
                             "seeded student)")
@@ -362,8 +382,10 @@ def _privacy_commands(commands: argparse._SubParsersAction) -> None:
     add_config(sweep)
     sweep.add_argument("--data-root", default=None)
     sweep.add_argument("--start", default=None, help="start model (default: runs/demo/distill/student.pt)")
-    sweep.add_argument("--epsilons", type=_epsilon_list, default="1,3,8",
-                       help="comma-separated target epsilons (default 1,3,8)")
+    sweep.add_argument("--epsilons", type=CommaList(float, MAX_EPSILONS, "1,3,8", _check_epsilons),
+                       default=[1.0, 3.0, 8.0],
+                       help=f"comma-separated target epsilons, finite and positive, at most {MAX_EPSILONS} "
+                            f"(default 1,3,8)")
     sweep.add_argument("--out", default="runs/privacy-sweep")
     sweep.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
 
@@ -393,9 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    """One line on stderr, exit 2: a message with more lines keeps its first; the rest goes to the debug log."""
+    """One line on stderr, exit 2: a message with more lines keeps its first; the rest goes to the debug log.
+    Escaped (``printable``): a message may quote a file name or a foreign error, and neither drives the terminal."""
     first, *rest = message.strip().splitlines() or [""]
-    print(f"edgemri: error: {first}", file=sys.stderr)
+    print(f"edgemri: error: {printable(first)}", file=sys.stderr)
     for line in rest:
         log.debug("%s", line)
     return 2

@@ -32,7 +32,7 @@ from edgemri.core.errors import EdgemriError
 from edgemri.core.federation import protocol as p
 from edgemri.core.federation.personalize import Method, State, create_method
 from edgemri.core.privacy.dp import PrivacyError
-from edgemri.core.privacy.ledger import LedgerError
+from edgemri.core.privacy.ledger import LedgerError, LedgerRollback
 from edgemri.core.privacy.policy import DevicePolicy
 from edgemri.core.registries import REGISTRIES
 from edgemri.core.training.checkpoint import CheckpointError
@@ -52,6 +52,7 @@ app = ClientApp(mods=[timeline.timeline_mod, audit_mod, central_clipping_mod])
 
 _CODES: tuple[tuple[type[Exception], p.FailureCode], ...] = (
     ((ManifestError, DataError, OSError), p.FailureCode.DATA),
+    ((LedgerRollback,), p.FailureCode.LEDGER_ROLLBACK),  # before LedgerError, its base
     ((LedgerError, PrivacyError), p.FailureCode.PRIVACY),
     ((p.ProtocolError, ConfigError, CheckpointError), p.FailureCode.CONFIG),  # what the server sent
 )
@@ -133,6 +134,8 @@ class RoundStart(NamedTuple):
 def _round_start(msg: Message, context: Context) -> RoundStart:
     """The preamble train and evaluate share: the client (its manifest), the server's instructions and global
     model, the personalization method they name, and this client's state."""
+    if "partition-id" in context.node_config and context.run_config.get("owner-lock"):  # simulation only
+        p.check_owner(p.run_path(dict(context.run_config), "owner-lock"))
     client = _client(context)
     instructions, global_state = _received(msg)
     start = RoundStart(client, instructions, global_state, create_method(instructions.federation),

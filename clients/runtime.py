@@ -190,6 +190,13 @@ class Client:
     def ledger_path(self) -> Path:
         return self.setup.state_dir / LEDGER_FILE
 
+    def open_ledger(self, instructions: RoundInstructions, plan: DPPlan) -> Ledger:
+        """This client's privacy ledger, verified in itself and against the floor the server sent back."""
+        ledger = Ledger.open(self.ledger_path, self.name)
+        floor = instructions.ledger_floor
+        ledger.check_floor(floor.records, floor.epsilon, plan.delta, plan.accountant)
+        return ledger
+
     def dp_plan(self, instructions: RoundInstructions) -> DPPlan | None:
         tier = instructions.privacy.tier(self.kind, self.name)
         if not tier.enabled:
@@ -222,7 +229,7 @@ class Client:
         if not method.fine_tunes:
             raise PrivacyError(f"privacy.tiers.{self.kind}.personal_epsilon is set, but method {method.name!r} does "
                                f"not make its personal model by one fine-tune of the student; use fedavg-ft")
-        ledger = Ledger.open(self.ledger_path, self.name)
+        ledger = self.open_ledger(instructions, plan)
         # The device's own floor binds the fine-tune as it binds every round (budget, noise, clipping, delta).
         refused = self.policy.check(instructions.privacy.tier(self.kind, self.name), plan)
         if refused or not plan.feasible or ledger.epsilon_after(plan) > plan.budget_epsilon:
@@ -256,7 +263,7 @@ class Client:
         if plan is not None:
             if not plan.feasible:
                 return RoundReply(None, state, self.privacy_status(plan), Status.DP_INFEASIBLE, plan.reason)
-            ledger = Ledger.open(self.ledger_path, self.name)
+            ledger = self.open_ledger(instructions, plan)
             if server_round in ledger.rounds:  # the reply was lost after the ledger was written
                 return RoundReply(None, state, self.privacy_status(plan), Status.ALREADY_TRAINED,
                                   f"round {server_round} is already in the privacy ledger")

@@ -5,12 +5,15 @@ A crash or Ctrl-C leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import stat
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,11 +33,12 @@ def _umask() -> int:
     return current
 
 
-def _atomic(path: Path, write: Callable[[BinaryIO], None], mode: int = 0o666) -> Path:
+def _atomic(path: Path, write: Callable[[BinaryIO], None], mode: int | None = None) -> Path:
     """Write through a temp file in the same folder, fsync, then rename over ``path``.
 
-    ``mode`` is applied (less the umask) because mkstemp creates files readable by the
-    owner only; private keys pass 0o600 and keep it.
+    mkstemp creates files readable by the owner only, so the mode is set before the rename:
+    without ``mode``, 0o666 less the umask (as ``open`` would); a ``mode`` given is set exactly,
+    whatever the umask (a private key 0o600 under ``umask 000``, a certificate 0o644 under ``umask 077``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +48,7 @@ def _atomic(path: Path, write: Callable[[BinaryIO], None], mode: int = 0o666) ->
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -52,7 +56,65 @@ def _atomic(path: Path, write: Callable[[BinaryIO], None], mode: int = 0o666) ->
     return path
 
 
-def write_bytes(path: Path, data: bytes, mode: int = 0o666) -> Path:
+def private_folder(folder: Path, error: type[EdgemriError], *, tighten: bool = True) -> Path:
+    """``folder`` for keys, certificates or a socket: this user's, mode 0700 whatever the umask.
+
+    A missing folder is created so, and so are its missing parents: one left 0777 (``umask 000``)
+    would let anyone rename the folder away and put their own in its place. An existing folder must
+    be this user's; one that others may use is tightened to owner-only (``tighten``) or refused.
+    Raises ``error`` in one line (OSError where the file system refuses).
+    """
+    folder = Path(folder)
+    for path in reversed([p for p in (folder, *folder.parents) if not p.exists()]):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another process: ``folder`` is checked below like any existing one
+        os.chmod(path, 0o700)  # mkdir's mode is less the umask, which may take the owner's own bits
+    info = folder.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise error(f"{folder} must be a folder of this user's (uid {os.getuid()}); it is "
+                    f"{'a folder' if stat.S_ISDIR(info.st_mode) else 'not a folder'} of uid {info.st_uid}")
+    if mode & 0o077 and not tighten:
+        raise error(f"{folder} is mode {mode:o}, open to other users; make it mode 0700 or choose another folder")
+    if mode & 0o077:
+        os.chmod(folder, mode & 0o700)
+    return folder
+
+
+@contextmanager
+def owner_lock(path: Path, error: type[EdgemriError]) -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` while a command owns a run folder.
+
+    A second command on the same folder is refused with ``error``, and the processes the command started
+    can tell when it is gone (``owner_gone``): the kernel drops the lock when its holder dies, however
+    it dies (Ctrl-C, SIGKILL, a closed terminal). The descriptor is not inherited by child processes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise error(f"another edgemri command is working in {path.parent} (it holds {path.name}); wait for "
+                        f"it to end or stop it first") from None
+        yield path
+
+
+def owner_gone(path: Path) -> bool:
+    """Whether nobody holds ``path``'s ``owner_lock`` any more (a missing file: nobody). Opens read-only, so a
+    path named by someone else is never created."""
+    try:
+        with path.open("rb") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # got it: its holder is gone (closing releases it)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def write_bytes(path: Path, data: bytes, mode: int | None = None) -> Path:
     return _atomic(path, lambda fh: fh.write(data), mode)
 
 
@@ -78,7 +140,7 @@ def save_figure(path: Path, figure: Any, dpi: int = 110) -> Path:
     return write_bytes(path, buffer.getvalue())
 
 
-def save_npz(path: Path, arrays: Mapping[str, np.ndarray], mode: int = 0o666) -> Path:
+def save_npz(path: Path, arrays: Mapping[str, np.ndarray], mode: int | None = None) -> Path:
     """Plain numeric and string arrays as one uncompressed .npz, atomically; object arrays are refused."""
     for name, array in arrays.items():
         if np.asarray(array).dtype.hasobject:

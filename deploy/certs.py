@@ -2,7 +2,9 @@
 
 Every value is checked and every key and certificate made in memory before anything
 touches the disk; the files are then written into a hidden temporary folder that is
-renamed to ``--out``, so a refused or failed call leaves no folder behind.
+renamed to ``--out``, so a refused or failed call leaves no folder behind. Modes are set
+explicitly, whatever the umask: the folder (and any parent it needs) 0700, keys 0600,
+certificates 0644.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edgemri.core.io import write_bytes
+from edgemri.core.io import private_folder, write_bytes
 from edgemri.deploy.errors import DeployError
 
 MAX_DAYS = 3650  # ten years; the CA outlives the SuperLink certificate by CA_EXTRA_DAYS
@@ -29,7 +31,8 @@ _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 # The SuperLink's own ServerApp process (SuperExec) reaches it over loopback when it listens
 # on 0.0.0.0, and verifies the certificate there too, so the certificate always names loopback.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
-# File name -> (key in make_certs' result, file mode): private keys readable by the owner only.
+# File name -> (key in make_certs' result, file mode): private keys readable by the owner only; certificates
+# are public (they are handed to every SuperNode), and their 0700 folder already keeps other users out of it.
 FILES = {"ca.pem": ("ca_cert", 0o644), "ca.key": ("ca_key", 0o600),
          "server.pem": ("server_cert", 0o644), "server.key": ("server_key", 0o600)}
 
@@ -138,15 +141,14 @@ def make_certs(out: Path, hosts: list[str], *, days: int = 825) -> dict[str, Pat
 
     Returns the paths ``ca_cert`` (give it to every SuperNode and to `flwr`), ``ca_key``
     (keep it offline: it can sign more certificates), ``server_cert`` and ``server_key``
-    (for the SuperLink only). Private keys are written readable by the owner only.
+    (for the SuperLink only). The folder is 0700, private keys 0600, whatever the umask.
     """
     out = Path(out)
     _check_out(out)
     files = certificate_files(hosts, days)
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        private_folder(tmp, DeployError)  # becomes ``out``: anyone who could write in it could swap ca.pem
         for name, data in files.items():
             write_bytes(tmp / name, data, mode=FILES[name][1])
         os.rename(tmp, out)  # replaces an empty folder; refuses one that filled up meanwhile

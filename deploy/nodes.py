@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgemri.core.io import write_bytes
+from edgemri.core.io import private_folder, write_bytes
 from edgemri.deploy.errors import DeployError
 from edgemri.simulation.flower_run import VENV_BIN
 
@@ -57,6 +57,9 @@ def make_node_keys(out: Path, nodes: list[str]) -> dict[str, tuple[Path, Path]]:
     `flwr supernode register` an OpenSSH public key (``ecdsa-sha2-nistp384 AAAA... NAME``),
     as `ssh-keygen -t ecdsa -b 384` writes them. Existing keys are never replaced: a
     registered node would lose its identity. A failed write removes what this call wrote.
+    Modes are set whatever the umask, as ssh-keygen's: private keys 0600, public keys 0644, the
+    folder 0700 (an existing one of this user's is tightened: anyone who could write in it could
+    swap a public key before it is registered).
     """
     check_node_names(nodes)
     out = Path(out)
@@ -67,6 +70,7 @@ def make_node_keys(out: Path, nodes: list[str]) -> dict[str, tuple[Path, Path]]:
                           f"(remove the file to replace it, then register the new public key)")
     written: list[Path] = []
     try:
+        private_folder(out, DeployError)
         for name, (private_path, public_path) in paths.items():
             private, public = _key_pair(name)
             written.append(write_bytes(private_path, private, mode=0o600))

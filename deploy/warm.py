@@ -19,7 +19,11 @@ A child that crashes (an exception, a signal, a segfault) ends only itself: its 
 back to the SuperExec through the shim, and the launcher takes the next task. A shim that is
 killed takes its child with it (SIGTERM, so Flower's own exit handler pushes the task's status).
 Only processes of the launcher's own user may connect (the socket's folder is 0700 and the peer's
-uid is checked). POSIX only (fork, descriptor passing).
+uid is checked). Callers are served concurrently by one thread (a forked child copies only the thread
+that forks): a selector reads each connection as its bytes come, each request has REQUEST_TIMEOUT_S to
+arrive, at most MAX_CONNECTIONS are open at once and one more is refused at once (its shim runs the
+task cold). Whatever one request does wrong ends only its connection, in one log line. POSIX only
+(fork, descriptor passing).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import selectors
 import shutil
 import signal
 import socket
-import stat
 import struct
 import sys
 import threading
@@ -45,10 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgemri.core.io import write_bytes, write_json
+from edgemri.core.io import private_folder, write_bytes, write_json
 from edgemri.core.untrusted import Check, check_record, list_of, mapping_of, parse_json
 from edgemri.deploy.errors import DeployError
-from edgemri.deploy.warm_shim import COMMAND, HEADER, MAGIC, SETTINGS_SUFFIX
+from edgemri.deploy.warm_shim import COMMAND, HEADER, MAGIC, REQUEST_TIMEOUT_S, SETTINGS_SUFFIX
 
 log = logging.getLogger("edgemri.launcher")
 
@@ -57,7 +60,9 @@ log = logging.getLogger("edgemri.launcher")
 DEFAULT_PRELOAD = ("edgemri.clients.client_app", "opacus")
 MAX_REQUEST_BYTES = 1 << 20
 MAX_ARGS, MAX_ARG_CHARS, MAX_ENV_ENTRIES = 64, 4096, 4096
-REQUEST_TIMEOUT_S = 5.0  # the shim sends its request at once; a silent peer is dropped
+# Requests being read plus tasks running: a SuperNode runs one or two tasks at a time. One connection more is
+# refused at once (its shim runs the task cold), so idle or stuck callers can neither queue tasks nor exhaust memory.
+MAX_CONNECTIONS = 16
 STOP_WAIT_S = 10.0  # on shutdown, how long running tasks get to push their final status
 MAX_SOCKET_PATH_BYTES = 100  # AF_UNIX paths are limited to ~107 bytes
 # Read once, when the launcher imported its stack: a task whose environment sets them otherwise runs cold
@@ -89,8 +94,9 @@ def real_command(bin_dir: Path) -> Path:
 
 def write_shim(bin_dir: Path, socket_path: Path) -> Path:
     """Install ``bin_dir/flwr-clientapp`` (deploy/warm_shim.py, run by this interpreter) and its settings beside
-    it: it hands each task to the launcher at ``socket_path``, or runs the real command when none answers."""
-    bin_dir.mkdir(parents=True, exist_ok=True)
+    it: it hands each task to the launcher at ``socket_path``, or runs the real command when none answers.
+    ``bin_dir`` goes first on the SuperNode's PATH, so it is made private (0700) whatever the umask."""
+    private_folder(bin_dir, DeployError)
     shim = bin_dir / COMMAND
     write_json(Path(f"{shim}{SETTINGS_SUFFIX}"), {"socket": str(socket_path), "real": str(real_command(bin_dir))})
     source = importlib.resources.files(__package__).joinpath("warm_shim.py").read_bytes()
@@ -167,31 +173,46 @@ def run_task(command: Callable[[], object], request: TaskRequest, streams: Seque
         return 1
 
 
-def _receive(conn: socket.socket) -> tuple[TaskRequest, list[int]]:
-    """Read a shim's header with its three stream descriptors, then its request; close the descriptors on error."""
-    deadline = time.monotonic() + REQUEST_TIMEOUT_S  # for the whole request: a peer cannot trickle it
-    conn.settimeout(REQUEST_TIMEOUT_S)
-    head, fds, _, _ = socket.recv_fds(conn, len(MAGIC) + HEADER.size, 3)
-    try:
-        if len(fds) != 3 or not head.startswith(MAGIC) or len(head) != len(MAGIC) + HEADER.size:
+class _Request:
+    """One connection whose request is still arriving, read as its bytes come (the socket is non-blocking).
+
+    The whole request has REQUEST_TIMEOUT_S from the connection on: a caller cannot hold its place by trickling it.
+    """
+
+    def __init__(self, number: int, conn: socket.socket) -> None:
+        self.number, self.conn = number, conn
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        self.fds: list[int] = []  # the caller's three streams, once its header came
+        self.size: int | None = None  # the body's length, from the header
+        self.body = bytearray()
+
+    def read(self) -> TaskRequest | None:
+        """Take what has arrived: the validated request once it is whole, else None; DeployError when it is bad."""
+        try:
+            if self.size is None:
+                self._read_header()
+            else:
+                chunk = self.conn.recv(min(65536, self.size - len(self.body)))
+                if not chunk:
+                    raise DeployError(f"the request ended after {len(self.body)} of {self.size} bytes")
+                self.body += chunk
+        except BlockingIOError:  # woken with nothing to read yet
+            return None
+        return parse_request(bytes(self.body)) if len(self.body) == self.size else None
+
+    def _read_header(self) -> None:
+        head, self.fds, _, _ = socket.recv_fds(self.conn, len(MAGIC) + HEADER.size, 3)
+        if not head:
+            raise DeployError("the caller hung up before sending its request")
+        if len(self.fds) != 3 or not head.startswith(MAGIC) or len(head) != len(MAGIC) + HEADER.size:
             raise DeployError("the request must start with the launcher's header and three stream descriptors")
-        (size,) = HEADER.unpack(head[len(MAGIC):])
-        if size > MAX_REQUEST_BYTES:
-            raise DeployError(f"the request is {size} bytes; allowed: at most {MAX_REQUEST_BYTES}")
-        body = bytearray()
-        while len(body) < size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DeployError(f"the request took more than {REQUEST_TIMEOUT_S:.0f} s to arrive")
-            conn.settimeout(left)
-            chunk = conn.recv(min(65536, size - len(body)))
-            if not chunk:
-                raise DeployError(f"the request ended after {len(body)} of {size} bytes")
-            body += chunk
-        return parse_request(bytes(body)), fds
-    except BaseException:
-        _close_all(fds)
-        raise
+        (self.size,) = HEADER.unpack(head[len(MAGIC):])
+        if self.size > MAX_REQUEST_BYTES:
+            raise DeployError(f"the request is {self.size} bytes; allowed: at most {MAX_REQUEST_BYTES}")
+
+    def close(self) -> None:
+        _close_all(self.fds)
+        self.conn.close()
 
 
 def _peer_uid(conn: socket.socket) -> int | None:
@@ -201,21 +222,13 @@ def _peer_uid(conn: socket.socket) -> int | None:
     return uid
 
 
-def _private_folder(folder: Path) -> None:
-    """The socket's folder: created 0700, or an existing one that is ours and no one else's."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = folder.stat()
-    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-        raise DeployError(f"{folder} must belong to this user with mode 0700 (it holds the launcher's socket); "
-                          f"it is mode {stat.S_IMODE(info.st_mode):o}, uid {info.st_uid}")
-
-
 def listen(socket_path: Path) -> socket.socket:
     """A Unix socket at ``socket_path`` in a private folder; a stale socket file from a dead launcher is replaced."""
     if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH_BYTES:
         raise DeployError(f"the launcher's socket {socket_path} is longer than {MAX_SOCKET_PATH_BYTES} bytes (a Unix "
                           "socket path limit); choose a shorter --dir")
-    _private_folder(socket_path.parent)
+    # Refused rather than tightened when open to others: they may have planted commands in bin/, first on PATH.
+    private_folder(socket_path.parent, DeployError, tighten=False)
     if socket_path.is_symlink() or (socket_path.exists() and not socket_path.is_socket()):
         raise DeployError(f"{socket_path} exists and is not a socket; remove it or choose another --dir")
     with contextlib.suppress(FileNotFoundError):
@@ -242,12 +255,14 @@ class _Task:
 
 
 class Launcher:
-    """The serving loop: one thread, children forked from it, each child's exit sent back to its shim."""
+    """The serving loop: one thread (a forked child copies only the thread that forks), a selector that reads every
+    connection as its bytes come, children forked from it, each child's exit sent back to its shim."""
 
     def __init__(self, listener: socket.socket, command: Callable[[], object]) -> None:
         self.listener, self.command = listener, command
         self.socket_path = listener.getsockname()
         self.selector = selectors.DefaultSelector()
+        self.requests: dict[int, _Request] = {}  # task number -> its connection, while its request arrives
         self.tasks: dict[int, _Task] = {}  # child pid -> its task
         self.count = 0
         self.stopping = False
@@ -265,14 +280,17 @@ class Launcher:
         log.info("warm launcher ready on %s (pid %d)", self.socket_path, os.getpid())
         try:
             while not self.stopping:
-                for key, _ in self.selector.select(timeout=1.0):
+                for key, _ in self.selector.select(timeout=self._select_timeout()):
                     if key.data == "accept":
                         self._accept()
                     elif key.data == "wake":
                         with contextlib.suppress(BlockingIOError):
                             self.wake_read.recv(4096)
+                    elif isinstance(key.data, _Request):
+                        self._read(key.data)
                     else:
                         self._shim_gone(key.data)
+                self._drop_late()
                 self._reap()
                 self._kill_overdue()
         finally:
@@ -281,52 +299,89 @@ class Launcher:
     def _stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
 
+    def _select_timeout(self) -> float:
+        """Until the next request's deadline, at most 1 s (a signal wakes the loop at once anyway)."""
+        now = time.monotonic()
+        return max(0.0, min([1.0, *(request.deadline - now for request in self.requests.values())]))
+
     def _accept(self) -> None:
+        """Take a connection, or refuse it at once when MAX_CONNECTIONS are open: nothing waits in a queue."""
         try:
             conn, _ = self.listener.accept()
         except OSError as err:  # out of file descriptors, say: the shim falls back to the real command
             log.warning("could not accept a task: %s", err)
             return
-        fds: list[int] = []
+        self.count += 1
+        request = _Request(self.count, conn)
         try:
+            if len(self.requests) + len(self.tasks) >= MAX_CONNECTIONS:
+                raise DeployError(f"busy: {MAX_CONNECTIONS} connections are open, the most it takes at once")
             uid = _peer_uid(conn)
             if uid is not None and uid != os.getuid():
                 raise DeployError(f"a process of uid {uid} connected; only uid {os.getuid()} may start tasks")
-            request, fds = _receive(conn)
-            check_import_time_env(request.env)
-            pid = self._fork(conn, request, fds)
+            conn.setblocking(False)
+            self.selector.register(conn, selectors.EVENT_READ, request)
         except (DeployError, OSError) as err:
-            log.warning("refused a task (it runs cold): %s", err)
-            _close_all(fds)
-            with contextlib.suppress(OSError):
-                conn.sendall(f"error {err}\n".encode())
-            conn.close()
+            self._refuse(request, err)
             return
-        _close_all(fds)
-        self.count += 1
-        self.tasks[pid] = _Task(self.count, conn, time.monotonic())
-        with contextlib.suppress(OSError):  # a shim already gone is seen as such below
-            conn.sendall(f"started {pid}\n".encode())
-        conn.setblocking(False)
-        self.selector.register(conn, selectors.EVENT_READ, pid)
-        log.info("task %d: ClientApp in child %d", self.count, pid)
+        self.requests[request.number] = request
 
-    def _fork(self, conn: socket.socket, request: TaskRequest, fds: list[int]) -> int:
+    def _read(self, request: _Request) -> None:
+        """Take what a caller sent; fork its task once the request is whole and valid."""
+        try:
+            task = request.read()
+            if task is None:
+                return
+            check_import_time_env(task.env)
+            pid = self._fork(request, task)
+        except Exception as err:  # noqa: BLE001 - whatever one request does wrong ends its connection, not the launcher
+            self._refuse(request, err)
+            return
+        _close_all(request.fds)  # the child has them
+        del self.requests[request.number]
+        self.tasks[pid] = _Task(request.number, request.conn, time.monotonic())
+        with contextlib.suppress(OSError):  # a shim already gone is seen as such below
+            request.conn.sendall(f"started {pid}\n".encode())
+        self.selector.modify(request.conn, selectors.EVENT_READ, pid)
+        log.info("task %d: ClientApp in child %d", request.number, pid)
+
+    def _refuse(self, request: _Request, err: Exception) -> None:
+        """End a connection whose task does not start, in one log line and one reply line (its shim runs it cold)."""
+        reason = str(err) if isinstance(err, DeployError) else f"{type(err).__name__}: {err}"
+        reason = " ".join(reason.split())[:300]
+        log.warning("task %d refused: %s", request.number, reason)
+        self.requests.pop(request.number, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(request.conn)
+        with contextlib.suppress(OSError):
+            request.conn.sendall(f"error {reason}\n".encode())
+        request.close()
+
+    def _drop_late(self) -> None:
+        now = time.monotonic()
+        for request in [r for r in self.requests.values() if r.deadline <= now]:
+            self._refuse(request, DeployError(f"the request took more than {REQUEST_TIMEOUT_S:.0f} s to arrive"))
+
+    def _fork(self, request: _Request, task: TaskRequest) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid:
             return pid
-        code = 1  # the child: nothing of the launcher's loop may run here
+        code = 1  # the child: nothing of the launcher's loop may run here, and it holds no other caller's streams
         try:
             signal.set_wakeup_fd(-1)
             for signum, handler in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGCHLD, signal.SIG_DFL),
                                     (signal.SIGINT, signal.default_int_handler)):
                 signal.signal(signum, handler)
             self.selector.close()
-            for own in (self.listener, self.wake_read, self.wake_write, conn, *(t.conn for t in self.tasks.values())):
+            for own in (self.listener, self.wake_read, self.wake_write, request.conn,
+                        *(t.conn for t in self.tasks.values())):
                 own.close()
-            code = run_task(self.command, request, fds)
+            for other in self.requests.values():
+                if other is not request:
+                    other.close()
+            code = run_task(self.command, task, request.fds)
         finally:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
@@ -388,6 +443,8 @@ class Launcher:
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
+        for request in list(self.requests.values()):
+            self._refuse(request, DeployError("the launcher is stopping"))
         log.info("stopping: %d running task(s) get %.0f s to finish", len(self.tasks), STOP_WAIT_S)
         for signum in (signal.SIGTERM, signal.SIGKILL):  # what is still running after the wait is killed
             for pid in list(self.tasks):

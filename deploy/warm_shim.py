@@ -15,6 +15,7 @@ isolated mode sees nothing else. The launcher takes its side of the protocol fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -26,6 +27,9 @@ MAGIC = b"EDGEMRI-WARM-1\n"
 HEADER = struct.Struct(">I")  # the request's length, after MAGIC
 SETTINGS_SUFFIX = ".json"  # the settings file is the shim's path plus this
 MAX_LINE_BYTES = 4096
+# From the connection on, the whole request must arrive within this; the launcher drops a caller that is slower,
+# and the shim gives up on a launcher that does not take it (stopped, say) and runs the task cold.
+REQUEST_TIMEOUT_S = 5.0
 MESSAGE_PREFIX = f"{COMMAND} (edgemri warm launcher): "
 
 
@@ -59,12 +63,15 @@ def main() -> None:
     body = json.dumps({"argv": [COMMAND, *sys.argv[1:]], "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     try:
         launcher = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        launcher.settimeout(REQUEST_TIMEOUT_S)  # a request not sent in time was not taken: running it cold is safe
         launcher.connect(socket_path)
-        socket.send_fds(launcher, [MAGIC + HEADER.pack(len(body))], [0, 1, 2])
-        launcher.sendall(body)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused unread (busy): its reply says why
+            socket.send_fds(launcher, [MAGIC + HEADER.pack(len(body))], [0, 1, 2])
+            launcher.sendall(body)
+        launcher.settimeout(None)  # the task itself takes as long as it takes
         reply = launcher.makefile("rb")
         first = reply.readline(MAX_LINE_BYTES)
-    except OSError:  # no launcher listens: the task runs cold
+    except OSError:  # no launcher listens, or it took no request in time: the task runs cold
         run_cold(real)
     if not first.startswith(b"started "):
         if first:

@@ -21,12 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from edgemri.core.data.images import HEAD_KEY, IMAGE_SIZE, PreprocessingError, normalize, parse_preprocessing
-from edgemri.core.errors import version
+from edgemri.core.errors import printable, version
 from edgemri.core.io import write_bytes
 from edgemri.core.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from edgemri.core.training.checkpoint import check_temperature as check_checkpoint_temperature
 from edgemri.core.training.shortcut import apply_head_step
-from edgemri.edge.errors import EdgeError, first_line, printable
+from edgemri.edge.errors import EdgeError, first_line
 from edgemri.models import build_model, fold_norms
 
 MAX_METADATA_CHARS = 1_000_000  # an exported model's edgemri metadata is a few kB of JSON

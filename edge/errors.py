@@ -39,16 +39,3 @@ def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else err.__class__.__name__
 
-
-def printable(text: str) -> str:
-    """``text`` safe to print on one line: undecodable file-name bytes as ``\\xNN``, control characters escaped.
-
-    Linux file names are bytes; Python keeps the ones that are not UTF-8 as lone
-    surrogates, which a UTF-8 terminal (or pipe) refuses to print, and a name (or a
-    class name in a downloaded model) may hold newlines or terminal escape sequences.
-    """
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that no file name made
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

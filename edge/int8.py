@@ -9,7 +9,7 @@ training images normalized exactly as in training, with the model's own mean and
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edgemri.core.data.images import PREPROCESSING
+from edgemri.core.data.images import CLASS_NAMES, PREPROCESSING
+from edgemri.core.errors import printable
 from edgemri.core.training.checkpoint import Checkpoint
 from edgemri.edge.contract import (
     INPUT_NAME,
@@ -59,6 +60,16 @@ class ImageCalibrationReader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
         return None if batch is None else {INPUT_NAME: normalize_for(batch, self._preprocessing).numpy()}
+
+
+def check_data_classes(class_names: Sequence[str], data_class_names: Sequence[str] = CLASS_NAMES) -> None:
+    """The model's classes must be the data's class folders, in order: the test labels index the folders, so a
+    model with other classes would be calibrated on images it never learned and scored against labels it
+    cannot give (a 2-class model on 4-class data scored 25 % before and after, without a word)."""
+    if list(class_names) != list(data_class_names):
+        raise EdgeError(f"the model's classes [{printable(', '.join(class_names))}] are not the data's class "
+                        f"folders [{', '.join(data_class_names)}]; int8 calibration and its accuracy need data with "
+                        f"the model's classes, in its order")
 
 
 def calibration_sample(images: Tensor, count: int = CALIBRATION_IMAGES, seed: int = 0) -> Tensor:
@@ -129,9 +140,14 @@ def export_onnx_int8(
     *,
     overwrite: bool = False,
     seed: int = 0,
+    label_names: Sequence[str] = CLASS_NAMES,
 ) -> Int8Export:
     """Write a static-int8 ONNX model; calibrate on ~200 of ``calibration_images`` (uint8,
-    e.g. ``load_dataset(root).train.images``) and measure fp32 and int8 test accuracy."""
+    e.g. ``load_dataset(root).train.images``) and measure fp32 and int8 test accuracy.
+
+    ``label_names`` are the classes ``test_labels`` index (``load_dataset``'s: its class folders); they must be
+    the checkpoint's."""
+    check_data_classes(checkpoint.class_names, label_names)
     out = Path(out)
     check_output(out, overwrite)
     fp32 = onnx_bytes(checkpoint)

@@ -25,7 +25,8 @@ import torch
 
 from edgemri.core.data.dataset import IMAGE_EXTENSIONS
 from edgemri.core.data.images import BadImageError, load_image_uint8
-from edgemri.edge.errors import EdgeError, printable
+from edgemri.core.errors import printable
+from edgemri.edge.errors import EdgeError
 from edgemri.edge.runtime import LoadedModel
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgemri.edge.errors import EdgeError, printable
+from edgemri.core.errors import printable
+from edgemri.edge.errors import EdgeError
 from edgemri.models import PRETRAINED, PretrainedUnavailableError, pretrained_path
 
 

@@ -6,8 +6,9 @@ mean and std, which ``LoadedModel.normalize`` applies) and calibration temperatu
 ``LoadedModel.probabilities`` applies), the input and output shapes against
 the class names, finite weights, and one probe batch giving finite logits. ONNX files are
 protobuf data and checkpoints load with ``weights_only=True``; an ExecuTorch program is data too,
-parsed by a native runtime (docs/EDGE.md); a TorchScript file is code (torch.jit.load runs it), so
-only load your own.
+parsed by a native runtime, so its headers are checked first and it is loaded and run once in a child
+process before this one loads it (edge/executorch.py, docs/EDGE.md); a TorchScript file is code
+(torch.jit.load runs it), so only load your own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from edgemri.core.data.images import IMAGE_SIZE
+from edgemri.core.errors import printable
 from edgemri.core.training.checkpoint import calibrated_probabilities, load_checkpoint
 from edgemri.core.untrusted import parse_json
 from edgemri.edge.contract import (
@@ -38,7 +40,7 @@ from edgemri.edge.contract import (
     normalize_for,
     probe,
 )
-from edgemri.edge.errors import EdgeError, first_line, printable, require_onnx
+from edgemri.edge.errors import EdgeError, first_line, require_onnx
 from edgemri.edge.executorch import load_executorch
 from edgemri.edge.torchscript import load_torchscript
 

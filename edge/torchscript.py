@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from edgemri.core.errors import printable
 from edgemri.core.training.checkpoint import Checkpoint
 from edgemri.core.untrusted import parse_json
 from edgemri.edge.contract import (
@@ -29,7 +30,7 @@ from edgemri.edge.contract import (
     student_model,
     write_output,
 )
-from edgemri.edge.errors import EdgeError, first_line, printable
+from edgemri.edge.errors import EdgeError, first_line
 
 CODE_NOTICE = "a TorchScript file is code that torch.jit.load runs: load only TorchScript files you exported yourself"
 

@@ -19,6 +19,7 @@ from edgemri.core.config import Config
 from edgemri.core.errors import EdgemriError
 from edgemri.core.federation.protocol import EPSILON, FederationResult
 from edgemri.core.io import save_figure
+from edgemri.core.privacy.ledger import plan_stretches, span
 from edgemri.core.registries import load_config
 from edgemri.reports.common import markdown_table, write_report_files
 
@@ -27,36 +28,56 @@ NOT_PROTECTED = ("the metrics each client reports (accuracies, losses, epsilon i
                  "(never sent, so never noised)")
 
 
+# A client whose ledger now states less than it reported before: what the report says of it.
+LEDGER_BEHIND = ("its ledger now states less than it reported to the server earlier (restored from a backup, "
+                 "deleted or rebuilt on the device); the higher value is stated")
+
+
+def _sample_level(name: str, node: Any, result: FederationResult, config: Config) -> dict[str, Any]:
+    """One client's sample-level statement: what it reported with each round, and the most the server saw."""
+    tier = config.privacy.tier(node.kind, name)
+    rounds = [{"round": h.round, "epsilon": h.train_metrics[name][EPSILON],
+               **{key: h.train_metrics[name].get(metric) for key, metric in _PLAN_METRICS.items()}}
+              for h in result.history if name in h.trained and EPSILON in h.train_metrics.get(name, {})]
+    # A client that missed the final evaluation (offline, killed) still reported its DP
+    # settings with every round it trained: fall back to its last train reply.
+    last_train = next((h.train_metrics[name] for h in reversed(result.history) if name in h.train_metrics), {})
+    final = {**last_train, **result.final.get(name, {})}
+    status = result.retired.get(name, "")
+    entry: dict[str, Any] = {"kind": node.kind, "site": node.site, "n": node.num_examples, "dp": tier.enabled,
+                             "status": status or ("trained" if rounds or not tier.enabled else "never trained")}
+    if not tier.enabled:
+        return entry
+    reported = float(final.get(EPSILON, rounds[-1]["epsilon"] if rounds else 0.0))
+    seen = result.epsilon_seen.get(name, 0.0)
+    epsilon = max(reported, seen)  # never less than the server saw this client spend
+    entry.update({
+        "unit": "one scan of this client (add/remove one record of its training set)",
+        "accountant": config.privacy.accountant, "delta": final.get("delta"), "budget_epsilon": tier.budget_epsilon,
+        "epsilon": epsilon, "epsilon_reported_last": reported, "epsilon_server_seen": seen,
+        "ledger_behind": reported < seen * (1 - 1e-9), "remaining_epsilon": tier.budget_epsilon - epsilon,
+        "epsilon_per_round": [{"round": r["round"], "epsilon": r["epsilon"]} for r in rounds],
+        "stretches": plan_stretches([r for r in rounds if r["noise_multiplier"] is not None]),
+        "sampling": "Poisson", "rounds_trained": [r["round"] for r in rounds]})
+    return entry
+
+
+_PLAN_METRICS = {"noise_multiplier": "noise-multiplier", "sample_rate": "sample-rate", "max_grad_norm": "max-grad-norm"}
+
+
 def build_privacy_report(result: FederationResult, config: Config,
                          sweep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    privacy = config.privacy
-    clients = {}
-    for name, node in sorted(result.clients.items()):
-        tier = privacy.tier(node.kind, name)
-        rounds = [{"round": h.round, "epsilon": h.train_metrics[name][EPSILON]}
-                  for h in result.history if name in h.trained and EPSILON in h.train_metrics.get(name, {})]
-        # A client that missed the final evaluation (offline, killed) still reported its DP
-        # settings with every round it trained: fall back to its last train reply.
-        last_train = next((h.train_metrics[name] for h in reversed(result.history) if name in h.train_metrics), {})
-        final = {**last_train, **result.final.get(name, {})}
-        status = result.retired.get(name, "")
-        entry: dict[str, Any] = {"kind": node.kind, "site": node.site, "n": node.num_examples, "dp": tier.enabled,
-                                 "status": status or ("trained" if rounds or not tier.enabled else "never trained")}
-        if tier.enabled:
-            epsilon = final.get(EPSILON, rounds[-1]["epsilon"] if rounds else 0.0)
-            entry.update({
-                "unit": "one scan of this client (add/remove one record of its training set)",
-                "accountant": privacy.accountant, "delta": final.get("delta"), "budget_epsilon": tier.budget_epsilon,
-                "epsilon": epsilon, "remaining_epsilon": tier.budget_epsilon - epsilon, "epsilon_per_round": rounds,
-                "noise_multiplier": final.get("noise-multiplier"), "max_grad_norm": final.get("max-grad-norm"),
-                "sample_rate": final.get("sample-rate"), "sampling": "Poisson",
-                "rounds_trained": [r["round"] for r in rounds]})
-        clients[name] = entry
-    return {"kind": "edgemri.privacy-report/1", "seed": config.seed, "accountant": privacy.accountant,
+    clients = {name: _sample_level(name, node, result, config) for name, node in sorted(result.clients.items())}
+    return {"kind": "edgemri.privacy-report/2", "seed": config.seed, "accountant": config.privacy.accountant,
             "sample_level": clients,
             # What the server did, not what the config asked.
             "client_level": result.central_dp,
             "not_protected": NOT_PROTECTED, "sweep": sweep or []}
+
+
+def _stretch(s: dict[str, Any]) -> str:
+    return (f"{span(s['rounds'])}: noise multiplier {s['noise_multiplier']:.2f}, Poisson sampling rate "
+            f"{s['sample_rate']:.3f}, clipping norm {s['max_grad_norm']}")
 
 
 def _statement(name: str, c: dict[str, Any]) -> str:
@@ -64,17 +85,18 @@ def _statement(name: str, c: dict[str, Any]) -> str:
         return (f"- **{name}** ({c['kind']}, n={c['n']}): no differential privacy. Its model updates are sent as "
                 "trained; only the scans themselves stay on the device.")
     rounds = c["rounds_trained"]
-    if not rounds:
+    flag = (f" **Flagged:** {LEDGER_BEHIND} (its ledger now: {c['epsilon_reported_last']:.2f}; the server saw "
+            f"{c['epsilon_server_seen']:.2f})." if c["ledger_behind"] else "")
+    if not rounds and not c["epsilon"]:
         return (f"- **{name}** ({c['kind']}, n={c['n']}): DP-SGD on, but it trained no round ({c['status']}); "
                 f"it released no update, so it spent no privacy in this run.")
-    span = (f"rounds {rounds[0]}-{rounds[-1]}" if rounds == list(range(rounds[0], rounds[-1] + 1))
-            else "rounds " + ", ".join(map(str, rounds))) + f" ({len(rounds)} rounds)"
     note = f" Status: {c['status']}." if c["status"] not in ("trained",) else ""
+    plans = "; ".join(map(_stretch, c["stretches"])) or "no round in this run"
     return (f"- **{name}** ({c['kind']}, n={c['n']}): ({c['epsilon']:.2f}, {c['delta']:.1e})-DP for the unit "
             f"*one scan of this client* (neighbouring training sets differ by adding or removing one scan), "
-            f"over {span}, {c['accountant'].upper()} accountant, Poisson sampling rate {c['sample_rate']:.3f}, "
-            f"noise multiplier {c['noise_multiplier']:.2f}, clipping norm {c['max_grad_norm']}. Budget "
-            f"{c['budget_epsilon']}, remaining {c['remaining_epsilon']:.2f}.{note}")
+            f"cumulative over everything its ledger recorded ({span(rounds)} in this run, {len(rounds)} rounds), "
+            f"{c['accountant'].upper()} accountant. DP-SGD per stretch of rounds: {plans}. Budget "
+            f"{c['budget_epsilon']}, remaining {c['remaining_epsilon']:.2f}.{note}{flag}")
 
 
 def _client_level(c: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ import numpy as np
 from torch import Tensor
 
 from edgemri.core.io import save_figure
+from edgemri.core.privacy.ledger import span
 from edgemri.reports.common import markdown_table, write_report_files
 
 STEM = "privacy-attacks"
@@ -125,13 +126,13 @@ def _privacy_line(privacy: dict[str, Any]) -> str:
         return "no DP-SGD: its updates leave the device as trained (no epsilon bounds what they reveal)"
     agrees = {True: "privacy.json agrees", False: "privacy.json DISAGREES", None: "no privacy.json entry"}[
         privacy["privacy_json_agrees"]]
-    rounds = ", ".join(map(str, privacy["rounds_trained"])) or "none"
+    plans = "; ".join(f"{span(s['rounds'])}: noise multiplier {_num(s['noise_multiplier'], '.2f')}, clipping norm "
+                      f"{s['max_grad_norm']}, Poisson rate {_num(s['sample_rate'], '.3f')}"
+                      for s in privacy["stretches"]) or "no round"
     return (f"({_num(privacy['epsilon'], '.2f')}, {_num(privacy['delta'], '.1e')})-DP for the unit "
-            f"*{privacy['unit']}*, {privacy['accountant'].upper()} accountant, cumulative over rounds {rounds}; "
-            f"noise multiplier {_num(privacy['noise_multiplier'], '.2f')}, clipping norm {privacy['max_grad_norm']}, "
-            f"Poisson rate {_num(privacy['sample_rate'], '.3f')}, budget {privacy['budget_epsilon']}; from its "
-            f"{privacy['source']} "
-            f"({agrees})")
+            f"*{privacy['unit']}*, {privacy['accountant'].upper()} accountant, cumulative over "
+            f"{span(privacy['rounds_trained'])}; {plans}; budget {privacy['budget_epsilon']}; from its "
+            f"{privacy['source']} ({agrees})")
 
 
 def _membership_line(membership: dict[str, Any]) -> str:

@@ -151,7 +151,8 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
         else None
     strategy = FederationStrategy(config, nodes, global_state, state=round_state, best_state=best_state,
                                   round_offset=done,
-                                  central_eval=central_eval, on_round=on_round)
+                                  central_eval=central_eval, on_round=on_round,
+                                  before_round=lambda: p.check_owner(settings.owner_lock))
     runner = with_central_dp(strategy, central, accountant) if accountant else strategy
     if done:
         log.info("resuming after round %d", done)
@@ -160,6 +161,7 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
         runner.start(grid=grid, initial_arrays=ArrayRecord(global_state), num_rounds=config.federation.rounds - done,
                      timeout=config.federation.round_timeout_s, train_config=ConfigRecord(),
                      evaluate_fn=strategy.after_round)
+    p.check_owner(settings.owner_lock)  # the final evaluation spends the DP personal fine-tune's budget
     final, final_failed = final_evaluate(grid, strategy, start.state_dict, strategy.best_state, config)
     return p.FederationResult(
         clients={c.client: c for c in nodes.values()}, history=strategy.state.history, final=final,
@@ -168,7 +170,7 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
         central_final=central_eval(strategy.global_state) if central_eval else {},
         central_dp=accountant.summary(strategy.state.history, strategy.stop_reason) if accountant
         else {"enabled": False},
-        excluded=excluded, best_round=strategy.state.best_round)
+        excluded=excluded, best_round=strategy.state.best_round, epsilon_seen=dict(strategy.state.epsilon))
 
 
 def final_evaluate(grid: Grid, strategy: FederationStrategy, start: State, best: State, config: Config
@@ -240,7 +242,11 @@ def main(grid: Grid, context: Context) -> None:
     try:
         settings = p.RunSettings.from_run_config(dict(context.run_config))
         config = load_config(settings.config)
-        write_reports(run(grid, settings, config), config, settings.run_dir)
+        result = run(grid, settings, config)
+        write_reports(result, config, settings.run_dir)
+        if failures := result.all_failed():  # the reports say who and when; the run must not look like a success
+            raise EdgemriError(f"no client trained in any round ({failures}); see {settings.run_dir / 'federation.md'}"
+                               f" and each client's log")
     except EdgemriError as err:
         # One line, where `flwr run` streams it; the run then ends without a result.
         log.error("edgemri: error: %s", str(err).splitlines()[0])

@@ -73,7 +73,8 @@ class FederationStrategy(FedAvg):
                  state: RoundState | None = None, best_state: State | None = None, round_offset: int = 0,
                  unweighted: bool = False,
                  central_eval: Callable[[State], dict[str, float]] | None = None,
-                 on_round: Callable[[p.RoundRecord, State], None] | None = None) -> None:
+                 on_round: Callable[[p.RoundRecord, State], None] | None = None,
+                 before_round: Callable[[], None] | None = None) -> None:
         fed = config.federation
         super().__init__(min_train_nodes=fed.min_clients, min_available_nodes=fed.min_clients,
                          weighted_by_key=p.NUM_EXAMPLES)
@@ -89,6 +90,7 @@ class FederationStrategy(FedAvg):
         self.unweighted = unweighted  # client-level DP: every client counts once
         self.central_eval = central_eval
         self.on_round = on_round
+        self.before_round = before_round  # raises to stop the run before a round trains (its owner is gone)
         self.max_update_norm = fed.max_update_norm
         self.clipping_norm: float | None = None  # client-level DP, side client: the server checks the clipping
         self.stop_reason: str | None = None  # set when no further round may run (client-level DP budget)
@@ -104,17 +106,24 @@ class FederationStrategy(FedAvg):
         clipping = base.get(p.CLIPPING_NORM_KEY)
         messages = []
         for node_id in node_ids:
-            kind = self.nodes[node_id].kind
+            client = self.nodes[node_id]
             instructions = p.RoundInstructions.for_tier(
-                self.config, kind, server_round, final=bool(base.get("final", False)),
-                clipping_norm=None if clipping is None else float(clipping))
+                self.config, client.kind, server_round, final=bool(base.get("final", False)),
+                clipping_norm=None if clipping is None else float(clipping), ledger_floor=self.ledger_floor(client))
             content = RecordDict({p.ARRAYS: arrays, p.CONFIG: ConfigRecord(instructions.to_config()), **extra})
             messages.append(Message(content, dst_node_id=node_id, message_type=message_type))
         return messages
 
+    def ledger_floor(self, client: p.ClientInfo) -> p.LedgerFloor:
+        """What this client's ledger reported at most: its device refuses to train below it."""
+        return p.LedgerFloor(int(self.state.ledger_records.get(client.client, 0)),
+                             self.state.epsilon.get(client.client, 0.0))
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         server_round += self.round_offset
+        if self.before_round:
+            self.before_round()
         self._started = time.perf_counter()
         self.global_state = merge_shared(self.global_state, arrays.to_torch_state_dict())
         sampled = [] if self.stop_reason else [
@@ -198,7 +207,10 @@ class FederationStrategy(FedAvg):
                 if status is None:
                     raise p.ProtocolError("no status")
                 if status is p.Status.FAILED:
-                    self._fail(client.client, p.FailureCode(str(info.get("code", p.FailureCode.INTERNAL))))
+                    code = p.FailureCode(str(info.get("code", p.FailureCode.INTERNAL)))
+                    if code is p.FailureCode.LEDGER_ROLLBACK:  # its device found its ledger below the floor
+                        self.state.retired[client.client] = f"round {record.round}: {code}"
+                    self._fail(client.client, code)
                     continue
                 metrics = self._check_metrics(reply.content.metric_records.get(p.METRICS), client)
                 self._check_privacy(client, reply.content.metric_records[p.METRICS])

@@ -21,10 +21,10 @@ from edgemri.core.data.images import HEAD_KEY
 from edgemri.core.data.partition import ensure_manifests, read_manifest
 from edgemri.core.errors import EdgemriError
 from edgemri.core.federation.personalize import create_method
-from edgemri.core.federation.protocol import APP_ROOT, REFERENCES_FILE, ProtocolError, parse_references
-from edgemri.core.io import write_json, write_text
+from edgemri.core.federation.protocol import APP_ROOT, OWNER_LOCK, REFERENCES_FILE, ProtocolError, parse_references
+from edgemri.core.io import owner_lock, write_json, write_text
 from edgemri.core.privacy.dp import PrivacyError, check_dp_model, plan_dp
-from edgemri.core.training.checkpoint import load_checkpoint
+from edgemri.core.training.checkpoint import Checkpoint, load_checkpoint
 from edgemri.core.training.distill import resume_settings
 from edgemri.core.untrusted import read_json
 from edgemri.models import build_model
@@ -121,6 +121,14 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
         raise ConfigError(f"{start_checkpoint} takes scans after the head step {start.preprocessing[HEAD_KEY]!r}, "
                           f"which the federation's clients do not apply yet; start from a student without one")
     out.mkdir(parents=True, exist_ok=True)
+    with owner_lock(out / OWNER_LOCK, RunFolderError) as lock:
+        return _federate(config, start, data_root, out, start_checkpoint, resume, audit, timeout_s, references_from,
+                         lock)
+
+
+def _federate(config: Config, start: Checkpoint, data_root: Path, out: Path, start_checkpoint: Path, resume: bool,
+              audit: bool, timeout_s: float, references_from: Path | None, lock: Path) -> FederationRun:
+    """``federate`` once it holds the run folder's lock: the apps it starts stop when the lock's holder dies."""
     config_path = write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)
     manifests = ensure_manifests(out / "manifests", dataset, data_root.resolve(), config)
@@ -138,7 +146,7 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
         "config": str(config_path), "run-dir": str(out), "data-root": str(data_root.resolve()),
         "manifests": str(out / "manifests"), "state-root": str(out / "clients"),
         "start-checkpoint": str(start_checkpoint.resolve()), "num-clients": len(manifests), "resume": resume,
-        "audit-dir": str(out / "audit") if audit else "",
+        "audit-dir": str(out / "audit") if audit else "", "owner-lock": str(lock),
     }
     progress = out / "server" / "progress.log"
     progress.unlink(missing_ok=True)
@@ -147,7 +155,7 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
                              on_poll=ProgressPrinter(progress))
     if not outcome.ok or not result_file.is_file():
         raise FlowerRunError(f"federation run {outcome.run_id} ended {outcome.status}: "
-                             f"{_last_error(out / 'logs' / 'flwr-run.log') or outcome.details.strip()[-300:]}; "
+                             f"{outcome.error or outcome.details.strip()[-300:]}; "
                              f"logs: {out / 'logs'}")
     report = json.loads((out / "federation.json").read_text())
     return FederationRun(out, report, {"md": out / "federation.md", "json": out / "federation.json",
@@ -164,9 +172,3 @@ def _cached_references(run_dir: Path | None, key: str) -> dict[str, dict[str, fl
         return parse_references(saved, str(path)) if isinstance(saved, dict) and saved.get("key") == key else None
     except ProtocolError:  # unreadable or malformed: compute them again
         return None
-
-
-def _last_error(log_file: Path) -> str:
-    """The ServerApp's one-line error, if it logged one."""
-    lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
-    return next((line.split("edgemri: error: ", 1)[1] for line in reversed(lines) if "edgemri: error: " in line), "")

@@ -9,6 +9,7 @@ every process it started, Ray's included, even when the run fails.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -32,7 +33,8 @@ import psutil
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_text
 
-VENV_BIN = Path(sys.executable).parent  # flwr and flower-* are installed beside this python
+VENV_BIN = Path(sys.executable).parent
+PR_SET_PDEATHSIG = 1  # prctl(2)  # flwr and flower-* are installed beside this python
 
 
 class FlowerRunError(EdgemriError):
@@ -78,9 +80,10 @@ def _group_members(pgid: int) -> list[psutil.Process]:
     return members
 
 
-def stop_group(pgid: int, term_wait_s: float = 5.0) -> None:
-    """SIGTERM a process group, then SIGKILL what is left (Ray agents ignore SIGTERM)."""
-    for sig, wait_s in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 2.0)):
+def stop_group(pgid: int, term_wait_s: float = 5.0, *, kill: bool = False) -> None:
+    """SIGTERM a process group, then SIGKILL what is left (Ray agents ignore SIGTERM); ``kill``: SIGKILL at once."""
+    steps = ((signal.SIGKILL, 2.0),) if kill else ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 2.0))
+    for sig, wait_s in steps:
         if not _group_members(pgid):
             return
         try:
@@ -109,7 +112,15 @@ class ManagedProcess:
             pass
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the process tree: the children first, at once, then the process itself with ``sig``.
+
+        The children (SuperExec, the ServerApp or ClientApp processes, Ray) are killed, not asked: Flower's
+        SIGTERM handler ends a process's main thread, and Python then waits for its other threads, so a
+        simulation's ServerApp thread would train its remaining rounds (and spend DP budget) after the user
+        said stop. Everything edgemri writes is atomic, so whatever was saved stays loadable."""
         self.remember_children()
+        for group in self.groups - {self.process.pid}:
+            stop_group(group, kill=True)
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
@@ -117,15 +128,24 @@ class ManagedProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        for group in self.groups - {self.process.pid}:
+        self.remember_children()  # whatever it started while it stopped
+        for group in self.groups | {self.process.pid}:  # its own group too: children it left in it
             stop_group(group)
+
+
+def die_with_parent() -> None:
+    """In a child before it executes: SIGTERM it when the process that started it dies, even by SIGKILL, so a
+    killed ``edgemri`` leaves no SuperLink or ``flwr run`` behind (Linux; elsewhere the stop in ``finally`` is
+    the only guard). The kernel ties this to the starting thread: start these processes from the main thread."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def start_process(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> ManagedProcess:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         process = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=die_with_parent)
     return ManagedProcess(process, log)
 
 
@@ -154,6 +174,14 @@ class RunOutcome:
     status: str
     details: str
     seconds: float
+    output: str = ""  # what `flwr run` streamed in this invocation (the log file also holds earlier ones)
+
+    @property
+    def error(self) -> str:
+        """The ServerApp's one-line error in this invocation's output, if it logged one."""
+        lines = self.output.splitlines()
+        return next((line.split("edgemri: error: ", 1)[1] for line in reversed(lines) if "edgemri: error: " in line),
+                    "")
 
     @property
     def ok(self) -> bool:
@@ -172,7 +200,8 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
         args += ["--federation-config", federation_config]
     timed_out = False
     with log.open("ab") as out:
-        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+        offset = out.tell()  # the log is appended to by every resume: this run's lines start here
+        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout_s
         while process.poll() is None:  # poll, so the caller can show progress while the run goes on
             if time.monotonic() > deadline:
@@ -183,10 +212,12 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
             time.sleep(0.5)
             if on_poll:
                 on_poll()
-    text = log.read_text(errors="replace")
+    with log.open("rb") as fh:
+        fh.seek(offset)
+        text = fh.read().decode(errors="replace")
     match = re.search(r"Successfully started run (\d+)", text)
     if not match:
-        return RunOutcome(None, "not-started", text[-3000:], time.monotonic() - started)
+        return RunOutcome(None, "not-started", text[-3000:], time.monotonic() - started, text)
     run_id = match.group(1)
     flwr = [str(VENV_BIN / "flwr")]
     if timed_out:
@@ -200,7 +231,7 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
         status, details = "unknown", listing.stdout[-2000:] + listing.stderr[-2000:]
     if timed_out:
         status, details = "timed-out", f"no result after {timeout_s:.0f} s; {details}"
-    return RunOutcome(run_id, status, details, time.monotonic() - started)
+    return RunOutcome(run_id, status, details, time.monotonic() - started, text)
 
 
 @contextmanager

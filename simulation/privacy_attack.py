@@ -274,8 +274,7 @@ def _privacy_card(run: RunFolder, client: Client) -> dict[str, Any]:
         "dp": True, "unit": SAMPLE_UNIT, "accountant": run.config.privacy.accountant, "delta": plan.delta,
         "epsilon": ledger.epsilon(plan.delta, run.config.privacy.accountant) if ledger.records else 0.0,
         "source": "privacy ledger (hash chain checked), recomputed", "budget_epsilon": plan.budget_epsilon,
-        "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
-        "sample_rate": plan.sample_rate, "rounds_trained": ledger.rounds,
+        "stretches": ledger.stretches(), "rounds_trained": ledger.rounds,
         "epsilon_after_round": {str(r["round"]): r["epsilon"] for r in ledger.records}, "privacy_json_agrees": None}
     entry = run.sample_level(name)
     if entry is not None:

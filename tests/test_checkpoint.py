@@ -6,6 +6,8 @@ import io
 import math
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgemri.core.io import ArtefactError, load_npz, save_npz
+from edgemri.core.errors import EdgemriError
+from edgemri.core.io import ArtefactError, load_npz, owner_gone, owner_lock, save_npz
 from edgemri.core.training.checkpoint import (
     FORMAT,
     KINDS,
@@ -263,3 +266,26 @@ def test_an_npz_declaring_more_than_it_stores_is_refused_before_allocating(tmp_p
         load_npz(bomb)
     save_npz(tmp_path / "fine.npz", {"images": np.zeros((2, 3), np.uint8)})
     assert load_npz(tmp_path / "fine.npz")["images"].shape == (2, 3)
+
+
+def test_a_run_folder_has_one_owner_and_its_apps_see_when_it_is_gone(tmp_path: Path) -> None:
+    """The lock `edgemri federate` holds: a second command on the folder is refused, and the apps it started learn
+    that it died from the kernel dropping the lock (a SIGKILLed command included: its process is gone)."""
+    lock = tmp_path / "run" / "owner.lock"
+    assert owner_gone(lock) and not lock.exists()  # a check never creates the file
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from edgemri.core.errors import EdgemriError\nfrom edgemri.core.io import owner_lock\n"
+                               f"with owner_lock(Path({str(lock)!r}), EdgemriError):\n"
+                               "    print('held', flush=True)\n    time.sleep(600)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not owner_gone(lock)
+        with pytest.raises(EdgemriError, match="another edgemri command is working in"), owner_lock(lock, EdgemriError):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert owner_gone(lock)
+    with owner_lock(lock, EdgemriError):  # free again
+        assert not owner_gone(lock)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import edgemri.main as cli
+from edgemri.arguments import AtMost
 from edgemri.core.errors import EdgemriError
 from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.main import build_parser, main
@@ -59,18 +60,26 @@ def test_missing_config_file_from_a_real_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("signum", "code", "after_s"), [
-    (signal.SIGINT, 130, 0.05),  # while Python imports the package
+    (signal.SIGINT, 130, None),  # while Python imports the package
     (signal.SIGINT, 130, 4.0),  # while the command works
-    (signal.SIGTERM, 143, 0.05),
+    (signal.SIGTERM, 143, None),
     (signal.SIGTERM, 143, 4.0),
+    (signal.SIGHUP, 129, 4.0),  # its terminal closed
 ])
 def test_a_signal_ends_a_command_with_its_code_and_one_line(tmp_path: Path, signum: int, code: int,
-                                                            after_s: float) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "edgemri", "data", "synth", "--out", str(tmp_path / "data"),
-                                "--preset", "kaggle"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                                            after_s: float | None) -> None:
+    # -X importtime prints each import as it ends: the signal then lands while the package's imports go on (a
+    # fixed delay would, on a busy machine, land in the interpreter's own start-up, before any code of ours).
+    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "edgemri", "data", "synth", "--out",
+                                str(tmp_path / "data"), "--preset", "kaggle"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True,
                                # as from a terminal: a shell without job control starts children with SIGINT ignored
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(after_s)
+    if after_s is None:
+        while "| edgemri.entry" not in process.stderr.readline():
+            assert process.poll() is None
+    else:
+        time.sleep(after_s)
     process.send_signal(signum)
     time.sleep(0.05)
     process.send_signal(signum)  # a second one while it stops is not a traceback either
@@ -78,8 +87,8 @@ def test_a_signal_ends_a_command_with_its_code_and_one_line(tmp_path: Path, sign
     assert process.returncode == code, stderr
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.startswith("edgemri: ")][-1:] == [
-        f"edgemri: {'interrupted' if code == 130 else 'terminated'}; what was saved stays, continue with --resume "
-        f"where the command has it"]
+        f"edgemri: {({130: 'interrupted', 143: 'terminated', 129: 'hung up'})[code]}; what was saved stays, continue "
+        f"with --resume where the command has it"]
 
 
 def test_config_with_an_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -127,6 +136,17 @@ def test_a_multi_line_message_prints_its_first_line(monkeypatch: pytest.MonkeyPa
     assert one_error_line(capsys) == "edgemri: error: the run failed"
 
 
+def test_an_error_message_is_printed_escaped(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Whatever a message quotes (a file name from a data folder, a foreign error) cannot drive the terminal."""
+    def fails(args: argparse.Namespace) -> int:
+        raise EdgemriError("cannot use scan-\x1b[31mred\x1b]0;title\x07.jpg")
+
+    monkeypatch.setattr(cli, "cmd_models_summary", fails)
+    assert main(["models", "summary"]) == 2
+    assert one_error_line(capsys) == "edgemri: error: cannot use scan-\\x1b[31mred\\x1b]0;title\\x07.jpg"
+
+
 def test_existing_synth_folder_without_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "kept.txt").write_text("mine")
     assert main(["data", "synth", "--out", str(tmp_path), "--quiet"]) == 2
@@ -150,14 +170,97 @@ def test_sweep_refuses_bad_epsilons(epsilons: str, expected: str, tmp_path: Path
     assert not (tmp_path / "sweep").exists()
 
 
-@pytest.mark.parametrize(("extra", "expected"), [(["--seeds", "0"], "--seeds"), ([], "--resume")])
-def test_distill_refuses_before_loading_data(extra: list[str], expected: str, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_distill_refuses_before_loading_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "distill"
     (out / "seed-0").mkdir(parents=True)
     assert main(["distill", "--config", str(QUICKSTART), "--data-root", str(tmp_path / "no-data"),
-                 "--out", str(out), *extra]) == 2
-    assert expected in one_error_line(capsys)
+                 "--out", str(out)]) == 2
+    assert "--resume" in one_error_line(capsys)
+
+
+def _arguments(parser: argparse.ArgumentParser, command: str = "") -> list[tuple[str, argparse.Action]]:
+    """(command, argument) for every argument of every command, found by walking the parser."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _arguments(sub, f"{command} {name}".strip())
+        else:
+            found.append((command, action))
+    return found
+
+
+# Image files and folders: the system's limit on a command line bounds them, and they are predicted in batches.
+UNBOUNDED_LISTS = {("predict", "paths")}
+
+
+def test_every_number_and_list_a_command_takes_has_a_range() -> None:
+    for command, action in _arguments(build_parser()):
+        name = f"{command} {'/'.join(action.option_strings) or action.dest}"
+        assert action.type is not int, f"{name}: give it a range (edgemri.arguments.BoundedInt)"
+        if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+            assert isinstance(action, AtMost) or (command, action.dest) in UNBOUNDED_LISTS, \
+                f"{name}: bound its length (edgemri.arguments.AtMost)"
+
+
+def test_the_ranges_restated_for_a_fast_help_are_the_libraries() -> None:
+    from edgemri.deploy.certs import MAX_DAYS
+    from edgemri.deploy_commands import DAYS
+    from edgemri.simulation import privacy_attack, privacy_audit
+
+    assert (cli.ATTACK_CLIENTS.high, cli.INVERSION_STEPS.high) == (privacy_attack.MAX_CLIENTS,
+                                                                    privacy_attack.MAX_INVERSION_STEPS)
+    assert (cli.CANARIES.low, cli.CANARIES.high) == (privacy_audit.MIN_CANARIES, privacy_audit.MAX_CANARIES)
+    assert DAYS.high == MAX_DAYS
+
+
+ELEVEN_EPSILONS = ",".join(str(e) for e in range(1, 12))
+OUT_OF_RANGE = {  # argv -> the usage error's message; each was accepted before and ran (or would have) until killed
+    "seeds": (["distill", "--config", str(QUICKSTART), "--seeds", "1000000000"],
+              "argument --seeds: 1000000000 is out of range; allowed: 1 to 100"),
+    "no-seeds": (["distill", "--config", str(QUICKSTART), "--seeds", "0"],
+                 "argument --seeds: 0 is out of range; allowed: 1 to 100"),
+    "epsilons": (["privacy", "sweep", "--config", str(QUICKSTART), "--epsilons", ELEVEN_EPSILONS],
+                 "argument --epsilons: at most 10 comma-separated values, got 11"),
+    "overrides": (["distill", "--config", str(QUICKSTART), *["--set", "seed=1"] * 101],
+                  "argument --set: at most 100 values, got 101"),
+    "synth-seed": (["data", "synth", "--out", "data", "--seed", "-1"],
+                   "argument --seed: -1 is out of range; allowed: 0 to 2147483647"),
+    "rounds": (["privacy", "attack", "run", "--rounds", *map(str, range(1, 102))],
+               "argument --rounds: at most 100 values, got 101"),
+    "round": (["privacy", "attack", "run", "--rounds", "0"],
+              "argument --rounds: 0 is out of range; allowed: 1 to 10000"),
+    "clients": (["privacy", "attack", "run", "--clients", "1001"],
+                "argument --clients: 1001 is out of range; allowed: 1 to 1000"),
+    "canaries": (["privacy", "audit", "--canaries", "5"],
+                 "argument --canaries: 5 is out of range; allowed: 20 to 2000"),
+    "top-k": (["predict", "model.pte", "scan.png", "--top-k", "0"],
+              "argument --top-k: 0 is out of range; allowed: 1 to 100"),
+    "batch-size": (["predict", "model.pte", "scan.png", "--batch-size", "100000"],
+                   "argument --batch-size: 100000 is out of range; allowed: 1 to 1024"),
+    "days": (["deploy", "certs", "--out", "certs", "--hosts", "127.0.0.1", "--days", "10000000"],
+             "argument --days: 10000000 is out of range; allowed: 1 to 3650"),
+    "hosts": (["deploy", "certs", "--out", "certs", "--hosts", ",".join(["127.0.0.1"] * 65)],
+              "argument --hosts: at most 64 comma-separated values, got 65"),
+    "nodes": (["deploy", "keys", "--out", "keys", "--nodes", *(f"phone-{i}" for i in range(1001))],
+              "argument --nodes: at most 1000 values, got 1001"),
+    "preload": (["client", "serve", *["--preload", "json"] * 33], "argument --preload: at most 32 values, got 33"),
+    "not-a-number": (["predict", "model.pte", "scan.png", "--top-k", "1" * 5000],
+                     f"argument --top-k: expected a whole number from 1 to 100, got '{'1' * 60}'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUT_OF_RANGE))
+def test_a_count_out_of_range_is_a_usage_error(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    argv, expected = OUT_OF_RANGE[case]
+    monkeypatch.chdir(tmp_path)  # where the relative outputs would go
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error: before anything is loaded or run
+        main(argv)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].endswith(f": error: {expected}"), err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_no_data_root_says_how_to_make_one(capsys: pytest.CaptureFixture[str]) -> None:

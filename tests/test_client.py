@@ -19,7 +19,7 @@ from edgemri.core.data.partition import ManifestError, partition, read_manifest,
 from edgemri.core.errors import EdgemriError
 from edgemri.core.federation import protocol as p
 from edgemri.core.federation.personalize import create_method
-from edgemri.core.privacy.ledger import LEDGER_FILE
+from edgemri.core.privacy.ledger import LEDGER_FILE, LedgerRollback
 from edgemri.core.privacy.policy import DevicePolicy
 from edgemri.core.registries import REGISTRIES, parse_config
 from edgemri.models import Student
@@ -59,6 +59,34 @@ def test_malformed_round_instructions_are_a_protocol_error() -> None:
                    {**good, "spec-json": '{"epochs": 1e20}'}, {k: v for k, v in good.items() if k != "seed"}):
         with pytest.raises(p.ProtocolError):
             p.RoundInstructions.from_config(broken, REGISTRIES)
+
+
+def test_a_device_whose_ledger_is_below_the_servers_floor_refuses_before_it_trains(
+        hospital: dict[str, str], tmp_path: Path) -> None:
+    """A device restored from a backup (ledger and head together) learns from the floor the server sends back
+    that its ledger is behind: it trains nothing, writes nothing, and its failure travels as ledger-rollback."""
+    config = CONFIG.replace(privacy=parse_config({"privacy": {"tiers": {"hospital": {
+        "enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}}).privacy)
+    setup = {**hospital, "state-dir": str(tmp_path / "state")}
+    client, method = Client(resolve_setup(setup, {})), create_method(config.federation)
+    first = client.train_round(method, Student().state_dict(), ClientState(),
+                               p.RoundInstructions.for_tier(config, "hospital", 1))
+    assert first.status is p.Status.TRAINED
+    seen = p.LedgerFloor(int(first.metrics[p.LEDGER_RECORDS]), first.metrics[p.EPSILON])
+    sent = p.RoundInstructions.for_tier(config, "hospital", 2, ledger_floor=seen).to_config()
+    instructions = p.RoundInstructions.from_config(sent, REGISTRIES)  # the floor travels in the round config
+    assert instructions.ledger_floor == seen
+    for name in (LEDGER_FILE, Path(LEDGER_FILE).with_suffix(".head").name):  # both deleted (or restored)
+        (tmp_path / "state" / name).unlink()
+    with pytest.raises(LedgerRollback, match="holds 0 records .* less than the 1 records"):
+        client.train_round(method, Student().state_dict(), first.state, instructions)
+    assert not (tmp_path / "state" / LEDGER_FILE).exists()  # nothing trained, nothing recorded
+    reply = coded_failures(lambda msg, context: client.train_round(
+        method, Student().state_dict(), first.state, instructions))(_message(), None)
+    assert reply.content[p.INFO]["code"] == p.FailureCode.LEDGER_ROLLBACK.value
+    for bad in (-1, 1.5, 10**9):
+        with pytest.raises(p.ProtocolError, match="ledger-floor-records"):
+            p.RoundInstructions.from_config({**sent, p.FLOOR_RECORDS_KEY: bad}, REGISTRIES)
 
 
 def _message(message_type: str = MessageType.TRAIN, config: ConfigRecord | None = None) -> Message:

@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,14 @@ import torch
 from conftest import make_kaggle_folder
 
 from edgemri.core.data import partition as partition_module
-from edgemri.core.data.dataset import cache_path, describe_folder, load_dataset, load_unlabeled, scan_folder
+from edgemri.core.data.dataset import (
+    cache_path,
+    describe_folder,
+    load_dataset,
+    load_pools,
+    load_unlabeled,
+    scan_folder,
+)
 from edgemri.core.data.images import CLASS_NAMES, DataError
 from edgemri.core.data.partition import (
     LOCAL_SPLITS,
@@ -221,6 +229,110 @@ def test_a_class_with_no_usable_training_image_is_refused(folder: Path) -> None:
     assert load_dataset(folder).test.class_counts()["meningioma"] == 0
 
 
+# ---------------------------------------------------------------- links out of the data root
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def _edgemri(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgemri", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _link_out(folder: Path, outside: Path, link: str, target: str = "Training/glioma/Tr-gl_0000.jpg") -> None:
+    """``link`` (below the data root; a folder there is replaced) pointing at ``target`` in a folder outside it,
+    a small Kaggle-layout set plus a text file like /etc/passwd."""
+    make_kaggle_folder(outside, {"Training": 1, "Testing": 1})
+    (outside / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    path = folder / link
+    if path.is_dir():
+        shutil.rmtree(path)
+    path.symlink_to(outside / target, target_is_directory=(outside / target).is_dir())
+
+
+@pytest.mark.parametrize(("link", "target"), [
+    ("Training/glioma/outside.jpg", "Training/glioma/Tr-gl_0000.jpg"),  # was counted as a Training image
+    ("Training/glioma/passwd.jpg", "passwd"),  # was opened (and skipped as no image)
+    ("Training/glioma/passwd", "passwd"),  # no image extension: refused all the same, never listed as a skip
+    ("Training/meningioma/more", "Training/glioma"),  # a folder outside, inside a class folder
+    ("Training/notumor", "Training/notumor"),  # a class folder
+    ("Testing", "Testing"),  # a split folder
+    ("metadata.csv", "passwd"),  # the sites file
+])
+def test_a_link_out_of_the_data_root_is_refused_before_any_file_is_opened(
+        folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, link: str, target: str) -> None:
+    outside = tmp_path / "outside"
+    _link_out(folder, outside, link, target)
+    opened: list[Path] = []
+    real_open = builtins.open
+
+    def recording_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, str | os.PathLike):
+            opened.append(Path(file).resolve())
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", recording_open)
+    monkeypatch.setattr(io, "open", recording_open)
+    with pytest.raises(DataError) as err:
+        describe_folder(folder)
+    assert str(err.value) == (f"{link} leaves the data root {folder} (a symbolic link that resolves outside the data "
+                              f"root); links may only point inside it, so copy the file in instead")
+    assert not [path for path in opened if path.is_relative_to(outside)]
+
+
+def test_links_out_of_the_pools_are_refused_and_links_inside_the_root_are_followed(folder: Path,
+                                                                                 tmp_path: Path) -> None:
+    (folder / "Training" / "glioma" / "alias.jpg").symlink_to(Path("Tr-gl_0000.jpg"))
+    (folder / "Testing" / "glioma" / "from-training.jpg").symlink_to(folder / "Training" / "glioma" / "Tr-gl_0001.jpg")
+    dataset = load_dataset(folder)
+    assert dataset.train.class_counts()["glioma"] == 4 and dataset.test.class_counts()["glioma"] == 3
+    site = folder / "Pools" / "site-a"
+    make_kaggle_folder(tmp_path / "pool", {"site-a": 1})
+    (folder / "Pools").mkdir()
+    site.symlink_to(tmp_path / "pool" / "site-a", target_is_directory=True)
+    with pytest.raises(DataError, match="^Pools/site-a leaves the data root"):
+        load_pools(folder)
+
+
+def test_data_info_and_partition_refuse_a_link_out_in_one_line(folder: Path, tmp_path: Path) -> None:
+    """The commands as a user runs them: exit 2, one line naming the link, no manifest written."""
+    _link_out(folder, tmp_path / "outside", "Training/glioma/outside.jpg")
+    expected = f"edgemri: error: Training/glioma/outside.jpg leaves the data root {folder} ("
+    info = _edgemri("data", "info", folder)
+    partition = _edgemri("data", "partition", "--config", QUICKSTART, "--data-root", folder, "--out", tmp_path / "m")
+    for done in (info, partition):
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), done.stderr
+    assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------- names that would drive the terminal
+
+FORGED = "forged\nedgemri: all clients passed\x1b[31m\x1b]0;owned\x07"  # a newline, a colour and an OSC title
+
+
+def test_data_info_escapes_file_names(folder: Path) -> None:
+    """A skipped file, a label conflict and an error each print the name escaped, never raw."""
+    (folder / "Training" / "notumor" / f"{FORGED}.jpg").write_bytes(b"not a jpeg")
+    copy = (folder / "Training" / "glioma" / "Tr-gl_0000.jpg").read_bytes()
+    (folder / "Training" / "meningioma" / f"{FORGED}-copy.jpg").write_bytes(copy)  # a label conflict
+    done = _edgemri("data", "info", folder)
+    assert done.returncode == 0, done.stderr
+    escaped = "forged\\nedgemri: all clients passed\\x1b[31m\\x1b]0;owned\\x07"
+    for stream in (done.stdout, done.stderr):
+        assert "\x1b" not in stream and "\x07" not in stream
+        assert not [line for line in stream.splitlines() if line.startswith("edgemri: all clients")]
+    assert f"{escaped}.jpg: not an image" in done.stdout
+    assert f"Training/meningioma/{escaped}-copy.jpg (meningioma)" in done.stdout
+    assert json.loads(_edgemri("data", "info", folder, "--json").stdout)["skipped"][0]["path"].endswith(
+        f"{escaped}.jpg")
+
+    (folder / "Training" / "glioma" / f"{FORGED}.jpg").symlink_to("/etc/passwd")
+    done = _edgemri("data", "info", folder)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "\x1b" not in done.stderr
+    assert done.stderr.startswith(f"edgemri: error: Training/glioma/{escaped}.jpg leaves the data root")
+
+
 # ---------------------------------------------------------------- manifests
 
 
@@ -255,12 +367,15 @@ def test_a_manifest_path_outside_the_data_root_is_refused(folder: Path, tmp_path
         load_local_data(read_manifest(path), folder)
 
 
-def test_a_symlink_out_of_the_data_root_is_refused(folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rel", ["Training/glioma/link.jpg", "Training/glioma/folder-link/outside.jpg"])
+def test_a_symlink_out_of_the_data_root_is_refused(folder: Path, tmp_path: Path, rel: str) -> None:
     outside = tmp_path / "outside.jpg"
     outside.write_bytes((folder / GOOD[0]).read_bytes())
     (folder / "Training" / "glioma" / "link.jpg").symlink_to(outside)
-    manifest = read_manifest(_write(tmp_path / "m.json", _manifest(folder, ["Training/glioma/link.jpg", *GOOD])))
-    with pytest.raises(ManifestError, match="resolves outside the data root"):
+    (folder / "Training" / "glioma" / "folder-link").symlink_to(tmp_path, target_is_directory=True)
+    manifest = read_manifest(_write(tmp_path / "m.json", _manifest(folder, [rel, *GOOD])))
+    with pytest.raises(ManifestError, match=f"^hospital-site1: a file its manifest lists: {rel} leaves the data root "
+                                            f".* resolves outside the data root"):
         load_local_data(manifest, folder)
 
 

@@ -13,9 +13,11 @@ same state folder.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +44,7 @@ from edgemri.deploy.nodes import make_node_keys
 from edgemri.main import main
 from edgemri.models import Student
 from edgemri.simulation.federate import APP_DIR
+from edgemri.simulation.flower_run import VENV_BIN
 
 slow = pytest.mark.slow  # the real deployment below; the certificate and key tests at the end are fast
 
@@ -258,6 +261,35 @@ def test_certificates_name_every_host_and_keep_keys_private(tmp_path: Path) -> N
         make_certs(tmp_path / "certs", ["127.0.0.1"])
 
 
+def _deploy(umask: int, *args: str) -> None:
+    """``edgemri deploy ARGS`` as a user would run it, under ``umask``."""
+    done = subprocess.run([str(VENV_BIN / "edgemri"), "deploy", *args], capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.umask(umask))
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077])
+def test_deploy_sets_folder_and_file_modes_whatever_the_umask(umask: int, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    keys.chmod(0o777)  # an existing folder of ours left open (made under umask 000 by an earlier version): tightened
+    _deploy(umask, "certs", "--out", str(tmp_path / "new" / "certs"), "--hosts", "127.0.0.1")
+    _deploy(umask, "keys", "--out", str(keys), "--nodes", "phone-1")
+    made = [tmp_path / "new", *(tmp_path / "new").rglob("*"), keys, *keys.iterdir()]
+    modes = {path.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(path.stat().st_mode)) for path in made}
+    assert modes == {"new": "0o700", "new/certs": "0o700",  # a parent it made too: else anyone could swap certs/
+                     "new/certs/ca.pem": "0o644", "new/certs/server.pem": "0o644",
+                     "new/certs/ca.key": "0o600", "new/certs/server.key": "0o600",
+                     "keys": "0o700", "keys/phone-1.key": "0o600", "keys/phone-1.pub": "0o644"}
+
+
+def test_a_key_folder_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "getuid", lambda: tmp_path.stat().st_uid + 1)  # as if tmp_path belonged to someone else
+    with pytest.raises(DeployError, match=r"must be a folder of this user's \(uid \d+\); it is a folder of uid"):
+        make_node_keys(tmp_path, ["phone-1"])
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("hosts", [[], [""], ["bad host!"], ["300.1.1.1"], ["a..b"]])
 def test_bad_hosts_are_refused_by_name(hosts: list[str], tmp_path: Path) -> None:
     with pytest.raises(DeployError, match="host" if hosts else "no hosts"):
@@ -287,10 +319,12 @@ def test_unsafe_node_names_are_refused_before_any_key_is_written(nodes: list[str
 
 def test_deploy_commands_refuse_bad_values_in_one_line_and_leave_nothing(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture) -> None:
-    for days in ("10000000", "0", str(MAX_DAYS + 1)):
-        assert main(["deploy", "certs", "--out", str(tmp_path / "certs"), "--hosts", "127.0.0.1",
-                     "--days", days]) == 2
-        assert "1 to 3650 days" in capsys.readouterr().err
+    for days in ("10000000", "0", str(MAX_DAYS + 1)):  # argparse's usage error, before anything is made
+        with pytest.raises(SystemExit, match="^2$"):
+            main(["deploy", "certs", "--out", str(tmp_path / "certs"), "--hosts", "127.0.0.1", "--days", days])
+        assert "argument --days" in capsys.readouterr().err
+    with pytest.raises(DeployError, match="1 to 3650 days"):  # the library's own check, for other callers
+        make_certs(tmp_path / "certs", ["127.0.0.1"], days=MAX_DAYS + 1)
     assert main(["deploy", "keys", "--out", str(tmp_path / "keys"), "--nodes", "phone-1\n"]) == 2
     assert "node name 'phone-1\\n'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_kaggle_folder
+from conftest import make_kaggle_folder, one_error_line
 from PIL import Image
 
 from edgemri.core.config import TrainSpec
@@ -131,6 +131,23 @@ def test_int8_accuracy_stays_within_one_point(trained: Trained, exported: dict[s
     assert quantization["test_accuracy_int8"] == result.int8_accuracy
     assert result.path.stat().st_size < exported["onnx"].stat().st_size
     assert load_model(result.path).temperature == TEMPERATURE  # calibration is recorded, never quantized
+
+
+def test_int8_refuses_data_with_other_classes(trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A 2-class model calibrated and scored on 4-class data printed "fp32 25.00 % -> int8 25.00 %", no warning."""
+    two_class = Checkpoint(model="student", state_dict=Student(num_classes=2).state_dict(),
+                           model_options={"num_classes": 2}, class_names=["glioma", "notumor"])
+    path = save_checkpoint(tmp_path / "two-class.pt", two_class)
+    out = tmp_path / "two-class.int8.onnx"
+    assert main(["export", str(path), "--int8", "--data-root", str(trained.root / "data"), "--out", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert "the model's classes [glioma, notumor] are not the data's class folders " \
+           "[glioma, meningioma, notumor, pituitary]" in line, line
+    data = trained.data
+    reordered = dataclasses.replace(trained.checkpoint, class_names=list(reversed(CLASS_NAMES)))
+    with pytest.raises(EdgeError, match=r"classes \[pituitary, notumor, meningioma, glioma\] are not"):
+        export_onnx_int8(reordered, out, data.train.images, data.test.images, data.test.labels)
+    assert not out.exists()
 
 
 def test_onnx_export_without_onnx_says_how_to_install(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:

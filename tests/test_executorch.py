@@ -4,6 +4,7 @@ program, a personalized student, and the files that must be refused."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,12 @@ from edgemri.core.data.images import CLASS_NAMES, PREPROCESSING, calibrated_prep
 from edgemri.core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from edgemri.edge.contract import edge_metadata  # noqa: E402
 from edgemri.edge.errors import INSTALL_HINT, EdgeDependencyError, EdgeError  # noqa: E402
-from edgemri.edge.executorch import METADATA_METHOD, export_executorch, load_executorch  # noqa: E402
+from edgemri.edge.executorch import (  # noqa: E402
+    METADATA_METHOD,
+    check_program_header,
+    export_executorch,
+    load_executorch,
+)
 from edgemri.edge.predict import predict_paths  # noqa: E402
 from edgemri.edge.runtime import load_model  # noqa: E402
 from edgemri.main import main  # noqa: E402
@@ -207,3 +213,77 @@ def test_damaged_files_and_foreign_programs_are_one_line_errors(files: dict[str,
     small = to_edge_transform_and_lower(exported, constant_methods={METADATA_METHOD: meta}).to_executorch().buffer
     with pytest.raises(EdgeError, match=r"takes \[1, 3, 64, 64\] \(dtype 6\), not one float32 image \[1, 3, 128"):
         load_executorch(small, "small.pte")
+
+
+# ---------------------------------------------------------------- files that aborted the process
+
+
+def _random_file(seed: int, head: bytes = b"") -> bytes:
+    """5 KB of seeded random bytes, the first of them replaced by ``head``."""
+    data = bytearray(np.random.default_rng(seed).bytes(5120))
+    data[:len(head)] = head
+    return bytes(data)
+
+
+def _with(data: bytes, offset: int, value: bytes) -> bytes:
+    return data[:offset] + value + data[offset + len(value):]
+
+
+ET_MAGIC = (64).to_bytes(4, "little") + b"ET12"  # a root table offset inside the file, the file identifier
+ABORTED = {  # a 5 KB .pte that aborted `edgemri predict` (exit 134), and what the one line says now
+    "random-0": (lambda pte: _random_file(0), "not the file identifier"),
+    "random-1": (lambda pte: _random_file(1), "not the file identifier"),
+    "random-2": (lambda pte: _random_file(2), "not the file identifier"),
+    # Past the header check: the runtime's verification refuses it, and its logged cause joins the line.
+    "random-after-magic": (lambda pte: _random_file(3, ET_MAGIC), "Verification failed"),
+    "random-extended-header": (lambda pte: _random_file(4, ET_MAGIC + b"eh00"), "extended header"),
+    # A body no header check sees: it passes verification and aborted when the runtime logged the backend's name.
+    "backend-name-not-utf8": (lambda pte: pte.replace(b"XnnpackBackend", b"\xffnnpackBackend"),
+                              "crashed the ExecuTorch runtime (Aborted) in a trial load"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ABORTED))
+def test_a_file_that_aborted_predict_is_one_error_line(files: dict[str, Path], tmp_path: Path, case: str) -> None:
+    make, reason = ABORTED[case]
+    path = tmp_path / f"{case}.pte"
+    path.write_bytes(make(files["pte"].read_bytes()))
+    done = subprocess.run([sys.executable, "-m", "edgemri", "predict", str(path), str(files["scan0"])],
+                          capture_output=True, text=True, timeout=600)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    [line] = done.stderr.splitlines()  # nothing else: no runtime log, no "terminate called", no traceback
+    assert line.startswith(f"edgemri: error: {path} is not a loadable ExecuTorch program: ") and reason in line, line
+
+
+HEADERS = {  # the exported file with one header field damaged -> what the refusal says
+    "short": (lambda pte: pte[:63], "63 bytes, shorter than the 64-byte head"),
+    "identifier": (lambda pte: _with(pte, 4, b"\xcf\xeb\x0f\xa3"), r"bytes 4-7 are b'\xcf\xeb\x0f\xa3', not the file"),
+    "header-length": (lambda pte: _with(pte, 12, (16).to_bytes(4, "little")), "header says it is 16 bytes long"),
+    "program-size": (lambda pte: _with(pte, 16, (10**9).to_bytes(8, "little")), "gives the program data 1,000,000,000"),
+    "segments": (lambda pte: _with(pte, 24, (10**9).to_bytes(8, "little")), "its segments lie at bytes 1,000,000,000"),
+    "truncated": (lambda pte: pte[:len(pte) // 2], "a truncated file?"),
+    "root": (lambda pte: _with(pte, 0, (2**31).to_bytes(4, "little")), "root table offset 2,147,483,648"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADERS))
+def test_a_bad_header_is_refused_before_the_runtime_is_touched(files: dict[str, Path], case: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    make, reason = HEADERS[case]
+    data = files["pte"].read_bytes()
+    check_program_header(data, "student.pte")  # the exported file passes
+    monkeypatch.setitem(sys.modules, "executorch.runtime", None)  # reaching the runtime would be a dependency error
+    with pytest.raises(EdgeError) as refused:
+        load_executorch(make(data), "damaged.pte")
+    assert type(refused.value) is EdgeError and reason in str(refused.value)
+    assert str(refused.value).startswith("damaged.pte is not a loadable ExecuTorch program: ")
+
+
+def test_the_runtimes_cause_joins_the_one_line(files: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "other-backend.pte"
+    path.write_bytes(files["pte"].read_bytes().replace(b"XnnpackBackend", b"YnnpackBackend"))
+    capsys.readouterr()
+    assert main(["predict", str(path), str(files["scan0"])]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Backend YnnpackBackend is not registered.)" in err, err

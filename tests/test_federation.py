@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+import yaml
 
 from edgemri.clients.runtime import Client, ClientState, resolve_setup
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.partition import partition, read_manifest, write_manifests
-from edgemri.core.errors import EdgemriError
 from edgemri.core.federation.personalize import create_method
 from edgemri.core.federation.protocol import FailureCode, RoundInstructions
 from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger
@@ -47,7 +52,8 @@ def start_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _flower_processes_of(run_dir: Path) -> list[str]:
-    """Flower processes started for this run (others on the machine are not this test's)."""
+    """Processes started for this run: Flower's, Ray's and the command's own (others on the machine are not
+    this test's). Each has the run folder in its command line or its FLWR_HOME (Ray's workers inherit it)."""
     names = []
     for p in psutil.process_iter(["cmdline", "environ"]):
         try:
@@ -55,8 +61,7 @@ def _flower_processes_of(run_dir: Path) -> list[str]:
             home = (p.info["environ"] or {}).get("FLWR_HOME", "")
         except psutil.Error:
             continue
-        flower = "flower-superlink" in cmd or "flwr-simulation" in cmd or "flower-superexec" in cmd
-        if flower and (str(run_dir) in cmd or home.startswith(str(run_dir))):
+        if str(run_dir) in cmd or home.startswith(str(run_dir)):
             names.append(cmd[:120])
     return names
 
@@ -184,18 +189,69 @@ def test_each_method_runs_a_round_in_simulation(method: str, sited_data: Path, s
         assert not torch.equal(personal[head], global_state[head])
 
 
-def test_a_stopped_run_resumes_from_its_last_round(sited_data: Path, start_checkpoint: Path, tmp_path: Path) -> None:
+def _progress(run_dir: Path) -> str:
+    path = run_dir / "server" / "progress.log"
+    return path.read_text() if path.is_file() else ""
+
+
+def _ledgers(run_dir: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(run_dir)): f.read_bytes() for f in sorted(run_dir.glob(f"clients/*/{LEDGER_FILE}"))}
+
+
+def test_a_stopped_run_leaves_nothing_running_and_resumes_from_its_last_round(
+        sited_data: Path, start_checkpoint: Path, tmp_path: Path) -> None:
+    """The issue's findings: a SIGTERM mid-round left the SuperLink, the simulation and Ray running (the orphan
+    finished its rounds and spent DP budget), and the resume then reported the interrupted run's failure. Here a
+    SIGTERM stops round 2 and a SIGKILL (the command's own death: nothing of ours runs to clean up) stops round
+    3 of the resume; each time nothing of the run may go on, no ledger may move, and the next resume completes.
+    The result cannot equal an uninterrupted run's: a DP client that trained in a stopped round has spent that
+    budget (its ledger says so) and declines the round's retry as already trained."""
+    config = _config(rounds=3).replace(privacy=parse_config({"privacy": {"tiers": {"phone": {
+        "enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}}).privacy)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
     out = tmp_path / "run"
-    federate(_config(rounds=1), data_root=sited_data, out=out, start_checkpoint=start_checkpoint)
-    first = json.loads((out / "federation.json").read_text())
-    with pytest.raises(EdgemriError, match="--resume"):
-        federate(_config(rounds=2), data_root=sited_data, out=out, start_checkpoint=start_checkpoint)
-    resumed = federate(_config(rounds=2), data_root=sited_data, out=out, start_checkpoint=start_checkpoint,
-                       resume=True)
-    assert resumed.report["rounds"] == [1, 2]
-    assert resumed.report["participation"][0] == first["participation"][0]  # round 1 was not run again
+
+    def federate_cli(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edgemri", "federate", "--config", str(config_file), "--data-root",
+             str(sited_data), "--start", str(start_checkpoint), "--out", str(out), "--quiet", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+
+    def stop_after_round(process: subprocess.Popen, server_round: int, sig: signal.Signals) -> str:
+        deadline = time.monotonic() + 600
+        while f"round {server_round}" not in _progress(out):  # that round saved: the signal lands in the next
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(sig)
+        signalled = time.monotonic()
+        _, stderr = process.communicate(timeout=120)
+        while _flower_processes_of(out) and time.monotonic() < signalled + 30:
+            time.sleep(0.5)
+        assert not _flower_processes_of(out), "processes of the run outlived its command"
+        spent = _ledgers(out)
+        time.sleep(3)
+        assert _ledgers(out) == spent, "a ledger moved after the command was stopped"
+        assert not (out / "server" / "result.json").exists()
+        return stderr
+
+    first = federate_cli()
+    stderr = stop_after_round(first, 1, signal.SIGTERM)
+    assert first.returncode == 143 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("edgemri: terminated")
+    again = federate_cli()
+    assert again.wait(timeout=120) == 2 and "add --resume to continue it" in again.communicate()[1]
+    killed = federate_cli("--resume")
+    stop_after_round(killed, 2, signal.SIGKILL)
+    resumed = federate_cli("--resume")
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr  # not an interrupted run's status, which the log also holds
+    report = json.loads((out / "federation.json").read_text())
+    assert report["rounds"] == [1, 2, 3]
     state = load_checkpoint(out / "clients" / "hospital-site-a" / "client-state.pt", kind="client")
-    assert state.extra["counters"]["rounds_trained"] == 2
+    assert state.extra["counters"]["rounds_trained"] >= 3
+    assert not _flower_processes_of(out)
 
 
 def test_client_state_survives_a_restart(sited_data: Path, tmp_path: Path) -> None:

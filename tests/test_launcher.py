@@ -7,12 +7,15 @@ or its caller killed). The deployment test (tests/test_deploy.py) runs whole rou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,7 +28,8 @@ import pytest
 
 from edgemri.deploy import warm_shim
 from edgemri.deploy.errors import DeployError
-from edgemri.deploy.warm import COMMAND, MAGIC, listen, parse_request, warm_paths, write_shim
+from edgemri.deploy.warm import COMMAND, MAGIC, MAX_CONNECTIONS, listen, parse_request, warm_paths, write_shim
+from edgemri.deploy.warm_shim import HEADER, REQUEST_TIMEOUT_S
 from edgemri.simulation.flower_run import VENV_BIN
 
 TOKEN = "ab" * 32
@@ -144,6 +148,117 @@ def test_a_bad_request_is_refused_in_one_line_and_the_launcher_keeps_serving(ser
     assert served.run("--help").returncode == 0
 
 
+def _connect(served: Served) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(str(served.socket))
+    return conn
+
+
+def _still_waiting(conn: socket.socket) -> bool:
+    """The launcher has neither answered nor closed this connection."""
+    conn.setblocking(False)
+    try:
+        conn.recv(1)
+    except BlockingIOError:
+        return True
+    finally:
+        conn.setblocking(True)
+    return False
+
+
+def test_idle_connections_do_not_delay_a_task(served: Served) -> None:
+    idle = [_connect(served) for _ in range(4)]  # the failing case: they held a real task up for 19.7 s
+    try:
+        before = len(served.children())
+        started = time.monotonic()
+        done = served.run("--help")
+        assert done.returncode == 0 and "running the task cold" not in done.stderr, done.stderr
+        assert time.monotonic() - started < 3.0 < REQUEST_TIMEOUT_S
+        assert len(served.children()) == before + 1  # served warm, while the idle ones are still open
+        assert all(map(_still_waiting, idle))
+        idle[0].settimeout(2 * REQUEST_TIMEOUT_S)  # each idle one is dropped at its own deadline
+        assert re.fullmatch(rf"error .*more than {REQUEST_TIMEOUT_S:.0f} s to arrive\n", idle[0].recv(4096).decode())
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_a_task_does_not_hold_the_streams_of_a_request_still_arriving(served: Served) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        with _connect(served) as stalled:
+            socket.send_fds(stalled, [MAGIC + HEADER.pack(1000)], [write_end] * 3)  # then nothing more
+            os.close(write_end)
+            running = served.start(*WAITING)  # forked while the launcher holds the stalled caller's streams
+            stalled.settimeout(2 * REQUEST_TIMEOUT_S)
+            assert "more than" in stalled.recv(4096).decode()  # dropped at its deadline, its streams closed
+            assert select.select([read_end], [], [], 10)[0] and os.read(read_end, 1) == b""  # by the task too
+            assert running.poll() is None
+            running.kill()
+            running.wait(timeout=10)
+    finally:
+        os.close(read_end)
+
+
+def _framed(body: bytes, declared: int | None = None) -> tuple[bytes, bytes]:
+    """(the shim's header for ``body``, declaring ``declared`` bytes if given, and the body)."""
+    return MAGIC + HEADER.pack(len(body) if declared is None else declared), body
+
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+HUGE_INTEGER = b'{"argv": [' + b"9" * 600_000 + b'], "cwd": "/", "env": {}}'
+
+
+@pytest.mark.parametrize("header, body, reply", [
+    pytest.param(*_framed(DEEP), "is not valid JSON", id="deep JSON"),
+    pytest.param(*_framed(HUGE_INTEGER), "an integer of 600000 digits", id="a huge integer"),
+    pytest.param(b"\xff\x00" * 2048, b"", "must start with the launcher's header", id="garbage bytes"),
+    pytest.param(*_framed(b'{"argv": [', 1000), "ended after 10 of 1000 bytes", id="a half-sent request"),
+    pytest.param(b"", b"", None, id="a caller that hangs up"),
+])
+def test_a_bad_request_ends_only_its_connection_with_one_log_line(served: Served, header: bytes, body: bytes,
+                                                                   reply: str | None) -> None:
+    logged = len(served.log.read_text(errors="replace").splitlines())
+    with _connect(served) as conn:
+        with contextlib.suppress(BrokenPipeError):  # the launcher may refuse before it has read everything
+            if header.startswith(MAGIC):
+                socket.send_fds(conn, [header], [0, 1, 2])
+            else:
+                conn.sendall(header)
+            conn.sendall(body)
+            conn.shutdown(socket.SHUT_WR)  # the caller sends no more: it stopped half-way, or at the end
+        if reply is not None:
+            conn.settimeout(30)
+            answer = conn.recv(4096).decode()
+            assert answer.startswith("error ") and answer.count("\n") == 1 and reply in answer, answer
+    _wait(lambda: len(served.log.read_text(errors="replace").splitlines()) > logged, "the refusal to be logged")
+    before = len(served.children())
+    assert served.run("--help").returncode == 0 and len(served.children()) == before + 1  # the next task runs warm
+    new_lines = served.log.read_text(errors="replace").splitlines()[logged:]
+    assert len([line for line in new_lines if "refused" in line]) == 1, new_lines
+    assert served.process.poll() is None and "Traceback" not in served.log.read_text(errors="replace")
+
+
+def test_connections_over_the_bound_are_refused_at_once_and_their_tasks_run_cold(served: Served) -> None:
+    refused = served.log.read_text(errors="replace").count(" refused")
+    held = [_connect(served) for _ in range(MAX_CONNECTIONS)]
+    try:
+        with _connect(served) as extra:
+            extra.settimeout(REQUEST_TIMEOUT_S / 2)  # answered at once, not queued behind the held ones
+            assert re.fullmatch(r"error .*busy.*\n", extra.recv(4096).decode())
+        assert _still_waiting(held[0])
+        done = served.run("--help")
+        assert done.returncode == 0 and "running the task cold" in done.stderr
+    finally:
+        for conn in held:
+            conn.close()
+    # the extra one, the shim's and each held one: refused once hung up (or at its deadline, if the cold run was slow)
+    _wait(lambda: served.log.read_text(errors="replace").count(" refused") >= refused + MAX_CONNECTIONS + 2,
+          "the launcher to drop the held connections")
+    before = len(served.children())
+    assert served.run("--help").returncode == 0 and len(served.children()) == before + 1
+
+
 @pytest.mark.parametrize("body, message", [
     (b"\xff", "the request is not UTF-8"),
     (b'{"argv": ["flwr-clientapp"], "argv": ["sh"], "cwd": "/", "env": {}}', "duplicate key 'argv'"),
@@ -174,6 +289,20 @@ def test_the_socket_needs_a_private_folder_and_one_launcher(tmp_path: Path) -> N
         listen(private / "launcher.sock").close()  # a stale socket file of a dead launcher is replaced
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+def test_the_launchers_folders_are_private_whatever_the_umask() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="emw-"))
+    warm = folder / "new" / "warm"
+    umask = os.umask(0)  # the failing case for `edgemri deploy`: folders made 0777
+    try:
+        listen(warm / "launcher.sock").close()
+        shim = write_shim(warm / "bin", warm / "launcher.sock")
+        modes = [stat.S_IMODE(path.stat().st_mode) for path in (folder / "new", warm, warm / "bin", shim)]
+    finally:
+        os.umask(umask)
+        shutil.rmtree(folder, ignore_errors=True)
+    assert modes == [0o700, 0o700, 0o700, 0o755]
 
 
 def test_the_shim_is_the_packages_file_run_by_this_interpreter_with_its_settings_beside(tmp_path: Path) -> None:

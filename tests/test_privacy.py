@@ -15,15 +15,17 @@ from edgemri.clients.runtime import Client, ClientSetup, ClientState
 from edgemri.core.config import ConfigError, DPTierConfig, TrainSpec
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.partition import partition, write_manifests
+from edgemri.core.federation import protocol as p
 from edgemri.core.federation.personalize import create_method
 from edgemri.core.federation.protocol import RoundInstructions, Status
 from edgemri.core.privacy.dp import PrivacyError, check_dp_model, epsilon_of, opacus_wrap, plan_dp
-from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger, LedgerError
+from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger, LedgerError, LedgerRollback, span
 from edgemri.core.privacy.policy import DevicePolicy
 from edgemri.core.registries import parse_config
 from edgemri.core.training.losses import cross_entropy
 from edgemri.core.training.train import TrainData, fit
 from edgemri.models import Student, build_model
+from edgemri.reports.privacy import build_privacy_report, render_markdown
 from edgemri.simulation.federate import plan_privacy
 
 
@@ -195,6 +197,46 @@ def test_deleting_records_or_restoring_an_older_copy_is_refused(tmp_path: Path) 
     path.unlink()  # the ledger deleted, its head left behind
     with pytest.raises(LedgerError, match="was deleted; refusing to reset epsilon"):
         Ledger.open(path, "phone-a")
+
+
+def test_a_ledger_restored_deleted_or_rebuilt_as_a_whole_is_refused_below_the_servers_floor(tmp_path: Path) -> None:
+    """The issue's finding: ledger and head restored together agree with each other; only the floor the
+    server sends back (the most this client ever reported) tells the device, before it trains."""
+    path, plan = tmp_path / LEDGER_FILE, _plan()
+    ledger = _ledger(path, rounds=1)
+    backup = {f: f.read_bytes() for f in (path, ledger.head_path)}
+    ledger.append(2, plan, plan.steps_per_round)
+    floor = (2, ledger.epsilon(plan.delta, "rdp"))  # what the client reported with round 2
+    Ledger.open(path, "phone-a").check_floor(*floor, plan.delta, "rdp")  # the true ledger passes
+    for file, data in backup.items():  # the phone restored from a backup taken after round 1
+        file.write_bytes(data)
+    restored = Ledger.open(path, "phone-a")  # consistent in itself: open() cannot tell
+    with pytest.raises(LedgerRollback, match=r"holds 1 records .* less than the 2 records .* restored from a backup"):
+        restored.check_floor(*floor, plan.delta, "rdp")
+    path.unlink()
+    restored.head_path.unlink()  # both deleted: a fresh, empty ledger
+    with pytest.raises(LedgerRollback, match="holds 0 records"):
+        Ledger.open(path, "phone-a").check_floor(*floor, plan.delta, "rdp")
+    noisier = plan_dp(_tier(noise_multiplier=5.0, budget_epsilon=50.0), n=40, batch_size=8, local_epochs=1, rounds=5,
+                      accountant="rdp")
+    rebuilt = Ledger.open(path, "phone-a")  # rebuilt with as many records, at a lower epsilon
+    for server_round in (1, 2):
+        rebuilt.append(server_round, noisier, noisier.steps_per_round)
+    with pytest.raises(LedgerRollback, match=r"holds 2 records \(epsilon"):
+        rebuilt.check_floor(*floor, plan.delta, "rdp")
+
+
+def test_a_resumed_ledger_is_stated_in_stretches_of_rounds_with_their_own_noise(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    ledger = _ledger(path, rounds=2)
+    resumed = plan_dp(_tier(noise_multiplier=1.43, budget_epsilon=50.0), n=40, batch_size=8, local_epochs=1,
+                      rounds=5, accountant="rdp")
+    for server_round in (3, 4):
+        ledger.append(server_round, resumed, resumed.steps_per_round)
+    stretches = Ledger.open(path, "phone-a").stretches()
+    assert [(s["rounds"], s["noise_multiplier"]) for s in stretches] == [([1, 2], 1.2), ([3, 4], 1.43)]
+    assert [span(s["rounds"]) for s in stretches] == ["rounds 1-2", "rounds 3-4"]
+    assert span([1, 3]) == "rounds 1, 3" and span([2]) == "round 2"
 
 
 def test_a_crash_between_the_ledger_and_its_head_only_over_counts(tmp_path: Path) -> None:
@@ -393,3 +435,33 @@ def test_a_server_weaker_than_the_device_floor_is_refused() -> None:
     assert "noise multiplier 0.3 is below" in reason and "delta 0.001 is above" in reason
     assert "accountant 'gdp' is not one of the device's dp-accountants rdp" in reason
     assert "unknown before the plan" in floor.check(strong)  # a derived noise level is checked on the plan
+
+
+def _rounds(noise: dict[int, float], epsilons: dict[int, float]) -> list[p.RoundRecord]:
+    return [p.RoundRecord(round=r, sampled=["phone-a"], trained=["phone-a"], train_metrics={"phone-a": {
+        p.EPSILON: epsilons[r], "delta": 1e-3, "noise-multiplier": noise[r], "sample-rate": 0.2,
+        "max-grad-norm": 1.0}}) for r in noise]
+
+
+def test_the_privacy_report_states_each_stretch_of_rounds_and_never_less_than_the_server_saw() -> None:
+    """The issue's findings: after a resume to more rounds one noise multiplier (the last) was stated for every
+    round; and a ledger restored on the device made the report state its lower epsilon."""
+    config = parse_config({"privacy": {"tiers": {"phone": {"enabled": True, "target_epsilon": 6.0,
+                                                           "budget_epsilon": 12.0}}}})
+    history = _rounds({1: 0.9, 2: 0.9, 3: 1.43, 4: 1.43}, {1: 2.0, 2: 3.0, 3: 3.5, 4: 4.0})
+    result = p.FederationResult(
+        clients={"phone-a": p.ClientInfo("phone-a", "phone", "site-a", 40)}, history=history,
+        final={"phone-a": {p.EPSILON: 3.16}}, final_failed={}, retired={}, central_start={}, central_final={},
+        central_dp={"enabled": False}, epsilon_seen={"phone-a": 4.0})
+    report = build_privacy_report(result, config)
+    phone = report["sample_level"]["phone-a"]
+    assert [(s["rounds"], s["noise_multiplier"]) for s in phone["stretches"]] == [([1, 2], 0.9), ([3, 4], 1.43)]
+    assert (phone["epsilon"], phone["epsilon_reported_last"], phone["ledger_behind"]) == (4.0, 3.16, True)
+    text = render_markdown(report)
+    assert "rounds 1-2: noise multiplier 0.90" in text and "rounds 3-4: noise multiplier 1.43" in text
+    assert "(4.00, 1.0e-03)-DP" in text and "**Flagged:**" in text and "the server saw 4.00" in text
+    honest = build_privacy_report(dataclasses.replace(result, final={"phone-a": {p.EPSILON: 4.0}}), config)
+    assert not honest["sample_level"]["phone-a"]["ledger_behind"]
+    assert "Flagged" not in render_markdown(honest)
+    with pytest.raises(p.ProtocolError):  # a result.json is untrusted
+        p.FederationResult.from_dict({**result.to_dict(), "epsilon_seen": {"phone-a": -1.0}})

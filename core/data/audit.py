@@ -56,8 +56,8 @@ import numpy as np
 from PIL import Image
 
 from edgemri.core.data.dataset import Dataset, FolderScan, cache_path, load_dataset, scan_folder, write_cache_file
-from edgemri.core.data.images import CLASS_NAMES, BadImageError, DataError, display_path, read_image_bytes
-from edgemri.core.errors import EdgemriError
+from edgemri.core.data.images import CLASS_NAMES, BadImageError, DataError, read_image_bytes
+from edgemri.core.errors import EdgemriError, printable
 from edgemri.core.io import ArtefactError, load_npz
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def _hash_split(root: Path, split: str, images: np.ndarray, files: list[str], pr
                 try:
                     sha[i] = hashlib.sha256(read_image_bytes(path)).hexdigest()
                 except BadImageError as err:
-                    raise AuditError(f"cannot hash {display_path(path)}: {err}") from None
+                    raise AuditError(f"cannot hash {printable(path)}: {err}") from None
                 phash[i] = perceptual_hash(grey[i - start])
                 pixels[i] = hashlib.blake2b(images[i].tobytes(), digest_size=16).hexdigest()
             bar.update(len(grey))
@@ -523,7 +523,7 @@ def _scan_of(dataset: Dataset) -> FolderScan | None:
     try:
         return scan_folder(dataset.root)
     except DataError as err:
-        log.warning("not caching the duplicate-audit hashes of %s (%s)", display_path(dataset.root), err)
+        log.warning("not caching the duplicate-audit hashes of %s (%s)", printable(dataset.root), err)
         return None
 
 
@@ -582,7 +582,7 @@ def audit_dataset(dataset: Dataset, cache_dir: str | Path | None = None, progres
         seconds=time.perf_counter() - start,
     )
     log.debug("duplicate audit of %s: %d candidate pairs within %d bits, %d confirmed, %.1f s",
-              display_path(dataset.root), len(candidates), max_distance, len(edges), audit.seconds)
+              printable(dataset.root), len(candidates), max_distance, len(edges), audit.seconds)
     return audit
 
 

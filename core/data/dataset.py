@@ -43,10 +43,10 @@ from edgemri.core.data.images import (
     BadImageError,
     DataError,
     UnreadableFileError,
-    display_path,
     is_utf8,
     load_image_uint8,
 )
+from edgemri.core.errors import printable
 from edgemri.core.io import ArtefactError, load_npz, save_npz
 from edgemri.core.workers import worker_pool
 
@@ -70,7 +70,7 @@ _CACHE_FORMAT = "edgemri.decoded/1"
 
 @dataclass
 class SkippedFile:
-    path: str  # printable (see display_path)
+    path: str  # printable (core/errors.printable)
     reason: str
 
 
@@ -152,7 +152,7 @@ class FolderScan:
             try:
                 stat = path.stat()
             except OSError as err:
-                raise DataError(f"cannot read {display_path(path)}: {err.strerror or err}") from None
+                raise DataError(f"cannot read {printable(path)}: {err.strerror or err}") from None
             rel = path.relative_to(self.root).as_posix()
             digest.update(f"{rel}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()
@@ -175,27 +175,43 @@ def _listed(scan: Callable[[Path], FolderScan], root: Path) -> FolderScan:
     try:
         return scan(root)
     except OSError as err:  # a folder or file without read permission, an I/O error
-        where = display_path(err.filename) if err.filename else display_path(root)
+        where = printable(err.filename) if err.filename else printable(root)
         raise DataError(f"cannot read {where}: {err.strerror or err}; check its permissions") from None
+
+
+def confined(path: Path, root: Path) -> Path:
+    """``path`` (below ``root``) with every symbolic link resolved; DataError, before anything there is opened, when
+    that leaves the resolved ``root``: a link in a downloaded data folder must not make the loader read, count or
+    list a file outside it (``/etc/passwd``, another patient's scans). Links that stay inside are fine."""
+    rel, shown_root = printable(path.relative_to(root).as_posix()), printable(root)
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        raise DataError(f"{rel} in the data root {shown_root} is a symbolic link that cannot be resolved (a loop?); "
+                        f"remove it") from None
+    if not target.is_relative_to(root.resolve()):
+        raise DataError(f"{rel} leaves the data root {shown_root} (a symbolic link that resolves outside the data "
+                        f"root); links may only point inside it, so copy the file in instead")
+    return target
 
 
 def _require_folder(root: Path) -> None:
     if not root.exists():
-        raise DataError(f"data folder does not exist: {display_path(root)}")
+        raise DataError(f"data folder does not exist: {printable(root)}")
     if not root.is_dir():
-        raise DataError(f"data path is not a folder: {display_path(root)}")
+        raise DataError(f"data path is not a folder: {printable(root)}")
 
 
 def _scan(root: Path) -> FolderScan:
     _require_folder(root)
     files: dict[str, list[tuple[Path, int]]] = {}
     ignored: list[SkippedFile] = []
-    expected = f"expected {display_path(root)}/<Training|Testing>/<{'|'.join(CLASS_NAMES)}>/*.jpg (the Kaggle layout)"
+    expected = f"expected {printable(root)}/<Training|Testing>/<{'|'.join(CLASS_NAMES)}>/*.jpg (the Kaggle layout)"
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
-            raise DataError(f"missing folder {display_path(split_dir)}; {expected}")
-        files[split] = _scan_classes(split_dir, expected, ignored)
+            raise DataError(f"missing folder {printable(split_dir)}; {expected}")
+        files[split] = _scan_classes(root, split_dir, expected, ignored)
     return FolderScan(root=root, files=files, ignored=ignored)
 
 
@@ -206,15 +222,15 @@ def _scan_pools(root: Path) -> FolderScan:
     ignored: list[SkippedFile] = []
     if not pools.exists():
         return FolderScan(root=root, files={POOL_DIR: []}, ignored=ignored)
-    expected = f"expected {display_path(pools)}/<site>/<{'|'.join(CLASS_NAMES)}>/*.jpg (one folder per site)"
+    expected = f"expected {printable(pools)}/<site>/<{'|'.join(CLASS_NAMES)}>/*.jpg (one folder per site)"
     if not pools.is_dir():
-        raise DataError(f"{display_path(pools)} is not a folder; {expected}, or no {POOL_DIR} at all")
+        raise DataError(f"{printable(pools)} is not a folder; {expected}, or no {POOL_DIR} at all")
     entries: list[tuple[Path, int]] = []
     for site_dir in sorted(p for p in pools.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not SITE_NAME.fullmatch(site_dir.name):
-            raise DataError(f"pool folder {display_path(site_dir)} is not a site name; a site is 1-48 letters, "
+            raise DataError(f"pool folder {printable(site_dir)} is not a site name; a site is 1-48 letters, "
                             f"digits, '.', '_' or '-', starting with a letter or digit")
-        entries += _scan_classes(site_dir, expected, ignored)
+        entries += _scan_classes(root, site_dir, expected, ignored)
     return FolderScan(root=root, files={POOL_DIR: entries}, ignored=ignored)
 
 
@@ -224,14 +240,12 @@ def _unlabeled_site(rel: str) -> str:
     return first if below and SITE_NAME.fullmatch(first) else ""
 
 
-def _link_refused(link: Path, top: Path, blocked: list[Path]) -> str | None:
+def _link_refused(link: Path, root: Path, blocked: list[Path]) -> str | None:
     """Why a symbolic link is not followed (it leads outside the scanned folder or into an excluded site), or None."""
     try:
-        target = link.resolve()
-    except (OSError, RuntimeError):  # a loop of links
-        return "a symbolic link that cannot be resolved; not followed"
-    if not target.is_relative_to(top):
-        return "a symbolic link to outside the folder; not followed"
+        target = confined(link, root)
+    except DataError:
+        return "a symbolic link to outside the folder, or one that cannot be resolved; not followed"
     if any(target.is_relative_to(folder) for folder in blocked):
         return "a symbolic link into an excluded site's folder; not followed"
     return None
@@ -243,7 +257,6 @@ def _scan_unlabeled(root: Path, excluded: frozenset[str]) -> FolderScan:
     folders. Links to folders are not followed: every folder inside root is scanned at its own path, so one
     would only list images twice (or loop)."""
     _require_folder(root)
-    top = root.resolve()
     blocked = [(root / site).resolve() for site in sorted(excluded) if site and (root / site).is_dir()]
     entries: list[tuple[Path, int]] = []
     ignored: list[SkippedFile] = []
@@ -254,26 +267,26 @@ def _scan_unlabeled(root: Path, excluded: frozenset[str]) -> FolderScan:
             if path.name.startswith("."):
                 continue
             if not is_utf8(path.name):
-                ignored.append(SkippedFile(display_path(path), "name is not valid UTF-8; rename it"))
+                ignored.append(SkippedFile(printable(path), "name is not valid UTF-8; rename it"))
                 continue
             is_dir = path.is_dir()
             if folder == root and (path.name if is_dir and SITE_NAME.fullmatch(path.name) else "") in excluded:
                 continue
             if path.is_symlink():
-                refused = _link_refused(path, top, blocked)
+                refused = _link_refused(path, root, blocked)
                 if refused is None and is_dir:
                     refused = "a symbolic link to a folder; not followed (each folder inside is read at its own path)"
                 if refused is not None:
-                    ignored.append(SkippedFile(display_path(path), refused))
+                    ignored.append(SkippedFile(printable(path), refused))
                     continue
             if is_dir:
                 folders.append(path)
             elif not path.is_file():
                 continue
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-                ignored.append(SkippedFile(display_path(path), f"not an image extension ({path.suffix or 'none'})"))
+                ignored.append(SkippedFile(printable(path), f"not an image extension ({path.suffix or 'none'})"))
             elif len(entries) == MAX_UNLABELED_IMAGES:
-                raise DataError(f"{display_path(root)} holds more than {MAX_UNLABELED_IMAGES:,} images; allowed: at "
+                raise DataError(f"{printable(root)} holds more than {MAX_UNLABELED_IMAGES:,} images; allowed: at "
                                 f"most {MAX_UNLABELED_IMAGES:,} (MAX_UNLABELED_IMAGES); point at the transfer folder "
                                 f"itself, e.g. ROOT/{UNLABELED_DIR}")
             else:
@@ -282,32 +295,39 @@ def _scan_unlabeled(root: Path, excluded: frozenset[str]) -> FolderScan:
     return FolderScan(root=root, files={UNLABELED_DIR: entries}, ignored=ignored)
 
 
-def _scan_classes(split_dir: Path, expected: str, ignored: list[SkippedFile]) -> list[tuple[Path, int]]:
-    """(file, label) of every image under split_dir/<class>/; every class folder must exist and hold one."""
+def _scan_classes(root: Path, split_dir: Path, expected: str, ignored: list[SkippedFile]) -> list[tuple[Path, int]]:
+    """(file, label) of every image under split_dir/<class>/; every class folder must exist and hold one. Each folder
+    and each link on the way is ``confined`` to ``root`` (a plain entry of a confined folder is inside it)."""
+    confined(split_dir, root)
     class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     unknown = [p for p in class_dirs if p.name not in CLASS_NAMES]
     if unknown:
-        raise DataError(f"unknown class folder {display_path(unknown[0])}; allowed class folders: "
+        raise DataError(f"unknown class folder {printable(unknown[0])}; allowed class folders: "
                         f"{', '.join(CLASS_NAMES)}")
     entries: list[tuple[Path, int]] = []
     for label, name in enumerate(CLASS_NAMES):
         class_dir = split_dir / name
         if not class_dir.is_dir():
-            raise DataError(f"missing class folder {display_path(class_dir)}; {expected}")
+            raise DataError(f"missing class folder {printable(class_dir)}; {expected}")
+        confined(class_dir, root)
         found = 0
         for path in sorted(class_dir.iterdir()):
-            if path.name.startswith(".") or not path.is_file():
+            if path.name.startswith("."):
+                continue
+            if path.is_symlink():
+                confined(path, root)
+            if not path.is_file():
                 continue
             if not is_utf8(path.name):
-                ignored.append(SkippedFile(display_path(path), "file name is not valid UTF-8; rename the file"))
+                ignored.append(SkippedFile(printable(path), "file name is not valid UTF-8; rename the file"))
                 continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                ignored.append(SkippedFile(display_path(path), f"not an image extension ({path.suffix or 'none'})"))
+                ignored.append(SkippedFile(printable(path), f"not an image extension ({path.suffix or 'none'})"))
                 continue
             entries.append((path, label))
             found += 1
         if found == 0:
-            raise DataError(f"class folder {display_path(class_dir)} has no images; every class needs at least one")
+            raise DataError(f"class folder {printable(class_dir)} has no images; every class needs at least one")
     return entries
 
 
@@ -324,7 +344,8 @@ def _read_sites(root: Path) -> dict[str, str]:
     meta = root / "metadata.csv"
     if not meta.is_file():
         return {}
-    shown = display_path(meta)
+    confined(meta, root)
+    shown = printable(meta)
     sites: dict[str, str] = {}
     try:
         with meta.open(newline="", encoding="utf-8") as fh:
@@ -355,7 +376,7 @@ class Dataset:
 
     def summary(self) -> dict[str, object]:
         return {
-            "root": display_path(self.root),
+            "root": printable(self.root),
             "fingerprint": self.fingerprint,
             "Training": self.train.class_counts(),
             "Testing": self.test.class_counts(),
@@ -418,7 +439,7 @@ def _read_cache(path: Path, scan: FolderScan, split: str, key: str) -> tuple[Arr
     except ArtefactError as err:
         log.warning("ignoring the decoded cache %s (%s); decoding the images again", path, err)
         return None
-    return cached, [SkippedFile(display_path(scan.root / rel), str(reason))
+    return cached, [SkippedFile(printable(scan.root / rel), str(reason))
                     for rel, reason in zip(skipped.tolist(), reasons.tolist(), strict=True)]
 
 
@@ -501,22 +522,22 @@ def _load_split(scan: FolderScan, split: str, cache_dir: str | Path | None, work
     data, bad, unreadable = _decode_split(scan, split, workers, progress)
     if unreadable:
         log.warning("%d file(s) of %s in %s could not be read; not caching %s, so they are tried again next time",
-                    len(unreadable), split, display_path(scan.root), split)
+                    len(unreadable), split, printable(scan.root), split)
     else:
         _write_cache(path, split, key, data, bad)
-    return data, [SkippedFile(display_path(scan.root / rel), reason) for rel, reason in bad + unreadable]
+    return data, [SkippedFile(printable(scan.root / rel), reason) for rel, reason in bad + unreadable]
 
 
 def _require_usable(scan: FolderScan, split: str, data: ArraySplit, skipped: list[SkippedFile]) -> None:
     """Training needs a readable image of every class (else the model learns a class from nothing)."""
     if len(data) == 0:
-        raise DataError(f"no readable images in {display_path(scan.root / split)}; every file was skipped "
+        raise DataError(f"no readable images in {printable(scan.root / split)}; every file was skipped "
                         f"(see the warnings above)")
     if split != "Training":
         return
     for name, count in data.class_counts().items():
         if count == 0:
-            folder = display_path(scan.root / split / name)
+            folder = printable(scan.root / split / name)
             first = next((s for s in skipped if s.path.startswith(folder + os.sep)), None)
             why = f" (e.g. {first.path}: {first.reason})" if first else ""
             raise DataError(f"class folder {folder} has no usable image: every file was skipped{why}; every "
@@ -615,13 +636,13 @@ def load_unlabeled(root: str | Path, cache_dir: str | Path | None = None, *, exc
     scan = _listed(partial(_scan_unlabeled, excluded=excluded), root)
     if not scan.files[UNLABELED_DIR]:
         left = f" outside the excluded sites {sorted(excluded)}" if excluded else ""
-        raise DataError(f"no images in {display_path(root)}{left}; expected image files "
-                        f"({', '.join(sorted(IMAGE_EXTENSIONS))}), e.g. {display_path(root)}/<site>/*.jpg")
+        raise DataError(f"no images in {printable(root)}{left}; expected image files "
+                        f"({', '.join(sorted(IMAGE_EXTENSIONS))}), e.g. {printable(root)}/<site>/*.jpg")
     data, skipped = _load_split(scan, UNLABELED_DIR, cache_dir, _workers(workers), progress)
     for item in [*scan.ignored, *skipped]:
         log.warning("skipped %s: %s", item.path, item.reason)
     if len(data) == 0:
-        raise DataError(f"no readable images in {display_path(root)}; every file was skipped (see the warnings above)")
+        raise DataError(f"no readable images in {printable(root)}; every file was skipped (see the warnings above)")
     return _with_sites(data, {rel: _unlabeled_site(rel) for rel in data.files})
 
 
@@ -632,7 +653,7 @@ def pools_from_testing(dataset: Dataset) -> dict[str, ArraySplit]:
     unsited = sites.count("")
     if unsited:
         log.warning("%d Testing image(s) of %s have no site and are in no evaluation pool", unsited,
-                    display_path(dataset.root))
+                    printable(dataset.root))
     return {site: dataset.test.subset([i for i, s in enumerate(sites) if s == site])
             for site in sorted(set(sites) - {""})}
 
@@ -655,7 +676,7 @@ def describe_folder(root: str | Path, cache_dir: str | Path | None = None,
              if (size := _stored_size(dataset.root / rel)) is not None]
     widths, heights = [w for w, _ in sizes] or [0], [h for _, h in sizes] or [0]
     return {
-        "root": display_path(dataset.root),
+        "root": printable(dataset.root),
         "images": {"Training": dataset.train.class_counts(), "Testing": dataset.test.class_counts()},
         "total": len(dataset.train) + len(dataset.test),
         "sites": sorted(set(dataset.train.sites) | set(dataset.test.sites)),

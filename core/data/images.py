@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,11 +48,6 @@ class BadImageError(EdgemriError):
 
 class UnreadableFileError(BadImageError):
     """The file could not be read (permissions, I/O): a property of the moment, not of its content."""
-
-
-def display_path(path: str | Path) -> str:
-    """A path as printable text: bytes that are not UTF-8 (possible on Linux) shown as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def is_utf8(name: str) -> bool:

@@ -27,6 +27,7 @@ from edgemri.core.data.dataset import (
     SITE_NAME,
     ArraySplit,
     Dataset,
+    confined,
     load_pools,
     pools_from_testing,
     split_from_arrays,
@@ -37,12 +38,11 @@ from edgemri.core.data.images import (
     IMAGE_SIZE,
     BadImageError,
     DataError,
-    display_path,
     image_uint8,
     read_image_bytes,
 )
 from edgemri.core.data.splits import scenario_split, sited_dataset, sited_training
-from edgemri.core.errors import EdgemriError
+from edgemri.core.errors import EdgemriError, printable
 from edgemri.core.io import ArtefactError, load_npz, save_npz, write_json
 from edgemri.core.untrusted import (
     OBJECT,
@@ -110,7 +110,7 @@ def _sha256(path: Path) -> str:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as err:
-        raise DataError(f"cannot read {display_path(path)}: {err.strerror or err}") from None
+        raise DataError(f"cannot read {printable(path)}: {err.strerror or err}") from None
 
 
 def _draw_phone(pool: list[int], labels: np.ndarray, n: int, alpha: float | None,
@@ -173,8 +173,8 @@ def partition(split: ArraySplit, root: Path, config: Config, *,
     hashes: dict[str, str] = {}
 
     def sha256(rel: str) -> str:  # a pool file is listed by every client at its site: hashed once
-        if rel not in hashes:
-            hashes[rel] = _sha256(root / rel)
+        if rel not in hashes:  # confined: a manifest names only files inside the data root
+            hashes[rel] = _sha256(confined(root / rel, root))
         return hashes[rel]
 
     fed = config.federation
@@ -291,7 +291,7 @@ def _parse_manifest(obj: Any, where: str) -> Manifest:
 
 def read_manifest(path: str | Path) -> Manifest:
     """Read and check one manifest: untrusted input, so every field is validated (ManifestError)."""
-    where = display_path(Path(path))
+    where = printable(Path(path))
     return _parse_manifest(read_json(path, ManifestError, max_bytes=MAX_MANIFEST_BYTES, where=where), where)
 
 
@@ -309,12 +309,11 @@ class LocalData:
 
 
 def _confined(root: Path, rel: str, client: str) -> Path:
-    """``root / rel``, refused unless it resolves (symlinks too) inside the resolved data root."""
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root):
-        raise ManifestError(f"{client}: file {rel!r} listed in its manifest resolves outside the data root "
-                            f"{display_path(root)}; manifests may only name files inside it")
-    return path
+    """``root / rel`` resolved, refused (as the folder scan refuses it) unless that stays inside the data root."""
+    try:
+        return confined(root / rel, root)
+    except DataError as err:
+        raise ManifestError(f"{client}: a file its manifest lists: {err}") from None
 
 
 def _to_split(items: list[tuple[np.ndarray, int, str]]) -> ArraySplit:
@@ -337,15 +336,15 @@ def _decode(manifest: Manifest, data_root: Path, splits: tuple[str, ...]) -> dic
             continue
         path = _confined(root, f.path, manifest.client)
         if not path.is_file():
-            raise ManifestError(f"{manifest.client}: file {display_path(path)} listed in its manifest is missing")
+            raise ManifestError(f"{manifest.client}: file {printable(path)} listed in its manifest is missing")
         try:
             data = read_image_bytes(path)
             if hashlib.sha256(data).hexdigest() != f.sha256:
-                raise ManifestError(f"{manifest.client}: file {display_path(path)} changed since partitioning "
+                raise ManifestError(f"{manifest.client}: file {printable(path)} changed since partitioning "
                                     f"(hash mismatch)")
             rows[f.split].append((image_uint8(data), f.label, f.path))
         except BadImageError as err:
-            raise ManifestError(f"{manifest.client}: file {display_path(path)} cannot be used: {err}") from None
+            raise ManifestError(f"{manifest.client}: file {printable(path)} cannot be used: {err}") from None
     return {s: _to_split(rows[s]) for s in splits}
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from edgemri.core.config import Config, FederationConfig, PrivacyConfig, Registries, TrainSpec, from_dict
 from edgemri.core.errors import EdgemriError
+from edgemri.core.io import owner_gone
 from edgemri.core.untrusted import (
     Check,
     check_record,
@@ -72,7 +74,7 @@ class FailureCode(StrEnum):
     INTERNAL = "internal-error"  # a bug: see the device's log
     NO_REPLY = "no-reply"
     BAD_REPLY = "bad-reply"  # the server refused the reply (shape, values, metrics)
-    LEDGER_ROLLBACK = "ledger-rollback"  # its cumulative epsilon or ledger length went down
+    LEDGER_ROLLBACK = "ledger-rollback"  # its ledger went below what it reported before (server or device saw it)
     NOT_CLIPPED = "not-clipped"  # client-side clipping was asked for and the update is larger
     UPDATE_TOO_LARGE = "update-too-large"  # the update's norm exceeds federation.max_update_norm
 
@@ -104,6 +106,9 @@ VALID_CLIENT_NAME = text(64, CLIENT_NAME, allowed="1-64 letters, digits, '-', '_
 # A references file: what they were computed from, and per client its metric keys' accuracies (NaN where a
 # reference had nothing to score, as the runner writes it).
 _REFERENCES = {"key": text(), "clients": mapping_of(VALID_CLIENT_NAME, mapping_of(text(), number(0, 1).or_nan()))}
+
+
+_EPSILON_SEEN = mapping_of(VALID_CLIENT_NAME, number(0, MAX_EPSILON_REPORTED))
 
 
 def parse_references(raw: Any, where: str = REFERENCES_FILE) -> dict[str, dict[str, float]]:
@@ -142,12 +147,13 @@ class RunSettings:
     num_clients: int
     resume: bool = False
     audit_dir: Path | None = None
+    owner_lock: Path | None = None  # simulation: held by the command that started the run (core/io.owner_lock)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any], base: Path = APP_ROOT) -> RunSettings:
         """Parse the run config; relative paths are taken from ``base`` (the app's folder), not the cwd."""
         known = {"config", "run-dir", "data-root", "manifests", "state-root", "start-checkpoint", "num-clients",
-                 "resume", "audit-dir"}
+                 "resume", "audit-dir", "owner-lock"}
         unknown = sorted(set(run_config) - known)
         if unknown:
             raise ProtocolError(f"unknown run config key '{unknown[0]}'; allowed: {', '.join(sorted(known))}")
@@ -169,7 +175,23 @@ class RunSettings:
         return cls(config=path("config"), run_dir=path("run-dir"), data_root=path("data-root", required=False),
                    manifests=path("manifests", required=False), state_root=path("state-root", required=False),
                    start_checkpoint=path("start-checkpoint"), num_clients=num, resume=resume,
-                   audit_dir=path("audit-dir", required=False))
+                   audit_dir=path("audit-dir", required=False), owner_lock=path("owner-lock", required=False))
+
+
+OWNER_LOCK = "owner.lock"  # in a simulated run's folder, held by the edgemri command that runs it
+
+
+class OwnerGone(EdgemriError):
+    """The command that started a simulated run has died: nothing more may train."""
+
+
+def check_owner(lock: Path | None) -> None:
+    """In simulation, stop (OwnerGone) once the command that started the run holds its ``lock`` no more: a
+    ServerApp thread outlives a stopped simulation process and would otherwise train on, spending DP budget.
+    ``None`` (a deployment): nothing to check."""
+    if lock is not None and owner_gone(lock):
+        raise OwnerGone("the edgemri command that started this run is gone; nothing more is trained "
+                        "(continue with `edgemri federate --resume`)")
 
 
 def run_path(run_config: dict[str, Any], key: str) -> Path:
@@ -178,6 +200,17 @@ def run_path(run_config: dict[str, Any], key: str) -> Path:
 
 
 # -- what the server sends ------------------------------------------------------------------------
+
+
+FLOOR_RECORDS_KEY, FLOOR_EPSILON_KEY = "ledger-floor-records", "ledger-floor-epsilon"
+
+
+@dataclass(frozen=True)
+class LedgerFloor:
+    """The longest ledger and highest cumulative epsilon a client ever reported to this server."""
+
+    records: int = 0
+    epsilon: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -191,12 +224,16 @@ class RoundInstructions:
     spec: TrainSpec
     final: bool = False
     clipping_norm: float | None = None  # client-level DP with client-side clipping
+    # The most this client's privacy ledger ever reported to the server: the device refuses to train on a
+    # ledger below it (restored from a backup, deleted or rebuilt), whatever its own files say.
+    ledger_floor: LedgerFloor = LedgerFloor()
 
     @classmethod
     def for_tier(cls, config: Config, kind: str, server_round: int, *, final: bool = False,
-                 clipping_norm: float | None = None) -> RoundInstructions:
+                 clipping_norm: float | None = None, ledger_floor: LedgerFloor = LedgerFloor()
+                 ) -> RoundInstructions:
         return cls(server_round, config.seed, dataclasses.replace(config.federation, start_checkpoint=None),
-                   config.privacy, config.federation.tier(kind).train_spec(), final, clipping_norm)
+                   config.privacy, config.federation.tier(kind).train_spec(), final, clipping_norm, ledger_floor)
 
     def to_config(self) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -206,6 +243,9 @@ class RoundInstructions:
             "spec-json": json.dumps(dataclasses.asdict(self.spec))}
         if self.clipping_norm is not None:
             record[CLIPPING_NORM_KEY] = self.clipping_norm
+        if self.ledger_floor.records:
+            record[FLOOR_RECORDS_KEY] = self.ledger_floor.records
+            record[FLOOR_EPSILON_KEY] = self.ledger_floor.epsilon
         return record
 
     @classmethod
@@ -223,13 +263,17 @@ class RoundInstructions:
             spec.validate("spec")
             server_round, seed = record["server-round"], record["seed"]
             clipping = record.get(CLIPPING_NORM_KEY)
+            floor = LedgerFloor(
+                check_value(record.get(FLOOR_RECORDS_KEY, 0), number(0, MAX_EXAMPLES, integer=True),
+                            f"the server's {FLOOR_RECORDS_KEY!r}", ProtocolError),
+                check_metric(FLOOR_EPSILON_KEY, record.get(FLOOR_EPSILON_KEY, 0.0), 0, MAX_EPSILON_REPORTED))
         except (KeyError, EdgemriError) as err:
             raise ProtocolError(f"the server's round config is malformed: {str(err).splitlines()[0][:200]}") from None
         for key, value in (("server-round", server_round), ("seed", seed)):
             check_value(value, number(0, 2**31 - 1, integer=True), f"the server's {key!r}", ProtocolError)
         if clipping is not None:
             clipping = check_metric(CLIPPING_NORM_KEY, clipping, 1e-12, 1e6)
-        return cls(server_round, seed, federation, privacy, spec, bool(record.get("final", False)), clipping)
+        return cls(server_round, seed, federation, privacy, spec, bool(record.get("final", False)), clipping, floor)
 
 
 # -- what the clients send ------------------------------------------------------------------------
@@ -289,9 +333,21 @@ class FederationResult:
     central_dp: dict[str, Any]
     excluded: dict[str, str] = field(default_factory=dict)  # nodes refused at discovery -> why
     best_round: int | None = None  # the round whose global model federated validation preferred
+    # client -> the highest cumulative epsilon it ever reported to the server: a report never states less
+    epsilon_seen: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def all_failed(self) -> str | None:
+        """Why the run failed as a whole when no client trained in any round and clients failed: the codes and
+        how often (a run of declines, such as exhausted budgets, is not a failure); else None."""
+        if any(h.trained for h in self.history):
+            return None
+        codes = Counter(code for h in self.history for code in h.failed.values())
+        if not codes:
+            return None
+        return ", ".join(f"{code} x{count}" for code, count in codes.most_common())
 
     @classmethod
     def from_dict(cls, data: Any) -> FederationResult:
@@ -300,6 +356,8 @@ class FederationResult:
             fields = dict(data)
             fields["clients"] = {k: ClientInfo(**v) for k, v in data["clients"].items()}
             fields["history"] = [RoundRecord(**h) for h in data["history"]]
+            fields["epsilon_seen"] = check_value(data.get("epsilon_seen", {}), _EPSILON_SEEN, "epsilon_seen",
+                                                 ProtocolError)
             return cls(**fields)
         except (TypeError, KeyError, AttributeError, ValueError) as err:
             raise ProtocolError(f"not an edgemri federation result: {str(err).splitlines()[0][:200]}") from None

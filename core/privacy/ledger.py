@@ -30,6 +30,38 @@ class LedgerError(EdgemriError):
     """A privacy ledger is corrupt or rolled back; it is never silently treated as empty."""
 
 
+class LedgerRollback(LedgerError):
+    """A ledger that is consistent in itself but behind what the server saw this client spend."""
+
+
+PLAN_KEYS = ("noise_multiplier", "sample_rate", "max_grad_norm")  # what may change between stretches of rounds
+
+
+def plan_stretches(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive rounds (each a dict with "round" and PLAN_KEYS) grouped by their DP-SGD parameters.
+
+    A resumed run to more rounds re-plans its noise, so one noise multiplier cannot describe a whole
+    ledger: each stretch is stated with the parameters its rounds were trained under.
+    """
+    stretches: list[dict[str, Any]] = []
+    for entry in rounds:
+        plan = {k: entry[k] for k in PLAN_KEYS}
+        if stretches and {k: stretches[-1][k] for k in PLAN_KEYS} == plan:
+            stretches[-1]["rounds"].append(entry["round"])
+        else:
+            stretches.append({"rounds": [entry["round"]], **plan})
+    return stretches
+
+
+def span(rounds: list[int]) -> str:
+    """'rounds 1-4' for a run of consecutive rounds, else 'rounds 1, 3, 5'."""
+    if not rounds:
+        return "no round"
+    if rounds == list(range(rounds[0], rounds[-1] + 1)):
+        return f"round {rounds[0]}" if len(rounds) == 1 else f"rounds {rounds[0]}-{rounds[-1]}"
+    return "rounds " + ", ".join(map(str, rounds))
+
+
 # ---------------------------------------------------------------- the ledger
 
 _COUNT = number(0, integer=True)
@@ -192,6 +224,20 @@ class Ledger:
             raise LedgerError(f"{self.path} does not match its head {self.head_path.name} (record "
                               f"{head['count']} differs): the ledger was replaced or edited")
 
+    def check_floor(self, records: int, epsilon: float, delta: float, accountant: str) -> None:
+        """Refuse a ledger below what the server saw it report (``records`` records, cumulative ``epsilon``).
+
+        A device restored from a backup holds a ledger and head that agree with each other; only a
+        second place that the restore does not roll back can tell. The server is that place: it
+        sends back the most each client ever reported, and nothing is trained below it.
+        """
+        spent = self.epsilon(delta, accountant) if self.records else 0.0
+        if len(self.records) < records or spent < epsilon * (1 - 1e-9) - 1e-12:
+            raise LedgerRollback(
+                f"{self.path} holds {len(self.records)} records (epsilon {spent:.3f}), less than the {records} "
+                f"records (epsilon {epsilon:.3f}) the server saw this client report: the ledger was restored from "
+                f"a backup, deleted or rebuilt; refusing to train (a new budget needs a new enrolment)")
+
     def head(self) -> tuple[int, int]:
         """(record count, first 48 bits of the last record's hash): for the client's reply metrics.
 
@@ -204,6 +250,10 @@ class Ledger:
     @staticmethod
     def stage(record: dict[str, Any]) -> str:
         return record.get("stage", "round")  # a /2 ledger's records are all rounds
+
+    def stretches(self) -> list[dict[str, Any]]:
+        """The recorded federated rounds grouped by their DP-SGD parameters (``plan_stretches``)."""
+        return plan_stretches([r for r in self.records if self.stage(r) == "round"])
 
     def history(self) -> list[tuple[float, float, int]]:
         return [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in self.records]
