@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,44 @@ def test_the_cli_writes_the_report_with_a_card_per_client(small_run, tmp_path: P
     assert main(["privacy", "attack", str(run_dir), "--clients", "1", "--inversion-steps", "5", "--quiet",
                  "--write-reconstructions"]) == 0
     assert (run_dir / "privacy-attacks-reconstructions.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _untimed(value: object) -> object:
+    """A report without its timings (the one thing two runs of the same attack may differ in)."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k != "seconds"}
+    return [_untimed(v) for v in value] if isinstance(value, list) else value
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_an_interrupted_attack_changes_nothing_and_its_rerun_is_an_uninterrupted_run(
+        small_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`privacy attack` has no --resume because it needs none: it only reads the run folder and writes its
+    report at the end, atomically. Ctrl-C while it attacks leaves the folder byte for byte as it was, so the
+    rerun is an uninterrupted run; the attack is seeded, so it gives the report of one."""
+    run_dir, pristine = tmp_path / "run", tmp_path / "pristine"
+    shutil.copytree(small_run[0], run_dir)
+    shutil.copytree(small_run[0], pristine)
+    before = _files(run_dir)
+    args = ["privacy", "attack", "--clients", "1", "--inversion-steps", "5"]
+    process = subprocess.Popen([sys.executable, "-m", "edgemri", *args[:2], str(run_dir), *args[2:]],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    while "round 1" not in process.stdout.readline():  # mid-attack: the first update is attacked
+        assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert _files(run_dir) == before
+    reports = []
+    for folder in (run_dir, pristine):
+        assert main([*args[:2], str(folder), *args[2:], "--quiet"]) == 0
+        report = json.loads((folder / "privacy-attacks.json").read_text())
+        reports.append(_untimed({k: v for k, v in report.items() if k != "run"}))
+    assert reports[0] == reports[1]
 
 
 def _tamper(run_dir: Path, kind: str) -> None:

@@ -302,3 +302,53 @@ def test_federated_validation_keeps_the_global_model_of_the_best_round() -> None
     assert [h.federated_val for h in strategy.state.history] == pytest.approx([0.6, 0.65, 0.6])
     assert strategy.state.best_round == 2
     assert all(torch.equal(strategy.best_state[k], models[2][k]) for k in start)
+
+
+def _failed(node: int, code: p.FailureCode) -> Message:
+    reply = _reply(node, metrics={p.NUM_EXAMPLES: 0}, status=None)
+    reply.content[p.INFO] = ConfigRecord({"status": p.Status.FAILED.value, "code": code.value})
+    return reply
+
+
+def test_each_client_gets_back_the_most_its_ledger_reported_and_a_device_that_finds_its_ledger_below_retires(
+        ) -> None:
+    """The ledger floor: what the server saw travels back with every round; a device restored from a backup refuses
+    to train below it (ledger-rollback), and the server stops sampling it."""
+    start = _start()
+    strategy = FederationStrategy(_config(), dict(NODES), start)
+    _round(strategy, [_reply(1, arrays=start, metrics={p.NUM_EXAMPLES: 10, p.EPSILON: 2.5, p.LEDGER_RECORDS: 2})])
+    strategy.after_round(1, ArrayRecord(strategy.global_state))
+    sent, _ = _round(strategy, [_failed(1, p.FailureCode.LEDGER_ROLLBACK)], 2)
+    floors = {NODES[m.metadata.dst_node_id].client: p.RoundInstructions.from_config(
+        dict(m.content[p.CONFIG]), REGISTRIES).ledger_floor for m in sent}
+    assert floors["hospital-a"] == p.LedgerFloor(2, 2.5) and floors["hospital-b"] == p.LedgerFloor()
+    assert strategy.record.failed["hospital-a"] == p.FailureCode.LEDGER_ROLLBACK.value
+    assert "hospital-a" in strategy.state.retired
+    strategy.after_round(2, ArrayRecord(strategy.global_state))
+    sent, _ = _round(strategy, [], 3)
+    assert 1 not in {m.metadata.dst_node_id for m in sent}
+
+
+def test_a_run_in_which_every_client_failed_every_round_is_a_failure_and_declines_are_not() -> None:
+    """The issue's finding: every client failed every round (data-error) and the run exited 0."""
+    def result(strategy: FederationStrategy) -> p.FederationResult:
+        return p.FederationResult(clients={c.client: c for c in NODES.values()}, history=strategy.state.history,
+                                  final={}, final_failed={}, retired={}, central_start={}, central_final={},
+                                  central_dp={"enabled": False})
+
+    start = _start()
+    broken = FederationStrategy(_config(), dict(NODES), start)
+    for server_round in (1, 2):
+        sent, _ = _round(broken, [_failed(m, p.FailureCode.DATA) for m in (1, 2, 3)], server_round)
+        broken.after_round(server_round, ArrayRecord(broken.global_state))
+    failures = sum(len(h.failed) for h in broken.state.history)
+    assert failures >= 4 and result(broken).all_failed() == f"data-error x{failures}"
+    spent = FederationStrategy(_config(), dict(NODES), start)
+    _round(spent, [_reply(m, metrics={p.NUM_EXAMPLES: 5, p.EPSILON: 8.1}, status="budget-exhausted")
+                   for m in (1, 2, 3)])
+    spent.after_round(1, ArrayRecord(spent.global_state))
+    assert result(spent).all_failed() is None  # every client out of budget: declines, not failures
+    working = FederationStrategy(_config(), dict(NODES), start)
+    _round(working, [_reply(1, arrays=start), _failed(2, p.FailureCode.DATA)])
+    working.after_round(1, ArrayRecord(working.global_state))
+    assert result(working).all_failed() is None
