@@ -139,13 +139,14 @@ def main() -> None:
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--out", default=None, help="run folders (default: runs/bench/privacy_attacks[-quick])")
     parser.add_argument("--quick", action="store_true", help="a smoke run; its JSON goes to --out only")
-    parser.add_argument("--real", action="store_true", help="the real scans: " + ", ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in REAL.items() if k != "runs"))
+    parser.add_argument("--real", action="store_true", help="the real scans, by default " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in REAL.items() if k not in ("runs", "name")))
     args = parser.parse_args()
     runs, name = RUNS, "privacy_attacks"
-    if args.real:
-        args.data_root, args.config, args.start, name, runs = (REAL[k] for k in ("data_root", "config", "start",
-                                                                                 "name", "runs"))
+    if args.real:  # its defaults, where the command line does not name its own
+        args.data_root, args.start = args.data_root or REAL["data_root"], args.start or REAL["start"]
+        args.config = REAL["config"] if args.config == parser.get_default("config") else args.config
+        name, runs = REAL["name"], REAL["runs"]
     if args.real and real_data_missing(name, Path(args.data_root)):
         return
     scale = QUICK if args.quick else FULL
