@@ -279,6 +279,10 @@ class TierConfig:
     batch_size: int = 8
     lr: float = 1e-3
     availability: float = 1.0  # probability of being online in a round
+    # Clients drawn each round among the tier's online, not retired ones (seeded by seed, round and tier; the
+    # cross-device pattern, e.g. 0.05-0.1 of 1,000 phones): null: every one of them trains; an integer >= 1:
+    # that many; a number in (0, 1): that fraction of the tier's clients, rounded up, at least 1.
+    sample_per_round: int | float | None = None
     test_fraction: float = 0.3  # of the client's own scans, for its local test split
     val_fraction: float = 0.0
     optimizer: str = "adam"  # of the federated local training: adam | sgd
@@ -293,6 +297,10 @@ class TierConfig:
         _in_range(f"{where}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE, integer=True)
         _in_range(f"{where}.lr", self.lr, 0, MAX_LR, low_open=True)
         _in_range(f"{where}.availability", self.availability, 0, 1, low_open=True)
+        sample = self.sample_per_round
+        _require(sample is None or (1 <= sample <= MAX_CLIENTS if isinstance(sample, int) else 0 < sample < 1),
+                 f"{where}.sample_per_round", sample,
+                 f"null (every online client), an integer in [1, {MAX_CLIENTS}] or a fraction in (0, 1)")
         _in_range(f"{where}.test_fraction", self.test_fraction, 0, 1, low_open=True, high_open=True)
         _in_range(f"{where}.val_fraction", self.val_fraction, 0, 1 - self.test_fraction, high_open=True)
         _one_of(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
@@ -300,6 +308,13 @@ class TierConfig:
         self.personal.validate(f"{where}.personal")
         _require(self.personal.select != "val" or self.val_fraction > 0, f"{where}.personal.select",
                  self.personal.select, f"'last' when {where}.val_fraction is 0 (no validation split to select on)")
+
+    def sample_size(self, clients: int) -> int | None:
+        """How many of the tier's ``clients`` train in a round (fewer if fewer are online); None: all online."""
+        if isinstance(self.sample_per_round, float):
+            # The tolerance keeps 0.07 x 100 at 7 (the float product is 7.000000000000001).
+            return max(1, math.ceil(self.sample_per_round * clients - 1e-9))
+        return self.sample_per_round
 
     def train_spec(self) -> TrainSpec:
         return TrainSpec(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
@@ -592,6 +607,8 @@ def _convert(value: Any, hint: Any, key: str, default: Any = None) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if inner == [int, float]:  # a count or a fraction (sample_per_round): an integer stays a count
+            return _convert(value, int if isinstance(value, int) and not isinstance(value, bool) else float, key)
         return _convert(value, inner[0], key, default)
     if hint is bool:
         if not isinstance(value, bool):

@@ -13,6 +13,11 @@ from typing import Any
 from edgemri.core.io import write_json, write_text
 
 PACKAGES = ("edgemri", "torch", "torchvision", "flwr", "opacus", "numpy")
+# Up to this many clients a report's Markdown lists every client; above it, per-tier summaries and by name only
+# the clients that need a look (the JSON always keeps every client).
+FEW_CLIENTS = 20
+# The percentiles a report gives of a per-client quantity across a tier.
+PERCENTILES = (10, 25, 50, 75, 90)
 
 
 def package_versions() -> dict[str, str]:

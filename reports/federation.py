@@ -1,4 +1,9 @@
-"""Federation report: federation.json, federation.md and federation.png."""
+"""Federation report: federation.json, federation.md and federation.png.
+
+The JSON keeps one row per client; the Markdown and the figure summarise each tier (percentiles of the paired
+differences, the shares of clients helped and hurt, the worst clients by name), so they still read at a thousand
+clients, and list every client only when there are few.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +27,15 @@ from edgemri.core.federation.protocol import (
     FederationResult,
 )
 from edgemri.core.io import save_figure
-from edgemri.core.stats import bootstrap_ci_clustered, paired_differences
-from edgemri.reports.common import machine, markdown_table, package_versions, write_report_files
+from edgemri.core.stats import bootstrap_ci, bootstrap_ci_clustered, bootstrap_percentiles, paired_differences
+from edgemri.reports.common import (
+    FEW_CLIENTS,
+    PERCENTILES,
+    machine,
+    markdown_table,
+    package_versions,
+    write_report_files,
+)
 
 COLUMNS = (("start", START_ACCURACY), ("global", GLOBAL_ACCURACY), ("best-global", BEST_GLOBAL_ACCURACY),
            ("personalized", PERSONAL_ACCURACY), ("local-only", LOCAL_ONLY_ACCURACY), ("pooled", "pooled-accuracy"),
@@ -33,6 +45,12 @@ REFERENCE_COLUMNS = ("pooled", "oracle")  # computed by the runner, which holds 
 COMPARISONS = (("personalized", "start"), ("personalized", "global"), ("personalized", "best-global"),
                ("personalized", "local-only"), ("oracle", "start"), ("oracle", "personalized"))
 CI_LEVEL, CI_RESAMPLES = 0.95, 10_000
+# The comparisons whose spread over a tier's clients the "distribution" section gives.
+SPREAD_COMPARISONS = (("personalized", "start"), ("personalized", "global"))
+# Helped (hurt): the personalized model at least this far above (below) the reference; closer counts as neither.
+# Half a point: under two scans of a 300-scan site pool, so one scan either way is not called a change.
+TIE_BAND = 0.005
+WORST_SHOWN = 10  # clients named per tier, lowest personalized - start first
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -77,6 +95,49 @@ def paired_summary(rows_by_seed: Mapping[Hashable, Sequence[Mapping[str, Any]]],
             "groups": groups}
 
 
+def _differences(rows: Sequence[Mapping[str, Any]], first: str, second: str) -> dict[str, float]:
+    """Client -> ``first - second`` for the clients that have both (a failed client has no pair)."""
+    return paired_differences({r["client"]: r[first] for r in rows}, {r["client"]: r[second] for r in rows})
+
+
+def _spread(values: list[float], resamples: int, seed: int) -> dict[str, Any]:
+    """One tier's differences: their percentiles and the shares helped and hurt, each with its bootstrap CI."""
+    settings = {"level": CI_LEVEL, "resamples": resamples, "seed": seed}
+    return {"n": len(values),
+            "percentiles": [p.to_dict() for p in bootstrap_percentiles(values, PERCENTILES, **settings)],
+            "helped": bootstrap_ci([float(v >= TIE_BAND) for v in values], **settings).to_dict(),
+            "hurt": bootstrap_ci([float(v <= -TIE_BAND) for v in values], **settings).to_dict()}
+
+
+def distribution_summary(rows: Sequence[Mapping[str, Any]], tiers: Sequence[str], *, resamples: int = CI_RESAMPLES,
+                         seed: int = 0) -> dict[str, Any]:
+    """Per tier, how each SPREAD_COMPARISONS difference spreads over its clients, and who fared worst.
+
+    Percentiles of the per-client differences and the shares of clients helped and hurt (beyond TIE_BAND),
+    each with a 95% percentile-bootstrap CI over the tier's clients; the WORST_SHOWN clients by personalized -
+    start. Values are accuracy fractions; ``rows`` are a report's rows (``report["clients"]``).
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for tier in tiers:
+        members = [r for r in rows if r["kind"] == tier]
+        if not members:
+            continue
+        by_name = {r["client"]: r for r in members}
+        differences = {comparison_key(*c): _differences(members, *c) for c in SPREAD_COMPARISONS}
+        gains = differences[comparison_key("personalized", "start")]
+        worst = sorted(gains, key=lambda c: (gains[c], c))[:WORST_SHOWN]
+        groups[tier] = {
+            "clients": len(members),
+            **{key: _spread(list(values.values()), resamples, seed) for key, values in differences.items()},
+            "worst": [{"client": c, "site": by_name[c]["site"], "start": by_name[c]["start"],
+                       "personalized": by_name[c]["personalized"],
+                       **{key: values.get(c, math.nan) for key, values in differences.items()}} for c in worst]}
+    return {"level": CI_LEVEL, "resamples": resamples, "seed": seed, "percentiles": list(PERCENTILES),
+            "tie_band": TIE_BAND,
+            "bootstrap": "percentile bootstrap over the tier's clients (each percentile and share resampled)",
+            "groups": groups}
+
+
 def _rows(result: FederationResult, references: dict[str, dict[str, float]] | None, prefix: str = "",
           count_key: str = NUM_EXAMPLES) -> list[dict[str, Any]]:
     """One row per client: its columns from the final metrics (``prefix``: the same, on its site pool)."""
@@ -111,7 +172,8 @@ def _pool_section(result: FederationResult, config: Config, references: dict[str
         return None
     rows = _rows(result, references, POOL_PREFIX, POOL_EXAMPLES)
     return {"clients": rows, "summary": _summaries(rows, config),
-            "paired": paired_summary({config.seed: rows}, config.federation.tier_names)}
+            "paired": paired_summary({config.seed: rows}, config.federation.tier_names),
+            "distribution": distribution_summary(rows, config.federation.tier_names)}
 
 
 def build_federation_report(result: FederationResult, config: Config,
@@ -137,6 +199,7 @@ def build_federation_report(result: FederationResult, config: Config,
         "clients": rows,
         "summary": summary,
         "paired": paired_summary({config.seed: rows}, config.federation.tier_names),
+        "distribution": distribution_summary(rows, config.federation.tier_names),
         "pool": _pool_section(result, config, references),
         "curves": curves,
         "central": {"start": result.central_start, "final": result.central_final,
@@ -157,14 +220,29 @@ def _pct(value: float) -> str:
     return "—" if math.isnan(value) else f"{100 * value:.1f}"
 
 
+def _points(value: float, low: float = math.nan, high: float = math.nan) -> str:
+    """A difference in percentage points, with its CI where it has one: "+1.2 [-0.8, +3.1]"."""
+    if math.isnan(value):
+        return "—"
+    text = f"{100 * value:+.1f}"
+    return text if math.isnan(low) else f"{text} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
 def _pp(interval: Mapping[str, Any]) -> str:
     """A paired difference in percentage points: "+1.2 [-0.8, +3.1] (n=8)"."""
     if interval["n"] == 0:
         return "—"
-    mean = f"{100 * interval['mean']:+.1f}"
     if interval["n"] == 1:
-        return f"{mean} (n=1, no CI)"
-    return f"{mean} [{100 * interval['low']:+.1f}, {100 * interval['high']:+.1f}] (n={interval['n']})"
+        return f"{_points(interval['mean'])} (n=1, no CI)"
+    return f"{_points(interval['mean'], interval['low'], interval['high'])} (n={interval['n']})"
+
+
+def _share(interval: Mapping[str, Any]) -> str:
+    """A share of clients in percent with its CI: "62.5 [47.5, 77.5]"."""
+    if interval["n"] == 0:
+        return "—"
+    mean, low, high = (100 * interval[k] for k in ("mean", "low", "high"))
+    return f"{mean:.1f}" if math.isnan(low) else f"{mean:.1f} [{low:.1f}, {high:.1f}]"
 
 
 def _paired_markdown(report: dict[str, Any]) -> list[str]:
@@ -186,15 +264,45 @@ def _paired_markdown(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _tables(section: dict[str, Any], headers: list[str]) -> list[str]:
-    """The per-client table and the per-group mean / worst table of one section (local test or site pool)."""
-    clients = [[r["client"] + (" (failed)" if r["failed"] else ""), r["kind"], r["site"], r["num_train"], r["num_test"],
-                *(_pct(r[c]) for c in headers)] for r in section["clients"]]
+def _spread_markdown(section: dict[str, Any]) -> list[str]:
+    """The tiers' spread table (percentiles, helped, hurt) and their worst clients by name."""
+    spread, keys = section["distribution"], [comparison_key(*c) for c in SPREAD_COMPARISONS]
+    band = f"{100 * spread['tie_band']:g}"
+    rows = [[tier, key, f"{group[key]['n']} of {group['clients']}",
+             *(_points(p["value"], p["low"], p["high"]) for p in group[key]["percentiles"]),
+             _share(group[key]["helped"]), _share(group[key]["hurt"])]
+            for tier, group in spread["groups"].items() for key in keys]
+    worst = [[tier, w["client"], w["site"], _pct(w["start"]), _pct(w["personalized"]), *(_points(w[k]) for k in keys)]
+             for tier, group in spread["groups"].items() for w in group["worst"]]
+    return ["", f"How each tier's clients spread (percentage points): percentiles of the per-client difference, each "
+                f"with a {100 * spread['level']:.0f}% percentile-bootstrap CI ({spread['resamples']:,} resamples of "
+                f"the tier's clients). *helped* / *hurt*: the share of clients (%) whose personalized model is at "
+                f"least {band} points above / below the reference (closer counts as neither), with its CI. "
+                "*clients*: those with both scores, of the tier's clients.", "",
+            markdown_table(["tier", "comparison", "clients", *(f"p{q:g}" for q in spread["percentiles"]),
+                            "helped %", "hurt %"], rows, align="lll" + "r" * (2 + len(spread["percentiles"]))),
+            "", f"The {WORST_SHOWN} clients of each tier with the lowest personalized - start "
+                "(accuracy %, differences in points):", "",
+            markdown_table(["tier", "client", "site", "start", "personalized", *keys], worst,
+                           align="lll" + "r" * (2 + len(keys)))]
+
+
+def _section(section: dict[str, Any], headers: list[str]) -> list[str]:
+    """One section (local test splits or site pools): each group's mean and worst accuracy, the tiers' spread and
+    worst clients, the paired means, and a row per client when there are few."""
     groups = [[f"{group} {which}", *(_pct(stats[c][which]) for c in headers)]
               for group, stats in section["summary"].items() for which in ("mean", "worst")]
-    return [markdown_table(["client", "kind", "site", "train n", "test n", *headers], clients,
-                           align="l" * (5 + len(headers))), "",
-            markdown_table(["group", *headers], groups, align="l" * (1 + len(headers)))]
+    lines = [markdown_table(["group", *headers], groups, align="l" * (1 + len(headers)))]
+    lines += _spread_markdown(section) + _paired_markdown(section)
+    count = len(section["clients"])
+    if count > FEW_CLIENTS:
+        return [*lines, "", f"Every one of the {count} clients has its row in federation.json; this page lists "
+                            f"them one by one only up to {FEW_CLIENTS} clients."]
+    clients = [[r["client"] + (" (failed)" if r["failed"] else ""), r["kind"], r["site"], r["num_train"], r["num_test"],
+                *(_pct(r[c]) for c in headers)] for r in section["clients"]]
+    return [*lines, "", "Every client:", "",
+            markdown_table(["client", "kind", "site", "train n", "test n", *headers], clients,
+                           align="l" * (5 + len(headers)))]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -208,7 +316,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              "clients' training data; *oracle*: the start model fine-tuned centrally on all of the client's site's "
              "client training data, early-stopped on their validation splits: the headroom no federated method "
              "can beat (both need the data in one place).", ""]
-    lines += _tables(report, headers) + _paired_markdown(report)
+    lines += _section(report, headers)
     if report.get("pool"):
         lines += ["", "## On each client's site pool", "",
                   "The same models scored on hundreds of held-out scans of each client's site, generated with "
@@ -216,7 +324,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "local test split of a few scans cannot resolve differences of a few points. *test n* is the "
                   "pool's size here. Under label skew each client's pool accuracy mixes the per-class accuracies "
                   "by the client's own class mix.", ""]
-        lines += _tables(report["pool"], headers) + _paired_markdown(report["pool"])
+        lines += _section(report["pool"], headers)
     central = report["central"]
     if central["final"]:
         lines += ["", f"Global model on the Testing split: {_pct(central['start'].get('accuracy', math.nan))}% "
@@ -236,8 +344,8 @@ def plot_federation(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (rounds_ax, clients_ax, paired_ax) = plt.subplots(1, 3, figsize=(19, 4.5),
-                                                           gridspec_kw={"width_ratios": [1, 1.6, 1.1]})
+    fig, (rounds_ax, spread_ax, paired_ax) = plt.subplots(1, 3, figsize=(19, 4.5),
+                                                          gridspec_kw={"width_ratios": [1, 1.3, 1.1]})
     for group, style in (("hospital", "-"), ("phone", "--")):
         for metric, color in (("global", "tab:blue"), ("personalized", "tab:orange")):
             values = report["curves"].get(group, {}).get(metric)
@@ -248,24 +356,39 @@ def plot_federation(report: dict[str, Any], path: Path) -> None:
     rounds_ax.set_ylabel("mean local test accuracy (%)")
     rounds_ax.grid(alpha=0.3)
     rounds_ax.legend(fontsize=8)
-    rows = report["clients"]
-    width = 0.8 / len(COLUMNS)
-    for k, (column, _) in enumerate(COLUMNS):
-        clients_ax.bar([i + k * width for i in range(len(rows))], [100 * r[column] for r in rows], width,
-                       label=column)
-    clients_ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["client"] for r in rows],
-                          rotation=60, ha="right", fontsize=7)
-    clients_ax.set_ylabel("local test accuracy (%)")
-    clients_ax.legend(fontsize=8, ncol=len(COLUMNS))
+    _plot_spread(report, spread_ax)
     _plot_paired(report, paired_ax)
-    fig.suptitle(f"Federation ({report['method']}): per round and per client")
+    fig.suptitle(f"Federation ({report['method']}): per round and across clients")
     save_figure(path, fig)
     plt.close(fig)
 
 
+def _plot_spread(report: dict[str, Any], ax: Any) -> None:
+    """Per tier, the ECDF of each client's personalized - start (solid) and personalized - global (dashed): readable
+    at any number of clients (on the site pools where the clients had them)."""
+    where = "site pools" if report.get("pool") else "local test splits"
+    section = report.get("pool") or report
+    for k, tier in enumerate(section["distribution"]["groups"]):
+        members = [r for r in section["clients"] if r["kind"] == tier]
+        for (first, second), style in zip(SPREAD_COMPARISONS, ("-", "--"), strict=True):
+            differences = sorted(100 * v for v in _differences(members, first, second).values())
+            if differences:  # from 0 at the lowest client up to 1 at the highest
+                ax.step([differences[0], *differences], [i / len(differences) for i in range(len(differences) + 1)],
+                        where="post", linestyle=style, color=f"C{k}", label=f"{tier}: {first} - {second}")
+    band = 100 * section["distribution"]["tie_band"]
+    ax.axvspan(-band, band, color="grey", alpha=0.2, label=f"neither helped nor hurt (±{band:g})")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("paired difference per client (points)")
+    ax.set_ylabel("share of the tier's clients at or below")
+    ax.set_title(f"on the {where}: cumulative share of clients", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _plot_paired(report: dict[str, Any], ax: Any) -> None:
     """Each client's personalized - start and personalized - global as points, by tier, with the tier's mean and CI
-    (on the site pools where the clients had them: the primary metric)."""
+    (on the site pools where the clients had them: the primary metric). Clients are ordered by personalized - start
+    and drawn smaller when there are many, so a tier of hundreds reads as a band rather than a cloud."""
     where = "site pools" if report.get("pool") else "local test splits"
     report = report.get("pool") or report
     x = 0
@@ -273,14 +396,15 @@ def _plot_paired(report: dict[str, Any], ax: Any) -> None:
     for tier, intervals in report["paired"]["groups"].items():
         if tier == "all":
             continue
-        rows = [r for r in report["clients"] if r["kind"] == tier and not math.isnan(r["personalized"])]
-        positions = range(x, x + len(rows))
+        rows = sorted((r for r in report["clients"] if r["kind"] == tier and not math.isnan(r["personalized"])),
+                      key=lambda r: r["personalized"] - r["start"])
+        positions, size = range(x, x + len(rows)), 18 if len(rows) <= FEW_CLIENTS else 3
         for offset, (second, color) in ((-0.15, ("start", "tab:green")), (0.15, ("global", "tab:blue"))):
             ax.scatter([i + offset for i in positions], [100 * (r["personalized"] - r[second]) for r in rows],
-                       color=color, s=18, label=f"personalized - {second}" if x == 0 else None)
+                       color=color, s=size, label=f"personalized - {second}" if x == 0 else None)
             ci = intervals[comparison_key("personalized", second)]
             if ci["n"] >= 2:
-                ax.errorbar(x + len(rows) + offset, 100 * ci["mean"], color=color, fmt="D", capsize=4,
+                ax.errorbar(x + len(rows) + offset, 100 * ci["mean"], color=color, fmt="D", capsize=4, zorder=3,
                             yerr=[[100 * (ci["mean"] - ci["low"])], [100 * (ci["high"] - ci["mean"])]])
         centres.append(x + len(rows) / 2)
         names.append(tier)

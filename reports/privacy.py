@@ -6,6 +6,10 @@ server's own client-level (central) DP accounting, so it works for a deployment 
 well as a simulation. Each statement follows the structure the DP community
 recommends: the unit protected, the neighbouring relation, the accountant, epsilon and
 delta, over which rounds, and what is not protected.
+
+privacy.json keeps every client's entry. privacy.md states each client only when there are few; above that it
+summarises each tier (percentiles of epsilon spent and of the budget left, how many clients reached their budget
+or never trained) and names the highest spenders, and always every flagged client.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgemri.core import untrusted
 from edgemri.core.config import Config
 from edgemri.core.errors import EdgemriError
@@ -21,7 +27,7 @@ from edgemri.core.federation.protocol import EPSILON, FederationResult
 from edgemri.core.io import save_figure
 from edgemri.core.privacy.ledger import plan_stretches, span
 from edgemri.core.registries import load_config
-from edgemri.reports.common import markdown_table, write_report_files
+from edgemri.reports.common import FEW_CLIENTS, PERCENTILES, markdown_table, write_report_files
 
 NOT_PROTECTED = ("the metrics each client reports (accuracies, losses, epsilon itself), its number of "
                  "examples, which rounds it took part in, and the personal model kept on the device "
@@ -63,13 +69,43 @@ def _sample_level(name: str, node: Any, result: FederationResult, config: Config
 
 
 _PLAN_METRICS = {"noise_multiplier": "noise-multiplier", "sample_rate": "sample-rate", "max_grad_norm": "max-grad-norm"}
+HIGHEST_SHOWN = 10  # clients stated by name per tier, highest epsilon first, when there are many
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    """The PERCENTILES of ``values`` (numpy's linear interpolation), NaN when there are none. No interval: these
+    are all of the run's clients, not a sample of them."""
+    points = np.percentile(values, PERCENTILES) if values else [math.nan] * len(PERCENTILES)
+    return {f"p{q}": float(v) for q, v in zip(PERCENTILES, points, strict=True)}
+
+
+def _tier_summaries(clients: dict[str, dict[str, Any]], trained: set[str], tiers: tuple[str, ...]
+                    ) -> dict[str, dict[str, Any]]:
+    """Per tier: how many clients, with DP-SGD, that trained no round, at or above their budget, flagged (by name),
+    the spread of epsilon spent and of the budget left, and the HIGHEST_SHOWN spenders by name."""
+    summaries = {}
+    for tier in tiers:
+        members = {name: c for name, c in clients.items() if c["kind"] == tier}
+        if not members:
+            continue
+        private = {name: c for name, c in members.items() if c["dp"]}
+        summaries[tier] = {
+            "clients": len(members), "dp": len(private), "never_trained": len(members.keys() - trained),
+            "at_or_above_budget": sum(c["remaining_epsilon"] <= 0 for c in private.values()),
+            "flagged": sorted(name for name, c in private.items() if c["ledger_behind"]),
+            "epsilon": _percentiles([c["epsilon"] for c in private.values()]),
+            "remaining_epsilon": _percentiles([c["remaining_epsilon"] for c in private.values()]),
+            "highest": sorted(private, key=lambda name: (-private[name]["epsilon"], name))[:HIGHEST_SHOWN]}
+    return summaries
 
 
 def build_privacy_report(result: FederationResult, config: Config,
                          sweep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     clients = {name: _sample_level(name, node, result, config) for name, node in sorted(result.clients.items())}
+    trained = {name for h in result.history for name in h.trained}
     return {"kind": "edgemri.privacy-report/2", "seed": config.seed, "accountant": config.privacy.accountant,
             "sample_level": clients,
+            "summary": _tier_summaries(clients, trained, config.federation.tier_names),
             # What the server did, not what the config asked.
             "client_level": result.central_dp,
             "not_protected": NOT_PROTECTED, "sweep": sweep or []}
@@ -132,6 +168,46 @@ def _client_level(c: dict[str, Any]) -> list[str]:
     ]
 
 
+def _summary_markdown(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Per tier: the counts, and the percentiles of epsilon spent and of the budget left over its DP clients."""
+    counts = [[tier, s["clients"], s["dp"], s["never_trained"], s["at_or_above_budget"], len(s["flagged"])]
+              for tier, s in summary.items()]
+    spread = [[tier, what, *(f"{s[key][f'p{q}']:.2f}" for q in PERCENTILES)] for tier, s in summary.items()
+              if s["dp"] for what, key in (("epsilon spent", "epsilon"), ("budget left", "remaining_epsilon"))]
+    lines = ["Per tier: its clients, those with DP-SGD on, those that trained no round in this run, those at or "
+             "above their budget, and those flagged (their ledger now states less than the server saw).", "",
+             markdown_table(["tier", "clients", "DP-SGD on", "trained no round", "at or above budget", "flagged"],
+                            counts)]
+    if spread:
+        lines += ["", "Epsilon spent and budget left over each tier's DP clients (percentiles of all of them: "
+                      "this run's clients, not a sample, so no interval):", "",
+                  markdown_table(["tier", "of", *(f"p{q}" for q in PERCENTILES)], spread,
+                                 align="ll" + "r" * len(PERCENTILES))]
+    return lines
+
+
+def _sample_level_markdown(report: dict[str, Any]) -> list[str]:
+    """The tiers' summary, then a statement per client when there are few; else the highest spenders of each tier
+    and every flagged client, by name."""
+    clients, summary = report["sample_level"], report["summary"]
+    lines = _summary_markdown(summary) + [""]
+    if len(clients) <= FEW_CLIENTS:
+        return lines + [_statement(name, c) for name, c in clients.items()]
+    for tier, s in summary.items():
+        if not s["dp"]:
+            lines += [f"- **{tier}** ({s['clients']} clients): no differential privacy. Their model updates are "
+                      "sent as trained; only the scans themselves stay on the device.", ""]
+        else:
+            lines += [f"The {min(HIGHEST_SHOWN, s['dp'])} highest spenders of the {s['dp']} {tier} clients "
+                      "with DP-SGD:", "", *(_statement(name, clients[name]) for name in s["highest"]), ""]
+    flagged = [name for s in summary.values() for name in s["flagged"] if name not in s["highest"]]
+    if flagged:
+        lines += ["Flagged clients that are not among the highest spenders:", "",
+                  *(_statement(name, clients[name]) for name in flagged), ""]
+    return lines + [f"Every one of the {len(clients)} clients has its full entry in privacy.json (`sample_level`); "
+                    f"this page states them one by one only up to {FEW_CLIENTS} clients."]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# Privacy report", "",
              "Two separate guarantees. **Sample-level** DP-SGD protects *one scan* of a client, in every update "
@@ -140,7 +216,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              "## Sample-level DP (unit: one scan)", "",
              "DP-SGD (Opacus) on the clients that have it on, with a cumulative per-client ledger: "
              "epsilon below is everything the client has spent in this federation, not one round.", ""]
-    lines += [_statement(name, c) for name, c in report["sample_level"].items()]
+    lines += _sample_level_markdown(report)
     lines += ["", f"**Not protected:** {report['not_protected']}.", "",
               "## Client-level (central) DP (unit: one whole client)", ""]
     lines += _client_level(report["client_level"])
@@ -166,11 +242,8 @@ def plot_privacy(report: dict[str, Any], path: Path) -> None:
     panels = 2 if report["sweep"] else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
-    for name, c in report["sample_level"].items():
-        if c["dp"] and c["epsilon_per_round"]:
-            line, = ax.plot([r["round"] for r in c["epsilon_per_round"]],
-                            [r["epsilon"] for r in c["epsilon_per_round"]], marker="o", label=name)
-            ax.axhline(c["budget_epsilon"], color=line.get_color(), linestyle=":", linewidth=1)
+    few = len(report["sample_level"]) <= FEW_CLIENTS
+    (_plot_each_client if few else _plot_each_tier)(report["sample_level"], ax)
     central = report["client_level"]
     if central["enabled"] and central["epsilon_per_round"]:
         line, = ax.plot([r["round"] for r in central["epsilon_per_round"]],
@@ -179,7 +252,7 @@ def plot_privacy(report: dict[str, Any], path: Path) -> None:
         ax.axhline(central["max_epsilon"], color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative epsilon (dotted: budget, max_epsilon)")
-    ax.set_title("Privacy spent (per client; black: client-level)")
+    ax.set_title(f"Privacy spent (per {'client' if few else 'tier'}; black: client-level)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
@@ -202,6 +275,33 @@ def plot_privacy(report: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
     save_figure(path, fig)
     plt.close(fig)
+
+
+def _plot_each_client(clients: dict[str, dict[str, Any]], ax: Any) -> None:
+    for name, c in clients.items():
+        if c["dp"] and c["epsilon_per_round"]:
+            line, = ax.plot([r["round"] for r in c["epsilon_per_round"]],
+                            [r["epsilon"] for r in c["epsilon_per_round"]], marker="o", label=name)
+            ax.axhline(c["budget_epsilon"], color=line.get_color(), linestyle=":", linewidth=1)
+
+
+def _plot_each_tier(clients: dict[str, dict[str, Any]], ax: Any) -> None:
+    """Per tier, the median client's cumulative epsilon after each round and the 10th-90th percentile band: a
+    client's epsilon holds from a round it trained until the next, and is 0 before its first in this run."""
+    rounds = sorted({r["round"] for c in clients.values() if c["dp"] for r in c["epsilon_per_round"]})
+    tiers = sorted({c["kind"] for c in clients.values() if c["dp"]})
+    for k, tier in enumerate(tiers):
+        private = [c for c in clients.values() if c["dp"] and c["kind"] == tier]
+        spent = np.zeros((len(private), len(rounds)))
+        for row, c in zip(spent, private, strict=True):
+            for r in c["epsilon_per_round"]:
+                row[rounds.index(r["round"]):] = r["epsilon"]
+        if rounds:
+            low, median, high = np.percentile(spent, [10, 50, 90], axis=0)
+            ax.plot(rounds, median, marker="o", color=f"C{k}", label=f"{tier}: median of {len(private)} clients")
+            ax.fill_between(rounds, low, high, color=f"C{k}", alpha=0.2, label=f"{tier}: 10th-90th percentile")
+        for budget in sorted({c["budget_epsilon"] for c in private}):
+            ax.axhline(budget, color=f"C{k}", linestyle=":", linewidth=1)
 
 
 def write_privacy_report(report: dict[str, Any], out: Path) -> dict[str, Path]:

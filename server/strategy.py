@@ -1,8 +1,9 @@
 """The federation's round logic as a Flower strategy: FedAvg plus what a federation of devices needs.
 
 ``FederationStrategy`` overrides FedAvg's steps only where this federation differs:
-- ``configure_train``: every known client that is not retired and is online this round (a seeded
-  availability draw per tier), each with its own tier's instructions;
+- ``configure_train``: per tier, the known clients that are not retired and are online this round (a
+  seeded availability draw), then the tier's seeded sample of them (``sample_per_round``; null: all),
+  each with its own tier's instructions;
 - ``aggregate_train``: every reply is screened first (``screen_train``): a reply with the wrong
   arrays, non-finite values, an impossible example count, bad metrics or a privacy ledger that
   went backwards is that client's failure for the round, never averaged in; declines are
@@ -21,7 +22,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,26 @@ def available(config: Config, client: p.ClientInfo, server_round: int) -> bool:
     """Seeded per-round availability draw (a phone is offline, charging, on a train)."""
     seed = (config.seed, server_round, zlib.crc32(client.client.encode()))
     return bool(np.random.default_rng(seed).random() < config.federation.tier(client.kind).availability)
+
+
+def sample_clients(config: Config, clients: Iterable[p.ClientInfo], retired: Collection[str], server_round: int
+                   ) -> set[str]:
+    """Who trains this round: per tier, the clients online and not retired, then the tier's seeded sample of them.
+
+    The draw is over names in sorted order, never over node ids (Flower picks those anew each run), so the same
+    seed, round and clients give the same sample on every run and engine."""
+    by_tier: dict[str, list[p.ClientInfo]] = {}
+    for client in sorted(clients, key=lambda c: c.client):
+        by_tier.setdefault(client.kind, []).append(client)
+    chosen: set[str] = set()
+    for kind, members in by_tier.items():
+        eligible = [c.client for c in members if c.client not in retired and available(config, c, server_round)]
+        size = config.federation.tier(kind).sample_size(len(members))
+        if size is not None and size < len(eligible):
+            rng = np.random.default_rng((config.seed, server_round, zlib.crc32(f"sample:{kind}".encode())))
+            eligible = [eligible[i] for i in rng.choice(len(eligible), size=size, replace=False)]
+        chosen.update(eligible)
+    return chosen
 
 
 class FederationStrategy(FedAvg):
@@ -126,9 +147,9 @@ class FederationStrategy(FedAvg):
             self.before_round()
         self._started = time.perf_counter()
         self.global_state = merge_shared(self.global_state, arrays.to_torch_state_dict())
-        sampled = [] if self.stop_reason else [
-            n for n, c in sorted(self.nodes.items())
-            if c.client not in self.state.retired and available(self.config, c, server_round)]
+        chosen = set() if self.stop_reason else sample_clients(self.config, self.nodes.values(), self.state.retired,
+                                                                server_round)
+        sampled = [n for n, c in sorted(self.nodes.items()) if c.client in chosen]
         self.record = p.RoundRecord(round=server_round, sampled=[self.nodes[n].client for n in sampled])
         if self.stop_reason:
             log.warning("round %d: no training: %s", server_round, self.stop_reason)
@@ -391,8 +412,9 @@ class CentralAccountant:
                               "client-level guarantee)")
         self.config = config
         self.population = population
-        # No amplification by sampling: which clients train is decided by seeded availability draws and by
-        # retirement, not by secret uniform sampling, so the sampling rate cannot lower epsilon.
+        # No amplification by sampling: which clients train is decided by seeded draws the server knows
+        # (availability, the tier's sample_per_round) and by retirement, not by secret uniform sampling, so
+        # the sampling rate (recorded per round in the summary) cannot lower epsilon.
         self.accountant = RdpAccountant(PrivacyConfig(
             target_delta=config.delta, population_size=population,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,

@@ -19,7 +19,7 @@ from edgemri.core.data.partition import ManifestError, partition, read_manifest,
 from edgemri.core.errors import EdgemriError
 from edgemri.core.federation import protocol as p
 from edgemri.core.federation.personalize import create_method
-from edgemri.core.privacy.ledger import LEDGER_FILE, LedgerRollback
+from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger, LedgerRollback
 from edgemri.core.privacy.policy import DevicePolicy
 from edgemri.core.registries import REGISTRIES, parse_config
 from edgemri.models import Student
@@ -87,6 +87,24 @@ def test_a_device_whose_ledger_is_below_the_servers_floor_refuses_before_it_trai
     for bad in (-1, 1.5, 10**9):
         with pytest.raises(p.ProtocolError, match="ledger-floor-records"):
             p.RoundInstructions.from_config({**sent, p.FLOOR_RECORDS_KEY: bad}, REGISTRIES)
+
+
+def test_a_client_sampled_in_rounds_1_and_3_only_has_just_those_rounds_in_its_ledger(
+        hospital: dict[str, str], tmp_path: Path) -> None:
+    """Cross-device sampling: nothing assumes a client trains every round; the ledger counts the rounds it
+    trained, and its epsilon stays below the target the plan spreads over all federation.rounds."""
+    config = CONFIG.replace(privacy=parse_config({"privacy": {"tiers": {"hospital": {
+        "enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}}).privacy)
+    client = Client(resolve_setup({**hospital, "state-dir": str(tmp_path / "state")}, {}))
+    method, state, floor = create_method(config.federation), ClientState(), p.LedgerFloor(0, 0.0)
+    for server_round in (1, 3):  # not sampled in rounds 2, 4 and 5
+        reply = client.train_round(method, Student().state_dict(), state,
+                                   p.RoundInstructions.for_tier(config, "hospital", server_round, ledger_floor=floor))
+        assert reply.status is p.Status.TRAINED
+        state, floor = reply.state, p.LedgerFloor(int(reply.metrics[p.LEDGER_RECORDS]), reply.metrics[p.EPSILON])
+    assert Ledger.open(tmp_path / "state" / LEDGER_FILE, client.name).rounds == [1, 3]
+    assert (state.rounds_trained, state.last_round) == (2, 3)
+    assert 0 < floor.epsilon < 6.0 and config.federation.rounds == 5
 
 
 def _message(message_type: str = MessageType.TRAIN, config: ConfigRecord | None = None) -> Message:

@@ -75,6 +75,11 @@ def test_paper_config_is_the_papers_setting() -> None:
          "'federation.tiers.hospital.personal.distill_weight' has value 1.5"),
         ({"federation": {"tiers": {"phone": {"availability": 0}}}},
          "'federation.tiers.phone.availability' has value 0.0"),
+        *(({"federation": {"tiers": {"phone": {"sample_per_round": bad}}}},
+           f"'federation.tiers.phone.sample_per_round' has value {bad!r}; allowed: null (every online client), "
+           f"an integer in [1, 100000] or a fraction in (0, 1)") for bad in (0, -5, 100_001, 0.0, 1.0, 2.5)),
+        ({"federation": {"tiers": {"phone": {"sample_per_round": "ten"}}}},
+         "'federation.tiers.phone.sample_per_round' has value 'ten'; allowed: a finite number"),
         # Every number finite and bounded, the bound in the message.
         ({"distill": {"kd": {"temperature": float("inf")}}},
          "'distill.kd.temperature' has value inf; allowed: a finite number"),
@@ -119,6 +124,18 @@ def test_partial_sections_keep_their_own_defaults() -> None:
     assert config.federation.tier("hospital").min_examples == 100  # the hospital default, not the generic tier's
     assert config.federation.tier("phone").availability == 0.7  # a tier not listed keeps its defaults
     assert config.federation.tier_names == ("hospital", "phone") == config.privacy.tier_names
+
+
+def test_sample_per_round_is_a_count_or_a_fraction_of_the_tier_and_all_by_default() -> None:
+    config = parse_config({"federation": {"tiers": {"phone": {"sample_per_round": 50}}}})
+    hospital, phone = config.federation.tier("hospital"), config.federation.tier("phone")
+    assert hospital.sample_per_round is None and hospital.sample_size(1_000) is None  # cross-silo: all train
+    assert phone.sample_per_round == 50 and isinstance(phone.sample_per_round, int)  # a count stays an integer
+    assert phone.sample_size(1_000) == phone.sample_size(10) == 50  # capped by who is online, not here
+    fraction = parse_config({"federation": {"tiers": {"phone": {"sample_per_round": "7e-2"}}}}).federation
+    assert [fraction.tier("phone").sample_size(n) for n in (1_000, 100, 10, 1)] == [70, 7, 1, 1]  # rounded up
+    assert parse_config(config.to_dict()).federation == config.federation  # survives the run's saved config
+    assert load_config(CONFIGS / "quickstart.yaml").federation.tier("phone").sample_per_round is None
 
 
 def test_unknown_client_kinds_are_config_errors() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from edgemri.core.federation import protocol as p
 from edgemri.core.registries import parse_config
-from edgemri.core.stats import bootstrap_ci
+from edgemri.core.stats import bootstrap_ci, bootstrap_percentiles
 from edgemri.reports.federation import build_federation_report, paired_summary, write_federation_report
 
 CONFIG = parse_config({"seed": 4})
@@ -89,3 +89,63 @@ def test_a_run_whose_clients_had_site_pools_reports_them_as_their_own_section() 
     rows = {r["client"]: r for r in pool["clients"]}
     assert rows["hospital-b"]["personalized"] == pytest.approx(0.61) and rows["hospital-b"]["num_test"] == 300
     assert pool["paired"]["groups"]["hospital"]["personalized - start"]["mean"] == pytest.approx(0.105)
+
+
+# 40 clients, gains in points (personalized - start): hospital-00..09 gain +1..+10, phone-00..29 gain -10..+19.
+# Every global model scores 62%, 2 points above the start.
+POPULATION = {**{f"hospital-{k:02d}": ("hospital", k + 1) for k in range(10)},
+              **{f"phone-{k:02d}": ("phone", k - 10) for k in range(30)}}
+
+
+def _population_result() -> p.FederationResult:
+    final = {name: {p.START_ACCURACY: 0.60, p.GLOBAL_ACCURACY: 0.62, p.PERSONAL_ACCURACY: 0.60 + gain / 100,
+                    p.LOCAL_ONLY_ACCURACY: 0.60, p.NUM_EXAMPLES: 50} for name, (_, gain) in POPULATION.items()}
+    return p.FederationResult(
+        clients={name: p.ClientInfo(name, kind, f"site-{k % 3}", 40)
+                 for k, (name, (kind, _)) in enumerate(POPULATION.items())},
+        history=[p.RoundRecord(1, sampled=list(POPULATION), trained=list(POPULATION), aggregated=True)],
+        final=final, final_failed={}, retired={}, central_start={}, central_final={}, central_dp={"enabled": False})
+
+
+def test_a_tiers_spread_is_summarised_by_percentiles_shares_and_its_worst_clients() -> None:
+    spread = build_federation_report(_population_result(), CONFIG)["distribution"]
+    assert spread["percentiles"] == [10, 25, 50, 75, 90] and spread["tie_band"] == 0.005
+    phone = spread["groups"]["phone"]
+    gains = phone["personalized - start"]
+    assert phone["clients"] == 30 and gains["n"] == 30
+    # numpy's linear percentiles of -10..+19 points: positions 2.9, 7.25, 14.5, 21.75, 26.1 of 0..29
+    assert [q["value"] for q in gains["percentiles"]] == pytest.approx([-0.071, -0.0275, 0.045, 0.1175, 0.161])
+    expected = bootstrap_percentiles([(k - 10) / 100 for k in range(30)], [10, 25, 50, 75, 90])
+    assert [q["low"] for q in gains["percentiles"]] == pytest.approx([e.low for e in expected])
+    assert [q["high"] for q in gains["percentiles"]] == pytest.approx([e.high for e in expected])
+    assert all(q["low"] <= q["value"] <= q["high"] for q in gains["percentiles"])
+    # helped: +1..+19 (19 phones); hurt: -10..-1 (10); the phone at 0 is neither
+    assert gains["helped"]["mean"] == pytest.approx(19 / 30) and gains["hurt"]["mean"] == pytest.approx(10 / 30)
+    helped = bootstrap_ci([float(k > 10) for k in range(30)])
+    assert (gains["helped"]["low"], gains["helped"]["high"]) == pytest.approx((helped.low, helped.high))
+    against_global = phone["personalized - global"]  # 2 points lower: -12..+17; the phone at 0 is neither
+    assert against_global["helped"]["mean"] == pytest.approx(17 / 30)
+    assert against_global["hurt"]["mean"] == pytest.approx(12 / 30)
+    assert [w["client"] for w in phone["worst"]] == [f"phone-{k:02d}" for k in range(10)]
+    assert phone["worst"][0]["personalized - start"] == pytest.approx(-0.10)
+    assert phone["worst"][0]["personalized - global"] == pytest.approx(-0.12)
+    hospital = spread["groups"]["hospital"]  # a tier of 10: every client, lowest gain first, none hurt
+    assert [w["client"] for w in hospital["worst"]] == [f"hospital-{k:02d}" for k in range(10)]
+    assert hospital["personalized - start"]["hurt"]["mean"] == 0.0
+
+
+def test_many_clients_get_a_summary_page_while_the_json_keeps_every_client(report: dict, tmp_path: Path) -> None:
+    paths = write_federation_report(build_federation_report(_population_result(), CONFIG), tmp_path)
+    markdown = paths["md"].read_text()
+    assert "| phone | personalized - start | 30 of 30 | -7.1 [" in markdown
+    assert "| 63.3 [" in markdown and "| 33.3 [" in markdown  # helped and hurt shares
+    assert "| phone | phone-00 | site-1 | 60.0 | 50.0 | -10.0 | -12.0 |" in markdown
+    assert "phone-10" not in markdown and "phone-29" not in markdown  # not among the worst 10: no row
+    assert "Every client:" not in markdown and "Every one of the 40 clients has its row in federation.json" in markdown
+    rows = json.loads(paths["json"].read_text())["clients"]
+    assert sorted(r["client"] for r in rows) == sorted(POPULATION)
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    few = (tmp_path / "few")
+    few.mkdir()
+    small = write_federation_report(report, few)["md"].read_text()  # 5 clients: every one still listed
+    assert "Every client:" in small and "| phone-b-0 (failed) | phone |" in small

@@ -25,7 +25,7 @@ from edgemri.core.registries import parse_config
 from edgemri.core.training.losses import cross_entropy
 from edgemri.core.training.train import TrainData, fit
 from edgemri.models import Student, build_model
-from edgemri.reports.privacy import build_privacy_report, render_markdown
+from edgemri.reports.privacy import build_privacy_report, render_markdown, write_privacy_report
 from edgemri.simulation.federate import plan_privacy
 
 
@@ -465,3 +465,48 @@ def test_the_privacy_report_states_each_stretch_of_rounds_and_never_less_than_th
     assert "Flagged" not in render_markdown(honest)
     with pytest.raises(p.ProtocolError):  # a result.json is untrusted
         p.FederationResult.from_dict({**result.to_dict(), "epsilon_seen": {"phone-a": -1.0}})
+
+
+def _population() -> p.FederationResult:
+    """40 clients: hospital-00..09 without DP, phone-00..29 with DP-SGD and a budget of 8. phone-k spent 0.3 k
+    (capped at the budget: phone-27..29 are at it); phone-00 and hospital-00 trained no round; phone-05's ledger
+    now says 1.5 where the server saw 2.0 (flagged)."""
+    clients = {**{f"hospital-{k:02d}": p.ClientInfo(f"hospital-{k:02d}", "hospital", "site-a", 40) for k in range(10)},
+               **{f"phone-{k:02d}": p.ClientInfo(f"phone-{k:02d}", "phone", "site-b", 40) for k in range(30)}}
+    spent = {f"phone-{k:02d}": min(8.0, 0.3 * k) for k in range(1, 30)}
+    metrics = {name: {p.EPSILON: epsilon, "delta": 1e-3, "noise-multiplier": 1.1, "sample-rate": 0.2,
+                      "max-grad-norm": 1.0} for name, epsilon in spent.items()}
+    trained = [name for name in clients if name not in ("hospital-00", "phone-00")]
+    return p.FederationResult(
+        clients=clients, history=[p.RoundRecord(round=1, sampled=list(clients), trained=trained,
+                                                train_metrics=metrics)],
+        final={}, final_failed={}, retired={}, central_start={}, central_final={}, central_dp={"enabled": False},
+        epsilon_seen={**spent, "phone-05": 2.0})
+
+
+def test_many_clients_get_a_privacy_summary_per_tier_with_the_highest_spenders_and_every_flagged_client(
+        tmp_path: Path) -> None:
+    config = parse_config({"privacy": {"tiers": {"phone": {"enabled": True, "target_epsilon": 6.0,
+                                                           "budget_epsilon": 8.0}}}})
+    report = build_privacy_report(_population(), config)
+    phone, hospital = report["summary"]["phone"], report["summary"]["hospital"]
+    assert (phone["clients"], phone["dp"], phone["never_trained"], phone["at_or_above_budget"]) == (30, 30, 1, 3)
+    assert phone["flagged"] == ["phone-05"] and report["sample_level"]["phone-05"]["epsilon"] == 2.0
+    # sorted spends: 0, 0.3, ..., 1.2, 1.8, 2.0 (phone-05), 2.1, ..., 4.2 | 4.5, ...: the median is (4.2 + 4.5) / 2
+    assert phone["epsilon"]["p50"] == pytest.approx(4.35) and phone["remaining_epsilon"]["p50"] == pytest.approx(3.65)
+    # the 90th percentile lies a tenth of the way from 7.8 (phone-26) to 8.0 (phone-27)
+    assert phone["epsilon"]["p90"] == pytest.approx(7.82) and phone["remaining_epsilon"]["p10"] == pytest.approx(0.18)
+    assert phone["highest"] == ["phone-27", "phone-28", "phone-29", *(f"phone-{k}" for k in range(26, 19, -1))]
+    assert (hospital["dp"], hospital["never_trained"], hospital["highest"]) == (0, 1, [])
+    assert math.isnan(hospital["epsilon"]["p50"])
+    paths = write_privacy_report(report, tmp_path)
+    text = paths["md"].read_text()
+    assert "| phone | 30 | 30 | 1 | 3 | 1 |" in text and "| hospital | 10 | 0 | 1 | 0 | 0 |" in text
+    assert "| phone | epsilon spent | 0.87 | 2.17 | 4.35 | 6.52 | 7.82 |" in text
+    assert "- **phone-29** (phone, n=40): (8.00, 1.0e-03)-DP" in text and "- **phone-20**" in text
+    assert "- **phone-05**" in text and "**Flagged:**" in text  # not a high spender, but flagged: always named
+    assert "phone-19" not in text and "hospital-03" not in text and "phone-01" not in text
+    assert "- **hospital** (10 clients): no differential privacy" in text
+    saved = json.loads(paths["json"].read_text())
+    assert len(saved["sample_level"]) == 40 and saved["sample_level"]["phone-01"]["epsilon"] == pytest.approx(0.3)
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"

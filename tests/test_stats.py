@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from edgemri.core.errors import EdgemriError
-from edgemri.core.stats import Interval, bootstrap_ci, bootstrap_ci_clustered, paired_differences
+from edgemri.core.stats import (
+    Interval,
+    Percentile,
+    bootstrap_ci,
+    bootstrap_ci_clustered,
+    bootstrap_percentiles,
+    paired_differences,
+)
 
 
 def test_paired_differences_use_the_shared_keys_and_drop_nans() -> None:
@@ -74,3 +81,23 @@ def test_bad_settings_are_refused_with_one_line(kwargs: dict, message: str) -> N
 def test_a_nan_value_is_refused_not_averaged() -> None:
     with pytest.raises(EdgemriError, match="group 's1' holds a non-finite value"):
         bootstrap_ci_clustered({"s0": [0.1, 0.2], "s1": [math.nan, 0.3]})
+
+
+def test_percentiles_come_with_bootstrap_intervals_and_the_edge_cases_are_explicit() -> None:
+    values = np.arange(100.0)  # numpy's linear percentiles of 0..99: the q-th is 0.99 q
+    low, median, high = bootstrap_percentiles(values, [10, 50, 90], seed=1)
+    assert isinstance(median, Percentile) and median.n == 100 and median.level == 0.95
+    assert (low.value, median.value, high.value) == pytest.approx((9.9, 49.5, 89.1))
+    assert all(p.low < p.value < p.high for p in (low, median, high))
+    # the distribution-free 95% interval of the median of 100 values runs from the 40th to the 61st of them
+    assert median.low == pytest.approx(40, abs=3) and median.high == pytest.approx(60, abs=3)
+    assert bootstrap_percentiles(values, [50], seed=1) == bootstrap_percentiles(values, [50], seed=1)
+    constant = bootstrap_percentiles([0.03] * 5, [25, 75])
+    assert all(p.low == p.value == p.high == pytest.approx(0.03) for p in constant)
+    empty, one = bootstrap_percentiles([], [50])[0], bootstrap_percentiles([0.2], [50])[0]
+    assert empty.n == 0 and math.isnan(empty.value)
+    assert one.value == 0.2 and math.isnan(one.low) and one.to_dict()["q"] == 50.0
+    with pytest.raises(EdgemriError, match=r"percentiles are \[50, 101\]; allowed: one or more numbers from 0 to 100"):
+        bootstrap_percentiles(values, [50, 101])
+    with pytest.raises(EdgemriError, match="the sample holds a non-finite value"):
+        bootstrap_percentiles([0.1, math.nan], [50])

@@ -24,6 +24,7 @@ from edgemri.server.strategy import (
     FederationStrategy,
     RoundState,
     available,
+    sample_clients,
     with_central_dp,
 )
 
@@ -92,6 +93,65 @@ def test_sampling_skips_retired_and_offline_clients_and_sends_each_tier_its_spec
         for message in sent:
             spec = p.RoundInstructions.from_config(dict(message.content[p.CONFIG]), REGISTRIES).spec
             assert spec == config.federation.tier(NODES[message.metadata.dst_node_id].kind).train_spec()
+
+
+# Two hospitals and twenty phones, under node ids Flower could have drawn.
+POPULATION = {**{n: c for n, c in NODES.items() if c.kind == "hospital"},
+              **{100 + 7 * i: p.ClientInfo(f"phone-{i:02d}", "phone", f"site{i % 2 + 1}", 10) for i in range(20)}}
+HOSPITALS = {"hospital-a", "hospital-b"}
+
+
+def _online_phones(config, retired: set[str], server_round: int) -> set[str]:
+    return {c.client for c in POPULATION.values()
+            if c.kind == "phone" and c.client not in retired and available(config, c, server_round)}
+
+
+def test_a_tiers_sample_is_seeded_and_drawn_among_the_online_clients_that_are_not_retired() -> None:
+    config = _config(tiers={"phone": {"availability": 0.7, "sample_per_round": 5}})
+    retired = {"phone-03", "phone-11"}
+    samples = []
+    for server_round in range(1, 9):
+        chosen = sample_clients(config, POPULATION.values(), retired, server_round)
+        online = _online_phones(config, retired, server_round)
+        assert len(online) > 5 and chosen >= HOSPITALS  # hospitals (sample_per_round null): every one trains
+        assert len(chosen - HOSPITALS) == 5 and chosen - HOSPITALS <= online
+        samples.append(chosen)
+    assert len(set(map(frozenset, samples))) == len(samples)  # another round, another sample
+    # The same seed, round and clients give the same sample whatever node ids Flower gave them, in any order.
+    renumbered = [POPULATION[n] for n in sorted(POPULATION, reverse=True)]
+    assert [sample_clients(config, renumbered, retired, r) for r in range(1, 9)] == samples
+    reseeded = config.replace(seed=config.seed + 1)
+    assert [sample_clients(reseeded, POPULATION.values(), retired, r) for r in range(1, 9)] != samples
+
+
+def test_a_fraction_is_of_the_tiers_clients_rounded_up_and_never_more_than_are_online() -> None:
+    fraction = _config(tiers={"phone": {"availability": 0.7, "sample_per_round": 0.07}})
+    for server_round in range(1, 6):  # 0.07 x 20 phones = 1.4: 2 per round
+        assert len(sample_clients(fraction, POPULATION.values(), set(), server_round) - HOSPITALS) == 2
+    most = _config(tiers={"phone": {"availability": 0.5, "sample_per_round": 18}})
+    for server_round in range(1, 6):  # fewer than 18 online: every online phone trains
+        online = _online_phones(most, set(), server_round)
+        assert len(online) < 18 and sample_clients(most, POPULATION.values(), set(), server_round) == online | HOSPITALS
+    everyone = _config(tiers={"phone": {"availability": 0.7}})  # the default: no sample, every online client
+    assert sample_clients(everyone, POPULATION.values(), set(), 1) == _online_phones(everyone, set(), 1) | HOSPITALS
+
+
+def test_the_strategy_sends_the_sample_and_client_level_dp_records_its_real_rate() -> None:
+    config = parse_config({"seed": 3, "federation": {"min_clients": 1, "method": "fedavg",
+                                                     "tiers": {"phone": {"availability": 0.7, "sample_per_round": 4}}},
+                           "privacy": {"central": {"enabled": True}}})
+    strategy = FederationStrategy(config, dict(POPULATION), _start(), state=RoundState(retired={"phone-05": "x"}))
+    accountant = CentralAccountant(config.privacy.central, population=len(POPULATION))
+    wrapper = with_central_dp(strategy, config.privacy.central, accountant)
+    for server_round in (1, 2):
+        sent, _ = _round(wrapper, [], server_round)
+        names = {POPULATION[m.metadata.dst_node_id].client for m in sent}
+        assert names == set(strategy.record.sampled) == sample_clients(config, POPULATION.values(), {"phone-05"},
+                                                                       server_round)
+        strategy.after_round(server_round, ArrayRecord(strategy.global_state))
+    rates = [r["sample_rate"] for r in accountant.summary(strategy.state.history, None)["epsilon_per_round"]]
+    assert rates == [6 / 22, 6 / 22]  # 2 hospitals + 4 phones of the 22 clients, not every online one
+    assert accountant.summary([], None)["accountant"]["sampling"] == "no-amplification"
 
 
 def test_fedavg_weights_by_examples_and_a_decline_retires_the_client() -> None:
