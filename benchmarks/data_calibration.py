@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def train_and_test(model_name: str, options: dict, train: ArraySplit, test: Arra
     model = build_model(model_name, **options)
     fit_idx, val_idx = stratified_split(train.labels, val_fraction, seed)
     result = fit(model, TrainData.from_split(train.subset(fit_idx)), loss=cross_entropy, spec=spec, seed=seed,
-                 val=TrainData.from_split(train.subset(val_idx)), progress=sys.stderr.isatty(), desc=model_name)
+                 val=TrainData.from_split(train.subset(val_idx)), progress=True, desc=model_name)
     model.load_state_dict(result.best_state)
     return accuracy(model, test), model
 
@@ -100,7 +99,7 @@ def main() -> None:
     config = load_config(args.config)
     seed, val_fraction = config.seed, config.data.val_fraction
     root = quickstart_data(args.data_root)
-    dataset = load_dataset(root, progress=sys.stderr.isatty())
+    dataset = load_dataset(root, progress=True)
     train, test = dataset.train, dataset.test
     y_train, y_test = train.labels.numpy(), test.labels.numpy()
     results: dict[str, float | int | str] = {

@@ -69,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_onnx(checkpoint, out, overwrite=args.overwrite)
         print(f"wrote {shown} (ONNX opset {ONNX_OPSET}, fp32, {out.stat().st_size:,} bytes)")
         return 0
-    dataset = load_dataset(args.data_root, progress=not args.quiet and sys.stderr.isatty())
+    dataset = load_dataset(args.data_root, progress=not args.quiet)
     result = export_onnx_int8(checkpoint, out, dataset.train.images, dataset.test.images, dataset.test.labels,
                               overwrite=args.overwrite)
     print(f"wrote {shown} (ONNX opset {ONNX_OPSET}, static int8 QDQ, per-channel weights, "

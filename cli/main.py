@@ -33,9 +33,8 @@ MAX_OVERRIDES = 100  # --set options; the config has fewer keys
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    from edgemri.simulation.pipeline import show_progress
-
-    return show_progress(getattr(args, "quiet", False))
+    """Progress unless --quiet: edgemri.core.progress draws bars at a terminal and writes log lines elsewhere."""
+    return not getattr(args, "quiet", False)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -115,7 +114,7 @@ def cmd_data_sites(args: argparse.Namespace) -> int:
 
     config = _config(args)
     dataset = load_dataset(config.data.root, cache_dir=config.data.cache_dir, progress=_progress(args))
-    report = build_sites_report(dataset, config)
+    report = build_sites_report(dataset, config, progress=_progress(args))
     paths = write_sites_report(report, dataset, Path(args.out))
     print(render_sites(report), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -173,7 +172,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     run = federate(config, data_root=Path(config.data.root), out=Path(args.out),
-                   start_checkpoint=start_model(config, args.start), resume=args.resume)
+                   start_checkpoint=start_model(config, args.start), resume=args.resume, progress=_progress(args))
     print("\n".join(federation_lines(run)))
     return 0
 
@@ -243,6 +242,13 @@ def _check_epsilons(epsilons: list[float]) -> None:
     check_epsilons(epsilons)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from edgemri.reports.html import write_html_report
+
+    print(f"report: {write_html_report(Path(args.run_dir))}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -265,7 +271,7 @@ def add_command(group: argparse._SubParsersAction, name: str, func: Callable[[ar
     """A subcommand that runs ``func``, with the --quiet every command takes."""
     sub = group.add_parser(name, help=help_text, description=help_text)
     sub.set_defaults(func=func)
-    sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     return sub
 
 
@@ -402,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_deploy_commands(commands, add_command)
     register_edge_commands(commands, add_command)
+
+    report = add_command(commands, "report", cmd_report, "write report.html in a run folder: one self-contained "
+                         "page with the key numbers and figures of every report the folder holds")
+    report.add_argument("run_dir", help="a run folder of distill, federate, privacy attack or privacy audit")
 
     demo = add_command(commands, "demo", cmd_demo, "run the whole pipeline on the offline synthetic data (or on a "
                                            "Kaggle-layout folder: --data-root)")

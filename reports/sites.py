@@ -29,14 +29,14 @@ def _mix(split: ArraySplit, site: str) -> dict[str, int]:
     return {name: labels.count(k) for k, name in enumerate(CLASS_NAMES)}
 
 
-def build_sites_report(dataset: Dataset, config: Config) -> dict[str, Any]:
+def build_sites_report(dataset: Dataset, config: Config, *, progress: bool = False) -> dict[str, Any]:
     """The sites of ``dataset`` under ``config`` (federation.partition.pseudo_sites, data.split_seed)."""
     if dataset.train.sites:
         raise DataError(f"{dataset.root} names its sites in metadata.csv; appearance sites are for data without")
     count, seed = config.federation.partition.pseudo_sites, config.data.split_seed
-    _, model = fit_sites(dataset.train, count, seed, setting="federation.partition.pseudo_sites")
-    sited = sited_dataset(dataset, config)
-    pools = site_pools(dataset, config)
+    _, model = fit_sites(dataset.train, count, seed, setting="federation.partition.pseudo_sites", progress=progress)
+    sited = sited_dataset(dataset, config, progress=progress)
+    pools = site_pools(dataset, config, progress=progress)
     names = sorted(set(sited.train.sites))
     source = pick_source_sites(sited.train, config.federation.source_sites, seed) if len(names) > 1 else ()
     return {

@@ -107,8 +107,10 @@ def check_start_split(config: Config, start_config: dict, start_checkpoint: Path
 
 
 def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Path, resume: bool = False,
-             audit: bool = False, timeout_s: float = 3600.0, references_from: Path | None = None) -> FederationRun:
-    """The federation in Flower's simulation engine; the ServerApp writes the reports (once)."""
+             audit: bool = False, timeout_s: float = 3600.0, references_from: Path | None = None,
+             progress: bool = True) -> FederationRun:
+    """The federation in Flower's simulation engine; the ServerApp writes the reports (once). ``progress``: the
+    decode bars and the ServerApp's per-round lines as they land (False: neither, as ``--quiet`` asks)."""
     out = out.resolve()
     if (out / "server").exists() and not resume:
         raise RunFolderError(f"{out} already holds a federation run; add --resume to continue it "
@@ -123,15 +125,16 @@ def federate(config: Config, *, data_root: Path, out: Path, start_checkpoint: Pa
     out.mkdir(parents=True, exist_ok=True)
     with owner_lock(out / OWNER_LOCK, RunFolderError) as lock:
         return _federate(config, start, data_root, out, start_checkpoint, resume, audit, timeout_s, references_from,
-                         lock)
+                         lock, progress)
 
 
 def _federate(config: Config, start: Checkpoint, data_root: Path, out: Path, start_checkpoint: Path, resume: bool,
-              audit: bool, timeout_s: float, references_from: Path | None, lock: Path) -> FederationRun:
+              audit: bool, timeout_s: float, references_from: Path | None, lock: Path,
+              progress: bool) -> FederationRun:
     """``federate`` once it holds the run folder's lock: the apps it starts stop when the lock's holder dies."""
     config_path = write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir)
-    manifests = ensure_manifests(out / "manifests", dataset, data_root.resolve(), config)
+    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir, progress=progress)
+    manifests = ensure_manifests(out / "manifests", dataset, data_root.resolve(), config, progress=progress)
     log.info("%d clients: %s", len(manifests), ", ".join(read_manifest(m).client for m in manifests))
     write_json(out / "privacy-plan.json", plan_privacy(config, manifests))
     # The pooled and oracle references need the clients' data in one place: only this runner has it, never the
@@ -148,11 +151,11 @@ def _federate(config: Config, start: Checkpoint, data_root: Path, out: Path, sta
         "start-checkpoint": str(start_checkpoint.resolve()), "num-clients": len(manifests), "resume": resume,
         "audit-dir": str(out / "audit") if audit else "", "owner-lock": str(lock),
     }
-    progress = out / "server" / "progress.log"
-    progress.unlink(missing_ok=True)
+    progress_log = out / "server" / "progress.log"
+    progress_log.unlink(missing_ok=True)
     result_file = out / "server" / "result.json"
     outcome = run_simulation(APP_DIR, out, run_config, num_supernodes=len(manifests), timeout_s=timeout_s,
-                             on_poll=ProgressPrinter(progress))
+                             on_poll=ProgressPrinter(progress_log) if progress else None)
     if not outcome.ok or not result_file.is_file():
         raise FlowerRunError(f"federation run {outcome.run_id} ended {outcome.status}: "
                              f"{outcome.error or outcome.details.strip()[-300:]}; "

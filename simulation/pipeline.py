@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,11 +36,6 @@ DEMO_PREDICT_STEP, DEMO_PREDICT_COUNT = 50, 8
 
 class UsageError(EdgemriError):
     """A step cannot run as asked (a bad argument, a run folder in the way); the message says how to fix it."""
-
-
-def show_progress(quiet: bool) -> bool:
-    """Progress bars only for a person at a terminal: logs and pipes stay clean."""
-    return not quiet and sys.stderr.isatty()
 
 
 def load_run_config(config_path: str | Path, overrides: Sequence[str] = (), data_root: str | Path | None = None
@@ -124,7 +118,7 @@ def distill(config: Config, out: Path, *, seeds: int = 1, resume: bool = False, 
 def partition(config: Config, out: Path, *, progress: bool = False) -> list[Manifest]:
     """One manifest per client from the training split's scanner sites, written to ``out``."""
     dataset = load_dataset(config.data.root, cache_dir=config.data.cache_dir, progress=progress)
-    manifests = split_clients(dataset.train, Path(config.data.root), config)
+    manifests = split_clients(dataset.train, Path(config.data.root), config, progress=progress)
     write_manifests(manifests, out)
     return manifests
 
@@ -214,8 +208,12 @@ class DemoLayout:
         images = sorted((self.data / "Testing").glob("*/*.jpg"))
         return images[::DEMO_PREDICT_STEP][:DEMO_PREDICT_COUNT]
 
+    def run_folders(self) -> list[Path]:
+        """The folders of the demo's runs: each gets its report.html."""
+        return [self.distill, self.federation]
+
     def report_lines(self) -> list[str]:
-        """The closing "Reports:" block: where each report of the demo is."""
+        """The closing "Reports:" block: where each report of the demo is, the one-page reports last."""
         data = (f"  data:         {self.data} (sites {self.out / 'sites' / 'sites.md'})" if self.data_root else
                 f"  data:         {self.data} (sample grid {sample_grid(self.data)})")
         return [
@@ -225,6 +223,8 @@ class DemoLayout:
             f"  federation:   {self.federation / 'federation.md'} (+ federation.json, federation.png)",
             f"  privacy:      {self.federation / 'privacy.md'} (+ privacy.json, privacy.png)",
             f"  exports:      {self.edge} (student.onnx, student.int8.onnx, a client's personalized model)",
+            "  one page each, figures included (open in a browser): "
+            + ", ".join(str(folder / "report.html") for folder in self.run_folders()),
         ]
 
 
@@ -253,7 +253,7 @@ def demo_stages(out: Path, config_path: Path, *, quiet: bool = False, data_root:
     """
     layout = DemoLayout(out, data_root)
     config = load_run_config(config_path, data_root=layout.data)
-    progress = show_progress(quiet)
+    progress = not quiet  # edgemri.core.progress: bars at a terminal, log lines elsewhere
     data, student, federation, edge = layout.data, layout.student, layout.federation, layout.edge
 
     def resume_flag(folder: Path) -> str:
@@ -273,7 +273,7 @@ def demo_stages(out: Path, config_path: Path, *, quiet: bool = False, data_root:
                  f"copies of Training scans (left out of every test metric and pool with data.dedup)"]
         if dataset.train.sites:
             return [*lines, f"sites from metadata.csv: {', '.join(sorted(set(dataset.train.sites)))}"]
-        report = build_sites_report(dataset, config)
+        report = build_sites_report(dataset, config, progress=progress)
         paths = write_sites_report(report, dataset, layout.out / "sites")
         return [*lines, f"{report['count']} appearance sites ({report['count_rule']}); server sites under "
                         f"new-sites: {', '.join(report['new_sites_source']) or '-'}; {paths['md']}"]
@@ -284,7 +284,8 @@ def demo_stages(out: Path, config_path: Path, *, quiet: bool = False, data_root:
     def run_federate() -> list[str]:
         from edgemri.simulation.federate import federate
 
-        run = federate(config, data_root=data, out=federation, start_checkpoint=student, resume=federation.exists())
+        run = federate(config, data_root=data, out=federation, start_checkpoint=student, resume=federation.exists(),
+                       progress=progress)
         return federation_lines(run)
 
     def run_personal_export() -> list[str]:
@@ -343,4 +344,18 @@ def demo(out: Path, config_path: Path, *, quiet: bool = False, data_root: Path |
             print(line, flush=True)
         seconds[stage.title] = time.perf_counter() - started
         print(f"== {stage.title} took {seconds[stage.title]:.0f} s", flush=True)
-    return DemoOutcome(DemoLayout(out, data_root), seconds)
+    layout = DemoLayout(out, data_root)
+    _write_html_reports(layout.run_folders())
+    return DemoOutcome(layout, seconds)
+
+
+def _write_html_reports(folders: Sequence[Path]) -> None:
+    """The demo's last step: report.html in each of ``folders`` that holds a report (what `edgemri report RUN`
+    writes), printing its path."""
+    from edgemri.reports.html import has_report, write_html_report
+
+    with_reports = [folder for folder in folders if has_report(folder)]
+    if with_reports:
+        print("\n== one page per run folder: " + "; ".join(f"edgemri report {f}" for f in with_reports), flush=True)
+    for folder in with_reports:
+        print(f"wrote {write_html_report(folder)}", flush=True)

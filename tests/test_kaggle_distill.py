@@ -104,7 +104,8 @@ def test_a_share_without_a_class_fails_before_any_training(tiny_data: Path, tmp_
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     dataset = load_dataset(tiny_data)
     monkeypatch.setattr(distill_module, "scenario_split",
-                        lambda split, config: (torch.nonzero(split.labels != 2).flatten(), torch.tensor([])))
+                        lambda split, config, progress=False: (torch.nonzero(split.labels != 2).flatten(),
+                                                               torch.tensor([])))
     with pytest.raises(DataError, match="has no notumor image"):
         Distiller(_config(dedup=False), dataset, 0, tmp_path, resume=False, progress=False)
 

@@ -59,6 +59,7 @@ from edgemri.core.data.dataset import Dataset, FolderScan, cache_path, load_data
 from edgemri.core.data.images import CLASS_NAMES, BadImageError, DataError, read_image_bytes
 from edgemri.core.errors import EdgemriError, printable
 from edgemri.core.io import ArtefactError, load_npz
+from edgemri.core.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -256,12 +257,10 @@ def _write_hashes(path: Path, split: str, key: str, files: list[str], hashes: _S
 
 def _hash_split(root: Path, split: str, images: np.ndarray, files: list[str], progress: bool) -> _SplitHashes:
     """SHA-256 of each file, pHash and digest of each decoded image."""
-    from tqdm import tqdm
-
     sha = np.empty(len(files), dtype="<U64")
     phash = np.empty(len(files), dtype=np.uint64)
     pixels = np.empty(len(files), dtype="<U32")
-    with tqdm(total=len(files), desc=f"hash {split}", disable=not progress) as bar:
+    with ProgressBar(f"hash {split}", len(files), enabled=progress, unit="images") as bar:
         for start in range(0, len(files), _HASH_BLOCK):
             grey = grey_pixels(images[start:start + _HASH_BLOCK])
             for i in range(start, start + len(grey)):

@@ -48,6 +48,7 @@ from edgemri.core.data.images import (
 )
 from edgemri.core.errors import printable
 from edgemri.core.io import ArtefactError, load_npz, save_npz
+from edgemri.core.progress import track
 from edgemri.core.workers import worker_pool
 
 log = logging.getLogger(__name__)
@@ -477,16 +478,14 @@ def _decode_split(
     scan: FolderScan, split: str, workers: int, progress: bool
 ) -> tuple[ArraySplit, list[tuple[str, str]], list[tuple[str, str]]]:
     """Decode every file: (split, skips of bad content, skips of files that could not be read now)."""
-    from tqdm import tqdm
-
     entries = scan.files[split]
     paths = [p for p, _ in entries]
     if workers > 1 and len(paths) > 64:
         with worker_pool(workers) as pool:
             results: Iterable = pool.map(_decode_one, paths, chunksize=32)
-            results = list(tqdm(results, total=len(paths), desc=f"decode {split}", disable=not progress))
+            results = list(track(results, f"decode {split}", total=len(paths), enabled=progress, unit="images"))
     else:
-        results = [_decode_one(p) for p in tqdm(paths, desc=f"decode {split}", disable=not progress)]
+        results = [_decode_one(p) for p in track(paths, f"decode {split}", enabled=progress, unit="images")]
     images, labels, files, bad, unreadable = [], [], [], [], []
     for (path, label), (array, reason, retry) in zip(entries, results, strict=True):
         rel = scan.rel(path)

@@ -154,18 +154,19 @@ def _local_split(indices: list[int], tier: TierConfig, rng: np.random.Generator)
     return {i: ("test" if k < n_test else "val" if k < n_test + n_val else "train") for k, i in enumerate(order)}
 
 
-def site_pools(dataset: Dataset, config: Config) -> dict[str, ArraySplit]:
+def site_pools(dataset: Dataset, config: Config, *, progress: bool = False) -> dict[str, ArraySplit]:
     """Each site's evaluation pool: the folder's ``Pools/<site>/`` (the synthetic set), else the site's share of
     Testing (each scan at its nearest appearance site) less every scan the duplicate audit finds a copy of in
     Training, so no pool scores what a client or the server may have trained on."""
     if pools := load_pools(dataset.root, config.data.cache_dir):
         return pools
-    kept = audit_dataset(dataset, config.data.cache_dir).kept_test()
-    return pools_from_testing(sited_dataset(replace(dataset, test=dataset.test.subset(kept)), config))
+    kept = audit_dataset(dataset, config.data.cache_dir, progress).kept_test()
+    return pools_from_testing(sited_dataset(replace(dataset, test=dataset.test.subset(kept)), config,
+                                            progress=progress))
 
 
 def partition(split: ArraySplit, root: Path, config: Config, *,
-              pools: dict[str, ArraySplit] | None = None) -> list[Manifest]:
+              pools: dict[str, ArraySplit] | None = None, progress: bool = False) -> list[Manifest]:
     """Manifests for every client, from the clients' share of Training (files and sites), each listing its
     site's pool from ``pools`` (None: the folder's ``Pools/``, if it has them; ``site_pools`` for any data)."""
     if pools is None:
@@ -180,7 +181,7 @@ def partition(split: ArraySplit, root: Path, config: Config, *,
     fed = config.federation
     # Appearance sites (data without metadata.csv) differ in what the scanner did to the images: feature
     # shift, not random buckets. Clustered once over all of Training: the sites new-sites distills by.
-    sited = sited_training(split, config)
+    sited = sited_training(split, config, progress=progress)
     # seen-sites splits such data by class alone, exactly as distillation does.
     _, client_idx = scenario_split(sited if fed.scenario == "new-sites" else split, config)
     split = sited.subset(client_idx)
@@ -398,8 +399,10 @@ def manifest_paths(folder: Path) -> list[Path]:
     return sorted(folder.glob("client-*.json"))
 
 
-def ensure_manifests(folder: Path, dataset: Dataset, data_root: Path, config: Config) -> list[Path]:
+def ensure_manifests(folder: Path, dataset: Dataset, data_root: Path, config: Config, *,
+                     progress: bool = False) -> list[Path]:
     """The client manifests in ``folder``, written from ``dataset`` (Training's clients' share and the site pools)
     when there are none (a resumed run keeps its own)."""
-    return manifest_paths(folder) or write_manifests(
-        partition(dataset.train, data_root, config, pools=site_pools(dataset, config)), folder)
+    return manifest_paths(folder) or write_manifests(partition(
+        dataset.train, data_root, config, pools=site_pools(dataset, config, progress=progress), progress=progress),
+        folder)

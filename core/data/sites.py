@@ -22,6 +22,7 @@ import numpy as np
 
 from edgemri.core.data.dataset import ArraySplit, Dataset
 from edgemri.core.data.images import CLASS_NAMES, DataError
+from edgemri.core.progress import ProgressBar
 
 MAX_SITES = 50  # more clusters than this are no longer sites but noise in the features
 SITE_PREFIX = "appearance-site-"
@@ -123,11 +124,17 @@ def _chunk_features(images: np.ndarray) -> np.ndarray:
     ])
 
 
-def _raw_features(split: ArraySplit) -> np.ndarray:
+def _raw_features(split: ArraySplit, bar: ProgressBar | None = None) -> np.ndarray:
+    """Each image's features, measured a chunk at a time (``bar`` moves on by each chunk's images)."""
     images = split.images.numpy()
     if len(images) == 0:
         return np.zeros((0, len(FEATURE_NAMES)))
-    return np.concatenate([_chunk_features(images[start:start + _CHUNK]) for start in range(0, len(images), _CHUNK)])
+    chunks = []
+    for start in range(0, len(images), _CHUNK):
+        chunks.append(_chunk_features(images[start:start + _CHUNK]))
+        if bar is not None:
+            bar.update(len(chunks[-1]))
+    return np.concatenate(chunks)
 
 
 def _standardization(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -268,8 +275,8 @@ def _choose_count(points: np.ndarray, labels: np.ndarray, distinct: int, seed: i
     return max(scores, key=lambda k: (scores[k], -k)), scores  # ties: the fewer sites
 
 
-def fit_sites(split: ArraySplit, count: int | None, seed: int, *,
-              setting: str = "count") -> tuple[list[str], SiteModel]:
+def fit_sites(split: ArraySplit, count: int | None, seed: int, *, setting: str = "count",
+              progress: bool = False) -> tuple[list[str], SiteModel]:
     """Each image's site, ``appearance-site-0`` (the largest) to ``appearance-site-<count - 1>``, and the
     model that puts other images at those sites: seeded k-means++ (several restarts, the lowest inertia
     kept) over the features standardized within each class. ``count`` None: the candidate count with the
@@ -277,7 +284,7 @@ def fit_sites(split: ArraySplit, count: int | None, seed: int, *,
 
     ``setting`` names the count in errors (e.g. the config key it came from). Raises DataError when
     ``count`` is not 1 to min(MAX_SITES, images), exceeds the number of distinct appearances, or makes a
-    site that lacks a class.
+    site that lacks a class. ``progress``: a bar over the images measured; it ends when the clustering does.
     """
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise DataError(f"the site-clustering seed must be an integer >= 0, got {seed!r}")
@@ -288,8 +295,15 @@ def fit_sites(split: ArraySplit, count: int | None, seed: int, *,
                               or not 1 <= count <= allowed):
         raise DataError(f"{setting} is {count!r}; allowed: an integer from 1 to {allowed} (at most {MAX_SITES} "
                         f"sites and at most one per image; there are {len(split)} images), or null (automatic)")
+    with ProgressBar("appearance sites", len(split), enabled=progress, unit="images") as bar:
+        return _fit_sites(split, count, seed, setting, bar)
+
+
+def _fit_sites(split: ArraySplit, count: int | None, seed: int, setting: str,
+               bar: ProgressBar) -> tuple[list[str], SiteModel]:
+    """``fit_sites`` once its arguments are checked."""
     labels = split.labels.numpy()
-    raw = _raw_features(split)
+    raw = _raw_features(split, bar)
     means, scales = _class_standardization(raw, labels)
     points = _within_class(raw, labels, means, scales)
     distinct = len(np.unique(points, axis=0))
@@ -312,21 +326,23 @@ def fit_sites(split: ArraySplit, count: int | None, seed: int, *,
     return [names[int(k)] for k in clusters], model
 
 
-def cluster_sites(split: ArraySplit, count: int | None, seed: int, *, setting: str = "count") -> list[str]:
+def cluster_sites(split: ArraySplit, count: int | None, seed: int, *, setting: str = "count",
+                  progress: bool = False) -> list[str]:
     """Each image's site as ``fit_sites`` finds it (without the model)."""
-    return fit_sites(split, count, seed, setting=setting)[0]
+    return fit_sites(split, count, seed, setting=setting, progress=progress)[0]
 
 
 def _sited(split: ArraySplit, sites: list[str]) -> ArraySplit:
     return ArraySplit(split.images, split.labels, split.files, sites)
 
 
-def with_appearance_sites(dataset: Dataset, count: int | None, seed: int, *, setting: str = "count") -> Dataset:
+def with_appearance_sites(dataset: Dataset, count: int | None, seed: int, *, setting: str = "count",
+                          progress: bool = False) -> Dataset:
     """``dataset`` as it is when Training has sites (metadata.csv's); else with ``count`` appearance sites
     fitted on Training (``fit_sites``) and each Testing image at its nearest one, so Testing's per-site
     shares are evaluation pools of the very sites the clients are at. Raises DataError as ``fit_sites``.
     """
     if dataset.train.sites:
         return dataset
-    sites, model = fit_sites(dataset.train, count, seed, setting=setting)
+    sites, model = fit_sites(dataset.train, count, seed, setting=setting, progress=progress)
     return replace(dataset, train=_sited(dataset.train, sites), test=_sited(dataset.test, model.assign(dataset.test)))

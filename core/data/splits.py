@@ -122,7 +122,7 @@ def server_client_split(split: ArraySplit, client_fraction: float, seed: int, *,
     return stratified_split(strata, client_fraction, seed)
 
 
-def sited_training(split: ArraySplit, config: Config) -> ArraySplit:
+def sited_training(split: ArraySplit, config: Config, *, progress: bool = False) -> ArraySplit:
     """Training with metadata.csv's sites, else with ``federation.partition.pseudo_sites`` appearance sites
     (``edgemri.core.data.sites``) clustered over the whole split and seeded by ``data.split_seed`` alone, so the
     server's distillation and the clients' partition find the same sites. Raises DataError for a bad count.
@@ -131,19 +131,19 @@ def sited_training(split: ArraySplit, config: Config) -> ArraySplit:
         return split
 
     sites = cluster_sites(split, config.federation.partition.pseudo_sites, config.data.split_seed,
-                          setting=PSEUDO_SITES_KEY)
+                          setting=PSEUDO_SITES_KEY, progress=progress)
     return ArraySplit(split.images, split.labels, split.files, sites)
 
 
-def sited_dataset(dataset: Dataset, config: Config) -> Dataset:
+def sited_dataset(dataset: Dataset, config: Config, *, progress: bool = False) -> Dataset:
     """Both splits with sites: metadata.csv's, else Training's appearance sites as ``sited_training`` finds
     them and each Testing image at its nearest one (``pools_from_testing`` then has per-site pools)."""
 
     return with_appearance_sites(dataset, config.federation.partition.pseudo_sites, config.data.split_seed,
-                                 setting=PSEUDO_SITES_KEY)
+                                 setting=PSEUDO_SITES_KEY, progress=progress)
 
 
-def scenario_split(split: ArraySplit, config: Config) -> tuple[Tensor, Tensor]:
+def scenario_split(split: ArraySplit, config: Config, *, progress: bool = False) -> tuple[Tensor, Tensor]:
     """``server_client_split`` under the config's scenario: the one call distillation and partitioning make,
     so the server and the clients can never disagree on who holds which image.
 
@@ -155,6 +155,6 @@ def scenario_split(split: ArraySplit, config: Config) -> tuple[Tensor, Tensor]:
             raise DataError(f"federation.scenario 'new-sites' on data without site metadata needs at least 2 "
                             f"appearance sites (source sites for the server, the others for the clients); "
                             f"{PSEUDO_SITES_KEY} is {config.federation.partition.pseudo_sites}; allowed: 2 or more")
-        split = sited_training(split, config)
+        split = sited_training(split, config, progress=progress)
     return server_client_split(split, config.data.client_fraction, config.data.split_seed,
                                scenario=config.federation.scenario, source_sites=config.federation.source_sites)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgemri.core.config import AugmentConfig
+from edgemri.core.progress import track
 from edgemri.core.training.evaluate import predict_logits
 from edgemri.core.training.train import Batch, TrainData, Transform
 
@@ -89,11 +90,9 @@ def view_logits(model: nn.Module, images: Tensor, view_params: Tensor, transform
                 known: Tensor | None = None, progress: bool = False) -> Tensor:
     """(N, V, classes) logits of every view of every image, one pass each. ``known``: the logits of view 0 (the
     image itself) of the first ``len(known)`` images, computed already, so those are not passed again."""
-    from tqdm import tqdm
-
     n, views = view_params.shape[:2]
     per_view = []
-    for k in tqdm(range(views), desc="teacher views", disable=not progress):
+    for k in track(range(views), "teacher views", enabled=progress, unit="views"):
         skip = len(known) if known is not None and k == 0 else 0
         logits = predict_logits(model, torch.arange(skip, n),
                                 lambda rows, k=k: transform(apply_views(images[rows], view_params[rows, k])))

@@ -32,6 +32,7 @@ from edgemri.core.data.images import CLASS_NAMES, HEAD_KEY, PREPROCESSING, DataE
 from edgemri.core.data.splits import scenario_split, stratified_split
 from edgemri.core.errors import EdgemriError
 from edgemri.core.io import ArtefactError, load_npz, save_npz
+from edgemri.core.progress import track
 from edgemri.core.training.augment import ViewData, draw_views, view_logits
 from edgemri.core.training.checkpoint import (
     Checkpoint,
@@ -144,12 +145,10 @@ class ForwardCounter:
 @torch.no_grad()
 def conv_features(teacher: Teacher, images: Tensor, batch_size: int = 32, progress: bool = False) -> Tensor:
     """Frozen conv body output for every image, once, stored as float16."""
-    from tqdm import tqdm
-
     teacher.eval()
     chunks = [
         teacher.features(normalize(images[i : i + batch_size])).half()
-        for i in tqdm(range(0, len(images), batch_size), desc="teacher conv features", disable=not progress)
+        for i in track(range(0, len(images), batch_size), "teacher conv features", enabled=progress, unit="batches")
     ]
     return torch.cat(chunks)
 
@@ -167,10 +166,10 @@ class Distiller:
         self.paper_compat = config.distill.paper_compat
         # The server's share of Training (the clients' share is for the federation), fixed
         # across seeds; then a validation split of it per seed.
-        server, _ = scenario_split(dataset.train, config)
+        server, _ = scenario_split(dataset.train, config, progress=progress)
         # data.dedup: copies of one scan stay on one side of train/validation, and Testing's copies of Training
         # scans leave the primary test metrics (the full Testing ones are kept beside them: the paper's protocol).
-        audit = audit_dataset(dataset, config.data.cache_dir) if config.data.dedup else None
+        audit = audit_dataset(dataset, config.data.cache_dir, progress) if config.data.dedup else None
         groups = None if audit is None else [audit.train_groups()[i] for i in server.tolist()]
         train_part, val_part = stratified_split(dataset.train.labels[server], config.data.val_fraction, seed, groups)
         self.train_idx, self.val_idx = server[train_part], server[val_part]

@@ -24,6 +24,7 @@ from edgemri.core.config import TrainSpec
 from edgemri.core.data.dataset import UNKNOWN_LABEL, ArraySplit
 from edgemri.core.data.images import normalize
 from edgemri.core.errors import EdgemriError
+from edgemri.core.progress import ProgressBar
 from edgemri.core.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -256,10 +257,12 @@ class _EpochTotals(NamedTuple):
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainData,
-                 loss: Callable[[Tensor, Batch], Tensor], spec: TrainSpec, steps: Any, generator: torch.Generator,
-                 desc: str, epoch: int, total_batches: int) -> _EpochTotals:
-    """One epoch over ``steps`` (a progress bar over the epoch's batch indices)."""
+                 loss: Callable[[Tensor, Batch], Tensor], spec: TrainSpec, steps: Iterator[Tensor],
+                 generator: torch.Generator, desc: str, epoch: int, total_batches: int,
+                 bar: ProgressBar) -> _EpochTotals:
+    """One epoch over ``steps`` (the batch indices), moving the stage's ``bar`` on by each batch."""
     total_loss, correct, seen, labelled, optimizer_steps = 0.0, 0, 0, 0, 0
+    done_before = (epoch - 1) * total_batches
     for number, index in enumerate(steps, start=1):
         batch = train.batch(index, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -281,7 +284,9 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train: Trai
             correct += int((logits.argmax(1) == batch.labels).sum())  # never true for UNKNOWN_LABEL rows
             seen += len(index)
             labelled += int((batch.labels != UNKNOWN_LABEL).sum())
-            steps.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / max(labelled, 1):.3f}")
+            bar.set_postfix(loss=total_loss / seen, acc=correct / max(labelled, 1))
+        # Poisson sampling (DP-SGD) draws a varying number of batches: the bar stays within the epoch's share.
+        bar.advance_to(done_before + min(number, total_batches))
     return _EpochTotals(total_loss, correct, seen, labelled, optimizer_steps)
 
 
@@ -309,10 +314,9 @@ def fit(
     the split ``val`` really is, so reports can say so. ``keep_start`` makes the model as it came in a
     candidate of the selection (best epoch 0: nothing kept). With ``checkpointing``, every
     completed epoch is saved and an interrupted run can continue from the last one.
-    A NaN or Inf loss or weight raises TrainingDivergedError naming the epoch and batch.
+    A NaN or Inf loss or weight raises TrainingDivergedError naming the epoch and batch. With ``progress``, one
+    bar for the whole run (``core.progress``): epoch x/N, the train loss and accuracy, the last validation's.
     """
-    from tqdm import tqdm
-
     if select == "val" and val is None:
         raise ValueError("select='val' needs validation data")
     if keep_start and checkpointing is not None:
@@ -336,37 +340,37 @@ def fit(
         model.to(memory_format=torch.channels_last)
     started = time.perf_counter()
     total_batches = math.ceil(len(train) / spec.batch_size)
-    for epoch in range(state.epoch + 1, spec.epochs + 1):
-        epoch_start = time.perf_counter()
-        trained_model.train()
-        if spec.schedule == "cosine":  # set per epoch from the epoch number alone, so a resumed run agrees
-            for group in optimizer.param_groups:
-                group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / spec.epochs))
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        steps = tqdm(batches(len(train), spec.batch_size, generator), total=total_batches,
-                     desc=f"{desc} {epoch}/{spec.epochs}", disable=not progress, leave=False)
-        totals = _train_epoch(trained_model, optimizer, train, loss, spec, steps, generator, desc, epoch,
-                              total_batches)
-        total_loss, correct, seen, labelled, steps_taken = totals
-        state.optimizer_steps += steps_taken
-        _check_weights(model, desc, epoch)
-        state.images_seen += seen
-        val_loss = val_accuracy = None
-        if val is not None:
-            val_loss, val_accuracy = _evaluate(model, val)
-        record = EpochRecord(epoch=epoch, train_loss=total_loss / max(seen, 1),
-                             train_accuracy=correct / max(labelled, 1), val_loss=val_loss,
-                             val_accuracy=val_accuracy, seconds=time.perf_counter() - epoch_start)
-        state.history.append(record)
-        key = _selection_key(record, select)
-        if key > state.best_key:
-            state.best_key, state.best_epoch, state.best_state = key, epoch, _state_copy(model)
-        if progress:
-            shown = f" val_acc={val_accuracy:.3f}" if val_accuracy is not None else ""
-            tqdm.write(f"{desc} epoch {epoch}/{spec.epochs} loss={record.train_loss:.3f} "
-                       f"acc={record.train_accuracy:.3f}{shown}")
-        if checkpointing is not None:
-            _save_state(checkpointing, saved, optimizer, state, signature, select)
+    with ProgressBar(f"{desc} epoch {min(state.epoch + 1, spec.epochs)}/{spec.epochs}", spec.epochs * total_batches,
+                     enabled=progress, unit="batches", initial=state.epoch * total_batches) as bar:
+        for epoch in range(state.epoch + 1, spec.epochs + 1):
+            epoch_start = time.perf_counter()
+            trained_model.train()
+            if spec.schedule == "cosine":  # set per epoch from the epoch number alone, so a resumed run agrees
+                for group in optimizer.param_groups:
+                    group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / spec.epochs))
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            bar.set_description(f"{desc} epoch {epoch}/{spec.epochs}")
+            totals = _train_epoch(trained_model, optimizer, train, loss, spec, batches(len(train), spec.batch_size,
+                                  generator), generator, desc, epoch, total_batches, bar)
+            total_loss, correct, seen, labelled, steps_taken = totals
+            state.optimizer_steps += steps_taken
+            _check_weights(model, desc, epoch)
+            state.images_seen += seen
+            val_loss = val_accuracy = None
+            if val is not None:
+                val_loss, val_accuracy = _evaluate(model, val)
+            record = EpochRecord(epoch=epoch, train_loss=total_loss / max(seen, 1),
+                                 train_accuracy=correct / max(labelled, 1), val_loss=val_loss,
+                                 val_accuracy=val_accuracy, seconds=time.perf_counter() - epoch_start)
+            state.history.append(record)
+            key = _selection_key(record, select)
+            if key > state.best_key:
+                state.best_key, state.best_epoch, state.best_state = key, epoch, _state_copy(model)
+            if val_loss is not None and val_accuracy is not None:
+                bar.set_postfix(val_loss=val_loss, val_acc=val_accuracy)
+            bar.advance_to(epoch * total_batches)
+            if checkpointing is not None:
+                _save_state(checkpointing, saved, optimizer, state, signature, select)
     model.load_state_dict(state.best_state)
     if spec.channels_last:
         model.to(memory_format=torch.contiguous_format)

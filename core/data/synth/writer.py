@@ -37,6 +37,7 @@ from edgemri.core.data.synth.planning import (
 from edgemri.core.data.synth.presets import CLASS_NAMES, SynthError, check_pool_size, check_unlabeled_size, get_preset
 from edgemri.core.data.synth.scanner import SEQUENCES, TISSUE
 from edgemri.core.io import write_bytes
+from edgemri.core.progress import ProgressBar
 from edgemri.core.workers import worker_pool
 
 # 1.2: per-site evaluation pools; Training/Testing as in 1.1. Unlabeled/ came later with the same Training, Testing,
@@ -71,7 +72,7 @@ def _chunks(jobs: list[Job], size: int) -> Iterator[list[Job]]:
         yield jobs[start:start + size]
 
 
-def _draw_all(jobs: list[Job], subtle_share: float, workers: int, bar: Any) -> list[dict[str, Any]]:
+def _draw_all(jobs: list[Job], subtle_share: float, workers: int, bar: ProgressBar) -> list[dict[str, Any]]:
     """Metadata rows in plan order; the bytes do not depend on ``workers``."""
     run = partial(_run_chunk, subtle_share=subtle_share)
     rows: list[dict[str, Any]] = []
@@ -79,14 +80,12 @@ def _draw_all(jobs: list[Job], subtle_share: float, workers: int, bar: Any) -> l
         parts: Iterator[list[dict[str, Any]]] = map(run, _chunks(jobs, _CHUNK))
         for part in parts:
             rows += part
-            if bar is not None:
-                bar.update(len(part))
+            bar.update(len(part))
         return rows
     with worker_pool(workers) as pool:
         for part in pool.map(run, _chunks(jobs, _CHUNK)):
             rows += part
-            if bar is not None:
-                bar.update(len(part))
+            bar.update(len(part))
     return rows
 
 
@@ -143,20 +142,8 @@ def generate(out_dir: Path, preset: str = "quickstart", seed: int = 0, workers: 
         jobs += plan_pool_jobs(spec, seed, out_dir, pool_per_site)
     jobs += plan_unlabeled_jobs(spec, seed, out_dir, unlabeled_size)
     workers = max(1, workers if workers is not None else os.cpu_count() or 1)
-
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            pass
-        else:
-            bar = tqdm(total=len(jobs), desc=f"synth {preset}", unit="img")
-    try:
+    with ProgressBar(f"synth {preset}", len(jobs), enabled=progress, unit="images") as bar:
         drawn = _draw_all(jobs, spec.subtle_share, workers, bar)
-    finally:
-        if bar is not None:
-            bar.close()
     rows = [row for row in drawn if row["split"] != UNLABELED_SPLIT]
     unlabeled = {s.name: 0 for s in spec.sites} if unlabeled_size else {}
     for row in drawn:
