@@ -12,11 +12,11 @@ from edgemri.reports.common import machine, package_versions
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_result(name: str, values: dict[str, Any]) -> Path:
-    """One flat JSON per benchmark, with the machine and versions recorded."""
+def write_result(name: str, values: dict[str, Any], folder: Path = RESULTS) -> Path:
+    """One flat JSON per benchmark, with the machine and versions recorded (``folder``: a smoke run's elsewhere)."""
     flat = {**values, **{f"machine_{k}": v for k, v in machine().items()},
             **{f"version_{k}": v for k, v in package_versions().items()}}
-    path = write_json(RESULTS / f"{name}.json", flat)
+    path = write_json(Path(folder) / f"{name}.json", flat)
     print(f"wrote {path}")
     return path
 

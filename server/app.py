@@ -27,7 +27,7 @@ from edgemri.core.training.checkpoint import Checkpoint, CheckpointError, load_c
 from edgemri.core.untrusted import check_record, mapping_of, number, text
 from edgemri.reports.federation import build_federation_report, write_federation_report
 from edgemri.reports.privacy import build_privacy_report, write_privacy_report
-from edgemri.server.strategy import CentralAccountant, FederationStrategy, RoundState, with_central_dp
+from edgemri.server.strategy import CentralAccountant, FederationStrategy, PhaseClock, RoundState, with_central_dp
 
 app = ServerApp()
 log = logging.getLogger("edgemri.server")
@@ -35,6 +35,7 @@ log = logging.getLogger("edgemri.server")
 STATE_FILE = "state.pt"
 BEST_FILE = "global-best.pt"  # the global model of the round federated validation preferred
 PROGRESS_FILE = "progress.log"
+TIMINGS_FILE = "timings.json"  # where the server's time went, per stage and phase (PhaseClock)
 DISCOVERY_WAIT_S = 120.0
 
 
@@ -111,11 +112,14 @@ def _central_eval(test: ArraySplit) -> Callable[[State], dict[str, float]]:
     return evaluate
 
 
-def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResult:
-    start, dataset = prepare(settings, config)
+def run(grid: Grid, settings: p.RunSettings, config: Config, clock: PhaseClock) -> p.FederationResult:
+    """Discovery, the rounds and the final evaluation; ``clock`` times each (server/timings.json)."""
+    with clock.phase("prepare"):
+        start, dataset = prepare(settings, config)
     server_dir = settings.run_dir / "server"
     central_eval = _central_eval(dataset.test) if dataset is not None else None
-    nodes, excluded = discover(grid, settings.num_clients, config.federation.tier_names)
+    with clock.phase("discovery"):
+        nodes, excluded = discover(grid, settings.num_clients, config.federation.tier_names)
     if len(nodes) < config.federation.min_clients:
         raise EdgemriError(f"only {len(nodes)} clients answered; federation.min_clients is "
                            f"{config.federation.min_clients}")
@@ -152,7 +156,7 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
     strategy = FederationStrategy(config, nodes, global_state, state=round_state, best_state=best_state,
                                   round_offset=done,
                                   central_eval=central_eval, on_round=on_round,
-                                  before_round=lambda: p.check_owner(settings.owner_lock))
+                                  before_round=lambda: p.check_owner(settings.owner_lock), clock=clock)
     runner = with_central_dp(strategy, central, accountant) if accountant else strategy
     if done:
         log.info("resuming after round %d", done)
@@ -162,12 +166,15 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
                      timeout=config.federation.round_timeout_s, train_config=ConfigRecord(),
                      evaluate_fn=strategy.after_round)
     p.check_owner(settings.owner_lock)  # the final evaluation spends the DP personal fine-tune's budget
+    clock.begin("final")
     final, final_failed = final_evaluate(grid, strategy, start.state_dict, strategy.best_state, config)
+    with clock.phase("central_evaluation"):
+        central_start = central_eval(start.state_dict) if central_eval else {}
+        central_final = central_eval(strategy.global_state) if central_eval else {}
     return p.FederationResult(
         clients={c.client: c for c in nodes.values()}, history=strategy.state.history, final=final,
-        final_failed=final_failed, retired=strategy.state.retired,
-        central_start=central_eval(start.state_dict) if central_eval else {},
-        central_final=central_eval(strategy.global_state) if central_eval else {},
+        final_failed=final_failed, retired=strategy.state.retired, central_start=central_start,
+        central_final=central_final,
         central_dp=accountant.summary(strategy.state.history, strategy.stop_reason) if accountant
         else {"enabled": False},
         excluded=excluded, best_round=strategy.state.best_round, epsilon_seen=dict(strategy.state.epsilon))
@@ -176,8 +183,11 @@ def run(grid: Grid, settings: p.RunSettings, config: Config) -> p.FederationResu
 def final_evaluate(grid: Grid, strategy: FederationStrategy, start: State, best: State, config: Config
                    ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """Every client's report columns: start, global, best global, personalized and local-only accuracy."""
-    messages = strategy.configure_final_evaluate(start, best)
-    return strategy.collect_evaluate(grid.send_and_receive(messages, timeout=config.federation.round_timeout_s))
+    with strategy.clock.phase("evaluate_messages"):
+        messages = strategy.configure_final_evaluate(start, best)
+    replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)
+    with strategy.clock.phase("evaluate_collect", waited="evaluate_wait"):
+        return strategy.collect_evaluate(replies)
 
 
 def _save_state(server_dir: Path, config: Config, state: State, rounds: RoundState,
@@ -242,8 +252,11 @@ def main(grid: Grid, context: Context) -> None:
     try:
         settings = p.RunSettings.from_run_config(dict(context.run_config))
         config = load_config(settings.config)
-        result = run(grid, settings, config)
-        write_reports(result, config, settings.run_dir)
+        clock = PhaseClock()
+        result = run(grid, settings, config, clock)
+        with clock.phase("reports"):
+            write_reports(result, config, settings.run_dir)
+        write_json(settings.run_dir / "server" / TIMINGS_FILE, clock.stages)
         if failures := result.all_failed():  # the reports say who and when; the run must not look like a success
             raise EdgemriError(f"no client trained in any round ({failures}); see {settings.run_dir / 'federation.md'}"
                                f" and each client's log")

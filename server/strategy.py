@@ -13,16 +13,20 @@
   personalized accuracy, kept per client (tiers are never averaged together);
 - ``after_round`` (Flower's ``evaluate_fn``): central accuracy, the round's record, progress.
 
+``PhaseClock`` times the server's own work in each of these steps and the waits for the clients between them
+(``server/timings.json``, read by ``benchmarks/scale.py``).
+
 Client-level DP is Flower's fixed-clipping wrapper around this strategy (``with_central_dp``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +67,39 @@ class RoundState:
     best_val: float | None = None  # its accuracy over the clients' validation splits
 
 
+class PhaseClock:
+    """Where the server's time goes, per stage ("setup", "round-1", ..., "final"): seconds per phase.
+
+    A phase is the server's own work (sampling, building messages, screening, aggregation, ...). The time
+    from one phase's end to the next one's start is spent waiting for the clients (and Flower's transport);
+    the next phase books it under the wait's name. Each stage also keeps when it started and last ended
+    (``time.time()``), so a client's step timings can be placed in the stage they belong to.
+    """
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+        self.stage = "setup"
+        self._last: float | None = None
+
+    def begin(self, stage: str) -> None:
+        self.stage, self._last = stage, None
+        self.stages[stage] = {"started_at": time.time()}
+
+    @contextlib.contextmanager
+    def phase(self, name: str, waited: str | None = None) -> Iterator[None]:
+        """Time the server's work ``name`` (in seconds, key ``NAME_s``); ``waited``: the wait before it."""
+        times = self.stages.setdefault(self.stage, {"started_at": time.time()})
+        started = time.perf_counter()
+        if waited is not None and self._last is not None:
+            times[f"{waited}_s"] = times.get(f"{waited}_s", 0.0) + started - self._last
+        try:
+            yield
+        finally:
+            self._last = time.perf_counter()
+            times[f"{name}_s"] = times.get(f"{name}_s", 0.0) + self._last - started
+            times["ended_at"] = time.time()
+
+
 def available(config: Config, client: p.ClientInfo, server_round: int) -> bool:
     """Seeded per-round availability draw (a phone is offline, charging, on a train)."""
     seed = (config.seed, server_round, zlib.crc32(client.client.encode()))
@@ -95,7 +132,7 @@ class FederationStrategy(FedAvg):
                  unweighted: bool = False,
                  central_eval: Callable[[State], dict[str, float]] | None = None,
                  on_round: Callable[[p.RoundRecord, State], None] | None = None,
-                 before_round: Callable[[], None] | None = None) -> None:
+                 before_round: Callable[[], None] | None = None, clock: PhaseClock | None = None) -> None:
         fed = config.federation
         super().__init__(min_train_nodes=fed.min_clients, min_available_nodes=fed.min_clients,
                          weighted_by_key=p.NUM_EXAMPLES)
@@ -112,6 +149,7 @@ class FederationStrategy(FedAvg):
         self.central_eval = central_eval
         self.on_round = on_round
         self.before_round = before_round  # raises to stop the run before a round trains (its owner is gone)
+        self.clock = clock or PhaseClock()
         self.max_update_norm = fed.max_update_norm
         self.clipping_norm: float | None = None  # client-level DP, side client: the server checks the clipping
         self.stop_reason: str | None = None  # set when no further round may run (client-level DP budget)
@@ -146,16 +184,19 @@ class FederationStrategy(FedAvg):
         if self.before_round:
             self.before_round()
         self._started = time.perf_counter()
+        self.clock.begin(f"round-{server_round}")
         self.global_state = merge_shared(self.global_state, arrays.to_torch_state_dict())
-        chosen = set() if self.stop_reason else sample_clients(self.config, self.nodes.values(), self.state.retired,
-                                                                server_round)
+        with self.clock.phase("sampling"):
+            chosen = set() if self.stop_reason else sample_clients(self.config, self.nodes.values(),
+                                                                    self.state.retired, server_round)
         sampled = [n for n, c in sorted(self.nodes.items()) if c.client in chosen]
         self.record = p.RoundRecord(round=server_round, sampled=[self.nodes[n].client for n in sampled])
         if self.stop_reason:
             log.warning("round %d: no training: %s", server_round, self.stop_reason)
         if p.CLIPPING_NORM_KEY in config:
             self.clipping_norm = float(config[p.CLIPPING_NORM_KEY])
-        return self._messages(sampled, server_round, MessageType.TRAIN, config)
+        with self.clock.phase("train_messages"):
+            return self._messages(sampled, server_round, MessageType.TRAIN, config)
 
     # -- screening: one bad reply must not decide the federation --------------
 
@@ -208,6 +249,10 @@ class FederationStrategy(FedAvg):
 
     def screen_train(self, replies: Iterable[Message]) -> list[Message]:
         """The replies fit to aggregate, rebuilt with only arrays and weight; the rest are recorded."""
+        with self.clock.phase("screening", waited="train_wait"):
+            return self._screen_train(replies)
+
+    def _screen_train(self, replies: Iterable[Message]) -> list[Message]:
         record = self.record
         good: list[Message] = []
         answered = set()
@@ -301,10 +346,11 @@ class FederationStrategy(FedAvg):
             log.warning("round %d: %d good replies < federation.min_clients=%d; global model unchanged",
                         record.round, len(good), self.config.federation.min_clients)
             return None, self._summary()
-        averaged, _ = super().aggregate_train(server_round, good)
-        record.aggregated = averaged is not None
-        if averaged is not None:
-            self.merge(averaged)
+        with self.clock.phase("aggregation"):
+            averaged, _ = super().aggregate_train(server_round, good)
+            record.aggregated = averaged is not None
+            if averaged is not None:
+                self.merge(averaged)
         return ArrayRecord(self.global_state), self._summary()
 
     def merge(self, averaged: ArrayRecord) -> None:
@@ -321,7 +367,8 @@ class FederationStrategy(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        return self._messages(sorted(self.nodes), server_round + self.round_offset, MessageType.EVALUATE, config)
+        with self.clock.phase("evaluate_messages"):
+            return self._messages(sorted(self.nodes), server_round + self.round_offset, MessageType.EVALUATE, config)
 
     def configure_final_evaluate(self, start: State, best: State) -> list[Message]:
         """The final evaluation: every known client gets the final global model, the start and the best one."""
@@ -359,7 +406,8 @@ class FederationStrategy(FedAvg):
         return metrics, failed
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics, failed = self.collect_evaluate(replies)
+        with self.clock.phase("evaluate_collect", waited="evaluate_wait"):
+            metrics, failed = self.collect_evaluate(replies)
         record = self.record
         record.eval_metrics = metrics
         for name, code in failed.items():
@@ -375,7 +423,8 @@ class FederationStrategy(FedAvg):
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: central metrics, then the round's record (saved by ``on_round``)."""
-        central = self.central_eval(self.global_state) if self.central_eval else {}
+        with self.clock.phase("central_evaluation"):
+            central = self.central_eval(self.global_state) if self.central_eval else {}
         if server_round == 0:
             return MetricRecord(central) if central else None
         record = self.record
@@ -383,7 +432,8 @@ class FederationStrategy(FedAvg):
         record.seconds = time.perf_counter() - self._started
         self.state.history.append(record)
         if self.on_round:
-            self.on_round(record, self.global_state)
+            with self.clock.phase("save_and_progress"):
+                self.on_round(record, self.global_state)
         return MetricRecord(central) if central else None
 
 
