@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("kaggle", "train_speed", "dp_speed", "latency", "federation", "device_footprint", "data_calibration",
+BENCHMARKS = ("kaggle", "train_speed", "dp_speed", "latency", "device_footprint", "data_calibration",
               "personalization", "distillation", "privacy_attacks", "scale")
 # make their own inputs (personalization and privacy_attacks: clinics; distillation: quickstart and kaggle-size;
 # scale: kaggle-size, to hold 1,000 clients; kaggle: the real scans at ../shared/data, skipped with a message where
