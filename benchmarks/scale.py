@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import threading
@@ -64,6 +63,7 @@ from edgemri.core.registries import load_config
 from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.models import Student
 from edgemri.simulation.federate import federate
+from edgemri.simulation.flower_run import processes_under
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 MB = 1024 * 1024
@@ -81,17 +81,6 @@ GOAL_ROUNDS = 5
 
 
 # -- memory: the run's process tree, sampled ----------------------------------------------------------------
-
-
-def run_processes(run_dir: Path) -> list[psutil.Process]:
-    """The run's Flower and Ray processes: each has its FLWR_HOME under the run folder (Ray's workers inherit it)."""
-    root = str(run_dir.resolve())
-    found = []
-    for process in psutil.process_iter(["environ"]):
-        home = (process.info["environ"] or {}).get("FLWR_HOME", "")  # None: another user's process
-        if home == root or home.startswith(root + os.sep):
-            found.append(process)
-    return found
 
 
 @dataclass
@@ -119,7 +108,7 @@ class RunMemory(threading.Thread):
     def sample(self) -> int:
         """One sample; returns the tree's summed RSS in bytes."""
         peaks, total, private, alive = self.peaks, 0, 0, 0
-        for process in run_processes(self.run_dir):
+        for process in processes_under(self.run_dir):
             try:
                 rss, command = process.memory_info().rss, " ".join(process.cmdline())
             except psutil.Error:  # exited (or a zombie) since it was listed

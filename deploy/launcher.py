@@ -34,6 +34,7 @@ from edgemri.simulation.flower_run import (
     flower_env,
     flwr_run,
     free_port,
+    processes_under,
     start_process,
     stop_group,
     wait_healthy,
@@ -220,15 +221,7 @@ class LocalDeployment:
 
     def processes(self) -> list[psutil.Process]:
         """Live processes of this deployment: every flwr process inherits an FLWR_HOME under ``root``."""
-        found = []
-        for process in psutil.process_iter():
-            try:
-                home = process.environ().get("FLWR_HOME")
-                if home and Path(home).is_relative_to(self.root) and process.status() != psutil.STATUS_ZOMBIE:
-                    found.append(process)
-            except psutil.Error:
-                continue
-        return found
+        return processes_under(self.root)
 
     def stop(self) -> None:
         """Stop every SuperNode, then the SuperLink, each with its child processes.

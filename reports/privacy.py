@@ -39,6 +39,10 @@ LEDGER_BEHIND = ("its ledger now states less than it reported to the server earl
                  "deleted or rebuilt on the device); the higher value is stated")
 
 
+# The reply metrics that hold each round's DP-SGD parameters, by the ledger's names for them.
+_PLAN_METRICS = {"noise_multiplier": "noise-multiplier", "sample_rate": "sample-rate", "max_grad_norm": "max-grad-norm"}
+
+
 def _sample_level(name: str, node: Any, result: FederationResult, config: Config) -> dict[str, Any]:
     """One client's sample-level statement: what it reported with each round, and the most the server saw."""
     tier = config.privacy.tier(node.kind, name)
@@ -68,7 +72,6 @@ def _sample_level(name: str, node: Any, result: FederationResult, config: Config
     return entry
 
 
-_PLAN_METRICS = {"noise_multiplier": "noise-multiplier", "sample_rate": "sample-rate", "max_grad_norm": "max-grad-norm"}
 HIGHEST_SHOWN = 10  # clients stated by name per tier, highest epsilon first, when there are many
 
 

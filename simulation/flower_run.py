@@ -80,6 +80,18 @@ def _group_members(pgid: int) -> list[psutil.Process]:
     return members
 
 
+def processes_under(root: Path) -> list[psutil.Process]:
+    """Live processes whose FLWR_HOME lies under ``root``: every flwr and flower-* process of a run or deployment
+    started here (``flower_env``), and Ray's workers, which inherit it."""
+    roots = {Path(root), Path(root).resolve()}  # FLWR_HOME is written as the caller spelled the folder
+    found = []
+    for process in psutil.process_iter(["environ", "status"]):
+        home = (process.info["environ"] or {}).get("FLWR_HOME")  # None: another user's process
+        if home and any(Path(home).is_relative_to(r) for r in roots) and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(process)
+    return found
+
+
 def stop_group(pgid: int, term_wait_s: float = 5.0, *, kill: bool = False) -> None:
     """SIGTERM a process group, then SIGKILL what is left (Ray agents ignore SIGTERM); ``kill``: SIGKILL at once."""
     steps = ((signal.SIGKILL, 2.0),) if kill else ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 2.0))

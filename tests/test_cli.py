@@ -126,25 +126,19 @@ def test_disk_full_names_the_file(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     assert one_error_line(capsys) == f"edgemri: error: {os.strerror(errno.ENOSPC)}: runs/x/report.json"
 
 
-def test_a_multi_line_message_prints_its_first_line(monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("message", "printed"), [
+    ("the run failed\nlogs: /somewhere", "the run failed"),  # a multi-line message: its first line
+    # Whatever a message quotes (a file name from a data folder, a foreign error) cannot drive the terminal.
+    ("cannot use scan-\x1b[31mred\x1b]0;title\x07.jpg", "cannot use scan-\\x1b[31mred\\x1b]0;title\\x07.jpg"),
+])
+def test_an_error_is_one_escaped_line(message: str, printed: str, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     def fails(args: argparse.Namespace) -> int:
-        raise EdgemriError("the run failed\nlogs: /somewhere")
+        raise EdgemriError(message)
 
     monkeypatch.setattr(cli, "cmd_models_summary", fails)
     assert main(["models", "summary"]) == 2
-    assert one_error_line(capsys) == "edgemri: error: the run failed"
-
-
-def test_an_error_message_is_printed_escaped(monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
-    """Whatever a message quotes (a file name from a data folder, a foreign error) cannot drive the terminal."""
-    def fails(args: argparse.Namespace) -> int:
-        raise EdgemriError("cannot use scan-\x1b[31mred\x1b]0;title\x07.jpg")
-
-    monkeypatch.setattr(cli, "cmd_models_summary", fails)
-    assert main(["models", "summary"]) == 2
-    assert one_error_line(capsys) == "edgemri: error: cannot use scan-\\x1b[31mred\\x1b]0;title\\x07.jpg"
+    assert one_error_line(capsys) == f"edgemri: error: {printed}"
 
 
 def test_existing_synth_folder_without_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

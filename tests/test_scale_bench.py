@@ -18,12 +18,12 @@ from benchmarks.scale import (
     client_compute,
     model_sizes,
     round_bytes,
-    run_processes,
     size_overrides,
     stage_of,
 )
 from edgemri.core.registries import load_config
 from edgemri.server.strategy import PhaseClock
+from edgemri.simulation.flower_run import processes_under
 
 SLEEPER = "import sys, time; print('up', flush=True); time.sleep(60)"
 
@@ -40,7 +40,7 @@ def test_the_sampler_sums_the_runs_processes_and_the_runner_and_names_the_server
     server = _sleeper(run_dir / "flwr_home", "flwr-simulation")
     other = _sleeper(tmp_path / "run-other" / "flwr_home")  # a neighbour whose name starts the same: not this run's
     try:
-        assert {p.pid for p in run_processes(run_dir)} == {server.pid}
+        assert {p.pid for p in processes_under(run_dir)} == {server.pid}
         memory = RunMemory(run_dir)
         total = memory.sample()
         peaks = memory.peaks
