@@ -226,7 +226,8 @@ def round_rows(result: dict[str, Any], stages: dict[str, dict[str, float]], comp
                "sampled": len(record["sampled"]), "trained": len(record["trained"]),
                "training_s": sum(m.get("train-seconds", 0.0) for m in record["train_metrics"].values()),
                **round_bytes(model_bytes, train_messages=len(record["sampled"]),
-                             evaluate_messages=len(result["clients"]), trained_replies=len(record["trained"]))}
+                             evaluate_messages=int(compute.get(stage, {}).get("evaluate_messages", 0)),
+                             trained_replies=len(record["trained"]))}
         train = row.get("train_handler_s", 0.0)
         row["round_over_sampled_compute"] = _ratio(record["seconds"], train)
         row["round_over_all_client_compute"] = _ratio(record["seconds"], train + row.get("evaluate_handler_s", 0.0))

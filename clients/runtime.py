@@ -28,8 +28,12 @@ from edgemri.core.data.partition import (
     ManifestError,
     load_local_data,
     load_local_data_cache,
+    load_pool,
+    load_pool_cache,
+    pool_cache_name,
     read_manifest,
     save_local_data,
+    save_pool,
 )
 from edgemri.core.federation.personalize import (
     METHODS,
@@ -40,6 +44,9 @@ from edgemri.core.federation.personalize import (
     evaluate_state,
     exportable,
     local_only,
+    pool_accuracy,
+    predicted_classes,
+    state_digest,
     student_from,
 )
 from edgemri.core.federation.protocol import (
@@ -69,6 +76,23 @@ from edgemri.core.training.checkpoint import Checkpoint, check_state_dict, load_
 from edgemri.models import NormStudent, Student
 
 STATE_FILE = "client-state.pt"  # the one checkpoint format, kind "client"
+SHARED_MODELS = (START_ACCURACY, GLOBAL_ACCURACY, BEST_GLOBAL_ACCURACY)  # the server's: every client gets the same
+_MAX_SHARED_PREDICTIONS = 16  # a run has three shared models; a few sites' worth fit
+
+
+# The shared models' predictions on a site pool, per process: in simulation one process serves many clients of a
+# site, and each would otherwise score the same models on the same scans (most of a population's final evaluation).
+_shared_predictions: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def shared_predictions(state: State, pool: ArraySplit, pool_key: str) -> torch.Tensor:
+    """``predicted_classes(state, pool)``, computed once per process for each state and pool (``pool_key``)."""
+    key = (state_digest(state), pool_key)
+    if key not in _shared_predictions:
+        if len(_shared_predictions) >= _MAX_SHARED_PREDICTIONS:
+            _shared_predictions.clear()
+        _shared_predictions[key] = predicted_classes(state, pool)
+    return _shared_predictions[key]
 
 
 @dataclass(frozen=True)
@@ -76,6 +100,9 @@ class ClientSetup:
     manifest: Path
     data_root: Path
     state_dir: Path
+    pool_dir: Path | None = None  # where the site pool's decoded cache lives; None: the state folder
+
+
 
 
 def resolve_setup(node_config: dict[str, Any], run_config: dict[str, Any]) -> ClientSetup:
@@ -95,7 +122,11 @@ def resolve_setup(node_config: dict[str, Any], run_config: dict[str, Any]) -> Cl
         raise ManifestError(f"node config partition-id is {partition_id!r}; expected an integer in [0, 100000)")
     manifest = run_path(run_config, "manifests") / f"client-{partition_id:03d}.json"
     name = check_client_name(read_manifest(manifest).client)  # a name, so the state folder stays inside state-root
-    return ClientSetup(manifest, run_path(run_config, "data-root"), run_path(run_config, "state-root") / name)
+    # A site's simulated clients share one decoded pool: a thousand phones at a site would each cache its hundreds
+    # of scans otherwise (gigabytes, and a decode per client).
+    pool_dir = run_path(run_config, "pool-cache") if run_config.get("pool-cache") else None
+    return ClientSetup(manifest, run_path(run_config, "data-root"), run_path(run_config, "state-root") / name,
+                       pool_dir)
 
 
 @dataclass
@@ -123,6 +154,7 @@ class Client:
         self.manifest: Manifest = read_manifest(setup.manifest)
         setup.state_dir.mkdir(parents=True, exist_ok=True)
         self._data: LocalData | None = None
+        self._pool: ArraySplit | None = None
 
     @property
     def name(self) -> str:
@@ -145,8 +177,17 @@ class Client:
         return self._data
 
     def site_pool(self) -> ArraySplit | None:
-        """The evaluation pool of this client's site that its manifest lists, if it lists one."""
-        return self.data().pool if len(self.data().pool) else None
+        """The evaluation pool of this client's site that its manifest lists, if it lists one; decoded once and
+        cached under its files' digest (``pool_dir``), checked against the manifest whenever it is read."""
+        if not any(f.split == "pool" for f in self.manifest.files):
+            return None
+        if self._pool is None:
+            cache = (self.setup.pool_dir or self.setup.state_dir) / pool_cache_name(self.manifest)
+            self._pool = load_pool_cache(cache, self.manifest)
+            if self._pool is None:
+                self._pool = load_pool(self.manifest, self.setup.data_root)
+                save_pool(cache, self._pool)
+        return self._pool
 
     # -- state ---------------------------------------------------------------
 
@@ -334,9 +375,11 @@ class Client:
                 metrics[PERSONAL_VAL_ACCURACY] = evaluate_state(personal, data.val)["accuracy"]
         if pool := self.site_pool():  # hundreds of held-out scans of this client's site: the primary metric
             weights = self.class_mix() if instructions.federation.partition.label_skew_alpha is not None else None
+            pool_key = pool_cache_name(self.manifest)
             for key, model in models.items():
-                scored = evaluate_state(model, pool, weights)
-                metrics[POOL_PREFIX + key] = scored["weighted_accuracy" if weights is not None else "accuracy"]
+                predictions = (shared_predictions(model, pool, pool_key) if key in SHARED_MODELS
+                               else predicted_classes(model, pool))
+                metrics[POOL_PREFIX + key] = pool_accuracy(predictions, pool.labels, weights)
             metrics[POOL_EXAMPLES] = float(len(pool))
         exported, preprocessing = exportable(personal)
         save_checkpoint(self.setup.state_dir / "personalized.pt", Checkpoint(

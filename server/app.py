@@ -187,7 +187,7 @@ def final_evaluate(grid: Grid, strategy: FederationStrategy, start: State, best:
         messages = strategy.configure_final_evaluate(start, best)
     replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)
     with strategy.clock.phase("evaluate_collect", waited="evaluate_wait"):
-        return strategy.collect_evaluate(replies)
+        return strategy.collect_evaluate(replies, sorted(strategy.nodes))
 
 
 def _save_state(server_dir: Path, config: Config, state: State, rounds: RoundState,

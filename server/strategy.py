@@ -155,6 +155,7 @@ class FederationStrategy(FedAvg):
         self.stop_reason: str | None = None  # set when no further round may run (client-level DP budget)
         self.record = p.RoundRecord(round=round_offset, sampled=[])  # the round in progress
         self._screened: int | None = None  # the round whose replies the DP wrapper already screened
+        self._asked: list[int] = []  # the nodes this round's evaluation asked
         self._started = 0.0
 
     # -- who trains ------------------------------------------------------------
@@ -365,18 +366,28 @@ class FederationStrategy(FedAvg):
 
     # -- evaluation ------------------------------------------------------------
 
+    def evaluation_targets(self) -> list[int]:
+        """Who evaluates this round: every client of a tier that trains in full, and of a sampled tier only this
+        round's cohort (cross-device practice: a thousand phones are not all asked every round; each one that
+        exists is still scored in the final evaluation)."""
+        cohort = set(self.record.sampled)
+        return [n for n, c in sorted(self.nodes.items())
+                if c.client in cohort or self.config.federation.tier(c.kind).sample_per_round is None]
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         with self.clock.phase("evaluate_messages"):
-            return self._messages(sorted(self.nodes), server_round + self.round_offset, MessageType.EVALUATE, config)
+            self._asked = self.evaluation_targets()
+            return self._messages(self._asked, server_round + self.round_offset, MessageType.EVALUATE, config)
 
     def configure_final_evaluate(self, start: State, best: State) -> list[Message]:
         """The final evaluation: every known client gets the final global model, the start and the best one."""
         return self._messages(sorted(self.nodes), self.config.federation.rounds, MessageType.EVALUATE,
                               ConfigRecord({"final": True}), **{p.START: ArrayRecord(start), p.BEST: ArrayRecord(best)})
 
-    def collect_evaluate(self, replies: Iterable[Message]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-        """Per-client metrics from evaluation replies (validated), and who failed."""
+    def collect_evaluate(self, replies: Iterable[Message], asked: Iterable[int]
+                         ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+        """Per-client metrics from evaluation replies (validated), and who failed of the nodes ``asked``."""
         metrics: dict[str, dict[str, float]] = {}
         failed: dict[str, str] = {}
         for reply in replies:
@@ -400,14 +411,14 @@ class FederationStrategy(FedAvg):
                                           for k, v in values.items()}
             except p.ProtocolError:
                 failed[client.client] = p.FailureCode.BAD_REPLY.value
-        for client in self.nodes.values():
+        for client in (self.nodes[n] for n in asked):
             if client.client not in metrics and client.client not in failed:
                 failed[client.client] = p.FailureCode.NO_REPLY.value
         return metrics, failed
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         with self.clock.phase("evaluate_collect", waited="evaluate_wait"):
-            metrics, failed = self.collect_evaluate(replies)
+            metrics, failed = self.collect_evaluate(replies, self._asked)
         record = self.record
         record.eval_metrics = metrics
         for name, code in failed.items():

@@ -26,7 +26,15 @@ from edgemri.core.config import Config
 from edgemri.core.data.dataset import ArraySplit, Dataset
 from edgemri.core.data.images import CLASS_NAMES
 from edgemri.core.data.partition import Manifest, load_pool
-from edgemri.core.federation.personalize import LocalTrainer, State, evaluate_state, student_from
+from edgemri.core.federation.personalize import (
+    LocalTrainer,
+    State,
+    evaluate_state,
+    pool_accuracy,
+    predicted_classes,
+    state_digest,
+    student_from,
+)
 from edgemri.core.federation.protocol import POOL_PREFIX
 
 POOLED, ORACLE = "pooled-accuracy", "oracle-accuracy"
@@ -71,9 +79,7 @@ def references_key(manifests: list[Manifest], start: State, config: Config) -> s
     digest = hashlib.sha256()
     clients = [(m.client, m.kind, m.site, [dataclasses.asdict(f) for f in m.files]) for m in manifests]
     digest.update(json.dumps(clients, sort_keys=True).encode())
-    for name, tensor in start.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(state_digest(start).encode())
     settings = {"seed": config.seed, "hospital": dataclasses.asdict(config.federation.tier("hospital")),
                 "label_skew_alpha": config.federation.partition.label_skew_alpha, "epochs": ORACLE_EPOCHS,
                 "carved": CARVED_VAL_FRACTION, "version": REFERENCES_VERSION}
@@ -97,15 +103,17 @@ def reference_accuracies(manifests: list[Manifest], dataset: Dataset, start: Sta
                _fine_tune(start, subset([m for m in manifests if m.site == site], "train"),
                           subset([m for m in manifests if m.site == site], "val"), config, config.seed)
                for site in sites}
+    # Each site's pool is scored once per model; a client's pool score mixes those predictions by its class mix.
+    on_pools = {site: {POOLED: predicted_classes(pooled, pool), ORACLE: predicted_classes(oracles[site], pool)}
+                for site, pool in pools.items() if len(pool)}
     out: dict[str, dict[str, float]] = {}
     for manifest in manifests:
         test = subset([manifest], "test")
         models = {POOLED: pooled, ORACLE: oracles[manifest.site]}
         scores = {key: evaluate_state(model, test)["accuracy"] for key, model in models.items()}
-        if len(pool := pools[manifest.site]):
+        if manifest.site in on_pools:
             weights = _class_mix(manifest) if weighted else None
-            for key, model in models.items():
-                result = evaluate_state(model, pool, weights)
-                scores[POOL_PREFIX + key] = result["weighted_accuracy" if weighted else "accuracy"]
+            for key, predictions in on_pools[manifest.site].items():
+                scores[POOL_PREFIX + key] = pool_accuracy(predictions, pools[manifest.site].labels, weights)
         out[manifest.client] = {k: float(v) for k, v in scores.items()}
     return out

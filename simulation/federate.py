@@ -149,7 +149,7 @@ def _federate(config: Config, start: Checkpoint, data_root: Path, out: Path, sta
         "config": str(config_path), "run-dir": str(out), "data-root": str(data_root.resolve()),
         "manifests": str(out / "manifests"), "state-root": str(out / "clients"),
         "start-checkpoint": str(start_checkpoint.resolve()), "num-clients": len(manifests), "resume": resume,
-        "audit-dir": str(out / "audit") if audit else "", "owner-lock": str(lock),
+        "audit-dir": str(out / "audit") if audit else "", "owner-lock": str(lock), "pool-cache": str(out / "pools"),
     }
     progress_log = out / "server" / "progress.log"
     progress_log.unlink(missing_ok=True)

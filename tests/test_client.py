@@ -130,9 +130,11 @@ def test_a_failure_travels_as_a_code_without_its_text(error: Exception, code: p.
     assert reply.content[p.METRICS][p.NUM_EXAMPLES] == 0
 
 
-def test_the_final_evaluation_scores_every_model_on_the_clients_site_pool(
-        sited_data: Path, tmp_path: Path, user_cache: Path) -> None:
+def test_the_final_evaluation_scores_every_model_on_the_site_pool_its_clients_decode_and_score_once(
+        sited_data: Path, tmp_path: Path, user_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
+
+    from edgemri.clients import runtime
 
     root = tmp_path / "data"
     shutil.copytree(sited_data, root)
@@ -142,16 +144,37 @@ def test_the_final_evaluation_scores_every_model_on_the_clients_site_pool(
         shutil.copy(image, target)
     pool_size = len(list(root.glob("Pools/site-a/*/*.jpg")))
     manifests = write_manifests(partition(load_dataset(root).train, root, CONFIG), tmp_path / "m")
-    manifest = next(m for m in manifests if read_manifest(m).kind == "hospital" and read_manifest(m).site == "site-a")
-    client = Client(resolve_setup({"manifest": str(manifest), "data-dir": str(root),
-                                   "state-dir": str(tmp_path / "state")}, {}))
-    start = Student().state_dict()
-    metrics = client.final_evaluate(create_method(CONFIG.federation), start, start, start, ClientState(),
-                                    p.RoundInstructions.for_tier(CONFIG, "hospital", 1, final=True))
-    assert metrics[p.POOL_EXAMPLES] == pool_size
-    assert metrics[p.POOL_PREFIX + p.START_ACCURACY] == metrics[p.POOL_PREFIX + p.BEST_GLOBAL_ACCURACY]
-    assert all(0 <= metrics[p.POOL_PREFIX + k] <= 1 for k in (p.GLOBAL_ACCURACY, p.PERSONAL_ACCURACY,
-                                                              p.LOCAL_ONLY_ACCURACY))
+    at_site = [m for m in manifests if read_manifest(m).site == "site-a"]
+    assert {read_manifest(m).kind for m in at_site} == {"hospital", "phone"}
+    run_config = {"manifests": str(tmp_path / "m"), "data-root": str(root), "state-root": str(tmp_path / "clients"),
+                  "pool-cache": str(tmp_path / "pools")}
+    scored: list[int] = []
+    predict = runtime.predicted_classes
+    monkeypatch.setattr(runtime, "predicted_classes", lambda state, split: scored.append(len(split)) or
+                        predict(state, split))
+    start, results = Student().state_dict(), []
+    for manifest in at_site:
+        setup = resolve_setup({"partition-id": manifests.index(manifest)}, run_config)
+        client = Client(setup)
+        results.append(client.final_evaluate(
+            create_method(CONFIG.federation), start, start, start, ClientState(),
+            p.RoundInstructions.for_tier(CONFIG, client.kind, 1, final=True)))
+        assert not list(setup.state_dir.glob("pool-*.npz"))  # not in each client's own folder
+    (cache,) = (tmp_path / "pools").glob("pool-*.npz")  # one decoded pool for the site's clients
+    for metrics in results:
+        assert metrics[p.POOL_EXAMPLES] == pool_size
+        assert metrics[p.POOL_PREFIX + p.START_ACCURACY] == metrics[p.POOL_PREFIX + p.BEST_GLOBAL_ACCURACY]
+        assert all(0 <= metrics[p.POOL_PREFIX + k] <= 1 for k in (p.GLOBAL_ACCURACY, p.PERSONAL_ACCURACY,
+                                                                  p.LOCAL_ONLY_ACCURACY))
+    assert results[0][p.POOL_PREFIX + p.START_ACCURACY] == results[1][p.POOL_PREFIX + p.START_ACCURACY]
+    # The shared start model is scored on the pool once in this process; each client's own models once each.
+    assert scored.count(pool_size) == 1 + 2 * len(at_site)
+    # A cache that lists other scans is not used: the pool is decoded again from the client's manifest.
+    other = tmp_path / "other.npz"
+    runtime.save_pool(other, runtime.load_pool_cache(cache, read_manifest(at_site[0])).subset([0]))
+    shutil.copy(other, cache)
+    again = Client(resolve_setup({"partition-id": manifests.index(at_site[0])}, run_config))
+    assert len(again.site_pool()) == pool_size
 
 
 @pytest.mark.parametrize(("message_type", "steps"), [

@@ -154,6 +154,29 @@ def test_the_strategy_sends_the_sample_and_client_level_dp_records_its_real_rate
     assert accountant.summary([], None)["accountant"]["sampling"] == "no-amplification"
 
 
+def test_a_sampled_tier_evaluates_only_its_rounds_cohort_and_only_those_asked_can_miss_a_reply() -> None:
+    config = _config(tiers={"phone": {"availability": 0.7, "sample_per_round": 3}})
+    strategy = FederationStrategy(config, dict(POPULATION), _start())
+    for server_round in (1, 2):
+        cohort = [n for n, c in POPULATION.items() if c.client in sample_clients(config, POPULATION.values(), set(),
+                                                                                   server_round)]
+        _round(strategy, [_reply(n, arrays=strategy.global_state) for n in cohort], server_round)
+        asked = list(strategy.configure_evaluate(server_round, ArrayRecord(strategy.global_state), ConfigRecord(),
+                                                 None))
+        names = {POPULATION[m.metadata.dst_node_id].client for m in asked}
+        assert names == set(strategy.record.sampled) and names >= HOSPITALS and len(names - HOSPITALS) == 3
+        answered = next(m.metadata.dst_node_id for m in asked if POPULATION[m.metadata.dst_node_id].kind == "phone")
+        reply = _reply(answered, metrics={p.NUM_EXAMPLES: 5}, status=None, message_type=MessageType.EVALUATE)
+        strategy.aggregate_evaluate(server_round, [reply])
+        missing = names - {POPULATION[answered].client}
+        assert set(strategy.record.eval_metrics) == {POPULATION[answered].client}
+        assert strategy.record.failed == dict.fromkeys(missing, p.FailureCode.NO_REPLY.value)
+    # Without a sample every client is asked, as before.
+    everyone = FederationStrategy(_config(), dict(POPULATION), _start())
+    _round(everyone, [], 1)
+    assert len(list(everyone.configure_evaluate(1, ArrayRecord(everyone.global_state), ConfigRecord(), None))) == 22
+
+
 def test_fedavg_weights_by_examples_and_a_decline_retires_the_client() -> None:
     start = _start()
     strategy = FederationStrategy(_config(), dict(NODES), start)
@@ -338,7 +361,7 @@ def test_an_evaluation_that_failed_on_the_device_is_a_failure_not_a_result() -> 
     failed.content[p.INFO] = ConfigRecord({"status": "failed", "code": "data-error"})
     good = _reply(1, metrics={p.NUM_EXAMPLES: 5, p.PERSONAL_ACCURACY: 0.8}, status=None,
                   message_type=MessageType.EVALUATE)
-    metrics, failures = strategy.collect_evaluate([good, failed])
+    metrics, failures = strategy.collect_evaluate([good, failed], sorted(NODES))
     assert metrics == {"hospital-a": {p.NUM_EXAMPLES: 5.0, p.PERSONAL_ACCURACY: 0.8}}
     assert failures == {"hospital-b": "data-error", "phone-a": p.FailureCode.NO_REPLY.value}
 

@@ -67,7 +67,9 @@ CLIENT_KINDS: tuple[str, ...] = ("hospital", "phone")
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_MANIFEST_BYTES = 16 * 2**20  # the whole Kaggle set in one manifest is about 1.5 MB
 MAX_MANIFEST_FILES = 100_000
-_LOCAL_DATA_FORMAT = "edgemri.local-data/1"
+OWN_SPLITS = LOCAL_SPLITS[:3]  # a client's own scans; its site's pool is the same for every client there
+_LOCAL_DATA_FORMAT = "edgemri.local-data/2"  # 2: the client's own splits only; the site pool is cached apart
+_POOL_FORMAT = "edgemri.site-pool/1"
 
 
 class ManifestError(EdgemriError):
@@ -303,7 +305,6 @@ class LocalData:
     train: ArraySplit
     val: ArraySplit
     test: ArraySplit
-    pool: ArraySplit  # the site's evaluation pool (empty where the data has none)
 
     def num_examples(self) -> int:
         return len(self.train)
@@ -350,8 +351,8 @@ def _decode(manifest: Manifest, data_root: Path, splits: tuple[str, ...]) -> dic
 
 
 def load_local_data(manifest: Manifest, data_root: Path) -> LocalData:
-    """Decode exactly the manifest's files (``_decode``): the client's own splits and its site's pool."""
-    return LocalData(**_decode(manifest, data_root, LOCAL_SPLITS))
+    """Decode exactly the manifest's files of the client's own splits (``_decode``)."""
+    return LocalData(**_decode(manifest, data_root, OWN_SPLITS))
 
 
 def load_pool(manifest: Manifest, data_root: Path) -> ArraySplit:
@@ -359,39 +360,69 @@ def load_pool(manifest: Manifest, data_root: Path) -> ArraySplit:
     return _decode(manifest, data_root, ("pool",))["pool"]
 
 
-def save_local_data(path: Path, data: LocalData) -> Path:
-    """A client's decoded scans as a plain .npz (mode 0600: patient data), atomically; never a pickle."""
-    arrays = {"format": np.array(_LOCAL_DATA_FORMAT)}
-    for split in LOCAL_SPLITS:
-        arrays.update(split_to_arrays(getattr(data, split), prefix=f"{split}_"))
+def pool_cache_name(manifest: Manifest) -> str:
+    """The file name of the site pool's cache: every manifest that lists the same pool files names the same one,
+    so a folder shared by a site's simulated clients decodes each pool once."""
+    listed = [(f.path, f.sha256, f.label) for f in manifest.files if f.split == "pool"]
+    return f"pool-{hashlib.sha256(repr(listed).encode()).hexdigest()[:16]}.npz"
+
+
+def _save_splits(path: Path, splits: dict[str, ArraySplit], fmt: str) -> Path:
+    """Decoded scans as a plain .npz (mode 0600: patient data), atomically; never a pickle."""
+    arrays = {"format": np.array(fmt)}
+    for split, data in splits.items():
+        arrays.update(split_to_arrays(data, prefix=f"{split}_"))
     return save_npz(Path(path), arrays, mode=0o600)
 
 
-def load_local_data_cache(path: Path, manifest: Manifest) -> LocalData | None:
-    """The cache ``save_local_data`` wrote, if it holds exactly the manifest's files, splits and labels.
+def _load_splits_cache(path: Path, manifest: Manifest, names: tuple[str, ...], fmt: str
+                       ) -> dict[str, ArraySplit] | None:
+    """The splits ``_save_splits`` wrote, if they hold exactly the manifest's files and labels of ``names``.
 
-    None when it is missing, unreadable, malformed or for another manifest (a warning says which):
-    the caller decodes again with ``load_local_data``.
+    None when the file is missing, unreadable, malformed or for another manifest (a warning says which): the
+    caller decodes again.
     """
     path = Path(path)
     if not path.is_file():
         return None
     try:
         arrays = load_npz(path)
-        fmt = arrays.get("format")
-        if fmt is None or fmt.dtype.kind != "U" or fmt.shape != () or str(fmt) != _LOCAL_DATA_FORMAT:
-            raise ArtefactError(f"not an {_LOCAL_DATA_FORMAT} file")
-        splits = {split: split_from_arrays(arrays, prefix=f"{split}_") for split in LOCAL_SPLITS}
-        if len(arrays) != 1 + 4 * len(LOCAL_SPLITS):
+        found = arrays.get("format")
+        if found is None or found.dtype.kind != "U" or found.shape != () or str(found) != fmt:
+            raise ArtefactError(f"not an {fmt} file")
+        splits = {split: split_from_arrays(arrays, prefix=f"{split}_") for split in names}
+        if len(arrays) != 1 + 4 * len(names):
             raise ArtefactError("unexpected arrays")
         for split, local in splits.items():
             expected = [(f.path, f.label) for f in manifest.files if f.split == split]
             if list(zip(local.files, local.labels.tolist(), strict=True)) != expected:
                 raise ArtefactError(f"its {split} files or labels are not the manifest's")
     except ArtefactError as err:
-        log.warning("ignoring the local data cache %s (%s); decoding the manifest's files again", path, err)
+        log.warning("ignoring the cache %s (%s); decoding the manifest's files again", path, err)
         return None
-    return LocalData(**splits)
+    return splits
+
+
+def save_local_data(path: Path, data: LocalData) -> Path:
+    """A client's own decoded scans (``_save_splits``)."""
+    return _save_splits(path, {split: getattr(data, split) for split in OWN_SPLITS}, _LOCAL_DATA_FORMAT)
+
+
+def load_local_data_cache(path: Path, manifest: Manifest) -> LocalData | None:
+    """The cache ``save_local_data`` wrote, checked against the manifest (``_load_splits_cache``)."""
+    splits = _load_splits_cache(path, manifest, OWN_SPLITS, _LOCAL_DATA_FORMAT)
+    return None if splits is None else LocalData(**splits)
+
+
+def save_pool(path: Path, pool: ArraySplit) -> Path:
+    """A site pool's decoded scans (``_save_splits``)."""
+    return _save_splits(path, {"pool": pool}, _POOL_FORMAT)
+
+
+def load_pool_cache(path: Path, manifest: Manifest) -> ArraySplit | None:
+    """The cache ``save_pool`` wrote, if it holds exactly the pool the manifest lists."""
+    splits = _load_splits_cache(path, manifest, ("pool",), _POOL_FORMAT)
+    return None if splits is None else splits["pool"]
 
 
 def manifest_paths(folder: Path) -> list[Path]:

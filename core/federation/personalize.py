@@ -9,6 +9,7 @@ model is); the round loop itself lives in the Flower apps. States are plain
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -61,6 +62,27 @@ def evaluate_state(state: State, split: ArraySplit, class_weights: Tensor | None
     if class_weights is not None:
         out["weighted_accuracy"] = class_weighted_accuracy(logits.argmax(1), split.labels, class_weights)
     return out
+
+
+def predicted_classes(state: State, split: ArraySplit) -> Tensor:
+    """A (personal) state's predicted class for every image of ``split``."""
+    return predict_logits(personal_model(state), split.images, normalize).argmax(1)
+
+
+def pool_accuracy(predictions: Tensor, labels: Tensor, class_weights: Tensor | None = None) -> float:
+    """Accuracy of ``predictions``; with ``class_weights``, mixed by class as ``class_weighted_accuracy``."""
+    if class_weights is not None:
+        return class_weighted_accuracy(predictions, labels, class_weights)
+    return float((predictions == labels).float().mean())
+
+
+def state_digest(state: State) -> str:
+    """A digest of a state's names and values: equal states, equal digests."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def class_weighted_accuracy(predictions: Tensor, labels: Tensor, class_weights: Tensor) -> float:

@@ -148,12 +148,13 @@ class RunSettings:
     resume: bool = False
     audit_dir: Path | None = None
     owner_lock: Path | None = None  # simulation: held by the command that started the run (core/io.owner_lock)
+    pool_cache: Path | None = None  # simulation: one folder where a site's clients share its decoded pool
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any], base: Path = APP_ROOT) -> RunSettings:
         """Parse the run config; relative paths are taken from ``base`` (the app's folder), not the cwd."""
         known = {"config", "run-dir", "data-root", "manifests", "state-root", "start-checkpoint", "num-clients",
-                 "resume", "audit-dir", "owner-lock"}
+                 "resume", "audit-dir", "owner-lock", "pool-cache"}
         unknown = sorted(set(run_config) - known)
         if unknown:
             raise ProtocolError(f"unknown run config key '{unknown[0]}'; allowed: {', '.join(sorted(known))}")
@@ -175,7 +176,8 @@ class RunSettings:
         return cls(config=path("config"), run_dir=path("run-dir"), data_root=path("data-root", required=False),
                    manifests=path("manifests", required=False), state_root=path("state-root", required=False),
                    start_checkpoint=path("start-checkpoint"), num_clients=num, resume=resume,
-                   audit_dir=path("audit-dir", required=False), owner_lock=path("owner-lock", required=False))
+                   audit_dir=path("audit-dir", required=False), owner_lock=path("owner-lock", required=False),
+                   pool_cache=path("pool-cache", required=False))
 
 
 OWNER_LOCK = "owner.lock"  # in a simulated run's folder, held by the edgemri command that runs it
