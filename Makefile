@@ -12,13 +12,13 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch/torchvision pinned exactly: these machines install them from local disk.
-	$(BIN)/python -m pip install --quiet -e ".[edge,dev,attacks]"
+	$(BIN)/python -m pip install --quiet -e ".[edge,dev,attacks,track]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/edgemri demo --out $(DEMO)
+	$(BIN)/edgemri demo --out $(DEMO) --track
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

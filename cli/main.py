@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgemri import __version__
 from edgemri.arguments import SEEDS, AtMost, BoundedInt, CommaList
@@ -40,7 +40,26 @@ def _progress(args: argparse.Namespace) -> bool:
 def _config(args: argparse.Namespace) -> Config:
     from edgemri.simulation.pipeline import load_run_config
 
-    return load_run_config(args.config, args.overrides, args.data_root)
+    return load_run_config(args.config, [*args.overrides, *_tracking_overrides(args)], args.data_root)
+
+
+def _tracking_overrides(args: argparse.Namespace) -> list[str]:
+    """--track / --no-track and --track-dir, where a command has them, as config overrides (checked like any
+    other); naming a store turns tracking on unless --no-track says otherwise."""
+    track, folder = getattr(args, "track", None), getattr(args, "track_dir", None)
+    overrides = [] if folder is None else [f"tracking.dir={json.dumps(folder)}"]  # a JSON string is YAML
+    if track is not None or folder is not None:
+        overrides.append(f"tracking.enabled={'false' if track is False else 'true'}")
+    return overrides
+
+
+def _track(config: Config, run_dir: Path, **what: Any) -> None:
+    """After a finished run, with tracking on: the run folder into MLflow, and how to look at it."""
+    from edgemri.simulation.pipeline import mlflow_ui_line, track_run, tracking_store
+
+    if config.tracking.enabled:
+        store = tracking_store(config, run_dir)
+        print("\n".join([*track_run(run_dir, store, **what), mlflow_ui_line(store)]))
 
 
 # ---------------------------------------------------------------- data
@@ -159,21 +178,28 @@ def cmd_models_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from edgemri.simulation.pipeline import distill
+    from edgemri.simulation.pipeline import check_tracking, distill
 
-    outcome = distill(_config(args), Path(args.out), seeds=args.seeds, resume=args.resume, progress=_progress(args))
+    config = _config(args)
+    check_tracking(config.tracking.enabled)
+    outcome = distill(config, Path(args.out), seeds=args.seeds, resume=args.resume, progress=_progress(args),
+                      show_scans=args.show_scans)
     print("\n".join(outcome.lines()))
+    _track(config, outcome.out)
     return 0
 
 
 def cmd_federate(args: argparse.Namespace) -> int:
     from edgemri.simulation.federate import federate
-    from edgemri.simulation.pipeline import federation_lines, start_model
+    from edgemri.simulation.pipeline import check_tracking, federation_lines, start_model
 
     config = _config(args)
-    run = federate(config, data_root=Path(config.data.root), out=Path(args.out),
-                   start_checkpoint=start_model(config, args.start), resume=args.resume, progress=_progress(args))
+    check_tracking(config.tracking.enabled)
+    start = start_model(config, args.start)
+    run = federate(config, data_root=Path(config.data.root), out=Path(args.out), start_checkpoint=start,
+                   resume=args.resume, progress=_progress(args))
     print("\n".join(federation_lines(run)))
+    _track(config, run.out, start=start)
     return 0
 
 
@@ -254,12 +280,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the offline default; an interrupted demo resumes where it stopped."""
-    from edgemri.simulation.pipeline import demo
+    from edgemri.simulation.pipeline import demo, mlflow_ui_line
 
     data_root = Path(args.data_root) if args.data_root else None
-    outcome = demo(Path(args.out), Path(args.config), quiet=args.quiet, data_root=data_root)
+    outcome = demo(Path(args.out), Path(args.config), quiet=args.quiet, data_root=data_root, track=args.track,
+                   track_dir=Path(args.track_dir) if args.track_dir else None)
     print("\nReports:")
     print("\n".join(outcome.layout.report_lines()))
+    if outcome.tracking_store is not None:
+        print(f"  {mlflow_ui_line(outcome.tracking_store)}")
     return 0
 
 
@@ -284,6 +313,17 @@ def add_overrides(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--set", dest="overrides", action=AtMost, most=MAX_OVERRIDES, default=[], metavar="KEY=VALUE",
                      help=f"override one config key (value in YAML), e.g. --set federation.method=fedper; "
                           f"repeatable, at most {MAX_OVERRIDES} times")
+
+
+def add_tracking(sub: argparse.ArgumentParser, *, on: bool | None, store: str) -> None:
+    """--track / --no-track and --track-dir: the finished run into MLflow's local file store (reports/tracking.py).
+    ``on``: the default (None: the config's tracking.enabled); ``store``: where it goes by default."""
+    default = "; default: on" if on else "; default: the config's tracking.enabled, off unless set"
+    sub.add_argument("--track", action=argparse.BooleanOptionalAction, default=on,
+                     help=f"log the finished run into MLflow's local file store, offline, for `mlflow ui` (needs "
+                          f"pip install 'edgemri[track]'{default})")
+    sub.add_argument("--track-dir", default=None, metavar="DIR",
+                     help=f"the MLflow file store (implies --track; default: {store})")
 
 
 def _data_commands(commands: argparse._SubParsersAction) -> None:
@@ -333,6 +373,10 @@ def _model_commands(commands: argparse._SubParsersAction) -> None:
     distill.add_argument("--seeds", type=SEEDS, default=1, metavar="N",
                          help=f"repeat with seeds seed..seed+N-1 (N: {SEEDS}, default 1)")
     distill.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    distill.add_argument("--show-scans", action="store_true",
+                         help="draw a few correctly and wrongly classified Testing scans (examples.png, shown in "
+                              "report.html) for real data too (always on edgemri's synthetic data)")
+    add_tracking(distill, on=None, store="the config's tracking.dir, else mlruns beside --out")
     fed = add_command(commands, "federate", cmd_federate,
               "personalize the distilled student with a Flower federation (simulation)")
     add_config(fed)
@@ -342,6 +386,8 @@ def _model_commands(commands: argparse._SubParsersAction) -> None:
                           "federation.start_checkpoint or runs/demo/distill/student.pt)")
     fed.add_argument("--out", default="runs/federation", help="run folder (default: runs/federation)")
     fed.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+    add_tracking(fed, on=None, store="the config's tracking.dir, else mlruns beside --out (where `distill` puts "
+                                     "its runs, so the federation becomes a child of its distillation)")
 
 
 def _privacy_commands(commands: argparse._SubParsersAction) -> None:
@@ -421,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
     demo.add_argument("--config", default="configs/quickstart.yaml",
                       help="YAML config (default: configs/quickstart.yaml)")
+    add_tracking(demo, on=True, store="OUT/mlruns")
     return parser
 
 

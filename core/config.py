@@ -508,12 +508,28 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking: a finished run's reports logged into MLflow's local file store (reports/tracking.py)."""
+
+    enabled: bool = False  # `--track` turns it on for one command; the demo tracks unless `--no-track`
+    # The store's folder; null: mlruns beside the run folder, so a distillation and the federations started from
+    # its student share one store (runs/demo/mlruns for the demo). A folder, never a server: tracking is offline.
+    dir: str | None = None
+
+    def validate(self, where: str) -> None:
+        if self.dir is not None:
+            _require(bool(self.dir.strip()) and "://" not in self.dir, f"{where}.dir", self.dir,
+                     "null or a local folder (MLflow's file store; no server URI)")
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self, names: Registries) -> Config:
         _in_range("seed", self.seed, 0, MAX_SEED, integer=True)
@@ -521,6 +537,7 @@ class Config:
         self.distill.validate("distill", names)
         self.federation.validate("federation", names)
         self.privacy.validate("privacy", names)
+        self.tracking.validate("tracking")
         stray = [name for name in self.privacy.tiers if name not in self.federation.tiers]
         if stray:
             raise ConfigError(f"config key 'privacy.tiers.{stray[0]}' names no federation tier; allowed: "

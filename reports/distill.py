@@ -1,13 +1,19 @@
-"""Distillation report: report.json, report.md (the paper's Table 1 beside ours), plots."""
+"""Distillation report: report.json, report.md (the paper's Table 1 beside ours), plots, and a few example scans
+(examples.json, examples.png: synthetic data only, unless the user asks)."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torch import Tensor
+
 from edgemri.core.config import Config
-from edgemri.core.data.dataset import Dataset
+from edgemri.core.data.dataset import ArraySplit, Dataset
 from edgemri.core.data.images import CLASS_NAMES
 from edgemri.core.io import save_figure, write_json, write_text
 from edgemri.core.stats import bootstrap_ci_clustered
@@ -25,6 +31,13 @@ PAPER_TABLE = {
 LABELS = {"teacher": "Teacher", "baseline": "Baseline student (CE)", "kd": "KD student",
           "paper-kd": "Paper KD (T=1, alpha=0.5)"}
 ABLATION_PREFIX = "kd-without-"
+EXAMPLES_JSON, EXAMPLES_FILE = "examples.json", "examples.png"
+EXAMPLES_KIND = "edgemri.distillation-examples/1"
+EXAMPLES_STAGE = "kd"  # the federation's start model (student.pt)
+EXAMPLES_PER_OUTCOME = 4  # correctly and wrongly classified scans each: one of each class where there is one
+SHOW_SCANS_FLAG = "--show-scans"
+NOT_SHOWN = ("Example scans are not shown: the data is not edgemri's synthetic set, and real scans are drawn only "
+             f"when the user asks (edgemri distill {SHOW_SCANS_FLAG}).")
 
 
 def label(stage: str) -> str:
@@ -342,4 +355,74 @@ def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
     plot_confusion(report, paths["confusion"])
     plot_reliability(report, paths["reliability"])
     plot_coverage(report, paths["coverage"])
+    return paths
+
+
+def pick_examples(labels: Tensor, probabilities: Tensor, seed: int, per_outcome: int = EXAMPLES_PER_OUTCOME
+                  ) -> list[tuple[int, bool]]:
+    """Up to ``per_outcome`` correctly and as many wrongly classified images, as (index, correct): drawn with
+    ``seed``, the true classes taken in turn so that each class shows where it can."""
+    rng = np.random.default_rng(seed)
+    right = probabilities.argmax(1) == labels
+    picked: list[tuple[int, bool]] = []
+    for correct in (True, False):
+        per_class = [rng.permutation(torch.nonzero((labels == c) & (right == correct)).flatten().numpy()).tolist()
+                     for c in range(len(CLASS_NAMES))]
+        in_turn = [i for turn in itertools.zip_longest(*per_class) for i in turn if i is not None]
+        picked += [(i, correct) for i in in_turn[:per_outcome]]
+    return picked
+
+
+def build_examples(config: Config, test: ArraySplit, probabilities: Tensor, seed: int, *, synthetic: bool,
+                   show_scans: bool) -> tuple[dict[str, Any], list[Tensor]]:
+    """examples.json's record and the scans to draw: a few Testing images the KD student (``probabilities``, first
+    seed) classified correctly and wrongly, each as true class, predicted class and calibrated confidence. Scans only
+    on ``synthetic`` data or with ``show_scans``; never a file name."""
+    shown = synthetic or show_scans
+    picked = pick_examples(test.labels, probabilities, seed) if shown else []
+    confidence, predicted = probabilities.max(1)
+    rows = [{"outcome": "correct" if correct else "wrong", "true": CLASS_NAMES[int(test.labels[i])],
+             "predicted": CLASS_NAMES[int(predicted[i])], "confidence": float(confidence[i])} for i, correct in picked]
+    record = {"kind": EXAMPLES_KIND, "model": EXAMPLES_STAGE, "seed": seed, "synthetic_data": synthetic,
+              "show_scans": show_scans, "shown": shown, "why_not_shown": None if shown else NOT_SHOWN,
+              "examples": rows, "config": config.to_dict(), "versions": package_versions()}
+    return record, [test.images[i] for i, _ in picked]
+
+
+def plot_examples(record: dict[str, Any], images: list[Tensor], path: Path) -> None:
+    """One row of correctly and one of wrongly classified scans, each titled with its class, prediction, confidence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outcomes = ("correct", "wrong")
+    columns = max(1, *(sum(row["outcome"] == outcome for row in record["examples"]) for outcome in outcomes))
+    fig, axes = plt.subplots(len(outcomes), columns, figsize=(2.2 * columns, 5.2), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    filled = dict.fromkeys(outcomes, 0)
+    for row, image in zip(record["examples"], images, strict=True):
+        ax = axes[outcomes.index(row["outcome"])][filled[row["outcome"]]]
+        filled[row["outcome"]] += 1
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_title(f"true {row['true']}\npredicted {row['predicted']} ({100 * row['confidence']:.0f}%)",
+                     fontsize=7, color="tab:green" if row["outcome"] == "correct" else "tab:red")
+    for r, outcome in enumerate(outcomes):
+        axes[r][0].text(-0.08, 0.5, f"{outcome}ly classified" + ("" if filled[outcome] else ": none"),
+                        transform=axes[r][0].transAxes, rotation=90, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"Testing scans, {label(record['model'])} (seed {record['seed']}): calibrated confidence")
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def write_examples(record: dict[str, Any], images: list[Tensor], out: Path) -> dict[str, Path]:
+    """examples.json, and examples.png when its scans are shown (else an earlier run's is removed), atomically."""
+    paths = {"examples_json": out / EXAMPLES_JSON}
+    if record["shown"]:
+        paths["examples"] = out / EXAMPLES_FILE
+        plot_examples(record, images, paths["examples"])
+    else:
+        (out / EXAMPLES_FILE).unlink(missing_ok=True)  # drawn when asked before: not kept once the flag is gone
+    write_json(paths["examples_json"], record)
     return paths

@@ -1,7 +1,8 @@
 """report.html: one self-contained page per run folder, from the reports the folder already holds.
 
 Each report that exists (distillation, federation, privacy, privacy attacks, DP audit) gets a section with its key
-numbers from its JSON and the figures its report module drew, embedded as data: URIs. The page loads nothing
+numbers from its JSON and the figures its report module drew, embedded as data: URIs; the distillation's also its
+example scans where the distill step drew them (synthetic data, or the user's --show-scans). The page loads nothing
 (a Content-Security-Policy forbids it), runs no script, and escapes every text it takes from a JSON: a run folder
 is untrusted, and a config value or a site name could hold markup.
 """
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgemri.core.data.images import CLASS_NAMES
 from edgemri.core.io import write_text
+from edgemri.core.untrusted import BOOL, OBJECT, check_record, list_of, number, one_of, text
 from edgemri.reports.common import package_versions
-from edgemri.reports.distill import label
+from edgemri.reports.distill import EXAMPLES_FILE, EXAMPLES_JSON, EXAMPLES_KIND, label
 from edgemri.reports.privacy import ReportError, read_json
 from edgemri.reports.privacy_attacks import RECONSTRUCTIONS_FILE
 from edgemri.reports.privacy_audit import noise_text
@@ -49,6 +52,7 @@ class Section:
     figures: tuple[tuple[str, str], ...]  # (file, caption)
     numbers: Callable[[dict[str, Any]], Numbers]
     seed: Callable[[dict[str, Any]], Any]
+    more: Callable[[Path], str] | None = None  # HTML from the folder's other files, after the figures
 
 
 def _pct(value: float | None) -> str:
@@ -153,13 +157,42 @@ def _audit_numbers(report: dict[str, Any]) -> Numbers:
                            "empirical epsilon (95% lower bound)"], rows)
 
 
+EXAMPLES_SCHEMA = {"kind": one_of((EXAMPLES_KIND,)), "shown": BOOL, "why_not_shown": text(300).nullable(),
+                   "examples": list_of(OBJECT, 0, 64)}
+EXAMPLE_SCHEMA = {"outcome": one_of(("correct", "wrong")), "true": one_of(CLASS_NAMES),
+                  "predicted": one_of(CLASS_NAMES), "confidence": number(0, 1)}
+
+
+def _examples_html(run_dir: Path) -> str:
+    """The distillation's example scans (examples.json, examples.png) with a table of what each shows, or the one
+    line that says why there are none; nothing for a run from before examples were drawn."""
+    path = run_dir / EXAMPLES_JSON
+    if not path.is_file():
+        return ""
+    record = check_record(read_json(path), EXAMPLES_SCHEMA, str(path), ReportError, extra=True)
+    rows = [check_record(row, EXAMPLE_SCHEMA, str(path), ReportError, within=f"examples[{k}]")
+            for k, row in enumerate(record["examples"])]
+    heading = '<h3 id="examples">Example scans</h3>'
+    if not record["shown"]:
+        return f'{heading}\n<p class="source">{_e(record["why_not_shown"])}</p>'
+    if not (run_dir / EXAMPLES_FILE).is_file():
+        raise ReportError(f"{path} says its scans are drawn, but {run_dir / EXAMPLES_FILE} is missing")
+    correct = sum(row["outcome"] == "correct" for row in rows)
+    caption = (f"{correct} correctly and {len(rows) - correct} wrongly classified Testing scans of the KD student "
+               f"(first seed), each with its true class, predicted class and calibrated confidence")
+    return "\n".join([heading, _figure(run_dir / EXAMPLES_FILE, caption),
+                      _table(["classified", "true class", "predicted class", "confidence (%)"],
+                             [[f"{row['outcome']}ly", row["true"], row["predicted"], _pct(row["confidence"])]
+                              for row in rows], "numbers")])
+
+
 SECTIONS = (
     Section("Distillation", "report.json", "edgemri.distillation-report",
             (("curves.png", "Training curves (first seed)"),
              ("confusion.png", "Confusion matrices on Testing (first seed)"),
              ("reliability.png", "Reliability before and after temperature scaling (first seed)"),
              ("coverage.png", "Accuracy against coverage: the rest referred to a doctor")),
-            _distill_numbers, lambda r: ", ".join(map(str, r["seeds"]))),
+            _distill_numbers, lambda r: ", ".join(map(str, r["seeds"])), _examples_html),
     Section("Federation", "federation.json", "edgemri.federation-report",
             (("federation.png", "Accuracy per round, and per tier the distribution of each client's personal gain"),),
             _federation_numbers, lambda r: r["seed"]),
@@ -233,7 +266,7 @@ def _section_html(section: Section, report: dict[str, Any], run_dir: Path) -> st
     return "\n".join([f'<section id="{_e(anchor)}"><h2>{_e(section.title)}</h2>',
                       f"<p class=\"source\">From {_e(section.json_file)} ({_e(report['kind'])}).</p>",
                       _table([], numbers.facts, "facts"), _table(numbers.headers, numbers.rows, "numbers"),
-                      *figures, "</section>"])
+                      *figures, section.more(run_dir) if section.more else "", "</section>"])
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemri.core.config import Config
-from edgemri.core.data.dataset import load_dataset
+from edgemri.core.data.dataset import is_synthetic, load_dataset
 from edgemri.core.data.partition import Manifest, write_manifests
 from edgemri.core.data.partition import partition as split_clients
 from edgemri.core.errors import EdgemriError
@@ -93,14 +93,17 @@ class DistillOutcome:
         models = self.report["models"]
         rows = [f"{stage:9s} test accuracy {100 * models[stage]['test_accuracy']['mean']:.2f} ± "
                 f"{100 * models[stage]['test_accuracy']['std']:.2f} %" for stage in ("teacher", "baseline", "kd")]
-        return [*rows, f"report: {self.paths['md']}", f"distilled student: {self.student}"]
+        examples = self.paths.get("examples") or "not drawn on real data (add --show-scans)"
+        return [*rows, f"report: {self.paths['md']}", f"example scans: {examples}",
+                f"distilled student: {self.student}"]
 
 
-def distill(config: Config, out: Path, *, seeds: int = 1, resume: bool = False, progress: bool = False
-            ) -> DistillOutcome:
-    """Teacher, baseline student and KD student for each seed; the report; ``out/student.pt`` to federate."""
+def distill(config: Config, out: Path, *, seeds: int = 1, resume: bool = False, progress: bool = False,
+            show_scans: bool = False) -> DistillOutcome:
+    """Teacher, baseline student and KD student for each seed; the report; ``out/student.pt`` to federate.
+    The report's example scans are drawn on edgemri's synthetic data, on real data only with ``show_scans``."""
     from edgemri.core.training.distill import run_distillation
-    from edgemri.reports.distill import build_report, write_report
+    from edgemri.reports.distill import EXAMPLES_STAGE, build_examples, build_report, write_examples, write_report
 
     if seeds < 1:
         raise UsageError(f"seeds (--seeds) must be >= 1, got {seeds}")
@@ -111,6 +114,10 @@ def distill(config: Config, out: Path, *, seeds: int = 1, resume: bool = False, 
     results, seconds = run_distillation(config, dataset, out, seeds=seeds, resume=resume, progress=progress)
     report = build_report(config, dataset, results, seconds, out)
     paths = write_report(report, out)
+    first = results[0]
+    paths |= write_examples(*build_examples(
+        config, dataset.test.subset(first.test_indices), first.stages[EXAMPLES_STAGE].test_probabilities, first.seed,
+        synthetic=is_synthetic(dataset.root), show_scans=show_scans), out)
     student = save_checkpoint(out / "student.pt", load_checkpoint(results[0].stages["kd"].checkpoint))
     return DistillOutcome(out, report, paths, student)
 
@@ -131,6 +138,43 @@ def federation_lines(run: FederationRun) -> list[str]:
     rows = [f"{group:9s} " + "  ".join(f"{column} {100 * stats[column]['mean']:.1f}" for column in columns)
             for group, stats in section["summary"].items()]
     return [f"mean accuracy (%) on the clients' {where}:", *rows, f"report: {run.paths['md']}"]
+
+
+# ---------------------------------------------------------------- experiment tracking
+# A finished run folder's reports into MLflow's local file store (reports/tracking.py), after the run: a
+# tracking failure leaves the run's results as they are.
+
+
+def check_tracking(enabled: bool) -> None:
+    """Before any work: tracking asked for (tracking.enabled, `--track`) needs MLflow, the `track` extra."""
+    if enabled:
+        from edgemri.reports.tracking import require_mlflow
+
+        require_mlflow()
+
+
+def tracking_store(config: Config, run_dir: Path) -> Path:
+    """Where a run is tracked: tracking.dir, else mlruns beside the run folder, so that a distillation and the
+    federations started from its student share one store (and the federation finds its parent run there)."""
+    return Path(config.tracking.dir) if config.tracking.dir else Path(run_dir).resolve().parent / "mlruns"
+
+
+def track_run(run_dir: Path, store: Path, *, start: Path | None = None, exports: Sequence[Path] = ()) -> list[str]:
+    """Log a finished run folder into the file store in ``store``: a federation (``start``: the model it started
+    from, which links it to its distillation) or a distillation (``exports``: models exported from its student),
+    by the report it holds. Returns the lines to print."""
+    from edgemri.reports.tracking import track_distillation, track_federation
+
+    if (run_dir / "federation.json").is_file():
+        return track_federation(run_dir, store, start).lines()
+    return track_distillation(run_dir, store, exports).lines()
+
+
+def mlflow_ui_line(store: Path) -> str:
+    """The command that shows the tracked runs in a browser."""
+    from edgemri.reports.tracking import ui_command
+
+    return f"see the tracked runs (then open http://127.0.0.1:5000): {ui_command(store)}"
 
 
 # ---------------------------------------------------------------- edge
@@ -201,6 +245,11 @@ class DemoLayout:
     def edge(self) -> Path:
         return self.out / "edge"
 
+    @property
+    def mlruns(self) -> Path:
+        """The demo's MLflow file store (`--track-dir` puts it elsewhere)."""
+        return self.out / "mlruns"
+
     def personalized_models(self) -> list[Path]:
         return sorted((self.federation / "clients").glob("*/personalized.pt"))
 
@@ -242,6 +291,7 @@ class Stage:
 class DemoOutcome:
     layout: DemoLayout
     seconds: dict[str, float]  # the stages that ran (not those already done), by title
+    tracking_store: Path | None = None  # where the runs were tracked; None: not tracked
 
 
 def demo_stages(out: Path, config_path: Path, *, quiet: bool = False, data_root: Path | None = None) -> list[Stage]:
@@ -327,12 +377,15 @@ def demo_stages(out: Path, config_path: Path, *, quiet: bool = False, data_root:
     ]
 
 
-def demo(out: Path, config_path: Path, *, quiet: bool = False, data_root: Path | None = None) -> DemoOutcome:
+def demo(out: Path, config_path: Path, *, quiet: bool = False, data_root: Path | None = None, track: bool = False,
+         track_dir: Path | None = None) -> DemoOutcome:
     """The whole pipeline on the offline synthetic data (or on ``data_root``), one progress line per stage with
-    its time."""
+    its time; with ``track``, its distillation and federation are then tracked in MLflow (``track_dir``, else
+    ``out/mlruns``)."""
     if data_root is not None and not (data_root / "Training").is_dir():
         raise UsageError(f"--data-root {data_root} has no Training/ folder; expected a Kaggle-layout folder "
                          f"(Training/<class>/*.jpg and Testing/<class>/*.jpg)")
+    check_tracking(track)
     seconds: dict[str, float] = {}
     for stage in demo_stages(out, config_path, quiet=quiet, data_root=data_root):
         if stage.done:
@@ -346,7 +399,21 @@ def demo(out: Path, config_path: Path, *, quiet: bool = False, data_root: Path |
         print(f"== {stage.title} took {seconds[stage.title]:.0f} s", flush=True)
     layout = DemoLayout(out, data_root)
     _write_html_reports(layout.run_folders())
-    return DemoOutcome(layout, seconds)
+    store = (track_dir or layout.mlruns) if track else None
+    if store is not None:
+        _track_runs(layout, store)
+    return DemoOutcome(layout, seconds, store)
+
+
+def _track_runs(layout: DemoLayout, store: Path) -> None:
+    """The demo's tracking: its distillation (with the student's exports) and its federation, a child of it, in
+    the file store in ``store`` (what `--track` does for `distill` and `federate`), printing each run."""
+    print(f"\n== experiment tracking: MLflow's file store in {store}", flush=True)
+    if (layout.distill / "report.json").is_file():
+        exports = [layout.edge / "student.onnx", layout.edge / "student.int8.onnx"]
+        print("\n".join(track_run(layout.distill, store, exports=exports)), flush=True)
+    if (layout.federation / "federation.json").is_file():
+        print("\n".join(track_run(layout.federation, store, start=layout.student)), flush=True)
 
 
 def _write_html_reports(folders: Sequence[Path]) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from edgemri.clients.runtime import Client, ClientSetup
 from edgemri.core.config import Config, ConfigError
+from edgemri.core.data.dataset import is_synthetic
 from edgemri.core.data.images import normalize, parse_preprocessing
 from edgemri.core.data.partition import manifest_paths, read_manifest
 from edgemri.core.errors import EdgemriError
@@ -37,7 +38,6 @@ from edgemri.core.training.checkpoint import check_state_dict, load_checkpoint
 from edgemri.core.untrusted import BOOL, check_record, number, one_of, read_json, text
 from edgemri.models import Student
 
-SYNTH_GENERATOR = "edgemri.core.synth"
 MAX_RUN_CONFIG_BYTES = 1 << 20
 MAX_PATH_CHARS = 4096
 
@@ -110,11 +110,7 @@ class RunFolder:
     @property
     def synthetic(self) -> bool:
         """The data folder is edgemri's synthetic set (its generator's synth.json), so no real person's scans."""
-        try:
-            info = read_json(self.data_root / "synth.json", PrivacyAttackError)
-        except PrivacyAttackError:
-            return False
-        return isinstance(info, dict) and info.get("generator") == SYNTH_GENERATOR
+        return is_synthetic(self.data_root)
 
     def start_accuracy(self, name: str) -> float | None:
         """The start model's accuracy the client reported on its test split (result.json), if it did."""

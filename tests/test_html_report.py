@@ -11,15 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import yaml
 
+from edgemri.core.data.dataset import SYNTH_GENERATOR, ArraySplit
 from edgemri.core.federation import protocol as p
 from edgemri.core.registries import parse_config
 from edgemri.main import main
+from edgemri.reports.distill import EXAMPLES_FILE, EXAMPLES_JSON, NOT_SHOWN, build_examples, write_examples
 from edgemri.reports.federation import build_federation_report, write_federation_report
 from edgemri.reports.html import PNG_SIGNATURE, ReportError, write_html_report
 from edgemri.reports.privacy import build_privacy_report, write_privacy_report
 from edgemri.simulation.pipeline import DemoLayout
 from tests.conftest import one_error_line
+from tests.test_distill import FAST
 
 PLANTED = '<script>alert("planted")</script>'  # a config value a run folder's author controls
 SCREENSHOT = Path(__file__).resolve().parents[1] / "runs" / "test-report-screenshot.png"  # runs/ is git-ignored
@@ -109,7 +114,8 @@ def test_every_text_from_a_json_is_escaped(federation_run: Path) -> None:
 
 
 def _distill_folder(out: Path) -> Path:
-    """A distillation run folder: its report.json (the keys the page reads) and its four figures."""
+    """A distillation run folder: its report.json (the keys the page reads), its four figures and its example scans
+    (synthetic: drawn)."""
     import matplotlib.pyplot as plt
 
     stats = {"test_accuracy": {"mean": 0.9, "std": 0.01}, "test_macro_f1": {"mean": 0.89},
@@ -123,6 +129,11 @@ def _distill_folder(out: Path) -> Path:
     (out / "report.json").write_text(json.dumps(report))
     for name in ("curves", "confusion", "reliability", "coverage"):
         plt.imsave(out / f"{name}.png", [[0.0, 1.0], [1.0, 0.0]])
+    labels = torch.arange(16) % 4
+    scans = ArraySplit(torch.full((16, 3, 32, 32), 90, dtype=torch.uint8), labels, [f"Te-x_{i}.jpg" for i in range(16)])
+    predicted = torch.where(torch.arange(16) < 8, labels, (labels + 1) % 4)  # the first half right, the rest wrong
+    write_examples(*build_examples(CONFIG, scans, torch.eye(4)[predicted] * 0.6 + 0.1, 0, synthetic=True,
+                                   show_scans=False), out)
     return out
 
 
@@ -133,9 +144,71 @@ def test_a_distillation_folder_shows_its_curves_confusion_reliability_and_covera
     assert main(["report", str(folder)]) == 0
     assert capsys.readouterr().out.strip() == f"report: {folder / 'report.html'}"
     page = _Page((folder / "report.html").read_text(encoding="utf-8"))
-    assert len(_images(page)) == 4
+    assert _images(page)[4] == (folder / EXAMPLES_FILE).read_bytes()
     words = " ".join(page.text)
     assert "KD student" in words and "90.00 ± 1.00" in words and "0, 1" in words
+    assert "4 correctly and 4 wrongly classified Testing scans" in words
+
+
+def _distill(data: Path, out: Path, *flags: str) -> dict[str, Any]:
+    """`edgemri distill` on ``data`` (FAST), then report.html; examples.json's record."""
+    config = out.parent / "fast.yaml"
+    config.write_text(yaml.safe_dump(FAST))
+    assert main(["distill", "--config", str(config), "--data-root", str(data), "--out", str(out), "--quiet",
+                 *flags]) == 0
+    write_html_report(out)
+    return json.loads((out / EXAMPLES_JSON).read_text())
+
+
+def _no_file_name(run: Path) -> None:
+    """Neither examples.json nor the page names a scan's file (the tiny data's are Te-gl_0001.jpg and the like)."""
+    for name in (EXAMPLES_JSON, "report.html"):
+        text = (run / name).read_text(encoding="utf-8")
+        assert "Te-" not in text and ".jpg" not in text, name
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """A distillation of a copy of the tiny data marked as edgemri's synthetic set (its generator's synth.json)."""
+    data = shutil.copytree(tiny_data, tmp_path_factory.mktemp("synthetic") / "data")
+    (data / "synth.json").write_text(json.dumps({"generator": SYNTH_GENERATOR}))
+    out = data.parent / "run"
+    _distill(data, out)
+    return out
+
+
+def test_a_synthetic_run_draws_correct_and_wrong_scans_and_the_page_embeds_them(synthetic_run: Path) -> None:
+    record = json.loads((synthetic_run / EXAMPLES_JSON).read_text())
+    assert record["shown"] and record["synthetic_data"] and not record["show_scans"]
+    assert record["config"]["seed"] == record["seed"] == 0 and record["model"] == "kd"
+    assert 1 <= len(record["examples"]) <= 8
+    for row in record["examples"]:
+        assert set(row) == {"outcome", "true", "predicted", "confidence"}  # no file name, no path, no index
+        assert (row["true"] == row["predicted"]) == (row["outcome"] == "correct") and 0 <= row["confidence"] <= 1
+    page = _Page((synthetic_run / "report.html").read_text(encoding="utf-8"))
+    assert (synthetic_run / EXAMPLES_FILE).read_bytes() in _images(page)
+    words = " ".join(page.text)
+    assert "Example scans" in words and "correctly and" in words and "wrongly classified Testing scans" in words
+    _no_file_name(synthetic_run)
+
+
+def test_a_real_data_run_draws_no_scan_unless_asked(synthetic_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """The same run resumed on the tiny data without synth.json (real data): no scan drawn, an earlier drawing
+    removed, the page says why in one line; with --show-scans they are drawn and embedded."""
+    run = shutil.copytree(synthetic_run, tmp_path / "run")
+    record = _distill(tiny_data, run, "--resume")
+    assert not record["shown"] and not record["synthetic_data"] and record["examples"] == []
+    assert not (run / EXAMPLES_FILE).exists()
+    page = _Page((run / "report.html").read_text(encoding="utf-8"))
+    assert len(_images(page)) == 4  # the distillation's figures, no scan
+    assert NOT_SHOWN in " ".join(page.text) and "--show-scans" in NOT_SHOWN
+    _no_file_name(run)
+
+    record = _distill(tiny_data, run, "--resume", "--show-scans")
+    assert record["shown"] and record["show_scans"] and not record["synthetic_data"] and record["examples"]
+    page = _Page((run / "report.html").read_text(encoding="utf-8"))
+    assert (run / EXAMPLES_FILE).read_bytes() in _images(page)
+    _no_file_name(run)
 
 
 @pytest.mark.parametrize(("damage", "message"), [

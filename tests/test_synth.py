@@ -14,7 +14,7 @@ from conftest import read_metadata
 from PIL import Image
 
 from edgemri.core.data import synth
-from edgemri.core.data.dataset import UNKNOWN_LABEL, UNLABELED_DIR, ArraySplit, load_unlabeled
+from edgemri.core.data.dataset import UNKNOWN_LABEL, UNLABELED_DIR, ArraySplit, is_synthetic, load_unlabeled
 from edgemri.core.data.splits import pick_source_sites
 
 LIMIT = 8  # images per class and split: 64 in all, a couple of seconds
@@ -67,6 +67,7 @@ def test_metadata_has_one_valid_row_per_file(tiny: tuple[Path, dict]) -> None:
     info = json.loads((root / "synth.json").read_text())
     sites = {s["name"] for s in info["sites"]}
     assert len(sites) == synth.PRESETS["kaggle"].num_sites and info["seed"] == 3
+    assert is_synthetic(root)  # what the reports read to draw scans unasked
     for r in rows:
         split, label, name = r["file"].split("/")
         assert (r["split"], r["label"]) == (split, label)

@@ -49,6 +49,7 @@ from edgemri.core.data.images import (
 from edgemri.core.errors import printable
 from edgemri.core.io import ArtefactError, load_npz, save_npz
 from edgemri.core.progress import track
+from edgemri.core.untrusted import read_json
 from edgemri.core.workers import worker_pool
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ UNLABELED_DIR = "Unlabeled"  # per-site transfer images, Unlabeled/<site>/*.jpg 
 UNKNOWN_LABEL = -1  # the label of every image load_unlabeled returns
 MAX_UNLABELED_IMAGES = 200_000  # more is a wrong folder (a home folder?), and would not fit in memory decoded
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+SYNTH_GENERATOR = "edgemri.core.synth"  # the "generator" core/data/synth writes into the set's synth.json
 # Site names end up in client names, file names and reports: a short, path-safe token (or empty).
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")
 CACHE_ENV = "EDGEMRI_CACHE_DIR"
@@ -363,6 +365,16 @@ def _read_sites(root: Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"cannot read {shown}: {err}; it must be a UTF-8 CSV with 'file' and 'site' columns") from None
     return sites
+
+
+def is_synthetic(root: str | Path) -> bool:
+    """Whether ``root`` is edgemri's synthetic set (its generator's synth.json), so holds no real person's scans:
+    the reports draw scans from it without being asked."""
+    try:
+        info = read_json(Path(root) / "synth.json", DataError)
+    except DataError:
+        return False
+    return isinstance(info, dict) and info.get("generator") == SYNTH_GENERATOR
 
 
 @dataclass

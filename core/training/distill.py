@@ -115,6 +115,8 @@ class StageResult:
     teacher_passes: int = 0  # KD students: the teacher's passes over the images and views it taught on
     transfer_images: int = 0  # KD students: unlabeled images only the teacher labelled
     wall_seconds: float = 0.0  # the whole stage: training, the teacher's view scoring, evaluation, saving
+    # Students: calibrated class probabilities per primary Testing image (the report's example scans).
+    test_probabilities: Tensor | None = None
 
 
 @dataclass
@@ -124,6 +126,7 @@ class SeedResult:
     teacher_forward_images: int  # teacher passes made for distillation (each image and view once, shared by recipes)
     teacher_conv_passes: int  # frozen-body passes (vgg16-imagenet), 0 when trained end to end
     train_images: int  # the Training split less validation: what the students learn from
+    test_indices: Tensor  # the primary Testing images in dataset.test (all of it unless data.dedup leaves some out)
     wall_seconds: float = 0.0  # every stage of the seed, start to end
 
 
@@ -372,9 +375,10 @@ class Distiller:
         data = ViewData(images, labels, extras=(cache[key],), view_params=views)
         return data, len(images) * max(kd.views, 1), made, 0 if transfer is None else len(transfer)
 
-    def _calibrated(self, model: nn.Module, name: str) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    def _calibrated(self, model: nn.Module, name: str) -> tuple[dict[str, Any], float, dict[str, Any], Tensor]:
         """Testing metrics of a student after temperature scaling on validation (when ``distill.calibrate``), with
-        the uncalibrated ECE and NLL beside them, and the validation threshold that refers 1 - REFER_COVERAGE."""
+        the uncalibrated ECE and NLL beside them, the validation threshold that refers 1 - REFER_COVERAGE, and the
+        calibrated probabilities of the primary Testing images."""
         val_logits = predict_logits(model, self.val_split.images, normalize)
         temperature = fit_temperature(val_logits, self.val_split.labels) if self.config.distill.calibrate else 1.0
         all_logits = predict_logits(model, self.dataset.test.images, normalize)
@@ -399,7 +403,7 @@ class Distiller:
         calibration = {"calibration": {"temperature": temperature, "fitted_on": "validation" if
                                        self.config.distill.calibrate else "none",
                                        "refer_below": {"coverage": REFER_COVERAGE, "threshold": threshold}}}
-        return test, temperature, calibration
+        return test, temperature, calibration, probs
 
     def student(self, name: str, kd: KDConfig | None = None, teaching: TrainData | None = None) -> StageResult:
         """Baseline (CE, ``kd`` None) or a KD student taught on ``teaching``, from the same seeded initialization."""
@@ -419,11 +423,11 @@ class Distiller:
             loss = make_kd_loss(kd.temperature, kd.alpha, "mean" if self.paper_compat else "batchmean")
             fit_result = self._fit(name, model, teaching, TrainData.from_split(self.select_split), loss, kd.train,
                                    ("student", {}, None))
-        test, temperature, calibration = self._calibrated(model, name)
+        test, temperature, calibration, probabilities = self._calibrated(model, name)
         if kd is not None:
             calibration["recipe"] = dataclasses.asdict(kd)
         path = self._checkpoint(name, "student", model, {}, fit_result, done, test, temperature, calibration)
-        return _stage(name, path, fit_result, test, done)
+        return dataclasses.replace(_stage(name, path, fit_result, test, done), test_probabilities=probabilities)
 
     def preflight(self) -> None:
         """Find config and data errors before the first epoch: the teacher's weights or checkpoint, and every
@@ -458,6 +462,7 @@ class Distiller:
             stages[name] = stage
         return SeedResult(self.seed, stages, teacher_forward_images=forward_images,
                           teacher_conv_passes=conv_passes, train_images=len(self.train_split),
+                          test_indices=self.test_keep,
                           wall_seconds=time.perf_counter() - started)
 
 
