@@ -196,12 +196,14 @@ def round_bytes(model_bytes: int, *, train_messages: int, evaluate_messages: int
 # -- one size --------------------------------------------------------------------------------------------------
 
 
-def size_overrides(root: Path, sites: int, clients: int, rounds: int, phone_sample: str) -> list[str]:
+def size_overrides(root: Path, sites: int, clients: int, rounds: int, phone_sample: str, references: bool
+                   ) -> list[str]:
     """The quickstart config at ``clients`` clients: one hospital a site, the rest phones, as evenly as fits."""
     phones = max(1, round((clients - sites) / sites))
     tiers = "federation.tiers"
     return [f"data.root={root}", f"data.client_fraction={CLIENT_FRACTION}", "federation.scenario=seen-sites",
             f"federation.rounds={rounds}", f"federation.round_timeout_s={ROUND_TIMEOUT_S}",
+            f"federation.references={'true' if references else 'false'}",
             f"{tiers}.hospital.per_site=1", f"{tiers}.hospital.min_examples={HOSPITAL_EXAMPLES[0]}",
             f"{tiers}.hospital.max_examples={HOSPITAL_EXAMPLES[1]}", f"{tiers}.phone.per_site={phones}",
             f"{tiers}.phone.min_examples={PHONE_EXAMPLES[0]}", f"{tiers}.phone.max_examples={PHONE_EXAMPLES[1]}",
@@ -273,9 +275,9 @@ def summarize(run_dir: Path, started: float, ended: float, peaks: MemoryPeaks, m
 
 
 def measure(config_path: Path, root: Path, sites: int, clients: int, rounds: int, phone_sample: str,
-            start: Path, out: Path, timeout_s: float) -> dict[str, Any]:
+            start: Path, out: Path, timeout_s: float, references: bool = False) -> dict[str, Any]:
     """One federation of about ``clients`` clients, its process tree sampled while it runs."""
-    config = load_config(config_path, size_overrides(root, sites, clients, rounds, phone_sample))
+    config = load_config(config_path, size_overrides(root, sites, clients, rounds, phone_sample, references))
     run_dir = out / f"clients-{clients}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a rerun measures afresh
     memory = RunMemory(run_dir)
@@ -348,6 +350,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/scale", help="run folders, data, and OUT/scale.json")
     parser.add_argument("--timeout-s", type=float, default=4 * 3600, help="per size (default: 4 hours)")
     parser.add_argument("--no-results", action="store_true", help="write OUT/scale.json only")
+    parser.add_argument("--references", action="store_true",
+                        help="also compute the pooled and oracle references (federation.references; default off: "
+                             "a central fine-tune on all the clients' data, whose cost follows the data, not the "
+                             "number of clients, and which no deployment has)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: 10 clients, 2 rounds, the quickstart preset; OUT/scale.json only")
     args = parser.parse_args()
@@ -361,11 +367,13 @@ def main() -> None:
                               "data_preset": "given" if args.data_root else preset, "data_root": str(root),
                               "sites": sites, "config": str(CONFIG), "phone_sample_per_round": args.phone_sample,
                               "phone_examples": list(PHONE_EXAMPLES), "hospital_examples": list(HOSPITAL_EXAMPLES),
+                              "references": args.references,
                               "bytes_method": "computed", **model_sizes()}
     for n in sizes:
         print(f"== {n} clients", flush=True)
         try:
-            measured = measure(CONFIG, root, sites, n, rounds, args.phone_sample, start, out, args.timeout_s)
+            measured = measure(CONFIG, root, sites, n, rounds, args.phone_sample, start, out, args.timeout_s,
+                               args.references)
         except DataError as err:  # the data cannot hold this many clients
             values[f"size{n}.skipped"] = str(err).splitlines()[0]
             print(f"size {n} skipped: {values[f'size{n}.skipped']}")

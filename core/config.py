@@ -392,6 +392,9 @@ class FederationConfig:
     # be scored in the same run, from the same global model, on the same images: a paired comparison at no
     # extra federation. Their accuracies are reported as "personal-accuracy@NAME".
     compare_methods: tuple[str, ...] = ()
+    # Simulation only: the pooled and site-oracle references (simulation/baselines.py), fine-tuned centrally on the
+    # clients' data. They cost as much as that data, whatever the number of clients, and no deployment has them.
+    references: bool = True
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     tiers: dict[str, TierConfig] = field(default_factory=_default_tiers)  # client kind -> its settings
 

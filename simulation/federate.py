@@ -139,12 +139,15 @@ def _federate(config: Config, start: Checkpoint, data_root: Path, out: Path, sta
     write_json(out / "privacy-plan.json", plan_privacy(config, manifests))
     # The pooled and oracle references need the clients' data in one place: only this runner has it, never the
     # apps. ``references_from`` (a run on the same clients, start and seed) saves computing them again.
-    clients = [read_manifest(m) for m in manifests]
-    key = references_key(clients, start.state_dict, config)
-    references = _cached_references(references_from or out, key)  # a resumed run keeps its own
-    if references is None:
-        references = reference_accuracies(clients, dataset, start.state_dict, config, str(data_root))
-    write_json(out / REFERENCES_FILE, {"key": key, "clients": references})
+    if config.federation.references:
+        clients = [read_manifest(m) for m in manifests]
+        key = references_key(clients, start.state_dict, config)
+        references = _cached_references(references_from or out, key)  # a resumed run keeps its own
+        if references is None:
+            references = reference_accuracies(clients, dataset, start.state_dict, config, str(data_root))
+        write_json(out / REFERENCES_FILE, {"key": key, "clients": references})
+    else:
+        (out / REFERENCES_FILE).unlink(missing_ok=True)
     run_config = {
         "config": str(config_path), "run-dir": str(out), "data-root": str(data_root.resolve()),
         "manifests": str(out / "manifests"), "state-root": str(out / "clients"),

@@ -254,11 +254,12 @@ def test_a_stopped_run_leaves_nothing_running_and_resumes_from_its_last_round(
 def test_a_hundred_client_federation_samples_its_phones_and_personalizes_every_client(
         start_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Population scale in miniature: 2 hospitals and 98 phones, 10 phones sampled a round; each round asks only its
-    cohort to evaluate, every client is scored at the end and keeps a personal model, the report summarises."""
+    cohort to evaluate, every client is scored at the end and keeps a personal model, the report summarises; the
+    central references are switched off, as a population run does."""
     root = add_sites(make_kaggle_folder(tmp_path_factory.mktemp("population") / "data",
                                         {"Training": 85, "Testing": 2}), ("site-a", "site-b"))
     config = _config(phone={"per_site": 49, "min_examples": 3, "max_examples": 3, "sample_per_round": 10},
-                     method="fedavg-ft", round_timeout_s=600)
+                     method="fedavg-ft", round_timeout_s=600, references=False)
     out = tmp_path_factory.mktemp("population-run") / "run"
     run = federate(config, data_root=root, out=out, start_checkpoint=start_checkpoint, progress=False)
     clients = run.report["clients"]
@@ -272,6 +273,7 @@ def test_a_hundred_client_federation_samples_its_phones_and_personalizes_every_c
     assert len({frozenset(r["sampled"]) for r in history}) == len(history)
     assert all((out / "clients" / c["client"] / "personalized.pt").is_file() for c in clients)
     assert all(c["personalized"] is not None for c in clients)
+    assert not (out / "references.json").exists() and all(c["pooled"] is None for c in clients)  # switched off
     final_global = load_checkpoint(out / "server" / "state.pt", kind="server").state_dict
     head = "classifier.1.weight"  # fedavg-ft: each personal model is the global one fine-tuned on the device
     for name in ("hospital-site-a", next(c["client"] for c in clients if c["kind"] == "phone")):

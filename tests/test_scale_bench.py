@@ -106,12 +106,14 @@ def test_a_rounds_bytes_are_the_model_times_the_messages_that_carry_it() -> None
 
 
 def test_a_size_is_one_hospital_a_site_and_the_rest_phones_sampled_per_round(tmp_path: Path) -> None:
-    config = load_config(CONFIG, size_overrides(tmp_path, 6, 1000, 5, "0.1"))
+    config = load_config(CONFIG, size_overrides(tmp_path, 6, 1000, 5, "0.1", False))
     phone, hospital = config.federation.tier("phone"), config.federation.tier("hospital")
     assert 6 * (phone.per_site + hospital.per_site) == 1002
     assert phone.sample_size(996) == 100 and hospital.sample_size(6) is None
     assert config.federation.scenario == "seen-sites" and config.federation.rounds == 5
-    assert load_config(CONFIG, size_overrides(tmp_path, 4, 10, 2, "50")).federation.tier("phone").per_site == 2
+    assert not config.federation.references  # the central fine-tunes are not the federation's cost
+    small = load_config(CONFIG, size_overrides(tmp_path, 4, 10, 2, "50", True))
+    assert small.federation.tier("phone").per_site == 2 and small.federation.references
 
 
 def test_the_phase_clock_books_the_servers_work_and_the_waits_between(monkeypatch: pytest.MonkeyPatch) -> None:
