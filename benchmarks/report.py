@@ -619,6 +619,55 @@ def train_speed(v: Values) -> list[str]:
             block("Ratios", note, ["ratio", "value"], ratios)]
 
 
+# ---------------------------------------------------------------------------------------------- population scale
+
+def _sizes(v: Values) -> list[int]:
+    return sorted(n for n in v.get("sizes", []) if f"size{n}.clients" in v)
+
+
+def yes_no(value: Any) -> str:
+    return DASH if value is None else ("yes" if value else "no")
+
+
+def cost_curve_rows(v: Values) -> list[list[str]]:
+    """Per size: clients, the whole run, a round, its sampled clients' compute and their ratio, memory."""
+    return collect(_sizes(v), lambda n: [
+        whole(v[f"size{n}.clients"]), whole(v[f"size{n}.round_mean_sampled"]), sig(v[f"size{n}.wall_s"] / 60),
+        sig(v[f"size{n}.round_mean_round_s"]), sig(v[f"size{n}.round_mean_train_handler_s"]),
+        ratio(v[f"size{n}.round_over_sampled_compute_max"]), whole(v[f"size{n}.peak_rss_tree_mb"]),
+        whole(v[f"size{n}.peak_uss_tree_mb"]), whole(v[f"size{n}.peak_rss_server_mb"])])
+
+
+COST_HEADERS = ["clients", "sampled a round", "whole run, min", "a round, s", "sampled clients' compute, s",
+                "round / compute, worst", "peak RSS of the tree, MB", "its USS, MB", "server RSS, MB"]
+PHASES = (("setup_discovery_s", "discovery (every client's manifest query)"),
+          ("round_mean_sampling_s", "sampling, a round"), ("round_mean_train_wait_s", "training wait, a round"),
+          ("round_mean_aggregation_s", "aggregation, a round"),
+          ("round_mean_evaluate_wait_s", "evaluation wait, a round"),
+          ("final_evaluate_wait_s", "final evaluation (every client)"), ("final_reports_s", "reports"),
+          ("runner_before_flower_s", "before Flower: data, partition, plans"))
+
+
+def scale(v: Values) -> list[str]:
+    sizes = _sizes(v)
+    note = (f"One run per size, {v.get('rounds_asked', '?')} rounds, the synthetic `{v.get('data_preset', '?')}` "
+            f"preset; one hospital a site, the rest phones of {v.get('phone_examples', '?')} scans, "
+            f"{v.get('phone_sample_per_round', '?')} of them sampled a round; references "
+            f"{'on' if v.get('references') else 'off'}. *compute*: the sampled clients' train handlers summed (two "
+            "run at once on the two cores, so a round can take less).")
+    phases = collect(PHASES, lambda item: [item[1], *(sig(v[f"size{n}.{item[0]}"]) for n in sizes)])
+    goals = collect((("goal_round_within_1_5x_sampled_compute_every_size",
+                      "every round within 1.5x its sampled clients' compute, every size"),
+                     ("goal_tree_rss_under_4gb_at_1000", "peak RSS of the process tree under 4 GB at 1,000 clients"),
+                     ("goal_5_rounds_under_15_min_at_1000", "5 rounds in under 15 minutes at 1,000 clients")),
+                    lambda item: [item[1], yes_no(v[item[0]])])
+    goals += collect(["server_rss_mb_per_added_client"],
+                     lambda k: ["server RSS per client added, MB", sig(v[k])])
+    return [block("The cost curve", note, COST_HEADERS, cost_curve_rows(v)),
+            block("Where the time goes", "Seconds.", ["phase", *(f"{n:,} clients" for n in sizes)], phases),
+            block("Goals", "Measured, never tuned.", ["goal", "met"], goals)]
+
+
 # ---------------------------------------------------------------------------------------------- any other file
 
 def generic(v: Values) -> list[str]:
@@ -708,6 +757,12 @@ BENCHMARKS = (
     Benchmark("train_speed", "Training speed", "python -m benchmarks.train_speed",
               "Our cached-tensor training loop against the paper's decode-every-epoch loop on the same data and "
               "machine, and what tuning gave.", train_speed),
+    Benchmark("scale", "Cost at population scale", "python -m benchmarks.scale",
+              "The quickstart federation as `edgemri federate` runs it (Flower's simulation engine, one virtual "
+              "SuperNode per client) at 10, 100 and 1,000 clients, mostly phones sampled per round: the wall time of "
+              "the run and of each round, the clients' own compute from their message timelines, the peak memory "
+              "of the whole process tree (Ray's workers included) and of the ServerApp's process, sampled every "
+              "0.5 s.", scale),
     Benchmark("dp_speed", "DP-SGD training speed", "python -m benchmarks.dp_speed",
               "DP-SGD local training speed against plain training on the same client data.", dp_speed),
 )
@@ -815,6 +870,11 @@ def render_headline(results: Mapping[str, Values]) -> str:
     rows = _headline_rows(results)
     headers = ["real brain MRI (Kaggle set); the last two rows: speed", "result", "seeds", "details"]
     table = markdown_table(headers, rows, "llrl") if rows else "No results yet: run `make bench`."
+    cost = cost_curve_rows(results.get("scale", {}))
+    if cost:
+        curve = markdown_table(COST_HEADERS, cost, "r" * len(COST_HEADERS))
+        table += (f"\n\nWhat a federation costs on this machine (2 cores) as it grows, on synthetic data "
+                  f"([scale]({results_link('scale')})):\n\n{curve}\n\n![cost curve](docs/img/scale.png)")
     return (f"{README_START}\n<!-- generated by `python -m benchmarks.report` from benchmarks/results/*.json; do not "
             f"edit by hand -->\n{table}\n{README_END}")
 

@@ -59,6 +59,7 @@ from benchmarks.device_footprint import private_bytes
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.images import DataError
 from edgemri.core.data.synth import generate
+from edgemri.core.io import save_figure
 from edgemri.core.registries import load_config
 from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.models import Student
@@ -329,6 +330,46 @@ def prepare_inputs(out: Path, preset: str, data_root: str | None) -> tuple[Path,
     return root, sites, start
 
 
+FIGURE = Path(__file__).resolve().parents[1] / "docs" / "img" / "scale.png"
+
+
+def plot_curve(values: dict[str, Any], sizes: list[int], path: Path = FIGURE) -> Path | None:
+    """The cost curve as the README shows it: a round's wall time beside its sampled clients' compute, and peak
+    memory, against the number of clients (log scale); None when fewer than two sizes ran."""
+    ran = [n for n in sizes if f"size{n}.clients" in values]
+    if len(ran) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [values[f"size{n}.clients"] for n in ran]
+
+    def series(key: str, scale: float = 1.0) -> list[float]:
+        return [values[f"size{n}.{key}"] * scale for n in ran]
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(9, 3.4))
+    time_axis.plot(clients, series("round_mean_round_s"), "o-", label="a round, wall time")
+    time_axis.plot(clients, series("round_mean_train_handler_s"), "s--", label="its sampled clients' compute")
+    time_axis.set(xscale="log", xlabel="clients", ylabel="seconds (mean of the rounds)", title="Time")
+    memory_axis.plot(clients, series("peak_rss_tree_mb", MB / 1e9), "o-", label="process tree, RSS")
+    memory_axis.plot(clients, series("peak_uss_tree_mb", MB / 1e9), "s--", label="process tree, USS")
+    memory_axis.plot(clients, series("peak_rss_server_mb", MB / 1e9), "^-", label="ServerApp process, RSS")
+    memory_axis.axhline(GOAL_TREE_RSS_BYTES / 1e9, color="grey", linestyle=":", label="goal: 4 GB")
+    memory_axis.set(xscale="log", xlabel="clients", ylabel="GB (peak)", title="Memory")
+    for axis in (time_axis, memory_axis):
+        axis.set_xticks(clients, [f"{c:,}" for c in clients])
+        axis.minorticks_off()
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"edgemri federate on 2 CPU cores, synthetic data, {values.get('rounds_asked')} rounds",
+                    fontsize=10)
+    saved = save_figure(path, figure)
+    plt.close(figure)
+    return saved
+
+
 def print_table(values: dict[str, Any], sizes: list[int]) -> None:
     columns = (("clients", "{:.0f}"), ("wall_s", "{:.0f}"), ("round_mean_round_s", "{:.1f}"),
                ("round_mean_train_handler_s", "{:.1f}"), ("round_over_sampled_compute_max", "{:.2f}"),
@@ -384,6 +425,8 @@ def main() -> None:
     print_table(values, sizes)
     if not (args.quick or args.no_results):
         write_result("scale", values)
+        if figure := plot_curve(values, sizes):
+            print(f"wrote {figure}")
 
 
 if __name__ == "__main__":

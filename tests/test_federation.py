@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -273,12 +274,14 @@ def test_a_hundred_client_federation_samples_its_phones_and_personalizes_every_c
     assert len({frozenset(r["sampled"]) for r in history}) == len(history)
     assert all((out / "clients" / c["client"] / "personalized.pt").is_file() for c in clients)
     assert all(c["personalized"] is not None for c in clients)
-    assert not (out / "references.json").exists() and all(c["pooled"] is None for c in clients)  # switched off
+    assert not (out / "references.json").exists() and all(
+        c["pooled"] is None or math.isnan(c["pooled"]) for c in clients)  # switched off
     final_global = load_checkpoint(out / "server" / "state.pt", kind="server").state_dict
-    head = "classifier.1.weight"  # fedavg-ft: each personal model is the global one fine-tuned on the device
-    for name in ("hospital-site-a", next(c["client"] for c in clients if c["kind"] == "phone")):
-        assert not torch.equal(load_checkpoint(out / "clients" / name / "personalized.pt").state_dict[head],
-                               final_global[head])
+    # fedavg-ft: a phone's personal model is the global one fine-tuned on the device (a fixed budget; a hospital's
+    # selection on validation may keep the global model itself).
+    head, phone = "classifier.1.weight", next(c["client"] for c in clients if c["kind"] == "phone")
+    assert not torch.equal(load_checkpoint(out / "clients" / phone / "personalized.pt").state_dict[head],
+                           final_global[head])
     # The report summarises the phones by tier: no row per phone, only each tier's worst 10 (on the local test
     # splits and on the site pools).
     text = run.paths["md"].read_text()
