@@ -9,11 +9,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("kaggle", "train_speed", "dp_speed", "latency", "device_footprint", "data_calibration",
-              "personalization", "distillation", "privacy_attacks", "scale")
+              "personalization", "distillation", "privacy_attacks", "scale", "load")
 # make their own inputs (personalization and privacy_attacks: clinics; distillation: quickstart and kaggle-size;
-# scale: kaggle-size, to hold 1,000 clients; kaggle: the real scans at ../shared/data, skipped with a message where
-# they are absent)
-OWN_DATA = ("kaggle", "latency", "device_footprint", "personalization", "distillation", "privacy_attacks", "scale")
+# scale: kaggle-size, to hold 1,000 clients; load: quickstart without pools, kept in its OUT; kaggle: the real scans
+# at ../shared/data, skipped with a message where they are absent)
+OWN_DATA = ("kaggle", "latency", "device_footprint", "personalization", "distillation", "privacy_attacks", "scale",
+            "load")
 # The real-data federation benchmarks (issue 23), in order: the personalization run distills the students the
 # others start from. Each says so and skips where ../shared/data is absent.
 REAL = (("personalization", "--real"), ("dp_real",), ("privacy_attacks", "--real"))

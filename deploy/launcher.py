@@ -1,6 +1,6 @@
 """One machine, real processes: a TLS SuperLink with SuperNode authentication and real SuperNodes.
 
-For tests, the benchmark and the one-machine walkthrough in docs/DEPLOY.md: every process
+For tests, the benchmarks and the one-machine walkthrough in docs/DEPLOY.md: every process
 listens on 127.0.0.1 on a free port, in its own FLWR_HOME, and is stopped on exit. A node
 started ``warm`` has the warm ClientApp launcher (``edgemri client serve``, deploy/warm.py)
 beside it, and its SuperNode finds the launcher's ``flwr-clientapp`` shim first on its PATH.
@@ -8,10 +8,12 @@ beside it, and its SuperNode finds the launcher's ``flwr-clientapp`` shim first 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -41,6 +43,52 @@ from edgemri.simulation.flower_run import (
     write_connection,
 )
 
+REGISTERING_AT_ONCE = 4  # `flwr supernode register` processes side by side
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on the port (closed connections in TIME_WAIT do not count, as for any server)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _command(process: psutil.Process) -> str | None:
+    """The process's command line, shortened; None when it has exited."""
+    try:
+        return " ".join(process.cmdline())[:150]
+    except psutil.Error:
+        return None
+
+
+@dataclass
+class _Launcher:
+    """A warm launcher being started: its process, its socket and the folder of its ``flwr-clientapp`` shim."""
+
+    process: ManagedProcess
+    socket_path: Path
+    bin_dir: Path
+
+    def wait(self, name: str, timeout_s: float = 120.0) -> None:
+        """Until the shim is written and the socket listens; else stop it and raise."""
+        deadline = time.monotonic() + timeout_s
+        while not ((self.bin_dir / "flwr-clientapp").is_file() and self.socket_path.is_socket()):
+            if self.process.process.poll() is not None or time.monotonic() > deadline:
+                self.process.stop()
+                raise DeployError(f"the warm launcher of {name!r} did not start; see {self.process.log}")
+            time.sleep(0.2)
+
 
 @dataclass
 class LocalNode:
@@ -61,8 +109,12 @@ class LocalDeployment:
 
     ``with LocalDeployment(root) as d:`` makes certificates and a `flwr` connection,
     starts the SuperLink and waits until it answers; ``d.add_node(...)`` registers a key
-    and starts a SuperNode in its own FLWR_HOME on its own port. Leaving the block stops
-    every process it started (their ClientApp children included), also after a failure.
+    and starts a SuperNode in its own FLWR_HOME on its own port (``d.add_nodes``: many at
+    once). ``d.stop_node(name, signal.SIGKILL)`` kills a device, ``d.start_node(...)``
+    brings it back on the same key and state folder, ``d.restart_link()`` restarts the
+    SuperLink on its database. Leaving the block stops every process it started (their
+    ClientApp children included), also after a failure; ``d.leftovers()`` says what, if
+    anything, still runs or listens.
     """
 
     connection = "edgemri-local"
@@ -103,6 +155,9 @@ class LocalDeployment:
         self.certs = make_certs(self.root / "certs", ["127.0.0.1"])
         self.port = free_port()
         write_connection(self.home, self.connection, self.address, root_certificates=self.certs["ca_cert"])
+        self._start_link()
+
+    def _start_link(self) -> None:
         self.link = start_process(
             [str(VENV_BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.certs["ca_cert"]),
              "--ssl-certfile", str(self.certs["server_cert"]), "--ssl-keyfile", str(self.certs["server_key"]),
@@ -110,6 +165,41 @@ class LocalDeployment:
              "--port", str(self.port), "--database", str(self.root / "superlink.db")],
             self.env, self.root / "logs" / "superlink.log", cwd=self.root)
         wait_healthy(self.link, self.port, scheme="https")
+
+    def restart_link(self, stop_timeout_s: float = 90.0, grace_s: float = 30.0) -> list[str]:
+        """Restart the SuperLink as an operator's restart does (SIGTERM, SIGKILL after ``stop_timeout_s`` as
+        systemd's default, then start it again) on the same port, database and certificates. Returns the
+        commands of the old SuperLink's processes still running ``grace_s`` after the new one is up (stopped
+        then): none in Flower 1.42.
+
+        Flower 1.42's SuperLink keeps registered nodes, their keys and ids in its ``--database`` (SQLite), so
+        they stay valid, and running SuperNodes reconnect by themselves (their Fleet client retries without
+        limit). On SIGTERM it stops listening at once but exits only when open connections close: a `flwr run
+        --stream` of a running run holds one until the run is failed for want of the ServerApp's heartbeat
+        (about a minute). The ServerApp of a running run does not survive: as the SuperLink exits it
+        terminates its SuperExec, the ServerApp (started with ``--parent-pid`` of the SuperExec) stops when
+        that pid is gone, retries to report its status, and exits when the restarted SuperLink refuses its
+        task token. A run is continued with a resumed `flwr run` (run config ``resume=true``).
+        """
+        old = self.link
+        tree: list[psutil.Process] = []
+        if old is not None:
+            with contextlib.suppress(psutil.Error):
+                tree = psutil.Process(old.process.pid).children(recursive=True)
+            old.remember_children()
+            old.process.send_signal(signal.SIGTERM)  # the SuperLink alone: what follows is Flower's doing
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                old.process.wait(timeout=stop_timeout_s)
+            if old.process.poll() is None:
+                old.stop(signal.SIGKILL)
+        self._start_link()
+        deadline = time.monotonic() + grace_s
+        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survivors = [c for p in tree if _alive(p) and (c := _command(p))]
+        if old is not None:
+            old.stop()  # whatever of its tree is left
+        return survivors
 
     def make_key(self, name: str) -> tuple[Path, Path]:
         """The node's key pair in ``keys/`` (made once, kept for restarts)."""
@@ -125,47 +215,78 @@ class LocalDeployment:
     def add_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path,
                  register: bool = True, warm: bool = False) -> LocalNode:
         """Register (unless ``register`` is False) and start the SuperNode ``name``."""
+        files = {"manifest": manifest, "data_dir": data_dir, "state_dir": state_dir, "warm": warm}
+        return self.add_nodes({name: files}, register=register)[0]
+
+    def add_nodes(self, nodes: dict[str, dict[str, Any]], *, register: bool = True) -> list[LocalNode]:
+        """Register (unless ``register`` is False) and start many SuperNodes; ``nodes``: name -> ``start_node``'s
+        keywords. The keys are registered side by side (each registration is a `flwr` process)."""
         if register:
-            self.register(name)
-        return self.start_node(name, manifest=manifest, data_dir=data_dir, state_dir=state_dir, warm=warm)
+            for name in nodes:
+                self.make_key(name)  # one at a time: they share the key folder
+            with ThreadPoolExecutor(REGISTERING_AT_ONCE) as pool:
+                list(pool.map(self.register, nodes))
+        return self.start_nodes(nodes)
 
     def start_node(self, name: str, *, manifest: Path, data_dir: Path, state_dir: Path,
                    warm: bool = False) -> LocalNode:
         """Start (or restart, same key and state folder) the SuperNode ``name``; ``warm``: with the warm launcher."""
-        running = [p.process.pid for p in self.nodes[name].processes if p.process.poll() is None] \
-            if name in self.nodes else []
-        if running:
-            raise DeployError(f"SuperNode {name!r} is already running (pids {running})")
+        files = {"manifest": manifest, "data_dir": data_dir, "state_dir": state_dir, "warm": warm}
+        return self.start_nodes({name: files})[0]
+
+    def start_nodes(self, nodes: dict[str, dict[str, Any]]) -> list[LocalNode]:
+        """``start_node`` for many; every warm launcher is started before any is waited for (each imports the
+        stack, seconds of CPU), and a launcher that does not come up stops them all."""
+        for name in nodes:
+            running = [p.process.pid for p in self.nodes[name].processes if p.process.poll() is None] \
+                if name in self.nodes else []
+            if running:
+                raise DeployError(f"SuperNode {name!r} is already running (pids {running})")
+        launchers: dict[str, _Launcher] = {}
+        try:
+            for name, files in nodes.items():
+                if files.get("warm"):
+                    launchers[name] = self._spawn_launcher(name)
+            for name, launcher in launchers.items():
+                launcher.wait(name)
+        except BaseException:
+            for launcher in launchers.values():
+                launcher.process.stop()
+            raise
+        return [self._start_supernode(name, Path(files["manifest"]), Path(files["data_dir"]),
+                                      Path(files["state_dir"]), launchers.get(name)) for name, files in nodes.items()]
+
+    def _start_supernode(self, name: str, manifest: Path, data_dir: Path, state_dir: Path,
+                         launcher: _Launcher | None) -> LocalNode:
         private, _ = self.make_key(name)
-        home = self.root / "nodes" / name  # each SuperNode installs the app in its own FLWR_HOME
         port = free_port()
         self.node_ports.append(port)
-        env, launcher = flower_env(home), None
-        if warm:
-            launcher, env = self._start_launcher(name, env)
+        env = flower_env(self.node_home(name))
+        if launcher is not None:  # its flwr-clientapp shim first on the SuperNode's PATH
+            env = shim_path_env(launcher.bin_dir, env)
         process = start_process(
             [str(VENV_BIN / "flower-supernode"), "--root-certificates", str(self.certs["ca_cert"]),
              "--superlink", self.address, "--auth-supernode-private-key", str(private),
              "--host", "127.0.0.1", "--port", str(port),
              "--node-config", node_config_arg(manifest, data_dir, state_dir)],
             env, self.root / "logs" / f"supernode-{name}.log", cwd=self.root)
-        self.nodes[name] = LocalNode(name, self.node_ids.get(name), port, home, process, launcher)
+        self.nodes[name] = LocalNode(name, self.node_ids.get(name), port, self.node_home(name), process,
+                                     launcher.process if launcher else None)
         return self.nodes[name]
 
-    def _start_launcher(self, name: str, env: dict[str, str]) -> tuple[ManagedProcess, dict[str, str]]:
-        """Start ``edgemri client serve`` in the node's environment; wait for its socket; the SuperNode's env."""
+    def node_home(self, name: str) -> Path:
+        """The node's FLWR_HOME: each SuperNode installs the app in its own."""
+        return self.root / "nodes" / name
+
+    def _spawn_launcher(self, name: str) -> _Launcher:
+        """Start ``edgemri client serve`` in the node's environment (``_Launcher.wait`` waits for it)."""
         folder = Path(tempfile.mkdtemp(prefix="edgemri-warm-"))  # short: Unix socket paths are limited
         self.warm_dirs.append(folder)
         socket_path, bin_dir = warm_paths(folder)
-        launcher = start_process([str(VENV_BIN / "edgemri"), "client", "serve", "--dir", str(folder)], env,
-                                 self.root / "logs" / f"launcher-{name}.log", cwd=self.root)
-        deadline = time.monotonic() + 120.0
-        while not ((bin_dir / "flwr-clientapp").is_file() and socket_path.is_socket()):
-            if launcher.process.poll() is not None or time.monotonic() > deadline:
-                launcher.stop()
-                raise DeployError(f"the warm launcher of {name!r} did not start; see {launcher.log}")
-            time.sleep(0.2)
-        return launcher, shim_path_env(bin_dir, env)
+        process = start_process([str(VENV_BIN / "edgemri"), "client", "serve", "--dir", str(folder)],
+                                flower_env(self.node_home(name)), self.root / "logs" / f"launcher-{name}.log",
+                                cwd=self.root)
+        return _Launcher(process, socket_path, bin_dir)
 
     def stop_node(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Stop a SuperNode and its ClientApp processes (SIGKILL: as if the device died).
@@ -222,6 +343,12 @@ class LocalDeployment:
     def processes(self) -> list[psutil.Process]:
         """Live processes of this deployment: every flwr process inherits an FLWR_HOME under ``root``."""
         return processes_under(self.root)
+
+    def leftovers(self) -> list[str]:
+        """What still runs or listens: each live process of this deployment (its command) and each port of
+        ``ports`` still bound. Empty after ``stop``."""
+        running = [c for p in self.processes() if (c := _command(p))]
+        return running + [f"port {port} is still bound" for port in self.ports if not port_free(port)]
 
     def stop(self) -> None:
         """Stop every SuperNode, then the SuperLink, each with its child processes.

@@ -1,13 +1,16 @@
-"""A real deployment on 127.0.0.1: TLS, SuperNode authentication, a node killed and restarted.
+"""A real deployment on 127.0.0.1: TLS, SuperNode authentication, a node killed and restarted, the SuperLink
+restarted.
 
-One SuperLink (TLS, SuperNode authentication, a database file) and three registered
-SuperNodes (two hospitals, one phone), each with its own manifest, state folder,
-FLWR_HOME and port, plus one SuperNode whose key was never registered. The hospitals run
-their ClientApps as Flower starts them (a fresh ``flwr-clientapp`` per message), the phone
-through the warm launcher (``edgemri client serve`` and its ``flwr-clientapp`` shim). Run 1
-(2 rounds) loses the phone (SuperNode and launcher) to SIGKILL after round 1, mid-run; run 2
-resumes the federation for a third round after the phone was restarted, warm again, on the
-same state folder.
+One SuperLink (TLS, SuperNode authentication, a database file) and six registered SuperNodes
+(two hospitals, four phones), each with its own manifest, state folder, privacy ledger (every
+device trains with DP-SGD), FLWR_HOME and port, plus one SuperNode whose key was never
+registered. One hospital runs its ClientApps as Flower starts them (a fresh ``flwr-clientapp``
+per message), the other five nodes through the warm launcher (``edgemri client serve`` and its
+``flwr-clientapp`` shim), which keeps the suite's time down. Run 1 (2 rounds) loses one phone
+(SuperNode and launcher) to SIGKILL after round 1, mid-run. Then the SuperLink restarts on its
+database, the phone is restarted, warm again, on the same state folder, and run 2 resumes the
+federation through the restarted SuperLink for a third round. ``benchmarks/load.py`` is the same
+at 30 nodes and 5 rounds.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -31,13 +33,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edgemri.clients.runtime import STATE_FILE, Client, resolve_setup
+from edgemri.core.config import DPTierConfig
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.partition import partition, read_manifest, write_manifests
+from edgemri.core.federation.protocol import FederationResult, RoundRecord
 from edgemri.core.io import write_text
+from edgemri.core.privacy.dp import PrivacyError, plan_dp
+from edgemri.core.privacy.ledger import Ledger
 from edgemri.core.registries import parse_config
 from edgemri.core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgemri.deploy import certs as certs_module
 from edgemri.deploy.certs import MAX_DAYS, make_certs
+from edgemri.deploy.devices import compare_rounds, ledger_refusals, read_ledger, read_result
 from edgemri.deploy.errors import DeployError
 from edgemri.deploy.launcher import LocalDeployment
 from edgemri.deploy.nodes import make_node_keys
@@ -49,20 +56,25 @@ from edgemri.simulation.flower_run import VENV_BIN
 slow = pytest.mark.slow  # the real deployment below; the certificate and key tests at the end are fast
 
 HOSPITALS = ("hospital-site-a", "hospital-site-b")
-PHONE = "phone-site-a-0"
-INTRUDER = "phone-site-b-0"  # has a manifest, but its key is never registered
+PHONE = "phone-site-a-0"  # killed mid-run and restarted
+PHONES = (PHONE, "phone-site-a-1", "phone-site-b-0", "phone-site-b-1")
+NODES = (*HOSPITALS, *PHONES)  # the six registered SuperNodes
+COLD = "hospital-site-a"  # Flower's own flwr-clientapp per message
+WARM = tuple(name for name in NODES if name != COLD)  # the warm launcher
+INTRUDER = "phone-site-b-2"  # has a manifest, but its key is never registered (phone-site-a-2's is not used)
 LEDGER = "privacy-ledger.jsonl"
-# The DP feature (edgemri.core.privacy) writes the phone's privacy ledger; without it the
-# config has no privacy section and only the ledger test is skipped.
 
 
 def _config(rounds: int) -> dict[str, Any]:
-    # The phone trains with DP at a fixed sigma and a budget no round reaches: it always trains.
-    return {"seed": 0, "federation": {
+    # Every device trains with DP at a fixed sigma and a budget no round reaches: it always trains, and its
+    # ledger records it. sited_data has 60 training scans a site; the clients' 90% holds three phones of 8-12
+    # scans and a hospital each.
+    dp = {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 1000.0}
+    return {"seed": 0, "data": {"client_fraction": 0.9}, "federation": {
         "rounds": rounds, "method": "ditto", "min_clients": 2, "round_timeout_s": 60,
         "tiers": {"hospital": {"min_examples": 8, "local_epochs": 1},
-                  "phone": {"per_site": 1, "min_examples": 8, "max_examples": 12, "availability": 1.0}}},
-        "privacy": {"tiers": {"phone": {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 1000.0}}}}
+                  "phone": {"per_site": 3, "min_examples": 8, "max_examples": 12, "availability": 1.0}}},
+        "privacy": {"tiers": {"phone": dict(dp), "hospital": dict(dp)}}}  # copies: YAML aliases are refused
 
 
 def _audit_records(audit: Path, node_id: int) -> list[dict[str, Any]]:
@@ -98,15 +110,10 @@ def _wait_for(check: Callable[[], object], what: str, timeout_s: float, run: Fut
         time.sleep(0.2)
 
 
-def _port_free(port: int) -> bool:
-    """Nothing listens on the port (closed connections in TIME_WAIT do not count, as for any server)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def _launcher_children(log: Path) -> set[int]:
+    """The pids of the children a warm launcher forked for ClientApp tasks, from its log."""
+    return {int(line.rsplit(" ", 1)[1]) for line in log.read_text(errors="replace").splitlines()
+            if ": ClientApp in child " in line}
 
 
 @pytest.fixture(scope="module")
@@ -124,20 +131,19 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
     def node_files(name: str) -> dict[str, Any]:
         return {"manifest": manifest[name], "data_dir": sited_data, "state_dir": root / "devices" / name,
-                "warm": name == PHONE}
+                "warm": name in WARM}
 
     def run_config(rounds: int, resume: bool) -> dict[str, Any]:
         # data-root empty: the server holds no data, as in a real deployment (no central test set).
         # state-root keeps pyproject's default, as in docs/DEPLOY.md: each device's node config names its state-dir.
         return {"config": str(configs[rounds]), "run-dir": str(run_dir), "data-root": "",
                 "manifests": str(root / "manifests"), "start-checkpoint": str(start),
-                "num-clients": 3, "resume": resume, "audit-dir": str(run_dir / "audit")}
+                "num-clients": len(NODES), "resume": resume, "audit-dir": str(run_dir / "audit")}
 
     seen: dict[str, Any] = {"root": root, "run_dir": run_dir, "state_dir": node_files(PHONE)["state_dir"]}
     # Leaving the block stops the deployment first, which also ends a run still streaming.
     with ThreadPoolExecutor(1) as pool, LocalDeployment(root / "deployment") as deployment:
-        for name in (*HOSPITALS, PHONE):
-            deployment.add_node(name, **node_files(name))
+        deployment.add_nodes({name: node_files(name) for name in NODES})
         intruder = deployment.add_node(INTRUDER, register=False, **node_files(INTRUDER))
         phone_id = deployment.nodes[PHONE].node_id
         audit = run_dir / "audit"
@@ -156,6 +162,11 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         seen["intruder_log"] = intruder.process.log.read_text(errors="replace")
         seen["registered"] = deployment.node_status()
 
+        # The SuperLink restarts on its database: the five nodes still running reconnect by themselves.
+        seen["link_pids"] = [deployment.link.process.pid]
+        seen["link_survivors"] = deployment.restart_link()  # its SuperExec must go with it
+        seen["link_pids"].append(deployment.link.process.pid)
+        seen["registered_after_link_restart"] = deployment.node_status()
         # The SuperLink lets a node back in once its heartbeat has lapsed (offline).
         deployment.wait_status([PHONE], "offline", timeout_s=90)
         deployment.start_node(PHONE, **node_files(PHONE))  # run 2's server waits for it to come online
@@ -165,12 +176,13 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         seen["run2"] = deployment.run(APP_DIR, run_config(3, resume=True), root / "logs" / "run-2.log", 600)
         seen["report2"] = json.loads((run_dir / "federation.json").read_text())
         seen["phone_messages"] = _audit_records(audit, phone_id)
-        seen["ports"] = deployment.ports
         seen["audited_pids"] = {node: {int(p.stem.rsplit("-", 1)[1]) for p in audit.glob(f"node-{node_id}-*.json")}
                                 for node, node_id in deployment.node_ids.items()}
-        seen["launcher_logs"] = sorted(deployment.root.glob("logs/launcher-*.log"))
-        seen["launcher_log"] = "".join(p.read_text(errors="replace") for p in seen["launcher_logs"])
-    seen["left_running"] = [" ".join(p.cmdline())[:150] for p in deployment.processes()]
+        seen["launcher_children"] = {name: _launcher_children(deployment.root / "logs" / f"launcher-{name}.log")
+                                     for name in WARM}
+        seen["ledgers"] = {name: read_ledger(name, node_files(name)["state_dir"]) for name in NODES}
+        seen["result"] = read_result(run_dir)
+    seen["leftovers"] = deployment.leftovers()
     return seen
 
 
@@ -180,8 +192,8 @@ def test_the_run_completes_over_tls_and_writes_its_reports(scenario: dict[str, A
     assert scenario["run2"].ok, scenario["run2"].details
     report = scenario["report2"]
     assert report["rounds"] == [1, 2, 3]
-    assert {r["client"] for r in report["clients"]} == {*HOSPITALS, PHONE}
-    for name in (*HOSPITALS, PHONE):
+    assert {r["client"] for r in report["clients"]} == set(NODES)
+    for name in NODES:
         assert (scenario["root"] / "devices" / name / "personalized.pt").is_file()
     assert (scenario["run_dir"] / "federation.md").is_file()
 
@@ -190,7 +202,7 @@ def test_the_run_completes_over_tls_and_writes_its_reports(scenario: dict[str, A
 def test_an_unregistered_supernode_is_refused(scenario: dict[str, Any]) -> None:
     assert scenario["intruder_rc"] not in (None, 0)
     assert "Failed to activate SuperNode" in scenario["intruder_log"]
-    assert len(scenario["registered"]) == 3  # the intruder never got a node id
+    assert len(scenario["registered"]) == len(NODES)  # the intruder never got a node id
     assert INTRUDER not in {r["client"] for r in scenario["report2"]["clients"]}
 
 
@@ -199,8 +211,8 @@ def test_a_killed_supernode_is_skipped_and_the_others_finish_the_round(scenario:
     round2 = scenario["report1"]["participation"][1]
     assert round2["round"] == 2
     assert PHONE in round2["failed"]
-    assert sorted(round2["trained"]) == sorted(HOSPITALS)
-    assert round2["aggregated"]  # two replies >= federation.min_clients
+    assert sorted(round2["trained"]) == sorted(set(NODES) - {PHONE})
+    assert round2["aggregated"]  # five replies >= federation.min_clients
     assert scenario["report2"]["participation"][1] == round2  # run 2 resumed after round 2
 
 
@@ -227,19 +239,77 @@ def test_the_privacy_ledger_continues_after_the_restart(scenario: dict[str, Any]
 
 
 @slow
-def test_the_phone_ran_every_clientapp_in_a_child_of_its_warm_launcher(scenario: dict[str, Any]) -> None:
-    children = {int(line.rsplit(" ", 1)[1]) for line in scenario["launcher_log"].splitlines()
-                if ": ClientApp in child " in line}
-    phone = scenario["audited_pids"][PHONE]
-    assert len(phone) >= 6  # runs 1 and 2: queries, train and evaluate messages, before and after the kill
-    assert phone <= children
-    assert not children & set().union(*(scenario["audited_pids"][h] for h in HOSPITALS))  # Flower's own
+def test_the_superlink_restarts_on_its_database_and_the_run_resumes_through_it(scenario: dict[str, Any]) -> None:
+    old, new = scenario["link_pids"]
+    assert old != new and scenario["link_survivors"] == []
+    assert scenario["registered_after_link_restart"].keys() == scenario["registered"].keys()  # same node ids
+    round3 = scenario["report2"]["participation"][2]
+    assert round3["round"] == 3 and round3["aggregated"]
+    assert sorted(round3["trained"]) == sorted(NODES)  # the five that stayed up reconnected, the phone came back
+
+
+@slow
+def test_every_device_ledger_verifies_and_agrees_with_the_server(scenario: dict[str, Any]) -> None:
+    ledgers = scenario["ledgers"]
+    assert all(ledger.ok for ledger in ledgers.values()), {n: (d.error, d.over_budget) for n, d in ledgers.items()}
+    assert {name: ledger.rounds for name, ledger in ledgers.items()} == {
+        name: (1, 3) if name == PHONE else (1, 2, 3) for name in NODES}
+    compared = compare_rounds(ledgers, scenario["result"].history)
+    assert {name: c.lost for name, c in compared.items()} == dict.fromkeys(NODES, 0)  # no update lost either way
+    assert ledger_refusals(scenario["result"]) == []
+
+
+@slow
+def test_warm_nodes_ran_every_clientapp_in_a_child_of_their_launcher(scenario: dict[str, Any]) -> None:
+    audited, children = scenario["audited_pids"], scenario["launcher_children"]
+    assert len(audited[PHONE]) >= 6  # runs 1 and 2: queries, train and evaluate messages, before and after the kill
+    for name in WARM:
+        assert audited[name] and audited[name] <= children[name]
+    assert audited[COLD] and not audited[COLD] & set().union(*children.values())  # Flower's own processes
 
 
 @slow
 def test_every_process_is_stopped_and_every_port_freed(scenario: dict[str, Any]) -> None:
-    assert scenario["left_running"] == []
-    assert all(_port_free(port) for port in scenario["ports"])
+    assert scenario["leftovers"] == []
+
+
+# ---------------------------------------------------------------- device ledgers against the server (fast)
+
+
+def test_device_ledgers_are_verified_and_set_against_the_server_history(tmp_path: Path) -> None:
+    def ledger(name: str, rounds: list[int], budget: float = 1000.0) -> None:
+        plan = plan_dp(DPTierConfig(enabled=True, noise_multiplier=1.0, budget_epsilon=budget), n=10, batch_size=8,
+                       local_epochs=1, rounds=3, accountant="rdp")
+        (tmp_path / name).mkdir()
+        book = Ledger.open(tmp_path / name / LEDGER, name)
+        for server_round in rounds:
+            book.append(server_round, plan, plan.steps_per_round)
+
+    ledger("a", [1, 2, 3])
+    ledger("b", [1, 3])
+    ledger("c", [1])
+    with pytest.raises(PrivacyError, match="budget"):  # recorded, then refused: the ledger over-counts
+        ledger("d", [1], budget=0.1)
+    edited = tmp_path / "c" / LEDGER
+    edited.write_text(edited.read_text().replace('"round": 1', '"round": 2'))
+    ledgers = {name: read_ledger(name, tmp_path / name) for name in "abcde"}
+    assert {name: d.ok for name, d in ledgers.items()} == {"a": True, "b": True, "c": False, "d": False, "e": False}
+    assert "fails its hash" in ledgers["c"].error and ledgers["d"].over_budget == (1,)
+    assert "does not exist" in ledgers["e"].error and ledgers["b"].rounds == (1, 3)
+
+    history = [RoundRecord(round=1, sampled=["a", "b"], trained=["a", "b"]),
+               RoundRecord(round=2, sampled=["a", "b"], trained=["a", "b"]),  # b's round 2 is in no ledger
+               RoundRecord(round=3, sampled=["a", "b"], trained=["a"], failed={"b": "no-reply"})]  # b's is lost
+    compared = compare_rounds({name: ledgers[name] for name in "ab"}, history)
+    assert {name: (c.not_counted, c.not_recorded, c.lost) for name, c in compared.items()} == {
+        "a": ((), (), 0), "b": ((3,), (2,), 2)}
+
+    refused = RoundRecord(round=1, sampled=["a", "b"], failed={"a": "no-reply", "b": "ledger-rollback"})
+    result = FederationResult(clients={}, history=[refused], final={}, final_failed={"a": "privacy-error"},
+                              retired={"b": "round 1: ledger-rollback"}, central_start={}, central_final={},
+                              central_dp={})
+    assert ledger_refusals(result) == ["round 1: b: ledger-rollback", "final: a: privacy-error",
+                                       "retired: b: round 1: ledger-rollback"]
 
 
 # ---------------------------------------------------------------- certificates and keys (fast)

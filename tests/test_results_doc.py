@@ -24,6 +24,13 @@ def test_results_doc_and_readme_block_are_current() -> None:
     assert stale == [], f"{', '.join(stale)} stale against benchmarks/results/*.json: run python -m benchmarks.report"
 
 
+def test_the_readme_stays_short_and_usage_first() -> None:
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; at most 250 (details belong in docs/)"
+    own_data = next(i for i, line in enumerate(lines, 1) if line.startswith("## ") and "own data" in line)
+    assert own_data <= 80 and lines.index("## Quickstart") < own_data
+
+
 def test_markdown_table_escapes_pipes_and_line_breaks() -> None:
     table = report.markdown_table(["a|b", "n"], [["x|y", "1\n2"]])
     lines = table.splitlines()
