@@ -658,7 +658,9 @@ def scale(v: Values) -> list[str]:
     phases = collect(PHASES, lambda item: [item[1], *(sig(v[f"size{n}.{item[0]}"]) for n in sizes)])
     goals = collect((("goal_round_within_1_5x_sampled_compute_every_size",
                       "every round within 1.5x its sampled clients' compute, every size"),
-                     ("goal_tree_rss_under_4gb_at_1000", "peak RSS of the process tree under 4 GB at 1,000 clients"),
+                     ("goal_tree_pss_under_4gb_at_1000", "peak PSS of the process tree under 4 GB at 1,000 clients"),
+                     ("goal_tree_rss_under_4gb_at_1000",
+                      "peak summed RSS of the process tree (shared pages counted in each process) under 4 GB"),
                      ("goal_5_rounds_under_15_min_at_1000", "5 rounds in under 15 minutes at 1,000 clients")),
                     lambda item: [item[1], yes_no(v[item[0]])])
     goals += collect(["server_rss_mb_per_added_client"],
