@@ -634,12 +634,12 @@ def cost_curve_rows(v: Values) -> list[list[str]]:
     return collect(_sizes(v), lambda n: [
         whole(v[f"size{n}.clients"]), whole(v[f"size{n}.round_mean_sampled"]), sig(v[f"size{n}.wall_s"] / 60),
         sig(v[f"size{n}.round_mean_round_s"]), sig(v[f"size{n}.round_mean_train_handler_s"]),
-        ratio(v[f"size{n}.round_over_sampled_compute_max"]), whole(v[f"size{n}.peak_rss_tree_mb"]),
-        whole(v[f"size{n}.peak_uss_tree_mb"]), whole(v[f"size{n}.peak_rss_server_mb"])])
+        ratio(v[f"size{n}.round_over_sampled_compute_max"]), optional(v, f"size{n}.peak_pss_tree_mb", whole),
+        whole(v[f"size{n}.peak_rss_tree_mb"]), whole(v[f"size{n}.peak_rss_server_mb"])])
 
 
 COST_HEADERS = ["clients", "sampled a round", "whole run, min", "a round, s", "sampled clients' compute, s",
-                "round / compute, worst", "peak RSS of the tree, MB", "its USS, MB", "server RSS, MB"]
+                "round / compute, worst", "the tree's memory (PSS), MiB", "its summed RSS, MiB", "server RSS, MiB"]
 PHASES = (("setup_discovery_s", "discovery (every client's manifest query)"),
           ("round_mean_sampling_s", "sampling, a round"), ("round_mean_train_wait_s", "training wait, a round"),
           ("round_mean_aggregation_s", "aggregation, a round"),
