@@ -133,21 +133,7 @@ def _federate(config: Config, start: Checkpoint, data_root: Path, out: Path, sta
               progress: bool) -> FederationRun:
     """``federate`` once it holds the run folder's lock: the apps it starts stop when the lock's holder dies."""
     config_path = write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir, progress=progress)
-    manifests = ensure_manifests(out / "manifests", dataset, data_root.resolve(), config, progress=progress)
-    log.info("%d clients: %s", len(manifests), ", ".join(read_manifest(m).client for m in manifests))
-    write_json(out / "privacy-plan.json", plan_privacy(config, manifests))
-    # The pooled and oracle references need the clients' data in one place: only this runner has it, never the
-    # apps. ``references_from`` (a run on the same clients, start and seed) saves computing them again.
-    if config.federation.references:
-        clients = [read_manifest(m) for m in manifests]
-        key = references_key(clients, start.state_dict, config)
-        references = _cached_references(references_from or out, key)  # a resumed run keeps its own
-        if references is None:
-            references = reference_accuracies(clients, dataset, start.state_dict, config, str(data_root))
-        write_json(out / REFERENCES_FILE, {"key": key, "clients": references})
-    else:
-        (out / REFERENCES_FILE).unlink(missing_ok=True)
+    manifests = _prepare_clients(config, start, data_root, out, references_from, progress)
     run_config = {
         "config": str(config_path), "run-dir": str(out), "data-root": str(data_root.resolve()),
         "manifests": str(out / "manifests"), "state-root": str(out / "clients"),
@@ -166,6 +152,28 @@ def _federate(config: Config, start: Checkpoint, data_root: Path, out: Path, sta
     report = json.loads((out / "federation.json").read_text())
     return FederationRun(out, report, {"md": out / "federation.md", "json": out / "federation.json",
                                        "png": out / "federation.png", "privacy_md": out / "privacy.md"})
+
+
+def _prepare_clients(config: Config, start: Checkpoint, data_root: Path, out: Path, references_from: Path | None,
+                     progress: bool) -> list[Path]:
+    """The clients' manifests, privacy plans and (where asked) references, from the decoded data set, which is
+    released when this returns: the runner holds no scans while the federation runs."""
+    dataset = load_dataset(data_root, cache_dir=config.data.cache_dir, progress=progress)
+    manifests = ensure_manifests(out / "manifests", dataset, data_root.resolve(), config, progress=progress)
+    log.info("%d clients: %s", len(manifests), ", ".join(read_manifest(m).client for m in manifests))
+    write_json(out / "privacy-plan.json", plan_privacy(config, manifests))
+    # The pooled and oracle references need the clients' data in one place: only this runner has it, never the
+    # apps. ``references_from`` (a run on the same clients, start and seed) saves computing them again.
+    if config.federation.references:
+        clients = [read_manifest(m) for m in manifests]
+        key = references_key(clients, start.state_dict, config)
+        references = _cached_references(references_from or out, key)  # a resumed run keeps its own
+        if references is None:
+            references = reference_accuracies(clients, dataset, start.state_dict, config, str(data_root))
+        write_json(out / REFERENCES_FILE, {"key": key, "clients": references})
+    else:
+        (out / REFERENCES_FILE).unlink(missing_ok=True)
+    return manifests
 
 
 def _cached_references(run_dir: Path | None, key: str) -> dict[str, dict[str, float]] | None:
