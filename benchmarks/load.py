@@ -55,6 +55,7 @@ import math
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,6 +73,7 @@ from edgemri.arguments import BoundedInt
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.partition import partition, write_manifests
 from edgemri.core.data.synth import generate
+from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_text
 from edgemri.core.registries import parse_config
 from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
@@ -522,7 +524,11 @@ def main() -> None:
     parser.add_argument("--no-results", action="store_true", help="write OUT/load.json only")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    values = measure(out, args.nodes, args.rounds, args.seed, args.round_timeout_s)
+    try:
+        values = measure(out, args.nodes, args.rounds, args.seed, args.round_timeout_s)
+    except EdgemriError as err:  # e.g. a run that ended failed before writing its result: the logs say why
+        print(f"benchmarks.load: error: {err} (logs: {out / 'deployment-run' / 'logs'})", file=sys.stderr)
+        raise SystemExit(2) from None
     write_result("load", values, out)
     if not args.no_results:
         write_result("load", values)
