@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from edgemri.core.io import write_json
 from edgemri.reports.common import machine, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Sampler(threading.Thread):
+    """Calls ``sample()`` every ``interval_s`` in a thread while its ``with`` block runs (the memory samplers)."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+
+    def sample(self) -> object:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            self.sample()
+            self.stopped.wait(self.interval_s)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stopped.set()
+        self.join()
 
 
 def write_result(name: str, values: dict[str, Any], folder: Path = RESULTS) -> Path:

@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ import torch
 import yaml
 from flwr.app import ArrayRecord
 
-from benchmarks.common import write_result
+from benchmarks.common import Sampler, write_result
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.partition import partition, read_manifest, write_manifests
 from edgemri.core.data.synth import generate
@@ -108,7 +107,7 @@ def private_bytes(pid: int) -> int | None:
         return None
 
 
-class TreeSampler(threading.Thread):
+class TreeSampler(Sampler):
     """Samples processes and all their descendants: the summed RSS and each process's own trace.
 
     Summed RSS counts a page twice when two processes share it, as a child forked by the warm
@@ -120,14 +119,12 @@ class TreeSampler(threading.Thread):
     """
 
     def __init__(self, pids: list[int], interval_s: float = 0.05, forking_pid: int | None = None) -> None:
-        super().__init__(daemon=True)
+        super().__init__(interval_s)
         self.roots = [psutil.Process(pid) for pid in pids]
-        self.interval_s = interval_s
         self.forking_pid = forking_pid
         self.peak_rss = self.peak_device = 0
         self.processes_at_peak = 0
         self.traces: dict[int, ProcessTrace] = {}
-        self.stopped = threading.Event()
 
     def sample(self) -> int:
         total = device = alive = 0
@@ -159,11 +156,6 @@ class TreeSampler(threading.Thread):
             self.peak_rss, self.processes_at_peak = total, alive
         self.peak_device = max(self.peak_device, device)
         return total
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            self.sample()
-            time.sleep(self.interval_s)
 
 
 def message_bytes(description: dict[str, Any]) -> tuple[int, int]:
@@ -365,15 +357,11 @@ def measure(work: Path, rounds: int, warm: bool) -> tuple[dict[str, Any], dict[s
         sampler = TreeSampler([p.process.pid for p in phone.processes],
                               forking_pid=phone.launcher.process.pid if phone.launcher is not None else None)
         idle_rss = max(sampler.sample() for _ in range(10))  # SuperNode and SuperExec (or launcher), waiting
-        sampler.start()
-        try:
+        with sampler:
             outcome = deployment.run(APP_DIR, {
                 "config": str(config_path), "run-dir": str(run_dir), "data-root": "",
                 "manifests": str(work / "manifests"), "state-root": "", "start-checkpoint": str(start),
                 "num-clients": 2, "resume": False, "audit-dir": str(audit)}, work / "logs" / "run.log", 600)
-        finally:
-            sampler.stopped.set()
-            sampler.join()
     if not outcome.ok:
         raise RuntimeError(f"the federation ended {outcome.status}: {outcome.details[-1500:]}; logs in {work}")
 

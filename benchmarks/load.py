@@ -56,7 +56,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ import psutil
 import torch
 import yaml
 
-from benchmarks.common import write_result
+from benchmarks.common import Sampler, write_result
 from edgemri.arguments import BoundedInt
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.partition import partition, write_manifests
@@ -146,14 +145,13 @@ def prepare(out: Path, nodes: int, rounds: int, round_timeout_s: int) -> Inputs:
 # -- memory ------------------------------------------------------------------------------------------------------
 
 
-class LinkMemory(threading.Thread):
+class LinkMemory(Sampler):
     """Every SAMPLE_S: the RSS of the SuperLink (whichever process it is now), the ServerApp and the deployment."""
 
     def __init__(self, deployment: LocalDeployment) -> None:
-        super().__init__(daemon=True)
+        super().__init__(SAMPLE_S)
         self.deployment = deployment
         self.samples: list[tuple[float, int, int, int]] = []  # (time, superlink, serverapp, whole deployment) bytes
-        self.stopped = threading.Event()
 
     def sample(self) -> None:
         link = self.deployment.link
@@ -169,11 +167,6 @@ class LinkMemory(threading.Thread):
             superlink += rss if process.pid == link_pid else 0
             serverapp += rss if SERVERAPP_COMMAND in command else 0
         self.samples.append((time.time(), superlink, serverapp, total))
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            self.sample()
-            self.stopped.wait(SAMPLE_S)
 
     def peak(self, column: int, start: float = 0.0, end: float = math.inf) -> float:
         """The largest sample of ``column`` (1 SuperLink, 2 ServerApp, 3 deployment) in [start, end], in MB."""
@@ -476,9 +469,7 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int)
         faults = Faults(deployment, inputs, work / "run", rounds, victims, float(rng.uniform(*KILL_AFTER_ROUND_1)),
                         started)
         warm = [n for n in names if faults.node_files(n)["warm"]]
-        memory = LinkMemory(deployment)
-        memory.start()
-        try:
+        with LinkMemory(deployment) as memory:
             say(started, f"registering and starting {nodes} SuperNodes ({len(warm)} warm, {nodes - len(warm)} cold)")
             begun = time.monotonic()
             deployment.add_nodes({name: faults.node_files(name) for name in names})
@@ -486,9 +477,6 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int)
             values["nodes_start_s"] = time.monotonic() - begun
             say(started, f"{nodes} SuperNodes online after {values['nodes_start_s']:.0f} s")
             faults.drive(pool, timeout_s=(rounds + 2) * round_timeout_s + 300)
-        finally:
-            memory.stopped.set()
-            memory.join()
     say(started, "deployment stopped")
     values["wall_s"] = time.monotonic() - wall
     seen = faults.seen

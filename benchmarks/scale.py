@@ -44,7 +44,6 @@ import argparse
 import json
 import shutil
 import statistics
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ import psutil
 import torch
 from flwr.app import ArrayRecord
 
-from benchmarks.common import write_result
+from benchmarks.common import Sampler, write_result
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.images import DataError
 from edgemri.core.data.synth import generate
@@ -99,15 +98,14 @@ class MemoryPeaks:
     last_seen: float | None = None
 
 
-class RunMemory(threading.Thread):
+class RunMemory(Sampler):
     """Every ``interval_s``, the RSS of the run's processes and of the runner (this process), and their peaks."""
 
     def __init__(self, run_dir: Path, interval_s: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.run_dir, self.interval_s = run_dir, interval_s
+        super().__init__(interval_s)
+        self.run_dir = run_dir
         self.peaks = MemoryPeaks()
         self.runner = psutil.Process()
-        self.stopped = threading.Event()
 
     def sample(self) -> int:
         """One sample; returns the tree's summed RSS in bytes."""
@@ -135,10 +133,6 @@ class RunMemory(threading.Thread):
             peaks.tree, peaks.processes_at_tree_peak = total, alive + 1
         return total
 
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            self.sample()
-            self.stopped.wait(self.interval_s)
 
 
 # -- the clients' compute, from their timelines -------------------------------------------------------------
@@ -287,15 +281,12 @@ def measure(config_path: Path, root: Path, sites: int, clients: int, rounds: int
     config = load_config(config_path, size_overrides(root, sites, clients, rounds, phone_sample, references))
     run_dir = out / f"clients-{clients}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a rerun measures afresh
-    memory = RunMemory(run_dir)
-    memory.start()
     started = time.time()
-    try:
-        federate(config, data_root=root, out=run_dir, start_checkpoint=start, audit=True, timeout_s=timeout_s)
-    finally:
-        ended = time.time()
-        memory.stopped.set()
-        memory.join()
+    with RunMemory(run_dir) as memory:
+        try:
+            federate(config, data_root=root, out=run_dir, start_checkpoint=start, audit=True, timeout_s=timeout_s)
+        finally:
+            ended = time.time()
     return summarize(run_dir, started, ended, memory.peaks, model_sizes()["model_array_bytes"])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,15 @@ def write_report_files(out: Path, stem: str, report: dict[str, Any], render: Cal
     write_text(paths["md"], render(report))
     plot(report, paths["png"])
     return paths
+
+
+def flat_items(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """A nested config as (dotted key, leaf value) pairs."""
+    if isinstance(value, Mapping) and value:
+        for name, item in value.items():
+            yield from flat_items(item, f"{prefix}{name}.")
+    else:
+        yield prefix.removesuffix("."), value
 
 
 def _cell(value: Any) -> str:

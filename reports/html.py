@@ -22,7 +22,7 @@ from typing import Any
 from edgemri.core.data.images import CLASS_NAMES
 from edgemri.core.io import write_text
 from edgemri.core.untrusted import BOOL, OBJECT, check_record, list_of, number, one_of, text
-from edgemri.reports.common import package_versions
+from edgemri.reports.common import flat_items, package_versions
 from edgemri.reports.distill import EXAMPLES_FILE, EXAMPLES_JSON, EXAMPLES_KIND, label
 from edgemri.reports.privacy import ReportError, read_json
 from edgemri.reports.privacy_attacks import RECONSTRUCTIONS_FILE
@@ -269,13 +269,6 @@ def _section_html(section: Section, report: dict[str, Any], run_dir: Path) -> st
                       *figures, section.more(run_dir) if section.more else "", "</section>"])
 
 
-def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """A nested config as (dotted key, JSON value) rows."""
-    if isinstance(value, dict) and value:
-        return [row for key, item in value.items() for row in _flatten(item, f"{prefix}{key}.")]
-    return [(prefix.removesuffix("."), json.dumps(value))]
-
-
 def _header(run_dir: Path, found: list[tuple[Section, dict[str, Any]]]) -> str:
     """The run's kind (the reports it holds), its seed(s), and its config (from the first report that has one)."""
     seeds = list(dict.fromkeys(str(_read(section, run_dir, report, section.seed)) for section, report in found))
@@ -287,8 +280,8 @@ def _header(run_dir: Path, found: list[tuple[Section, dict[str, Any]]]) -> str:
         facts += [("data", data.get("root", "—")), ("synthetic preset", data.get("synth_preset", "—"))]
     lines = [f"<header><h1>edgemri run: {_e(run_dir.resolve().name)}</h1>", _table([], facts, "facts")]
     if config is not None:
-        lines += ["<details><summary>config</summary>", _table(["key", "value"], _flatten(config), "config"),
-                  "</details>"]
+        rows = [(key, json.dumps(value)) for key, value in flat_items(config)]
+        lines += ["<details><summary>config</summary>", _table(["key", "value"], rows, "config"), "</details>"]
     return "\n".join([*lines, "</header>"])
 
 

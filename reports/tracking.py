@@ -48,6 +48,7 @@ from edgemri.core.errors import EdgemriError
 from edgemri.core.io import write_json
 from edgemri.core.untrusted import check_record, read_json, text
 from edgemri.models import file_sha256
+from edgemri.reports.common import flat_items
 from edgemri.reports.html import PAGE
 
 EXPERIMENT = "edgemri"
@@ -144,15 +145,6 @@ def _key(*parts: str) -> str:
 # ---------------------------------------------------------------- params: the config, no path
 
 
-def _flat(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """A nested config as (dotted key, leaf value) pairs."""
-    if isinstance(value, Mapping) and value:
-        for name, item in value.items():
-            yield from _flat(item, f"{prefix}{name}.")
-    else:
-        yield prefix.removesuffix("."), value
-
-
 def _is_path(key: str, value: Any) -> bool:
     """A config value that is, or may be, a path: text (or a list) under a key whose name says so, or text that is
     not a plain name. Numbers, booleans, null and an empty section are not."""
@@ -167,7 +159,7 @@ def _is_path(key: str, value: Any) -> bool:
 def config_params(config: Mapping[str, Any]) -> dict[str, str]:
     """The config as MLflow params (dotted keys); a path-valued entry as ``(path)``, never as itself."""
     params = {}
-    for key, value in _flat(config):
+    for key, value in flat_items(config):
         if _is_path(key, value):
             value = PATH_VALUE
         elif isinstance(value, list):
@@ -179,7 +171,7 @@ def config_params(config: Mapping[str, Any]) -> dict[str, str]:
 def _path_values(config: Mapping[str, Any]) -> list[str]:
     """Every path-valued text of the config (what the params leave out), to keep out of the artifacts too."""
     found = []
-    for key, value in _flat(config):
+    for key, value in flat_items(config):
         if _is_path(key, value):
             found += [str(item) for item in (value if isinstance(value, list) else [value])]
     return found
