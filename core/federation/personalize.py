@@ -51,17 +51,13 @@ def with_proximal(loss: LossFn, model: nn.Module, anchor: State, weight: float) 
     return proximal_loss
 
 
-def evaluate_state(state: State, split: ArraySplit, class_weights: Tensor | None = None) -> dict[str, Any]:
-    """Metrics of a (personal) state on one split. ``class_weights`` (one per class, summing to 1) also
-    gives ``weighted_accuracy``: the per-class accuracies mixed as a client's own class mix would see them."""
+def evaluate_state(state: State, split: ArraySplit) -> dict[str, Any]:
+    """Metrics of a (personal) state on one split (a pool's class-mixed accuracy: ``pool_accuracy``)."""
     if len(split) == 0:
         return {"n": 0, "accuracy": float("nan")}
     logits = predict_logits(personal_model(state), split.images, normalize)
     metrics = classification_metrics(logits, split.labels, CLASS_NAMES)
-    out = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "nll")}
-    if class_weights is not None:
-        out["weighted_accuracy"] = class_weighted_accuracy(logits.argmax(1), split.labels, class_weights)
-    return out
+    return {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "nll")}
 
 
 def predicted_classes(state: State, split: ArraySplit) -> Tensor:
@@ -70,7 +66,8 @@ def predicted_classes(state: State, split: ArraySplit) -> Tensor:
 
 
 def pool_accuracy(predictions: Tensor, labels: Tensor, class_weights: Tensor | None = None) -> float:
-    """Accuracy of ``predictions``; with ``class_weights``, mixed by class as ``class_weighted_accuracy``."""
+    """Accuracy of ``predictions``; with ``class_weights`` (one per class, summing to 1), the per-class
+    accuracies mixed as a client's own class mix would see them (``class_weighted_accuracy``)."""
     if class_weights is not None:
         return class_weighted_accuracy(predictions, labels, class_weights)
     return float((predictions == labels).float().mean())
