@@ -1,14 +1,16 @@
 """Many real devices, faults included: a TLS SuperLink with SuperNode authentication and N real SuperNodes.
 
-    python -m benchmarks.load [--nodes 30] [--rounds 5] [--out DIR] [--no-results]
+    python -m benchmarks.load [--nodes 30] [--rounds 5] [--warm-nodes 5] [--out DIR] [--no-results]
 
 Everything runs on 127.0.0.1 through ``deploy/launcher.LocalDeployment``: the SuperLink (TLS, SuperNode
 authentication, an SQLite database) and N SuperNodes, each registered with its own key and started in its own
 FLWR_HOME on its own port, with its own manifest, state folder and privacy ledger. The data is the synthetic
 ``quickstart`` set (generated once into OUT, reused after; no pools, no unlabeled set), one hospital a site and
 the rest phones (8-12 scans), the first N clients taken hospitals first, then phones site by site. Every device
-trains with DP-SGD at a fixed noise multiplier and a budget no round reaches, so each keeps a ledger. Every
-other node (in that order) runs the warm ClientApp launcher, the others Flower's own ``flwr-clientapp`` (cold).
+trains with DP-SGD at a fixed noise multiplier and a budget no round reaches, so each keeps a ledger.
+``--warm-nodes`` of them, spread evenly through that order, run the warm ClientApp launcher, the others Flower's
+own ``flwr-clientapp`` (cold). On one machine every device's ClientApp holds its own torch (about 0.4 GB
+unshared), and a warm launcher holds one for the whole run, so a few warm nodes keep 30 devices within 24 GB.
 
 The faults, over ``--rounds`` rounds (at least 3):
 - round 2, mid-round: 10% of the SuperNodes (at least one, drawn with ``--seed``) are SIGKILLed, SuperNode and
@@ -21,7 +23,8 @@ The faults, over ``--rounds`` rounds (at least 3):
   restarted SuperLink refuses its task token), so the run is continued as an operator would, with a resumed
   `flwr run` (``resume=true``) once the restarted nodes are back. What the server had sent of the next round
   dies with it; a device that trained it keeps it in its ledger (``already-trained`` when asked again),
-  which ``updates lost`` counts.
+  which ``updates lost`` counts. A run that ends short for any other reason (a process out of memory) is
+  resumed once the same way, and counted (``unplanned_resumes``).
 
 Measured (one flat JSON, ``OUT/load.json``, and ``benchmarks/results/load.json`` unless ``--no-results``):
 - rounds completed (aggregated), and per round who trained, failed or declined;
@@ -87,6 +90,7 @@ MB = 1024 * 1024
 KILL_SHARE = 0.1
 KILL_ROUND = 2
 KILL_AFTER_ROUND_1 = (0.2, 0.8)  # the kill comes this share of round 1's duration into round 2
+MAX_UNPLANNED_RESUMES = 1  # a run that ends short for a reason of its own is resumed once, and counted
 GOAL_RSS_GROWTH = 1.2  # "flat": no round's SuperLink RSS peak above this times the first round's
 SAMPLE_S = 0.5
 POLL_S = 0.2
@@ -194,21 +198,22 @@ class Faults:
     """The load test's schedule, one step every POLL_S: kill, restart the killed, restart the SuperLink, resume."""
 
     def __init__(self, deployment: LocalDeployment, inputs: Inputs, run_dir: Path, rounds: int, victims: list[str],
-                 kill_share: float, started: float) -> None:
+                 kill_share: float, started: float, warm: set[str]) -> None:
         self.deployment, self.inputs, self.run_dir, self.rounds = deployment, inputs, run_dir, rounds
-        self.victims, self.kill_share, self.started = victims, kill_share, started
+        self.victims, self.kill_share, self.started, self.warm = victims, kill_share, started, warm
         self.link_restart_after = max(KILL_ROUND, rounds - 2)  # the kill in the first run, a round or more after
         self.seen = Timeline()
         self.outcomes: list[RunOutcome] = []
+        self.planned_resumed = False  # the run the SuperLink's restart ended was resumed
+        self.unplanned_resumes = 0  # runs that ended short for another reason (e.g. a process out of memory)
         self.link_survivors: list[str] = []  # the old SuperLink's processes that outlived it (restart_link)
         self._polls = ThreadPoolExecutor(1)  # `flwr supernode ls`, in the background
         self._poll: Future | None = None
         self._polled = 0.0
 
     def node_files(self, name: str) -> dict[str, Any]:
-        warm = list(self.inputs.manifests).index(name) % 2 == 0
         return {"manifest": self.inputs.manifests[name], "data_dir": self.inputs.data,
-                "state_dir": self.run_dir.parent / "devices" / name, "warm": warm}
+                "state_dir": self.run_dir.parent / "devices" / name, "warm": name in self.warm}
 
     def run_config(self, resume: bool) -> dict[str, Any]:
         # data-root empty: the server holds no data, as in a real deployment; audit-dir: the replies' timelines
@@ -295,8 +300,14 @@ class Faults:
                     run = None
                     say(self.started, f"flwr run ended: {self.outcomes[-1].status} {self.outcomes[-1].error}")
                     self.saved_rounds()
-                    if len(self.seen.round_ended) >= self.rounds or self.seen.link_restarted is None \
-                            or len(self.outcomes) > 1:
+                    if len(self.seen.round_ended) >= self.rounds:
+                        return
+                    if self.seen.link_restarted is not None and not self.planned_resumed:
+                        self.planned_resumed = True
+                    elif self.unplanned_resumes < MAX_UNPLANNED_RESUMES:
+                        self.unplanned_resumes += 1
+                        say(self.started, "the run ended before its last round: resumed, as an operator would")
+                    else:
                         return
                 if run is None and (self.seen.killed_at is None or self.seen.back_at is not None):
                     run = self.start_run(pool, timeout_s)
@@ -412,7 +423,7 @@ def device_values(faults: Faults, run_dir: Path) -> tuple[dict[str, Any], dict[i
     ledgers = {name: read_ledger(name, faults.node_files(name)["state_dir"]) for name in names}
     compared = compare_rounds(ledgers, result.history)
     rows = replies(run_dir / "audit", {i: n for n, i in faults.deployment.node_ids.items()},
-                   {n for n in names if faults.node_files(n)["warm"]})
+                   faults.warm)
     spans = round_spans(faults.seen, rows, [h.round for h in result.history])
     values: dict[str, Any] = {"rounds_completed": sum(h.aggregated for h in result.history),
                               "rounds_recorded": len(result.history)}
@@ -443,14 +454,20 @@ def device_values(faults: Faults, run_dir: Path) -> tuple[dict[str, Any], dict[i
         "goal_every_ledger_verifies_within_budget_never_refused": (
             all(d.ok for d in ledgers.values()) and not ledger_refusals(result)),
     })
-    values.update(latency(rows, spans, {n for n in names if faults.node_files(n)["warm"]}))
+    values.update(latency(rows, spans, faults.warm))
     return values, spans
 
 
 # -- the load test -------------------------------------------------------------------------------------------------
 
 
-def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int) -> dict[str, Any]:
+def spread(names: list[str], count: int) -> set[str]:
+    """``count`` of ``names`` (at most all), evenly spaced from the first: hospitals and phones both get some."""
+    count = min(count, len(names))
+    return {names[i * len(names) // count] for i in range(count)}
+
+
+def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int, warm_nodes: int) -> dict[str, Any]:
     """One load test in OUT: the deployment, the faults, then what the devices and the server hold."""
     started = time.monotonic()
     say(started, f"preparing {nodes} clients in {out}")
@@ -466,9 +483,9 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int)
                               "round_timeout_s": round_timeout_s, "killed": victims, "kill_round": KILL_ROUND}
     wall = time.monotonic()
     with ThreadPoolExecutor(1) as pool, LocalDeployment(work / "deployment") as deployment:
+        warm = spread(names, warm_nodes)
         faults = Faults(deployment, inputs, work / "run", rounds, victims, float(rng.uniform(*KILL_AFTER_ROUND_1)),
-                        started)
-        warm = [n for n in names if faults.node_files(n)["warm"]]
+                        started, warm)
         with LinkMemory(deployment) as memory:
             say(started, f"registering and starting {nodes} SuperNodes ({len(warm)} warm, {nodes - len(warm)} cold)")
             begun = time.monotonic()
@@ -491,6 +508,7 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int)
         "link_restart_survivors": faults.link_survivors,
         "serverapp_survived_link_restart": any(SERVERAPP_COMMAND in c for c in faults.link_survivors),
         "flwr_runs": len(faults.outcomes), "flwr_run_statuses": [o.status for o in faults.outcomes],
+        "unplanned_resumes": faults.unplanned_resumes,
     })
     devices, spans = device_values(faults, work / "run")
     values.update(devices)
@@ -506,6 +524,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=BoundedInt(2, 200), default=30, help="SuperNodes (default: 30)")
     parser.add_argument("--rounds", type=BoundedInt(3, 50), default=5, help="rounds (default: 5)")
     parser.add_argument("--seed", type=BoundedInt(0, 2**31 - 1), default=0, help="who is killed, and when")
+    parser.add_argument("--warm-nodes", type=BoundedInt(0, 200), default=5,
+                        help="nodes with the warm ClientApp launcher, the rest cold (default: 5)")
     parser.add_argument("--round-timeout-s", type=BoundedInt(30, 7200), default=600,
                         help="federation.round_timeout_s (default: 600, so no node that stays up is dropped)")
     parser.add_argument("--out", default="runs/bench/load", help="data, deployment, and OUT/load.json")
@@ -513,7 +533,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     try:
-        values = measure(out, args.nodes, args.rounds, args.seed, args.round_timeout_s)
+        values = measure(out, args.nodes, args.rounds, args.seed, args.round_timeout_s, args.warm_nodes)
     except EdgemriError as err:  # e.g. a run that ended failed before writing its result: the logs say why
         print(f"benchmarks.load: error: {err} (logs: {out / 'deployment-run' / 'logs'})", file=sys.stderr)
         raise SystemExit(2) from None

@@ -670,6 +670,63 @@ def scale(v: Values) -> list[str]:
             block("Goals", "Measured, never tuned.", ["goal", "met"], goals)]
 
 
+# ---------------------------------------------------------------------------------------------- the load test
+
+def _rounds(v: Values) -> list[int]:
+    return sorted(int(r) for r in stems(v, r"round(\d+)_s"))
+
+
+def _names(value: Any) -> str:
+    return ", ".join(value) if value else DASH
+
+
+def load(v: Values) -> list[str]:
+    note = (f"{v.get('nodes', '?')} SuperNodes ({v.get('warm_nodes', '?')} warm, {v.get('cold_nodes', '?')} cold), "
+            f"{v.get('rounds_asked', '?')} rounds, the synthetic `{v.get('data_preset', '?')}` set, DP-SGD on "
+            f"every device; SIGKILLed in round {v.get('kill_round', '?')}: {_names(v.get('killed'))}; the SuperLink "
+            f"restarted after round {v.get('link_restart_after_round', '?')}. *reply*: a train reply's time from "
+            "its round's start.")
+    rounds = collect(_rounds(v), lambda r: [
+        r, whole(v[f"round{r}_trained"]), whole(len(v[f"round{r}_failed"])), _names(v[f"round{r}_up_not_trained"]),
+        sig(v[f"round{r}_s"]), optional(v, f"round{r}_reply_after_round_start_s_p50", sig),
+        optional(v, f"round{r}_reply_after_round_start_s_p90", sig),
+        optional(v, f"round{r}_superlink_rss_peak_mb", whole)])
+    events = collect((("nodes_start_s", "all SuperNodes online, s", sig),
+                      ("killed_down_s", "killed nodes down until listed online again, s", sig),
+                      ("link_restart_s", "SuperLink restart (stop, start, healthy), s", sig),
+                      ("flwr_runs", "`flwr run`s (the first, the resumed)", whole),
+                      ("unplanned_resumes", "resumes for another reason than the restart", whole),
+                      ("updates_lost", "updates lost, all devices", whole),
+                      ("updates_lost_restarted_devices", "updates lost, restarted devices", whole),
+                      ("ledgers_verified", "ledgers verified", whole),
+                      ("epsilon_max", "largest epsilon spent", eps),
+                      ("superlink_rss_last_over_first", "SuperLink RSS, last round over first", ratio),
+                      ("superlink_rss_slope_mb_per_round", "SuperLink RSS slope, MB a round", sig),
+                      ("serverapp_rss_peak_mb", "ServerApp peak RSS, MB", whole),
+                      ("deployment_rss_peak_mb", "whole deployment, summed RSS peak, MB", whole),
+                      ("wall_s", "whole test, s", sig)),
+                     lambda item: [item[1], item[2](v[item[0]])])
+    latency = collect(("", "_warm", "_cold"), lambda kind: [
+        kind.strip("_") or "all", sig(v[f"reply_after_round_start_s{kind}_p50"]),
+        sig(v[f"reply_after_round_start_s{kind}_p90"]), sig(v[f"reply_after_round_start_s{kind}_max"]),
+        sig(v[f"clientapp_s{kind}_p50"]), sig(v[f"clientapp_s{kind}_p90"])])
+    goals = collect((("goal_every_round_completes_with_the_clients_up",
+                      "every round completes with every client that stayed up"),
+                     ("goal_nothing_lost_on_restarted_devices", "nothing lost on the restarted devices"),
+                     ("goal_every_ledger_verifies_within_budget_never_refused",
+                      "every ledger verifies, within budget, never refused"),
+                     ("goal_superlink_rss_flat", "SuperLink RSS flat (every round within 1.2x the first)"),
+                     ("goal_nothing_left_running", "nothing left running or listening")),
+                    lambda item: [item[1], yes_no(v[item[0]])])
+    return [block("Rounds", note, ["round", "trained", "failed", "up, not trained", "round, s", "reply p50, s",
+                                   "reply p90, s", "SuperLink RSS peak, MB"], rounds),
+            block("Faults and devices", "One run.", ["what", "value"], events),
+            block("Latency", "Train replies, all rounds; *ClientApp*: from its start (a cold one's import, a warm "
+                  "one's hand-over) to its reply.", ["nodes", "reply p50, s", "reply p90, s", "reply max, s",
+                                                     "ClientApp p50, s", "ClientApp p90, s"], latency),
+            block("Goals", "Measured, never tuned.", ["goal", "met"], goals)]
+
+
 # ---------------------------------------------------------------------------------------------- any other file
 
 def generic(v: Values) -> list[str]:
@@ -765,6 +822,11 @@ BENCHMARKS = (
               "the run and of each round, the clients' own compute from their message timelines, the peak memory "
               "of the whole process tree (Ray's workers included) and of the ServerApp's process, sampled every "
               "0.5 s.", scale),
+    Benchmark("load", "Many real devices under faults", "python -m benchmarks.load",
+              "A TLS SuperLink with SuperNode authentication and real SuperNodes on 127.0.0.1, each with its own key, "
+              "data, state folder and DP ledger, some with the warm ClientApp launcher and the rest cold; 10% of them "
+              "SIGKILLed mid-round and restarted, the SuperLink restarted once between rounds (the run resumed, as "
+              "Flower 1.42 ends a run whose SuperLink restarts).", load),
     Benchmark("dp_speed", "DP-SGD training speed", "python -m benchmarks.dp_speed",
               "DP-SGD local training speed against plain training on the same client data.", dp_speed),
 )

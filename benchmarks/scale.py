@@ -12,7 +12,9 @@ without its unlabeled transfer set (only distillation reads it). The federation 
 needs: one hospital a site (50-100 scans; hospitals all train every round) and the rest phones of 3-4 scans,
 a seeded share of them sampled per round (``--phone-sample``: ``federation.tiers.phone.sample_per_round``);
 ``seen-sites`` with 90% of Training for the clients, so 1,000 phones fit; a round's timeout of an hour, so no
-client is dropped for being slow. A size the data cannot hold is skipped and says so.
+client is dropped for being slow; without the references (``federation.references``: each client's local-only
+model, the pooled and site-oracle fine-tunes) unless ``--references``, as a population run would be. A size the
+data cannot hold is skipped and says so.
 
 Per size (keys ``size<N>.*``), from one run:
 - wall time: the whole ``federate`` call, each round (``server/result.json``), and where the server's time
@@ -34,7 +36,7 @@ Per size (keys ``size<N>.*``), from one run:
   times the messages that carry them (sent: every train and evaluate message; received: every trained
   reply). Scalar configs and metrics and Flower's framing are left out: no public Flower API gives a
   message's serialized size.
-Goals at 1,000 clients: peak tree RSS under 4 GB (4e9 bytes) and the whole ``federate`` call, 5 rounds,
+Goals at 1,000 clients: the tree's peak PSS under 4 GB (4e9 bytes) and the whole ``federate`` call, 5 rounds,
 under 15 minutes. The goals are reported as measured, never tuned.
 """
 
@@ -392,9 +394,9 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=4 * 3600, help="per size (default: 4 hours)")
     parser.add_argument("--no-results", action="store_true", help="write OUT/scale.json only")
     parser.add_argument("--references", action="store_true",
-                        help="also compute the pooled and oracle references (federation.references; default off: "
-                             "a central fine-tune on all the clients' data, whose cost follows the data, not the "
-                             "number of clients, and which no deployment has)")
+                        help="also compute the references (federation.references; default off): each client's "
+                             "local-only model, and the pooled and oracle fine-tunes on all the clients' data, "
+                             "which no deployment has")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: 10 clients, 2 rounds, the quickstart preset; OUT/scale.json only")
     args = parser.parse_args()

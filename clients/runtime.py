@@ -361,9 +361,11 @@ class Client:
         personal = method.personalize(global_state, state.personal, trainer) if personal_dp.get(PERSONAL_DP, 1.0) \
             else global_state
         trainer.personal_wrap = None  # the references below (local-only, compared methods) are the benchmark's
-        local = local_only(start, self.trainer(instructions, server_round=0), instructions.federation.rounds)
         models = {START_ACCURACY: start, GLOBAL_ACCURACY: global_state, BEST_GLOBAL_ACCURACY: best,
-                  PERSONAL_ACCURACY: personal, LOCAL_ONLY_ACCURACY: local}
+                  PERSONAL_ACCURACY: personal}
+        if instructions.federation.references:  # a model of its own to train and score: off in a population run
+            models[LOCAL_ONLY_ACCURACY] = local_only(start, self.trainer(instructions, server_round=0),
+                                                     instructions.federation.rounds)
         for name in instructions.federation.compare_methods:  # same global model, same images: paired
             models[f"{PERSONAL_ACCURACY}@{name}"] = METHODS[name](instructions.federation).personalize(
                 global_state, state.personal, trainer)

@@ -392,8 +392,10 @@ class FederationConfig:
     # be scored in the same run, from the same global model, on the same images: a paired comparison at no
     # extra federation. Their accuracies are reported as "personal-accuracy@NAME".
     compare_methods: tuple[str, ...] = ()
-    # Simulation only: the pooled and site-oracle references (simulation/baselines.py), fine-tuned centrally on the
-    # clients' data. They cost as much as that data, whatever the number of clients, and no deployment has them.
+    # The references a client's personal model is compared with beyond start and global: each client's local-only
+    # model (trained and scored on the device at the end), and in simulation the pooled and site-oracle models
+    # (simulation/baselines.py), fine-tuned centrally on the clients' data. They cost a model per client and as
+    # much as that data; a population run switches them off and pays only for what a deployment needs.
     references: bool = True
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     tiers: dict[str, TierConfig] = field(default_factory=_default_tiers)  # client kind -> its settings

@@ -253,7 +253,9 @@ def simulation_superlink(run_dir: Path) -> Iterator[tuple[dict[str, str], str]]:
     home.mkdir(parents=True, exist_ok=True)
     # Ray's unix socket paths must stay under 108 characters: a short temp folder.
     ray_tmp = Path(tempfile.mkdtemp(prefix="edgemri-ray-", dir="/tmp"))
-    env = flower_env(home, {"RAY_TMPDIR": str(ray_tmp)})
+    # Ray starts its workers (the ClientApp actors) at niceness 15, below Flower's own simulation process, whose
+    # loop polls every virtual SuperNode: the clients' work would wait on the polling. Ray's system config (RAY_*).
+    env = flower_env(home, {"RAY_TMPDIR": str(ray_tmp), "RAY_worker_niceness": "0"})
     port = free_port()
     write_connection(home, "sim", f"127.0.0.1:{port}")
     link = start_process([str(VENV_BIN / "flower-superlink"), "--insecure", "--simulation",
