@@ -532,8 +532,12 @@ def main() -> None:
     parser.add_argument("--no-results", action="store_true", help="write OUT/load.json only")
     args = parser.parse_args()
     out = Path(args.out).resolve()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops everything it started, as Ctrl-C does
     try:
         values = measure(out, args.nodes, args.rounds, args.seed, args.round_timeout_s, args.warm_nodes)
+    except KeyboardInterrupt:
+        print("benchmarks.load: stopped; every process it started is stopped", file=sys.stderr)
+        raise SystemExit(130) from None
     except EdgemriError as err:  # e.g. a run that ended failed before writing its result: the logs say why
         print(f"benchmarks.load: error: {err} (logs: {out / 'deployment-run' / 'logs'})", file=sys.stderr)
         raise SystemExit(2) from None

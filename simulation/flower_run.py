@@ -200,10 +200,26 @@ class RunOutcome:
         return self.status == "finished:completed"
 
 
+LIVE_STATUSES = ("pending", "starting", "running")  # Flower's run statuses before "finished:..."
+STATUS_POLL_S = 5.0  # `flwr ls` starts a Python process: asked only this often
+
+
+def _listed_status(run_id: str, connection: str, env: dict[str, str]) -> tuple[str, str]:
+    """(status, details) of a run as `flwr ls` lists it; ("unknown", what it said) where it cannot."""
+    listing = subprocess.run([str(VENV_BIN / "flwr"), "ls", connection, "--run-id", run_id, "--format", "json"],
+                             env=env, capture_output=True, text=True, timeout=60)
+    try:
+        run = json.loads(listing.stdout)["runs"][0]
+        return run["status"], run.get("status-details", "")
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return "unknown", listing.stdout[-2000:] + listing.stderr[-2000:]
+
+
 def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, run_config: dict[str, Any],
              federation_config: str | None = None, timeout_s: float = 3600.0,
              on_poll: Callable[[], None] | None = None) -> RunOutcome:
-    """`flwr run --stream`, then the run's real status from `flwr ls` (the CLI exits 0 on failure)."""
+    """`flwr run --stream`, then the run's real status from `flwr ls` (the CLI exits 0 on failure, and can exit
+    before the run ends: then ``flwr ls`` is asked every STATUS_POLL_S until it does, or ``timeout_s``)."""
     started = time.monotonic()
     run_config_file = log.with_name("run_config.toml")
     write_text(run_config_file, "".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config.items()))
@@ -231,17 +247,18 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     if not match:
         return RunOutcome(None, "not-started", text[-3000:], time.monotonic() - started, text)
     run_id = match.group(1)
-    flwr = [str(VENV_BIN / "flwr")]
-    if timed_out:
-        subprocess.run([*flwr, "stop", run_id, connection], env=env, capture_output=True, timeout=60)
-    listing = subprocess.run([*flwr, "ls", connection, "--run-id", run_id, "--format", "json"], env=env,
-                             capture_output=True, text=True, timeout=60)
-    try:
-        run = json.loads(listing.stdout)["runs"][0]
-        status, details = run["status"], run.get("status-details", "")
-    except (json.JSONDecodeError, KeyError, IndexError):
-        status, details = "unknown", listing.stdout[-2000:] + listing.stderr[-2000:]
-    if timed_out:
+    status, details = ("", "") if timed_out else _listed_status(run_id, connection, env)
+    # `flwr run --stream` can exit while its run goes on (a SuperLink too busy to keep the log stream drops it):
+    # the run's own status, not the CLI's exit, says when it is over.
+    while status in LIVE_STATUSES and time.monotonic() <= deadline:
+        time.sleep(STATUS_POLL_S)
+        if on_poll:
+            on_poll()
+        status, details = _listed_status(run_id, connection, env)
+    if timed_out or status in LIVE_STATUSES:
+        subprocess.run([str(VENV_BIN / "flwr"), "stop", run_id, connection], env=env, capture_output=True,
+                       timeout=60)
+        details = _listed_status(run_id, connection, env)[1]
         status, details = "timed-out", f"no result after {timeout_s:.0f} s; {details}"
     return RunOutcome(run_id, status, details, time.monotonic() - started, text)
 
