@@ -10,7 +10,8 @@ the rest phones (8-12 scans), the first N clients taken hospitals first, then ph
 trains with DP-SGD at a fixed noise multiplier and a budget no round reaches, so each keeps a ledger.
 ``--warm-nodes`` of them, spread evenly through that order, run the warm ClientApp launcher, the others Flower's
 own ``flwr-clientapp`` (cold). On one machine every device's ClientApp holds its own torch (about 0.4 GB
-unshared), and a warm launcher holds one for the whole run, so a few warm nodes keep 30 devices within 24 GB.
+unshared), and a warm launcher holds one for the whole run, so a few warm nodes keep 30 devices within 24 GB;
+and the devices run at niceness 19, below the SuperLink and the ServerApp, which would have machines of their own.
 
 The faults, over ``--rounds`` rounds (at least 3):
 - round 2, mid-round: 10% of the SuperNodes (at least one, drawn with ``--seed``) are SIGKILLed, SuperNode and
@@ -96,6 +97,10 @@ SAMPLE_S = 0.5
 POLL_S = 0.2
 STATUS_POLL_S = 5.0  # `flwr supernode ls` starts a Python process: asked only this often
 SERVERAPP_COMMAND = "flwr-serverapp"
+# The devices (SuperNodes, launchers, their ClientApps) run at the lowest priority. 30 of them at niceness 0 on 2
+# cores starved the SuperLink: its SQLite database stayed locked past its timeout ("database is locked" on 21
+# replies and heartbeats) and the run stalled in round 1, its ServerApp gone. A real SuperLink has its own machine.
+DEVICE_NICENESS = 19
 
 
 def say(started: float, line: str) -> None:
@@ -480,9 +485,10 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int,
     names = list(inputs.manifests)
     victims = sorted(str(n) for n in rng.choice(names, size=max(1, round(KILL_SHARE * nodes)), replace=False))
     values: dict[str, Any] = {"nodes": nodes, "rounds_asked": rounds, "seed": seed, "data_preset": "quickstart",
-                              "round_timeout_s": round_timeout_s, "killed": victims, "kill_round": KILL_ROUND}
+                              "round_timeout_s": round_timeout_s, "killed": victims, "kill_round": KILL_ROUND,
+                              "device_niceness": DEVICE_NICENESS}
     wall = time.monotonic()
-    with ThreadPoolExecutor(1) as pool, LocalDeployment(work / "deployment") as deployment:
+    with ThreadPoolExecutor(1) as pool, LocalDeployment(work / "deployment", DEVICE_NICENESS) as deployment:
         warm = spread(names, warm_nodes)
         faults = Faults(deployment, inputs, work / "run", rounds, victims, float(rng.uniform(*KILL_AFTER_ROUND_1)),
                         started, warm)

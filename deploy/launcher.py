@@ -119,8 +119,11 @@ class LocalDeployment:
 
     connection = "edgemri-local"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, device_niceness: int = 0) -> None:
         self.root = Path(root).resolve()
+        # Added to every SuperNode's and warm launcher's niceness (their ClientApps inherit it). Many devices on
+        # one machine would otherwise starve the SuperLink, which a real deployment runs on a machine of its own.
+        self.device_niceness = device_niceness
         self.home = self.root / "flwr-home"  # the `flwr` CLI's home: the connection lives here
         self.env = flower_env(self.home)
         self.port = 0
@@ -269,7 +272,7 @@ class LocalDeployment:
              "--superlink", self.address, "--auth-supernode-private-key", str(private),
              "--host", "127.0.0.1", "--port", str(port),
              "--node-config", node_config_arg(manifest, data_dir, state_dir)],
-            env, self.root / "logs" / f"supernode-{name}.log", cwd=self.root)
+            env, self.root / "logs" / f"supernode-{name}.log", cwd=self.root, niceness=self.device_niceness)
         self.nodes[name] = LocalNode(name, self.node_ids.get(name), port, self.node_home(name), process,
                                      launcher.process if launcher else None)
         return self.nodes[name]
@@ -285,7 +288,7 @@ class LocalDeployment:
         socket_path, bin_dir = warm_paths(folder)
         process = start_process([str(VENV_BIN / "edgemri"), "client", "serve", "--dir", str(folder)],
                                 flower_env(self.node_home(name)), self.root / "logs" / f"launcher-{name}.log",
-                                cwd=self.root)
+                                cwd=self.root, niceness=self.device_niceness)
         return _Launcher(process, socket_path, bin_dir)
 
     def stop_node(self, name: str, sig: int = signal.SIGTERM) -> None:

@@ -153,11 +153,17 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_process(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> ManagedProcess:
+def start_process(args: list[str], env: dict[str, str], log: Path, cwd: Path, niceness: int = 0) -> ManagedProcess:
+    """Start ``args`` in its own session, its output appended to ``log``; ``niceness`` added to its own (its
+    children inherit it)."""
+    def prepare() -> None:
+        die_with_parent()
+        os.nice(niceness)
+
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         process = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, preexec_fn=die_with_parent)
+                                   start_new_session=True, preexec_fn=prepare)
     return ManagedProcess(process, log)
 
 
