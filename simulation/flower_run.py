@@ -9,6 +9,7 @@ every process it started, Ray's included, even when the run fails.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -208,12 +209,17 @@ class RunOutcome:
 
 LIVE_STATUSES = ("pending", "starting", "running")  # Flower's run statuses before "finished:..."
 STATUS_POLL_S = 5.0  # `flwr ls` starts a Python process: asked only this often
+STATUS_TIMEOUT_S = 60.0
+UNANSWERED_GRACE_S = 180.0  # a busy or restarting SuperLink may not answer `flwr ls` for this long
 
 
 def _listed_status(run_id: str, connection: str, env: dict[str, str]) -> tuple[str, str]:
     """(status, details) of a run as `flwr ls` lists it; ("unknown", what it said) where it cannot."""
-    listing = subprocess.run([str(VENV_BIN / "flwr"), "ls", connection, "--run-id", run_id, "--format", "json"],
-                             env=env, capture_output=True, text=True, timeout=60)
+    try:
+        listing = subprocess.run([str(VENV_BIN / "flwr"), "ls", connection, "--run-id", run_id, "--format", "json"],
+                                 env=env, capture_output=True, text=True, timeout=STATUS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return "unknown", f"`flwr ls` did not answer in {STATUS_TIMEOUT_S:.0f} s"
     try:
         run = json.loads(listing.stdout)["runs"][0]
         return run["status"], run.get("status-details", "")
@@ -255,15 +261,20 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     run_id = match.group(1)
     status, details = ("", "") if timed_out else _listed_status(run_id, connection, env)
     # `flwr run --stream` can exit while its run goes on (a SuperLink too busy to keep the log stream drops it):
-    # the run's own status, not the CLI's exit, says when it is over.
-    while status in LIVE_STATUSES and time.monotonic() <= deadline:
+    # the run's own status, not the CLI's exit, says when it is over; a SuperLink that does not answer for
+    # UNANSWERED_GRACE_S is taken as gone.
+    answered = time.monotonic()
+    while (status in LIVE_STATUSES or (status == "unknown" and time.monotonic() - answered < UNANSWERED_GRACE_S)) \
+            and time.monotonic() <= deadline:
         time.sleep(STATUS_POLL_S)
         if on_poll:
             on_poll()
         status, details = _listed_status(run_id, connection, env)
+        answered = answered if status == "unknown" else time.monotonic()
     if timed_out or status in LIVE_STATUSES:
-        subprocess.run([str(VENV_BIN / "flwr"), "stop", run_id, connection], env=env, capture_output=True,
-                       timeout=60)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a SuperLink that does not answer: nothing to stop
+            subprocess.run([str(VENV_BIN / "flwr"), "stop", run_id, connection], env=env, capture_output=True,
+                           timeout=STATUS_TIMEOUT_S)
         details = _listed_status(run_id, connection, env)[1]
         status, details = "timed-out", f"no result after {timeout_s:.0f} s; {details}"
     return RunOutcome(run_id, status, details, time.monotonic() - started, text)
