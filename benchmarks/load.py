@@ -532,8 +532,9 @@ def main() -> None:
     parser.add_argument("--seed", type=BoundedInt(0, 2**31 - 1), default=0, help="who is killed, and when")
     parser.add_argument("--warm-nodes", type=BoundedInt(0, 200), default=5,
                         help="nodes with the warm ClientApp launcher, the rest cold (default: 5)")
-    parser.add_argument("--round-timeout-s", type=BoundedInt(30, 7200), default=600,
-                        help="federation.round_timeout_s (default: 600, so no node that stays up is dropped)")
+    parser.add_argument("--round-timeout-s", type=BoundedInt(30, 7200), default=900,
+                        help="federation.round_timeout_s (default: 900: 30 devices on 2 cores took up to 10 minutes "
+                             "a round, and no node that stays up should be dropped)")
     parser.add_argument("--out", default="runs/bench/load", help="data, deployment, and OUT/load.json")
     parser.add_argument("--no-results", action="store_true", help="write OUT/load.json only")
     args = parser.parse_args()
