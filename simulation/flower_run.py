@@ -263,10 +263,11 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     # `flwr run --stream` can exit while its run goes on (a SuperLink too busy to keep the log stream drops it):
     # the run's own status, not the CLI's exit, says when it is over; a SuperLink that does not answer for
     # UNANSWERED_GRACE_S is taken as gone.
-    answered = time.monotonic()
+    answered, asked = time.monotonic(), 0
     while (status in LIVE_STATUSES or (status == "unknown" and time.monotonic() - answered < UNANSWERED_GRACE_S)) \
             and time.monotonic() <= deadline:
-        time.sleep(STATUS_POLL_S)
+        time.sleep(min(STATUS_POLL_S, 0.25 * 2**asked))  # the status often turns final a moment after the stream
+        asked += 1
         if on_poll:
             on_poll()
         status, details = _listed_status(run_id, connection, env)
