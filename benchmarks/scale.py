@@ -136,7 +136,6 @@ class RunMemory(Sampler):
         return total
 
 
-
 # -- the clients' compute, from their timelines -------------------------------------------------------------
 
 

@@ -207,19 +207,20 @@ class RunOutcome:
         return self.status == "finished:completed"
 
 
-LIVE_STATUSES = ("pending", "starting", "running")  # Flower's run statuses before "finished:..."
-STATUS_POLL_S = 5.0  # `flwr ls` starts a Python process: asked only this often
+UNANSWERED = "unanswered"  # `flwr ls` timed out: a SuperLink too busy to answer, its run maybe still going
+LIVE_STATUSES = ("pending", "starting", "running", UNANSWERED)  # Flower's statuses before "finished:...", and ours
+STATUS_POLL_S = 5.0  # `flwr ls` starts a Python process: asked at most this often
 STATUS_TIMEOUT_S = 60.0
-UNANSWERED_GRACE_S = 180.0  # a busy or restarting SuperLink may not answer `flwr ls` for this long
 
 
 def _listed_status(run_id: str, connection: str, env: dict[str, str]) -> tuple[str, str]:
-    """(status, details) of a run as `flwr ls` lists it; ("unknown", what it said) where it cannot."""
+    """(status, details) of a run as `flwr ls` lists it; UNANSWERED when it times out, "unknown" (with what it
+    said) when it fails: the SuperLink is gone."""
     try:
         listing = subprocess.run([str(VENV_BIN / "flwr"), "ls", connection, "--run-id", run_id, "--format", "json"],
                                  env=env, capture_output=True, text=True, timeout=STATUS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return "unknown", f"`flwr ls` did not answer in {STATUS_TIMEOUT_S:.0f} s"
+        return UNANSWERED, f"`flwr ls` did not answer in {STATUS_TIMEOUT_S:.0f} s"
     try:
         run = json.loads(listing.stdout)["runs"][0]
         return run["status"], run.get("status-details", "")
@@ -231,7 +232,8 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
              federation_config: str | None = None, timeout_s: float = 3600.0,
              on_poll: Callable[[], None] | None = None) -> RunOutcome:
     """`flwr run --stream`, then the run's real status from `flwr ls` (the CLI exits 0 on failure, and can exit
-    before the run ends: then ``flwr ls`` is asked every STATUS_POLL_S until it does, or ``timeout_s``)."""
+    before the run ends: then ``flwr ls`` is asked again, at most every STATUS_POLL_S, until the run ends, the
+    SuperLink is gone, or ``timeout_s``)."""
     started = time.monotonic()
     run_config_file = log.with_name("run_config.toml")
     write_text(run_config_file, "".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config.items()))
@@ -261,17 +263,14 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     run_id = match.group(1)
     status, details = ("", "") if timed_out else _listed_status(run_id, connection, env)
     # `flwr run --stream` can exit while its run goes on (a SuperLink too busy to keep the log stream drops it):
-    # the run's own status, not the CLI's exit, says when it is over; a SuperLink that does not answer for
-    # UNANSWERED_GRACE_S is taken as gone.
-    answered, asked = time.monotonic(), 0
-    while (status in LIVE_STATUSES or (status == "unknown" and time.monotonic() - answered < UNANSWERED_GRACE_S)) \
-            and time.monotonic() <= deadline:
+    # the run's own status, not the CLI's exit, says when it is over.
+    asked = 0
+    while status in LIVE_STATUSES and time.monotonic() <= deadline:
         time.sleep(min(STATUS_POLL_S, 0.25 * 2**asked))  # the status often turns final a moment after the stream
         asked += 1
         if on_poll:
             on_poll()
         status, details = _listed_status(run_id, connection, env)
-        answered = answered if status == "unknown" else time.monotonic()
     if timed_out or status in LIVE_STATUSES:
         with contextlib.suppress(subprocess.TimeoutExpired):  # a SuperLink that does not answer: nothing to stop
             subprocess.run([str(VENV_BIN / "flwr"), "stop", run_id, connection], env=env, capture_output=True,

@@ -91,3 +91,20 @@ def test_readme_without_markers_is_stale(tmp_path: Path) -> None:
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "README.md").write_text("# no markers\n")
     assert report.stale_files(tmp_path) == ["docs/RESULTS.md", "README.md"]
+
+
+def test_the_load_test_renders_its_rounds_faults_and_goals_from_a_hand_built_result() -> None:
+    """No load.json is committed yet: the renderer is checked on a result shaped as benchmarks/load.py writes it."""
+    values = {"nodes": 3, "warm_nodes": 1, "cold_nodes": 2, "rounds_asked": 2, "killed": ["phone-a"], "kill_round": 2,
+              "round1_s": 40.0, "round1_trained": 3, "round1_failed": [], "round1_up_not_trained": [],
+              "round1_reply_after_round_start_s_p50": 12.0, "round1_superlink_rss_peak_mb": 150.0,
+              "round2_s": 300.0, "round2_trained": 1, "round2_failed": ["phone-a"],
+              "round2_up_not_trained": ["phone-b"],
+              "updates_lost": 1, "epsilon_max": 2.5,
+              "goal_every_round_completes_with_the_clients_up": False, "goal_nothing_left_running": True}
+    text = "\n".join(report.load(values))
+    assert "| 2 | 1 | 1 | phone-b | 300 |" in text  # round 2: one trained, one failed, one up but not trained
+    assert "| updates lost, all devices | 1 |" in text and "| largest epsilon spent | 2.50 |" in text
+    assert "| every round completes with every client that stayed up | no |" in text
+    assert "| nothing left running or listening | yes |" in text
+    assert "**Latency**" not in text  # no latency keys, no table
