@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fnmatch
 import json
 import os
 import re
@@ -228,6 +229,29 @@ def _listed_status(run_id: str, connection: str, env: dict[str, str]) -> tuple[s
         return "unknown", listing.stdout[-2000:] + listing.stderr[-2000:]
 
 
+def staged_app(app_dir: Path, into: Path) -> Path:
+    """A copy of ``app_dir`` for `flwr run` to pack, less what its FAB never holds: hidden entries (``.git``)
+    and the top-level folders its ``.gitignore`` names (``.venv/``, ``runs/``). Flower's FAB builder walks and
+    resolves every file under the app before it filters them, which took about 10 s a run in a repository with
+    its virtual environment and run folders inside (over 100,000 files). Flower still applies its own rules
+    (``.gitignore``, its include and exclude patterns) to the copy, so the FAB is the same, unless a hidden
+    folder holds a file Flower would pack (a ``.toml`` under ``.git``, say)."""
+    ignore = app_dir / ".gitignore"
+    lines = ignore.read_text(errors="replace").splitlines() if ignore.is_file() else []
+    folders = [line.strip().strip("/") for line in lines if line.strip().endswith("/")]
+    folders = [pattern for pattern in folders if pattern and "/" not in pattern]
+    into.mkdir(parents=True, exist_ok=True)
+    for entry in app_dir.iterdir():
+        hidden = entry.name.startswith(".") and entry.name != ".gitignore"
+        if hidden or entry.is_symlink() or any(fnmatch.fnmatch(entry.name, p) for p in folders):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, into / entry.name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(entry, into / entry.name)
+    return into
+
+
 def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, run_config: dict[str, Any],
              federation_config: str | None = None, timeout_s: float = 3600.0,
              on_poll: Callable[[], None] | None = None) -> RunOutcome:
@@ -237,11 +261,12 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     started = time.monotonic()
     run_config_file = log.with_name("run_config.toml")
     write_text(run_config_file, "".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config.items()))
-    args = [str(VENV_BIN / "flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(run_config_file)]
-    if federation_config:
-        args += ["--federation-config", federation_config]
     timed_out = False
-    with log.open("ab") as out:
+    with tempfile.TemporaryDirectory(prefix="edgemri-app-") as staging, log.open("ab") as out:
+        app = staged_app(app_dir, Path(staging) / app_dir.name)
+        args = [str(VENV_BIN / "flwr"), "run", str(app), connection, "--stream", "--run-config", str(run_config_file)]
+        if federation_config:
+            args += ["--federation-config", federation_config]
         offset = out.tell()  # the log is appended to by every resume: this run's lines start here
         process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.models import Student
 from edgemri.server.app import prepare
 from edgemri.simulation.federate import APP_DIR
-from edgemri.simulation.flower_run import flwr_run, simulation_superlink
+from edgemri.simulation.flower_run import VENV_BIN, flwr_run, simulation_superlink, staged_app
 
 
 def _settings(tmp_path: Path, data_root: Path | None, start: Path) -> p.RunSettings:
@@ -67,3 +68,30 @@ def test_a_plain_flwr_run_without_a_start_model_stops_at_once_with_one_line(tmp_
     assert not (run_dir / "server" / "result.json").exists()
     assert "edgemri: error: no start model at" in log and "make demo" in log
     assert outcome.seconds < 120
+
+
+def test_the_staged_app_packs_into_the_same_fab_without_the_ignored_folders(tmp_path: Path) -> None:
+    """`flwr run` packs a copy of the app (Flower's builder walks every file first, .venv/ and runs/ included):
+    the copy leaves out hidden entries and the folders .gitignore names, and Flower builds the same FAB from it."""
+    app = tmp_path / "app"
+    files = {"pyproject.toml": (APP_DIR / "pyproject.toml").read_text(), ".gitignore": ".venv/\nruns/\n*.egg-info/\n",
+             "README.md": "# app\n", "configs/quickstart.yaml": "seed: 0\n", "core/a.py": "A = 1\n",
+             "core/sub/b.json": "{}\n", ".venv/lib/site.py": "", "runs/r/report.json": "{}\n",
+             "x.egg-info/PKG-INFO.md": "", ".git/HEAD": "ref: refs/heads/main\n", "core/__pycache__/a.py": ""}
+    for name, text in files.items():
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text(text)
+    staged = staged_app(app, tmp_path / "staging" / "app")
+    copied = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert copied == {"pyproject.toml", ".gitignore", "README.md", "configs/quickstart.yaml", "core/a.py",
+                      "core/sub/b.json"}
+
+    def fab(folder: Path) -> list[str]:
+        out = tmp_path / f"fab-{folder.parent.name}"
+        out.mkdir()
+        subprocess.run([str(VENV_BIN / "flwr"), "build", "--app", str(folder)], cwd=out, check=True,
+                       capture_output=True)
+        return [p.name for p in out.glob("*.fab")]
+
+    built = fab(app)
+    assert len(built) == 1 and fab(staged) == built  # a FAB's file name carries its content hash
