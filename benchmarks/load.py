@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -472,6 +473,22 @@ def spread(names: list[str], count: int) -> set[str]:
     return {names[i * len(names) // count] for i in range(count)}
 
 
+LOCKED = "[UnexpectedError:OperationalError] (sqlite3.OperationalError) database is locked"  # one line a request
+
+
+def flower_errors(logs: Path) -> dict[str, Any]:
+    """What Flower's own logs say went wrong (each file is appended to across restarts): the SuperLink's HTTP 500
+    responses, the requests it failed with ``database is locked``, and the replies a SuperNode dropped ("Failed
+    to send message": its push got a 500, which it does not retry)."""
+    link = (logs / "superlink.log").read_text(errors="replace") if (logs / "superlink.log").is_file() else ""
+    dropped = {path.stem.removeprefix("supernode-"): path.read_text(errors="replace").count("Failed to send message")
+               for path in sorted(logs.glob("supernode-*.log"))}
+    return {"superlink_http_500_responses": len(re.findall(r'HTTP/1\.1" 500', link)),
+            "superlink_requests_failed_database_locked": link.count(LOCKED),
+            "supernode_replies_dropped": sum(dropped.values()),
+            "supernodes_that_dropped_a_reply": sorted(name for name, count in dropped.items() if count)}
+
+
 def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int, warm_nodes: int) -> dict[str, Any]:
     """One load test in OUT: the deployment, the faults, then what the devices and the server hold."""
     started = time.monotonic()
@@ -516,6 +533,7 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int,
         "flwr_runs": len(faults.outcomes), "flwr_run_statuses": [o.status for o in faults.outcomes],
         "unplanned_resumes": faults.unplanned_resumes,
     })
+    values.update(flower_errors(work / "deployment" / "logs"))
     devices, spans = device_values(faults, work / "run")
     values.update(devices)
     values.update(memory_values(memory, spans))

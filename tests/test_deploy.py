@@ -32,6 +32,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from benchmarks.load import flower_errors
 from edgemri.clients.runtime import STATE_FILE, Client, resolve_setup
 from edgemri.core.config import DPTierConfig
 from edgemri.core.data.dataset import load_dataset
@@ -311,6 +312,22 @@ def test_device_ledgers_are_verified_and_set_against_the_server_history(tmp_path
     assert ledger_refusals(result) == ["round 1: b: ledger-rollback", "final: a: privacy-error",
                                        "retired: b: round 1: ledger-rollback"]
 
+
+
+def test_the_load_test_counts_what_flowers_logs_say_was_refused_or_dropped(tmp_path: Path) -> None:
+    """The load test's account of Flower's own failures, on hand-written log lines as Flower 1.42 writes them."""
+    locked = "ERROR :     [/v1/fleet/push-messages][UnexpectedError:OperationalError] (sqlite3.OperationalError) " \
+             "database is locked\n[SQL: UPDATE task SET token=?]\n"
+    (tmp_path / "superlink.log").write_text(
+        '2026-12-07T15:48:17.770Z INFO [uvicorn.access] 127.0.0.1:1 - "POST /v1/fleet/push-messages HTTP/1.1" 500\n'
+        '2026-12-07T15:48:18.082Z INFO [uvicorn.access] 127.0.0.1:2 - "POST /v1/fleet/push-object HTTP/1.1" 200\n'
+        + locked * 2 + "ERROR :     Failed to store object 1a: (sqlite3.OperationalError) database is locked\n")
+    (tmp_path / "supernode-phone-a.log").write_text("ERROR :     Failed to send message d6: Server error '500'\n" * 2)
+    (tmp_path / "supernode-phone-b.log").write_text("INFO :      Sent successfully\n")
+    assert flower_errors(tmp_path) == {
+        "superlink_http_500_responses": 1, "superlink_requests_failed_database_locked": 2,
+        "supernode_replies_dropped": 2, "supernodes_that_dropped_a_reply": ["phone-a"]}
+    assert flower_errors(tmp_path / "missing")["supernode_replies_dropped"] == 0
 
 # ---------------------------------------------------------------- certificates and keys (fast)
 
