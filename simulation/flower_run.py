@@ -229,6 +229,16 @@ def _listed_status(run_id: str, connection: str, env: dict[str, str]) -> tuple[s
         return "unknown", listing.stdout[-2000:] + listing.stderr[-2000:]
 
 
+def _append_whole_log(run_id: str, connection: str, env: dict[str, str], log: Path) -> None:
+    """Append the run's whole log as the SuperLink keeps it (`flwr log --show`), after a marker line."""
+    with log.open("ab") as out:
+        out.write(f"\n--- the log stream ended before run {run_id}: its whole log (flwr log --show) ---\n".encode())
+        out.flush()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a SuperLink that does not answer: nothing more
+            subprocess.run([str(VENV_BIN / "flwr"), "log", run_id, connection, "--show"], env=env, stdout=out,
+                           stderr=subprocess.STDOUT, timeout=STATUS_TIMEOUT_S)
+
+
 def staged_app(app_dir: Path, into: Path) -> Path:
     """A copy of ``app_dir`` for `flwr run` to pack, less what its FAB never holds: hidden entries (``.git``)
     and the top-level folders its ``.gitignore`` names (``.venv/``, ``runs/``). Flower's FAB builder walks and
@@ -289,13 +299,20 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     status, details = ("", "") if timed_out else _listed_status(run_id, connection, env)
     # `flwr run --stream` can exit while its run goes on (a SuperLink too busy to keep the log stream drops it):
     # the run's own status, not the CLI's exit, says when it is over.
-    asked = 0
+    asked, stream_ended = 0, time.monotonic()
     while status in LIVE_STATUSES and time.monotonic() <= deadline:
         time.sleep(min(STATUS_POLL_S, 0.25 * 2**asked))  # the status often turns final a moment after the stream
         asked += 1
         if on_poll:
             on_poll()
         status, details = _listed_status(run_id, connection, env)
+    # A run still live a poll interval after its stream: the stream ended early, and the rest of the run's log
+    # (the ServerApp's warnings) would be lost without this.
+    if time.monotonic() - stream_ended > STATUS_POLL_S:
+        _append_whole_log(run_id, connection, env, log)
+        with log.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
     if timed_out or status in LIVE_STATUSES:
         with contextlib.suppress(subprocess.TimeoutExpired):  # a SuperLink that does not answer: nothing to stop
             subprocess.run([str(VENV_BIN / "flwr"), "stop", run_id, connection], env=env, capture_output=True,

@@ -1,0 +1,51 @@
+"""`flwr_run` against a stand-in `flwr` command: it waits on the run's own status when the log stream ends early,
+and then keeps the run's whole log."""
+
+from __future__ import annotations
+
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgemri.simulation import flower_run
+
+# `flwr run` prints that the run started and exits (its stream ended); `flwr ls` lists the run as running the
+# first LIVE times it is asked, then finished; `flwr log --show` prints the run's whole log.
+FAKE_FLWR = """#!{python}
+import json, pathlib, sys
+calls = pathlib.Path(sys.argv[0]).with_name("ls-calls")
+if sys.argv[1] == "run":
+    print("Successfully started run 42")
+elif sys.argv[1] == "ls":
+    asked = int(calls.read_text()) if calls.exists() else 0
+    calls.write_text(str(asked + 1))
+    status = "running" if asked < {live} else "finished:completed"
+    print(json.dumps({{"runs": [{{"run-id": 42, "status": status, "status-details": ""}}]}}))
+elif sys.argv[1] == "log":
+    print("WARNING: round 2: reply from unknown or repeated node 7 ignored")
+"""
+
+
+def _fake_flwr(folder: Path, live: int) -> Path:
+    flwr = folder / "flwr"
+    flwr.write_text(FAKE_FLWR.format(python=sys.executable, live=live))
+    flwr.chmod(flwr.stat().st_mode | stat.S_IXUSR)
+    return folder
+
+
+@pytest.mark.parametrize("live", [0, 4])
+def test_a_run_outliving_its_stream_is_awaited_and_its_whole_log_kept(
+        live: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flower_run, "VENV_BIN", _fake_flwr(tmp_path, live))
+    monkeypatch.setattr(flower_run, "STATUS_POLL_S", 0.3)
+    (tmp_path / "app").mkdir()
+    log = tmp_path / "logs" / "flwr-run.log"
+    log.parent.mkdir()
+    outcome = flower_run.flwr_run(tmp_path / "app", "sim", {}, log, run_config={"run-dir": "x"}, timeout_s=60)
+    assert (outcome.run_id, outcome.status) == ("42", "finished:completed")
+    assert int((tmp_path / "ls-calls").read_text()) == live + 1  # asked until the status was final, no more
+    whole = "reply from unknown or repeated node 7 ignored"
+    # Right away final: the stream had it all. Live for a while: the stream ended early, the whole log follows.
+    assert (whole in log.read_text()) == (whole in outcome.output) == bool(live)
