@@ -100,11 +100,13 @@ def test_the_load_test_renders_its_rounds_faults_and_goals_from_a_hand_built_res
               "round1_reply_after_round_start_s_p50": 12.0, "round1_superlink_rss_peak_mb": 150.0,
               "round2_s": 300.0, "round2_trained": 1, "round2_failed": ["phone-a"],
               "round2_up_not_trained": ["phone-b"],
-              "updates_lost": 1, "epsilon_max": 2.5,
+              "updates_lost": 1, "epsilon_max": 2.5, "supernode_replies_dropped": 4,
               "goal_every_round_completes_with_the_clients_up": False, "goal_nothing_left_running": True}
     text = "\n".join(report.load(values))
     assert "| 2 | 1 | 1 | phone-b | 300 |" in text  # round 2: one trained, one failed, one up but not trained
     assert "| updates lost, all devices | 1 |" in text and "| largest epsilon spent | 2.50 |" in text
+    assert "| replies dropped by their SuperNode (it does not retry a 500) | 4 |" in text
+    assert "database is locked" not in text  # a value the result lacks is left out, not invented
     assert "| every round completes with every client that stayed up | no |" in text
     assert "| nothing left running or listening | yes |" in text
     assert "**Latency**" not in text  # no latency keys, no table
