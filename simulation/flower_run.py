@@ -229,6 +229,13 @@ def _listed_status(run_id: str, connection: str, env: dict[str, str]) -> tuple[s
         return "unknown", listing.stdout[-2000:] + listing.stderr[-2000:]
 
 
+def _output_since(log: Path, offset: int) -> str:
+    """What this run wrote to ``log``, which every resume appends to, from byte ``offset`` on."""
+    with log.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace")
+
+
 def _append_whole_log(run_id: str, connection: str, env: dict[str, str], log: Path) -> None:
     """Append the run's whole log as the SuperLink keeps it (`flwr log --show`), after a marker line."""
     with log.open("ab") as out:
@@ -289,9 +296,7 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
             time.sleep(0.5)
             if on_poll:
                 on_poll()
-    with log.open("rb") as fh:
-        fh.seek(offset)
-        text = fh.read().decode(errors="replace")
+    text = _output_since(log, offset)
     match = re.search(r"Successfully started run (\d+)", text)
     if not match:
         return RunOutcome(None, "not-started", text[-3000:], time.monotonic() - started, text)
@@ -310,9 +315,7 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     # (the ServerApp's warnings) would be lost without this.
     if time.monotonic() - stream_ended > STATUS_POLL_S:
         _append_whole_log(run_id, connection, env, log)
-        with log.open("rb") as fh:
-            fh.seek(offset)
-            text = fh.read().decode(errors="replace")
+        text = _output_since(log, offset)
     if timed_out or status in LIVE_STATUSES:
         with contextlib.suppress(subprocess.TimeoutExpired):  # a SuperLink that does not answer: nothing to stop
             subprocess.run([str(VENV_BIN / "flwr"), "stop", run_id, connection], env=env, capture_output=True,

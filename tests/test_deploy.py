@@ -313,7 +313,6 @@ def test_device_ledgers_are_verified_and_set_against_the_server_history(tmp_path
                                        "retired: b: round 1: ledger-rollback"]
 
 
-
 def test_the_load_test_counts_what_flowers_logs_say_was_refused_or_dropped(tmp_path: Path) -> None:
     """The load test's account of Flower's own failures, on hand-written log lines as Flower 1.42 writes them."""
     locked = "ERROR :     [/v1/fleet/push-messages][UnexpectedError:OperationalError] (sqlite3.OperationalError) " \
@@ -328,6 +327,7 @@ def test_the_load_test_counts_what_flowers_logs_say_was_refused_or_dropped(tmp_p
         "superlink_http_500_responses": 1, "superlink_requests_failed_database_locked": 2,
         "supernode_replies_dropped": 2, "supernodes_that_dropped_a_reply": ["phone-a"]}
     assert flower_errors(tmp_path / "missing")["supernode_replies_dropped"] == 0
+
 
 # ---------------------------------------------------------------- certificates and keys (fast)
 
