@@ -156,6 +156,7 @@ class FederationStrategy(FedAvg):
         self.record = p.RoundRecord(round=round_offset, sampled=[])  # the round in progress
         self._screened: int | None = None  # the round whose replies the DP wrapper already screened
         self._asked: list[int] = []  # the nodes this round's evaluation asked
+        self._sent: list[Message] = []  # the last instructions; the Grid sets their message ids when it pushes them
         self._started = 0.0
 
     # -- who trains ------------------------------------------------------------
@@ -172,6 +173,7 @@ class FederationStrategy(FedAvg):
                 clipping_norm=None if clipping is None else float(clipping), ledger_floor=self.ledger_floor(client))
             content = RecordDict({p.ARRAYS: arrays, p.CONFIG: ConfigRecord(instructions.to_config()), **extra})
             messages.append(Message(content, dst_node_id=node_id, message_type=message_type))
+        self._sent = messages
         return messages
 
     def ledger_floor(self, client: p.ClientInfo) -> p.LedgerFloor:
@@ -202,7 +204,20 @@ class FederationStrategy(FedAvg):
     # -- screening: one bad reply must not decide the federation --------------
 
     def _client(self, reply: Message) -> p.ClientInfo | None:
-        return self.nodes.get(reply.metadata.src_node_id)
+        """Who a reply is about: its sender, or, for an error Flower itself sent in a client's place (the SuperLink's
+        "node unavailable", the Grid's "objects unavailable"), the client the instruction it answers went to."""
+        client = self.nodes.get(reply.metadata.src_node_id)
+        if client is not None or not reply.has_error():
+            return client
+        answered = reply.metadata.reply_to_message_id
+        node = next((m.metadata.dst_node_id for m in self._sent if answered and m.metadata.message_id == answered), None)
+        return None if node is None else self.nodes.get(node)
+
+    def _error_code(self, reply: Message, client: p.ClientInfo) -> tuple[p.FailureCode, str]:
+        """An error reply: the client's app raised, or Flower answered for a client it could not reach."""
+        if self.nodes.get(reply.metadata.src_node_id) is client:
+            return p.FailureCode.INTERNAL, "the client's app raised"
+        return p.FailureCode.UNAVAILABLE, reply.error.reason.splitlines()[0][:200] if reply.error.reason else ""
 
     def _order(self, reply: Message) -> tuple[str, int]:
         client = self._client(reply)
@@ -266,7 +281,7 @@ class FederationStrategy(FedAvg):
                 continue
             answered.add(client.client)
             if reply.has_error():
-                self._fail(client.client, p.FailureCode.INTERNAL, "the client's app raised")
+                self._fail(client.client, *self._error_code(reply, client))
                 continue
             try:
                 info = reply.content.config_records.get(p.INFO)
@@ -395,7 +410,10 @@ class FederationStrategy(FedAvg):
             if client is None or client.client in metrics:
                 continue
             if reply.has_error():
-                failed[client.client] = p.FailureCode.INTERNAL.value
+                code, reason = self._error_code(reply, client)
+                failed[client.client] = code.value
+                log.warning("evaluation: client %s: %s%s", client.client, code.value,
+                            f" ({reason})" if reason else "")
                 continue
             info = reply.content.config_records.get(p.INFO)
             if isinstance(info, ConfigRecord) and info.get("status") == p.Status.FAILED.value:

@@ -9,7 +9,7 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -364,6 +364,48 @@ def test_an_evaluation_that_failed_on_the_device_is_a_failure_not_a_result() -> 
     metrics, failures = strategy.collect_evaluate([good, failed], sorted(NODES))
     assert metrics == {"hospital-a": {p.NUM_EXAMPLES: 5.0, p.PERSONAL_ACCURACY: 0.8}}
     assert failures == {"hospital-b": "data-error", "phone-a": p.FailureCode.NO_REPLY.value}
+
+
+def _pushed(messages: list[Message]) -> list[Message]:
+    """What Flower's Grid does when it pushes instructions: each gets its message id (Metadata has no setter)."""
+    for i, message in enumerate(messages):
+        message.metadata.__dict__["_message_id"] = f"instruction-{i}"
+    return messages
+
+
+def _flower_error(answered: str, src_node_id: int, code: int, reason: str) -> Message:
+    """An error reply Flower writes in a client's place, to the instruction with id ``answered``: from the
+    SuperLink (node 1) or from the ServerApp's own node (the Grid)."""
+    metadata = Metadata(run_id=1, message_id="", src_node_id=src_node_id, dst_node_id=src_node_id,
+                        reply_to_message_id=answered, group_id="", created_at=time.time(), ttl=0.0,
+                        message_type="system")  # Flower's SYSTEM_MESSAGE_TYPE
+    return Message(Error(code=code, reason=reason), metadata=metadata)
+
+
+def test_an_error_flower_sends_for_an_unreachable_client_is_that_clients_failure_not_its_apps() -> None:
+    """Flower 1.42 answers for a node whose heartbeat lapsed (SuperLink, src node 1) and for a reply whose objects
+    were lost (the Grid, src the ServerApp's node): the failure belongs to the client the instruction went to."""
+    nodes = {n + 10: c for n, c in NODES.items()}  # Flower keeps node id 1 for the SuperLink itself
+    strategy = FederationStrategy(_config(tiers={"phone": {"availability": 1.0}}), nodes, _start())
+    sent = _pushed(list(strategy.configure_train(1, ArrayRecord(strategy.global_state), ConfigRecord(), None)))
+    by_node = {m.metadata.dst_node_id: m.metadata.message_id for m in sent}
+    crashed = _reply(11, arrays=strategy.global_state)
+    crashed = Message(Error(code=0, reason="ClientApp raised"), metadata=crashed.metadata)  # its own app raised
+    replies = [crashed, _flower_error(by_node[12], 1, 5, "Node unavailable: heartbeat lapsed"),
+               _flower_error(by_node[13], 0, 3, "Reply message objects are unavailable.\nsecond line"),
+               _flower_error(by_node[13], 1, 5, "a second answer for the same instruction"),
+               _flower_error("no-such-instruction", 0, 3, "")]
+    strategy.aggregate_train(1, replies)
+    assert strategy.record.failed == {"hospital-a": p.FailureCode.INTERNAL.value,
+                                      "hospital-b": p.FailureCode.UNAVAILABLE.value,
+                                      "phone-a": p.FailureCode.UNAVAILABLE.value}
+    asked = _pushed(list(strategy.configure_evaluate(1, ArrayRecord(strategy.global_state), ConfigRecord(), None)))
+    answered = _reply(11, metrics={p.NUM_EXAMPLES: 5}, status=None, message_type=MessageType.EVALUATE)
+    metrics, failed = strategy.collect_evaluate([answered, _flower_error(asked[1].metadata.message_id, 1, 5, "gone")],
+                                                sorted(nodes))
+    assert set(metrics) == {"hospital-a"}
+    assert failed == {nodes[asked[1].metadata.dst_node_id].client: p.FailureCode.UNAVAILABLE.value,
+                      nodes[asked[2].metadata.dst_node_id].client: p.FailureCode.NO_REPLY.value}
 
 
 def _evaluation(node: int, val_accuracy: float, val_n: int) -> Message:

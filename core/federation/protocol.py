@@ -73,6 +73,8 @@ class FailureCode(StrEnum):
     CONFIG = "config-error"  # the server's instructions did not parse
     INTERNAL = "internal-error"  # a bug: see the device's log
     NO_REPLY = "no-reply"
+    # Flower answered for the client (its node was gone, or its reply was lost in the SuperLink): not its fault
+    UNAVAILABLE = "unavailable"
     BAD_REPLY = "bad-reply"  # the server refused the reply (shape, values, metrics)
     LEDGER_ROLLBACK = "ledger-rollback"  # its ledger went below what it reported before (server or device saw it)
     NOT_CLIPPED = "not-clipped"  # client-side clipping was asked for and the update is larger
