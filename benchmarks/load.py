@@ -1,6 +1,7 @@
 """Many real devices, faults included: a TLS SuperLink with SuperNode authentication and N real SuperNodes.
 
-    python -m benchmarks.load [--nodes 30] [--rounds 5] [--warm-nodes 5] [--out DIR] [--no-results]
+    python -m benchmarks.load [--nodes 30] [--rounds 5] [--warm-nodes 5] [--round-timeout-s S] [--budget-min M]
+                              [--out DIR] [--no-results]
 
 Everything runs on 127.0.0.1 through ``deploy/launcher.LocalDeployment``: the SuperLink (TLS, SuperNode
 authentication, an SQLite database) and N SuperNodes, each registered with its own key and started in its own
@@ -43,7 +44,12 @@ Measured (one flat JSON, ``OUT/load.json``, and ``benchmarks/results/load.json``
   built), and from the ClientApp's start to its reply (``clientapp_s``: a cold one from its import, a warm
   one from the launcher's hand-over), from the message audit and timelines (``clients/audit.py``,
   ``clients/timeline.py``); p50, p90 and max, per round and in all, warm and cold apart;
+- the round failures by code over all rounds (``failed_no_reply``, ``failed_unavailable``: Flower answered for a
+  device it could not reach, ...), and what Flower's own logs say failed (``flower_errors``);
 - that everything started is stopped: no process with an FLWR_HOME under OUT, no port still bound.
+
+A federation still going after ``--budget-min`` minutes is stopped (its `flwr run` with `flwr stop`), and the rounds
+the server saved are measured (``stopped_at_budget``; ``run_finished`` false: no final evaluation).
 
 Goals, booleans measured and never tuned: every round aggregated with every client that stayed up through it
 (``goal_every_round_completes_with_the_clients_up``); no update lost on a restarted device either way and its
@@ -62,6 +68,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,10 +85,18 @@ from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.partition import partition, write_manifests
 from edgemri.core.data.synth import generate
 from edgemri.core.errors import EdgemriError
+from edgemri.core.federation import protocol as p
 from edgemri.core.io import write_text
 from edgemri.core.registries import parse_config
 from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
-from edgemri.deploy.devices import compare_rounds, ledger_refusals, read_ledger, read_result
+from edgemri.deploy.devices import (
+    RESULT_FILE,
+    compare_rounds,
+    ledger_refusals,
+    read_ledger,
+    read_result,
+    read_unfinished_result,
+)
 from edgemri.deploy.errors import DeployError
 from edgemri.deploy.launcher import LocalDeployment
 from edgemri.models import Student
@@ -96,6 +111,7 @@ MAX_UNPLANNED_RESUMES = 1  # a run that ends short for a reason of its own is re
 GOAL_RSS_GROWTH = 1.2  # "flat": no round's SuperLink RSS peak above this times the first round's
 SAMPLE_S = 0.5
 POLL_S = 0.2
+MIN_RUN_S = 60.0  # a `flwr run` started near the time budget's end still gets this long
 STATUS_POLL_S = 5.0  # `flwr supernode ls` starts a Python process: asked only this often
 SERVERAPP_COMMAND = "flwr-serverapp"
 # The devices (SuperNodes, launchers, their ClientApps) run at the lowest priority. 30 of them at niceness 0 on 2
@@ -213,6 +229,7 @@ class Faults:
         self.planned_resumed = False  # the run the SuperLink's restart ended was resumed
         self.unplanned_resumes = 0  # runs that ended short for another reason (e.g. a process out of memory)
         self.link_survivors: list[str] = []  # the old SuperLink's processes that outlived it (restart_link)
+        self.stopped_at_budget = False  # the benchmark's time budget ended the federation before its last round
         self._polls = ThreadPoolExecutor(1)  # `flwr supernode ls`, in the background
         self._poll: Future | None = None
         self._polled = 0.0
@@ -227,11 +244,13 @@ class Faults:
                 "manifests": str(self.inputs.manifest_dir), "start-checkpoint": str(self.inputs.start),
                 "num-clients": len(self.inputs.manifests), "resume": resume, "audit-dir": str(self.run_dir / "audit")}
 
-    def start_run(self, pool: ThreadPoolExecutor, timeout_s: float) -> Future:
+    def start_run(self, pool: ThreadPoolExecutor, timeout_s: float, deadline: float) -> Future:
+        """A `flwr run` (resumed after the first), stopped at ``timeout_s`` or at ``deadline`` (monotonic)."""
         resume = bool(self.seen.run_started)
         self.seen.run_started.append(time.time())
         log = self.run_dir.parent / "logs" / f"run-{len(self.seen.run_started)}.log"
         say(self.started, "flwr run" + (" (resumed)" if resume else ""))
+        timeout_s = max(MIN_RUN_S, min(timeout_s, deadline - time.monotonic()))
         return pool.submit(self.deployment.run, APP_DIR, self.run_config(resume), log, timeout_s)
 
     def saved_rounds(self) -> None:
@@ -294,11 +313,13 @@ class Faults:
             self._poll = self._polls.submit(self.deployment.node_status)
         return listed
 
-    def drive(self, pool: ThreadPoolExecutor, timeout_s: float) -> None:
+    def drive(self, pool: ThreadPoolExecutor, timeout_s: float, budget_s: float) -> None:
         """Run the federation to its last round through the faults: the first `flwr run`, and once the SuperLink's
-        restart has ended it, a resumed one as soon as the killed nodes are back (its discovery must find them)."""
+        restart has ended it, a resumed one as soon as the killed nodes are back (its discovery must find them).
+        After ``budget_s`` the running `flwr run` is stopped and no other starts (``stopped_at_budget``)."""
+        deadline = time.monotonic() + budget_s
         try:
-            run: Future | None = self.start_run(pool, timeout_s)
+            run: Future | None = self.start_run(pool, timeout_s, deadline)
             while True:
                 self.step()
                 if run is not None and run.done():
@@ -308,6 +329,8 @@ class Faults:
                     self.saved_rounds()
                     if len(self.seen.round_ended) >= self.rounds:
                         return
+                    if time.monotonic() >= deadline:
+                        break
                     if self.seen.link_restarted is not None and not self.planned_resumed:
                         self.planned_resumed = True
                     elif self.unplanned_resumes < MAX_UNPLANNED_RESUMES:
@@ -315,9 +338,13 @@ class Faults:
                         say(self.started, "the run ended before its last round: resumed, as an operator would")
                     else:
                         return
+                if run is None and time.monotonic() >= deadline:  # e.g. waiting for the killed nodes to return
+                    break
                 if run is None and (self.seen.killed_at is None or self.seen.back_at is not None):
-                    run = self.start_run(pool, timeout_s)
+                    run = self.start_run(pool, timeout_s, deadline)
                 time.sleep(POLL_S)
+            self.stopped_at_budget = True
+            say(self.started, f"the time budget ({budget_s / 60:.0f} min) is spent: the federation is stopped")
         finally:
             self._polls.shutdown(cancel_futures=True)
 
@@ -423,15 +450,17 @@ def memory_values(memory: LinkMemory, spans: dict[int, tuple[float, float]]) -> 
 
 
 def device_values(faults: Faults, run_dir: Path) -> tuple[dict[str, Any], dict[int, tuple[float, float]]]:
-    """Rounds completed, who stayed up and trained, updates lost, and every device's ledger."""
-    result = read_result(run_dir)
+    """Rounds completed, who stayed up and trained, updates lost, and every device's ledger; for a federation
+    stopped short (``run_finished`` false), the rounds the server saved."""
+    finished = (run_dir / RESULT_FILE).is_file()
+    result = read_result(run_dir) if finished else read_unfinished_result(run_dir)
     names = list(faults.inputs.manifests)
     ledgers = {name: read_ledger(name, faults.node_files(name)["state_dir"]) for name in names}
     compared = compare_rounds(ledgers, result.history)
     rows = replies(run_dir / "audit", {i: n for n, i in faults.deployment.node_ids.items()},
                    faults.warm)
     spans = round_spans(faults.seen, rows, [h.round for h in result.history])
-    values: dict[str, Any] = {"rounds_completed": sum(h.aggregated for h in result.history),
+    values: dict[str, Any] = {"run_finished": finished, "rounds_completed": sum(h.aggregated for h in result.history),
                               "rounds_recorded": len(result.history)}
     missing = {}  # round -> clients that stayed up through it and did not train
     for h in result.history:
@@ -441,6 +470,8 @@ def device_values(faults: Faults, run_dir: Path) -> tuple[dict[str, Any], dict[i
                        f"round{h.round}_failed": sorted(h.failed), f"round{h.round}_declined": h.declined,
                        f"round{h.round}_up_not_trained": missing[h.round]})
     values.update(percentiles([h.seconds for h in result.history], "round_s"))
+    codes = Counter(code for h in result.history for code in h.failed.values())
+    values.update({f"failed_{code.replace('-', '_')}": codes.get(code.value, 0) for code in p.FailureCode})
     lost = {name: c for name, c in compared.items() if c.lost}
     values.update({
         "updates_lost": sum(c.lost for c in compared.values()),
@@ -451,7 +482,7 @@ def device_values(faults: Faults, run_dir: Path) -> tuple[dict[str, Any], dict[i
         "ledger_errors": [f"{n}: {d.error}" for n, d in sorted(ledgers.items()) if d.error],
         "clients_over_budget": sorted(n for n, d in ledgers.items() if d.over_budget),
         "ledger_refusals": ledger_refusals(result),
-        "epsilon_max": max(d.epsilon for d in ledgers.values()),
+        "epsilon_max": max((d.epsilon for d in ledgers.values()), default=0.0),
         "goal_every_round_completes_with_the_clients_up": (
             len(result.history) == faults.rounds and all(h.aggregated for h in result.history)
             and not any(missing.values())),
@@ -489,7 +520,8 @@ def flower_errors(logs: Path) -> dict[str, Any]:
             "supernodes_that_dropped_a_reply": sorted(name for name, count in dropped.items() if count)}
 
 
-def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int, warm_nodes: int) -> dict[str, Any]:
+def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int, warm_nodes: int,
+            budget_s: float) -> dict[str, Any]:
     """One load test in OUT: the deployment, the faults, then what the devices and the server hold."""
     started = time.monotonic()
     say(started, f"preparing {nodes} clients in {out}")
@@ -503,7 +535,7 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int,
     victims = sorted(str(n) for n in rng.choice(names, size=max(1, round(KILL_SHARE * nodes)), replace=False))
     values: dict[str, Any] = {"nodes": nodes, "rounds_asked": rounds, "seed": seed, "data_preset": "quickstart",
                               "round_timeout_s": round_timeout_s, "killed": victims, "kill_round": KILL_ROUND,
-                              "device_niceness": DEVICE_NICENESS}
+                              "device_niceness": DEVICE_NICENESS, "budget_s": budget_s}
     wall = time.monotonic()
     with ThreadPoolExecutor(1) as pool, LocalDeployment(work / "deployment", DEVICE_NICENESS) as deployment:
         warm = spread(names, warm_nodes)
@@ -516,7 +548,7 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int,
             deployment.wait_status(names, "online", timeout_s=300)
             values["nodes_start_s"] = time.monotonic() - begun
             say(started, f"{nodes} SuperNodes online after {values['nodes_start_s']:.0f} s")
-            faults.drive(pool, timeout_s=(rounds + 2) * round_timeout_s + 300)
+            faults.drive(pool, timeout_s=(rounds + 2) * round_timeout_s + 300, budget_s=budget_s)
     say(started, "deployment stopped")
     values["wall_s"] = time.monotonic() - wall
     seen = faults.seen
@@ -531,7 +563,7 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int,
         "link_restart_survivors": faults.link_survivors,
         "serverapp_survived_link_restart": any(SERVERAPP_COMMAND in c for c in faults.link_survivors),
         "flwr_runs": len(faults.outcomes), "flwr_run_statuses": [o.status for o in faults.outcomes],
-        "unplanned_resumes": faults.unplanned_resumes,
+        "unplanned_resumes": faults.unplanned_resumes, "stopped_at_budget": faults.stopped_at_budget,
     })
     values.update(flower_errors(work / "deployment" / "logs"))
     devices, spans = device_values(faults, work / "run")
@@ -553,13 +585,17 @@ def main() -> None:
     parser.add_argument("--round-timeout-s", type=BoundedInt(30, 7200), default=900,
                         help="federation.round_timeout_s (default: 900: 30 devices on 2 cores took up to 10 minutes "
                              "a round, and no node that stays up should be dropped)")
+    parser.add_argument("--budget-min", type=BoundedInt(5, 24 * 60), default=100,
+                        help="after this many minutes the federation is stopped and what it did is measured "
+                             "(default: 100)")
     parser.add_argument("--out", default="runs/bench/load", help="data, deployment, and OUT/load.json")
     parser.add_argument("--no-results", action="store_true", help="write OUT/load.json only")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops everything it started, as Ctrl-C does
     try:
-        values = measure(out, args.nodes, args.rounds, args.seed, args.round_timeout_s, args.warm_nodes)
+        values = measure(out, args.nodes, args.rounds, args.seed, args.round_timeout_s, args.warm_nodes,
+                         60.0 * args.budget_min)
     except KeyboardInterrupt:
         print("benchmarks.load: stopped; every process it started is stopped", file=sys.stderr)
         raise SystemExit(130) from None

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from edgemri.core.federation import protocol as p
 from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger, LedgerError
+from edgemri.core.training.checkpoint import load_checkpoint
 from edgemri.core.untrusted import read_json
 
 RESULT_FILE = Path("server") / "result.json"  # in the run folder (server/app.py, write_reports)
+SERVER_STATE_FILE = Path("server") / "state.pt"  # saved after every round (server/app.py, _save_state)
 # Failure codes by which the server refuses a client's ledger (rolled back, or broken on the device).
 LEDGER_REFUSALS = (p.FailureCode.LEDGER_ROLLBACK.value, p.FailureCode.PRIVACY.value)
 
@@ -51,6 +53,18 @@ def read_ledger(client: str, state_dir: Path) -> DeviceLedger:
 def read_result(run_dir: Path) -> p.FederationResult:
     """The run's ``server/result.json`` (written when a run, resumed or not, ends), checked."""
     return p.FederationResult.from_dict(read_json(Path(run_dir) / RESULT_FILE, p.ProtocolError, nonfinite=True))
+
+
+def read_unfinished_result(run_dir: Path) -> p.FederationResult:
+    """For a run stopped before it ended (no ``result.json``): what the server saved after its last round, the
+    rounds and who retired, without a final evaluation; no rounds if it saved none."""
+    path = Path(run_dir) / SERVER_STATE_FILE
+    saved = load_checkpoint(path, kind="server") if path.is_file() else None
+    clients = saved.extra.get("clients") if saved else None
+    return p.FederationResult.from_dict({
+        "clients": {}, "history": saved.history if saved else [], "final": {}, "final_failed": {},
+        "retired": clients.get("retired", {}) if isinstance(clients, dict) else {}, "central_start": {},
+        "central_final": {}, "central_dp": {}})
 
 
 @dataclass(frozen=True)

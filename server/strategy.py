@@ -210,8 +210,8 @@ class FederationStrategy(FedAvg):
         if client is not None or not reply.has_error():
             return client
         answered = reply.metadata.reply_to_message_id
-        node = next((m.metadata.dst_node_id for m in self._sent if answered and m.metadata.message_id == answered), None)
-        return None if node is None else self.nodes.get(node)
+        node = next((m.metadata.dst_node_id for m in self._sent if m.metadata.message_id == answered), None)
+        return None if node is None or not answered else self.nodes.get(node)
 
     def _error_code(self, reply: Message, client: p.ClientInfo) -> tuple[p.FailureCode, str]:
         """An error reply: the client's app raised, or Flower answered for a client it could not reach."""

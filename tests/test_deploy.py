@@ -45,7 +45,13 @@ from edgemri.core.registries import parse_config
 from edgemri.core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgemri.deploy import certs as certs_module
 from edgemri.deploy.certs import MAX_DAYS, make_certs
-from edgemri.deploy.devices import compare_rounds, ledger_refusals, read_ledger, read_result
+from edgemri.deploy.devices import (
+    compare_rounds,
+    ledger_refusals,
+    read_ledger,
+    read_result,
+    read_unfinished_result,
+)
 from edgemri.deploy.errors import DeployError
 from edgemri.deploy.launcher import LocalDeployment
 from edgemri.deploy.nodes import make_node_keys
@@ -258,6 +264,10 @@ def test_every_device_ledger_verifies_and_agrees_with_the_server(scenario: dict[
     compared = compare_rounds(ledgers, scenario["result"].history)
     assert {name: c.lost for name, c in compared.items()} == dict.fromkeys(NODES, 0)  # no update lost either way
     assert ledger_refusals(scenario["result"]) == []
+    # What the load test measures of a run stopped short: the server's state after its last round.
+    unfinished = read_unfinished_result(scenario["run_dir"])
+    assert unfinished.history == scenario["result"].history and unfinished.retired == scenario["result"].retired
+    assert unfinished.final == {} and read_unfinished_result(scenario["root"]).history == []  # no state: no rounds
 
 
 @slow
