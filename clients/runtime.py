@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ from edgemri.core.federation.protocol import (
     GLOBAL_VAL_ACCURACY,
     LEDGER_RECORDS,
     LOCAL_ONLY_ACCURACY,
+    MAX_EPSILON_REPORTED,
     PERSONAL_ACCURACY,
     PERSONAL_DP,
     PERSONAL_NOISE,
@@ -64,6 +66,7 @@ from edgemri.core.federation.protocol import (
     POOL_PREFIX,
     START_ACCURACY,
     VAL_EXAMPLES,
+    LedgerFloor,
     RoundInstructions,
     Status,
     check_client_name,
@@ -72,10 +75,20 @@ from edgemri.core.federation.protocol import (
 from edgemri.core.privacy.dp import DPPlan, PrivacyError, check_dp_model, opacus_wrap, plan_dp
 from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger
 from edgemri.core.privacy.policy import DevicePolicy
-from edgemri.core.training.checkpoint import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
+from edgemri.core.training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
+from edgemri.core.untrusted import check_record, mapping_of, number, text
 from edgemri.models import NormStudent, Student
 
 STATE_FILE = "client-state.pt"  # the one checkpoint format, kind "client"
+SENT_FILE = "sent-update.pt"  # the last DP round's update, to send again if its reply was lost (kind "client")
+_SENT = {"round": number(1, 2**31 - 1, integer=True), "fingerprint": text(64),
+         "metrics": mapping_of(text(100), number(-MAX_EPSILON_REPORTED, MAX_EPSILON_REPORTED))}
 SHARED_MODELS = (START_ACCURACY, GLOBAL_ACCURACY, BEST_GLOBAL_ACCURACY)  # the server's: every client gets the same
 _MAX_SHARED_PREDICTIONS = 16  # a run has three shared models; a few sites' worth fit
 
@@ -136,6 +149,13 @@ class RoundReply:
     metrics: dict[str, float]
     status: Status
     reason: str  # for the device's own log; only the status travels
+
+
+def round_fingerprint(global_state: State, instructions: RoundInstructions) -> str:
+    """What a round's training depends on: the global model and the instructions (the ledger floor aside, a check
+    the server asks for, not a training input)."""
+    config = dataclasses.replace(instructions, ledger_floor=LedgerFloor()).to_config()
+    return hashlib.sha256((state_digest(global_state) + json.dumps(config, sort_keys=True)).encode()).hexdigest()
 
 
 @dataclass
@@ -214,6 +234,27 @@ class Client:
             model=model, kind="client", state_dict=personal, role=f"client state of {self.name}",
             step=state.last_round,
             extra={"counters": {"rounds_trained": state.rounds_trained, "last_round": state.last_round}}))
+
+    @property
+    def sent_path(self) -> Path:
+        return self.setup.state_dir / SENT_FILE
+
+    def save_sent(self, server_round: int, fingerprint: str, shared: State, metrics: dict[str, float]) -> None:
+        save_checkpoint(self.sent_path, Checkpoint(
+            model="student", kind="client", state_dict=shared, role=f"update sent by {self.name}", step=server_round,
+            extra={"sent": {"round": server_round, "fingerprint": fingerprint,
+                            "metrics": {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}}}))
+
+    def sent_update(self, server_round: int, fingerprint: str) -> tuple[State, dict[str, float]] | None:
+        """The update this device sent for ``server_round`` and its metrics, if it was trained from exactly the
+        global model and instructions that ``fingerprint`` names; else None."""
+        if not self.sent_path.is_file():
+            return None
+        saved = load_checkpoint(self.sent_path, kind="client")
+        sent = check_record(saved.extra.get("sent"), _SENT, str(self.sent_path), CheckpointError)
+        if sent["round"] != server_round or sent["fingerprint"] != fingerprint:
+            return None
+        return check_state_dict(Student(), saved.state_dict, str(self.sent_path)), sent["metrics"]
 
     # -- work ------------------------------------------------------------------
 
@@ -306,6 +347,11 @@ class Client:
                 return RoundReply(None, state, self.privacy_status(plan), Status.DP_INFEASIBLE, plan.reason)
             ledger = self.open_ledger(instructions, plan)
             if server_round in ledger.rounds:  # the reply was lost after the ledger was written
+                if sent := self.sent_update(server_round, round_fingerprint(global_state, instructions)):
+                    # The same release again (same model, same instructions): it spends no more privacy, and a
+                    # server that lost the reply (a SuperLink restarted mid-round) does not lose the round.
+                    return RoundReply(sent[0], state, {**sent[1], **self.privacy_status(plan)}, Status.TRAINED,
+                                      f"round {server_round} sent again")
                 return RoundReply(None, state, self.privacy_status(plan), Status.ALREADY_TRAINED,
                                   f"round {server_round} is already in the privacy ledger")
             reach = ledger.epsilon_after(plan)
@@ -318,6 +364,8 @@ class Client:
             ledger.append(server_round, plan, int(out.metrics["steps"]))
         new_state = ClientState(out.personal, state.rounds_trained + 1, server_round)
         self.save_state(new_state)
+        if ledger is not None:  # only a round in the ledger is refused a second training; it is sent again
+            self.save_sent(server_round, round_fingerprint(global_state, instructions), out.shared, out.metrics)
         return RoundReply(out.shared, new_state, {**out.metrics, **self.privacy_status(plan)}, Status.TRAINED, "")
 
     def local_training(self, method: Method, global_state: State, personal: State | None,

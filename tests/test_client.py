@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -10,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from edgemri.clients.client_app import app, coded_failures
-from edgemri.clients.runtime import Client, ClientState, resolve_setup
+from edgemri.clients.runtime import SENT_FILE, Client, ClientState, resolve_setup
 from edgemri.core.data.dataset import load_dataset
 from edgemri.core.data.partition import ManifestError, partition, read_manifest, write_manifests
 from edgemri.core.errors import EdgemriError
@@ -22,6 +24,7 @@ from edgemri.core.federation.personalize import create_method
 from edgemri.core.privacy.ledger import LEDGER_FILE, Ledger, LedgerRollback
 from edgemri.core.privacy.policy import DevicePolicy
 from edgemri.core.registries import REGISTRIES, parse_config
+from edgemri.core.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.models import Student
 
 CONFIG = parse_config({"seed": 0, "data": {"client_fraction": 0.0}, "federation": {"method": "fedavg", "tiers": {
@@ -87,6 +90,37 @@ def test_a_device_whose_ledger_is_below_the_servers_floor_refuses_before_it_trai
     for bad in (-1, 1.5, 10**9):
         with pytest.raises(p.ProtocolError, match="ledger-floor-records"):
             p.RoundInstructions.from_config({**sent, p.FLOOR_RECORDS_KEY: bad}, REGISTRIES)
+
+
+def test_a_dp_round_asked_again_gets_the_same_update_only_for_the_same_model_and_instructions(
+        hospital: dict[str, str], tmp_path: Path) -> None:
+    """A reply lost after the ledger was written (a SuperLink restarted mid-round; a resumed run asks the round
+    again): the device sends the very update it sent, spending nothing; any other model for that round is refused."""
+    config = CONFIG.replace(privacy=parse_config({"privacy": {"tiers": {"hospital": {
+        "enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}}).privacy)
+    setup = resolve_setup({**hospital, "state-dir": str(tmp_path / "state")}, {})
+    method, start = create_method(config.federation), Student().state_dict()
+    instructions = p.RoundInstructions.for_tier(config, "hospital", 1)
+    first = Client(setup).train_round(method, start, ClientState(), instructions)
+    assert first.status is p.Status.TRAINED
+    ledger_before = (tmp_path / "state" / LEDGER_FILE).read_bytes()
+    floor = p.LedgerFloor(int(first.metrics[p.LEDGER_RECORDS]), first.metrics[p.EPSILON])  # the server saw round 1
+    again = Client(setup).train_round(method, start, first.state,  # a new process, as on a SuperNode
+                                      dataclasses.replace(instructions, ledger_floor=floor))
+    assert again.status is p.Status.TRAINED and again.reason == "round 1 sent again"
+    assert all(torch.equal(again.shared[k], first.shared[k]) for k in first.shared)
+    assert again.metrics == first.metrics
+    assert (tmp_path / "state" / LEDGER_FILE).read_bytes() == ledger_before  # no privacy spent twice
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in start.items()}
+    for model, asked in ((other, instructions), (start, dataclasses.replace(instructions, seed=instructions.seed + 1))):
+        refused = Client(setup).train_round(method, model, first.state, asked)
+        assert refused.status is p.Status.ALREADY_TRAINED and refused.shared is None
+    sent = tmp_path / "state" / SENT_FILE
+    saved = load_checkpoint(sent, kind="client")
+    saved.extra["sent"]["fingerprint"] = ["not", "text"]
+    save_checkpoint(sent, saved)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        Client(setup).train_round(method, start, first.state, instructions)
 
 
 def test_a_client_sampled_in_rounds_1_and_3_only_has_just_those_rounds_in_its_ledger(
