@@ -47,6 +47,7 @@ from flwr.serverapp.strategy import (
 )
 
 from edgemri.core.config import CentralDPConfig, Config, ConfigError
+from edgemri.core.errors import printable
 from edgemri.core.federation import protocol as p
 from edgemri.core.federation.personalize import State, create_method, merge_shared
 
@@ -217,7 +218,8 @@ class FederationStrategy(FedAvg):
         """An error reply: the client's app raised, or Flower answered for a client it could not reach."""
         if self.nodes.get(reply.metadata.src_node_id) is client:
             return p.FailureCode.INTERNAL, "the client's app raised"
-        return p.FailureCode.UNAVAILABLE, reply.error.reason.splitlines()[0][:200] if reply.error.reason else ""
+        reason = str(reply.error.reason or "").splitlines()
+        return p.FailureCode.UNAVAILABLE, printable(reason[0][:200]) if reason else ""
 
     def _order(self, reply: Message) -> tuple[str, int]:
         client = self._client(reply)
