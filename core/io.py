@@ -84,7 +84,7 @@ def private_folder(folder: Path, error: type[EdgemriError], *, tighten: bool = T
 
 
 @contextmanager
-def owner_lock(path: Path, error: type[EdgemriError]) -> Iterator[Path]:
+def owner_lock(path: Path, error: type[EdgemriError], holder: str = "edgemri command") -> Iterator[Path]:
     """Hold an exclusive lock on ``path`` while a command owns a run folder.
 
     A second command on the same folder is refused with ``error``, and the processes the command started
@@ -96,7 +96,7 @@ def owner_lock(path: Path, error: type[EdgemriError]) -> Iterator[Path]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise error(f"another edgemri command is working in {path.parent} (it holds {path.name}); wait for "
+            raise error(f"another {holder} is working in {path.parent} (it holds {path.name}); wait for "
                         f"it to end or stop it first") from None
         yield path
 

@@ -21,7 +21,7 @@ from edgemri.core.data.partition import ensure_manifests
 from edgemri.core.errors import EdgemriError
 from edgemri.core.federation import protocol as p
 from edgemri.core.federation.personalize import State, evaluate_state
-from edgemri.core.io import write_json
+from edgemri.core.io import owner_lock, write_json
 from edgemri.core.registries import load_config
 from edgemri.core.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from edgemri.core.untrusted import check_record, mapping_of, number, text
@@ -35,6 +35,7 @@ log = logging.getLogger("edgemri.server")
 STATE_FILE = "state.pt"
 BEST_FILE = "global-best.pt"  # the global model of the round federated validation preferred
 PROGRESS_FILE = "progress.log"
+SERVERAPP_LOCK = "serverapp.lock"  # held by the ServerApp working in the run folder (core/io.owner_lock)
 TIMINGS_FILE = "timings.json"  # where the server's time went, per stage and phase (PhaseClock)
 DISCOVERY_WAIT_S = 120.0
 
@@ -251,12 +252,15 @@ def main(grid: Grid, context: Context) -> None:
     _log_through_flower()
     try:
         settings = p.RunSettings.from_run_config(dict(context.run_config))
-        config = load_config(settings.config)
-        clock = PhaseClock()
-        result = run(grid, settings, config, clock)
-        with clock.phase("reports"):
-            write_reports(result, config, settings.run_dir)
-        write_json(settings.run_dir / "server" / TIMINGS_FILE, clock.stages)
+        # One ServerApp a run folder: a run resumed while the one before still runs (its SuperLink too busy to
+        # say so) would otherwise play the same rounds beside it and write the same state.
+        with owner_lock(settings.run_dir / "server" / SERVERAPP_LOCK, EdgemriError, holder="ServerApp"):
+            config = load_config(settings.config)
+            clock = PhaseClock()
+            result = run(grid, settings, config, clock)
+            with clock.phase("reports"):
+                write_reports(result, config, settings.run_dir)
+            write_json(settings.run_dir / "server" / TIMINGS_FILE, clock.stages)
         if failures := result.all_failed():  # the reports say who and when; the run must not look like a success
             raise EdgemriError(f"no client trained in any round ({failures}); see {settings.run_dir / 'federation.md'}"
                                f" and each client's log")

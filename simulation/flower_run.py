@@ -212,6 +212,7 @@ UNANSWERED = "unanswered"  # `flwr ls` timed out: a SuperLink too busy to answer
 LIVE_STATUSES = ("pending", "starting", "running", UNANSWERED)  # Flower's statuses before "finished:...", and ours
 STATUS_POLL_S = 5.0  # `flwr ls` starts a Python process: asked at most this often
 STATUS_TIMEOUT_S = 60.0
+STATUS_GIVE_UP_S = 300.0  # a run whose `flwr ls` fails this long in a row is taken as gone ("unknown")
 
 
 def _listed_status(run_id: str, connection: str, env: dict[str, str]) -> tuple[str, str]:
@@ -304,8 +305,17 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     status, details = ("", "") if timed_out else _listed_status(run_id, connection, env)
     # `flwr run --stream` can exit while its run goes on (a SuperLink too busy to keep the log stream drops it):
     # the run's own status, not the CLI's exit, says when it is over.
-    asked, stream_ended = 0, time.monotonic()
-    while status in LIVE_STATUSES and time.monotonic() <= deadline:
+    # A `flwr ls` that fails ("unknown") is asked again for STATUS_GIVE_UP_S: a SuperLink too busy to answer
+    # fails it as one that is gone does, and taking a live run for ended would start a second one beside it.
+    asked, stream_ended, failing_since = 0, time.monotonic(), None
+    while time.monotonic() <= deadline:
+        if status != "unknown":
+            failing_since = None
+        elif failing_since is None:
+            failing_since = time.monotonic()
+        if status not in LIVE_STATUSES and (failing_since is None
+                                            or time.monotonic() - failing_since > STATUS_GIVE_UP_S):
+            break
         time.sleep(min(STATUS_POLL_S, 0.25 * 2**asked))  # the status often turns final a moment after the stream
         asked += 1
         if on_poll:

@@ -11,10 +11,11 @@ import torch
 from edgemri.core.data.partition import manifest_paths
 from edgemri.core.errors import EdgemriError
 from edgemri.core.federation import protocol as p
+from edgemri.core.io import owner_lock
 from edgemri.core.registries import parse_config
 from edgemri.core.training.checkpoint import Checkpoint, save_checkpoint
 from edgemri.models import Student
-from edgemri.server.app import prepare
+from edgemri.server.app import SERVERAPP_LOCK, prepare
 from edgemri.simulation.federate import APP_DIR
 from edgemri.simulation.flower_run import VENV_BIN, flwr_run, simulation_superlink, staged_app
 
@@ -68,6 +69,20 @@ def test_a_plain_flwr_run_without_a_start_model_stops_at_once_with_one_line(tmp_
     assert not (run_dir / "server" / "result.json").exists()
     assert "edgemri: error: no start model at" in log and "make demo" in log
     assert outcome.seconds < 120
+
+
+@pytest.mark.slow
+def test_a_second_serverapp_on_a_run_folder_in_use_is_refused(tmp_path: Path) -> None:
+    """A resumed run whose first run still works in the folder (its ServerApp holds the lock) stops at once."""
+    run_dir = tmp_path / "flwr"
+    with owner_lock(run_dir / "server" / SERVERAPP_LOCK, EdgemriError, holder="ServerApp"), \
+            simulation_superlink(run_dir) as (env, connection):
+        flwr_run(APP_DIR, connection, env, run_dir / "flwr-run.log", timeout_s=300,
+                 run_config={"start-checkpoint": str(tmp_path / "missing.pt"), "run-dir": str(run_dir)},
+                 federation_config="num-supernodes=2")
+    log = (run_dir / "flwr-run.log").read_text()
+    assert f"edgemri: error: another ServerApp is working in {run_dir / 'server'}" in log
+    assert "no start model" not in log  # refused before it read anything
 
 
 def test_the_staged_app_packs_into_the_same_fab_without_the_ignored_folders(tmp_path: Path) -> None:
