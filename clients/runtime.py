@@ -254,7 +254,7 @@ class Client:
         sent = check_record(saved.extra.get("sent"), _SENT, str(self.sent_path), CheckpointError)
         if sent["round"] != server_round or sent["fingerprint"] != fingerprint:
             return None
-        return check_state_dict(Student(), saved.state_dict, str(self.sent_path)), sent["metrics"]
+        return check_state_dict(Student(), saved.state_dict, str(self.sent_path), partial=True), sent["metrics"]
 
     # -- work ------------------------------------------------------------------
 

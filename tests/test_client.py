@@ -92,12 +92,14 @@ def test_a_device_whose_ledger_is_below_the_servers_floor_refuses_before_it_trai
             p.RoundInstructions.from_config({**sent, p.FLOOR_RECORDS_KEY: bad}, REGISTRIES)
 
 
+@pytest.mark.parametrize("method_name", ["fedavg", "fedper"])  # FedPer sends only its shared keys
 def test_a_dp_round_asked_again_gets_the_same_update_only_for_the_same_model_and_instructions(
-        hospital: dict[str, str], tmp_path: Path) -> None:
+        method_name: str, hospital: dict[str, str], tmp_path: Path) -> None:
     """A reply lost after the ledger was written (a SuperLink restarted mid-round; a resumed run asks the round
     again): the device sends the very update it sent, spending nothing; any other model for that round is refused."""
     config = CONFIG.replace(privacy=parse_config({"privacy": {"tiers": {"hospital": {
-        "enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}}).privacy)
+        "enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}}).privacy,
+        federation=dataclasses.replace(CONFIG.federation, method=method_name))
     setup = resolve_setup({**hospital, "state-dir": str(tmp_path / "state")}, {})
     method, start = create_method(config.federation), Student().state_dict()
     instructions = p.RoundInstructions.for_tier(config, "hospital", 1)
@@ -108,6 +110,7 @@ def test_a_dp_round_asked_again_gets_the_same_update_only_for_the_same_model_and
     again = Client(setup).train_round(method, start, first.state,  # a new process, as on a SuperNode
                                       dataclasses.replace(instructions, ledger_floor=floor))
     assert again.status is p.Status.TRAINED and again.reason == "round 1 sent again"
+    assert again.shared.keys() == first.shared.keys() and (len(first.shared) < len(start)) == (method_name == "fedper")
     assert all(torch.equal(again.shared[k], first.shared[k]) for k in first.shared)
     assert again.metrics == first.metrics
     assert (tmp_path / "state" / LEDGER_FILE).read_bytes() == ledger_before  # no privacy spent twice
