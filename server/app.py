@@ -138,6 +138,9 @@ def run(grid: Grid, settings: p.RunSettings, config: Config, clock: PhaseClock) 
                            "without it; start a new run")
 
     def on_round(record: p.RoundRecord, state: State) -> None:
+        # A round its owner did not live through is not saved: its clients, seeing the owner gone, refused it, and
+        # saved it would count as played when the run is resumed.
+        p.check_owner(settings.owner_lock)
         _save_state(server_dir, config, state, strategy.state, accountant)
         if strategy.state.best_round == record.round:
             save_checkpoint(server_dir / BEST_FILE, Checkpoint(

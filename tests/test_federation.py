@@ -202,8 +202,9 @@ def test_a_stopped_run_leaves_nothing_running_and_resumes_from_its_last_round(
     finished its rounds and spent DP budget), and the resume then reported the interrupted run's failure. Here a
     SIGTERM stops round 2 and a SIGKILL (the command's own death: nothing of ours runs to clean up) stops round
     3 of the resume; each time nothing of the run may go on, no ledger may move, and the next resume completes.
-    The result cannot equal an uninterrupted run's: a DP client that trained in a stopped round has spent that
-    budget (its ledger says so) and declines the round's retry as already trained."""
+    The result need not equal an uninterrupted run's: a DP client that trained in a stopped round has spent that
+    budget (its ledger says so); it sends that update again if it saved it, else declines as already trained. A
+    round played after the command's death (every client refuses it) is not saved, so the resume plays it."""
     config = _config(rounds=3).replace(privacy=parse_config({"privacy": {"tiers": {"phone": {
         "enabled": True, "target_epsilon": 6.0, "budget_epsilon": 8.0}}}}).privacy)
     config_file = tmp_path / "config.yaml"
