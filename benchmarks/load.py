@@ -21,11 +21,11 @@ The faults, over ``--rounds`` rounds (at least 3):
 - the SuperLink restarts once, between rounds: as soon as the server has saved round max(2, R-2) (round 3 of
   5), it is stopped (SIGTERM; it exits once the running `flwr run --stream` lets go, about a minute) and
   started on the same database and port (``LocalDeployment.restart_link``). In Flower 1.42 that ends the
-  running ServerApp (the SuperLink terminates its SuperExec, the ServerApp stops with its parent, and the
-  restarted SuperLink refuses its task token), so the run is continued as an operator would, with a resumed
-  `flwr run` (``resume=true``) once the restarted nodes are back. What the server had sent of the next round
-  dies with it; a device that trained it keeps it in its ledger (``already-trained`` when asked again),
-  which ``updates lost`` counts. A run that ends short for any other reason (a process out of memory) is
+  running ServerApp (the restarted SuperLink refuses its task token), so the run is continued as an operator
+  would, with a resumed `flwr run` (``resume=true``) once the restarted nodes are back. What the server had
+  sent of the next round dies with it; a device that trained it keeps it in its ledger and sends the same
+  update when the resumed run asks for that round again (``updates lost`` counts what still goes missing).
+  A run that ends short for any other reason (a process out of memory) is
   resumed once the same way, and counted (``unplanned_resumes``).
 
 Measured (one flat JSON, ``OUT/load.json``, and ``benchmarks/results/load.json`` unless ``--no-results``):
@@ -564,6 +564,7 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int,
         "serverapp_survived_link_restart": any(SERVERAPP_COMMAND in c for c in faults.link_survivors),
         "flwr_runs": len(faults.outcomes), "flwr_run_statuses": [o.status for o in faults.outcomes],
         "unplanned_resumes": faults.unplanned_resumes, "stopped_at_budget": faults.stopped_at_budget,
+        "superexec_restarts": deployment.superexec_restarts,
     })
     values.update(flower_errors(work / "deployment" / "logs"))
     devices, spans = device_values(faults, work / "run")

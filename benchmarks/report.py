@@ -700,6 +700,7 @@ def load(v: Values) -> list[str]:
                       ("link_restart_s", "SuperLink restart (stop, start, healthy), s", sig),
                       ("flwr_runs", "`flwr run`s (the first, the resumed)", whole),
                       ("unplanned_resumes", "resumes for another reason than the restart", whole),
+                      ("superexec_restarts", "ServerApps' SuperExec restarted by the watchdog", whole),
                       ("superlink_requests_failed_database_locked",
                        "SuperLink requests failed with `database is locked`", whole),
                       ("supernode_replies_dropped", "replies dropped by their SuperNode (it does not retry a 500)",

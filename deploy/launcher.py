@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -129,6 +130,13 @@ class LocalDeployment:
         self.port = 0
         self.certs: dict[str, Path] = {}
         self.link: ManagedProcess | None = None
+        # The SuperExec that starts ServerApps, run beside the SuperLink (`--isolation process`) and restarted
+        # whenever it exits: the one the SuperLink starts itself exits for good on one HTTP 500 (a locked
+        # database under load), and no run starts after it (docs/DEPLOY.md, load test run 9).
+        self.superexec: ManagedProcess | None = None
+        self.superexec_restarts = 0
+        self._watching = threading.Event()
+        self._watchdog: threading.Thread | None = None
         self.nodes: dict[str, LocalNode] = {}
         self.node_ids: dict[str, int] = {}  # name -> id the SuperLink gave at registration
         self.node_ports: list[int] = []  # every SuperNode port used, restarted nodes' old ones too
@@ -165,9 +173,29 @@ class LocalDeployment:
             [str(VENV_BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.certs["ca_cert"]),
              "--ssl-certfile", str(self.certs["server_cert"]), "--ssl-keyfile", str(self.certs["server_key"]),
              "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-             "--port", str(self.port), "--database", str(self.root / "superlink.db")],
+             "--port", str(self.port), "--database", str(self.root / "superlink.db"), "--isolation", "process"],
             self.env, self.root / "logs" / "superlink.log", cwd=self.root)
         wait_healthy(self.link, self.port, scheme="https")
+        if self._watchdog is None:
+            self._start_superexec()
+            self._watching.set()
+            self._watchdog = threading.Thread(target=self._watch_superexec, name="superexec-watchdog", daemon=True)
+            self._watchdog.start()
+
+    def _start_superexec(self) -> None:
+        # The command the SuperLink would run in its default (subprocess) isolation, on its TLS Runtime API.
+        self.superexec = start_process(
+            [str(VENV_BIN / "flower-superexec"), "--root-certificates", str(self.certs["ca_cert"]),
+             "--runtime-api-address", self.address], self.env, self.root / "logs" / "superexec.log", cwd=self.root)
+
+    def _watch_superexec(self) -> None:
+        """Restart the SuperExec when it exits, as a service manager would (systemd's Restart=always)."""
+        while self._watching.is_set():
+            time.sleep(1.0)
+            if self._watching.is_set() and self.superexec is not None and self.superexec.process.poll() is not None:
+                self.superexec.stop()  # whatever it started and left
+                self.superexec_restarts += 1
+                self._start_superexec()
 
     def restart_link(self, stop_timeout_s: float = 90.0, grace_s: float = 30.0) -> list[str]:
         """Restart the SuperLink as an operator's restart does (SIGTERM, SIGKILL after ``stop_timeout_s`` as
@@ -179,10 +207,10 @@ class LocalDeployment:
         they stay valid, and running SuperNodes reconnect by themselves (their Fleet client retries without
         limit). On SIGTERM it stops listening at once but exits only when open connections close: a `flwr run
         --stream` of a running run holds one until the run is failed for want of the ServerApp's heartbeat
-        (about a minute). The ServerApp of a running run does not survive: as the SuperLink exits it
-        terminates its SuperExec, the ServerApp (started with ``--parent-pid`` of the SuperExec) stops when
-        that pid is gone, retries to report its status, and exits when the restarted SuperLink refuses its
-        task token. A run is continued with a resumed `flwr run` (run config ``resume=true``).
+        (about a minute). The ServerApp of a running run does not survive: it exits when the restarted SuperLink
+        refuses its task token (with Flower's default isolation, the SuperLink's own SuperExec and its ServerApp
+        also stop as it exits; here the SuperExec is this deployment's and keeps running). A run is continued
+        with a resumed `flwr run` (run config ``resume=true``).
         """
         old = self.link
         tree: list[psutil.Process] = []
@@ -363,6 +391,12 @@ class LocalDeployment:
             with ThreadPoolExecutor() as pool:  # each stop waits for its process tree to exit: stop them together
                 list(pool.map(self.stop_node, list(self.nodes)))
         finally:
+            self._watching.clear()
+            if self._watchdog is not None:
+                self._watchdog.join()
+                self._watchdog = None
+            if self.superexec is not None:
+                self.superexec.stop()
             if self.link is not None:
                 self.link.stop()
             for process in self.processes():

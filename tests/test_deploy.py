@@ -171,9 +171,12 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
         # The SuperLink restarts on its database: the five nodes still running reconnect by themselves.
         seen["link_pids"] = [deployment.link.process.pid]
-        seen["link_survivors"] = deployment.restart_link()  # its SuperExec must go with it
+        seen["link_survivors"] = deployment.restart_link()  # none of its processes may outlive it
         seen["link_pids"].append(deployment.link.process.pid)
         seen["registered_after_link_restart"] = deployment.node_status()
+        # The SuperExec that starts ServerApps dies (under load it exits on one HTTP 500): run 2 must start anyway.
+        seen["superexec_pids"] = [deployment.superexec.process.pid]
+        deployment.superexec.process.kill()
         # The SuperLink lets a node back in once its heartbeat has lapsed (offline).
         deployment.wait_status([PHONE], "offline", timeout_s=90)
         deployment.start_node(PHONE, **node_files(PHONE))  # run 2's server waits for it to come online
@@ -181,6 +184,8 @@ def scenario(sited_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
             {"manifest": str(manifest[PHONE]), "data-dir": str(sited_data), "state-dir": str(seen["state_dir"])},
             {})).load_state()
         seen["run2"] = deployment.run(APP_DIR, run_config(3, resume=True), root / "logs" / "run-2.log", 600)
+        seen["superexec_pids"].append(deployment.superexec.process.pid)
+        seen["superexec_restarts"] = deployment.superexec_restarts
         seen["report2"] = json.loads((run_dir / "federation.json").read_text())
         seen["phone_messages"] = _audit_records(audit, phone_id)
         seen["audited_pids"] = {node: {int(p.stem.rsplit("-", 1)[1]) for p in audit.glob(f"node-{node_id}-*.json")}
@@ -249,6 +254,8 @@ def test_the_privacy_ledger_continues_after_the_restart(scenario: dict[str, Any]
 def test_the_superlink_restarts_on_its_database_and_the_run_resumes_through_it(scenario: dict[str, Any]) -> None:
     old, new = scenario["link_pids"]
     assert old != new and scenario["link_survivors"] == []
+    killed, restarted = scenario["superexec_pids"]  # run 2 ran although the SuperExec was killed before it
+    assert killed != restarted and scenario["superexec_restarts"] == 1
     assert scenario["registered_after_link_restart"].keys() == scenario["registered"].keys()  # same node ids
     round3 = scenario["report2"]["participation"][2]
     assert round3["round"] == 3 and round3["aggregated"]
