@@ -60,6 +60,7 @@ most 1.2x its first round's (``goal_superlink_rss_flat``); nothing left running.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -229,6 +230,7 @@ class Faults:
         self.planned_resumed = False  # the run the SuperLink's restart ended was resumed
         self.unplanned_resumes = 0  # runs that ended short for another reason (e.g. a process out of memory)
         self.link_survivors: list[str] = []  # the old SuperLink's processes that outlived it (restart_link)
+        self.serverapp_survived = False  # a ServerApp running before the SuperLink's restart still ran after it
         self.stopped_at_budget = False  # the benchmark's time budget ended the federation before its last round
         self._polls = ThreadPoolExecutor(1)  # `flwr supernode ls`, in the background
         self._poll: Future | None = None
@@ -277,7 +279,10 @@ class Faults:
         if seen.link_restarted is None and self.link_restart_after in seen.round_ended:
             stopping = time.time()
             say(self.started, f"restarting the SuperLink after round {self.link_restart_after}")
-            self.link_survivors = self.deployment.restart_link()
+            serverapps = self.serverapps()
+            self.link_survivors = self.deployment.restart_link()  # waits out its grace period
+            alive = self.serverapps()
+            self.serverapp_survived = any(p in alive for p in serverapps)
             seen.link_restarted = (stopping, time.time())
             say(self.started, f"SuperLink restarted after {seen.link_restarted[1] - stopping:.0f} s "
                               f"(its old processes still running: {len(self.link_survivors)})")
@@ -297,6 +302,15 @@ class Faults:
         elif seen.restarted_at is not None and statuses == {"online"}:
             seen.back_at = time.time()
             say(self.started, f"{', '.join(self.victims)} online again")
+
+    def serverapps(self) -> set[psutil.Process]:
+        """The deployment's running ServerApp processes (children of its SuperExec, not of the SuperLink)."""
+        running = set()
+        for process in self.deployment.processes():
+            with contextlib.suppress(psutil.Error):
+                if SERVERAPP_COMMAND in " ".join(process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
+                    running.add(process)
+        return running
 
     def listed(self) -> dict[int, str] | None:
         """Node id -> status from the last `flwr supernode ls` that finished since the last look, else None. It runs
@@ -561,7 +575,7 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int,
         "link_restart_after_round": faults.link_restart_after,
         "link_restart_s": seen.link_restarted[1] - seen.link_restarted[0] if seen.link_restarted else math.nan,
         "link_restart_survivors": faults.link_survivors,
-        "serverapp_survived_link_restart": any(SERVERAPP_COMMAND in c for c in faults.link_survivors),
+        "serverapp_survived_link_restart": faults.serverapp_survived,
         "flwr_runs": len(faults.outcomes), "flwr_run_statuses": [o.status for o in faults.outcomes],
         "unplanned_resumes": faults.unplanned_resumes, "stopped_at_budget": faults.stopped_at_budget,
         "superexec_restarts": deployment.superexec_restarts,
