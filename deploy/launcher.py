@@ -135,7 +135,7 @@ class LocalDeployment:
         # database under load), and no run starts after it (docs/DEPLOY.md, load test run 9).
         self.superexec: ManagedProcess | None = None
         self.superexec_restarts = 0
-        self._watching = threading.Event()
+        self._stop_watching = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.nodes: dict[str, LocalNode] = {}
         self.node_ids: dict[str, int] = {}  # name -> id the SuperLink gave at registration
@@ -178,7 +178,6 @@ class LocalDeployment:
         wait_healthy(self.link, self.port, scheme="https")
         if self._watchdog is None:
             self._start_superexec()
-            self._watching.set()
             self._watchdog = threading.Thread(target=self._watch_superexec, name="superexec-watchdog", daemon=True)
             self._watchdog.start()
 
@@ -189,10 +188,10 @@ class LocalDeployment:
              "--runtime-api-address", self.address], self.env, self.root / "logs" / "superexec.log", cwd=self.root)
 
     def _watch_superexec(self) -> None:
-        """Restart the SuperExec when it exits, as a service manager would (systemd's Restart=always)."""
-        while self._watching.is_set():
-            time.sleep(1.0)
-            if self._watching.is_set() and self.superexec is not None and self.superexec.process.poll() is not None:
+        """Restart the SuperExec when it exits, as a service manager would (systemd's Restart=always). A SuperExec
+        started here dies with this thread (``die_with_parent``), which lives until ``stop``."""
+        while not self._stop_watching.wait(1.0):
+            if self.superexec is not None and self.superexec.process.poll() is not None:
                 self.superexec.stop()  # whatever it started and left
                 self.superexec_restarts += 1
                 self._start_superexec()
@@ -391,7 +390,7 @@ class LocalDeployment:
             with ThreadPoolExecutor() as pool:  # each stop waits for its process tree to exit: stop them together
                 list(pool.map(self.stop_node, list(self.nodes)))
         finally:
-            self._watching.clear()
+            self._stop_watching.set()
             if self._watchdog is not None:
                 self._watchdog.join()
                 self._watchdog = None

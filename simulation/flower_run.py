@@ -309,12 +309,9 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     # fails it as one that is gone does, and taking a live run for ended would start a second one beside it.
     asked, stream_ended, failing_since = 0, time.monotonic(), None
     while time.monotonic() <= deadline:
-        if status != "unknown":
-            failing_since = None
-        elif failing_since is None:
-            failing_since = time.monotonic()
-        if status not in LIVE_STATUSES and (failing_since is None
-                                            or time.monotonic() - failing_since > STATUS_GIVE_UP_S):
+        failing_since = (failing_since or time.monotonic()) if status == "unknown" else None
+        if status not in LIVE_STATUSES and (failing_since is None or
+                                            time.monotonic() - failing_since > STATUS_GIVE_UP_S):
             break
         time.sleep(min(STATUS_POLL_S, 0.25 * 2**asked))  # the status often turns final a moment after the stream
         asked += 1
