@@ -194,40 +194,53 @@ def main() -> None:
     values: dict[str, Any] = {"seeds": 0, "config": str(args.config), "data_root": str(root),
                               "label_skew_alpha": LABEL_SKEW_ALPHA}
 
-    def run(config: Config, name: str) -> tuple[Path, float]:
+    def student(config: Config) -> Path:
+        """The seed's distilled student (distilled on first need, so a seed whose runs all have records skips it)."""
+        distill_dir = out / f"seed{config.seed}" / "distill"
+        record = distill_dir / "benchmark-distill.json"
+        if not record.is_file() or not (distill_dir / "student.pt").is_file():
+            started = time.perf_counter()
+            distill(config, distill_dir, resume=True)  # resume: a rerun continues
+            write_json(record, {"wall_s": time.perf_counter() - started})
+        return distill_dir / "student.pt"
+
+    def run(config: Config, name: str) -> dict[str, Any]:
+        """One federation's record: its wall time, per-client rows and what the sweeps and tables read. The record
+        alone resumes a rerun: copied into ``--out`` (e.g. from another machine), it stands for the finished run."""
         run_dir = out / f"seed{config.seed}" / name
-        started = time.perf_counter()
-        wall_file = run_dir / "benchmark-wall-s.json"
-        if not (run_dir / "server" / "result.json").is_file() or not wall_file.is_file():
+        record = run_dir / "benchmark-run.json"
+        if not record.is_file():
+            start = student(config)
             shutil.rmtree(run_dir, ignore_errors=True)  # a rerun keeps the runs that finished, restarts the others
+            started = time.perf_counter()
             # The seed's first run computed the references; the others reuse them where their inputs match.
-            federate(config, data_root=root, out=run_dir, start_checkpoint=student,
+            federate(config, data_root=root, out=run_dir, start_checkpoint=start,
                      references_from=out / f"seed{config.seed}" / "new-sites-fedavg")
-            write_json(wall_file, {"wall_s": time.perf_counter() - started})
-        wall = float(json.loads(wall_file.read_text())["wall_s"])
-        print(f"seed {config.seed} {name}: {wall:.0f} s", flush=True)
-        return run_dir, wall
+            write_json(record, {"wall_s": time.perf_counter() - started,
+                                **_rows(run_dir, config.federation.method),
+                                "hospital_val_pct": _hospital_val(run_dir), "pool_label_mix": _pool_label_mix(run_dir)})
+        result = json.loads(record.read_text())
+        print(f"seed {config.seed} {name}: {result['wall_s']:.0f} s", flush=True)
+        return result
 
     for seed in range(args.seeds):
         config = base.replace(seed=seed)
-        started = time.perf_counter()
-        student = distill(config, out / f"seed{seed}" / "distill", resume=True).student  # resume: a rerun continues
-        timing["distill_s"] += time.perf_counter() - started
         plan = [("new-sites", "fedavg", False, AFTER_ROUNDS), *(("new-sites", m, False, ()) for m in OWN_RUNS),
                 ("label-skew", "fedavg", True, AFTER_ROUNDS)]
         for scenario, method, skew, compare in plan:
-            run_dir, wall = run(_federation(config, method, label_skew=skew, compare=compare), f"{scenario}-{method}")
-            rows = _rows(run_dir, method)
-            timing["federation_wall_s"] += wall
+            rows = run(_federation(config, method, label_skew=skew, compare=compare), f"{scenario}-{method}")
+            timing["federation_wall_s"] += rows["wall_s"]
             timing["federation_rounds_s"] += rows["rounds_s"]
             timing["client_train_s"] += rows["client_train_s"]
             merged = runs[scenario].setdefault(seed, {})
             for client, row in rows["rows"].items():
                 merged.setdefault(client, {}).update(row)
             if seed == 0 and scenario == "new-sites" and method == "ditto":
-                values[f"ditto_lambda_{config.federation.ditto_lambda:g}_hospital_val_pct"] = _hospital_val(run_dir)
+                values[f"ditto_lambda_{config.federation.ditto_lambda:g}_hospital_val_pct"] = rows["hospital_val_pct"]
             if seed == 0 and scenario == "new-sites" and method == "fedavg":
-                values.update(_pool_label_mix(run_dir))
+                values.update(rows["pool_label_mix"])
+        distill_record = out / f"seed{seed}" / "distill" / "benchmark-distill.json"
+        timing["distill_s"] += json.loads(distill_record.read_text())["wall_s"] if distill_record.is_file() else 0.0
         values["seeds"] = seed + 1
         _summaries(runs, values)
         values.update({f"time_{k}": v for k, v in timing.items()})
@@ -237,19 +250,18 @@ def main() -> None:
     if args.skip_sweeps:
         return
     config = base.replace(seed=0)  # the sweeps: seed 0, after every seed's runs
-    student = distill(config, out / "seed0" / "distill", resume=True).student
     for weight in DITTO_LAMBDAS:
-        sweep_dir, _ = run(_federation(config, "ditto", label_skew=False, compare=(), ditto_lambda=weight),
-                           f"sweep-ditto-lambda-{weight:g}")
-        values[f"ditto_lambda_{weight:g}_hospital_val_pct"] = _hospital_val(sweep_dir)
+        sweep = run(_federation(config, "ditto", label_skew=False, compare=(), ditto_lambda=weight),
+                    f"sweep-ditto-lambda-{weight:g}")
+        values[f"ditto_lambda_{weight:g}_hospital_val_pct"] = sweep["hospital_val_pct"]
     for weight in RECIPE_WEIGHTS:
         hospital = config.federation.tier("hospital")
         recipe = dataclasses.replace(hospital.personal, distill_weight=weight, select="last")
         tiers = {**config.federation.tiers, "hospital": dataclasses.replace(hospital, personal=recipe)}
         swept = config.replace(federation=dataclasses.replace(config.federation, tiers=tiers))
-        sweep_dir, _ = run(_federation(swept, "fedavg-ft", label_skew=False, compare=()),
-                           f"sweep-recipe-distill-weight-{weight:g}")
-        values[f"recipe_distill_weight_{weight:g}_hospital_val_pct"] = _hospital_val(sweep_dir)
+        sweep = run(_federation(swept, "fedavg-ft", label_skew=False, compare=()),
+                    f"sweep-recipe-distill-weight-{weight:g}")
+        values[f"recipe_distill_weight_{weight:g}_hospital_val_pct"] = sweep["hospital_val_pct"]
     write_result(args.name, values)
     for key in sorted(k for k in values if k.endswith("personalized_minus_start_pts_mean")):
         print(f"{key:70s} {values[key]:+6.1f}")
