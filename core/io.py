@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import fcntl
 import io
+import itertools
 import json
+import logging
 import os
 import stat
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,6 +24,9 @@ import numpy as np
 import torch
 
 from edgemri.core.errors import EdgemriError
+
+log = logging.getLogger(__name__)
+_LOCK_POLL_S = 0.5
 
 
 class ArtefactError(EdgemriError):
@@ -84,20 +90,30 @@ def private_folder(folder: Path, error: type[EdgemriError], *, tighten: bool = T
 
 
 @contextmanager
-def owner_lock(path: Path, error: type[EdgemriError], holder: str = "edgemri command") -> Iterator[Path]:
+def owner_lock(path: Path, error: type[EdgemriError], holder: str = "edgemri command",
+               wait_s: float = 0.0) -> Iterator[Path]:
     """Hold an exclusive lock on ``path`` while a command owns a run folder.
 
-    A second command on the same folder is refused with ``error``, and the processes the command started
-    can tell when it is gone (``owner_gone``): the kernel drops the lock when its holder dies, however
-    it dies (Ctrl-C, SIGKILL, a closed terminal). The descriptor is not inherited by child processes.
+    A second command on the same folder waits up to ``wait_s`` for the first to end, then is refused with
+    ``error``; and the processes the command started can tell when it is gone (``owner_gone``): the kernel
+    drops the lock when its holder dies, however it dies (Ctrl-C, SIGKILL, a closed terminal). The
+    descriptor is not inherited by child processes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
     with path.open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise error(f"another {holder} is working in {path.parent} (it holds {path.name}); wait for "
-                        f"it to end or stop it first") from None
+        for attempt in itertools.count():
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    waited = f" (waited {wait_s:g} s)" if wait_s else ""
+                    raise error(f"another {holder} is working in {path.parent} (it holds {path.name}){waited}; "
+                                f"wait for it to end or stop it first") from None
+                if attempt == 0:
+                    log.info("another %s holds %s: waiting up to %g s for it to end", holder, path, wait_s)
+                time.sleep(_LOCK_POLL_S)
         yield path
 
 

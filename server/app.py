@@ -36,6 +36,7 @@ STATE_FILE = "state.pt"
 BEST_FILE = "global-best.pt"  # the global model of the round federated validation preferred
 PROGRESS_FILE = "progress.log"
 SERVERAPP_LOCK = "serverapp.lock"  # held by the ServerApp working in the run folder (core/io.owner_lock)
+SERVERAPP_WAIT_MARGIN_S = 60  # beyond a round's timeout, for the ServerApp before this one to end
 TIMINGS_FILE = "timings.json"  # where the server's time went, per stage and phase (PhaseClock)
 DISCOVERY_WAIT_S = 120.0
 
@@ -255,10 +256,12 @@ def main(grid: Grid, context: Context) -> None:
     _log_through_flower()
     try:
         settings = p.RunSettings.from_run_config(dict(context.run_config))
+        config = load_config(settings.config)
         # One ServerApp a run folder: a run resumed while the one before still runs (its SuperLink too busy to
-        # say so) would otherwise play the same rounds beside it and write the same state.
-        with owner_lock(settings.run_dir / "server" / SERVERAPP_LOCK, EdgemriError, holder="ServerApp"):
-            config = load_config(settings.config)
+        # say so, or restarted under it) would otherwise play the same rounds beside it and write the same state.
+        # It waits for that one instead: within a round's timeout the old ServerApp finds its run gone and ends.
+        with owner_lock(settings.run_dir / "server" / SERVERAPP_LOCK, EdgemriError, holder="ServerApp",
+                        wait_s=config.federation.round_timeout_s + SERVERAPP_WAIT_MARGIN_S):
             clock = PhaseClock()
             result = run(grid, settings, config, clock)
             with clock.phase("reports"):

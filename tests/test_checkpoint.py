@@ -8,6 +8,8 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -289,3 +291,23 @@ def test_a_run_folder_has_one_owner_and_its_apps_see_when_it_is_gone(tmp_path: P
     assert owner_gone(lock)
     with owner_lock(lock, EdgemriError):  # free again
         assert not owner_gone(lock)
+
+
+def test_a_second_owner_may_wait_for_the_first_to_end(tmp_path: Path) -> None:
+    """``wait_s``: the lock is taken once its holder lets go within the wait, and refused (saying so) after it."""
+    lock = tmp_path / "run" / "owner.lock"
+    holder = threading.Thread(target=_hold_for, args=(lock, 1.5))
+    holder.start()
+    while owner_gone(lock):
+        time.sleep(0.01)
+    with pytest.raises(EdgemriError, match=r"\(waited 0.2 s\); wait for it to end"), \
+            owner_lock(lock, EdgemriError, wait_s=0.2):
+        pass
+    with owner_lock(lock, EdgemriError, wait_s=30.0):  # the holder lets go after 1.5 s: this one goes on
+        assert not holder.is_alive()
+    holder.join()
+
+
+def _hold_for(lock: Path, seconds: float) -> None:
+    with owner_lock(lock, EdgemriError):
+        time.sleep(seconds)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -72,17 +74,29 @@ def test_a_plain_flwr_run_without_a_start_model_stops_at_once_with_one_line(tmp_
 
 
 @pytest.mark.slow
-def test_a_second_serverapp_on_a_run_folder_in_use_is_refused(tmp_path: Path) -> None:
-    """A resumed run whose first run still works in the folder (its ServerApp holds the lock) stops at once."""
+def test_a_second_serverapp_on_a_run_folder_in_use_waits_for_the_first(tmp_path: Path) -> None:
+    """A resumed run whose first run still works in the folder (its ServerApp holds the lock) waits for it to end,
+    saying so, and reads nothing before; once the lock is free it goes on (here: to its missing start model)."""
     run_dir = tmp_path / "flwr"
-    with owner_lock(run_dir / "server" / SERVERAPP_LOCK, EdgemriError, holder="ServerApp"), \
-            simulation_superlink(run_dir) as (env, connection):
-        flwr_run(APP_DIR, connection, env, run_dir / "flwr-run.log", timeout_s=300,
+    log_file = run_dir / "flwr-run.log"
+    waiting = "another ServerApp holds"
+
+    def hold_until_waited_for() -> None:
+        with owner_lock(run_dir / "server" / SERVERAPP_LOCK, EdgemriError, holder="ServerApp"):
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and waiting not in (log_file.read_text() if log_file.is_file() else ""):
+                time.sleep(0.2)
+
+    holder = threading.Thread(target=hold_until_waited_for)
+    holder.start()
+    with simulation_superlink(run_dir) as (env, connection):
+        flwr_run(APP_DIR, connection, env, log_file, timeout_s=300,
                  run_config={"start-checkpoint": str(tmp_path / "missing.pt"), "run-dir": str(run_dir)},
                  federation_config="num-supernodes=2")
-    log = (run_dir / "flwr-run.log").read_text()
-    assert f"edgemri: error: another ServerApp is working in {run_dir / 'server'}" in log
-    assert "no start model" not in log  # refused before it read anything
+    holder.join()
+    log = log_file.read_text()
+    assert waiting in log and "no start model" in log
+    assert log.index(waiting) < log.index("no start model")  # nothing read before the first ServerApp let go
 
 
 def test_the_staged_app_packs_into_the_same_fab_without_the_ignored_folders(tmp_path: Path) -> None:
