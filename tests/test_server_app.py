@@ -61,22 +61,10 @@ def test_bad_run_settings_name_the_key() -> None:
 
 
 @pytest.mark.slow
-def test_a_plain_flwr_run_without_a_start_model_stops_at_once_with_one_line(tmp_path: Path) -> None:
-    run_dir = tmp_path / "flwr"
-    with simulation_superlink(run_dir) as (env, connection):
-        outcome = flwr_run(APP_DIR, connection, env, run_dir / "flwr-run.log", timeout_s=300,
-                           run_config={"start-checkpoint": str(tmp_path / "missing.pt"), "run-dir": str(run_dir)},
-                           federation_config="num-supernodes=2")
-    log = (run_dir / "flwr-run.log").read_text()
-    assert not (run_dir / "server" / "result.json").exists()
-    assert "edgemri: error: no start model at" in log and "make demo" in log
-    assert outcome.seconds < 120
-
-
-@pytest.mark.slow
 def test_a_second_serverapp_on_a_run_folder_in_use_waits_for_the_first(tmp_path: Path) -> None:
     """A resumed run whose first run still works in the folder (its ServerApp holds the lock) waits for it to end,
-    saying so, and reads nothing before; once the lock is free it goes on (here: to its missing start model)."""
+    saying so, and reads nothing before; once the lock is free it goes on, and a plain `flwr run` without a start
+    model then stops at once with one line that names the command to run."""
     run_dir = tmp_path / "flwr"
     log_file = run_dir / "flwr-run.log"
     waiting = "another ServerApp holds"
@@ -90,13 +78,15 @@ def test_a_second_serverapp_on_a_run_folder_in_use_waits_for_the_first(tmp_path:
     holder = threading.Thread(target=hold_until_waited_for)
     holder.start()
     with simulation_superlink(run_dir) as (env, connection):
-        flwr_run(APP_DIR, connection, env, log_file, timeout_s=300,
-                 run_config={"start-checkpoint": str(tmp_path / "missing.pt"), "run-dir": str(run_dir)},
-                 federation_config="num-supernodes=2")
+        outcome = flwr_run(APP_DIR, connection, env, log_file, timeout_s=300,
+                           run_config={"start-checkpoint": str(tmp_path / "missing.pt"), "run-dir": str(run_dir)},
+                           federation_config="num-supernodes=2")
     holder.join()
     log = log_file.read_text()
-    assert waiting in log and "no start model" in log
+    assert waiting in log and "edgemri: error: no start model at" in log and "make demo" in log
     assert log.index(waiting) < log.index("no start model")  # nothing read before the first ServerApp let go
+    assert not (run_dir / "server" / "result.json").exists()
+    assert outcome.error.startswith("no start model at") and outcome.seconds < 180
 
 
 def test_the_staged_app_packs_into_the_same_fab_without_the_ignored_folders(tmp_path: Path) -> None:
