@@ -163,6 +163,46 @@ def table(values: dict[str, Any], scenario: str) -> str:
                            "− local-only", "oracle − start", "captured"], rows, align="ll" + "r" * 8)
 
 
+class _Runner:
+    """Each seed's distilled student and federation runs under ``out``, every run resumable from its record."""
+
+    def __init__(self, out: Path, root: Path) -> None:
+        self.out, self.root = out, root
+
+    def student(self, config: Config) -> Path:
+        """The seed's distilled student (distilled on first need, so a seed whose runs all have records skips it)."""
+        distill_dir = self.out / f"seed{config.seed}" / "distill"
+        record = distill_dir / "benchmark-distill.json"
+        if not record.is_file() or not (distill_dir / "student.pt").is_file():
+            started = time.perf_counter()
+            distill(config, distill_dir, resume=True)  # resume: a rerun continues
+            write_json(record, {"wall_s": time.perf_counter() - started})
+        return distill_dir / "student.pt"
+
+    def run(self, config: Config, name: str) -> dict[str, Any]:
+        """One federation's record: its wall time, per-client rows and what the sweeps and tables read. The record
+        alone resumes a rerun: copied into ``--out`` (e.g. from another machine), it stands for the finished run."""
+        run_dir = self.out / f"seed{config.seed}" / name
+        record = run_dir / "benchmark-run.json"
+        if not record.is_file():
+            start = self.student(config)
+            shutil.rmtree(run_dir, ignore_errors=True)  # a rerun keeps the runs that finished, restarts the others
+            started = time.perf_counter()
+            # The seed's first run computed the references; the others reuse them where their inputs match.
+            federate(config, data_root=self.root, out=run_dir, start_checkpoint=start,
+                     references_from=self.out / f"seed{config.seed}" / "new-sites-fedavg")
+            write_json(record, {"wall_s": time.perf_counter() - started,
+                                **_rows(run_dir, config.federation.method),
+                                "hospital_val_pct": _hospital_val(run_dir), "pool_label_mix": _pool_label_mix(run_dir)})
+        result = json.loads(record.read_text())
+        print(f"seed {config.seed} {name}: {result['wall_s']:.0f} s", flush=True)
+        return result
+
+    def distill_s(self, seed: int) -> float:
+        record = self.out / f"seed{seed}" / "distill" / "benchmark-distill.json"
+        return json.loads(record.read_text())["wall_s"] if record.is_file() else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None)
@@ -194,41 +234,13 @@ def main() -> None:
     values: dict[str, Any] = {"seeds": 0, "config": str(args.config), "data_root": str(root),
                               "label_skew_alpha": LABEL_SKEW_ALPHA}
 
-    def student(config: Config) -> Path:
-        """The seed's distilled student (distilled on first need, so a seed whose runs all have records skips it)."""
-        distill_dir = out / f"seed{config.seed}" / "distill"
-        record = distill_dir / "benchmark-distill.json"
-        if not record.is_file() or not (distill_dir / "student.pt").is_file():
-            started = time.perf_counter()
-            distill(config, distill_dir, resume=True)  # resume: a rerun continues
-            write_json(record, {"wall_s": time.perf_counter() - started})
-        return distill_dir / "student.pt"
-
-    def run(config: Config, name: str) -> dict[str, Any]:
-        """One federation's record: its wall time, per-client rows and what the sweeps and tables read. The record
-        alone resumes a rerun: copied into ``--out`` (e.g. from another machine), it stands for the finished run."""
-        run_dir = out / f"seed{config.seed}" / name
-        record = run_dir / "benchmark-run.json"
-        if not record.is_file():
-            start = student(config)
-            shutil.rmtree(run_dir, ignore_errors=True)  # a rerun keeps the runs that finished, restarts the others
-            started = time.perf_counter()
-            # The seed's first run computed the references; the others reuse them where their inputs match.
-            federate(config, data_root=root, out=run_dir, start_checkpoint=start,
-                     references_from=out / f"seed{config.seed}" / "new-sites-fedavg")
-            write_json(record, {"wall_s": time.perf_counter() - started,
-                                **_rows(run_dir, config.federation.method),
-                                "hospital_val_pct": _hospital_val(run_dir), "pool_label_mix": _pool_label_mix(run_dir)})
-        result = json.loads(record.read_text())
-        print(f"seed {config.seed} {name}: {result['wall_s']:.0f} s", flush=True)
-        return result
-
+    runner = _Runner(out, root)
     for seed in range(args.seeds):
         config = base.replace(seed=seed)
         plan = [("new-sites", "fedavg", False, AFTER_ROUNDS), *(("new-sites", m, False, ()) for m in OWN_RUNS),
                 ("label-skew", "fedavg", True, AFTER_ROUNDS)]
         for scenario, method, skew, compare in plan:
-            rows = run(_federation(config, method, label_skew=skew, compare=compare), f"{scenario}-{method}")
+            rows = runner.run(_federation(config, method, label_skew=skew, compare=compare), f"{scenario}-{method}")
             timing["federation_wall_s"] += rows["wall_s"]
             timing["federation_rounds_s"] += rows["rounds_s"]
             timing["client_train_s"] += rows["client_train_s"]
@@ -239,8 +251,7 @@ def main() -> None:
                 values[f"ditto_lambda_{config.federation.ditto_lambda:g}_hospital_val_pct"] = rows["hospital_val_pct"]
             if seed == 0 and scenario == "new-sites" and method == "fedavg":
                 values.update(rows["pool_label_mix"])
-        distill_record = out / f"seed{seed}" / "distill" / "benchmark-distill.json"
-        timing["distill_s"] += json.loads(distill_record.read_text())["wall_s"] if distill_record.is_file() else 0.0
+        timing["distill_s"] += runner.distill_s(seed)
         values["seeds"] = seed + 1
         _summaries(runs, values)
         values.update({f"time_{k}": v for k, v in timing.items()})
@@ -251,7 +262,7 @@ def main() -> None:
         return
     config = base.replace(seed=0)  # the sweeps: seed 0, after every seed's runs
     for weight in DITTO_LAMBDAS:
-        sweep = run(_federation(config, "ditto", label_skew=False, compare=(), ditto_lambda=weight),
+        sweep = runner.run(_federation(config, "ditto", label_skew=False, compare=(), ditto_lambda=weight),
                     f"sweep-ditto-lambda-{weight:g}")
         values[f"ditto_lambda_{weight:g}_hospital_val_pct"] = sweep["hospital_val_pct"]
     for weight in RECIPE_WEIGHTS:
@@ -259,7 +270,7 @@ def main() -> None:
         recipe = dataclasses.replace(hospital.personal, distill_weight=weight, select="last")
         tiers = {**config.federation.tiers, "hospital": dataclasses.replace(hospital, personal=recipe)}
         swept = config.replace(federation=dataclasses.replace(config.federation, tiers=tiers))
-        sweep = run(_federation(swept, "fedavg-ft", label_skew=False, compare=()),
+        sweep = runner.run(_federation(swept, "fedavg-ft", label_skew=False, compare=()),
                     f"sweep-recipe-distill-weight-{weight:g}")
         values[f"recipe_distill_weight_{weight:g}_hospital_val_pct"] = sweep["hospital_val_pct"]
     write_result(args.name, values)
