@@ -272,10 +272,11 @@ def staged_app(app_dir: Path, into: Path) -> Path:
 
 def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, run_config: dict[str, Any],
              federation_config: str | None = None, timeout_s: float = 3600.0,
-             on_poll: Callable[[], None] | None = None) -> RunOutcome:
+             on_poll: Callable[[], None] | None = None, link_alive: Callable[[], bool] | None = None) -> RunOutcome:
     """`flwr run --stream`, then the run's real status from `flwr ls` (the CLI exits 0 on failure, and can exit
     before the run ends: then ``flwr ls`` is asked again, at most every STATUS_POLL_S, until the run ends, the
-    SuperLink is gone, or ``timeout_s``)."""
+    SuperLink is gone, or ``timeout_s``). ``link_alive``: whether the SuperLink's process still runs, where the
+    caller started it; once it has exited, a status that cannot be read is final at once."""
     started = time.monotonic()
     run_config_file = log.with_name("run_config.toml")
     write_text(run_config_file, "".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config.items()))
@@ -310,7 +311,8 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
     asked, stream_ended, failing_since = 0, time.monotonic(), None
     while time.monotonic() <= deadline:
         failing_since = (failing_since or time.monotonic()) if status == "unknown" else None
-        if status not in LIVE_STATUSES and (failing_since is None or
+        link_gone = link_alive is not None and not link_alive()
+        if status not in LIVE_STATUSES and (failing_since is None or link_gone or
                                             time.monotonic() - failing_since > STATUS_GIVE_UP_S):
             break
         time.sleep(min(STATUS_POLL_S, 0.25 * 2**asked))  # the status often turns final a moment after the stream
@@ -333,8 +335,8 @@ def flwr_run(app_dir: Path, connection: str, env: dict[str, str], log: Path, *, 
 
 
 @contextmanager
-def simulation_superlink(run_dir: Path) -> Iterator[tuple[dict[str, str], str]]:
-    """A private SuperLink in simulation mode; yields (env, connection name)."""
+def simulation_superlink(run_dir: Path) -> Iterator[tuple[dict[str, str], str, ManagedProcess]]:
+    """A private SuperLink in simulation mode; yields (env, connection name, its process)."""
     home = run_dir / "flwr_home"
     home.mkdir(parents=True, exist_ok=True)
     # Ray's unix socket paths must stay under 108 characters: a short temp folder.
@@ -350,7 +352,7 @@ def simulation_superlink(run_dir: Path) -> Iterator[tuple[dict[str, str], str]]:
                          cwd=run_dir)
     try:
         wait_healthy(link, port)
-        yield env, "sim"
+        yield env, "sim", link
     finally:
         link.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -361,8 +363,8 @@ def run_simulation(app_dir: Path, run_dir: Path, run_config: dict[str, Any], *, 
                    ) -> RunOutcome:
     """The app in Flower's simulation engine, one virtual SuperNode per client."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with simulation_superlink(run_dir) as (env, connection):
+    with simulation_superlink(run_dir) as (env, connection, link):
         outcome = flwr_run(app_dir, connection, env, run_dir / "logs" / "flwr-run.log", run_config=run_config,
                            federation_config=f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}",
-                           timeout_s=timeout_s, on_poll=on_poll)
+                           timeout_s=timeout_s, on_poll=on_poll, link_alive=lambda: link.process.poll() is None)
     return outcome

@@ -65,3 +65,15 @@ def test_a_run_whose_status_cannot_be_read_for_long_is_given_up_as_unknown(
     outcome = flower_run.flwr_run(tmp_path / "app", "sim", {}, log, run_config={}, timeout_s=60)
     assert outcome.status == "unknown" and "unavailable" in outcome.details
     assert 3 <= int((tmp_path / "ls-calls").read_text()) < 30  # asked again for 2 s, then given up
+
+
+def test_a_status_that_cannot_be_read_once_our_superlink_has_exited_is_final_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulation's private SuperLink died: nobody will answer `flwr ls` again, so no minutes are spent asking."""
+    monkeypatch.setattr(flower_run, "VENV_BIN", _fake_flwr(tmp_path, 0, failing=10**6))
+    monkeypatch.setattr(flower_run, "STATUS_POLL_S", 0.2)
+    (tmp_path / "app").mkdir()
+    outcome = flower_run.flwr_run(tmp_path / "app", "sim", {}, tmp_path / "flwr-run.log", run_config={},
+                                  timeout_s=60, link_alive=lambda: False)
+    assert outcome.status == "unknown" and outcome.seconds < 20
+    assert int((tmp_path / "ls-calls").read_text()) == 1  # the first failure is final: never asked again

@@ -77,7 +77,7 @@ def test_a_second_serverapp_on_a_run_folder_in_use_waits_for_the_first(tmp_path:
 
     holder = threading.Thread(target=hold_until_waited_for)
     holder.start()
-    with simulation_superlink(run_dir) as (env, connection):
+    with simulation_superlink(run_dir) as (env, connection, _):
         outcome = flwr_run(APP_DIR, connection, env, log_file, timeout_s=300,
                            run_config={"start-checkpoint": str(tmp_path / "missing.pt"), "run-dir": str(run_dir)},
                            federation_config="num-supernodes=2")
