@@ -21,7 +21,8 @@ are per client (personal - reference), mean with a 95% bootstrap CI over clients
 the sweeps here (seed 0, after every seed's runs: Ditto's lambda, the personal recipe's distillation
 weight with selection off) are read on the hospitals' validation splits. Beside the mean, each tier's
 worst decile of clients (personal - start) and each pool's label mix are reported.
-Results land in benchmarks/results/NAME.json after every seed.
+Results land in benchmarks/results/NAME.json after every seed. A rerun resumes: each finished run leaves
+``benchmark-run.json`` in its folder under ``--out``, and that record alone stands for the run.
 """
 
 from __future__ import annotations
