@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from edgemri.core.config import Config
 from edgemri.core.io import write_json
 from edgemri.reports.common import machine, package_versions
+from edgemri.simulation.pipeline import distill
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,3 +70,21 @@ def real_data_missing(name: str, root: Path) -> bool:
         return False
     print(f"{name}: no real data at {root}; nothing to measure (the benchmark needs the Kaggle folder)")
     return True
+
+
+def distilled_student(config: Config, distill_dir: Path) -> Path:
+    """``distill_dir/student.pt``, distilled (a rerun resumes) only when it or its record is missing; the record,
+    ``benchmark-distill.json``, keeps the distillation's wall time. Benchmarks that federate from one seed's
+    student share the folder, and a copied student with its record stands for the whole distillation."""
+    record = distill_dir / "benchmark-distill.json"
+    if not record.is_file() or not (distill_dir / "student.pt").is_file():
+        started = time.perf_counter()
+        distill(config, distill_dir, resume=True)
+        write_json(record, {"wall_s": time.perf_counter() - started})
+    return distill_dir / "student.pt"
+
+
+def distill_seconds(distill_dir: Path) -> float:
+    """The wall time in ``distilled_student``'s record (0 where there is none)."""
+    record = distill_dir / "benchmark-distill.json"
+    return float(json.loads(record.read_text())["wall_s"]) if record.is_file() else 0.0

@@ -4,7 +4,7 @@
 
 The real-data federation (configs/kaggle-federation.yaml: the server distills on one appearance site, hospitals
 and phones personalize at the other) from each seed's distilled student, the very students
-``benchmarks.personalization --real`` distills (same folder, resumed). Per seed:
+``benchmarks.personalization --real`` distills (same folder: its student.pt, distilled here only where missing). Per seed:
 - the sweep, as ``edgemri privacy sweep`` runs it: DP-SGD on every tier at target epsilon 1, 3 and 8 (budget =
   target), and no DP;
 - the personal fine-tune under DP-SGD (``personal_epsilon`` 1 on top of the rounds' epsilon 3, so the ledger's
@@ -26,14 +26,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, real_data_missing, write_result
+from benchmarks.common import RESULTS, distilled_student, real_data_missing, write_result
 from edgemri.arguments import SEEDS
 from edgemri.core.config import Config, apply_overrides
 from edgemri.core.registries import load_config, parse_config
 from edgemri.core.stats import bootstrap_ci_clustered
 from edgemri.reports.common import markdown_table
 from edgemri.simulation.federate import federate
-from edgemri.simulation.pipeline import distill
 from edgemri.simulation.sweep import with_target_epsilon
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "kaggle-federation.yaml"
@@ -135,7 +134,7 @@ def main() -> None:
                               "epsilons": list(EPSILONS), **{f"personal_{k}": v for k, v in PERSONAL.items()}}
     for seed in range(args.seeds):
         config = base.replace(seed=seed)
-        student = distill(config, Path(args.students) / f"seed{seed}" / "distill", resume=True).student
+        student = distilled_student(config, Path(args.students) / f"seed{seed}" / "distill")
         plan = {**{f"epsilon-{e:g}": with_target_epsilon(config, e) for e in EPSILONS},
                 "no-dp": with_target_epsilon(config, None), **_personal_runs(config)}
         for name, run_config in plan.items():

@@ -37,7 +37,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, quickstart_data, real_data_missing, write_result
+from benchmarks.common import (
+    RESULTS,
+    distill_seconds,
+    distilled_student,
+    quickstart_data,
+    real_data_missing,
+    write_result,
+)
 from edgemri.arguments import SEEDS
 from edgemri.core.config import Config
 from edgemri.core.data.partition import manifest_paths, read_manifest
@@ -46,7 +53,6 @@ from edgemri.core.registries import load_config
 from edgemri.reports.common import markdown_table
 from edgemri.reports.federation import paired_summary
 from edgemri.simulation.federate import federate
-from edgemri.simulation.pipeline import distill
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 REAL = {"data_root": "../shared/data/brain-tumor-mri-224", "name": "personalization_real",
@@ -170,23 +176,13 @@ class _Runner:
     def __init__(self, out: Path, root: Path) -> None:
         self.out, self.root = out, root
 
-    def student(self, config: Config) -> Path:
-        """The seed's distilled student (distilled on first need, so a seed whose runs all have records skips it)."""
-        distill_dir = self.out / f"seed{config.seed}" / "distill"
-        record = distill_dir / "benchmark-distill.json"
-        if not record.is_file() or not (distill_dir / "student.pt").is_file():
-            started = time.perf_counter()
-            distill(config, distill_dir, resume=True)  # resume: a rerun continues
-            write_json(record, {"wall_s": time.perf_counter() - started})
-        return distill_dir / "student.pt"
-
     def run(self, config: Config, name: str) -> dict[str, Any]:
         """One federation's record: its wall time, per-client rows and what the sweeps and tables read. The record
         alone resumes a rerun: copied into ``--out`` (e.g. from another machine), it stands for the finished run."""
         run_dir = self.out / f"seed{config.seed}" / name
         record = run_dir / "benchmark-run.json"
         if not record.is_file():
-            start = self.student(config)
+            start = distilled_student(config, self.out / f"seed{config.seed}" / "distill")
             shutil.rmtree(run_dir, ignore_errors=True)  # a rerun keeps the runs that finished, restarts the others
             started = time.perf_counter()
             # The seed's first run computed the references; the others reuse them where their inputs match.
@@ -198,11 +194,6 @@ class _Runner:
         result = json.loads(record.read_text())
         print(f"seed {config.seed} {name}: {result['wall_s']:.0f} s", flush=True)
         return result
-
-    def distill_s(self, seed: int) -> float:
-        record = self.out / f"seed{seed}" / "distill" / "benchmark-distill.json"
-        return json.loads(record.read_text())["wall_s"] if record.is_file() else 0.0
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,7 +243,7 @@ def main() -> None:
                 values[f"ditto_lambda_{config.federation.ditto_lambda:g}_hospital_val_pct"] = rows["hospital_val_pct"]
             if seed == 0 and scenario == "new-sites" and method == "fedavg":
                 values.update(rows["pool_label_mix"])
-        timing["distill_s"] += runner.distill_s(seed)
+        timing["distill_s"] += distill_seconds(out / f"seed{seed}" / "distill")
         values["seeds"] = seed + 1
         _summaries(runs, values)
         values.update({f"time_{k}": v for k, v in timing.items()})
