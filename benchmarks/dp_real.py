@@ -4,7 +4,8 @@
 
 The real-data federation (configs/kaggle-federation.yaml: the server distills on one appearance site, hospitals
 and phones personalize at the other) from each seed's distilled student, the very students
-``benchmarks.personalization --real`` distills (same folder: its student.pt, distilled here only where missing). Per seed:
+``benchmarks.personalization --real`` distills (same folder: its student.pt, distilled here only where missing).
+Per seed:
 - the sweep, as ``edgemri privacy sweep`` runs it: DP-SGD on every tier at target epsilon 1, 3 and 8 (budget =
   target), and no DP;
 - the personal fine-tune under DP-SGD (``personal_epsilon`` 1 on top of the rounds' epsilon 3, so the ledger's

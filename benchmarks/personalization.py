@@ -170,30 +170,24 @@ def table(values: dict[str, Any], scenario: str) -> str:
                            "− local-only", "oracle − start", "captured"], rows, align="ll" + "r" * 8)
 
 
-class _Runner:
-    """Each seed's distilled student and federation runs under ``out``, every run resumable from its record."""
+def _run(config: Config, name: str, out: Path, root: Path) -> dict[str, Any]:
+    """One federation's record under ``out``: its wall time, per-client rows and what the sweeps and tables read.
+    The record alone resumes a rerun: copied into ``out`` (e.g. from another machine), it stands for the run."""
+    run_dir = out / f"seed{config.seed}" / name
+    record = run_dir / "benchmark-run.json"
+    if not record.is_file():
+        start = distilled_student(config, out / f"seed{config.seed}" / "distill")
+        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun keeps the runs that finished, restarts the others
+        started = time.perf_counter()
+        # The seed's first run computed the references; the others reuse them where their inputs match.
+        federate(config, data_root=root, out=run_dir, start_checkpoint=start,
+                 references_from=out / f"seed{config.seed}" / "new-sites-fedavg")
+        write_json(record, {"wall_s": time.perf_counter() - started, **_rows(run_dir, config.federation.method),
+                            "hospital_val_pct": _hospital_val(run_dir), "pool_label_mix": _pool_label_mix(run_dir)})
+    result = json.loads(record.read_text())
+    print(f"seed {config.seed} {name}: {result['wall_s']:.0f} s", flush=True)
+    return result
 
-    def __init__(self, out: Path, root: Path) -> None:
-        self.out, self.root = out, root
-
-    def run(self, config: Config, name: str) -> dict[str, Any]:
-        """One federation's record: its wall time, per-client rows and what the sweeps and tables read. The record
-        alone resumes a rerun: copied into ``--out`` (e.g. from another machine), it stands for the finished run."""
-        run_dir = self.out / f"seed{config.seed}" / name
-        record = run_dir / "benchmark-run.json"
-        if not record.is_file():
-            start = distilled_student(config, self.out / f"seed{config.seed}" / "distill")
-            shutil.rmtree(run_dir, ignore_errors=True)  # a rerun keeps the runs that finished, restarts the others
-            started = time.perf_counter()
-            # The seed's first run computed the references; the others reuse them where their inputs match.
-            federate(config, data_root=self.root, out=run_dir, start_checkpoint=start,
-                     references_from=self.out / f"seed{config.seed}" / "new-sites-fedavg")
-            write_json(record, {"wall_s": time.perf_counter() - started,
-                                **_rows(run_dir, config.federation.method),
-                                "hospital_val_pct": _hospital_val(run_dir), "pool_label_mix": _pool_label_mix(run_dir)})
-        result = json.loads(record.read_text())
-        print(f"seed {config.seed} {name}: {result['wall_s']:.0f} s", flush=True)
-        return result
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,13 +220,13 @@ def main() -> None:
     values: dict[str, Any] = {"seeds": 0, "config": str(args.config), "data_root": str(root),
                               "label_skew_alpha": LABEL_SKEW_ALPHA}
 
-    runner = _Runner(out, root)
     for seed in range(args.seeds):
         config = base.replace(seed=seed)
         plan = [("new-sites", "fedavg", False, AFTER_ROUNDS), *(("new-sites", m, False, ()) for m in OWN_RUNS),
                 ("label-skew", "fedavg", True, AFTER_ROUNDS)]
         for scenario, method, skew, compare in plan:
-            rows = runner.run(_federation(config, method, label_skew=skew, compare=compare), f"{scenario}-{method}")
+            rows = _run(_federation(config, method, label_skew=skew, compare=compare), f"{scenario}-{method}", out,
+                        root)
             timing["federation_wall_s"] += rows["wall_s"]
             timing["federation_rounds_s"] += rows["rounds_s"]
             timing["client_train_s"] += rows["client_train_s"]
@@ -254,16 +248,16 @@ def main() -> None:
         return
     config = base.replace(seed=0)  # the sweeps: seed 0, after every seed's runs
     for weight in DITTO_LAMBDAS:
-        sweep = runner.run(_federation(config, "ditto", label_skew=False, compare=(), ditto_lambda=weight),
-                    f"sweep-ditto-lambda-{weight:g}")
+        sweep = _run(_federation(config, "ditto", label_skew=False, compare=(), ditto_lambda=weight),
+                     f"sweep-ditto-lambda-{weight:g}", out, root)
         values[f"ditto_lambda_{weight:g}_hospital_val_pct"] = sweep["hospital_val_pct"]
     for weight in RECIPE_WEIGHTS:
         hospital = config.federation.tier("hospital")
         recipe = dataclasses.replace(hospital.personal, distill_weight=weight, select="last")
         tiers = {**config.federation.tiers, "hospital": dataclasses.replace(hospital, personal=recipe)}
         swept = config.replace(federation=dataclasses.replace(config.federation, tiers=tiers))
-        sweep = runner.run(_federation(swept, "fedavg-ft", label_skew=False, compare=()),
-                    f"sweep-recipe-distill-weight-{weight:g}")
+        sweep = _run(_federation(swept, "fedavg-ft", label_skew=False, compare=()),
+                     f"sweep-recipe-distill-weight-{weight:g}", out, root)
         values[f"recipe_distill_weight_{weight:g}_hospital_val_pct"] = sweep["hospital_val_pct"]
     write_result(args.name, values)
     for key in sorted(k for k in values if k.endswith("personalized_minus_start_pts_mean")):
