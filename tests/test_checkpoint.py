@@ -296,7 +296,7 @@ def test_a_run_folder_has_one_owner_and_its_apps_see_when_it_is_gone(tmp_path: P
 def test_a_second_owner_may_wait_for_the_first_to_end(tmp_path: Path) -> None:
     """``wait_s``: the lock is taken once its holder lets go within the wait, and refused (saying so) after it."""
     lock = tmp_path / "run" / "owner.lock"
-    holder = threading.Thread(target=_hold_for, args=(lock, 1.5))
+    holder = threading.Thread(target=_hold_for, args=(lock, 2.5))
     holder.start()
     while owner_gone(lock):
         time.sleep(0.01)
@@ -304,7 +304,7 @@ def test_a_second_owner_may_wait_for_the_first_to_end(tmp_path: Path) -> None:
             owner_lock(lock, EdgemriError, wait_s=0.2):
         pass
     waiting = time.monotonic()
-    with owner_lock(lock, EdgemriError, wait_s=30.0):  # the holder lets go after 1.5 s: this one goes on
+    with owner_lock(lock, EdgemriError, wait_s=30.0):  # the holder lets go after 2.5 s: this one goes on
         assert time.monotonic() - waiting > 0.5  # it waited for the holder, not for nothing
     holder.join()
 
