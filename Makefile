@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/edgemri demo --out $(DEMO) --track
 
 # Two workers (pytest-xdist), a test file each at a time: its module fixtures (a whole deployment) are built once.
-# Most slow tests wait on Flower's processes, so two at a time take about 40% less on two cores.
+# Many slow tests wait on Flower's processes, so two at a time finish sooner, even on two cores.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
