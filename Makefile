@@ -24,7 +24,7 @@ demo: $(STAMP)
 # Many slow tests wait on Flower's processes, so two at a time finish sooner, even on two cores.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
