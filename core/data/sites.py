@@ -11,7 +11,7 @@ missing class, not a new scanner. ``fit_sites`` therefore clusters each image's 
 every site keeps every class while its scans differ in how they look; it keeps the centres and
 the class statistics so that other images (Testing) go to their nearest site. Without a count,
 the number of sites is the one with the highest silhouette among ``SITE_COUNT_CANDIDATES``.
-Flower-free; numpy and scikit-learn's silhouette score.
+Flower-free; numpy, and scikit-learn's KMeans and silhouette score.
 """
 
 from __future__ import annotations
@@ -178,43 +178,16 @@ def _squared_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.maximum((points**2).sum(1)[:, None] - 2 * points @ centres.T + (centres**2).sum(1)[None, :], 0)
 
 
-def _initial_centres(points: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++: each next centre drawn with probability proportional to its squared distance to the nearest."""
-    centres = [points[rng.integers(len(points))]]
-    nearest = _squared_distances(points, centres[0][None])[:, 0]
-    for _ in range(1, count):
-        # count <= the number of distinct points, so some point is still at a positive distance.
-        centres.append(points[rng.choice(len(points), p=nearest / nearest.sum())])
-        nearest = np.minimum(nearest, _squared_distances(points, centres[-1][None])[:, 0])
-    return np.array(centres)
+def _kmeans(points: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, centres) of scikit-learn's k-means++ KMeans, the lowest inertia of _RESTARTS seeded runs, each run
+    to convergence (tol 0: until no label moves)."""
+    # Imported here: scikit-learn (and SciPy) would otherwise load in every device's ClientApp process, which
+    # imports this module through the config's registries but never clusters.
+    from sklearn.cluster import KMeans
 
-
-def _lloyd(points: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-    """Lloyd iterations from ``centres``: (labels, inertia, centres), each label the nearest of those centres.
-    An emptied cluster restarts at the point farthest from its centre, so every cluster keeps a member."""
-    labels = _squared_distances(points, centres).argmin(axis=1)
-    for _ in range(_MAX_ITERATIONS):
-        centres = centres.copy()
-        far = ((points - centres[labels]) ** 2).sum(axis=1)
-        for k in range(len(centres)):
-            members = labels == k
-            if members.any():
-                centres[k] = points[members].mean(axis=0)
-            else:
-                farthest = int(far.argmax())
-                centres[k], far[farthest] = points[farthest], 0.0
-        updated = _squared_distances(points, centres).argmin(axis=1)
-        if np.array_equal(updated, labels):
-            break
-        labels = updated
-    return labels, float(_squared_distances(points, centres)[np.arange(len(points)), labels].sum()), centres
-
-
-def _kmeans(points: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, centres) of the lowest-inertia of _RESTARTS seeded k-means++ runs."""
-    runs = [_lloyd(points, _initial_centres(points, count, rng)) for _ in range(_RESTARTS)]
-    labels, _, centres = min(runs, key=lambda run: run[1])  # the first of equal inertias: deterministic
-    return labels, centres
+    fitted = KMeans(count, init="k-means++", n_init=_RESTARTS, max_iter=_MAX_ITERATIONS, tol=0.0,
+                    random_state=seed).fit(points)
+    return fitted.labels_, fitted.cluster_centers_
 
 
 def _ranked_names(labels: np.ndarray) -> dict[int, str]:
@@ -265,7 +238,7 @@ def _choose_count(points: np.ndarray, labels: np.ndarray, distinct: int, seed: i
     """The candidate count with the highest silhouette among those whose sites all keep every class."""
     scores: dict[int, float] = {}
     for count in (k for k in SITE_COUNT_CANDIDATES if k <= min(distinct, len(points) - 1)):
-        sites, _ = _kmeans(points, count, np.random.default_rng(seed))
+        sites, _ = _kmeans(points, count, seed)
         if not _missing_classes(labels, sites):
             scores[count] = _silhouette(points, sites, seed)
     if not scores:
@@ -313,7 +286,7 @@ def _fit_sites(split: ArraySplit, count: int | None, seed: int, setting: str,
     if count > distinct:
         raise DataError(f"{setting} is {count} but the {len(split)} images have only {distinct} distinct "
                         f"appearance(s); allowed: 1 to {distinct}")
-    clusters, centres = _kmeans(points, int(count), np.random.default_rng(seed))
+    clusters, centres = _kmeans(points, int(count), seed)
     names = _ranked_names(clusters)
     if lacking := _missing_classes(labels, clusters):
         site, classes = lacking[0]
