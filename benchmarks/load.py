@@ -25,8 +25,8 @@ The faults, over ``--rounds`` rounds (at least 3):
   would, with a resumed `flwr run` (``resume=true``) once the restarted nodes are back. What the server had
   sent of the next round dies with it; a device that trained it keeps it in its ledger and sends the same
   update when the resumed run asks for that round again (``updates lost`` counts what still goes missing).
-  A run that ends short for any other reason (a process out of memory) is
-  resumed once the same way, and counted (``unplanned_resumes``).
+  A run that ends short for any other reason (a process out of memory, a ServerApp ended with its SuperExec) is
+  resumed the same way, at most twice, and counted (``unplanned_resumes``).
 
 Measured (one flat JSON, ``OUT/load.json``, and ``benchmarks/results/load.json`` unless ``--no-results``):
 - rounds completed (aggregated), and per round who trained, failed or declined;
@@ -108,7 +108,7 @@ MB = 1024 * 1024
 KILL_SHARE = 0.1
 KILL_ROUND = 2
 KILL_AFTER_ROUND_1 = (0.2, 0.8)  # the kill comes this share of round 1's duration into round 2
-MAX_UNPLANNED_RESUMES = 1  # a run that ends short for a reason of its own is resumed once, and counted
+MAX_UNPLANNED_RESUMES = 2  # a run that ends short for a reason of its own is resumed (counted), as an operator would
 GOAL_RSS_GROWTH = 1.2  # "flat": no round's SuperLink RSS peak above this times the first round's
 SAMPLE_S = 0.5
 POLL_S = 0.2
@@ -577,6 +577,7 @@ def measure(out: Path, nodes: int, rounds: int, seed: int, round_timeout_s: int,
         "link_restart_survivors": faults.link_survivors,
         "serverapp_survived_link_restart": faults.serverapp_survived,
         "flwr_runs": len(faults.outcomes), "flwr_run_statuses": [o.status for o in faults.outcomes],
+        "flwr_run_details": [(o.error or o.details)[-300:] for o in faults.outcomes],
         "unplanned_resumes": faults.unplanned_resumes, "stopped_at_budget": faults.stopped_at_budget,
         "superexec_restarts": deployment.superexec_restarts,
     })

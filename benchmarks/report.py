@@ -713,7 +713,8 @@ def load(v: Values) -> list[str]:
                       ("superlink_rss_last_over_first", "SuperLink RSS, last round over first", ratio),
                       ("superlink_rss_slope_mb_per_round", "SuperLink RSS slope, MB a round", sig),
                       ("serverapp_rss_peak_mb", "ServerApp peak RSS, MB", whole),
-                      ("deployment_rss_peak_mb", "whole deployment, summed RSS peak, MB", whole),
+                      ("deployment_rss_peak_mb",
+                       "whole deployment, RSS summed over its processes (shared pages in each), peak, MB", whole),
                       ("wall_s", "whole test, s", sig)),
                      lambda item: [item[1], item[2](v[item[0]])])
     latency = collect(("", "_warm", "_cold"), lambda kind: [

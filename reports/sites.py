@@ -17,8 +17,8 @@ from edgemri.core.config import Config
 from edgemri.core.data.dataset import ArraySplit, Dataset
 from edgemri.core.data.images import CLASS_NAMES, DataError
 from edgemri.core.data.partition import site_pools
-from edgemri.core.data.sites import SITE_COUNT_CANDIDATES, fit_sites
-from edgemri.core.data.splits import pick_source_sites, sited_dataset
+from edgemri.core.data.sites import SITE_COUNT_CANDIDATES, fit_sites, with_sites
+from edgemri.core.data.splits import PSEUDO_SITES_KEY, pick_source_sites
 from edgemri.reports.common import markdown_table, write_report_files
 
 EXAMPLES_PER_CLASS = 4
@@ -34,9 +34,10 @@ def build_sites_report(dataset: Dataset, config: Config, *, progress: bool = Fal
     if dataset.train.sites:
         raise DataError(f"{dataset.root} names its sites in metadata.csv; appearance sites are for data without")
     count, seed = config.federation.partition.pseudo_sites, config.data.split_seed
-    _, model = fit_sites(dataset.train, count, seed, setting="federation.partition.pseudo_sites", progress=progress)
-    sited = sited_dataset(dataset, config, progress=progress)
-    pools = site_pools(dataset, config, progress=progress)
+    # One clustering: the sites, their silhouettes, and the pools (site_pools keeps a sited dataset's sites).
+    sites, model = fit_sites(dataset.train, count, seed, setting=PSEUDO_SITES_KEY, progress=progress)
+    sited = with_sites(dataset, sites, model)
+    pools = site_pools(sited, config, progress=progress)
     names = sorted(set(sited.train.sites))
     source = pick_source_sites(sited.train, config.federation.source_sites, seed) if len(names) > 1 else ()
     return {

@@ -204,7 +204,8 @@ def test_new_sites_needs_two_appearance_sites_and_seen_sites_ignores_them(unlabe
     assert sited_dataset(labelled, seen) is labelled  # metadata.csv's sites are kept
 
 
-def test_pools_leave_out_every_testing_copy_of_a_training_scan(unlabelled_root: Path, tmp_path: Path) -> None:
+def test_pools_leave_out_every_testing_copy_of_a_training_scan(unlabelled_root: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "data"
     shutil.copytree(unlabelled_root, root)
     original = sorted((root / "Training" / "glioma").glob("*.jpg"))[0]
@@ -215,6 +216,12 @@ def test_pools_leave_out_every_testing_copy_of_a_training_scan(unlabelled_root: 
     pooled = {f for pool in pools.values() for f in pool.files}
     assert "Testing/glioma/copy-of-a-training-scan.jpg" not in pooled
     assert len(pooled) == len(dataset.test) - 1  # the synthetic Testing has no other copy
+    # A dataset already sited gives the same pools and is not clustered again.
+    sited = sited_dataset(dataset, config)
+    monkeypatch.setattr("edgemri.core.data.sites.fit_sites", lambda *a, **k: pytest.fail("clustered again"))
+    assert {site: pool.files for site, pool in site_pools(sited, config).items()} == \
+        {site: pool.files for site, pool in pools.items()}
+    monkeypatch.undo()
     # Every client at a site lists that site's pool in its manifest, and trains on none of it.
     for manifest in partition(dataset.train, root, config, pools=pools):
         listed = [f.path for f in manifest.files if f.split == "pool"]

@@ -266,11 +266,13 @@ def test_a_reply_from_an_unknown_node_or_a_second_reply_is_ignored() -> None:
 class _Grid:
     def __init__(self, replies: list[Message]) -> None:
         self.replies = replies
+        self.timeouts: list[float] = []
 
     def get_node_ids(self) -> list[int]:
         return [r.metadata.src_node_id for r in self.replies]
 
     def send_and_receive(self, messages, timeout: float):
+        self.timeouts.append(timeout)
         return self.replies
 
 
@@ -283,7 +285,8 @@ def _info(node: int, name: str, kind: str = "phone", n: object = 10) -> Message:
 def test_discovery_refuses_duplicate_names_unknown_kinds_and_bad_sizes() -> None:
     grid = _Grid([_info(1, "phone-a"), _info(2, "phone-a"), _info(3, "hospital-a", "hospital", 50),
                   _info(4, "x", kind="satellite"), _info(5, "phone-b", n=-3), _info(6, "../../etc")])
-    nodes, excluded = discover(grid, expected=6, kinds=("hospital", "phone"), wait_s=1)
+    nodes, excluded = discover(grid, expected=6, kinds=("hospital", "phone"), wait_s=1, reply_timeout_s=7)
+    assert grid.timeouts == [7]  # the answers get their own timeout (the round's), not the wait for nodes
     assert {c.client for c in nodes.values()} == {"hospital-a"}
     assert set(excluded) == {"node-1", "node-2", "node-4", "node-5", "node-6"}
     assert "duplicate" in excluded["node-1"] and "kind" in excluded["node-4"]

@@ -159,7 +159,8 @@ def _local_split(indices: list[int], tier: TierConfig, rng: np.random.Generator)
 def site_pools(dataset: Dataset, config: Config, *, progress: bool = False) -> dict[str, ArraySplit]:
     """Each site's evaluation pool: the folder's ``Pools/<site>/`` (the synthetic set), else the site's share of
     Testing (each scan at its nearest appearance site) less every scan the duplicate audit finds a copy of in
-    Training, so no pool scores what a client or the server may have trained on."""
+    Training, so no pool scores what a client or the server may have trained on. A dataset whose Training has
+    sites keeps them (``sited_dataset``): pass one already sited to cluster no more."""
     if pools := load_pools(dataset.root, config.data.cache_dir):
         return pools
     kept = audit_dataset(dataset, config.data.cache_dir, progress).kept_test()

@@ -317,5 +317,10 @@ def with_appearance_sites(dataset: Dataset, count: int | None, seed: int, *, set
     """
     if dataset.train.sites:
         return dataset
-    sites, model = fit_sites(dataset.train, count, seed, setting=setting, progress=progress)
+    return with_sites(dataset, *fit_sites(dataset.train, count, seed, setting=setting, progress=progress))
+
+
+def with_sites(dataset: Dataset, sites: list[str], model: SiteModel) -> Dataset:
+    """``dataset`` with Training at ``sites`` and each Testing image at its nearest site under ``model``, both
+    from ``fit_sites`` on that Training (one clustering for a caller that also needs the model)."""
     return replace(dataset, train=_sited(dataset.train, sites), test=_sited(dataset.test, model.assign(dataset.test)))
