@@ -71,10 +71,14 @@ def prepare(settings: p.RunSettings, config: Config) -> tuple[Checkpoint, Datase
     return start, dataset
 
 
-def discover(grid: Grid, expected: int, kinds: tuple[str, ...], wait_s: float = DISCOVERY_WAIT_S,
-             reply_timeout_s: float | None = None) -> tuple[dict[int, p.ClientInfo], dict[str, str]]:
-    """Wait up to ``wait_s`` for the expected nodes, ask each who it is (its answer awaited up to
-    ``reply_timeout_s``, None: ``wait_s``); refuse bad answers and duplicated names."""
+def discover(grid: Grid, expected: int, kinds: tuple[str, ...], round_timeout_s: float,
+             wait_s: float = DISCOVERY_WAIT_S) -> tuple[dict[int, p.ClientInfo], dict[str, str]]:
+    """Wait up to ``wait_s`` for the expected nodes, ask each who it is; refuse bad answers and duplicated names.
+
+    The answers are awaited as long as a round's replies (at least ``wait_s``): a device's first answer starts its
+    ClientApp, and a cold one on a loaded machine takes as long as a round's reply can (30 cold devices on 2 cores:
+    3 answered within 120 s). Flower returns once every answer is in, so a healthy federation waits no longer.
+    """
     deadline = time.monotonic() + wait_s
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < expected and time.monotonic() < deadline:
@@ -84,7 +88,7 @@ def discover(grid: Grid, expected: int, kinds: tuple[str, ...], wait_s: float = 
         log.warning("%d of %d expected nodes connected (in simulation: flwr run . --federation-config "
                     "\"num-supernodes=%d\")", len(node_ids), expected, expected)
     replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-                                     for n in node_ids], timeout=reply_timeout_s or wait_s)
+                                     for n in node_ids], timeout=max(wait_s, round_timeout_s))
     answers: dict[int, p.ClientInfo] = {}
     excluded: dict[str, str] = {}
     for reply in replies:
@@ -122,11 +126,8 @@ def run(grid: Grid, settings: p.RunSettings, config: Config, clock: PhaseClock) 
     server_dir = settings.run_dir / "server"
     central_eval = _central_eval(dataset.test) if dataset is not None else None
     with clock.phase("discovery"):
-        # A device's first answer starts its ClientApp (a cold one imports torch): on a loaded machine that takes
-        # as long as a round's reply can, so the query gets the round's timeout (30 cold devices on 2 cores: 3 of
-        # 30 answered within 120 s).
         nodes, excluded = discover(grid, settings.num_clients, config.federation.tier_names,
-                                   reply_timeout_s=max(DISCOVERY_WAIT_S, config.federation.round_timeout_s))
+                                   config.federation.round_timeout_s)
     if len(nodes) < config.federation.min_clients:
         raise EdgemriError(f"only {len(nodes)} clients answered; federation.min_clients is "
                            f"{config.federation.min_clients}")

@@ -285,8 +285,9 @@ def _info(node: int, name: str, kind: str = "phone", n: object = 10) -> Message:
 def test_discovery_refuses_duplicate_names_unknown_kinds_and_bad_sizes() -> None:
     grid = _Grid([_info(1, "phone-a"), _info(2, "phone-a"), _info(3, "hospital-a", "hospital", 50),
                   _info(4, "x", kind="satellite"), _info(5, "phone-b", n=-3), _info(6, "../../etc")])
-    nodes, excluded = discover(grid, expected=6, kinds=("hospital", "phone"), wait_s=1, reply_timeout_s=7)
-    assert grid.timeouts == [7]  # the answers get their own timeout (the round's), not the wait for nodes
+    nodes, excluded = discover(grid, expected=6, kinds=("hospital", "phone"), round_timeout_s=7, wait_s=1)
+    discover(grid, expected=6, kinds=("hospital", "phone"), round_timeout_s=0.5, wait_s=1)
+    assert grid.timeouts == [7, 1]  # answers are awaited as long as a round's replies, at least as long as nodes
     assert {c.client for c in nodes.values()} == {"hospital-a"}
     assert set(excluded) == {"node-1", "node-2", "node-4", "node-5", "node-6"}
     assert "duplicate" in excluded["node-1"] and "kind" in excluded["node-4"]
